@@ -1,0 +1,303 @@
+//! A worker slot: one memory file holding the slot's control block, its
+//! request ring (proxy to worker) and its reply ring (worker to proxy).
+//!
+//! Layout, all sections page-aligned:
+//!
+//! ```text
+//! 0                       Control (one page)
+//! 4096                    request ring: RingHeader page, then `capacity` bytes
+//! 4096 + 4096 + capacity  reply ring:   RingHeader page, then `capacity` bytes
+//! ```
+//!
+//! Each slot is its own memfd, so a worker maps only its own slot and
+//! cannot scribble on another's.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::region::Region;
+use crate::ring::{RING_HEADER_LEN, RingRef};
+use crate::sys;
+
+const MAGIC: u64 = 0x6873_736c_6f74_0001; // "hsslot" + layout version 1
+const CONTROL_LEN: usize = 4096;
+
+/// What a worker is doing, as it reports in its control block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum WorkerState {
+    /// No worker attached.
+    Empty = 0,
+    /// Loading and initialising its plugin.
+    Starting = 1,
+    /// Waiting for requests.
+    Idle = 2,
+    /// Inside a plugin's handle.
+    Busy = 3,
+    /// Finishing up after being asked to stop.
+    Exiting = 4,
+    /// The plugin's init failed; the worker is about to exit.
+    InitFailed = 5,
+}
+
+impl WorkerState {
+    fn from_u32(v: u32) -> Option<WorkerState> {
+        Some(match v {
+            0 => WorkerState::Empty,
+            1 => WorkerState::Starting,
+            2 => WorkerState::Idle,
+            3 => WorkerState::Busy,
+            4 => WorkerState::Exiting,
+            5 => WorkerState::InitFailed,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name for logs and status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Empty => "empty",
+            WorkerState::Starting => "starting",
+            WorkerState::Idle => "idle",
+            WorkerState::Busy => "busy",
+            WorkerState::Exiting => "exiting",
+            WorkerState::InitFailed => "init-failed",
+        }
+    }
+}
+
+/// The request a worker is running, as its control block says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BusyInfo {
+    /// Ring position of the request record.
+    pub pos: u64,
+    /// Request id.
+    pub id: u64,
+    /// Command number.
+    pub code: u16,
+    /// CLOCK_MONOTONIC ns when the worker started it.
+    pub since_ns: u64,
+}
+
+/// The control block at the start of a slot. The master writes `magic` and
+/// `generation` before starting a worker; the worker writes everything
+/// else; the proxy and master only read (and set `stop`). Values written by
+/// the worker are untrusted: readers validate them.
+#[repr(C)]
+pub struct Control {
+    magic: AtomicU64,
+    generation: AtomicU32,
+    pid: AtomicU32,
+    state: AtomicU32,
+    stop: AtomicU32,
+    busy_pos: AtomicU64,
+    busy_id: AtomicU64,
+    busy_code: AtomicU32,
+    _pad: AtomicU32,
+    busy_since_ns: AtomicU64,
+    served: AtomicU64,
+}
+
+const _: () = assert!(std::mem::size_of::<Control>() <= CONTROL_LEN);
+
+impl Control {
+    /// The slot generation the master assigned to the current worker.
+    pub fn generation(&self) -> u32 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Sets the generation for the next worker (master, before spawning).
+    pub fn set_generation(&self, g: u32) {
+        self.generation.store(g, Ordering::Release);
+    }
+
+    /// The worker's pid as it reported it.
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Acquire)
+    }
+
+    /// Records the worker's pid.
+    pub fn set_pid(&self, pid: u32) {
+        self.pid.store(pid, Ordering::Release);
+    }
+
+    /// The worker's state, or `Err(raw)` if the value is not a state.
+    pub fn state(&self) -> Result<WorkerState, u32> {
+        let v = self.state.load(Ordering::Acquire);
+        WorkerState::from_u32(v).ok_or(v)
+    }
+
+    /// Records the worker's state.
+    pub fn set_state(&self, s: WorkerState) {
+        self.state.store(s as u32, Ordering::Release);
+    }
+
+    /// Worker: about to run the request at ring position `pos`.
+    pub fn begin(&self, pos: u64, id: u64, code: u16, now_ns: u64) {
+        self.busy_pos.store(pos, Ordering::Relaxed);
+        self.busy_id.store(id, Ordering::Relaxed);
+        self.busy_code.store(code as u32, Ordering::Relaxed);
+        self.busy_since_ns.store(now_ns, Ordering::Relaxed);
+        self.state
+            .store(WorkerState::Busy as u32, Ordering::Release);
+    }
+
+    /// Worker: finished the current request (its reply is written).
+    pub fn end(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .store(WorkerState::Idle as u32, Ordering::Release);
+    }
+
+    /// The request being run, if the worker says it is busy.
+    pub fn busy(&self) -> Option<BusyInfo> {
+        if self.state.load(Ordering::Acquire) != WorkerState::Busy as u32 {
+            return None;
+        }
+        Some(BusyInfo {
+            pos: self.busy_pos.load(Ordering::Relaxed),
+            id: self.busy_id.load(Ordering::Relaxed),
+            code: self.busy_code.load(Ordering::Relaxed) as u16,
+            since_ns: self.busy_since_ns.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Requests served by the current worker, as it counts them.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Asks the worker to finish its current request and exit.
+    pub fn request_stop(&self) {
+        self.stop.store(1, Ordering::Release);
+    }
+
+    /// Whether the worker was asked to stop.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Acquire) != 0
+    }
+
+    /// Clears everything a worker wrote, for the next worker (the previous
+    /// one must be dead).
+    fn reset_worker_fields(&self) {
+        self.pid.store(0, Ordering::Relaxed);
+        self.state
+            .store(WorkerState::Empty as u32, Ordering::Relaxed);
+        self.stop.store(0, Ordering::Relaxed);
+        self.busy_pos.store(0, Ordering::Relaxed);
+        self.busy_id.store(0, Ordering::Relaxed);
+        self.busy_code.store(0, Ordering::Relaxed);
+        self.busy_since_ns.store(0, Ordering::Relaxed);
+        self.served.store(0, Ordering::Release);
+    }
+}
+
+/// Errors opening a slot passed in by another process.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SlotError {
+    /// A system call failed.
+    #[error("shared memory slot: {0}")]
+    Io(#[from] io::Error),
+    /// The memory file is not the size this ring capacity needs.
+    #[error("shared memory slot has {found} bytes, expected {expected}")]
+    Size {
+        /// Bytes found.
+        found: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// The memory file does not start with a slot header.
+    #[error("shared memory slot has a bad magic number {0:#x}")]
+    Magic(u64),
+}
+
+/// One worker slot's shared memory.
+#[derive(Clone)]
+pub struct Slot {
+    region: Arc<Region>,
+    capacity: usize,
+}
+
+impl Slot {
+    /// Bytes a slot with rings of `capacity` bytes occupies.
+    pub fn len_for(capacity: usize) -> usize {
+        CONTROL_LEN + 2 * (RING_HEADER_LEN + capacity)
+    }
+
+    /// Creates a slot in a new sealed memfd (master).
+    ///
+    /// `capacity` must be a power of two of at least 4096.
+    pub fn create(name: &str, capacity: usize) -> Result<Slot, SlotError> {
+        if !capacity.is_power_of_two() || capacity < 4096 {
+            return Err(SlotError::Size {
+                found: capacity as u64,
+                expected: capacity.next_power_of_two().max(4096) as u64,
+            });
+        }
+        let len = Self::len_for(capacity);
+        let file = sys::memfd_sealed(name, len as u64)?;
+        let region = Arc::new(Region::map(file, len)?);
+        let slot = Slot { region, capacity };
+        slot.control().magic.store(MAGIC, Ordering::Release);
+        Ok(slot)
+    }
+
+    /// Maps a slot from a memory file created by [`Slot::create`] in
+    /// another process.
+    pub fn open(file: File, capacity: usize) -> Result<Slot, SlotError> {
+        let expected = Self::len_for(capacity) as u64;
+        let found = sys::fd_size(&file)?;
+        if found != expected || !capacity.is_power_of_two() || capacity < 4096 {
+            return Err(SlotError::Size { found, expected });
+        }
+        let region = Arc::new(Region::map(file, expected as usize)?);
+        let slot = Slot { region, capacity };
+        let magic = slot.control().magic.load(Ordering::Acquire);
+        if magic != MAGIC {
+            return Err(SlotError::Magic(magic));
+        }
+        Ok(slot)
+    }
+
+    /// The slot's control block.
+    pub fn control(&self) -> &Control {
+        // SAFETY: the region is at least CONTROL_LEN bytes and page-aligned;
+        // Control is all atomics, valid for any bit pattern.
+        unsafe { &*(self.region.as_ptr() as *const Control) }
+    }
+
+    /// The request ring (proxy produces, worker consumes).
+    pub fn requests(&self) -> RingRef {
+        RingRef::new(self.region.clone(), CONTROL_LEN, self.capacity)
+    }
+
+    /// The reply ring (worker produces, proxy consumes).
+    pub fn replies(&self) -> RingRef {
+        RingRef::new(
+            self.region.clone(),
+            CONTROL_LEN + RING_HEADER_LEN + self.capacity,
+            self.capacity,
+        )
+    }
+
+    /// Ring capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The memory file, to pass to a worker.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.region.fd()
+    }
+
+    /// Empties both rings and clears the worker's fields of the control
+    /// block, keeping the generation. Only while no worker is attached.
+    pub fn reset(&self) {
+        self.requests().reset();
+        self.replies().reset();
+        self.control().reset_worker_fields();
+    }
+}

@@ -1,0 +1,141 @@
+//! The operating-system calls the shared-memory layer needs: memfd, eventfd,
+//! futex. Every `unsafe` FFI call of this crate lives here or in `ring.rs`'s
+//! raw memory accessors.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+/// Calls a libc function and turns a `-1` return into `io::Error::last_os_error()`.
+macro_rules! syscall {
+    ($fn: ident ( $($arg: expr),* $(,)? ) ) => {{
+        // SAFETY: every call site passes arguments that satisfy the libc
+        // function's contract; each is checked where the macro is used.
+        let res = unsafe { libc::$fn($($arg, )*) };
+        if res == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+
+/// Creates an anonymous memory file of `len` bytes, sealed so that neither
+/// side can shrink or grow it (a shrunk mapping would SIGBUS the reader).
+/// It never appears in /dev/shm and vanishes with its last fd or mapping.
+pub fn memfd_sealed(name: &str, len: u64) -> io::Result<File> {
+    let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let fd = syscall!(memfd_create(
+        cname.as_ptr(),
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING
+    ))?;
+    // SAFETY: memfd_create just returned this fd and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    syscall!(fcntl(
+        file.as_raw_fd(),
+        libc::F_ADD_SEALS,
+        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
+    ))?;
+    Ok(file)
+}
+
+/// Creates a non-blocking, close-on-exec eventfd.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    let fd = syscall!(eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?;
+    // SAFETY: eventfd just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd counter, waking whoever polls it.
+pub fn eventfd_signal(fd: RawFd) -> io::Result<()> {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local; fd is an eventfd owned by the caller.
+    let n = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    if n == 8 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    // EAGAIN means the counter is at its maximum: the reader is already due to wake.
+    if err.kind() == io::ErrorKind::WouldBlock {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+/// Resets an eventfd counter to zero; returns the count read (0 if none).
+pub fn eventfd_drain(fd: RawFd) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a live local; fd is an eventfd owned by the caller.
+    let n = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    if n == 8 {
+        return Ok(v);
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::WouldBlock {
+        Ok(0)
+    } else {
+        Err(err)
+    }
+}
+
+/// Sleeps while `*word == expected`, at most `timeout`. Spurious returns are
+/// allowed; callers re-check their condition. Shared (not private) futex,
+/// because the word lives in memory mapped by several processes.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a live, aligned u32; the kernel only reads it. The
+    // result is ignored on purpose: EAGAIN (value changed), EINTR and
+    // ETIMEDOUT all mean "re-check and carry on".
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// Wakes up to `n` processes sleeping in [`futex_wait`] on `word`.
+pub fn futex_wake(word: &AtomicU32, n: i32) {
+    // SAFETY: `word` is a live, aligned u32; FUTEX_WAKE does not touch memory.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n);
+    }
+}
+
+/// Reads CLOCK_MONOTONIC in nanoseconds: the one clock every halfsync process
+/// agrees on, so times stored in shared memory compare across processes.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a live local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Clears FD_CLOEXEC so `fd` survives an `exec` into a child. Async-signal
+/// safe: usable between fork and exec.
+pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
+    syscall!(fcntl(fd, libc::F_SETFD, 0)).map(|_| ())
+}
+
+/// Returns the size of the file behind `fd`.
+pub fn fd_size(fd: &impl AsRawFd) -> io::Result<u64> {
+    // SAFETY: an all-zero stat is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    syscall!(fstat(fd.as_raw_fd(), &mut st))?;
+    Ok(st.st_size as u64)
+}

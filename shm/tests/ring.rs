@@ -1,0 +1,475 @@
+//! Ring tests: a model-based property test in one process, and
+//! cross-process tests where the peer is a separate process (this test
+//! binary re-executed in a child role, with the slot's memfd inherited).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use halfsync_shm::{Consumer, Meta, Notify, Producer, RingError, Slot, sys};
+use proptest::prelude::*;
+
+const CHILD_ROLE: &str = "HS_SHM_TEST_ROLE";
+
+/// Payload for record `id`: a length derived from the id and bytes that a
+/// torn or misplaced record could not reproduce.
+fn payload_for(id: u64, max: usize) -> Vec<u8> {
+    let len = (id.wrapping_mul(2_654_435_761) % (max as u64 + 1)) as usize;
+    (0..len)
+        .map(|i| (id as u8).wrapping_mul(31).wrapping_add(i as u8))
+        .collect()
+}
+
+// ---- in-process ----
+
+#[test]
+fn fifo_and_wraparound() {
+    let slot = Slot::create("t", 4096).unwrap();
+    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    let max = slot.requests().max_payload();
+    assert_eq!(max, 2048 - 40);
+    // Many laps around a small ring with sizes that force padding records.
+    for id in 0..10_000u64 {
+        let p = payload_for(id, 700);
+        let meta = Meta {
+            code: id as u16,
+            id,
+            tag: !id,
+            time_ns: id * 3,
+            flags: 1,
+        };
+        assert!(tx.push(&meta, &p).unwrap(), "push {id}");
+        tx.publish();
+        let r = rx.peek().unwrap().expect("record");
+        assert_eq!(r.meta, meta);
+        assert_eq!(r.payload, &p[..]);
+        rx.advance();
+        rx.release();
+        assert!(rx.peek().unwrap().is_none());
+    }
+}
+
+#[test]
+fn full_ring_refuses_then_accepts_after_release() {
+    let slot = Slot::create("t", 4096).unwrap();
+    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    let meta = Meta::default();
+    let mut n = 0;
+    while tx.push(&meta, &[7u8; 100]).unwrap() {
+        n += 1;
+        assert!(n < 100);
+    }
+    assert_eq!(n, 4096 / 144);
+    // Unpublished records are invisible.
+    assert!(rx.peek().unwrap().is_none());
+    tx.publish();
+    rx.peek().unwrap().unwrap();
+    rx.advance();
+    // Consumed but not released: still no room.
+    assert!(!tx.push(&meta, &[7u8; 100]).unwrap());
+    rx.release();
+    assert!(tx.push(&meta, &[7u8; 100]).unwrap());
+    // Larger than half the ring never fits.
+    assert!(!tx.fits(slot.requests().max_payload() + 1).unwrap());
+}
+
+#[test]
+fn scribbled_positions_are_reported_not_trusted() {
+    let slot = Slot::create("t", 4096).unwrap();
+    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    assert!(tx.push(&Meta::default(), b"abc").unwrap());
+    tx.publish();
+    // A peer that scribbles the record header: length and kind garbage.
+    let data = request_data_ptr(&slot);
+    // SAFETY: test-only write into the slot's request data area, offset 0,
+    // which holds the record just published.
+    unsafe { std::ptr::write(data as *mut u32, 12345) };
+    assert!(matches!(rx.peek(), Err(RingError::Corrupt { .. })));
+    // SAFETY: as above.
+    unsafe {
+        std::ptr::write(data as *mut u32, 48);
+        std::ptr::write(data.add(4) as *mut u16, 9);
+    }
+    assert!(matches!(rx.peek(), Err(RingError::Corrupt { .. })));
+    // SAFETY: as above; a correct length and kind but a payload length
+    // that does not match the record length.
+    unsafe {
+        std::ptr::write(data.add(4) as *mut u16, 1);
+        std::ptr::write(data.add(32) as *mut u32, 4000);
+    }
+    assert!(matches!(rx.peek(), Err(RingError::Corrupt { .. })));
+}
+
+/// The request ring's data area: after the control page and the ring
+/// header page (see slot.rs).
+fn request_data_ptr(slot: &Slot) -> *mut u8 {
+    let base = slot.control() as *const _ as *mut u8;
+    // SAFETY: the slot is 8192 + 2 * (4096 + capacity) bytes long.
+    unsafe { base.add(8192) }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Push(usize),
+    Publish,
+    Pop,
+    Release,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0usize..2100).prop_map(Op::Push),
+        2 => Just(Op::Publish),
+        3 => Just(Op::Pop),
+        2 => Just(Op::Release),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    /// The ring behaves like a FIFO queue of whole records: what is popped
+    /// is exactly what was pushed and published, in order; nothing is ever
+    /// reported corrupt; an empty ring always takes a record of up to
+    /// max_payload bytes.
+    #[test]
+    fn ring_matches_fifo_model(ops in proptest::collection::vec(op(), 1..400)) {
+        let slot = Slot::create("prop", 4096).unwrap();
+        let max = slot.requests().max_payload();
+        let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+        let mut rx = Consumer::attach(slot.requests()).unwrap();
+        let mut unpublished: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
+        let mut published: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
+        let mut consumed_unreleased = 0usize;
+        let mut next_id = 0u64;
+        for op in ops {
+            match op {
+                Op::Push(len) => {
+                    let len = len.min(max + 10);
+                    let p = vec![(next_id % 251) as u8; len];
+                    let empty = unpublished.is_empty() && published.is_empty() && consumed_unreleased == 0;
+                    let ok = tx.push(&Meta { id: next_id, ..Meta::default() }, &p).unwrap();
+                    if len > max {
+                        prop_assert!(!ok);
+                    } else if empty {
+                        prop_assert!(ok, "empty ring refused {} bytes", len);
+                    }
+                    if ok {
+                        unpublished.push_back((next_id, p));
+                        next_id += 1;
+                    }
+                }
+                Op::Publish => {
+                    tx.publish();
+                    published.extend(unpublished.drain(..));
+                }
+                Op::Pop => {
+                    let got = rx.peek().unwrap().map(|r| (r.meta.id, r.payload.to_vec()));
+                    prop_assert_eq!(got.clone(), published.front().cloned());
+                    if got.is_some() {
+                        rx.advance();
+                        published.pop_front();
+                        consumed_unreleased += 1;
+                    }
+                }
+                Op::Release => {
+                    rx.release();
+                    consumed_unreleased = 0;
+                }
+            }
+            prop_assert!(slot.requests().occupancy() <= 4096);
+        }
+    }
+}
+
+// ---- cross-process ----
+
+/// Starts this test binary as a child in `role`, with the slot's memfd
+/// inherited, running only the `child_role_entry` test.
+fn spawn_child(role: &str, slot: &Slot, extra: &[(&str, String)]) -> Child {
+    let fd = slot.fd().as_raw_fd();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "child_role_entry",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_ROLE, role)
+    .env("HS_SHM_FD", fd.to_string())
+    .env("HS_SHM_CAP", slot.capacity().to_string());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    // SAFETY: the closure only calls fcntl (async-signal-safe) between fork
+    // and exec.
+    unsafe {
+        cmd.pre_exec(move || sys::clear_cloexec(fd));
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Kills and reaps a child even if the test fails.
+struct ChildGuard(Child);
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn env_u64(k: &str) -> u64 {
+    std::env::var(k).unwrap().parse().unwrap()
+}
+
+/// Entry point of child processes. As a plain test (no role in the
+/// environment) it returns at once.
+#[test]
+fn child_role_entry() {
+    let Ok(role) = std::env::var(CHILD_ROLE) else {
+        return;
+    };
+    let fd = env_u64("HS_SHM_FD") as i32;
+    let cap = env_u64("HS_SHM_CAP") as usize;
+    // SAFETY: the parent passed this fd to us for exactly this purpose.
+    let slot = Slot::open(unsafe { File::from_raw_fd(fd) }, cap).unwrap();
+    match role.as_str() {
+        "producer" => {
+            let n = env_u64("HS_N");
+            let max = env_u64("HS_MAX") as usize;
+            let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+            for id in 0..n {
+                let p = payload_for(id, max);
+                while !tx.fits(p.len()).unwrap() {
+                    tx.publish();
+                    tx.wait_for_space(p.len(), Duration::from_secs(1)).unwrap();
+                }
+                assert!(
+                    tx.push(
+                        &Meta {
+                            id,
+                            ..Meta::default()
+                        },
+                        &p
+                    )
+                    .unwrap()
+                );
+                if id % 8 == 7 {
+                    tx.publish();
+                }
+            }
+            tx.publish();
+        }
+        "producer-forever" => {
+            let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+            let mut rng = fastrand::Rng::with_seed(env_u64("HS_SEED"));
+            let mut id = 0u64;
+            loop {
+                let p = payload_for(id, 900);
+                if tx
+                    .push(
+                        &Meta {
+                            id,
+                            tag: id ^ 0xabcd,
+                            ..Meta::default()
+                        },
+                        &p,
+                    )
+                    .unwrap()
+                {
+                    id += 1;
+                    if rng.u32(0..4) == 0 {
+                        tx.publish();
+                    }
+                } else {
+                    tx.publish();
+                    tx.wait_for_space(p.len(), Duration::from_millis(100))
+                        .unwrap();
+                }
+            }
+        }
+        "echo" => {
+            // A worker-like loop: every request becomes a reply with the same
+            // id and payload, until a request with code 0xffff.
+            let mut rx = Consumer::attach(slot.requests()).unwrap();
+            let mut tx = Producer::attach(slot.replies(), Notify::Futex).unwrap();
+            loop {
+                let Some(r) = rx.peek().unwrap() else {
+                    tx.publish();
+                    rx.wait(Duration::from_secs(1)).unwrap();
+                    continue;
+                };
+                if r.meta.code == 0xffff {
+                    return;
+                }
+                let meta = r.meta;
+                let payload = r.payload.to_vec();
+                while !tx.fits(payload.len()).unwrap() {
+                    tx.publish();
+                    tx.wait_for_space(payload.len(), Duration::from_secs(1))
+                        .unwrap();
+                }
+                assert!(tx.push(&meta, &payload).unwrap());
+                tx.publish();
+                rx.advance();
+                rx.release();
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+/// Drains records from `rx`, checking ids are consecutive from `*next` and
+/// payloads intact. Returns false if the ring was empty.
+fn drain_checked(rx: &mut Consumer, next: &mut u64, max: usize) -> bool {
+    let mut any = false;
+    while let Some(r) = rx.peek().unwrap() {
+        assert_eq!(r.meta.id, *next, "records out of order");
+        assert_eq!(r.payload, &payload_for(*next, max)[..], "payload of {next}");
+        *next += 1;
+        any = true;
+        rx.advance();
+    }
+    rx.release();
+    any
+}
+
+#[test]
+fn cross_process_stream_with_futex_wakeups() {
+    let slot = Slot::create("t", 64 * 1024).unwrap();
+    let n = 200_000u64;
+    let max = 300;
+    let mut child = ChildGuard(spawn_child(
+        "producer",
+        &slot,
+        &[("HS_N", n.to_string()), ("HS_MAX", max.to_string())],
+    ));
+    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    let mut next = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lost_wakeups = 0;
+    while next < n {
+        assert!(Instant::now() < deadline, "stalled at {next}");
+        if !drain_checked(&mut rx, &mut next, max) {
+            let t = Instant::now();
+            rx.wait(Duration::from_secs(5)).unwrap();
+            // Only a lost wake-up makes us sleep the whole timeout while
+            // the producer still has records to send.
+            if t.elapsed() >= Duration::from_secs(5) && next < n {
+                lost_wakeups += 1;
+            }
+        }
+    }
+    assert_eq!(lost_wakeups, 0);
+    assert!(child.0.wait().unwrap().success());
+}
+
+#[test]
+fn cross_process_round_trip() {
+    let slot = Slot::create("t", 64 * 1024).unwrap();
+    let mut child = ChildGuard(spawn_child("echo", &slot, &[]));
+    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+    let mut rx = Consumer::attach(slot.replies()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut sent = 0u64;
+    let mut got = 0u64;
+    let total = 50_000u64;
+    while got < total {
+        assert!(Instant::now() < deadline, "stalled at {got}");
+        // Keep up to 32 requests in flight, published as one batch.
+        while sent < total && sent - got < 32 {
+            let p = payload_for(sent, 2000);
+            if !tx
+                .push(
+                    &Meta {
+                        id: sent,
+                        code: 1,
+                        ..Meta::default()
+                    },
+                    &p,
+                )
+                .unwrap()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        tx.publish();
+        let mut any = false;
+        while let Some(r) = rx.peek().unwrap() {
+            assert_eq!(r.meta.id, got);
+            assert_eq!(r.payload, &payload_for(got, 2000)[..]);
+            got += 1;
+            any = true;
+            rx.advance();
+        }
+        rx.release();
+        if !any {
+            rx.wait(Duration::from_secs(1)).unwrap();
+        }
+    }
+    assert!(
+        tx.push(
+            &Meta {
+                code: 0xffff,
+                ..Meta::default()
+            },
+            &[]
+        )
+        .unwrap()
+    );
+    tx.publish();
+    assert!(child.0.wait().unwrap().success());
+}
+
+#[test]
+fn producer_killed_mid_write_leaves_ring_readable() {
+    let mut rng = fastrand::Rng::with_seed(7);
+    for round in 0..20u64 {
+        let slot = Slot::create("t", 16 * 1024).unwrap();
+        let child = spawn_child("producer-forever", &slot, &[("HS_SEED", round.to_string())]);
+        let mut child = ChildGuard(child);
+        let mut rx = Consumer::attach(slot.requests()).unwrap();
+        let mut next = 0u64;
+        // Wait until the producer runs, then consume concurrently for a
+        // random time and kill it at a random instruction of its loop.
+        let started = Instant::now();
+        while next == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "producer never started"
+            );
+            drain_checked(&mut rx, &mut next, 900);
+        }
+        let until = Instant::now() + Duration::from_millis(rng.u64(1..30));
+        while Instant::now() < until {
+            drain_checked(&mut rx, &mut next, 900);
+        }
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+        // Everything published is intact; nothing half-written shows.
+        drain_checked(&mut rx, &mut next, 900);
+        assert!(rx.peek().unwrap().is_none());
+        // The ring can be reset and reused by a new producer.
+        slot.requests().reset();
+        let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+        let mut rx = Consumer::attach(slot.requests()).unwrap();
+        assert!(
+            tx.push(
+                &Meta {
+                    id: 1,
+                    ..Meta::default()
+                },
+                b"again"
+            )
+            .unwrap()
+        );
+        tx.publish();
+        assert_eq!(rx.peek().unwrap().unwrap().payload, b"again");
+    }
+}
