@@ -14,7 +14,7 @@
 //! let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
 //! let mut rx = Consumer::attach(slot.requests()).unwrap();
 //! let meta = Meta { code: 1, id: 42, ..Meta::default() };
-//! assert!(tx.push(&meta, b"hello").unwrap());
+//! assert!(tx.push(&meta, b"hello").unwrap().is_some());
 //! tx.publish();
 //! let rec = rx.peek().unwrap().unwrap();
 //! assert_eq!((rec.meta.id, rec.payload), (42, &b"hello"[..]));

@@ -198,6 +198,12 @@ impl RingRef {
         fence(Ordering::SeqCst);
     }
 
+    /// Wakes the consumer if it sleeps in [`Consumer::wait`], whatever its
+    /// sleep flag says (used to make a worker notice a stop request).
+    pub fn wake_consumer(&self) {
+        sys::futex_wake(&self.header().consumer_sleeping, i32::MAX);
+    }
+
     /// Bytes published and not yet released, as seen now (for status
     /// displays; either side may call it).
     pub fn occupancy(&self) -> u64 {
@@ -253,7 +259,10 @@ impl Producer {
         let h = ring.header();
         let tail = h.tail.load(Ordering::Acquire);
         let head = h.head.load(Ordering::Acquire);
-        if !tail.is_multiple_of(8) || !head.is_multiple_of(8) || tail.wrapping_sub(head) > ring.capacity as u64 {
+        if !tail.is_multiple_of(8)
+            || !head.is_multiple_of(8)
+            || tail.wrapping_sub(head) > ring.capacity as u64
+        {
             return corrupt("tail", tail);
         }
         Ok(Producer {
@@ -336,15 +345,17 @@ impl Producer {
         }))
     }
 
-    /// Copies one record into the ring; `Ok(false)` if there is no room.
-    /// Not visible to the consumer until [`Producer::publish`].
-    pub fn push(&mut self, meta: &Meta, payload: &[u8]) -> Result<bool, RingError> {
+    /// Copies one record into the ring and returns its position, or
+    /// `None` if there is no room. Not visible to the consumer until
+    /// [`Producer::publish`].
+    pub fn push(&mut self, meta: &Meta, payload: &[u8]) -> Result<Option<u64>, RingError> {
         match self.try_reserve(payload.len())? {
-            None => Ok(false),
+            None => Ok(None),
             Some(mut r) => {
-                r.buf().copy_from_slice(payload);
+                let pos = r.pos();
+                r.buf()[..payload.len()].copy_from_slice(payload);
                 r.commit(meta, payload.len());
-                Ok(true)
+                Ok(Some(pos))
             }
         }
     }
@@ -434,6 +445,11 @@ impl Reservation<'_> {
         }
     }
 
+    /// The ring position the record will have.
+    pub fn pos(&self) -> u64 {
+        self.producer.tail
+    }
+
     /// Most payload bytes this reservation holds.
     pub fn capacity(&self) -> usize {
         self.max
@@ -494,7 +510,10 @@ impl Consumer {
         let h = ring.header();
         let head = h.head.load(Ordering::Acquire);
         let tail = h.tail.load(Ordering::Acquire);
-        if !head.is_multiple_of(8) || !tail.is_multiple_of(8) || tail.wrapping_sub(head) > ring.capacity as u64 {
+        if !head.is_multiple_of(8)
+            || !tail.is_multiple_of(8)
+            || tail.wrapping_sub(head) > ring.capacity as u64
+        {
             return corrupt("head", head);
         }
         Ok(Consumer {
@@ -502,6 +521,26 @@ impl Consumer {
             head,
             released: head,
             tail_cache: head,
+            next: None,
+        })
+    }
+
+    /// Attaches a second reader at `pos`, a record position the caller
+    /// knows (the proxy re-reading requests a dead worker never ran). It
+    /// never releases: only the owner of `head` may.
+    pub fn attach_at(ring: RingRef, pos: u64) -> Result<Consumer, RingError> {
+        if !pos.is_multiple_of(8) {
+            return corrupt("position", pos);
+        }
+        let tail = ring.header().tail.load(Ordering::Acquire);
+        if tail < pos || tail - pos > ring.capacity as u64 {
+            return corrupt("tail", tail);
+        }
+        Ok(Consumer {
+            ring,
+            head: pos,
+            released: pos,
+            tail_cache: tail,
             next: None,
         })
     }

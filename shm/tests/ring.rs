@@ -42,7 +42,7 @@ fn fifo_and_wraparound() {
             time_ns: id * 3,
             flags: 1,
         };
-        assert!(tx.push(&meta, &p).unwrap(), "push {id}");
+        assert!(tx.push(&meta, &p).unwrap().is_some(), "push {id}");
         tx.publish();
         let r = rx.peek().unwrap().expect("record");
         assert_eq!(r.meta, meta);
@@ -60,7 +60,7 @@ fn full_ring_refuses_then_accepts_after_release() {
     let mut rx = Consumer::attach(slot.requests()).unwrap();
     let meta = Meta::default();
     let mut n = 0;
-    while tx.push(&meta, &[7u8; 100]).unwrap() {
+    while tx.push(&meta, &[7u8; 100]).unwrap().is_some() {
         n += 1;
         assert!(n < 100);
     }
@@ -71,9 +71,9 @@ fn full_ring_refuses_then_accepts_after_release() {
     rx.peek().unwrap().unwrap();
     rx.advance();
     // Consumed but not released: still no room.
-    assert!(!tx.push(&meta, &[7u8; 100]).unwrap());
+    assert!(tx.push(&meta, &[7u8; 100]).unwrap().is_none());
     rx.release();
-    assert!(tx.push(&meta, &[7u8; 100]).unwrap());
+    assert!(tx.push(&meta, &[7u8; 100]).unwrap().is_some());
     // Larger than half the ring never fits.
     assert!(!tx.fits(slot.requests().max_payload() + 1).unwrap());
 }
@@ -83,7 +83,7 @@ fn scribbled_positions_are_reported_not_trusted() {
     let slot = Slot::create("t", 4096).unwrap();
     let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
     let mut rx = Consumer::attach(slot.requests()).unwrap();
-    assert!(tx.push(&Meta::default(), b"abc").unwrap());
+    assert!(tx.push(&Meta::default(), b"abc").unwrap().is_some());
     tx.publish();
     // A peer that scribbles the record header: length and kind garbage.
     let data = request_data_ptr(&slot);
@@ -153,7 +153,7 @@ proptest! {
                     let len = len.min(max + 10);
                     let p = vec![(next_id % 251) as u8; len];
                     let empty = unpublished.is_empty() && published.is_empty() && consumed_unreleased == 0;
-                    let ok = tx.push(&Meta { id: next_id, ..Meta::default() }, &p).unwrap();
+                    let ok = tx.push(&Meta { id: next_id, ..Meta::default() }, &p).unwrap().is_some();
                     if len > max {
                         prop_assert!(!ok);
                     } else if empty {
@@ -258,6 +258,7 @@ fn child_role_entry() {
                         &p
                     )
                     .unwrap()
+                    .is_some()
                 );
                 if id % 8 == 7 {
                     tx.publish();
@@ -281,6 +282,7 @@ fn child_role_entry() {
                         &p,
                     )
                     .unwrap()
+                    .is_some()
                 {
                     id += 1;
                     if rng.u32(0..4) == 0 {
@@ -314,7 +316,7 @@ fn child_role_entry() {
                     tx.wait_for_space(payload.len(), Duration::from_secs(1))
                         .unwrap();
                 }
-                assert!(tx.push(&meta, &payload).unwrap());
+                assert!(tx.push(&meta, &payload).unwrap().is_some());
                 tx.publish();
                 rx.advance();
                 rx.release();
@@ -384,7 +386,7 @@ fn cross_process_round_trip() {
         // Keep up to 32 requests in flight, published as one batch.
         while sent < total && sent - got < 32 {
             let p = payload_for(sent, 2000);
-            if !tx
+            if tx
                 .push(
                     &Meta {
                         id: sent,
@@ -394,6 +396,7 @@ fn cross_process_round_trip() {
                     &p,
                 )
                 .unwrap()
+                .is_none()
             {
                 break;
             }
@@ -422,6 +425,7 @@ fn cross_process_round_trip() {
             &[]
         )
         .unwrap()
+        .is_some()
     );
     tx.publish();
     assert!(child.0.wait().unwrap().success());
@@ -468,6 +472,7 @@ fn producer_killed_mid_write_leaves_ring_readable() {
                 b"again"
             )
             .unwrap()
+            .is_some()
         );
         tx.publish();
         assert_eq!(rx.peek().unwrap().unwrap().payload, b"again");

@@ -1,0 +1,698 @@
+//! Strict TOML configuration for halfsync.
+//!
+//! This crate reads, validates and re-serializes the configuration of a
+//! halfsync server: the `[server]` table (listeners, limits, timeouts,
+//! shared-memory ring size) and one `[[group]]` table per worker group (the
+//! plugin to load, how many worker processes run it, which commands it
+//! serves, and the plugin's own `[group.config]` table).
+//!
+//! Parsing is strict: unknown keys are errors everywhere except inside
+//! `[group.config]`, durations and sizes carry explicit units, and values
+//! are range-checked and cross-checked before a [`Config`] is returned. Every
+//! [`Error`] renders as one line naming the file, the line and column where
+//! known, and the key path, e.g.
+//! `halfsync.toml:9:11: group[0].workers: invalid type: string "two", expected u32`.
+//! No input makes this crate panic.
+//!
+//! The reference for every key is the commented file
+//! `config/halfsync.example.toml` (also available as [`EXAMPLE_CONFIG`]);
+//! the same information is on the fields of [`Server`] and [`Group`].
+//!
+//! A validated [`Config`] serializes back to TOML (`toml::to_string`) and
+//! [`Config::from_toml`] reads that text back to an equal value, which is how
+//! the master hands its configuration to child processes.
+//!
+//! # Example
+//!
+//! ```
+//! use halfsync_config::{Config, Origin};
+//! use std::path::Path;
+//! use std::time::Duration;
+//!
+//! let text = r#"
+//! [server]
+//! listen = ["127.0.0.1:9000"]
+//! idle_timeout = "30s"
+//!
+//! [[group]]
+//! name = "echo"
+//! plugin = "echo"
+//! workers = 4
+//! [group.config]
+//! greeting = "hi"
+//! "#;
+//! let cfg = Config::from_toml(text, Origin::Text)?;
+//! assert_eq!(cfg.server.idle_timeout, Duration::from_secs(30));
+//! assert_eq!(cfg.server.ring_size, 4 << 20); // default "4MiB"
+//! let echo = &cfg.groups[0];
+//! assert!(echo.is_default_route());
+//! assert_eq!(echo.plugin_config_toml(), "greeting = \"hi\"\n");
+//! assert_eq!(
+//!     cfg.plugin_path(echo, Path::new("/opt/halfsync/bin")),
+//!     Path::new("/opt/halfsync/bin/libecho.so"),
+//! );
+//!
+//! // Round trip, as done between the master and its children.
+//! let again = Config::from_toml(&toml::to_string(&cfg).unwrap(), Origin::Text)?;
+//! assert_eq!(again, cfg);
+//!
+//! // Errors are one line and point at the key.
+//! let err = Config::from_toml("[[group]]\nname = \"a\"\nplugin = \"a\"\nwokers = 2\n", Origin::Text)
+//!     .unwrap_err();
+//! assert_eq!(
+//!     err.to_string(),
+//!     "<config>:4:1: group[0]: unknown field `wokers`, expected one of `name`, `plugin`, \
+//!      `workers`, `max_inflight`, `max_queue`, `commands`, `config`",
+//! );
+//! # Ok::<(), halfsync_config::Error>(())
+//! ```
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod error;
+mod units;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+
+pub use error::{Error, Location};
+pub use units::{ByteSize, HumanDuration, UnitError};
+
+use error::{line_col, one_line};
+
+/// The embedded default configuration, used when no file is given: one
+/// listener on `127.0.0.1:7878` and one group `"echo"` running the `echo`
+/// plugin in 2 workers; every other key has its default value.
+/// [`Config::embedded_default`] returns it already parsed.
+pub const DEFAULT_CONFIG: &str = r#"# halfsync embedded default configuration
+[server]
+listen = ["127.0.0.1:7878"]
+
+[[group]]
+name = "echo"
+plugin = "echo"
+workers = 2
+"#;
+
+/// The commented reference configuration (`config/halfsync.example.toml`),
+/// documenting every key with its default.
+pub const EXAMPLE_CONFIG: &str = include_str!("../halfsync.example.toml");
+
+/// Largest accepted `server.max_frame`: 64 MiB.
+pub const MAX_FRAME_LIMIT: u32 = 64 << 20;
+/// Smallest accepted `server.max_frame`: an HSP/1 header without payload
+/// (8-byte id, 2-byte code, 2-byte flags).
+pub const MIN_FRAME: u32 = 12;
+/// Largest accepted `server.ring_size` (after rounding): 1 GiB.
+pub const MAX_RING_SIZE: u64 = 1 << 30;
+/// Per-record overhead assumed when checking that two largest frames fit in
+/// a ring: `ring_size >= 2 * (max_frame + RING_RECORD_OVERHEAD)`.
+pub const RING_RECORD_OVERHEAD: u64 = 64;
+
+/// Where a configuration came from; used in error messages and to resolve
+/// relative plugin paths.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// Read from this file (the path as given). Relative plugin paths are
+    /// resolved against its directory.
+    File(PathBuf),
+    /// The built-in [`DEFAULT_CONFIG`]. Shown as `<embedded config>`.
+    Embedded,
+    /// Text from elsewhere (a pipe, an environment variable, a test).
+    /// Shown as `<config>`; relative plugin paths are resolved against the
+    /// current directory.
+    #[default]
+    Text,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => f.write_str(&one_line(&path.display().to_string())),
+            Origin::Embedded => f.write_str("<embedded config>"),
+            Origin::Text => f.write_str("<config>"),
+        }
+    }
+}
+
+/// A validated halfsync configuration.
+///
+/// Serializes to the TOML format it is read from (without `origin`), so
+/// `Config::from_toml(&toml::to_string(&cfg)?, cfg.origin.clone())` gives
+/// back an equal value. There is deliberately no `Deserialize` impl: use
+/// [`Config::from_toml`] or [`Config::from_file`], which also validate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// The `[server]` table (optional in the file; every key has a default).
+    pub server: Server,
+    /// The `[[group]]` tables, in file order; at least one.
+    #[serde(rename = "group")]
+    pub groups: Vec<Group>,
+    /// Where the configuration came from. Not serialized.
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+/// The `[server]` table: listeners and proxy-wide limits.
+///
+/// `Deserialize` checks each key on its own (types, ranges, units; rounds
+/// `ring_size` up to a power of two); cross-key checks happen in
+/// [`Config::from_toml`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Server {
+    /// `listen`: addresses to listen on, `"ip:port"` strings (IPv6 as
+    /// `"[::1]:7878"`). At least one, no duplicates. Default
+    /// `["127.0.0.1:7878"]`.
+    #[serde(deserialize_with = "de_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// `max_connections`: most client connections open at once, `>= 1`.
+    /// Default `10000`.
+    #[serde(deserialize_with = "de_max_connections")]
+    pub max_connections: u32,
+    /// `idle_timeout`: close connections that sent no bytes and have nothing
+    /// in flight for this long; `"0s"` means never. Default `"60s"`.
+    #[serde(with = "units::duration")]
+    pub idle_timeout: Duration,
+    /// `max_frame`: largest HSP/1 frame accepted, as the value of the
+    /// length field (bytes after the 4-byte length). A size,
+    /// `12..=64MiB`. Default `"1MiB"`.
+    #[serde(
+        serialize_with = "units::serialize_size",
+        deserialize_with = "de_max_frame"
+    )]
+    pub max_frame: u32,
+    /// `shutdown_grace`: bound on the graceful drain when stopping.
+    /// Default `"10s"`.
+    #[serde(with = "units::duration")]
+    pub shutdown_grace: Duration,
+    /// `ring_size`: bytes of each shared-memory ring (every worker has one
+    /// request ring and one reply ring). A size, rounded up to a power of two
+    /// (the value here is already rounded), at most 1GiB, and at least
+    /// `2 * (max_frame + 64)`. Default `"4MiB"`.
+    #[serde(
+        serialize_with = "units::serialize_size",
+        deserialize_with = "de_ring_size"
+    )]
+    pub ring_size: u64,
+    /// `backlog`: listen backlog, `>= 1` (the kernel caps it at
+    /// `net.core.somaxconn`). Default `1024`.
+    #[serde(deserialize_with = "de_backlog")]
+    pub backlog: u32,
+    /// `read_budget`: most bytes read from one connection per event-loop
+    /// turn, so one busy client cannot starve the others. A size,
+    /// `>= 4KiB`. Default `"64KiB"`.
+    #[serde(
+        serialize_with = "units::serialize_size",
+        deserialize_with = "de_read_budget"
+    )]
+    pub read_budget: u32,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 7878))],
+            max_connections: 10_000,
+            idle_timeout: Duration::from_secs(60),
+            max_frame: 1 << 20,
+            shutdown_grace: Duration::from_secs(10),
+            ring_size: 4 << 20,
+            backlog: 1024,
+            read_budget: 64 << 10,
+        }
+    }
+}
+
+/// A `[[group]]` table: a pool of worker processes running one plugin.
+///
+/// `Deserialize` checks each key on its own; cross-group checks (unique
+/// names, one default group, no command served twice) happen in
+/// [`Config::from_toml`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// `name` (required): unique, 1 to 32 characters from `A-Z a-z 0-9 _ -`.
+    #[serde(deserialize_with = "de_group_name")]
+    pub name: String,
+    /// `plugin` (required): a bare name (no `/`, not ending in `.so`) means
+    /// `lib<name>.so` next to the halfsync executable; anything else is a
+    /// path, relative ones resolved against the config file's directory. See
+    /// [`resolve_plugin`].
+    #[serde(deserialize_with = "de_plugin")]
+    pub plugin: String,
+    /// `workers`: worker processes in this group, `1..=256`. Default `2`.
+    #[serde(default = "default_workers", deserialize_with = "de_workers")]
+    pub workers: u32,
+    /// `max_inflight`: per worker, requests handed to its ring and not yet
+    /// answered, `1..=65536`. Default `64`.
+    #[serde(default = "default_max_inflight", deserialize_with = "de_max_inflight")]
+    pub max_inflight: u32,
+    /// `max_queue`: requests waiting in the proxy for a free worker of this
+    /// group, `0..=1000000` (0: reply BUSY at once when all are saturated).
+    /// Default `1024`.
+    #[serde(default = "default_max_queue", deserialize_with = "de_max_queue")]
+    pub max_queue: u32,
+    /// `commands`: command numbers (`0..=65535`) this group serves, each at
+    /// most once. Empty or absent makes this the default group, serving every
+    /// command no other group claims; at most one group may be the default.
+    #[serde(default)]
+    pub commands: Vec<u16>,
+    /// `[group.config]`: optional table handed verbatim to the plugin's init
+    /// as TOML text (see [`Group::plugin_config_toml`]); its keys are not
+    /// checked here.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub config: toml::Table,
+}
+
+fn default_workers() -> u32 {
+    2
+}
+fn default_max_inflight() -> u32 {
+    64
+}
+fn default_max_queue() -> u32 {
+    1024
+}
+
+impl Group {
+    /// A group with the given name and plugin and every other key at its
+    /// default (2 workers, `max_inflight` 64, `max_queue` 1024, default
+    /// route, empty plugin config). Not validated.
+    pub fn new(name: impl Into<String>, plugin: impl Into<String>) -> Group {
+        Group {
+            name: name.into(),
+            plugin: plugin.into(),
+            workers: default_workers(),
+            max_inflight: default_max_inflight(),
+            max_queue: default_max_queue(),
+            commands: Vec::new(),
+            config: toml::Table::new(),
+        }
+    }
+
+    /// The `[group.config]` table as TOML text, `""` when empty.
+    ///
+    /// Cannot fail for a configuration returned by this crate (this is
+    /// checked while loading); returns `""` if a hand-built table cannot be
+    /// serialized.
+    pub fn plugin_config_toml(&self) -> String {
+        if self.config.is_empty() {
+            return String::new();
+        }
+        toml::to_string(&self.config).unwrap_or_default()
+    }
+
+    /// Whether this is the default group (no `commands` listed): it serves
+    /// every command that no other group claims.
+    pub fn is_default_route(&self) -> bool {
+        self.commands.is_empty()
+    }
+}
+
+/// Where the plugin named by a group's `plugin` key lives.
+///
+/// - A bare name (no `/` and not ending in `.so`), like `"echo"`, means
+///   `<exe_dir>/lib<name>.so`.
+/// - An absolute path is used as is.
+/// - Any other relative path (`"./x.so"`, `"plugins/libx.so"`, `"libx.so"`)
+///   is resolved against `config_dir`, or the current directory (`./`) when
+///   `config_dir` is `None` or empty. The result always contains a `/`, so
+///   `dlopen` never searches the library path for it.
+///
+/// ```
+/// use halfsync_config::resolve_plugin;
+/// use std::path::Path;
+/// let exe = Path::new("/opt/hs/bin");
+/// let etc = Some(Path::new("/etc/hs"));
+/// assert_eq!(resolve_plugin("echo", etc, exe), Path::new("/opt/hs/bin/libecho.so"));
+/// assert_eq!(resolve_plugin("plugins/libx.so", etc, exe), Path::new("/etc/hs/plugins/libx.so"));
+/// assert_eq!(resolve_plugin("/usr/lib/liby.so", etc, exe), Path::new("/usr/lib/liby.so"));
+/// assert_eq!(resolve_plugin("libx.so", None, exe), Path::new("./libx.so"));
+/// ```
+pub fn resolve_plugin(spec: &str, config_dir: Option<&Path>, exe_dir: &Path) -> PathBuf {
+    if !spec.contains('/') && !spec.ends_with(".so") {
+        return exe_dir.join(format!("lib{spec}.so"));
+    }
+    let path = Path::new(spec);
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    match config_dir {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(path),
+        _ => Path::new(".").join(path),
+    }
+}
+
+impl Config {
+    /// Reads and validates the configuration file at `path`.
+    ///
+    /// Errors name the path as given.
+    pub fn from_file(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, Origin::File(path.to_path_buf()))
+    }
+
+    /// Parses and validates configuration text; `origin` names it in error
+    /// messages and anchors relative plugin paths.
+    pub fn from_toml(text: &str, origin: Origin) -> Result<Config, Error> {
+        let source = origin.to_string();
+        let de = toml::de::Deserializer::parse(text).map_err(|e| Error::Syntax {
+            location: Location {
+                source: source.clone(),
+                line_col: e.span().map(|s| line_col(text, s.start)),
+                key: None,
+            },
+            message: match e.message() {
+                // The parser's own wording for dotted keys nested too deep.
+                "recursion limit" => "keys nested too deeply (recursion limit)".to_owned(),
+                other => one_line(other),
+            },
+        })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let mut segments: Vec<_> = e.path().iter().cloned().collect();
+            let inner = e.into_inner();
+            // serde_path_to_error puts an unknown key into the path; the key
+            // is already in the message, so name the table that holds it.
+            if let Some(serde_path_to_error::Segment::Map { key }) = segments.last()
+                && inner
+                    .message()
+                    .starts_with(&format!("unknown field `{key}`"))
+            {
+                segments.pop();
+            }
+            let key = key_path(&segments);
+            Error::Schema {
+                location: Location {
+                    source: source.clone(),
+                    line_col: inner.span().map(|s| line_col(text, s.start)),
+                    key,
+                },
+                message: one_line(inner.message()),
+            }
+        })?;
+        let config = Config {
+            server: raw.server,
+            groups: raw.group,
+            origin,
+        };
+        config.validate(text)?;
+        Ok(config)
+    }
+
+    /// The built-in configuration: [`DEFAULT_CONFIG`], parsed (built
+    /// directly, so it cannot fail; a test checks both agree).
+    pub fn embedded_default() -> Config {
+        Config {
+            server: Server::default(),
+            groups: vec![Group::new("echo", "echo")],
+            origin: Origin::Embedded,
+        }
+    }
+
+    /// The directory of the configuration file (`.` for a bare file name),
+    /// or `None` when the configuration did not come from a file.
+    pub fn config_dir(&self) -> Option<&Path> {
+        match &self.origin {
+            Origin::File(path) => match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => Some(dir),
+                _ => Some(Path::new(".")),
+            },
+            Origin::Embedded | Origin::Text => None,
+        }
+    }
+
+    /// Where `group`'s plugin lives: [`resolve_plugin`] with this
+    /// configuration's directory.
+    pub fn plugin_path(&self, group: &Group, exe_dir: &Path) -> PathBuf {
+        resolve_plugin(&group.plugin, self.config_dir(), exe_dir)
+    }
+
+    /// Cross-key checks; `text` is only used to find line numbers.
+    fn validate(&self, text: &str) -> Result<(), Error> {
+        let invalid = |path: &[Step<'_>], key: String, message: String| Error::Invalid {
+            location: Location {
+                source: self.origin.to_string(),
+                line_col: locate(text, path),
+                key: Some(one_line(&key)),
+            },
+            message: one_line(&message),
+        };
+
+        if self.groups.is_empty() {
+            return Err(invalid(
+                &[],
+                "group".into(),
+                "at least one [[group]] is required".into(),
+            ));
+        }
+
+        let server = &self.server;
+        let min_ring = 2 * (u64::from(server.max_frame) + RING_RECORD_OVERHEAD);
+        if server.ring_size < min_ring {
+            let at = if locate(text, &[Step::Key("server"), Step::Key("ring_size")]).is_some() {
+                "ring_size"
+            } else {
+                "max_frame"
+            };
+            return Err(invalid(
+                &[Step::Key("server"), Step::Key(at)],
+                "server.ring_size".into(),
+                format!(
+                    "{} is too small for server.max_frame {}: must be at least \
+                     2 * (max_frame + {RING_RECORD_OVERHEAD}) = {min_ring} bytes; \
+                     raise ring_size or lower max_frame",
+                    ByteSize(server.ring_size),
+                    ByteSize(server.max_frame.into()),
+                ),
+            ));
+        }
+
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut default_group: Option<&str> = None;
+        let mut routes: HashMap<u16, &str> = HashMap::new();
+        for (i, group) in self.groups.iter().enumerate() {
+            let here = |rest: &[Step<'static>]| {
+                let mut path = vec![Step::Key("group"), Step::Index(i)];
+                path.extend_from_slice(rest);
+                path
+            };
+            if let Some(first) = names.insert(&group.name, i) {
+                return Err(invalid(
+                    &here(&[Step::Key("name")]),
+                    format!("group[{i}].name"),
+                    format!(
+                        "group name {:?} is already used by group[{first}]",
+                        group.name
+                    ),
+                ));
+            }
+            let label = format!("group {:?}", group.name);
+            if group.is_default_route() {
+                if let Some(other) = default_group {
+                    return Err(invalid(
+                        &here(&[]),
+                        label,
+                        format!(
+                            "group {other:?} is already the default group (no commands); \
+                             at most one group may leave commands empty"
+                        ),
+                    ));
+                }
+                default_group = Some(&group.name);
+            }
+            for (j, &cmd) in group.commands.iter().enumerate() {
+                if let Some(other) = routes.insert(cmd, &group.name) {
+                    let message = if other == group.name {
+                        format!("command {cmd} is listed twice")
+                    } else {
+                        format!("command {cmd} is already served by group {other:?}")
+                    };
+                    return Err(invalid(
+                        &here(&[Step::Key("commands"), Step::Index(j)]),
+                        label,
+                        message,
+                    ));
+                }
+            }
+            if let Err(e) = toml::to_string(&group.config) {
+                return Err(invalid(
+                    &here(&[Step::Key("config")]),
+                    format!("group[{i}].config"),
+                    format!("cannot be passed to the plugin as TOML: {e}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The document as deserialized, before cross-key validation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: Server,
+    #[serde(default)]
+    group: Vec<Group>,
+}
+
+/// Renders a key path as `server.listen[1]`; `None` for the document root.
+fn key_path(segments: &[serde_path_to_error::Segment]) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    (!out.is_empty()).then(|| one_line(&out))
+}
+
+/// One step of a key path, for finding line numbers after parsing.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// Line and column of the value at `path` in `text`, if it is there.
+fn locate(text: &str, path: &[Step<'_>]) -> Option<(usize, usize)> {
+    if path.is_empty() {
+        return None;
+    }
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let mut span = root.span();
+    let root = toml::de::DeValue::Table(root.into_inner());
+    let mut value = &root;
+    for step in path {
+        let next = match *step {
+            Step::Key(key) => value.get(key),
+            Step::Index(i) => value.get(i),
+        }?;
+        span = next.span();
+        value = next.get_ref();
+    }
+    Some(line_col(text, span.start))
+}
+
+fn u32_in<'de, D: Deserializer<'de>>(d: D, min: u32, max: u32) -> Result<u32, D::Error> {
+    let v = u32::deserialize(d)?;
+    if v < min || v > max {
+        let msg = if max == u32::MAX {
+            format!("must be at least {min}, got {v}")
+        } else {
+            format!("must be between {min} and {max}, got {v}")
+        };
+        return Err(de::Error::custom(msg));
+    }
+    Ok(v)
+}
+
+fn de_max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    u32_in(d, 1, u32::MAX)
+}
+fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    u32_in(d, 1, u32::MAX)
+}
+fn de_workers<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    u32_in(d, 1, 256)
+}
+fn de_max_inflight<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    u32_in(d, 1, 65_536)
+}
+fn de_max_queue<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    u32_in(d, 0, 1_000_000)
+}
+
+fn de_max_frame<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = units::size_in(d, MIN_FRAME.into(), MAX_FRAME_LIMIT.into())?;
+    u32::try_from(v).map_err(de::Error::custom)
+}
+
+fn de_read_budget<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = units::size_in(d, 4 << 10, u32::MAX.into())?;
+    u32::try_from(v).map_err(de::Error::custom)
+}
+
+fn de_ring_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = units::size_in(d, 0, MAX_RING_SIZE)?;
+    Ok(v.max(1).next_power_of_two())
+}
+
+fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    struct Addr(SocketAddr);
+    impl<'de> Deserialize<'de> for Addr {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let s = String::deserialize(d)?;
+            s.parse().map(Addr).map_err(|_| {
+                de::Error::custom(format!(
+                    r#"invalid address {s:?}: expected "ip:port" like "127.0.0.1:7878" or "[::1]:7878""#
+                ))
+            })
+        }
+    }
+    let list = Vec::<Addr>::deserialize(d)?;
+    if list.is_empty() {
+        return Err(de::Error::custom(
+            r#"must list at least one address, like ["127.0.0.1:7878"]"#,
+        ));
+    }
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(list.len());
+    for Addr(addr) in list {
+        if out.contains(&addr) {
+            return Err(de::Error::custom(format!("{addr} is listed twice")));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+fn de_group_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    let ok = (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !ok {
+        return Err(de::Error::custom(format!(
+            "invalid group name {name:?}: use 1 to 32 characters from A-Z, a-z, 0-9, '_' and '-'"
+        )));
+    }
+    Ok(name)
+}
+
+fn de_plugin<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let plugin = String::deserialize(d)?;
+    if plugin.is_empty() {
+        return Err(de::Error::custom(
+            r#"must not be empty: give a plugin name like "echo" or a path to a .so file"#,
+        ));
+    }
+    if plugin.contains('\0') {
+        return Err(de::Error::custom("must not contain a NUL character"));
+    }
+    Ok(plugin)
+}

@@ -1,0 +1,109 @@
+/*
+ * halfsync plugin ABI, major version 1.
+ *
+ * A plugin is a shared object that exports one function:
+ *
+ *     const hs_plugin *halfsync_plugin_v1(void);
+ *
+ * The symbol name carries the ABI major version, so a host speaking
+ * another major version cannot even find it. The returned table must live
+ * for the life of the process (a static). The host loads the .so with
+ * RTLD_NOW, never unloads it, and calls, in one worker process and one
+ * thread:
+ *
+ *     init   once, with the plugin's own config section as TOML text;
+ *     handle once per request, synchronously;
+ *     fini   once, at a clean worker exit (not after a crash).
+ *
+ * Fields may be appended to hs_plugin, hs_host and hs_reply in later minor
+ * revisions; struct_size tells each side how much the other knows.
+ */
+#ifndef HALFSYNC_PLUGIN_H
+#define HALFSYNC_PLUGIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define HALFSYNC_ABI_VERSION 1u
+
+/* Reply statuses. Codes below 100 belong to the server; a plugin returns
+ * HS_STATUS_OK, HS_STATUS_PLUGIN_ERROR (payload = message) or a code of
+ * 100 and above. Any other return value becomes HS_STATUS_PLUGIN_ERROR. */
+#define HS_STATUS_OK 0
+#define HS_STATUS_PLUGIN_ERROR 1
+#define HS_STATUS_FIRST_PLUGIN_CODE 100
+
+/* Log levels for hs_host.log. */
+#define HS_LOG_ERROR 1
+#define HS_LOG_WARN 2
+#define HS_LOG_INFO 3
+#define HS_LOG_DEBUG 4
+
+/* One request. The payload points into shared memory and is valid only
+ * during the handle call that received it. */
+typedef struct hs_request {
+    uint64_t id;           /* chosen by the client, echoed in the reply */
+    uint16_t command;      /* HSP/1 code field of the request */
+    uint16_t flags;        /* HSP/1 flags field (reserved, 0) */
+    uint32_t reserved;     /* 0 */
+    const uint8_t *payload;
+    size_t payload_len;
+} hs_request;
+
+/* The reply under construction. Bytes written go straight into the reply
+ * ring in shared memory. Valid only during the handle call. */
+typedef struct hs_reply {
+    uint32_t struct_size;  /* sizeof(hs_reply) as the host knows it */
+    uint32_t reserved;
+    void *ctx;             /* host-owned; pass it back to the functions below */
+    size_t capacity;       /* most payload bytes this reply can hold */
+    /* Append len bytes. Returns 0, or -1 (nothing written) if the payload
+     * would exceed capacity. */
+    int32_t (*write)(void *ctx, const uint8_t *data, size_t len);
+    /* Append len uninitialised bytes and return a pointer to them for the
+     * plugin to fill, or NULL if the payload would exceed capacity. */
+    uint8_t *(*reserve)(void *ctx, size_t len);
+    /* Discard everything written so far. */
+    void (*clear)(void *ctx);
+} hs_reply;
+
+/* Services the host offers the plugin; valid from init until fini. */
+typedef struct hs_host {
+    uint32_t abi_version;  /* HALFSYNC_ABI_VERSION of the host */
+    uint32_t struct_size;  /* sizeof(hs_host) as the host knows it */
+    void *ctx;             /* host-owned */
+    /* Log one message (UTF-8, not NUL-terminated) through the host's log. */
+    void (*log)(void *ctx, int32_t level, const char *msg, size_t len);
+} hs_host;
+
+typedef struct hs_plugin {
+    uint32_t abi_version;  /* must be HALFSYNC_ABI_VERSION */
+    uint32_t struct_size;  /* sizeof(hs_plugin) */
+    const char *name;      /* NUL-terminated, for logs */
+    const char *version;   /* NUL-terminated, for logs and status */
+    /* Set *state (may stay NULL) and return 0; or write a NUL-terminated
+     * reason into err (at most err_cap bytes) and return non-zero: the
+     * worker then exits and the pool reports the reason. config is the
+     * plugin's config section as TOML text (NUL-terminated, config_len
+     * bytes before the NUL). */
+    int32_t (*init)(const hs_host *host, const char *config, size_t config_len,
+                    void **state, char *err, size_t err_cap);
+    /* Handle one request; return the reply status. */
+    int32_t (*handle)(void *state, const hs_request *req, hs_reply *reply);
+    /* Release state. May be NULL. */
+    void (*fini)(void *state);
+} hs_plugin;
+
+/* The one entry point; the name carries the ABI major version. */
+typedef const hs_plugin *(*hs_plugin_entry_fn)(void);
+#define HALFSYNC_PLUGIN_ENTRY "halfsync_plugin_v1"
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* HALFSYNC_PLUGIN_H */

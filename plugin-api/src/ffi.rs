@@ -1,0 +1,784 @@
+//! All of the SDK's unsafe code: the safe wrappers over host pointers
+//! ([`Host`], [`Reply`]), the `extern "C"` trampolines that
+//! [`export_plugin!`](crate::export_plugin) puts in the plugin table, and
+//! the in-process host of [`Harness`].
+//!
+//! The trampolines are the only place where C calls into plugin Rust code,
+//! so each one wraps the call in `catch_unwind`: a panic must never unwind
+//! into the host (that aborts the worker at best).
+
+use core::ffi::{CStr, c_char, c_void};
+use core::mem::{offset_of, size_of};
+use core::ptr::{self, NonNull};
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::rc::Rc;
+use std::{fmt, io};
+
+use crate::abi::{
+    self, ABI_VERSION, FiniFn, HandleFn, HostLogFn, HsHost, HsPlugin, HsReply, HsRequest, InitFn,
+};
+use crate::sdk::{LogLevel, Plugin, ReplyFull, Request, truncate_str};
+
+// ---------------------------------------------------------------------------
+// Host
+
+/// The host's services, handed to [`Plugin::init`]: logging, for now.
+///
+/// Keep a clone in the plugin state to log from `handle` and `fini`.
+/// Every clone stops working (logging becomes a no-op) once the plugin's
+/// `fini` has run, so a `Host` stashed somewhere that outlives the plugin
+/// cannot reach a host that has moved on. Not `Send`: a worker runs its
+/// plugin on one thread.
+#[derive(Clone)]
+pub struct Host {
+    raw: NonNull<HsHost>,
+    /// Cleared by the `fini` trampoline before the state is dropped.
+    alive: Rc<Cell<bool>>,
+}
+
+impl Host {
+    /// # Safety
+    /// `raw` must point to an `hs_host` that stays valid, unchanged, until
+    /// `alive` is cleared (the header promises "from init until fini").
+    unsafe fn from_raw(raw: NonNull<HsHost>, alive: Rc<Cell<bool>>) -> Host {
+        Host { raw, alive }
+    }
+
+    fn raw(&self) -> Option<&HsHost> {
+        if !self.alive.get() {
+            return None;
+        }
+        // SAFETY: `alive` is still set, so we are between init and fini,
+        // when the host keeps the struct valid (contract of `from_raw`).
+        Some(unsafe { self.raw.as_ref() })
+    }
+
+    /// The ABI version the host speaks ([`abi::ABI_VERSION`] for this
+    /// SDK's hosts); 0 after `fini`.
+    pub fn abi_version(&self) -> u32 {
+        self.raw().map_or(0, |raw| raw.abi_version)
+    }
+
+    /// Logs `msg` through the host's log (in halfsync: `tracing`, target
+    /// `plugin`, with the plugin name). A no-op after `fini`.
+    pub fn log(&self, level: LogLevel, msg: &str) {
+        let Some(raw) = self.raw() else { return };
+        let known = raw.struct_size as usize;
+        if known < offset_of!(HsHost, log) + size_of::<Option<HostLogFn>>() {
+            return;
+        }
+        if let Some(log) = raw.log {
+            // SAFETY: the host filled in `log` and `ctx` for exactly this
+            // call; `msg` is valid UTF-8 for `msg.len()` bytes and the host
+            // does not keep the pointer past the call.
+            unsafe {
+                log(
+                    raw.ctx,
+                    level as i32,
+                    msg.as_ptr().cast::<c_char>(),
+                    msg.len(),
+                )
+            };
+        }
+    }
+
+    /// Logs at [`LogLevel::Error`].
+    pub fn error(&self, msg: &str) {
+        self.log(LogLevel::Error, msg);
+    }
+
+    /// Logs at [`LogLevel::Warn`].
+    pub fn warn(&self, msg: &str) {
+        self.log(LogLevel::Warn, msg);
+    }
+
+    /// Logs at [`LogLevel::Info`].
+    pub fn info(&self, msg: &str) {
+        self.log(LogLevel::Info, msg);
+    }
+
+    /// Logs at [`LogLevel::Debug`].
+    pub fn debug(&self, msg: &str) {
+        self.log(LogLevel::Debug, msg);
+    }
+}
+
+impl fmt::Debug for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Host")
+            .field("abi_version", &self.abi_version())
+            .field("alive", &self.alive.get())
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reply
+
+/// The reply payload under construction, for one [`Plugin::handle`] call.
+///
+/// In halfsync the bytes go straight into the reply ring in shared memory:
+/// there is no copy after `handle` returns. The payload can hold at most
+/// [`capacity`](Reply::capacity) bytes; a write or reserve that does not fit
+/// writes nothing and returns [`ReplyFull`], and the plugin decides what to
+/// do (with `?`, the request fails with a `PLUGIN_ERROR` reply saying so).
+///
+/// `Reply` also implements [`std::fmt::Write`] (all or nothing per piece)
+/// and [`std::io::Write`] (short writes when nearly full), so `write!`,
+/// serializers and `io::copy` work.
+pub struct Reply<'a> {
+    raw: &'a HsReply,
+    len: usize,
+    capacity: usize,
+}
+
+impl<'a> Reply<'a> {
+    /// # Safety
+    /// `raw` must follow the `hs_reply` contract of the header: `ctx` and
+    /// the three functions work together for the whole of `'a`, and the
+    /// reply is empty.
+    unsafe fn from_raw(raw: &'a HsReply) -> Reply<'a> {
+        // A host that knows a shorter hs_reply than ours cannot be written
+        // to safely; treat it as a reply with no room.
+        let capacity = if raw.struct_size as usize >= size_of::<HsReply>() {
+            raw.capacity
+        } else {
+            0
+        };
+        Reply {
+            raw,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Most payload bytes this reply can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Payload bytes written so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `true` when nothing has been written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes that can still be written.
+    pub fn remaining(&self) -> usize {
+        self.capacity - self.len
+    }
+
+    fn full(&self, requested: usize) -> ReplyFull {
+        ReplyFull {
+            requested,
+            remaining: self.remaining(),
+        }
+    }
+
+    /// Appends `data`, all of it or (when it does not fit) none of it.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), ReplyFull> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if data.len() > self.remaining() {
+            return Err(self.full(data.len()));
+        }
+        let Some(write) = self.raw.write else {
+            return Err(self.full(data.len()));
+        };
+        // SAFETY: `write` and `ctx` come from the host for this call
+        // (contract of `from_raw`); `data` is valid for `data.len()` bytes
+        // and the host copies it before returning.
+        let rc = unsafe { write(self.raw.ctx, data.as_ptr(), data.len()) };
+        if rc != 0 {
+            return Err(self.full(data.len()));
+        }
+        self.len += data.len();
+        Ok(())
+    }
+
+    /// Appends `len` bytes and returns them, zeroed, for the plugin to
+    /// fill in place (e.g. to serialize straight into the reply). Fails
+    /// without appending anything when they do not fit.
+    pub fn reserve(&mut self, len: usize) -> Result<&mut [u8], ReplyFull> {
+        if len == 0 {
+            return Ok(&mut []);
+        }
+        if len > self.remaining() {
+            return Err(self.full(len));
+        }
+        let Some(reserve) = self.raw.reserve else {
+            return Err(self.full(len));
+        };
+        // SAFETY: as in `write`: host function and context for this call.
+        let p = unsafe { reserve(self.raw.ctx, len) };
+        if p.is_null() {
+            return Err(self.full(len));
+        }
+        self.len += len;
+        // The host hands out uninitialised bytes; a `&mut [u8]` over them
+        // would be undefined behaviour, so zero them first.
+        // SAFETY: the host returned `len` writable bytes that stay valid
+        // and unaliased for the rest of the handle call; `&mut self` keeps
+        // the plugin from clearing or writing the reply while the slice
+        // lives.
+        unsafe {
+            ptr::write_bytes(p, 0, len);
+            Ok(core::slice::from_raw_parts_mut(p, len))
+        }
+    }
+
+    /// Discards everything written so far.
+    pub fn clear(&mut self) {
+        if let Some(clear) = self.raw.clear {
+            // SAFETY: host function and context for this call, as in
+            // `write`.
+            unsafe { clear(self.raw.ctx) };
+            self.len = 0;
+        }
+    }
+
+    /// Replaces the payload by as much of `msg` as fits, cut on a
+    /// character boundary: the error path of the trampolines.
+    fn replace_with_message(&mut self, msg: &str) {
+        self.clear();
+        let msg = truncate_str(msg, self.remaining());
+        // Cannot fail: it fits by construction.
+        let _ = self.write(msg.as_bytes());
+    }
+}
+
+impl fmt::Debug for Reply<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reply")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl fmt::Write for Reply<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        Reply::write(self, s.as_bytes()).map_err(|_| fmt::Error)
+    }
+}
+
+impl io::Write for Reply<'_> {
+    /// Writes as much of `buf` as fits; `Ok(0)` once the reply is full (so
+    /// `write_all` fails with `WriteZero`).
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.remaining());
+        match Reply::write(self, &buf[..n]) {
+            Ok(()) => Ok(n),
+            Err(full) => Err(io::Error::other(full)),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The table and its trampolines
+
+/// A plugin table that may sit in a `static`.
+#[doc(hidden)]
+#[repr(transparent)]
+pub struct StaticTable(pub HsPlugin);
+
+// SAFETY: the table is never mutated after construction; its pointers are
+// to `'static` NUL-terminated strings (checked by `table`) and to functions.
+// Sharing raw pointers between threads is harmless: every use of them is
+// already an unsafe call with its own contract.
+unsafe impl Sync for StaticTable {}
+
+/// Panics (at compile time, in the `static` of `export_plugin!`) unless `s`
+/// is NUL-terminated with no other NUL.
+const fn assert_c_string(s: &str, what: &str) {
+    let b = s.as_bytes();
+    if b.is_empty() || b[b.len() - 1] != 0 {
+        panic!("{}", what);
+    }
+    let mut i = 0;
+    while i + 1 < b.len() {
+        if b[i] == 0 {
+            panic!("{}", what);
+        }
+        i += 1;
+    }
+}
+
+/// The v1 table for `T`. `name` and `version` must end in one NUL and
+/// contain no other (the macro appends it).
+#[doc(hidden)]
+pub const fn table<T: Plugin>(name: &'static str, version: &'static str) -> StaticTable {
+    assert_c_string(name, "plugin name must not contain a NUL byte");
+    assert_c_string(version, "plugin version must not contain a NUL byte");
+    StaticTable(HsPlugin {
+        abi_version: ABI_VERSION,
+        struct_size: size_of::<HsPlugin>() as u32,
+        name: name.as_ptr().cast::<c_char>(),
+        version: version.as_ptr().cast::<c_char>(),
+        init: Some(init::<T> as InitFn),
+        handle: Some(handle::<T> as HandleFn),
+        fini: Some(fini::<T> as FiniFn),
+    })
+}
+
+/// What the `void *state` of a Rust plugin points to.
+struct State<T> {
+    host: Host,
+    plugin: T,
+}
+
+/// The text of a panic payload, dropping the payload without letting a
+/// panicking `Drop` escape.
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    let msg = if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(panic payload is not a string)".to_owned()
+    };
+    if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(again);
+    }
+    msg
+}
+
+/// Writes `msg` into the host's `err` buffer as a NUL-terminated string,
+/// cut to fit.
+///
+/// # Safety
+/// `err` is NULL or valid for writes of `err_cap` bytes.
+unsafe fn write_err(err: *mut c_char, err_cap: usize, msg: &str) {
+    if err.is_null() || err_cap == 0 {
+        return;
+    }
+    let msg = truncate_str(msg, err_cap - 1);
+    // SAFETY: `msg.len() + 1 <= err_cap` bytes, in the buffer the caller
+    // vouches for; a fresh Rust string cannot overlap the host's buffer.
+    unsafe {
+        ptr::copy_nonoverlapping(msg.as_ptr(), err.cast::<u8>(), msg.len());
+        *err.add(msg.len()) = 0;
+    }
+}
+
+/// `hs_plugin.init` for `T`.
+///
+/// # Safety
+/// Called by the host per `halfsync_plugin.h`: `host` valid until `fini`,
+/// `config` valid for `config_len` bytes, `state` and `err` writable.
+unsafe extern "C" fn init<T: Plugin>(
+    host: *const HsHost,
+    config: *const c_char,
+    config_len: usize,
+    state: *mut *mut c_void,
+    err: *mut c_char,
+    err_cap: usize,
+) -> i32 {
+    let fail = |msg: &str| {
+        // SAFETY: `err`/`err_cap` as the host passed them (fn contract).
+        unsafe { write_err(err, err_cap, msg) };
+        1
+    };
+    let (Some(raw_host), false) = (NonNull::new(host.cast_mut()), state.is_null()) else {
+        return fail("host passed a NULL host or state pointer to init");
+    };
+    let config: &[u8] = if config.is_null() || config_len == 0 {
+        &[]
+    } else {
+        // SAFETY: the host passes `config_len` readable bytes (fn contract)
+        // that stay valid for the call.
+        unsafe { core::slice::from_raw_parts(config.cast::<u8>(), config_len) }
+    };
+    let config = match core::str::from_utf8(config) {
+        Ok(config) => config,
+        Err(e) => return fail(&format!("config is not valid UTF-8: {e}")),
+    };
+    let alive = Rc::new(Cell::new(true));
+    // SAFETY: the host keeps `*host` valid until fini (fn contract), and the
+    // `fini` trampoline clears `alive` first thing.
+    let host = unsafe { Host::from_raw(raw_host, alive) };
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        T::init(&host, config).map_err(|e| e.to_string())
+    }));
+    match result {
+        Ok(Ok(plugin)) => {
+            let boxed = Box::new(State { host, plugin });
+            // SAFETY: `state` is non-NULL (checked above) and writable (fn
+            // contract).
+            unsafe { *state = Box::into_raw(boxed).cast::<c_void>() };
+            0
+        }
+        Ok(Err(msg)) => {
+            host.alive.set(false);
+            fail(&msg)
+        }
+        Err(payload) => {
+            host.alive.set(false);
+            fail(&format!("plugin panicked: {}", panic_message(payload)))
+        }
+    }
+}
+
+/// `hs_plugin.handle` for `T`.
+///
+/// # Safety
+/// Called by the host per `halfsync_plugin.h`: `state` from a successful
+/// `init::<T>`, `req` and `reply` valid for the call.
+unsafe extern "C" fn handle<T: Plugin>(
+    state: *mut c_void,
+    req: *const HsRequest,
+    reply: *mut HsReply,
+) -> i32 {
+    let plugin_error = i32::from(abi::STATUS_PLUGIN_ERROR);
+    if reply.is_null() {
+        return plugin_error;
+    }
+    // SAFETY: non-NULL, and the host keeps the reply valid and follows its
+    // contract for the whole call (fn contract).
+    let mut reply = unsafe { Reply::from_raw(&*reply) };
+    if state.is_null() || req.is_null() {
+        reply.replace_with_message("host passed a NULL state or request to handle");
+        return plugin_error;
+    }
+    // SAFETY: `state` came from `Box::into_raw` in `init::<T>` and nothing
+    // else uses it during this call (the host is single-threaded and does
+    // not re-enter).
+    let state = unsafe { &mut *state.cast::<State<T>>() };
+    // SAFETY: non-NULL and valid for the call (fn contract).
+    let req = unsafe { &*req };
+    let payload: &[u8] = if req.payload.is_null() || req.payload_len == 0 {
+        &[]
+    } else {
+        // SAFETY: the host passes `payload_len` readable bytes that stay
+        // valid and unchanged for the call.
+        unsafe { core::slice::from_raw_parts(req.payload, req.payload_len) }
+    };
+    let request = Request::new(req.id, req.command, req.flags, payload);
+    let plugin = &mut state.plugin;
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        plugin
+            .handle(&request, &mut reply)
+            .map_err(|e| e.to_string())
+    }));
+    match result {
+        Ok(Ok(status)) => i32::from(status.code()),
+        Ok(Err(msg)) => {
+            reply.replace_with_message(&msg);
+            plugin_error
+        }
+        Err(payload) => {
+            let msg = format!("plugin panicked: {}", panic_message(payload));
+            state
+                .host
+                .error(&format!("{msg} (request id {})", request.id()));
+            reply.replace_with_message(&msg);
+            plugin_error
+        }
+    }
+}
+
+/// `hs_plugin.fini` for `T`.
+///
+/// # Safety
+/// Called once by the host per `halfsync_plugin.h`, with `state` from a
+/// successful `init::<T>`, and never again with it.
+unsafe extern "C" fn fini<T: Plugin>(state: *mut c_void) {
+    if state.is_null() {
+        return;
+    }
+    // SAFETY: `state` came from `Box::into_raw` in `init::<T>` and the host
+    // gives it back exactly once.
+    let mut state = unsafe { Box::from_raw(state.cast::<State<T>>()) };
+    let host = state.host.clone();
+    let result = catch_unwind(AssertUnwindSafe(move || {
+        state.plugin.fini();
+        drop(state);
+    }));
+    if let Err(payload) = result {
+        host.error(&format!(
+            "plugin panicked in fini: {}",
+            panic_message(payload)
+        ));
+    }
+    host.alive.set(false);
+}
+
+// ---------------------------------------------------------------------------
+// Harness
+
+/// A host in a test's own process, for unit-testing a plugin through its
+/// C table exactly as the worker calls it: the trampolines, `catch_unwind`,
+/// the reply capacity and the log callback are the real ones.
+///
+/// ```
+/// use halfsync_plugin_api::testing::Harness;
+/// use halfsync_plugin_api::{Error, Host, Plugin, Reply, Request, Status};
+///
+/// struct Hello;
+/// impl Plugin for Hello {
+///     fn init(host: &Host, _config: &str) -> Result<Self, Error> {
+///         host.info("hello");
+///         Ok(Hello)
+///     }
+///     fn handle(&mut self, _req: &Request<'_>, reply: &mut Reply<'_>) -> Result<Status, Error> {
+///         reply.write(b"hi")?;
+///         Ok(Status::OK)
+///     }
+/// }
+///
+/// let mut h = Harness::of::<Hello>();
+/// h.init("").unwrap();
+/// assert_eq!(h.handle(7, 1, 0, b"", 64), (0, b"hi".to_vec()));
+/// assert_eq!(h.handle(7, 1, 0, b"", 1).0, 1); // does not fit: PLUGIN_ERROR
+/// h.fini();
+/// ```
+///
+/// Like the worker, it never frees the `hs_host` it hands out (a few dozen
+/// bytes per harness).
+pub struct Harness {
+    table: &'static HsPlugin,
+    host: &'static HsHost,
+    logs: &'static RefCell<Vec<(LogLevel, String)>>,
+    /// `Some` between a successful `init` and `fini`; the inner pointer
+    /// may be NULL (a C plugin with no state).
+    state: Option<*mut c_void>,
+}
+
+/// `hs_host.log` of the harness: appends to its log list.
+///
+/// # Safety
+/// `ctx` is the harness's `RefCell<Vec<..>>`; `msg` valid for `len` bytes.
+unsafe extern "C" fn harness_log(ctx: *mut c_void, level: i32, msg: *const c_char, len: usize) {
+    let text = if msg.is_null() || len == 0 {
+        String::new()
+    } else {
+        // SAFETY: the plugin passes `len` readable bytes (hs_host.log
+        // contract).
+        let bytes = unsafe { core::slice::from_raw_parts(msg.cast::<u8>(), len) };
+        String::from_utf8_lossy(bytes).into_owned()
+    };
+    // SAFETY: `ctx` is the leaked `RefCell` of `Harness::from_table`, which
+    // lives forever; no borrow of it is held across a plugin call.
+    let logs = unsafe { &*ctx.cast::<RefCell<Vec<(LogLevel, String)>>>() };
+    let level = LogLevel::from_raw(level).unwrap_or(LogLevel::Error);
+    if let Ok(mut logs) = logs.try_borrow_mut() {
+        logs.push((level, text));
+    }
+}
+
+/// The reply context of the harness: a vector that never grows past its
+/// preallocated capacity, so pointers from `reserve` stay valid.
+struct VecReply {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+/// # Safety
+/// `ctx` is the `VecReply` of the running `Harness::handle`; `data` valid
+/// for `len` bytes.
+unsafe extern "C" fn vec_write(ctx: *mut c_void, data: *const u8, len: usize) -> i32 {
+    // SAFETY: fn contract; the harness does not touch the VecReply while
+    // the plugin runs.
+    let out = unsafe { &mut *ctx.cast::<VecReply>() };
+    if len > out.cap - out.buf.len() {
+        return -1;
+    }
+    if len > 0 {
+        // SAFETY: `data` is readable for `len` bytes (fn contract).
+        out.buf
+            .extend_from_slice(unsafe { core::slice::from_raw_parts(data, len) });
+    }
+    0
+}
+
+/// # Safety
+/// As [`vec_write`].
+unsafe extern "C" fn vec_reserve(ctx: *mut c_void, len: usize) -> *mut u8 {
+    // SAFETY: as in `vec_write`.
+    let out = unsafe { &mut *ctx.cast::<VecReply>() };
+    if len > out.cap - out.buf.len() {
+        return ptr::null_mut();
+    }
+    let start = out.buf.len();
+    // Within the preallocated capacity: no reallocation, so earlier
+    // reserved pointers stay valid.
+    out.buf.resize(start + len, 0);
+    out.buf[start..].as_mut_ptr()
+}
+
+/// # Safety
+/// As [`vec_write`].
+unsafe extern "C" fn vec_clear(ctx: *mut c_void) {
+    // SAFETY: as in `vec_write`.
+    unsafe { &mut *ctx.cast::<VecReply>() }.buf.clear();
+}
+
+impl Harness {
+    /// A harness for the table [`export_plugin!`](crate::export_plugin)
+    /// would generate for `T` (named `harness`).
+    pub fn of<T: Plugin>() -> Harness {
+        let table: &'static StaticTable = Box::leak(Box::new(table::<T>("harness\0", "0\0")));
+        // SAFETY: the SDK's own table for `T` follows the header.
+        unsafe { Harness::from_table(&table.0) }
+    }
+
+    /// A harness for any table, e.g. the one an exported
+    /// `halfsync_plugin_v1()` returns.
+    ///
+    /// # Safety
+    /// The table must follow `halfsync_plugin.h`: valid name and version
+    /// strings, and functions that keep the contracts written there.
+    pub unsafe fn from_table(table: &'static HsPlugin) -> Harness {
+        let logs: &'static RefCell<Vec<(LogLevel, String)>> = Box::leak(Box::default());
+        let host: &'static HsHost = Box::leak(Box::new(HsHost {
+            abi_version: ABI_VERSION,
+            struct_size: size_of::<HsHost>() as u32,
+            ctx: ptr::from_ref(logs).cast_mut().cast::<c_void>(),
+            log: Some(harness_log),
+        }));
+        Harness {
+            table,
+            host,
+            logs,
+            state: None,
+        }
+    }
+
+    /// The name in the table.
+    pub fn name(&self) -> String {
+        // SAFETY: `from_table`'s contract: a valid NUL-terminated string.
+        unsafe { CStr::from_ptr(self.table.name) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// The version in the table.
+    pub fn version(&self) -> String {
+        // SAFETY: as in `name`.
+        unsafe { CStr::from_ptr(self.table.version) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Calls `init` with `config`; `Err` carries the plugin's reason.
+    ///
+    /// # Panics
+    /// If the plugin is already initialised, or the table has no `init`.
+    pub fn init(&mut self, config: &str) -> Result<(), String> {
+        assert!(self.state.is_none(), "Harness::init called twice");
+        let init = self.table.init.expect("plugin table has no init");
+        let Ok(config_c) = std::ffi::CString::new(config) else {
+            return Err("config contains a NUL byte".to_owned());
+        };
+        let mut state: *mut c_void = ptr::null_mut();
+        let mut err = [0u8; 1024];
+        // SAFETY: every pointer is valid for the call: the host struct is
+        // leaked (valid forever), the config is NUL-terminated after
+        // `config.len()` bytes, `state` and `err` are writable locals.
+        let rc = unsafe {
+            init(
+                self.host,
+                config_c.as_ptr(),
+                config.len(),
+                &mut state,
+                err.as_mut_ptr().cast::<c_char>(),
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            self.state = Some(state);
+            Ok(())
+        } else {
+            let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+            Err(String::from_utf8_lossy(&err[..end]).into_owned())
+        }
+    }
+
+    /// Calls `handle` with a reply of `capacity` bytes; returns the raw
+    /// status the plugin returned and the payload it wrote.
+    ///
+    /// # Panics
+    /// If the plugin is not initialised, or the table has no `handle`.
+    pub fn handle(
+        &mut self,
+        id: u64,
+        command: u16,
+        flags: u16,
+        payload: &[u8],
+        capacity: usize,
+    ) -> (i32, Vec<u8>) {
+        let state = self
+            .state
+            .expect("Harness::handle needs a successful init, before fini");
+        let handle = self.table.handle.expect("plugin table has no handle");
+        let mut out = VecReply {
+            buf: Vec::with_capacity(capacity),
+            cap: capacity,
+        };
+        let mut reply = HsReply {
+            struct_size: size_of::<HsReply>() as u32,
+            reserved: 0,
+            ctx: ptr::from_mut(&mut out).cast::<c_void>(),
+            capacity,
+            write: Some(vec_write),
+            reserve: Some(vec_reserve),
+            clear: Some(vec_clear),
+        };
+        let req = HsRequest {
+            id,
+            command,
+            flags,
+            reserved: 0,
+            payload: payload.as_ptr(),
+            payload_len: payload.len(),
+        };
+        // SAFETY: `state` came from this table's `init`; `req` points to
+        // `payload`, and `reply` to `out`, both alive and untouched by us
+        // until the call returns (`from_table`'s contract covers the
+        // plugin's side).
+        let status = unsafe { handle(state, &req, &mut reply) };
+        (status, out.buf)
+    }
+
+    /// Everything the plugin logged so far, oldest first.
+    pub fn logs(&self) -> Vec<(LogLevel, String)> {
+        self.logs.borrow().clone()
+    }
+
+    /// Calls `fini` if the plugin is initialised (dropping the harness does
+    /// the same).
+    pub fn fini(&mut self) {
+        let (Some(state), Some(fini)) = (self.state.take(), self.table.fini) else {
+            return;
+        };
+        // SAFETY: `state` came from this table's `init` and is handed back
+        // once (`take`).
+        unsafe { fini(state) };
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.fini();
+    }
+}
+
+impl fmt::Debug for Harness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Harness")
+            .field("name", &self.name())
+            .field("initialised", &self.state.is_some())
+            .finish()
+    }
+}

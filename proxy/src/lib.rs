@@ -1,0 +1,101 @@
+//! The halfsync proxy: one process, one epoll loop, every client
+//! connection.
+//!
+//! The proxy accepts connections on listeners it inherits from the master,
+//! frames HSP/1 requests out of each byte stream, routes each request to a
+//! worker group by command, and writes it into the request ring of that
+//! group's least-loaded worker slot. Replies come back through each slot's
+//! reply ring and are sent to the connection the tag in the reply names.
+//! The proxy never runs plugin code and treats everything a worker wrote
+//! to shared memory as untrusted input.
+//!
+//! The master starts the proxy as `halfsync` with `HALFSYNC_ROLE=proxy` and
+//! a [`ProxySpec`] in the environment; [`run`] is the whole process.
+//!
+//! ```no_run
+//! let spec = halfsync_proxy::ProxySpec::from_env().unwrap();
+//! halfsync_proxy::run(spec).unwrap();
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod control;
+mod event_loop;
+pub mod sys;
+
+use serde::{Deserialize, Serialize};
+
+pub use event_loop::run;
+
+/// Environment variable carrying the [`ProxySpec`] as TOML.
+pub const SPEC_ENV: &str = "HALFSYNC_PROXY_SPEC";
+
+/// Everything the master hands the proxy process: the validated config and
+/// the numbers of the file descriptors it inherited.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ProxySpec {
+    /// The validated configuration, as TOML text.
+    pub config: String,
+    /// The proxy end of the control channel.
+    pub control_fd: i32,
+    /// Listening sockets, in config order.
+    pub listener_fds: Vec<i32>,
+    /// Worker slots, indexed by slot number.
+    pub slots: Vec<SlotSpec>,
+}
+
+/// One worker slot as the proxy sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SlotSpec {
+    /// Index of the group in the config.
+    pub group: u32,
+    /// Number of the worker within its group (for logs).
+    pub index: u32,
+    /// The slot's memfd.
+    pub memfd: i32,
+    /// The eventfd the worker signals when it publishes replies.
+    pub eventfd: i32,
+}
+
+/// Errors that stop the proxy.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The spec in the environment is missing or unreadable.
+    #[error("proxy spec: {0}")]
+    Spec(String),
+    /// The config in the spec does not validate.
+    #[error("proxy config: {0}")]
+    Config(#[from] halfsync_config::Error),
+    /// A slot's shared memory could not be mapped.
+    #[error("slot {slot}: {source}")]
+    Slot {
+        /// Slot index.
+        slot: usize,
+        /// The cause.
+        source: halfsync_shm::SlotError,
+    },
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl ProxySpec {
+    /// Reads the spec from [`SPEC_ENV`].
+    pub fn from_env() -> Result<ProxySpec, ProxyError> {
+        let text = std::env::var(SPEC_ENV)
+            .map_err(|_| ProxyError::Spec(format!("{SPEC_ENV} is not set")))?;
+        toml::from_str(&text).map_err(|e| ProxyError::Spec(e.message().to_string()))
+    }
+
+    /// Serializes the spec for [`SPEC_ENV`].
+    pub fn to_env(&self) -> String {
+        // A struct of strings, integers and vectors always serializes.
+        toml::to_string(self).unwrap_or_default()
+    }
+}

@@ -1,0 +1,149 @@
+//! The master's system calls: signals, child processes, prctl. All of the
+//! master's `unsafe` is in this file.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+macro_rules! syscall {
+    ($fn: ident ( $($arg: expr),* $(,)? ) ) => {{
+        // SAFETY: each call site passes arguments that satisfy the libc
+        // function's contract (live pointers to correctly sized values).
+        let res = unsafe { libc::$fn($($arg, )*) };
+        if res == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+
+/// The signals the master handles through its signalfd.
+pub const SIGNALS: [i32; 7] = [
+    libc::SIGCHLD,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+fn sigset(signals: &[i32]) -> io::Result<libc::sigset_t> {
+    // SAFETY: an all-zero sigset_t is a valid value for sigemptyset to initialise.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    syscall!(sigemptyset(&mut set))?;
+    for &s in signals {
+        syscall!(sigaddset(&mut set, s))?;
+    }
+    Ok(set)
+}
+
+/// Blocks [`SIGNALS`] and returns a signalfd that reports them. Children
+/// start with an empty mask again (std's spawn resets it).
+pub fn signalfd() -> io::Result<OwnedFd> {
+    let set = sigset(&SIGNALS)?;
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    let fd = syscall!(signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK))?;
+    // SAFETY: signalfd returned a new fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one pending signal number from a signalfd, if any.
+pub fn read_signal(fd: &OwnedFd) -> io::Result<Option<i32>> {
+    // SAFETY: an all-zero signalfd_siginfo is valid plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into `info`, a live local.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    if n == size as isize {
+        return Ok(Some(info.ssi_signo as i32));
+    }
+    let e = io::Error::last_os_error();
+    if n < 0 && e.kind() == io::ErrorKind::WouldBlock {
+        return Ok(None);
+    }
+    Err(e)
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes; returns the
+/// readable flags in order.
+pub fn poll_readable<const N: usize>(fds: [RawFd; N], timeout: Duration) -> io::Result<[bool; N]> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    match syscall!(poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms)) {
+        Ok(_) => Ok(pfds.map(|p| p.revents != 0)),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok([false; N]),
+        Err(e) => Err(e),
+    }
+}
+
+/// How a child ended: exit code, or minus the signal that killed it.
+pub fn reap() -> io::Result<Option<(i32, i32)>> {
+    let mut status = 0;
+    let pid = match syscall!(waitpid(-1, &mut status, libc::WNOHANG)) {
+        Ok(p) => p,
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if pid == 0 {
+        return Ok(None);
+    }
+    let how = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        -libc::WTERMSIG(status)
+    } else {
+        0
+    };
+    Ok(Some((pid, how)))
+}
+
+/// Sends `sig` to `pid`; a process already gone is not an error.
+pub fn kill(pid: i32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: kill has no memory effects; pid is a child we started.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Between fork and exec: make the child die with the master, and bail out
+/// if the master is already gone. Async-signal-safe.
+pub fn die_with_parent(master_pid: i32) -> io::Result<()> {
+    syscall!(prctl(
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGKILL as libc::c_ulong,
+        0,
+        0,
+        0
+    ))?;
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != master_pid {
+        return Err(io::Error::other("master exited during spawn"));
+    }
+    Ok(())
+}
+
+/// Sets the calling thread's name (the `comm` field shown by `ps -o comm`
+/// and `top`), cut to 15 bytes.
+pub fn set_thread_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}

@@ -1,0 +1,127 @@
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::*;
+
+/// Runs `halfsync <sub> --config <file>` on this config text; returns
+/// (exit code, stderr).
+fn halfsync(sub: &str, text: &str) -> (Option<i32>, String) {
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let (st, _out, err) = run_cmd(
+        Command::new(BIN).arg(sub).arg("--config").arg(&path),
+        Duration::from_secs(20),
+    );
+    (st.code(), err)
+}
+
+/// Both `check` and `run` refuse the config with one line containing
+/// every `needle`.
+fn refused(text: &str, needles: &[&str]) {
+    for sub in ["check", "run"] {
+        let (code, err) = halfsync(sub, text);
+        assert_eq!(code, Some(1), "{sub}: exit code; stderr: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{sub}: expected one line, got:\n{err}");
+        for n in needles {
+            assert!(
+                lines[0].contains(n),
+                "{sub}: {:?} does not mention {n:?}",
+                lines[0]
+            );
+        }
+    }
+}
+
+fn group(plugin: &Path) -> String {
+    format!(
+        "[[group]]\nname = \"g\"\nplugin = \"{}\"\n",
+        plugin.display()
+    )
+}
+
+#[test]
+fn unknown_key() {
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\nwokers = 3\n\n{}",
+        free_port(),
+        group(&echo_so())
+    );
+    refused(&text, &["bad.toml:3:1", "unknown field `wokers`"]);
+}
+
+#[test]
+fn wrong_type() {
+    let text = format!("{}workers = \"two\"\n", group(&echo_so()));
+    refused(
+        &text,
+        &["bad.toml:4:11", "group[0].workers", "invalid type"],
+    );
+}
+
+#[test]
+fn missing_plugin_file() {
+    refused(
+        &group(Path::new("/nonexistent/libnope.so")),
+        &["/nonexistent/libnope.so", "file not found"],
+    );
+}
+
+#[test]
+fn plugin_with_wrong_abi_version_in_table() {
+    let so = halfsync_testkit::c_plugin("plugins/c/test/wrong_abi.c");
+    refused(
+        &group(&so),
+        &[so.to_str().unwrap(), "ABI version 2", "rebuild"],
+    );
+}
+
+#[test]
+fn plugin_built_for_another_abi() {
+    let so = halfsync_testkit::c_plugin("plugins/c/test/v2_only.c");
+    refused(
+        &group(&so),
+        &[so.to_str().unwrap(), "halfsync_plugin_v2", "rebuild"],
+    );
+}
+
+#[test]
+fn not_a_plugin() {
+    let so = halfsync_testkit::c_plugin("plugins/c/test/no_entry.c");
+    refused(
+        &group(&so),
+        &[so.to_str().unwrap(), "not a halfsync plugin"],
+    );
+}
+
+#[test]
+fn garbage_config() {
+    refused("this is not toml [[[", &["bad.toml:1"]);
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\n\n{}",
+        free_port(),
+        group(&echo_so())
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("good.toml");
+    std::fs::write(&path, text).unwrap();
+    let (st, out, err) = run_cmd(
+        Command::new(BIN).arg("check").arg("--config").arg(&path),
+        Duration::from_secs(20),
+    );
+    assert!(st.success(), "{err}");
+    assert!(out.contains("plugin echo"), "{out}");
+    assert!(out.contains("is ok"), "{out}");
+}

@@ -1,0 +1,81 @@
+use std::time::Duration;
+
+use halfsync_protocol::status;
+
+use crate::support::*;
+
+#[test]
+fn every_process_names_its_role() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 2, ""), port);
+    assert!(
+        cmdline(s.pid).starts_with("halfsync: master"),
+        "{}",
+        cmdline(s.pid)
+    );
+    assert_eq!(s.pids_titled("halfsync: proxy").len(), 1);
+    assert_eq!(s.pids_titled("halfsync: worker echo 0").len(), 1);
+    assert_eq!(s.pids_titled("halfsync: worker echo 1").len(), 1);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+#[test]
+fn a_killed_worker_is_replaced_and_service_continues() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 2, ""), port);
+    let mut c = s.client();
+    for round in 0..3 {
+        let before = s.worker_pids();
+        assert_eq!(before.len(), 2, "{before:?}");
+        // SAFETY: kill has no memory effects; the pid is our test server's worker.
+        unsafe { libc::kill(before[0], libc::SIGKILL) };
+        let replaced = wait_for(Duration::from_secs(10), || {
+            let now = s.worker_pids();
+            (now.len() == 2 && !now.contains(&before[0])).then_some(now)
+        });
+        assert!(replaced.is_some(), "round {round}: worker not replaced");
+        for id in 0..100 {
+            let r = c.call(id, 1, b"still here").unwrap();
+            assert_eq!(
+                (r.id, r.code, &r.payload[..]),
+                (id, status::OK, &b"still here"[..])
+            );
+        }
+    }
+    assert!(
+        s.log().contains("worker died (killed by SIGKILL (9))"),
+        "{}",
+        s.log()
+    );
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+#[test]
+fn killing_the_master_takes_every_child_with_it() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 3, ""), port);
+    let tree = s.refresh_tree();
+    assert_eq!(tree.len(), 4);
+    s.signal(libc::SIGKILL);
+    let st = s.wait_exit(Duration::from_secs(10));
+    assert_eq!(st.code(), None, "killed by a signal");
+    s.assert_clean();
+}
+
+/// The README's first command: `halfsync run` with no config serves the
+/// bundled echo plugin on 127.0.0.1:7878.
+#[test]
+fn embedded_default_serves_echo_on_7878() {
+    // The bundled plugin must sit next to the binary, where `cargo build
+    // --workspace` puts it.
+    let so = echo_so();
+    assert_eq!(so.parent(), std::path::Path::new(BIN).parent());
+    let mut s = Server::spawn_with(None, 7878);
+    s.wait_ready();
+    assert_eq!(s.worker_pids().len(), 2);
+    many_pipelines(s.addr, 4, 50, 1000);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}

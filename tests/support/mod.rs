@@ -1,0 +1,438 @@
+//! Shared helpers: start the real `halfsync` binary on a free port with a
+//! test config, talk to it, stop it, and make sure nothing it started
+//! survives the test (every process is killed by pid on drop, even when
+//! the test fails).
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use halfsync_protocol::{Client, Frame, status};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_halfsync");
+
+/// The bundled echo plugin (built once per test process).
+pub fn echo_so() -> PathBuf {
+    halfsync_testkit::echo_plugin()
+}
+
+/// The C echo plugin, compiled from plugins/c/echo.c against the shipped header.
+pub fn c_echo_so() -> PathBuf {
+    halfsync_testkit::c_echo_plugin()
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// A config with one group running `plugin`, on `port`.
+pub fn config(port: u16, plugin: &Path, workers: u32, extra_server: &str) -> String {
+    format!(
+        r#"[server]
+listen = ["127.0.0.1:{port}"]
+shutdown_grace = "10s"
+{extra_server}
+
+[[group]]
+name = "echo"
+plugin = "{}"
+workers = {workers}
+"#,
+        plugin.display()
+    )
+}
+
+/// Names of /dev/shm entries now.
+pub fn dev_shm() -> HashSet<String> {
+    fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Parent pid of `pid`, from /proc.
+fn ppid(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3)) != Some("Z"),
+        Err(_) => false,
+    }
+}
+
+/// Every live descendant of `root`.
+pub fn descendants(root: i32) -> Vec<i32> {
+    let all: Vec<(i32, i32)> = fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter_map(|p| Some((p, ppid(p)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(c, pp) in &all {
+            if pp == p && alive(c) {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// The command line of `pid` as `ps` shows it (argv joined by spaces).
+pub fn cmdline(pid: i32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Polls `f` every 10 ms until it returns Some or `limit` passes.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running `halfsync run`, stopped and cleaned up on drop.
+pub struct Server {
+    pub child: Option<Child>,
+    pub pid: i32,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    /// Every process of the tree seen so far (killed by pid on drop).
+    seen: HashSet<i32>,
+    shm_before: HashSet<String>,
+}
+
+impl Server {
+    /// Starts `halfsync run` with this config text (which must listen on
+    /// `port`) and waits until it answers an echo request.
+    pub fn start(config_text: &str, port: u16) -> Server {
+        let mut s = Server::spawn(config_text, port);
+        s.wait_ready();
+        s
+    }
+
+    /// Starts `halfsync run` without waiting.
+    pub fn spawn(config_text: &str, port: u16) -> Server {
+        Server::spawn_with(Some(config_text), port)
+    }
+
+    /// Starts `halfsync run` with this config, or with none (the embedded
+    /// default), without waiting.
+    pub fn spawn_with(config_text: Option<&str>, port: u16) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("halfsync-test-")
+            .tempdir()
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run");
+        if let Some(text) = config_text {
+            let path = dir.path().join("halfsync.toml");
+            fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        let shm_before = dev_shm();
+        let log = fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = cmd
+            .env("HALFSYNC_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start halfsync");
+        let pid = child.id() as i32;
+        Server {
+            child: Some(child),
+            pid,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+            seen: HashSet::new(),
+            shm_before,
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn wait_ready(&mut self) {
+        let ok = wait_for(Duration::from_secs(20), || {
+            let mut c = Client::connect(self.addr).ok()?;
+            c.stream()
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .ok()?;
+            let r = c.call(1, 1, b"ping").ok()?;
+            (r.code == status::OK && r.payload == b"ping").then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "server did not become ready; log:\n{}",
+            self.log()
+        );
+        self.refresh_tree();
+    }
+
+    /// Records every current process of the tree; returns them.
+    pub fn refresh_tree(&mut self) -> Vec<i32> {
+        let d = descendants(self.pid);
+        self.seen.extend(&d);
+        d
+    }
+
+    /// Pids of processes whose command line contains `title`.
+    pub fn pids_titled(&mut self, title: &str) -> Vec<i32> {
+        self.refresh_tree()
+            .into_iter()
+            .filter(|&p| cmdline(p).contains(title))
+            .collect()
+    }
+
+    pub fn worker_pids(&mut self) -> Vec<i32> {
+        self.pids_titled("halfsync: worker")
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr).expect("connect")
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the master to exit.
+    pub fn stop(&mut self, limit: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(limit)
+    }
+
+    /// Sends a signal to the master.
+    pub fn signal(&mut self, sig: i32) {
+        self.refresh_tree();
+        kill(self.pid, sig);
+    }
+
+    /// Waits (bounded) for the master to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let st = wait_for(limit, || child.try_wait().ok().flatten());
+        match st {
+            Some(st) => st,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "halfsync did not exit within {limit:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// Asserts that no process of the tree survives and /dev/shm holds
+    /// nothing new.
+    pub fn assert_clean(&self) {
+        let left = wait_for(Duration::from_secs(5), || {
+            let left: Vec<i32> = self.seen.iter().copied().filter(|&p| alive(p)).collect();
+            left.is_empty().then_some(())
+        });
+        let survivors: Vec<(i32, String)> = self
+            .seen
+            .iter()
+            .copied()
+            .filter(|&p| alive(p))
+            .map(|p| (p, cmdline(p)))
+            .collect();
+        assert!(left.is_some(), "processes survived: {survivors:?}");
+        let new: Vec<String> = dev_shm().difference(&self.shm_before).cloned().collect();
+        let ours: Vec<&String> = new.iter().filter(|n| n.contains("halfsync")).collect();
+        assert!(ours.is_empty(), "left in /dev/shm: {ours:?}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.refresh_tree();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for &p in &self.seen {
+            if alive(p) {
+                kill(p, libc::SIGKILL);
+            }
+        }
+        if thread::panicking() {
+            eprintln!("---- halfsync log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Deterministic payload for request `id` of connection `conn`, 0..=max bytes.
+pub fn payload(seed: u64, conn: u64, id: u64, max: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed ^ (conn << 32) ^ id);
+    let len = rng.usize(0..=max);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v);
+    v
+}
+
+/// Pipelines `n` echo requests with payloads of 0..=max bytes on one
+/// connection (a writer thread and this reader) and checks every reply:
+/// right id, status OK, identical payload. Returns the replies' count.
+pub fn pipeline_echo(
+    addr: SocketAddr,
+    seed: u64,
+    conn: u64,
+    n: u64,
+    max: usize,
+) -> Result<u64, String> {
+    let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream.set_nodelay(true).ok();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+    let writer = thread::spawn(move || -> Result<(), String> {
+        let mut buf = Vec::new();
+        for id in 0..n {
+            buf.clear();
+            halfsync_protocol::write_frame(&mut buf, id, 1, &payload(seed, conn, id, max));
+            w.write_all(&buf).map_err(|e| format!("write {id}: {e}"))?;
+        }
+        Ok(())
+    });
+    let mut r = Reader(stream);
+    let mut seen = vec![false; n as usize];
+    for _ in 0..n {
+        let f = r.frame().map_err(|e| format!("conn {conn}: read: {e}"))?;
+        let Some(slot) = seen.get_mut(f.id as usize) else {
+            return Err(format!("conn {conn}: reply with unknown id {}", f.id));
+        };
+        if *slot {
+            return Err(format!("conn {conn}: duplicate reply for id {}", f.id));
+        }
+        *slot = true;
+        if f.code != status::OK {
+            return Err(format!(
+                "conn {conn}: id {} status {} ({})",
+                f.id,
+                f.code,
+                String::from_utf8_lossy(&f.payload)
+            ));
+        }
+        if f.payload != payload(seed, conn, f.id, max) {
+            return Err(format!("conn {conn}: id {} payload differs", f.id));
+        }
+    }
+    writer.join().map_err(|_| "writer panicked".to_string())??;
+    Ok(n)
+}
+
+/// Reads whole frames from a stream.
+pub struct Reader(pub TcpStream);
+
+impl Reader {
+    pub fn frame(&mut self) -> std::io::Result<Frame> {
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h)?;
+        let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        if len < 12 {
+            return Err(std::io::Error::other(format!("reply length {len}")));
+        }
+        let mut payload = vec![0u8; (len - 12) as usize];
+        self.0.read_exact(&mut payload)?;
+        Ok(Frame {
+            id: u64::from_be_bytes(h[4..12].try_into().unwrap()),
+            code: u16::from_be_bytes([h[12], h[13]]),
+            flags: u16::from_be_bytes([h[14], h[15]]),
+            payload,
+        })
+    }
+}
+
+/// Runs the full pipelining check: `conns` connections x `n` requests.
+pub fn many_pipelines(addr: SocketAddr, conns: u64, n: u64, max: usize) {
+    let seed = fastrand::u64(..);
+    let handles: Vec<_> = (0..conns)
+        .map(|c| thread::spawn(move || pipeline_echo(addr, seed, c, n, max)))
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h
+            .join()
+            .expect("client thread panicked")
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+    assert_eq!(total, conns * n);
+}
+
+/// Runs a command to completion with a time limit; returns (status, stdout, stderr).
+pub fn run_cmd(cmd: &mut Command, limit: Duration) -> (ExitStatus, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let st = wait_for(limit, || child.try_wait().ok().flatten());
+    let st = match st {
+        Some(st) => st,
+        None => {
+            let pid = child.id() as i32;
+            for p in descendants(pid) {
+                kill(p, libc::SIGKILL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("command did not finish within {limit:?}");
+        }
+    };
+    (st, t_out.join().unwrap(), t_err.join().unwrap())
+}

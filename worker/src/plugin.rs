@@ -1,0 +1,665 @@
+//! Loading a plugin shared object and calling it: the host side of
+//! `halfsync_plugin.h`.
+//!
+//! [`Plugin::load`] opens the file with `dlopen(RTLD_NOW | RTLD_LOCAL)`, so
+//! a missing symbol fails here and not at the first request, finds the
+//! entry symbol `halfsync_plugin_v1` and checks the table it returns
+//! (version, size, functions). Every failure is a [`LoadError`] whose
+//! message names the file, says what is wrong and how to fix it. The
+//! library is **never unloaded** (unloading a Rust `cdylib` is unsound, and
+//! a new plugin version means new worker processes), so the table and every
+//! pointer in it live for the rest of the process.
+//!
+//! [`Plugin::init`] hands the plugin its config section and a host whose
+//! `log` forwards to `tracing` (target `plugin`, field `plugin` = the
+//! plugin's name), giving an [`Instance`]. [`Instance::handle`] runs one
+//! request with the reply payload written straight into a caller-provided
+//! buffer: in production, a region reserved in the reply ring in shared
+//! memory, so the reply is never copied.
+//!
+//! All of this module's unsafe code is the calls across the C boundary and
+//! the three reply callbacks the plugin calls back into.
+
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::mem::{ManuallyDrop, size_of};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::{fmt, io, ptr};
+
+use halfsync_plugin_api::abi::{
+    self, ABI_VERSION, ENTRY_NAME, ENTRY_SYMBOL, EntryFn, HsHost, HsPlugin, HsReply, HsRequest,
+};
+use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+
+/// The largest init error message a plugin can report, NUL included.
+const INIT_ERR_CAP: usize = 4096;
+
+/// Other ABI versions probed when the v1 entry is missing, to say which one
+/// the plugin was built for.
+const PROBED_VERSIONS: std::ops::RangeInclusive<u32> = 0..=9;
+
+/// Why a plugin file could not be loaded. Every message names the file, the
+/// reason and the fix, on one line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// No file at the path.
+    #[error("plugin {}: file not found; build it or fix `plugin` in the config", path.display())]
+    NotFound {
+        /// The plugin path as configured.
+        path: PathBuf,
+    },
+    /// The file exists but cannot be examined.
+    #[error("plugin {}: cannot read: {source}; check the path and its permissions", path.display())]
+    Unreadable {
+        /// The plugin path as configured.
+        path: PathBuf,
+        /// What `stat` said.
+        source: io::Error,
+    },
+    /// `dlopen` failed: not a shared object, wrong machine, a missing
+    /// library, an undefined symbol (`RTLD_NOW`), ...
+    #[error("plugin {}: cannot load: {reason}; {}", path.display(), open_hint(reason))]
+    Open {
+        /// The plugin path as configured.
+        path: PathBuf,
+        /// `dlerror()`'s text, without the file name it usually starts with.
+        reason: String,
+    },
+    /// No `halfsync_plugin_v1` symbol.
+    #[error("plugin {}: {}", path.display(), NoEntryReason(*other_version))]
+    NoEntry {
+        /// The plugin path as configured.
+        path: PathBuf,
+        /// The highest other `halfsync_plugin_vN` (N in 0..=9) the file
+        /// exports, if any: it was built for that ABI.
+        other_version: Option<u32>,
+    },
+    /// The entry returned NULL.
+    #[error(
+        "plugin {}: entry `{ENTRY_NAME}` returned NULL; the plugin is broken: its entry must \
+         return a pointer to its static table",
+        path.display()
+    )]
+    NullTable {
+        /// The plugin path as configured.
+        path: PathBuf,
+    },
+    /// The entry returned a pointer not aligned for `hs_plugin`.
+    #[error(
+        "plugin {}: entry `{ENTRY_NAME}` returned a misaligned table pointer; the plugin is \
+         broken: its entry must return a pointer to its static table",
+        path.display()
+    )]
+    MisalignedTable {
+        /// The plugin path as configured.
+        path: PathBuf,
+    },
+    /// The table's `abi_version` is not ours.
+    #[error(
+        "plugin {}: ABI version {found} in its table, this halfsync speaks {ABI_VERSION}: \
+         rebuild against this halfsync's plugin-api",
+        path.display()
+    )]
+    AbiMismatch {
+        /// The plugin path as configured.
+        path: PathBuf,
+        /// The table's `abi_version`.
+        found: u32,
+    },
+    /// The table's `struct_size` is smaller than a v1 table.
+    #[error(
+        "plugin {}: table too small ({size} bytes, need {need}); rebuild it against this \
+         halfsync's plugin-api (halfsync_plugin.h)",
+        path.display()
+    )]
+    TableTooSmall {
+        /// The plugin path as configured.
+        path: PathBuf,
+        /// The table's `struct_size`.
+        size: u32,
+        /// `sizeof(hs_plugin)` of ABI v1.
+        need: usize,
+    },
+    /// A required function (`init`, `handle`) is NULL in the table.
+    #[error(
+        "plugin {}: table has no `{function}` function (NULL); the plugin must set it",
+        path.display()
+    )]
+    MissingFunction {
+        /// The plugin path as configured.
+        path: PathBuf,
+        /// The table field.
+        function: &'static str,
+    },
+}
+
+impl LoadError {
+    /// The plugin file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            LoadError::NotFound { path }
+            | LoadError::Unreadable { path, .. }
+            | LoadError::Open { path, .. }
+            | LoadError::NoEntry { path, .. }
+            | LoadError::NullTable { path }
+            | LoadError::MisalignedTable { path }
+            | LoadError::AbiMismatch { path, .. }
+            | LoadError::TableTooSmall { path, .. }
+            | LoadError::MissingFunction { path, .. } => path,
+        }
+    }
+}
+
+/// The "how to fix it" part of a `dlopen` failure.
+fn open_hint(reason: &str) -> &'static str {
+    if reason.contains("undefined symbol") {
+        "it uses a symbol that neither it nor the libraries it links provide: link the \
+         missing library or rebuild it"
+    } else if reason.contains("cannot open shared object file") {
+        "a library it needs is not installed or not on the library path"
+    } else if reason.contains("ELF") || reason.contains("file too short") {
+        "it is not a shared library for this machine: rebuild it"
+    } else {
+        "check that it is a shared library built for this machine and that the libraries it \
+         needs are installed"
+    }
+}
+
+/// The message of [`LoadError::NoEntry`].
+struct NoEntryReason(Option<u32>);
+
+impl fmt::Display for NoEntryReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(v) => write!(
+                f,
+                "no entry symbol `{ENTRY_NAME}`; it was built for ABI version {v} (it exports \
+                 `halfsync_plugin_v{v}`), this halfsync speaks ABI {ABI_VERSION}: rebuild it \
+                 against this halfsync's plugin-api"
+            ),
+            None => write!(
+                f,
+                "no entry symbol `{ENTRY_NAME}`: not a halfsync plugin (export it with \
+                 halfsync_plugin_api::export_plugin! or see halfsync_plugin.h)"
+            ),
+        }
+    }
+}
+
+/// A plugin's `init` refused to start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitError {
+    /// `init` returned non-zero; `reason` is the text it wrote.
+    #[error("plugin {} ({name}): init failed: {}", path.display(), InitReason { code: *code, reason })]
+    Failed {
+        /// The plugin file.
+        path: PathBuf,
+        /// The plugin's name from its table.
+        name: String,
+        /// What `init` returned.
+        code: i32,
+        /// The plugin's reason (empty if it gave none).
+        reason: String,
+    },
+    /// The config text has a NUL byte, which the C ABI cannot pass.
+    #[error(
+        "plugin {} ({name}): its config section has a NUL byte at offset {offset}; remove it",
+        path.display()
+    )]
+    ConfigHasNul {
+        /// The plugin file.
+        path: PathBuf,
+        /// The plugin's name from its table.
+        name: String,
+        /// Byte offset of the NUL in the config text.
+        offset: usize,
+    },
+}
+
+impl InitError {
+    /// The plugin's own reason (for [`InitError::Failed`]), else the whole
+    /// message.
+    pub fn reason(&self) -> String {
+        match self {
+            InitError::Failed { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The reason part of [`InitError::Failed`].
+struct InitReason<'a> {
+    code: i32,
+    reason: &'a str,
+}
+
+impl fmt::Display for InitReason<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.reason.is_empty() {
+            write!(f, "it returned {} without a reason", self.code)
+        } else {
+            f.write_str(self.reason)
+        }
+    }
+}
+
+/// A loaded, checked plugin. The shared object stays loaded for the rest of
+/// the process, whatever happens to this value.
+#[derive(Debug)]
+pub struct Plugin {
+    table: &'static HsPlugin,
+    path: PathBuf,
+    name: String,
+    version: String,
+}
+
+impl Plugin {
+    /// Loads the plugin at `path` and checks its table. A bare file name is
+    /// taken relative to the current directory, never looked up on the
+    /// library path.
+    ///
+    /// Running the library's initialisers is the one thing this cannot
+    /// check: a plugin whose constructors crash takes the process with it,
+    /// which is why only workers (and `check` in a child) load plugins.
+    pub fn load(path: &Path) -> Result<Plugin, LoadError> {
+        let owned = || path.to_path_buf();
+        match std::fs::metadata(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(LoadError::NotFound { path: owned() });
+            }
+            Err(source) => {
+                return Err(LoadError::Unreadable {
+                    path: owned(),
+                    source,
+                });
+            }
+        }
+        // dlopen searches the library path for a name without a slash.
+        let open_path = if path.is_relative() && path.parent() == Some(Path::new("")) {
+            Path::new(".").join(path)
+        } else {
+            path.to_path_buf()
+        };
+        // SAFETY: loading runs the library's initialisers, which is the
+        // point of a plugin: we trust the file the operator configured. The
+        // library is never closed (`ManuallyDrop`), so its code and data,
+        // and the table, stay valid for the rest of the process.
+        let opened = unsafe { Library::open(Some(open_path.as_os_str()), RTLD_NOW | RTLD_LOCAL) };
+        let lib = match opened {
+            Ok(lib) => ManuallyDrop::new(lib),
+            Err(e) => {
+                return Err(LoadError::Open {
+                    path: owned(),
+                    reason: dlerror_text(&e, &open_path),
+                });
+            }
+        };
+        // SAFETY: the symbol, if present, is the C entry of the header,
+        // `const hs_plugin *(*)(void)`; a plugin that exports it with
+        // another type breaks the ABI contract we load it under.
+        let entry: Option<EntryFn> = unsafe { lib.get::<EntryFn>(ENTRY_SYMBOL) }.ok().map(|s| *s);
+        let Some(entry) = entry else {
+            return Err(LoadError::NoEntry {
+                path: owned(),
+                other_version: other_abi_version(&lib),
+            });
+        };
+        // SAFETY: calling the entry is the ABI; it takes nothing and returns
+        // a pointer we check before use.
+        let raw = unsafe { entry() };
+        if raw.is_null() {
+            return Err(LoadError::NullTable { path: owned() });
+        }
+        if !raw.is_aligned() {
+            return Err(LoadError::MisalignedTable { path: owned() });
+        }
+        // Read the two leading u32s before anything else: a table of
+        // another version, or a short one, may not have the rest.
+        // SAFETY: non-NULL and aligned; every version of the table starts
+        // with `abi_version` and `struct_size`, and it is static data of a
+        // library that is never unloaded.
+        let (found, size) = unsafe {
+            (
+                ptr::addr_of!((*raw).abi_version).read(),
+                ptr::addr_of!((*raw).struct_size).read(),
+            )
+        };
+        if found != ABI_VERSION {
+            return Err(LoadError::AbiMismatch {
+                path: owned(),
+                found,
+            });
+        }
+        if (size as usize) < size_of::<HsPlugin>() {
+            return Err(LoadError::TableTooSmall {
+                path: owned(),
+                size,
+                need: size_of::<HsPlugin>(),
+            });
+        }
+        // SAFETY: a v1 table at least as large as ours, aligned, in a
+        // library that is never unloaded and that the ABI says never
+        // changes it: a `'static` shared reference is right.
+        let table: &'static HsPlugin = unsafe { &*raw };
+        for (function, present) in [
+            ("init", table.init.is_some()),
+            ("handle", table.handle.is_some()),
+        ] {
+            if !present {
+                return Err(LoadError::MissingFunction {
+                    path: owned(),
+                    function,
+                });
+            }
+        }
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        // SAFETY: the header says NUL-terminated strings that live as long
+        // as the table; NULL is handled.
+        let name = unsafe { c_str(table.name) }.or(stem).unwrap_or_default();
+        // SAFETY: as for `name`.
+        let version = unsafe { c_str(table.version) }.unwrap_or_default();
+        tracing::debug!(plugin = %name, %version, path = %path.display(), "plugin loaded");
+        Ok(Plugin {
+            table,
+            path: owned(),
+            name,
+            version,
+        })
+    }
+
+    /// The plugin's name, from its table (the file stem if it gave none).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The plugin's version, from its table (empty if it gave none).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The file it was loaded from, as given to [`Plugin::load`].
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Calls the plugin's `init` with its config section (TOML text) and
+    /// returns the initialised instance. In production a worker calls this
+    /// once; calling it again gives another instance, which a plugin with
+    /// global state may not expect.
+    ///
+    /// The `hs_host` the plugin receives (and may keep) is never freed.
+    pub fn init(&self, config_toml: &str) -> Result<Instance, InitError> {
+        let config = CString::new(config_toml).map_err(|e| InitError::ConfigHasNul {
+            path: self.path.clone(),
+            name: self.name.clone(),
+            offset: e.nul_position(),
+        })?;
+        let host = leak_host(&self.name);
+        let init = self.table.init.expect("checked at load");
+        let mut state: *mut c_void = ptr::null_mut();
+        let mut err = vec![0u8; INIT_ERR_CAP];
+        // SAFETY: per the header: `host` is leaked, so valid "until fini"
+        // and beyond; `config` is NUL-terminated after `config_toml.len()`
+        // bytes and lives across the call; `state` and `err` are writable
+        // for the sizes given.
+        let code = unsafe {
+            init(
+                host,
+                config.as_ptr(),
+                config_toml.len(),
+                &mut state,
+                err.as_mut_ptr().cast::<c_char>(),
+                err.len(),
+            )
+        };
+        if code != 0 {
+            // Never trust the plugin to have NUL-terminated it.
+            let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+            return Err(InitError::Failed {
+                path: self.path.clone(),
+                name: self.name.clone(),
+                code,
+                reason: String::from_utf8_lossy(&err[..end]).trim_end().to_owned(),
+            });
+        }
+        Ok(Instance {
+            table: self.table,
+            state,
+        })
+    }
+}
+
+/// Reads a NUL-terminated string from a plugin table, lossily.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string.
+unsafe fn c_str(p: *const c_char) -> Option<String> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL and NUL-terminated (fn contract).
+    Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// `dlerror()`'s text, minus the `<path>: ` it starts with (the message
+/// names the file already).
+fn dlerror_text(e: &libloading::Error, opened: &Path) -> String {
+    let text = std::error::Error::source(e).map_or_else(|| e.to_string(), ToString::to_string);
+    let prefix = format!("{}: ", opened.display());
+    text.strip_prefix(&prefix)
+        .map_or_else(|| text.clone(), str::to_owned)
+}
+
+/// The highest `halfsync_plugin_vN` other than ours that `lib` exports.
+fn other_abi_version(lib: &Library) -> Option<u32> {
+    PROBED_VERSIONS
+        .rev()
+        .filter(|&v| v != ABI_VERSION)
+        .find(|v| {
+            let symbol = format!("halfsync_plugin_v{v}\0");
+            // SAFETY: we only test whether the symbol exists, as an opaque
+            // address; nothing is called or read through it.
+            unsafe { lib.get::<*const c_void>(symbol.as_bytes()) }.is_ok()
+        })
+}
+
+// ---------------------------------------------------------------------------
+// Host services
+
+/// What `hs_host.ctx` points to.
+struct HostCtx {
+    plugin: String,
+}
+
+/// A fresh `hs_host` for one plugin instance, leaked: the plugin may keep
+/// it "until fini", and a plugin that misbehaves after fini must still not
+/// reach freed memory. One per `init`, i.e. one per worker process.
+fn leak_host(plugin: &str) -> &'static HsHost {
+    let ctx: &'static HostCtx = Box::leak(Box::new(HostCtx {
+        plugin: plugin.to_owned(),
+    }));
+    Box::leak(Box::new(HsHost {
+        abi_version: ABI_VERSION,
+        struct_size: size_of::<HsHost>() as u32,
+        ctx: ptr::from_ref(ctx).cast_mut().cast::<c_void>(),
+        log: Some(host_log),
+    }))
+}
+
+/// `hs_host.log`: forwards to `tracing`, target `plugin`.
+///
+/// # Safety
+/// `ctx` is the `HostCtx` of `leak_host`; `msg` is NULL or readable for
+/// `len` bytes.
+unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, len: usize) {
+    let bytes: &[u8] = if msg.is_null() || len == 0 {
+        &[]
+    } else {
+        // SAFETY: readable for `len` bytes for the call (fn contract).
+        unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), len) }
+    };
+    // SAFETY: `ctx` is the leaked, immutable `HostCtx` (fn contract).
+    let plugin = unsafe { &*ctx.cast::<HostCtx>() }.plugin.as_str();
+    let text = String::from_utf8_lossy(bytes);
+    // A panicking subscriber must not unwind into C (that would abort).
+    let _ = catch_unwind(AssertUnwindSafe(|| match level {
+        i32::MIN..=abi::LOG_ERROR => tracing::error!(target: "plugin", plugin, "{text}"),
+        abi::LOG_WARN => tracing::warn!(target: "plugin", plugin, "{text}"),
+        abi::LOG_INFO => tracing::info!(target: "plugin", plugin, "{text}"),
+        abi::LOG_DEBUG => tracing::debug!(target: "plugin", plugin, "{text}"),
+        _ => tracing::trace!(target: "plugin", plugin, "{text}"),
+    }));
+}
+
+/// What `hs_reply.ctx` points to during one `Instance::handle`.
+struct ReplyCtx {
+    buf: *mut u8,
+    cap: usize,
+    len: usize,
+}
+
+/// `hs_reply.write`.
+///
+/// # Safety
+/// `ctx` is the `ReplyCtx` of the running `Instance::handle`; `data` is
+/// readable for `len` bytes (it may point into the reply itself).
+unsafe extern "C" fn reply_write(ctx: *mut c_void, data: *const u8, len: usize) -> i32 {
+    // SAFETY: fn contract; `Instance::handle` holds no reference to the
+    // context while the plugin runs.
+    let r = unsafe { &mut *ctx.cast::<ReplyCtx>() };
+    if len > r.cap - r.len {
+        return -1;
+    }
+    if len > 0 {
+        if data.is_null() {
+            return -1;
+        }
+        // SAFETY: `len` bytes fit at `buf + len` (checked above); `data` is
+        // readable for `len` (fn contract); `copy` allows the overlap of a
+        // plugin writing bytes from its own reply.
+        unsafe { ptr::copy(data, r.buf.add(r.len), len) };
+        r.len += len;
+    }
+    0
+}
+
+/// `hs_reply.reserve`.
+///
+/// # Safety
+/// As [`reply_write`].
+unsafe extern "C" fn reply_reserve(ctx: *mut c_void, len: usize) -> *mut u8 {
+    // SAFETY: as in `reply_write`.
+    let r = unsafe { &mut *ctx.cast::<ReplyCtx>() };
+    if len > r.cap - r.len {
+        return ptr::null_mut();
+    }
+    // SAFETY: `r.len <= r.cap`, so this stays within (or one past) the
+    // buffer.
+    let p = unsafe { r.buf.add(r.len) };
+    r.len += len;
+    p
+}
+
+/// `hs_reply.clear`.
+///
+/// # Safety
+/// As [`reply_write`].
+unsafe extern "C" fn reply_clear(ctx: *mut c_void) {
+    // SAFETY: as in `reply_write`.
+    unsafe { &mut *ctx.cast::<ReplyCtx>() }.len = 0;
+}
+
+/// One initialised plugin state. Not `Send`: the plugin runs on the thread
+/// that initialised it.
+///
+/// Dropping an `Instance` does **not** call the plugin's `fini`: call
+/// [`Instance::fini`] at a clean exit. A worker that crashes or is killed
+/// runs no `fini` either, so plugins cannot rely on it, and an implicit one
+/// on unwinding would run plugin code in a state nobody planned for.
+#[derive(Debug)]
+pub struct Instance {
+    table: &'static HsPlugin,
+    state: *mut c_void,
+}
+
+impl Instance {
+    /// Runs the plugin's `handle` for one request and returns the reply
+    /// `(status, payload_len)`; the payload is `out[..payload_len]`.
+    ///
+    /// `out` is the reply payload buffer: in production a region reserved
+    /// in the reply ring in shared memory, so the plugin writes straight
+    /// into it. The plugin sees `out.len()` as the reply capacity; a write
+    /// or reserve that would exceed it fails (-1 / NULL) without writing,
+    /// and the plugin decides what to do (the Rust SDK's `?` turns it into
+    /// a PLUGIN_ERROR reply saying "reply full").
+    ///
+    /// A status other than 0, 1 or 100..=65535 becomes status 1
+    /// (PLUGIN_ERROR) with the payload replaced by `plugin returned
+    /// reserved status N` (2..100, the server's codes) or `plugin returned
+    /// invalid status N` (negative or above 65535), cut to `out.len()`.
+    pub fn handle(
+        &mut self,
+        id: u64,
+        command: u16,
+        flags: u16,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> (u16, usize) {
+        let handle = self.table.handle.expect("checked at load");
+        let mut ctx = ReplyCtx {
+            buf: out.as_mut_ptr(),
+            cap: out.len(),
+            len: 0,
+        };
+        let mut reply = HsReply {
+            struct_size: size_of::<HsReply>() as u32,
+            reserved: 0,
+            ctx: ptr::from_mut(&mut ctx).cast::<c_void>(),
+            capacity: out.len(),
+            write: Some(reply_write),
+            reserve: Some(reply_reserve),
+            clear: Some(reply_clear),
+        };
+        let req = HsRequest {
+            id,
+            command,
+            flags,
+            reserved: 0,
+            payload: payload.as_ptr(),
+            payload_len: payload.len(),
+        };
+        // SAFETY: `state` is what this table's `init` produced; `req` points
+        // to `payload`, alive and unchanged for the call; `reply.ctx` points
+        // to `ctx`, whose buffer is `out`, borrowed mutably by us and not
+        // touched until the call returns.
+        let status = unsafe { handle(self.state, &req, &mut reply) };
+        let len = ctx.len.min(out.len());
+        match status {
+            0 | 1 | 100..=0xffff => (status as u16, len),
+            _ => {
+                let kind = if (2..100).contains(&status) {
+                    "reserved"
+                } else {
+                    "invalid"
+                };
+                let msg = format!("plugin returned {kind} status {status}");
+                let n = msg.len().min(out.len());
+                out[..n].copy_from_slice(&msg.as_bytes()[..n]);
+                (abi::STATUS_PLUGIN_ERROR, n)
+            }
+        }
+    }
+
+    /// Calls the plugin's `fini` (if it has one), once: it consumes the
+    /// instance.
+    pub fn fini(self) {
+        if let Some(fini) = self.table.fini {
+            // SAFETY: `state` came from this table's `init` and, since
+            // `self` is consumed, is handed back exactly once.
+            unsafe { fini(self.state) };
+        }
+    }
+}

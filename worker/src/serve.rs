@@ -1,0 +1,170 @@
+//! The worker's loop: take a request, run the plugin, publish the reply.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use halfsync_shm::{Consumer, Meta, Notify, Producer, Slot, WorkerState, sys};
+use tracing::{error, info};
+
+use crate::{EXIT_PLUGIN_FAILED, EXIT_SLOT_FAILED, Plugin, WorkerSpec};
+
+/// How long the worker sleeps on an empty ring before re-checking for a
+/// stop request (a publish or a stop wakes it at once).
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+/// Runs the worker until it is asked to stop; returns the process exit code.
+pub fn run(spec: WorkerSpec) -> i32 {
+    let stop = Arc::new(AtomicBool::new(false));
+    // SIGTERM: finish the current request and exit. SIGINT (a terminal's
+    // Ctrl-C reaches the whole process group) is the master's to handle.
+    for (sig, flag) in [
+        (signal_hook::consts::SIGTERM, stop.clone()),
+        (
+            signal_hook::consts::SIGINT,
+            Arc::new(AtomicBool::new(false)),
+        ),
+    ] {
+        if let Err(e) = signal_hook::flag::register(sig, flag) {
+            error!("cannot install signal handler: {e}");
+            return EXIT_SLOT_FAILED;
+        }
+    }
+
+    // SAFETY: the master passed these two fds to this process for the
+    // worker alone; each is taken once.
+    let (memfd, eventfd) = unsafe {
+        (
+            File::from_raw_fd(spec.memfd),
+            OwnedFd::from_raw_fd(spec.eventfd),
+        )
+    };
+    let eventfd_raw: RawFd = std::os::fd::AsRawFd::as_raw_fd(&eventfd);
+    let slot = match Slot::open(memfd, spec.ring_size as usize) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot map slot: {e}");
+            return EXIT_SLOT_FAILED;
+        }
+    };
+    let ctl = slot.control();
+    ctl.set_pid(std::process::id());
+    ctl.set_state(WorkerState::Starting);
+
+    let plugin = match Plugin::load(&spec.plugin) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{e}");
+            ctl.set_state(WorkerState::InitFailed);
+            return EXIT_PLUGIN_FAILED;
+        }
+    };
+    let mut instance = match plugin.init(&spec.plugin_config) {
+        Ok(i) => i,
+        Err(e) => {
+            error!("{e}");
+            ctl.set_state(WorkerState::InitFailed);
+            return EXIT_PLUGIN_FAILED;
+        }
+    };
+
+    let (mut rx, mut tx) = match (
+        Consumer::attach(slot.requests()),
+        Producer::attach(slot.replies(), Notify::EventFd(eventfd_raw)),
+    ) {
+        (Ok(rx), Ok(tx)) => (rx, tx),
+        (Err(e), _) | (_, Err(e)) => {
+            error!("cannot attach to rings: {e}");
+            return EXIT_SLOT_FAILED;
+        }
+    };
+    let max_reply = (spec.max_reply as usize).min(slot.replies().max_payload());
+
+    ctl.set_state(WorkerState::Idle);
+    // Tell the proxy we are ready (it also polls, this just makes it prompt).
+    let _ = sys::eventfd_signal(eventfd_raw);
+    info!(
+        plugin = plugin.name(),
+        version = plugin.version(),
+        "worker ready"
+    );
+
+    let code = loop {
+        if stop.load(Ordering::Relaxed) || ctl.stop_requested() {
+            break 0;
+        }
+        let rec = match rx.peek() {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                if let Err(e) = rx.wait(IDLE_WAIT) {
+                    error!("request ring: {e}");
+                    break EXIT_SLOT_FAILED;
+                }
+                continue;
+            }
+            Err(e) => {
+                error!("request ring: {e}");
+                break EXIT_SLOT_FAILED;
+            }
+        };
+        let req = rec.meta;
+        ctl.begin(rec.pos, req.id, req.code, sys::monotonic_ns());
+
+        // Room for the largest reply, so the plugin writes straight into
+        // the ring. The proxy drains replies continuously; waiting here
+        // only happens when it is far behind.
+        let mut ok = true;
+        loop {
+            match tx.fits(max_reply) {
+                Ok(true) => break,
+                Ok(false) if stop.load(Ordering::Relaxed) => {
+                    ok = false;
+                    break;
+                }
+                Ok(false) => {
+                    if let Err(e) = tx.wait_for_space(max_reply, Duration::from_millis(100)) {
+                        error!("reply ring: {e}");
+                        ok = false;
+                        break;
+                    }
+                }
+                Err(e) => {
+                    error!("reply ring: {e}");
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        let reservation = if ok {
+            tx.try_reserve(max_reply)
+        } else {
+            Ok(None)
+        };
+        let Ok(Some(mut res)) = reservation else {
+            break EXIT_SLOT_FAILED;
+        };
+        let (status, len) = instance.handle(req.id, req.code, req.flags, rec.payload, res.buf());
+        res.commit(
+            &Meta {
+                code: status,
+                flags: 0,
+                id: req.id,
+                tag: req.tag,
+                time_ns: req.time_ns,
+            },
+            len,
+        );
+        tx.publish();
+        rx.advance();
+        rx.release();
+        ctl.end();
+    };
+    ctl.set_state(WorkerState::Exiting);
+    if code == 0 {
+        instance.fini();
+        info!("worker stopped");
+    }
+    code
+}
