@@ -175,3 +175,83 @@ fn bad_clients_do_not_disturb_a_good_one() {
     let n = by.finish();
     assert!(n >= 70);
 }
+
+#[test]
+fn idle_connections_are_closed_busy_ones_are_not() {
+    let port = free_port();
+    let s = Server::start(&config(port, &echo_so(), 1, "idle_timeout = \"1s\""), port);
+    let mut idle = s.client();
+    assert_eq!(idle.call(1, 1, b"x").unwrap().code, status::OK);
+    let mut busy = s.client();
+    let t0 = std::time::Instant::now();
+    // The busy client calls every 200 ms for 4 s and is never cut off.
+    for id in 0..20 {
+        assert_eq!(busy.call(id, 1, b"y").unwrap().code, status::OK);
+        thread::sleep(Duration::from_millis(200));
+    }
+    // The idle one was closed after about a second (sweeps run every second).
+    let mut buf = [0u8; 1];
+    idle.stream()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = idle.stream().read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "idle connection still open after {:?}", t0.elapsed());
+}
+
+#[test]
+fn commands_no_group_serves_get_no_route() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"a\"\nplugin = \"{}\"\nworkers = 1\ncommands = [1, 2]\n\n[[group]]\nname = \"b\"\nplugin = \"{}\"\nworkers = 1\ncommands = [3]\n",
+        echo_so().display(),
+        c_echo_so().display()
+    );
+    let mut s = Server::start(&text, port);
+    assert_eq!(s.pids_titled("halfsync: worker a 0").len(), 1);
+    assert_eq!(s.pids_titled("halfsync: worker b 0").len(), 1);
+    let mut c = s.client();
+    for (cmd, want) in [
+        (1, status::OK),
+        (2, status::OK),
+        (3, status::OK),
+        (4, status::NO_ROUTE),
+        (0, status::NO_ROUTE),
+    ] {
+        let r = c.call(cmd as u64, cmd, b"routed").unwrap();
+        assert_eq!((r.id, r.code), (cmd as u64, want), "command {cmd}");
+        if want == status::OK {
+            assert_eq!(r.payload, b"routed");
+        }
+    }
+    // The connection stays usable after NO_ROUTE.
+    assert_eq!(c.call(9, 1, b"again").unwrap().code, status::OK);
+}
+
+#[test]
+fn connections_past_max_connections_are_refused_cleanly() {
+    let port = free_port();
+    let s = Server::start(&config(port, &echo_so(), 1, "max_connections = 5"), port);
+    // wait_ready's probe connection may still be closing; give it a moment.
+    thread::sleep(Duration::from_millis(200));
+    let mut held: Vec<_> = (0..5).map(|_| s.client()).collect();
+    for (i, c) in held.iter_mut().enumerate() {
+        assert_eq!(c.call(i as u64, 1, b"in").unwrap().code, status::OK);
+    }
+    // The sixth is accepted by the kernel, then closed by the proxy.
+    let mut extra = s.client();
+    assert!(
+        extra.call(99, 1, b"out").is_err(),
+        "sixth connection served"
+    );
+    // Closing one makes room again.
+    held.pop();
+    let ok = wait_for(Duration::from_secs(10), || {
+        let mut c = s.client();
+        c.stream()
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .ok()?;
+        (c.call(7, 1, b"room").ok()?.code == status::OK).then_some(())
+    });
+    assert!(ok.is_some());
+    assert!(s.log().contains("max_connections reached"), "{}", s.log());
+}
