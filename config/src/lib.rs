@@ -61,8 +61,7 @@
 //!     .unwrap_err();
 //! assert_eq!(
 //!     err.to_string(),
-//!     "<config>:4:1: group[0]: unknown field `wokers`, expected one of `name`, `plugin`, \
-//!      `workers`, `max_inflight`, `max_queue`, `commands`, `config`",
+//!     "<config>:4:1: group[0]: unknown field `wokers`; did you mean `workers`?",
 //! );
 //! # Ok::<(), halfsync_config::Error>(())
 //! ```
@@ -265,6 +264,58 @@ pub struct Group {
     /// command no other group claims; at most one group may be the default.
     #[serde(default)]
     pub commands: Vec<u16>,
+    /// `request_timeout`: a worker still inside one request this long is
+    /// killed and replaced; that request gets TIMEOUT. `"0s"` turns it off.
+    /// Default `"60s"`.
+    #[serde(default = "default_request_timeout", with = "units::duration")]
+    pub request_timeout: Duration,
+    /// `timeout_kill_grace`: when non-zero, a worker past `request_timeout`
+    /// first gets SIGABRT (so a crash handler can record where it hung) and
+    /// SIGKILL only this much later. Default `"0s"`: SIGKILL at once.
+    #[serde(default, with = "units::duration")]
+    pub timeout_kill_grace: Duration,
+    /// `slow_request`: log a warning for every request still running after
+    /// this long (it is not killed). `"0s"` turns it off. Default `"0s"`.
+    #[serde(default, with = "units::duration")]
+    pub slow_request: Duration,
+    /// `queue_timeout`: a request that waited this long for a worker to
+    /// start it gets TIMEOUT and is never run. `"0s"` turns it off.
+    /// Default `"0s"`.
+    #[serde(default, with = "units::duration")]
+    pub queue_timeout: Duration,
+    /// `max_requests`: a worker that served this many requests is replaced
+    /// (its replacement starts first; no request fails). `0` turns it off.
+    /// Default `0`.
+    #[serde(default)]
+    pub max_requests: u64,
+    /// `max_requests_jitter`: each worker's `max_requests` is raised by a
+    /// random amount up to this, so workers do not all recycle at once.
+    /// Default `0`.
+    #[serde(default)]
+    pub max_requests_jitter: u64,
+    /// `max_rss`: a worker whose resident memory grew past this size is
+    /// replaced like one that reached `max_requests`. `0` turns it off.
+    /// Default `0`.
+    #[serde(
+        default,
+        serialize_with = "units::serialize_size",
+        deserialize_with = "de_size_any"
+    )]
+    pub max_rss: u64,
+    /// `restart_delay`: after a worker dies young (within a second of
+    /// starting, or failing init) twice in a row, restarts are delayed by
+    /// this, doubling on each further failure up to `restart_delay_max`.
+    /// While every worker of the group waits, its requests get BUSY at once.
+    /// Default `"100ms"`.
+    #[serde(default = "default_restart_delay", with = "units::duration")]
+    pub restart_delay: Duration,
+    /// `restart_delay_max`: the cap of that backoff. Default `"10s"`.
+    #[serde(default = "default_restart_delay_max", with = "units::duration")]
+    pub restart_delay_max: Duration,
+    /// `init_timeout`: a worker whose plugin init has not finished after
+    /// this long is killed (and restarted with backoff). Default `"30s"`.
+    #[serde(default = "default_init_timeout", with = "units::duration")]
+    pub init_timeout: Duration,
     /// `[group.config]`: optional table handed verbatim to the plugin's init
     /// as TOML text (see [`Group::plugin_config_toml`]); its keys are not
     /// checked here.
@@ -281,6 +332,18 @@ fn default_max_inflight() -> u32 {
 fn default_max_queue() -> u32 {
     1024
 }
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_restart_delay() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_restart_delay_max() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_init_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 
 impl Group {
     /// A group with the given name and plugin and every other key at its
@@ -294,6 +357,16 @@ impl Group {
             max_inflight: default_max_inflight(),
             max_queue: default_max_queue(),
             commands: Vec::new(),
+            request_timeout: default_request_timeout(),
+            timeout_kill_grace: Duration::ZERO,
+            slow_request: Duration::ZERO,
+            queue_timeout: Duration::ZERO,
+            max_requests: 0,
+            max_requests_jitter: 0,
+            max_rss: 0,
+            restart_delay: default_restart_delay(),
+            restart_delay_max: default_restart_delay_max(),
+            init_timeout: default_init_timeout(),
             config: toml::Table::new(),
         }
     }
@@ -315,6 +388,52 @@ impl Group {
     pub fn is_default_route(&self) -> bool {
         self.commands.is_empty()
     }
+}
+
+/// Shortens serde's "unknown field `x`, expected one of `a`, `b`, ..." to
+/// the closest valid key when one is close (a typo), since the full list
+/// of a group's keys makes a very long line.
+fn suggest_key(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_owned();
+    };
+    let Some((unknown, expected)) = rest.split_once("`, expected ") else {
+        return message.to_owned();
+    };
+    let keys: Vec<&str> = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    let best = keys
+        .iter()
+        .map(|k| (edit_distance(unknown, k), *k))
+        .min();
+    match best {
+        Some((d, k)) if d <= 2 || (d <= 3 && unknown.len() > 8) => {
+            format!("unknown field `{unknown}`; did you mean `{k}`?")
+        }
+        _ if keys.len() > 8 => format!(
+            "unknown field `{unknown}`; valid keys here: {}",
+            keys.join(", ")
+        ),
+        _ => message.to_owned(),
+    }
+}
+
+/// Levenshtein distance, for key suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// Where the plugin named by a group's `plugin` key lives.
@@ -398,7 +517,7 @@ impl Config {
                     line_col: inner.span().map(|s| line_col(text, s.start)),
                     key,
                 },
-                message: one_line(inner.message()),
+                message: one_line(&suggest_key(inner.message())),
             }
         })?;
         let config = Config {
@@ -635,6 +754,10 @@ fn de_max_frame<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 fn de_read_budget<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let v = units::size_in(d, 4 << 10, u32::MAX.into())?;
     u32::try_from(v).map_err(de::Error::custom)
+}
+
+fn de_size_any<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    units::size_in(d, 0, u64::MAX)
 }
 
 fn de_ring_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
