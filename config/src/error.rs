@@ -44,12 +44,13 @@ impl fmt::Display for Location {
 #[non_exhaustive]
 pub enum Error {
     /// The configuration file could not be read.
-    #[error("{}: cannot read config file: {}", one_line(&.path.display().to_string()), one_line(&.source.to_string()))]
+    #[error("{}: cannot read config file: {}", one_line(&.path.display().to_string()), one_line(&.error.to_string()))]
     Read {
         /// The path that was given.
         path: PathBuf,
-        /// The underlying I/O error.
-        source: io::Error,
+        /// The underlying I/O error (already in the message, so not a
+        /// `source()`: `{:#}` would print it twice).
+        error: io::Error,
     },
     /// The text is not valid TOML.
     #[error("{location}: {message}")]
@@ -94,7 +95,7 @@ impl Error {
     /// The message without the location prefix.
     pub fn message(&self) -> String {
         match self {
-            Error::Read { source, .. } => one_line(&format!("cannot read config file: {source}")),
+            Error::Read { error, .. } => one_line(&format!("cannot read config file: {error}")),
             Error::Syntax { message, .. }
             | Error::Schema { message, .. }
             | Error::Invalid { message, .. } => message.clone(),

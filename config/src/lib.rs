@@ -455,6 +455,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// assert_eq!(resolve_plugin("plugins/libx.so", etc, exe), Path::new("/etc/hs/plugins/libx.so"));
 /// assert_eq!(resolve_plugin("/usr/lib/liby.so", etc, exe), Path::new("/usr/lib/liby.so"));
 /// assert_eq!(resolve_plugin("libx.so", None, exe), Path::new("./libx.so"));
+/// assert_eq!(resolve_plugin("./libx.so", Some(Path::new(".")), exe), Path::new("./libx.so"));
 /// ```
 pub fn resolve_plugin(spec: &str, config_dir: Option<&Path>, exe_dir: &Path) -> PathBuf {
     if !spec.contains('/') && !spec.ends_with(".so") {
@@ -464,9 +465,11 @@ pub fn resolve_plugin(spec: &str, config_dir: Option<&Path>, exe_dir: &Path) -> 
     if path.is_absolute() {
         return path.to_path_buf();
     }
+    // "./x.so" relative to "." is "./x.so", not "././x.so".
+    let rel = path.strip_prefix(".").unwrap_or(path);
     match config_dir {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(path),
-        _ => Path::new(".").join(path),
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(rel),
+        _ => Path::new(".").join(rel),
     }
 }
 
@@ -475,9 +478,9 @@ impl Config {
     ///
     /// Errors name the path as given.
     pub fn from_file(path: &Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| Error::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Config::from_toml(&text, Origin::File(path.to_path_buf()))
     }

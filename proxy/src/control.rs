@@ -1,35 +1,73 @@
 //! The control channel between the master and the proxy: a SOCK_SEQPACKET
-//! socket pair carrying small fixed-size messages, one per packet.
+//! socket pair carrying small fixed-size messages, one per packet, with
+//! file descriptors attached as SCM_RIGHTS where a message needs them.
 //!
-//! The master tells the proxy about worker processes (started, exited) and
-//! asks it to shut down; the proxy tells the master when a dead worker's
-//! slot is clean again (so a replacement may start), when a worker must be
-//! killed, and when it has drained.
+//! The master owns processes and shared memory: it hands the proxy each
+//! worker slot ([`ToProxy::AddSlot`]), and says when workers start and
+//! exit. The proxy owns requests: it says when a dead worker's slot is
+//! clean ([`ToMaster::SlotReset`]), when a worker must be killed (corrupt
+//! memory, hung request), replaced (recycling) or retired (its replacement
+//! is serving and it has drained).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::sys;
+
+/// What the master will do about a slot whose worker exited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restart {
+    /// A new worker starts in this slot at once.
+    Now,
+    /// A new worker starts after a backoff delay (the worker keeps failing).
+    Later,
+    /// No worker will run here (retired, replaced, or shutting down).
+    Never,
+}
+
+/// Why the proxy wants a worker killed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KillReason {
+    /// It corrupted its shared memory.
+    Corrupt,
+    /// A request ran past `request_timeout`.
+    RequestTimeout,
+    /// Its plugin init ran past `init_timeout`.
+    InitTimeout,
+}
 
 /// Master to proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ToProxy {
-    /// A worker process was started on `slot`.
+    /// A new worker slot; the memfd and the eventfd travel with the message.
+    AddSlot {
+        /// Slot index (stable for the master's lifetime).
+        slot: u32,
+        /// Index of the group in the config.
+        group: u32,
+        /// Worker number within the group, for logs.
+        label: u32,
+    },
+    /// A worker process was started on `slot`; if `replaces` is set, it
+    /// takes over from the worker of that slot once ready.
     WorkerStarted {
         /// Slot index.
         slot: u32,
         /// Its pid.
         pid: i32,
+        /// The slot whose worker it replaces.
+        replaces: Option<u32>,
     },
-    /// The worker on `slot` exited (reaped by the master). `status` is the
-    /// exit code, or minus the signal number if a signal killed it.
+    /// The worker on `slot` exited (reaped by the master).
     WorkerExited {
         /// Slot index.
         slot: u32,
         /// Its pid.
         pid: i32,
-        /// Exit code, or -signal.
+        /// Exit code, or minus the signal number that killed it.
         status: i32,
+        /// What happens to the slot next.
+        restart: Restart,
     },
     /// Stop accepting, finish in-flight requests, then exit.
     Shutdown,
@@ -43,51 +81,119 @@ pub enum ToMaster {
         /// Slot index.
         slot: u32,
     },
-    /// Kill this worker (its shared memory is corrupt).
+    /// Kill this worker.
     KillWorker {
         /// Slot index.
         slot: u32,
         /// The pid the proxy believes runs there.
+        pid: i32,
+        /// Why.
+        reason: KillReason,
+    },
+    /// Start a replacement for this worker (it reached `max_requests` or
+    /// `max_rss`); it keeps serving until the replacement is ready.
+    Recycle {
+        /// Slot index.
+        slot: u32,
+        /// Its pid.
+        pid: i32,
+    },
+    /// This worker's replacement is serving and it holds no request: stop it.
+    Retire {
+        /// Slot index.
+        slot: u32,
+        /// Its pid.
         pid: i32,
     },
     /// Every connection is closed and every request answered.
     Drained,
 }
 
-const LEN: usize = 13;
+const LEN: usize = 20;
+const NONE: u32 = u32::MAX;
 
-fn encode(tag: u8, a: u32, b: i32, c: i32) -> [u8; LEN] {
+fn encode(tag: u8, a: u32, b: u32, c: u32, d: u32) -> [u8; LEN] {
     let mut m = [0u8; LEN];
     m[0] = tag;
-    m[1..5].copy_from_slice(&a.to_le_bytes());
-    m[5..9].copy_from_slice(&b.to_le_bytes());
-    m[9..13].copy_from_slice(&c.to_le_bytes());
+    m[4..8].copy_from_slice(&a.to_le_bytes());
+    m[8..12].copy_from_slice(&b.to_le_bytes());
+    m[12..16].copy_from_slice(&c.to_le_bytes());
+    m[16..20].copy_from_slice(&d.to_le_bytes());
     m
 }
 
-fn decode(m: &[u8]) -> Option<(u8, u32, i32, i32)> {
-    if m.len() != LEN {
-        return None;
+fn decode(m: &[u8; LEN]) -> (u8, u32, u32, u32, u32) {
+    let w = |i: usize| u32::from_le_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
+    (m[0], w(4), w(8), w(12), w(16))
+}
+
+impl Restart {
+    fn code(self) -> u32 {
+        match self {
+            Restart::Now => 0,
+            Restart::Later => 1,
+            Restart::Never => 2,
+        }
     }
-    let a = u32::from_le_bytes(m[1..5].try_into().ok()?);
-    let b = i32::from_le_bytes(m[5..9].try_into().ok()?);
-    let c = i32::from_le_bytes(m[9..13].try_into().ok()?);
-    Some((m[0], a, b, c))
+    fn from_code(c: u32) -> Option<Restart> {
+        Some(match c {
+            0 => Restart::Now,
+            1 => Restart::Later,
+            2 => Restart::Never,
+            _ => return None,
+        })
+    }
+}
+
+impl KillReason {
+    fn code(self) -> u32 {
+        match self {
+            KillReason::Corrupt => 0,
+            KillReason::RequestTimeout => 1,
+            KillReason::InitTimeout => 2,
+        }
+    }
+    fn from_code(c: u32) -> Option<KillReason> {
+        Some(match c {
+            0 => KillReason::Corrupt,
+            1 => KillReason::RequestTimeout,
+            2 => KillReason::InitTimeout,
+            _ => return None,
+        })
+    }
 }
 
 impl ToProxy {
     fn encode(&self) -> [u8; LEN] {
         match *self {
-            ToProxy::WorkerStarted { slot, pid } => encode(1, slot, pid, 0),
-            ToProxy::WorkerExited { slot, pid, status } => encode(2, slot, pid, status),
-            ToProxy::Shutdown => encode(3, 0, 0, 0),
+            ToProxy::AddSlot { slot, group, label } => encode(1, slot, group, label, 0),
+            ToProxy::WorkerStarted { slot, pid, replaces } => {
+                encode(2, slot, pid as u32, replaces.unwrap_or(NONE), 0)
+            }
+            ToProxy::WorkerExited {
+                slot,
+                pid,
+                status,
+                restart,
+            } => encode(3, slot, pid as u32, status as u32, restart.code()),
+            ToProxy::Shutdown => encode(4, 0, 0, 0, 0),
         }
     }
-    fn decode(m: &[u8]) -> Option<ToProxy> {
-        Some(match decode(m)? {
-            (1, slot, pid, _) => ToProxy::WorkerStarted { slot, pid },
-            (2, slot, pid, status) => ToProxy::WorkerExited { slot, pid, status },
-            (3, ..) => ToProxy::Shutdown,
+    fn decode(m: &[u8; LEN]) -> Option<ToProxy> {
+        Some(match decode(m) {
+            (1, slot, group, label, _) => ToProxy::AddSlot { slot, group, label },
+            (2, slot, pid, r, _) => ToProxy::WorkerStarted {
+                slot,
+                pid: pid as i32,
+                replaces: (r != NONE).then_some(r),
+            },
+            (3, slot, pid, status, r) => ToProxy::WorkerExited {
+                slot,
+                pid: pid as i32,
+                status: status as i32,
+                restart: Restart::from_code(r)?,
+            },
+            (4, ..) => ToProxy::Shutdown,
             _ => return None,
         })
     }
@@ -96,16 +202,24 @@ impl ToProxy {
 impl ToMaster {
     fn encode(&self) -> [u8; LEN] {
         match *self {
-            ToMaster::SlotReset { slot } => encode(1, slot, 0, 0),
-            ToMaster::KillWorker { slot, pid } => encode(2, slot, pid, 0),
-            ToMaster::Drained => encode(3, 0, 0, 0),
+            ToMaster::SlotReset { slot } => encode(1, slot, 0, 0, 0),
+            ToMaster::KillWorker { slot, pid, reason } => encode(2, slot, pid as u32, reason.code(), 0),
+            ToMaster::Recycle { slot, pid } => encode(3, slot, pid as u32, 0, 0),
+            ToMaster::Retire { slot, pid } => encode(4, slot, pid as u32, 0, 0),
+            ToMaster::Drained => encode(5, 0, 0, 0, 0),
         }
     }
-    fn decode(m: &[u8]) -> Option<ToMaster> {
-        Some(match decode(m)? {
+    fn decode(m: &[u8; LEN]) -> Option<ToMaster> {
+        Some(match decode(m) {
             (1, slot, ..) => ToMaster::SlotReset { slot },
-            (2, slot, pid, _) => ToMaster::KillWorker { slot, pid },
-            (3, ..) => ToMaster::Drained,
+            (2, slot, pid, r, _) => ToMaster::KillWorker {
+                slot,
+                pid: pid as i32,
+                reason: KillReason::from_code(r)?,
+            },
+            (3, slot, pid, ..) => ToMaster::Recycle { slot, pid: pid as i32 },
+            (4, slot, pid, ..) => ToMaster::Retire { slot, pid: pid as i32 },
+            (5, ..) => ToMaster::Drained,
             _ => return None,
         })
     }
@@ -114,7 +228,7 @@ impl ToMaster {
 /// What a receive found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Received<T> {
-    /// A message.
+    /// A message, with the fds that came with it.
     Msg(T),
     /// Nothing waiting.
     Empty,
@@ -144,26 +258,26 @@ impl Channel {
         &self.fd
     }
 
-    fn recv_raw(&self) -> io::Result<Received<[u8; LEN]>> {
+    fn recv_raw(&self) -> io::Result<Received<([u8; LEN], Vec<OwnedFd>)>> {
         let mut buf = [0u8; LEN + 1];
-        match sys::recv_packet(self.fd.as_raw_fd(), &mut buf)? {
+        match sys::recv_packet_fds(self.fd.as_raw_fd(), &mut buf, 4)? {
             None => Ok(Received::Empty),
-            Some(0) => Ok(Received::Closed),
-            Some(LEN) => {
+            Some((0, _)) => Ok(Received::Closed),
+            Some((LEN, fds)) => {
                 let mut m = [0u8; LEN];
                 m.copy_from_slice(&buf[..LEN]);
-                Ok(Received::Msg(m))
+                Ok(Received::Msg((m, fds)))
             }
-            Some(n) => Err(io::Error::new(
+            Some((n, _)) => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("control message of {n} bytes"),
             )),
         }
     }
 
-    /// Sends a message to the proxy (master side).
-    pub fn send_to_proxy(&self, m: ToProxy) -> io::Result<()> {
-        sys::send_packet(self.fd.as_raw_fd(), &m.encode())
+    /// Sends a message to the proxy (master side), with fds if it carries any.
+    pub fn send_to_proxy(&self, m: ToProxy, fds: &[RawFd]) -> io::Result<()> {
+        sys::send_packet_fds(self.fd.as_raw_fd(), &m.encode(), fds)
     }
 
     /// Sends a message to the master (proxy side).
@@ -171,10 +285,10 @@ impl Channel {
         sys::send_packet(self.fd.as_raw_fd(), &m.encode())
     }
 
-    /// Receives a message from the master (proxy side).
-    pub fn recv_from_master(&self) -> io::Result<Received<ToProxy>> {
+    /// Receives a message from the master, with the fds it carried.
+    pub fn recv_from_master(&self) -> io::Result<Received<(ToProxy, Vec<OwnedFd>)>> {
         Ok(match self.recv_raw()? {
-            Received::Msg(m) => Received::Msg(ToProxy::decode(&m).ok_or_else(bad)?),
+            Received::Msg((m, fds)) => Received::Msg((ToProxy::decode(&m).ok_or_else(bad)?, fds)),
             Received::Empty => Received::Empty,
             Received::Closed => Received::Closed,
         })
@@ -183,7 +297,7 @@ impl Channel {
     /// Receives a message from the proxy (master side).
     pub fn recv_from_proxy(&self) -> io::Result<Received<ToMaster>> {
         Ok(match self.recv_raw()? {
-            Received::Msg(m) => Received::Msg(ToMaster::decode(&m).ok_or_else(bad)?),
+            Received::Msg((m, _)) => Received::Msg(ToMaster::decode(&m).ok_or_else(bad)?),
             Received::Empty => Received::Empty,
             Received::Closed => Received::Closed,
         })
@@ -201,28 +315,54 @@ mod tests {
     #[test]
     fn messages_cross_the_pair() {
         let (m, p) = Channel::pair().unwrap();
-        assert_eq!(p.recv_from_master().unwrap(), Received::Empty);
+        assert!(matches!(p.recv_from_master().unwrap(), Received::Empty));
         for msg in [
-            ToProxy::WorkerStarted { slot: 3, pid: 77 },
-            ToProxy::WorkerExited {
-                slot: 1,
-                pid: 5,
-                status: -9,
-            },
+            ToProxy::AddSlot { slot: 3, group: 1, label: 7 },
+            ToProxy::WorkerStarted { slot: 3, pid: 77, replaces: None },
+            ToProxy::WorkerStarted { slot: 4, pid: 78, replaces: Some(3) },
+            ToProxy::WorkerExited { slot: 1, pid: 5, status: -9, restart: Restart::Later },
             ToProxy::Shutdown,
         ] {
-            m.send_to_proxy(msg).unwrap();
-            assert_eq!(p.recv_from_master().unwrap(), Received::Msg(msg));
+            m.send_to_proxy(msg, &[]).unwrap();
+            match p.recv_from_master().unwrap() {
+                Received::Msg((got, fds)) => {
+                    assert_eq!(got, msg);
+                    assert!(fds.is_empty());
+                }
+                other => panic!("{other:?}"),
+            }
         }
         for msg in [
             ToMaster::SlotReset { slot: 2 },
-            ToMaster::KillWorker { slot: 4, pid: 9 },
+            ToMaster::KillWorker { slot: 4, pid: 9, reason: KillReason::RequestTimeout },
+            ToMaster::Recycle { slot: 1, pid: 10 },
+            ToMaster::Retire { slot: 1, pid: 10 },
             ToMaster::Drained,
         ] {
             p.send_to_master(msg).unwrap();
             assert_eq!(m.recv_from_proxy().unwrap(), Received::Msg(msg));
         }
         drop(m);
-        assert_eq!(p.recv_from_master().unwrap(), Received::Closed);
+        assert!(matches!(p.recv_from_master().unwrap(), Received::Closed));
+    }
+
+    #[test]
+    fn fds_travel_with_add_slot() {
+        let (m, p) = Channel::pair().unwrap();
+        let (a, b) = sys::seqpacket_pair().unwrap();
+        m.send_to_proxy(
+            ToProxy::AddSlot { slot: 0, group: 0, label: 0 },
+            &[a.as_raw_fd(), b.as_raw_fd()],
+        )
+        .unwrap();
+        let Received::Msg((_, fds)) = p.recv_from_master().unwrap() else {
+            panic!("no message")
+        };
+        assert_eq!(fds.len(), 2);
+        // The received fds are live duplicates: a packet sent on one end
+        // arrives on the other.
+        sys::send_packet(fds[0].as_raw_fd(), b"hi").unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(sys::recv_packet(fds[1].as_raw_fd(), &mut buf).unwrap(), Some(2));
     }
 }

@@ -9,42 +9,34 @@
 //!    armed only after EAGAIN);
 //! 7. run timers (idle connections, paused listeners, shutdown).
 
-use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{self, ErrorKind};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use halfsync_config::{Config, Origin};
 use halfsync_protocol::{self as hsp, Parsed, status};
-use halfsync_shm::{
-    Consumer, Meta, Notify, Producer, RingError, Slot, WorkerState, sys as shm_sys,
-};
-use tracing::{debug, error, info, warn};
+use halfsync_shm::sys as shm_sys;
+use tracing::{debug, info, warn};
 
+use crate::conn::{Conn, Conns};
 use crate::control::{Channel, Received, ToMaster, ToProxy};
+use crate::slots::{Group, Queued, ReqMeta, WorkerSlot};
 use crate::sys::{self, Epoll, READ, WRITE};
 use crate::{ProxyError, ProxySpec};
 
 const KIND_SHIFT: u32 = 56;
 const TOKEN_LISTENER: u64 = 1 << KIND_SHIFT;
 const TOKEN_CONTROL: u64 = 2 << KIND_SHIFT;
-const TOKEN_SLOT: u64 = 3 << KIND_SHIFT;
+pub(crate) const TOKEN_SLOT: u64 = 3 << KIND_SHIFT;
 const TOKEN_CONN: u64 = 4 << KIND_SHIFT;
 const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
 
-/// Most requests one connection may have in flight before the proxy stops
-/// reading from it (back-pressure instead of unbounded memory).
-const MAX_CONN_INFLIGHT: u32 = 4096;
-/// Most unsent reply bytes one connection may hold before the proxy stops
-/// reading from it.
-const MAX_CONN_OUTPUT: usize = 4 << 20;
 /// Output buffers above this capacity are freed once empty.
 const KEEP_BUF: usize = 64 << 10;
 /// Connections accepted per listener per loop turn.
 const ACCEPT_BATCH: usize = 128;
-const NS_PER_MS: u64 = 1_000_000;
+pub(crate) const NS_PER_MS: u64 = 1_000_000;
 
 /// Runs the proxy until it has drained after a shutdown, or the master is
 /// gone.
@@ -53,196 +45,15 @@ pub fn run(spec: ProxySpec) -> Result<(), ProxyError> {
     proxy.run()
 }
 
-/// Identifies one incarnation of a connection: slab index and generation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Tag(u64);
-
-impl Tag {
-    fn new(index: usize, generation: u32) -> Tag {
-        Tag(((generation as u64) << 32) | index as u64)
-    }
-    fn index(self) -> usize {
-        (self.0 & 0xffff_ffff) as usize
-    }
-    fn generation(self) -> u32 {
-        (self.0 >> 32) as u32
-    }
-}
-
-/// A request's identity while it is away from its connection.
-#[derive(Clone, Copy, Debug)]
-struct ReqMeta {
-    tag: Tag,
-    id: u64,
-    code: u16,
-    flags: u16,
-    enqueued_ns: u64,
-}
-
-/// A request written into a worker's ring and not yet answered.
-#[derive(Clone, Copy, Debug)]
-struct Pending {
-    pos: u64,
-    req: ReqMeta,
-}
-
-/// A request waiting in the proxy for a worker with room.
-struct Queued {
-    req: ReqMeta,
-    payload: Vec<u8>,
-}
-
-struct Conn {
-    stream: TcpStream,
-    /// Bytes of an incomplete frame carried over between reads.
-    inbuf: Vec<u8>,
-    out: Vec<u8>,
-    out_pos: usize,
-    /// Requests accepted from this connection and not yet answered.
-    inflight: u32,
-    last_active_ns: u64,
-    /// What epoll watches for this connection.
-    interest: u32,
-    /// The peer finished sending.
-    eof: bool,
-    /// No more requests are read: close once answered and flushed.
-    closing: bool,
-    /// Already in the dirty list.
-    dirty: bool,
-}
-
-impl Conn {
-    fn has_output(&self) -> bool {
-        self.out_pos < self.out.len()
-    }
-
-    fn push_reply(&mut self, id: u64, code: u16, payload: &[u8]) {
-        self.out
-            .extend_from_slice(&hsp::encode_header(id, code, 0, payload.len()));
-        self.out.extend_from_slice(payload);
-    }
-
-    fn wanted_interest(&self) -> u32 {
-        let mut i = 0;
-        if !self.eof
-            && !self.closing
-            && self.inflight < MAX_CONN_INFLIGHT
-            && self.out.len() - self.out_pos < MAX_CONN_OUTPUT
-        {
-            i |= READ;
-        }
-        if self.has_output() && self.interest & WRITE != 0 {
-            // Stay armed until the buffer drains.
-            i |= WRITE;
-        }
-        i
-    }
-}
-
-/// Connections in a slab indexed by epoll token. Generations survive a
-/// slot's reuse so a late reply for a closed connection is recognised.
-struct Conns {
-    slab: Vec<Option<Conn>>,
-    generations: Vec<u32>,
-    free: Vec<usize>,
-    live: usize,
-    /// Connections with output to send this turn.
-    dirty: Vec<usize>,
-}
-
-impl Conns {
-    fn insert(&mut self, conn: Conn) -> usize {
-        self.live += 1;
-        if let Some(i) = self.free.pop() {
-            self.slab[i] = Some(conn);
-            i
-        } else {
-            self.slab.push(Some(conn));
-            self.generations.push(0);
-            self.slab.len() - 1
-        }
-    }
-
-    fn get(&mut self, tag: Tag) -> Option<&mut Conn> {
-        let i = tag.index();
-        if self.generations.get(i) != Some(&tag.generation()) {
-            return None;
-        }
-        self.slab.get_mut(i)?.as_mut()
-    }
-
-    fn tag(&self, i: usize) -> Tag {
-        Tag::new(i, self.generations[i])
-    }
-
-    fn mark_dirty(&mut self, i: usize) {
-        if let Some(Some(c)) = self.slab.get_mut(i)
-            && !c.dirty
-        {
-            c.dirty = true;
-            self.dirty.push(i);
-        }
-    }
-
-    /// Delivers a reply to the connection `tag` names, if it still exists.
-    fn deliver(&mut self, tag: Tag, id: u64, code: u16, payload: &[u8], now_ns: u64) {
-        if let Some(c) = self.get(tag) {
-            c.push_reply(id, code, payload);
-            c.inflight = c.inflight.saturating_sub(1);
-            c.last_active_ns = now_ns;
-            self.mark_dirty(tag.index());
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// No worker; waiting for the master to start one.
-    Down,
-    /// A worker process exists and is initialising its plugin.
-    Starting { pid: i32 },
-    /// Serving.
-    Ready { pid: i32 },
-    /// Its shared memory is corrupt; the master was asked to kill it.
-    Failed { pid: i32 },
-}
-
-struct WorkerSlot {
-    group: usize,
-    index: u32,
-    slot: Slot,
-    eventfd: OwnedFd,
-    tx: Producer,
-    rx: Consumer,
-    pending: VecDeque<Pending>,
-    phase: Phase,
-}
-
-impl WorkerSlot {
-    fn attach(&mut self) -> Result<(), RingError> {
-        self.tx = Producer::attach(self.slot.requests(), Notify::Futex)?;
-        self.rx = Consumer::attach(self.slot.replies())?;
-        Ok(())
-    }
-}
-
-struct Group {
-    name: String,
-    slots: Vec<usize>,
-    queue: VecDeque<Queued>,
-    max_inflight: usize,
-    max_queue: usize,
-}
-
 /// Replies by status, counted as they are sent.
 #[derive(Default)]
-struct Totals {
+pub(crate) struct Totals {
     by_status: [u64; 8],
     plugin_codes: u64,
 }
 
 impl Totals {
-    fn count(&mut self, code: u16) {
+    pub(crate) fn count(&mut self, code: u16) {
         match self.by_status.get_mut(code as usize) {
             Some(n) => *n += 1,
             None => self.plugin_codes += 1,
@@ -250,24 +61,26 @@ impl Totals {
     }
 }
 
-struct Proxy {
-    config: Config,
-    epoll: Epoll,
-    listeners: Vec<TcpListener>,
-    listeners_paused_until: Option<u64>,
-    control: Channel,
-    conns: Conns,
-    slots: Vec<WorkerSlot>,
-    groups: Vec<Group>,
+pub(crate) struct Proxy {
+    pub(crate) config: Config,
+    pub(crate) epoll: Epoll,
+    pub(crate) listeners: Vec<TcpListener>,
+    pub(crate) listeners_paused_until: Option<u64>,
+    pub(crate) control: Channel,
+    pub(crate) conns: Conns,
+    pub(crate) slots: Vec<Option<WorkerSlot>>,
+    pub(crate) groups: Vec<Group>,
     /// Group index per command number.
-    routes: Vec<Option<u16>>,
-    scratch: Vec<u8>,
-    events: Vec<sys::Event>,
-    now_ns: u64,
-    next_sweep_ns: u64,
-    draining: bool,
-    refused: u64,
-    totals: Totals,
+    pub(crate) routes: Vec<Option<u16>>,
+    pub(crate) scratch: Vec<u8>,
+    pub(crate) events: Vec<sys::Event>,
+    pub(crate) now_ns: u64,
+    /// Nearest time a worker check is due (request deadlines and such).
+    pub(crate) next_check_ns: Option<u64>,
+    pub(crate) next_sweep_ns: u64,
+    pub(crate) draining: bool,
+    pub(crate) refused: u64,
+    pub(crate) totals: Totals,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ProxyError {
@@ -302,46 +115,7 @@ impl Proxy {
             listeners.push(l);
         }
 
-        let mut groups: Vec<Group> = config
-            .groups
-            .iter()
-            .map(|g| Group {
-                name: g.name.clone(),
-                slots: Vec::new(),
-                queue: VecDeque::new(),
-                max_inflight: g.max_inflight as usize,
-                max_queue: g.max_queue as usize,
-            })
-            .collect();
-        let capacity = config.server.ring_size as usize;
-        let mut slots = Vec::new();
-        for (i, s) in spec.slots.iter().enumerate() {
-            let group = s.group as usize;
-            let Some(g) = groups.get_mut(group) else {
-                return Err(ProxyError::Spec(format!("slot {i} names group {group}")));
-            };
-            g.slots.push(i);
-            let file = File::from(take_fd(s.memfd)?);
-            let slot = Slot::open(file, capacity)
-                .map_err(|source| ProxyError::Slot { slot: i, source })?;
-            let eventfd = take_fd(s.eventfd)?;
-            epoll
-                .add(eventfd.as_raw_fd(), READ, TOKEN_SLOT | i as u64)
-                .map_err(io_err("epoll_ctl(eventfd)"))?;
-            let ring_err = |e: RingError| ProxyError::Spec(format!("slot {i}: {e}"));
-            let tx = Producer::attach(slot.requests(), Notify::Futex).map_err(ring_err)?;
-            let rx = Consumer::attach(slot.replies()).map_err(ring_err)?;
-            slots.push(WorkerSlot {
-                group,
-                index: s.index,
-                slot,
-                eventfd,
-                tx,
-                rx,
-                pending: VecDeque::new(),
-                phase: Phase::Down,
-            });
-        }
+        let groups: Vec<Group> = config.groups.iter().map(Group::new).collect();
 
         let mut routes = vec![None; 1 << 16];
         if let Some(d) = config.groups.iter().position(|g| g.is_default_route()) {
@@ -354,11 +128,7 @@ impl Proxy {
         }
 
         let scratch = vec![0u8; config.server.read_budget.clamp(4096, 1 << 20) as usize];
-        info!(
-            listeners = listeners.len(),
-            slots = slots.len(),
-            "proxy started"
-        );
+        info!(listeners = listeners.len(), "proxy started");
         Ok(Proxy {
             config,
             epoll,
@@ -372,12 +142,13 @@ impl Proxy {
                 live: 0,
                 dirty: Vec::new(),
             },
-            slots,
+            slots: Vec::new(),
             groups,
             routes,
             scratch,
             events: Vec::with_capacity(1024),
             now_ns: shm_sys::monotonic_ns(),
+            next_check_ns: None,
             next_sweep_ns: 0,
             draining: false,
             refused: 0,
@@ -405,7 +176,7 @@ impl Proxy {
                     }
                     TOKEN_SLOT => {
                         // The worker published replies; they are collected below.
-                        if let Some(s) = self.slots.get(index) {
+                        if let Some(Some(s)) = self.slots.get(index) {
                             let _ = shm_sys::eventfd_drain(s.eventfd.as_raw_fd());
                         }
                     }
@@ -421,7 +192,7 @@ impl Proxy {
                 }
             }
 
-            self.check_starting();
+            self.next_check_ns = self.check_slots();
             self.collect_replies();
             self.dispatch_queued();
             self.publish_requests();
@@ -440,47 +211,55 @@ impl Proxy {
         }
     }
 
+    fn publish_requests(&mut self) {
+        for s in self.slots.iter_mut().flatten() {
+            if s.has_unpublished() {
+                s.publish();
+            }
+        }
+    }
+
     fn queued_total(&self) -> usize {
         self.groups.iter().map(|g| g.queue.len()).sum()
     }
 
-    /// Tells every ready worker we are about to sleep, so it wakes us when
-    /// it publishes; returns how long epoll may wait.
+    /// Tells every worker we are about to sleep, so it wakes us when it
+    /// publishes; returns how long epoll may wait.
     fn prepare_sleep(&mut self) -> Option<Duration> {
         let mut busy = !self.conns.dirty.is_empty();
-        for s in &mut self.slots {
-            if !matches!(s.phase, Phase::Ready { .. }) {
-                continue;
-            }
-            match s.rx.prepare_sleep() {
-                Ok(true) => {}
-                // Replies waiting, or a corrupt ring: handle it this turn.
-                Ok(false) | Err(_) => busy = true,
-            }
+        for s in self.slots.iter_mut().flatten() {
+            // Replies waiting (or a corrupt ring): handle them this turn.
+            busy |= !s.prepare_sleep();
         }
         if busy {
             return Some(Duration::ZERO);
         }
-        let mut wait = Duration::from_millis(1000);
-        if self
-            .slots
-            .iter()
-            .any(|s| matches!(s.phase, Phase::Starting { .. }))
-        {
+        let mut until = self.now_ns + 1000 * NS_PER_MS;
+        if let Some(t) = self.next_check_ns {
+            until = until.min(t);
+        }
+        if self.slots.iter().flatten().any(|s| matches!(s.phase, crate::slots::Phase::Starting { .. })) {
             // The worker signals its eventfd when ready; poll as a backstop.
-            wait = wait.min(Duration::from_millis(50));
+            until = until.min(self.now_ns + 50 * NS_PER_MS);
         }
-        if let Some(until) = self.listeners_paused_until {
-            wait = wait.min(Duration::from_nanos(until.saturating_sub(self.now_ns)));
+        if let Some(t) = self.listeners_paused_until {
+            until = until.min(t);
         }
-        Some(wait)
+        for g in &self.groups {
+            if let Some(q) = g.queue.front()
+                && g.queue_timeout_ns > 0
+            {
+                until = until.min(q.req.enqueued_ns.saturating_add(g.queue_timeout_ns));
+            }
+        }
+        // Round up to whole milliseconds: epoll cannot wait for less.
+        let wait = until.saturating_sub(self.now_ns);
+        Some(Duration::from_millis(wait.div_ceil(NS_PER_MS)))
     }
 
     fn end_sleep(&mut self) {
-        for s in &self.slots {
-            if matches!(s.phase, Phase::Ready { .. }) {
-                s.rx.end_sleep();
-            }
+        for s in self.slots.iter().flatten() {
+            s.end_sleep();
         }
     }
 
@@ -490,31 +269,25 @@ impl Proxy {
     fn read_control(&mut self) -> Result<bool, ProxyError> {
         loop {
             match self.control.recv_from_master() {
-                Ok(Received::Msg(m)) => self.on_control(m),
+                Ok(Received::Msg((m, fds))) => self.on_control(m, fds),
                 Ok(Received::Empty) => return Ok(true),
                 Ok(Received::Closed) => return Ok(false),
                 Err(e) if e.kind() == ErrorKind::InvalidData => {
                     warn!("control channel: {e}");
                 }
-                Err(e) => {
-                    return Err(ProxyError::Io {
-                        what: "control channel",
-                        source: e,
-                    });
-                }
+                Err(e) => return Err(ProxyError::Io { what: "control channel", source: e }),
             }
         }
     }
 
-    fn on_control(&mut self, m: ToProxy) {
+    fn on_control(&mut self, m: ToProxy, fds: Vec<OwnedFd>) {
         match m {
-            ToProxy::WorkerStarted { slot, pid } => {
-                if let Some(s) = self.slots.get_mut(slot as usize) {
-                    s.phase = Phase::Starting { pid };
-                }
+            ToProxy::AddSlot { slot, group, label } => self.add_slot(slot as usize, group as usize, label, fds),
+            ToProxy::WorkerStarted { slot, pid, replaces } => {
+                self.worker_started(slot as usize, pid, replaces.map(|r| r as usize))
             }
-            ToProxy::WorkerExited { slot, pid, status } => {
-                self.on_worker_exit(slot as usize, pid, status)
+            ToProxy::WorkerExited { slot, pid, status, restart } => {
+                self.worker_exited(slot as usize, pid, status, restart)
             }
             ToProxy::Shutdown => self.start_drain(),
         }
@@ -535,258 +308,6 @@ impl Proxy {
         for i in 0..self.conns.slab.len() {
             self.maybe_close(i);
         }
-    }
-
-    // ---- worker slots ----
-
-    fn check_starting(&mut self) {
-        for s in &mut self.slots {
-            let Phase::Starting { pid } = s.phase else {
-                continue;
-            };
-            let ctl = s.slot.control();
-            if ctl.pid() != pid as u32 {
-                continue;
-            }
-            if let Ok(WorkerState::Idle | WorkerState::Busy) = ctl.state() {
-                s.phase = Phase::Ready { pid };
-                debug!(group = %self.groups[s.group].name, worker = s.index, pid, "worker ready");
-            }
-        }
-    }
-
-    fn fail_slot(&mut self, si: usize, why: &str) {
-        let s = &mut self.slots[si];
-        let pid = match s.phase {
-            Phase::Ready { pid } | Phase::Starting { pid } => pid,
-            Phase::Failed { .. } | Phase::Down => return,
-        };
-        error!(
-            group = %self.groups[s.group].name,
-            worker = s.index,
-            pid,
-            "worker's shared memory is corrupt ({why}); killing it"
-        );
-        s.phase = Phase::Failed { pid };
-        let _ = self.control.send_to_master(ToMaster::KillWorker {
-            slot: si as u32,
-            pid,
-        });
-    }
-
-    fn collect_replies(&mut self) {
-        for si in 0..self.slots.len() {
-            if matches!(self.slots[si].phase, Phase::Ready { .. })
-                && let Err(why) = self.collect_slot(si)
-            {
-                self.fail_slot(si, &why);
-            }
-        }
-    }
-
-    /// Moves every published reply of one slot into connection buffers.
-    /// Each reply must answer the oldest request the slot holds.
-    fn collect_slot(&mut self, si: usize) -> Result<(), String> {
-        let s = &mut self.slots[si];
-        let result = loop {
-            let rec = match s.rx.peek() {
-                Ok(Some(r)) => r,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e.to_string()),
-            };
-            let Some(p) = s.pending.front() else {
-                break Err(format!(
-                    "reply id {} with no request outstanding",
-                    rec.meta.id
-                ));
-            };
-            if p.req.tag.0 != rec.meta.tag || p.req.id != rec.meta.id {
-                break Err(format!(
-                    "reply id {} tag {:#x} does not answer request id {} tag {:#x}",
-                    rec.meta.id, rec.meta.tag, p.req.id, p.req.tag.0
-                ));
-            }
-            self.totals.count(rec.meta.code);
-            self.conns
-                .deliver(p.req.tag, p.req.id, rec.meta.code, rec.payload, self.now_ns);
-            s.pending.pop_front();
-            s.rx.advance();
-        };
-        s.rx.release();
-        result
-    }
-
-    /// The least-loaded ready slot of group `g` with room for a request of
-    /// `len` payload bytes. A linear scan: groups have few workers.
-    fn pick_slot(&mut self, g: usize, len: usize) -> Option<usize> {
-        let max = self.groups[g].max_inflight;
-        let mut best: Option<(usize, usize)> = None;
-        let mut corrupt = None;
-        for &si in &self.groups[g].slots {
-            let s = &mut self.slots[si];
-            if !matches!(s.phase, Phase::Ready { .. }) || s.pending.len() >= max {
-                continue;
-            }
-            if best.is_some_and(|(_, load)| load <= s.pending.len()) {
-                continue;
-            }
-            match s.tx.fits(len) {
-                Ok(true) => best = Some((si, s.pending.len())),
-                Ok(false) => {}
-                Err(e) => corrupt = Some((si, e)),
-            }
-        }
-        if let Some((si, e)) = corrupt {
-            self.fail_slot(si, &e.to_string());
-        }
-        best.map(|(si, _)| si)
-    }
-
-    /// Writes a request into a slot's ring (published at the end of the
-    /// turn). The caller checked that it fits.
-    fn push_to_slot(&mut self, si: usize, req: ReqMeta, payload: &[u8]) -> bool {
-        let s = &mut self.slots[si];
-        let meta = Meta {
-            code: req.code,
-            flags: req.flags,
-            id: req.id,
-            tag: req.tag.0,
-            time_ns: req.enqueued_ns,
-        };
-        match s.tx.push(&meta, payload) {
-            Ok(Some(pos)) => {
-                s.pending.push_back(Pending { pos, req });
-                true
-            }
-            Ok(None) => false,
-            Err(e) => {
-                self.fail_slot(si, &e.to_string());
-                false
-            }
-        }
-    }
-
-    fn publish_requests(&mut self) {
-        for s in &mut self.slots {
-            if s.tx.has_unpublished() {
-                s.tx.publish();
-            }
-        }
-    }
-
-    fn dispatch_queued(&mut self) {
-        for g in 0..self.groups.len() {
-            while let Some(q) = self.groups[g].queue.front() {
-                if self.conns.get(q.req.tag).is_none() {
-                    // Its client is gone: never run it.
-                    self.groups[g].queue.pop_front();
-                    continue;
-                }
-                let len = q.payload.len();
-                let Some(si) = self.pick_slot(g, len) else {
-                    break;
-                };
-                let Some(q) = self.groups[g].queue.pop_front() else {
-                    break;
-                };
-                if !self.push_to_slot(si, q.req, &q.payload) {
-                    self.groups[g].queue.push_front(q);
-                    break;
-                }
-            }
-        }
-    }
-
-    /// A worker process is gone. Deliver what it answered, fail the request
-    /// it was running, give the ones it never started to other workers,
-    /// and reset the slot for a replacement.
-    fn on_worker_exit(&mut self, si: usize, pid: i32, status: i32) {
-        let Some(s) = self.slots.get(si) else { return };
-        let phase = s.phase;
-        let group = s.group;
-        let name = self.groups[group].name.clone();
-        let index = s.index;
-        if phase != Phase::Down {
-            // Replies it published before dying are good (unless it was
-            // killed for corrupting its memory).
-            if !matches!(phase, Phase::Failed { .. })
-                && let Err(why) = self.collect_slot(si)
-            {
-                warn!(group = %name, worker = index, "replies of dead worker unreadable: {why}");
-            }
-        }
-        let s = &mut self.slots[si];
-        let busy = s.slot.control().busy();
-        let pending: Vec<Pending> = s.pending.drain(..).collect();
-        let mut reader = pending
-            .first()
-            .and_then(|p| Consumer::attach_at(s.slot.requests(), p.pos).ok());
-        let mut requeue = Vec::new();
-        let mut died = 0;
-        for p in &pending {
-            let started = busy.is_some_and(|b| p.pos <= b.pos);
-            let payload = if started {
-                None
-            } else {
-                reader.as_mut().and_then(|r| match r.peek() {
-                    Ok(Some(rec))
-                        if rec.pos == p.pos
-                            && rec.meta.id == p.req.id
-                            && rec.meta.tag == p.req.tag.0 =>
-                    {
-                        let v = rec.payload.to_vec();
-                        r.advance();
-                        Some(v)
-                    }
-                    _ => None,
-                })
-            };
-            match payload {
-                Some(payload) => requeue.push(Queued {
-                    req: p.req,
-                    payload,
-                }),
-                None => {
-                    died += 1;
-                    self.totals.count(status::WORKER_DIED);
-                    self.conns.deliver(
-                        p.req.tag,
-                        p.req.id,
-                        status::WORKER_DIED,
-                        b"the worker running this request died",
-                        self.now_ns,
-                    );
-                }
-            }
-        }
-        let how = if status < 0 {
-            format!("killed by signal {}", -status)
-        } else {
-            format!("exited with code {status}")
-        };
-        match busy {
-            Some(b) => warn!(
-                group = %name, worker = index, pid, request_id = b.id, command = b.code,
-                requeued = requeue.len(), "worker {how} while running a request"
-            ),
-            None => {
-                info!(group = %name, worker = index, pid, requeued = requeue.len(), "worker {how}")
-            }
-        }
-        debug!(died, "requests failed with the worker");
-        let q = &mut self.groups[group].queue;
-        for r in requeue.into_iter().rev() {
-            q.push_front(r);
-        }
-        let s = &mut self.slots[si];
-        s.slot.reset();
-        if let Err(e) = s.attach() {
-            error!("slot {si}: cannot re-attach after reset: {e}");
-        }
-        s.phase = Phase::Down;
-        let _ = self
-            .control
-            .send_to_master(ToMaster::SlotReset { slot: si as u32 });
     }
 
     // ---- connections ----
@@ -980,8 +501,11 @@ impl Proxy {
             flags: h.flags,
             enqueued_ns: self.now_ns,
         };
-        let group = &self.groups[g];
-        let queued = !group.queue.is_empty();
+        if !self.group_live(g) {
+            self.reply_now(i, h.id, status::BUSY, b"no worker is running for this command");
+            return;
+        }
+        let queued = !self.groups[g].queue.is_empty();
         if !queued
             && let Some(si) = self.pick_slot(g, payload.len())
             && self.push_to_slot(si, req, payload)

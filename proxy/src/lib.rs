@@ -19,8 +19,10 @@
 
 #![deny(missing_docs)]
 
+mod conn;
 pub mod control;
 mod event_loop;
+mod slots;
 pub mod sys;
 
 use serde::{Deserialize, Serialize};
@@ -30,8 +32,10 @@ pub use event_loop::run;
 /// Environment variable carrying the [`ProxySpec`] as TOML.
 pub const SPEC_ENV: &str = "HALFSYNC_PROXY_SPEC";
 
-/// Everything the master hands the proxy process: the validated config and
-/// the numbers of the file descriptors it inherited.
+/// Everything the master hands the proxy process at start: the validated
+/// config and the numbers of the file descriptors it inherited. Worker
+/// slots arrive later over the control channel
+/// ([`control::ToProxy::AddSlot`]).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ProxySpec {
     /// The validated configuration, as TOML text.
@@ -40,21 +44,6 @@ pub struct ProxySpec {
     pub control_fd: i32,
     /// Listening sockets, in config order.
     pub listener_fds: Vec<i32>,
-    /// Worker slots, indexed by slot number.
-    pub slots: Vec<SlotSpec>,
-}
-
-/// One worker slot as the proxy sees it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct SlotSpec {
-    /// Index of the group in the config.
-    pub group: u32,
-    /// Number of the worker within its group (for logs).
-    pub index: u32,
-    /// The slot's memfd.
-    pub memfd: i32,
-    /// The eventfd the worker signals when it publishes replies.
-    pub eventfd: i32,
 }
 
 /// Errors that stop the proxy.

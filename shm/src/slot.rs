@@ -95,7 +95,7 @@ pub struct Control {
     busy_pos: AtomicU64,
     busy_id: AtomicU64,
     busy_code: AtomicU32,
-    _pad: AtomicU32,
+    recycle: AtomicU32,
     busy_since_ns: AtomicU64,
     served: AtomicU64,
 }
@@ -169,6 +169,17 @@ impl Control {
         self.served.load(Ordering::Relaxed)
     }
 
+    /// Worker: asks to be replaced (it reached `max_requests` or
+    /// `max_rss`). It keeps serving until told to stop.
+    pub fn want_recycle(&self) {
+        self.recycle.store(1, Ordering::Release);
+    }
+
+    /// Whether the worker asked to be replaced.
+    pub fn recycle_wanted(&self) -> bool {
+        self.recycle.load(Ordering::Acquire) != 0
+    }
+
     /// Asks the worker to finish its current request and exit.
     pub fn request_stop(&self) {
         self.stop.store(1, Ordering::Release);
@@ -189,6 +200,7 @@ impl Control {
         self.busy_pos.store(0, Ordering::Relaxed);
         self.busy_id.store(0, Ordering::Relaxed);
         self.busy_code.store(0, Ordering::Relaxed);
+        self.recycle.store(0, Ordering::Relaxed);
         self.busy_since_ns.store(0, Ordering::Relaxed);
         self.served.store(0, Ordering::Release);
     }

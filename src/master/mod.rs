@@ -6,6 +6,12 @@
 //! loop waits on two fds: a signalfd (SIGCHLD, TERM, INT, QUIT, HUP, ...)
 //! and the control channel to the proxy. Every child gets
 //! `PR_SET_PDEATHSIG(SIGKILL)`, so none outlives the master.
+//!
+//! Worker slots: each worker runs in a slot (its own memfd with a ring
+//! pair). A group has one slot per configured worker, plus spare slots
+//! created on demand for replacements: a recycled worker's replacement
+//! starts in a spare slot while the old one keeps serving, and the old
+//! slot becomes the spare once its worker retires.
 
 mod sys;
 
@@ -19,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use halfsync_config::Config;
-use halfsync_proxy::control::{Channel, Received, ToMaster, ToProxy};
-use halfsync_proxy::{ProxySpec, SlotSpec};
+use halfsync_proxy::ProxySpec;
+use halfsync_proxy::control::{Channel, KillReason, Received, Restart, ToMaster, ToProxy};
 use halfsync_shm::{Slot, sys as shm_sys};
 use halfsync_worker::{EXIT_PLUGIN_FAILED, WorkerSpec};
 use tracing::{error, info, warn};
@@ -34,27 +40,37 @@ pub const ROLE_ENV: &str = "HALFSYNC_ROLE";
 /// A worker that dies sooner than this after starting counts as a failed
 /// start for the restart backoff.
 const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(1);
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Life {
-    /// Running as `pid` since `since`.
-    Running { pid: i32, since: Instant },
-    /// Dead; waiting for the proxy to reset the slot.
-    Resetting,
-    /// Slot reset; a new worker starts at `at`.
+    /// No worker and none wanted: a spare slot.
+    Spare,
+    /// Running as `pid` since `since`. `kill_at`: SIGKILL it then (the
+    /// grace after a SIGABRT for a hung request).
+    Running {
+        pid: i32,
+        since: Instant,
+        kill_at: Option<Instant>,
+    },
+    /// Dead; waiting for the proxy to reset the slot, then `next`.
+    Resetting { next: Restart },
+    /// Reset; a new worker starts at `at`.
     Backoff { at: Instant },
-    /// Not restarted (shutting down).
+    /// Not restarted: shutting down.
     Stopped,
 }
 
-struct WorkerProc {
+struct SlotRec {
     group: usize,
-    index: u32,
+    /// Worker number within the group, for titles and logs.
+    label: u32,
     slot: Slot,
     eventfd: OwnedFd,
     life: Life,
+    /// This slot's worker takes over from that slot's once ready.
+    replaces: Option<usize>,
+    /// The proxy asked for this worker to be stopped (replaced or drained).
+    retiring: bool,
     /// Starts in a row that died young or failed init.
     failures: u32,
     restarts: u64,
@@ -72,11 +88,12 @@ struct Master {
     plugins: Vec<PathBuf>,
     pid: i32,
     listeners: Vec<TcpListener>,
-    workers: Vec<WorkerProc>,
+    slots: Vec<SlotRec>,
     proxy: Option<ProxyProc>,
     signals: OwnedFd,
     /// Set once a stop began: when the grace period ends.
     stopping: Option<Instant>,
+    rng: fastrand::Rng,
 }
 
 /// Runs the server until it is stopped. Errors before the first child
@@ -97,24 +114,6 @@ pub fn run(config: Config, exe: PathBuf) -> Result<()> {
                 .with_context(|| format!("cannot listen on {addr}"))?,
         );
     }
-    let capacity = config.server.ring_size as usize;
-    let mut workers = Vec::new();
-    for (gi, g) in config.groups.iter().enumerate() {
-        for index in 0..g.workers {
-            let slot = Slot::create(&format!("halfsync-{}-{index}", g.name), capacity)
-                .with_context(|| format!("creating shared memory for worker {} {index}", g.name))?;
-            let eventfd = shm_sys::eventfd().context("eventfd")?;
-            workers.push(WorkerProc {
-                group: gi,
-                index,
-                slot,
-                eventfd,
-                life: Life::Stopped,
-                failures: 0,
-                restarts: 0,
-            });
-        }
-    }
     let signals = sys::signalfd().context("signalfd")?;
     let config_toml = toml::to_string(&config).context("serializing config")?;
     let mut m = Master {
@@ -124,11 +123,17 @@ pub fn run(config: Config, exe: PathBuf) -> Result<()> {
         plugins,
         pid: std::process::id() as i32,
         listeners,
-        workers,
+        slots: Vec::new(),
         proxy: None,
         signals,
         stopping: None,
+        rng: fastrand::Rng::new(),
     };
+    for gi in 0..m.config.groups.len() {
+        for label in 0..m.config.groups[gi].workers {
+            m.new_slot(gi, label)?;
+        }
+    }
     let addrs: Vec<String> = m
         .listeners
         .iter()
@@ -136,13 +141,13 @@ pub fn run(config: Config, exe: PathBuf) -> Result<()> {
         .collect();
     info!(
         listen = %addrs.join(","),
-        workers = m.workers.len(),
+        workers = m.slots.len(),
         pid = m.pid,
         "halfsync starting"
     );
     m.start_proxy()?;
-    for i in 0..m.workers.len() {
-        m.start_worker(i)?;
+    for i in 0..m.slots.len() {
+        m.start_worker(i, None)?;
     }
     m.run_loop()
 }
@@ -213,28 +218,62 @@ fn spawn(
 }
 
 impl Master {
+    /// Creates a slot for group `gi` and hands it to the proxy.
+    fn new_slot(&mut self, gi: usize, label: u32) -> Result<usize> {
+        let name = &self.config.groups[gi].name;
+        let slot = Slot::create(
+            &format!("halfsync-{name}-{label}"),
+            self.config.server.ring_size as usize,
+        )
+        .with_context(|| format!("creating shared memory for worker {name} {label}"))?;
+        let eventfd = shm_sys::eventfd().context("eventfd")?;
+        self.slots.push(SlotRec {
+            group: gi,
+            label,
+            slot,
+            eventfd,
+            life: Life::Spare,
+            replaces: None,
+            retiring: false,
+            failures: 0,
+            restarts: 0,
+        });
+        let i = self.slots.len() - 1;
+        self.send_slot(i);
+        Ok(i)
+    }
+
+    fn send_slot(&self, i: usize) {
+        let Some(p) = &self.proxy else { return };
+        let s = &self.slots[i];
+        let msg = ToProxy::AddSlot {
+            slot: i as u32,
+            group: s.group as u32,
+            label: s.label,
+        };
+        let fds = [s.slot.fd().as_raw_fd(), s.eventfd.as_raw_fd()];
+        if let Err(e) = p.channel.send_to_proxy(msg, &fds) {
+            error!("cannot hand slot {i} to the proxy: {e}");
+        }
+    }
+
+    fn tell_proxy(&self, msg: ToProxy) {
+        if let Some(p) = &self.proxy
+            && let Err(e) = p.channel.send_to_proxy(msg, &[])
+        {
+            warn!("control channel: {e}");
+        }
+    }
+
     fn start_proxy(&mut self) -> Result<()> {
         let (master_end, proxy_end) = Channel::pair().context("control socketpair")?;
         let spec = ProxySpec {
             config: self.config_toml.clone(),
             control_fd: proxy_end.fd().as_raw_fd(),
             listener_fds: self.listeners.iter().map(|l| l.as_raw_fd()).collect(),
-            slots: self
-                .workers
-                .iter()
-                .map(|w| SlotSpec {
-                    group: w.group as u32,
-                    index: w.index,
-                    memfd: w.slot.fd().as_raw_fd(),
-                    eventfd: w.eventfd.as_raw_fd(),
-                })
-                .collect(),
         };
         let mut keep = vec![spec.control_fd];
         keep.extend(&spec.listener_fds);
-        for s in &spec.slots {
-            keep.extend([s.memfd, s.eventfd]);
-        }
         let pid = spawn(
             &self.exe,
             "halfsync: proxy",
@@ -250,26 +289,35 @@ impl Master {
             pid,
             channel: master_end,
         });
+        for i in 0..self.slots.len() {
+            self.send_slot(i);
+        }
         Ok(())
     }
 
-    fn start_worker(&mut self, i: usize) -> Result<()> {
-        let w = &mut self.workers[i];
-        let g = &self.config.groups[w.group];
+    fn start_worker(&mut self, i: usize, replaces: Option<usize>) -> Result<()> {
+        let s = &mut self.slots[i];
+        let g = &self.config.groups[s.group];
+        let jitter = match g.max_requests_jitter {
+            0 => 0,
+            j => self.rng.u64(0..=j),
+        };
         let spec = WorkerSpec {
             group: g.name.clone(),
-            index: w.index,
-            plugin: self.plugins[w.group].clone(),
+            index: s.label,
+            plugin: self.plugins[s.group].clone(),
             plugin_config: g.plugin_config_toml(),
-            memfd: w.slot.fd().as_raw_fd(),
-            eventfd: w.eventfd.as_raw_fd(),
+            memfd: s.slot.fd().as_raw_fd(),
+            eventfd: s.eventfd.as_raw_fd(),
             ring_size: self.config.server.ring_size,
             max_reply: self.config.server.max_frame - halfsync_protocol::MIN_LENGTH,
+            queue_timeout_ns: g.queue_timeout.as_nanos().min(u64::MAX as u128) as u64,
+            max_requests: if g.max_requests == 0 { 0 } else { g.max_requests.saturating_add(jitter) },
+            max_rss: g.max_rss,
         };
-        w.slot
-            .control()
-            .set_generation(w.slot.control().generation().wrapping_add(1));
-        let title = format!("halfsync: worker {} {}", g.name, w.index);
+        let ctl = s.slot.control();
+        ctl.set_generation(ctl.generation().wrapping_add(1));
+        let title = format!("halfsync: worker {} {}", g.name, s.label);
         let pid = spawn(
             &self.exe,
             &title,
@@ -278,17 +326,19 @@ impl Master {
             &[spec.memfd, spec.eventfd],
             self.pid,
         )
-        .with_context(|| format!("starting worker {} {}", g.name, w.index))?;
-        w.life = Life::Running {
+        .with_context(|| format!("starting worker {} {}", g.name, s.label))?;
+        s.life = Life::Running {
             pid,
             since: Instant::now(),
+            kill_at: None,
         };
-        if let Some(p) = &self.proxy {
-            let _ = p.channel.send_to_proxy(ToProxy::WorkerStarted {
-                slot: i as u32,
-                pid,
-            });
-        }
+        s.replaces = replaces;
+        s.retiring = false;
+        self.tell_proxy(ToProxy::WorkerStarted {
+            slot: i as u32,
+            pid,
+            replaces: replaces.map(|r| r as u32),
+        });
         Ok(())
     }
 
@@ -313,7 +363,7 @@ impl Master {
             self.run_timers();
             if self.stopping.is_some()
                 && self.proxy.is_none()
-                && self.workers.iter().all(|w| w.life == Life::Stopped)
+                && self.slots.iter().all(|s| !matches!(s.life, Life::Running { .. }))
             {
                 info!("halfsync stopped");
                 return Ok(());
@@ -324,9 +374,11 @@ impl Master {
     fn next_timeout(&self) -> Duration {
         let now = Instant::now();
         let mut next = now + Duration::from_secs(1);
-        for w in &self.workers {
-            if let Life::Backoff { at } = w.life {
-                next = next.min(at);
+        for s in &self.slots {
+            match s.life {
+                Life::Backoff { at } => next = next.min(at),
+                Life::Running { kill_at: Some(at), .. } => next = next.min(at),
+                _ => {}
             }
         }
         if let Some(deadline) = self.stopping {
@@ -363,23 +415,30 @@ impl Master {
         // The proxy holds its own copies; once it closes them the port is free.
         self.listeners.clear();
         match &self.proxy {
-            Some(p) => {
-                let _ = p.channel.send_to_proxy(ToProxy::Shutdown);
-            }
+            Some(_) => self.tell_proxy(ToProxy::Shutdown),
             None => self.stop_workers(),
         }
     }
 
-    /// Asks every worker to finish its current request and exit.
+    /// Asks a worker to finish its current request and exit.
+    fn stop_worker(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        if let Life::Running { pid, .. } = s.life {
+            s.retiring = true;
+            s.slot.control().request_stop();
+            s.slot.requests().wake_consumer();
+            sys::kill(pid, libc::SIGTERM);
+        }
+    }
+
+    /// Asks every worker to stop; nothing will be restarted.
     fn stop_workers(&mut self) {
-        for w in &mut self.workers {
-            match w.life {
-                Life::Running { pid, .. } => {
-                    w.slot.control().request_stop();
-                    w.slot.requests().wake_consumer();
-                    sys::kill(pid, libc::SIGTERM);
+        for i in 0..self.slots.len() {
+            match self.slots[i].life {
+                Life::Running { .. } => self.stop_worker(i),
+                Life::Resetting { .. } | Life::Backoff { .. } | Life::Spare => {
+                    self.slots[i].life = Life::Stopped
                 }
-                Life::Resetting | Life::Backoff { .. } => w.life = Life::Stopped,
                 Life::Stopped => {}
             }
         }
@@ -389,10 +448,10 @@ impl Master {
         if let Some(p) = &self.proxy {
             sys::kill(p.pid, libc::SIGKILL);
         }
-        for w in &mut self.workers {
-            match w.life {
+        for s in &mut self.slots {
+            match s.life {
                 Life::Running { pid, .. } => sys::kill(pid, libc::SIGKILL),
-                _ => w.life = Life::Stopped,
+                _ => s.life = Life::Stopped,
             }
         }
     }
@@ -427,70 +486,85 @@ impl Master {
             return;
         }
         let Some(i) = self
-            .workers
+            .slots
             .iter()
-            .position(|w| matches!(w.life, Life::Running { pid: p, .. } if p == pid))
+            .position(|s| matches!(s.life, Life::Running { pid: p, .. } if p == pid))
         else {
-            return; // the plugin probe, or a child of a previous proxy generation
+            return; // the plugin probe
         };
-        let w = &mut self.workers[i];
-        let Life::Running { since, .. } = w.life else {
+        let stopping = self.stopping.is_some();
+        let s = &mut self.slots[i];
+        let Life::Running { since, .. } = s.life else {
             return;
         };
-        let name = &self.config.groups[w.group].name;
-        if self.stopping.is_some() {
-            w.life = Life::Stopped;
-            info!(group = %name, worker = w.index, pid, "worker exited ({})", describe(how));
-            return;
-        }
-        if how == EXIT_PLUGIN_FAILED || since.elapsed() < MIN_HEALTHY_LIFE {
-            w.failures += 1;
+        let name = &self.config.groups[s.group].name;
+        // A replacement that dies before taking over is not restarted: its
+        // predecessor still serves and the proxy asks again later.
+        let failed_replacement = s.replaces.is_some();
+        let next = if stopping || s.retiring || failed_replacement {
+            Restart::Never
         } else {
-            w.failures = 0;
-        }
-        w.life = Life::Resetting;
-        if how != 0 {
-            warn!(group = %name, worker = w.index, pid, "worker died ({})", describe(how));
-        }
-        match &self.proxy {
-            Some(p) => {
-                let _ = p.channel.send_to_proxy(ToProxy::WorkerExited {
-                    slot: i as u32,
-                    pid,
-                    status: how,
-                });
+            // A failed start: init failed, or it died young without
+            // serving a single request (a plugin that crashes on every
+            // request). A worker that served before crashing is replaced
+            // at once, however young.
+            let served = s.slot.control().served();
+            if how == EXIT_PLUGIN_FAILED || (since.elapsed() < MIN_HEALTHY_LIFE && served == 0) {
+                s.failures += 1;
+            } else {
+                s.failures = 0;
             }
+            if s.failures >= 2 { Restart::Later } else { Restart::Now }
+        };
+        if stopping || s.retiring {
+            info!(group = %name, worker = s.label, pid, "worker exited ({})", describe(how));
+        } else {
+            warn!(group = %name, worker = s.label, pid, "worker died ({})", describe(how));
+        }
+        s.life = Life::Resetting { next };
+        match &self.proxy {
+            Some(_) => self.tell_proxy(ToProxy::WorkerExited {
+                slot: i as u32,
+                pid,
+                status: how,
+                restart: next,
+            }),
             None => {
-                w.slot.reset();
-                self.schedule_restart(i);
+                self.slots[i].slot.reset();
+                self.slot_reset(i);
             }
         }
     }
 
-    fn schedule_restart(&mut self, i: usize) {
-        let w = &mut self.workers[i];
-        if self.stopping.is_some() {
-            w.life = Life::Stopped;
+    /// The proxy has cleaned up a dead worker's slot: start the next
+    /// worker there now, later, or never.
+    fn slot_reset(&mut self, i: usize) {
+        let Life::Resetting { next } = self.slots[i].life else {
             return;
-        }
-        // The first failure restarts at once; then 100 ms, 200 ms, ... 5 s.
-        let delay = match w.failures {
-            0 | 1 => Duration::ZERO,
-            n => BACKOFF_FIRST
-                .saturating_mul(1 << (n - 2).min(16))
-                .min(BACKOFF_MAX),
         };
-        if delay > Duration::ZERO {
-            warn!(
-                group = %self.config.groups[w.group].name,
-                worker = w.index,
-                failures = w.failures,
-                "worker keeps failing; restarting in {} ms",
-                delay.as_millis()
-            );
-        }
-        w.life = Life::Backoff {
-            at: Instant::now() + delay,
+        let s = &mut self.slots[i];
+        s.replaces = None;
+        s.retiring = false;
+        s.life = match next {
+            _ if self.stopping.is_some() => Life::Stopped,
+            Restart::Never => Life::Spare,
+            Restart::Now => Life::Backoff { at: Instant::now() },
+            Restart::Later => {
+                let g = &self.config.groups[s.group];
+                // 2nd failure in a row: restart_delay; then doubling, capped.
+                let delay = g
+                    .restart_delay
+                    .saturating_mul(1 << (s.failures - 2).min(20))
+                    .min(g.restart_delay_max);
+                warn!(
+                    group = %g.name,
+                    worker = s.label,
+                    failures = s.failures,
+                    "worker keeps failing; restarting in {} ms",
+                    delay.as_millis()
+                );
+                Life::Backoff { at: Instant::now() + delay }
+            }
         };
         self.run_timers();
     }
@@ -498,28 +572,8 @@ impl Master {
     fn read_control(&mut self) {
         loop {
             let Some(p) = &self.proxy else { return };
-            match p.channel.recv_from_proxy() {
-                Ok(Received::Msg(ToMaster::SlotReset { slot })) => {
-                    let i = slot as usize;
-                    if self
-                        .workers
-                        .get(i)
-                        .is_some_and(|w| w.life == Life::Resetting)
-                    {
-                        self.schedule_restart(i);
-                    }
-                }
-                Ok(Received::Msg(ToMaster::KillWorker { slot, pid })) => {
-                    if let Some(w) = self.workers.get(slot as usize)
-                        && matches!(w.life, Life::Running { pid: p, .. } if p == pid)
-                    {
-                        sys::kill(pid, libc::SIGKILL);
-                    }
-                }
-                Ok(Received::Msg(ToMaster::Drained)) => {
-                    info!("proxy drained");
-                    self.stop_workers();
-                }
+            let msg = match p.channel.recv_from_proxy() {
+                Ok(Received::Msg(m)) => m,
                 Ok(Received::Empty) => return,
                 // The proxy is gone; SIGCHLD tells the rest.
                 Ok(Received::Closed) => return,
@@ -527,7 +581,87 @@ impl Master {
                     warn!("control channel: {e}");
                     return;
                 }
+            };
+            match msg {
+                ToMaster::SlotReset { slot } => {
+                    if (slot as usize) < self.slots.len() {
+                        self.slot_reset(slot as usize);
+                    }
+                }
+                ToMaster::KillWorker { slot, pid, reason } => self.kill_worker(slot as usize, pid, reason),
+                ToMaster::Recycle { slot, pid } => self.recycle(slot as usize, pid),
+                ToMaster::Retire { slot, pid } => {
+                    let i = slot as usize;
+                    if self.running_pid(i) == Some(pid) {
+                        // Its replacement is a regular worker from now on.
+                        for s in &mut self.slots {
+                            if s.replaces == Some(i) {
+                                s.replaces = None;
+                            }
+                        }
+                        self.stop_worker(i);
+                    }
+                }
+                ToMaster::Drained => {
+                    info!("proxy drained");
+                    self.stop_workers();
+                }
             }
+        }
+    }
+
+    fn running_pid(&self, i: usize) -> Option<i32> {
+        match self.slots.get(i)?.life {
+            Life::Running { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+
+    fn kill_worker(&mut self, i: usize, pid: i32, reason: KillReason) {
+        if self.running_pid(i) != Some(pid) {
+            return;
+        }
+        let s = &mut self.slots[i];
+        let grace = self.config.groups[s.group].timeout_kill_grace;
+        if reason == KillReason::RequestTimeout && !grace.is_zero() {
+            // A chance for a crash handler to record where it hung.
+            sys::kill(pid, libc::SIGABRT);
+            if let Life::Running { kill_at, .. } = &mut s.life {
+                *kill_at = Some(Instant::now() + grace);
+            }
+        } else {
+            sys::kill(pid, libc::SIGKILL);
+        }
+    }
+
+    /// Starts a replacement for the worker of slot `old` in a spare slot of
+    /// its group (made if there is none). The old one keeps serving until
+    /// the proxy retires it.
+    fn recycle(&mut self, old: usize, pid: i32) {
+        if self.stopping.is_some() || self.running_pid(old) != Some(pid) {
+            return;
+        }
+        let (group, label) = (self.slots[old].group, self.slots[old].label);
+        let spare = self
+            .slots
+            .iter()
+            .position(|s| s.group == group && s.life == Life::Spare);
+        let i = match spare {
+            Some(i) => {
+                self.slots[i].label = label;
+                i
+            }
+            None => match self.new_slot(group, label) {
+                Ok(i) => i,
+                Err(e) => {
+                    error!("{e:#}");
+                    return;
+                }
+            },
+        };
+        if let Err(e) = self.start_worker(i, Some(old)) {
+            error!("{e:#}");
+            self.slots[i].life = Life::Spare;
         }
     }
 
@@ -538,9 +672,9 @@ impl Master {
         {
             let left = self.proxy.is_some() as usize
                 + self
-                    .workers
+                    .slots
                     .iter()
-                    .filter(|w| matches!(w.life, Life::Running { .. }))
+                    .filter(|s| matches!(s.life, Life::Running { .. }))
                     .count();
             if left > 0 {
                 warn!(
@@ -552,17 +686,22 @@ impl Master {
             // Reaped on SIGCHLD; do not kill again.
             self.stopping = Some(now + Duration::from_secs(3600));
         }
-        for i in 0..self.workers.len() {
-            if let Life::Backoff { at } = self.workers[i].life
-                && now >= at
-            {
-                self.workers[i].restarts += 1;
-                if let Err(e) = self.start_worker(i) {
-                    error!("{e:#}");
-                    self.workers[i].failures += 1;
-                    self.workers[i].life = Life::Resetting;
-                    self.schedule_restart(i);
+        for i in 0..self.slots.len() {
+            match self.slots[i].life {
+                Life::Running { pid, kill_at: Some(at), .. } if now >= at => {
+                    sys::kill(pid, libc::SIGKILL);
                 }
+                Life::Backoff { at } if now >= at => {
+                    self.slots[i].restarts += 1;
+                    if let Err(e) = self.start_worker(i, None) {
+                        error!("{e:#}");
+                        let s = &mut self.slots[i];
+                        s.failures += 1;
+                        s.life = Life::Resetting { next: Restart::Later };
+                        self.slot_reset(i);
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -571,8 +710,8 @@ impl Master {
     /// is gone, so every worker is replaced along with it.
     fn restart_all(&mut self) {
         let mut pids = HashMap::new();
-        for (i, w) in self.workers.iter().enumerate() {
-            if let Life::Running { pid, .. } = w.life {
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Life::Running { pid, .. } = s.life {
                 sys::kill(pid, libc::SIGKILL);
                 pids.insert(pid, i);
             }
@@ -588,17 +727,25 @@ impl Master {
                 Err(_) => break,
             }
         }
-        for w in &mut self.workers {
-            w.slot.reset();
-            w.life = Life::Stopped;
+        // Back to the configured workers; spares stay spare.
+        let mut wanted = Vec::new();
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            s.slot.reset();
+            let was_worker = !matches!(s.life, Life::Spare) && s.replaces.is_none() && !s.retiring;
+            s.life = Life::Spare;
+            s.replaces = None;
+            s.retiring = false;
+            if was_worker {
+                wanted.push(i);
+            }
         }
         if let Err(e) = self.start_proxy() {
             error!("{e:#}; stopping");
             self.stopping = Some(Instant::now());
             return;
         }
-        for i in 0..self.workers.len() {
-            if let Err(e) = self.start_worker(i) {
+        for i in wanted {
+            if let Err(e) = self.start_worker(i, None) {
                 error!("{e:#}");
             }
         }

@@ -5,11 +5,14 @@
 //! test binary, and builds the plugins a test needs, once per test process:
 //!
 //! - [`rust_plugin`] runs `cargo build -p <package>` for a Rust `cdylib`
-//!   plugin (e.g. [`echo_plugin`]) into the same target directory and
-//!   profile as the running test;
+//!   plugin (e.g. [`echo_plugin`], [`fault_plugin`]) into the same target
+//!   directory and profile as the running test;
 //! - [`c_plugin`] compiles one C file from the workspace with the system C
 //!   compiler into `target/<profile>/test-plugins/lib<stem>.so`, only when
-//!   it is missing or older than its sources.
+//!   it is missing or older than its sources (e.g. [`c_echo_plugin`],
+//!   [`c_fault_plugin`]).
+//!
+//! The fault-injection plugins' command numbers are in [`fault`].
 //!
 //! ```no_run
 //! let echo = halfsync_testkit::echo_plugin();
@@ -95,6 +98,86 @@ pub fn echo_plugin() -> PathBuf {
 /// The path of the C echo plugin (`plugins/c/echo.c`), built if needed.
 pub fn c_echo_plugin() -> PathBuf {
     c_plugin("plugins/c/echo.c")
+}
+
+/// The path of the Rust fault-injection plugin (`plugins/fault`,
+/// `libfault.so`), built if needed. Its commands are in [`fault`].
+pub fn fault_plugin() -> PathBuf {
+    rust_plugin("halfsync-plugin-fault", "fault")
+}
+
+/// The path of the C fault-injection plugin (`plugins/c/test/fault.c`,
+/// `test-plugins/libfault.so`), built if needed. Its commands are in
+/// [`fault`].
+pub fn c_fault_plugin() -> PathBuf {
+    c_plugin("plugins/c/test/fault.c")
+}
+
+/// The command numbers and constants of the fault-injection plugins
+/// ([`fault_plugin`], [`c_fault_plugin`]), mirrored from the
+/// `halfsync-plugin-fault` crate (tests cannot link a `cdylib`); see its
+/// crate documentation for what each does. Every command not listed echoes.
+///
+/// A test in `testkit/tests/fault_plugins.rs` checks that this module, the
+/// Rust crate and the C file agree.
+pub mod fault {
+    /// Echo the payload (also what every command not listed does).
+    pub const ECHO: u16 = 1;
+    /// Die of SIGSEGV (a real invalid write).
+    pub const SEGV: u16 = 10;
+    /// `abort()`: die of SIGABRT.
+    pub const ABORT: u16 = 11;
+    /// Rust: a panic the SDK catches (PLUGIN_ERROR `plugin panicked: fault:
+    /// requested panic`); C: PLUGIN_ERROR `fault: requested error`.
+    pub const PANIC: u16 = 12;
+    /// A panic that escapes the SDK (C: `raise(SIGABRT)`): dies of SIGABRT.
+    pub const ESCAPING_PANIC: u16 = 13;
+    /// `exit(0)` in the middle of the request.
+    pub const EXIT: u16 = 14;
+    /// Never return (without burning CPU).
+    pub const HANG: u16 = 15;
+    /// Sleep for payload `u32` BE milliseconds (default
+    /// [`SLOW_DEFAULT_MS`]), then echo.
+    pub const SLOW: u16 = 16;
+    /// Leak payload `u32` BE MiB (default [`LEAK_DEFAULT_MIB`]), touched,
+    /// then echo.
+    pub const LEAK: u16 = 17;
+    /// Corrupt this worker's slot; the first payload byte is one of the
+    /// `SCRIBBLE_*` variants.
+    pub const SCRIBBLE: u16 = 18;
+    /// Die of SIGBUS (a real bus error).
+    pub const SIGBUS: u16 = 19;
+    /// `kill(getpid(), SIGKILL)`.
+    pub const SIGKILL: u16 = 20;
+    /// Write `capacity + 1` bytes into the reply: PLUGIN_ERROR.
+    pub const REPLY_TOO_BIG: u16 = 21;
+    /// C: return status 4 (the worker sends PLUGIN_ERROR `plugin returned
+    /// reserved status 4`). Rust: PLUGIN_ERROR `fault: the Rust SDK cannot
+    /// return reserved status 4` (its `Status` cannot hold 4).
+    pub const RESERVED_STATUS: u16 = 22;
+    /// Reply [`CUSTOM_STATUS`] with payload `custom`.
+    pub const CUSTOM: u16 = 23;
+
+    /// The status of [`CUSTOM`]'s reply.
+    pub const CUSTOM_STATUS: u16 = 150;
+    /// The status the C plugin returns for [`RESERVED_STATUS`].
+    pub const RESERVED_STATUS_CODE: u16 = 4;
+    /// [`SLOW`]'s delay when the payload has fewer than 4 bytes.
+    pub const SLOW_DEFAULT_MS: u32 = 100;
+    /// [`LEAK`]'s size when the payload has fewer than 4 bytes.
+    pub const LEAK_DEFAULT_MIB: u32 = 16;
+
+    /// [`SCRIBBLE`]: fill the reply ring header's first 128 bytes (`tail`,
+    /// `head`) with `0xA5`, then hang.
+    pub const SCRIBBLE_REPLY_HEADER_HANG: u8 = 0;
+    /// [`SCRIBBLE`]: fill the control block's first 128 bytes with `0xA5`,
+    /// then hang.
+    pub const SCRIBBLE_CONTROL_HANG: u8 = 1;
+    /// [`SCRIBBLE`]: fill the reply ring header with `0xA5`, then echo.
+    pub const SCRIBBLE_REPLY_HEADER_RETURN: u8 = 2;
+    /// [`SCRIBBLE`]: fill the reply ring data area with random bytes, then
+    /// hang.
+    pub const SCRIBBLE_REPLY_DATA_HANG: u8 = 3;
 }
 
 /// Builds the Rust `cdylib` plugin `package` (once per test process) with

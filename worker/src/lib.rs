@@ -58,6 +58,13 @@ pub struct WorkerSpec {
     pub ring_size: u64,
     /// Largest reply payload (max_frame - 12).
     pub max_reply: u32,
+    /// Requests that waited longer than this (ns) in the ring get TIMEOUT
+    /// without running; 0 is off.
+    pub queue_timeout_ns: u64,
+    /// Ask to be replaced after this many requests (jitter included); 0 is off.
+    pub max_requests: u64,
+    /// Ask to be replaced once peak RSS passes this many bytes; 0 is off.
+    pub max_rss: u64,
 }
 
 impl WorkerSpec {

@@ -11,6 +11,18 @@ use tracing::{error, info};
 
 use crate::{EXIT_PLUGIN_FAILED, EXIT_SLOT_FAILED, Plugin, WorkerSpec};
 
+/// HSP/1 status TIMEOUT (the worker answers stale requests itself).
+const STATUS_TIMEOUT: u16 = 3;
+
+/// Peak resident set size of this process, in bytes.
+fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage writes into a live, zeroed rusage.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    (ru.ru_maxrss.max(0) as u64) * 1024
+}
+
 /// How long the worker sleeps on an empty ring before re-checking for a
 /// stop request (a publish or a stop wakes it at once).
 const IDLE_WAIT: Duration = Duration::from_secs(1);
@@ -91,6 +103,8 @@ pub fn run(spec: WorkerSpec) -> i32 {
         "worker ready"
     );
 
+    let mut served: u64 = 0;
+    let mut recycle_asked = false;
     let code = loop {
         if stop.load(Ordering::Relaxed) || ctl.stop_requested() {
             break 0;
@@ -110,7 +124,10 @@ pub fn run(spec: WorkerSpec) -> i32 {
             }
         };
         let req = rec.meta;
-        ctl.begin(rec.pos, req.id, req.code, sys::monotonic_ns());
+        let now = sys::monotonic_ns();
+        ctl.begin(rec.pos, req.id, req.code, now);
+        // A request that waited too long is answered TIMEOUT, never run.
+        let stale = spec.queue_timeout_ns > 0 && now.saturating_sub(req.time_ns) > spec.queue_timeout_ns;
 
         // Room for the largest reply, so the plugin writes straight into
         // the ring. The proxy drains replies continuously; waiting here
@@ -145,7 +162,15 @@ pub fn run(spec: WorkerSpec) -> i32 {
         let Ok(Some(mut res)) = reservation else {
             break EXIT_SLOT_FAILED;
         };
-        let (status, len) = instance.handle(req.id, req.code, req.flags, rec.payload, res.buf());
+        let (status, len) = if stale {
+            let msg = b"waited longer than queue_timeout for a worker";
+            let buf = res.buf();
+            let n = msg.len().min(buf.len());
+            buf[..n].copy_from_slice(&msg[..n]);
+            (STATUS_TIMEOUT, n)
+        } else {
+            instance.handle(req.id, req.code, req.flags, rec.payload, res.buf())
+        };
         res.commit(
             &Meta {
                 code: status,
@@ -160,6 +185,17 @@ pub fn run(spec: WorkerSpec) -> i32 {
         rx.advance();
         rx.release();
         ctl.end();
+        served += 1;
+        if !recycle_asked
+            && ((spec.max_requests > 0 && served >= spec.max_requests)
+                || (spec.max_rss > 0 && peak_rss_bytes() >= spec.max_rss))
+        {
+            // Keep serving; the proxy has a replacement started and retires
+            // this worker once the replacement is ready.
+            recycle_asked = true;
+            info!(served, rss = peak_rss_bytes(), "recycling limit reached");
+            ctl.want_recycle();
+        }
     };
     ctl.set_state(WorkerState::Exiting);
     if code == 0 {

@@ -1,0 +1,137 @@
+//! Client connections: the slab that holds them and the per-connection
+//! buffers. The reading, framing and sending live in `event_loop.rs`.
+
+use std::net::TcpStream;
+
+use halfsync_protocol as hsp;
+
+use crate::sys::{READ, WRITE};
+
+/// Most requests one connection may have in flight before the proxy stops
+/// reading from it (back-pressure instead of unbounded memory).
+pub(crate) const MAX_CONN_INFLIGHT: u32 = 4096;
+/// Most unsent reply bytes one connection may hold before the proxy stops
+/// reading from it.
+pub(crate) const MAX_CONN_OUTPUT: usize = 4 << 20;
+
+/// Identifies one incarnation of a connection: slab index and generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tag(pub(crate) u64);
+
+impl Tag {
+    pub(crate) fn new(index: usize, generation: u32) -> Tag {
+        Tag(((generation as u64) << 32) | index as u64)
+    }
+    pub(crate) fn index(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
+    }
+    pub(crate) fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+
+
+pub(crate) struct Conn {
+    pub(crate) stream: TcpStream,
+    /// Bytes of an incomplete frame carried over between reads.
+    pub(crate) inbuf: Vec<u8>,
+    pub(crate) out: Vec<u8>,
+    pub(crate) out_pos: usize,
+    /// Requests accepted from this connection and not yet answered.
+    pub(crate) inflight: u32,
+    pub(crate) last_active_ns: u64,
+    /// What epoll watches for this connection.
+    pub(crate) interest: u32,
+    /// The peer finished sending.
+    pub(crate) eof: bool,
+    /// No more requests are read: close once answered and flushed.
+    pub(crate) closing: bool,
+    /// Already in the dirty list.
+    pub(crate) dirty: bool,
+}
+
+impl Conn {
+    pub(crate) fn has_output(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+
+    pub(crate) fn push_reply(&mut self, id: u64, code: u16, payload: &[u8]) {
+        self.out
+            .extend_from_slice(&hsp::encode_header(id, code, 0, payload.len()));
+        self.out.extend_from_slice(payload);
+    }
+
+    pub(crate) fn wanted_interest(&self) -> u32 {
+        let mut i = 0;
+        if !self.eof
+            && !self.closing
+            && self.inflight < MAX_CONN_INFLIGHT
+            && self.out.len() - self.out_pos < MAX_CONN_OUTPUT
+        {
+            i |= READ;
+        }
+        if self.has_output() && self.interest & WRITE != 0 {
+            // Stay armed until the buffer drains.
+            i |= WRITE;
+        }
+        i
+    }
+}
+
+/// Connections in a slab indexed by epoll token. Generations survive a
+/// slot's reuse so a late reply for a closed connection is recognised.
+pub(crate) struct Conns {
+    pub(crate) slab: Vec<Option<Conn>>,
+    pub(crate) generations: Vec<u32>,
+    pub(crate) free: Vec<usize>,
+    pub(crate) live: usize,
+    /// Connections with output to send this turn.
+    pub(crate) dirty: Vec<usize>,
+}
+
+impl Conns {
+    pub(crate) fn insert(&mut self, conn: Conn) -> usize {
+        self.live += 1;
+        if let Some(i) = self.free.pop() {
+            self.slab[i] = Some(conn);
+            i
+        } else {
+            self.slab.push(Some(conn));
+            self.generations.push(0);
+            self.slab.len() - 1
+        }
+    }
+
+    pub(crate) fn get(&mut self, tag: Tag) -> Option<&mut Conn> {
+        let i = tag.index();
+        if self.generations.get(i) != Some(&tag.generation()) {
+            return None;
+        }
+        self.slab.get_mut(i)?.as_mut()
+    }
+
+    pub(crate) fn tag(&self, i: usize) -> Tag {
+        Tag::new(i, self.generations[i])
+    }
+
+    pub(crate) fn mark_dirty(&mut self, i: usize) {
+        if let Some(Some(c)) = self.slab.get_mut(i)
+            && !c.dirty
+        {
+            c.dirty = true;
+            self.dirty.push(i);
+        }
+    }
+
+    /// Delivers a reply to the connection `tag` names, if it still exists.
+    pub(crate) fn deliver(&mut self, tag: Tag, id: u64, code: u16, payload: &[u8], now_ns: u64) {
+        if let Some(c) = self.get(tag) {
+            c.push_reply(id, code, payload);
+            c.inflight = c.inflight.saturating_sub(1);
+            c.last_active_ns = now_ns;
+            self.mark_dirty(tag.index());
+        }
+    }
+}
+

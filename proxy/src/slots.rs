@@ -1,0 +1,698 @@
+//! Worker slots as the proxy sees them: which requests each worker holds,
+//! what state its process is in, and everything that happens when one
+//! dies, hangs, corrupts its memory or is replaced.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use halfsync_protocol::status;
+use halfsync_shm::{Consumer, Meta, Notify, Producer, RingError, Slot, WorkerState};
+use tracing::{debug, error, info, warn};
+
+use crate::conn::Tag;
+use crate::control::{KillReason, Restart, ToMaster};
+use crate::event_loop::{NS_PER_MS, Proxy, TOKEN_SLOT};
+use crate::sys::READ;
+
+/// After a replacement worker failed to start, wait this long before asking
+/// the master for another one.
+const RECYCLE_RETRY_NS: u64 = 1000 * NS_PER_MS;
+
+/// A request's identity while it is away from its connection.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReqMeta {
+    pub(crate) tag: Tag,
+    pub(crate) id: u64,
+    pub(crate) code: u16,
+    pub(crate) flags: u16,
+    pub(crate) enqueued_ns: u64,
+}
+
+/// A request written into a worker's ring and not yet answered.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pending {
+    pub(crate) pos: u64,
+    pub(crate) req: ReqMeta,
+}
+
+/// A request waiting in the proxy for a worker with room.
+pub(crate) struct Queued {
+    pub(crate) req: ReqMeta,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// Where a slot's worker process is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// No worker. `Restart` says whether one is on its way.
+    Down(Restart),
+    /// A worker process exists and is initialising its plugin.
+    Starting { pid: i32 },
+    /// Serving.
+    Ready { pid: i32 },
+    /// Its replacement is serving: no new requests; retired once it holds none.
+    Draining { pid: i32 },
+    /// Asked to exit (drained); waiting for the master to reap it.
+    Retiring { pid: i32 },
+    /// Asked the master to kill it (corrupt memory or a hung request).
+    Killing { pid: i32 },
+}
+
+impl Phase {
+    fn pid(self) -> Option<i32> {
+        match self {
+            Phase::Down(_) => None,
+            Phase::Starting { pid }
+            | Phase::Ready { pid }
+            | Phase::Draining { pid }
+            | Phase::Retiring { pid }
+            | Phase::Killing { pid } => Some(pid),
+        }
+    }
+}
+
+pub(crate) struct WorkerSlot {
+    pub(crate) group: usize,
+    pub(crate) label: u32,
+    slot: Slot,
+    pub(crate) eventfd: OwnedFd,
+    tx: Producer,
+    rx: Consumer,
+    pub(crate) pending: VecDeque<Pending>,
+    pub(crate) phase: Phase,
+    /// When the current phase began (CLOCK_MONOTONIC ns).
+    since_ns: u64,
+    /// When the slot last lost its worker, to measure the replacement time.
+    down_since_ns: Option<u64>,
+    /// The slot whose worker this one replaces once ready.
+    replaces: Option<usize>,
+    /// A replacement was requested for this worker.
+    recycle_requested: bool,
+    /// Do not request a replacement before this time.
+    recycle_not_before_ns: u64,
+    /// The memory is corrupt: read nothing more from it.
+    corrupt: bool,
+    /// The request (ring position) killed for running too long.
+    timed_out: Option<u64>,
+    /// The request (ring position) already logged as slow.
+    slow_logged: Option<u64>,
+}
+
+impl WorkerSlot {
+    fn attach(&mut self) -> Result<(), RingError> {
+        self.tx = Producer::attach(self.slot.requests(), Notify::Futex)?;
+        self.rx = Consumer::attach(self.slot.replies())?;
+        Ok(())
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        matches!(self.phase, Phase::Ready { .. })
+    }
+
+    /// Whether replies may be read from this slot.
+    fn readable(&self) -> bool {
+        !self.corrupt
+            && matches!(
+                self.phase,
+                Phase::Ready { .. } | Phase::Draining { .. } | Phase::Retiring { .. } | Phase::Killing { .. }
+            )
+    }
+
+    /// Announces sleep to the worker; false if replies are already waiting.
+    pub(crate) fn prepare_sleep(&mut self) -> bool {
+        if !self.readable() {
+            return true;
+        }
+        matches!(self.rx.prepare_sleep(), Ok(true))
+    }
+
+    pub(crate) fn end_sleep(&self) {
+        if self.readable() {
+            self.rx.end_sleep();
+        }
+    }
+
+    pub(crate) fn has_unpublished(&self) -> bool {
+        self.tx.has_unpublished()
+    }
+
+    pub(crate) fn publish(&mut self) {
+        self.tx.publish();
+    }
+}
+
+/// One `[[group]]` as the proxy runs it.
+pub(crate) struct Group {
+    pub(crate) name: String,
+    pub(crate) slots: Vec<usize>,
+    pub(crate) queue: VecDeque<Queued>,
+    pub(crate) max_inflight: usize,
+    pub(crate) max_queue: usize,
+    pub(crate) request_timeout_ns: u64,
+    pub(crate) slow_request_ns: u64,
+    pub(crate) queue_timeout_ns: u64,
+    pub(crate) init_timeout_ns: u64,
+}
+
+impl Group {
+    pub(crate) fn new(g: &halfsync_config::Group) -> Group {
+        let ns = |d: std::time::Duration| d.as_nanos().min(u64::MAX as u128) as u64;
+        Group {
+            name: g.name.clone(),
+            slots: Vec::new(),
+            queue: VecDeque::new(),
+            max_inflight: g.max_inflight as usize,
+            max_queue: g.max_queue as usize,
+            request_timeout_ns: ns(g.request_timeout),
+            slow_request_ns: ns(g.slow_request),
+            queue_timeout_ns: ns(g.queue_timeout),
+            init_timeout_ns: ns(g.init_timeout),
+        }
+    }
+}
+
+/// What a slot needs this turn (decided by `slot_action`, done by `apply`).
+enum Action {
+    None,
+    Ready(i32),
+    Kill(KillReason, String, Option<u64>),
+    Slow(u64, u64, u16, u64),
+    Retire(i32),
+    Recycle(i32),
+}
+
+fn describe(status: i32) -> String {
+    if status < 0 {
+        format!("was killed by signal {}", -status)
+    } else {
+        format!("exited with code {status}")
+    }
+}
+
+impl Proxy {
+    /// Maps a slot the master created.
+    pub(crate) fn add_slot(&mut self, si: usize, group: usize, label: u32, fds: Vec<OwnedFd>) {
+        let [memfd, eventfd]: [OwnedFd; 2] = match fds.try_into() {
+            Ok(f) => f,
+            Err(_) => {
+                error!(slot = si, "AddSlot without its two fds; ignored");
+                return;
+            }
+        };
+        if group >= self.groups.len() {
+            error!(slot = si, group, "AddSlot for an unknown group; ignored");
+            return;
+        }
+        let capacity = self.config.server.ring_size as usize;
+        let slot = match Slot::open(File::from(memfd), capacity) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(slot = si, "cannot map slot: {e}");
+                return;
+            }
+        };
+        let (tx, rx) = match (
+            Producer::attach(slot.requests(), Notify::Futex),
+            Consumer::attach(slot.replies()),
+        ) {
+            (Ok(tx), Ok(rx)) => (tx, rx),
+            (Err(e), _) | (_, Err(e)) => {
+                error!(slot = si, "new slot is corrupt: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.epoll.add(eventfd.as_raw_fd(), READ, TOKEN_SLOT | si as u64) {
+            error!(slot = si, "epoll_ctl(eventfd): {e}");
+            return;
+        }
+        if self.slots.len() <= si {
+            self.slots.resize_with(si + 1, || None);
+        }
+        if let Some(old) = self.slots[si].take() {
+            let _ = self.epoll.delete(old.eventfd.as_raw_fd());
+        }
+        self.slots[si] = Some(WorkerSlot {
+            group,
+            label,
+            slot,
+            eventfd,
+            tx,
+            rx,
+            pending: VecDeque::new(),
+            phase: Phase::Down(Restart::Now),
+            since_ns: self.now_ns,
+            down_since_ns: None,
+            replaces: None,
+            recycle_requested: false,
+            recycle_not_before_ns: 0,
+            corrupt: false,
+            timed_out: None,
+            slow_logged: None,
+        });
+        if !self.groups[group].slots.contains(&si) {
+            self.groups[group].slots.push(si);
+        }
+    }
+
+    pub(crate) fn worker_started(&mut self, si: usize, pid: i32, replaces: Option<usize>) {
+        let now = self.now_ns;
+        let Some(s) = self.slot_mut(si) else { return };
+        s.phase = Phase::Starting { pid };
+        s.since_ns = now;
+        s.replaces = replaces;
+        s.corrupt = false;
+        s.timed_out = None;
+        s.slow_logged = None;
+        s.recycle_requested = false;
+    }
+
+    fn slot_mut(&mut self, si: usize) -> Option<&mut WorkerSlot> {
+        self.slots.get_mut(si).and_then(Option::as_mut)
+    }
+
+    fn group_name(&self, si: usize) -> (&str, u32) {
+        match self.slots.get(si).and_then(Option::as_ref) {
+            Some(s) => (&self.groups[s.group].name, s.label),
+            None => ("?", 0),
+        }
+    }
+
+    /// Whether group `g` has a worker serving or about to: if not, its
+    /// requests get BUSY at once instead of waiting.
+    pub(crate) fn group_live(&self, g: usize) -> bool {
+        self.groups[g].slots.iter().any(|&si| {
+            self.slots[si].as_ref().is_some_and(|s| {
+                matches!(
+                    s.phase,
+                    Phase::Starting { .. }
+                        | Phase::Ready { .. }
+                        | Phase::Killing { .. }
+                        | Phase::Down(Restart::Now)
+                )
+            })
+        })
+    }
+
+    fn kill(&mut self, si: usize, reason: KillReason, why: &str) {
+        let Some(s) = self.slot_mut(si) else { return };
+        let Some(pid) = s.phase.pid() else { return };
+        if matches!(s.phase, Phase::Killing { .. }) {
+            return;
+        }
+        s.phase = Phase::Killing { pid };
+        if reason == KillReason::Corrupt {
+            s.corrupt = true;
+        }
+        let (name, label) = self.group_name(si);
+        error!(group = %name, worker = label, pid, "{why}; killing the worker");
+        let _ = self
+            .control
+            .send_to_master(ToMaster::KillWorker { slot: si as u32, pid, reason });
+    }
+
+    pub(crate) fn fail_slot(&mut self, si: usize, why: &str) {
+        self.kill(si, KillReason::Corrupt, &format!("shared memory is corrupt ({why})"));
+    }
+
+    /// Moves every published reply of every readable slot into connection
+    /// buffers.
+    pub(crate) fn collect_replies(&mut self) {
+        for si in 0..self.slots.len() {
+            if self.slots[si].as_ref().is_some_and(WorkerSlot::readable)
+                && let Err(why) = self.collect_slot(si)
+            {
+                self.fail_slot(si, &why);
+            }
+        }
+    }
+
+    /// Moves one slot's published replies into connection buffers. Each
+    /// reply must answer the oldest request the slot holds.
+    fn collect_slot(&mut self, si: usize) -> Result<(), String> {
+        let Some(s) = self.slots.get_mut(si).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        let result = loop {
+            let rec = match s.rx.peek() {
+                Ok(Some(r)) => r,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.to_string()),
+            };
+            let Some(p) = s.pending.front() else {
+                break Err(format!("reply id {} with no request outstanding", rec.meta.id));
+            };
+            if p.req.tag.0 != rec.meta.tag || p.req.id != rec.meta.id {
+                break Err(format!(
+                    "reply id {} tag {:#x} does not answer request id {} tag {:#x}",
+                    rec.meta.id, rec.meta.tag, p.req.id, p.req.tag.0
+                ));
+            }
+            self.totals.count(rec.meta.code);
+            self.conns
+                .deliver(p.req.tag, p.req.id, rec.meta.code, rec.payload, self.now_ns);
+            s.pending.pop_front();
+            s.rx.advance();
+        };
+        s.rx.release();
+        result
+    }
+
+    /// The least-loaded ready slot of group `g` with room for a request of
+    /// `len` payload bytes. A linear scan: groups have few workers.
+    pub(crate) fn pick_slot(&mut self, g: usize, len: usize) -> Option<usize> {
+        let max = self.groups[g].max_inflight;
+        let mut best: Option<(usize, usize)> = None;
+        let mut corrupt = None;
+        for &si in &self.groups[g].slots {
+            let Some(s) = self.slots[si].as_mut() else { continue };
+            if !s.is_ready() || s.pending.len() >= max {
+                continue;
+            }
+            if best.is_some_and(|(_, load)| load <= s.pending.len()) {
+                continue;
+            }
+            match s.tx.fits(len) {
+                Ok(true) => best = Some((si, s.pending.len())),
+                Ok(false) => {}
+                Err(e) => corrupt = Some((si, e)),
+            }
+        }
+        if let Some((si, e)) = corrupt {
+            self.fail_slot(si, &e.to_string());
+        }
+        best.map(|(si, _)| si)
+    }
+
+    /// Writes a request into a slot's ring (published at the end of the
+    /// turn). The caller checked that it fits.
+    pub(crate) fn push_to_slot(&mut self, si: usize, req: ReqMeta, payload: &[u8]) -> bool {
+        let Some(s) = self.slot_mut(si) else { return false };
+        let meta = Meta {
+            code: req.code,
+            flags: req.flags,
+            id: req.id,
+            tag: req.tag.0,
+            time_ns: req.enqueued_ns,
+        };
+        match s.tx.push(&meta, payload) {
+            Ok(Some(pos)) => {
+                s.pending.push_back(Pending { pos, req });
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                self.fail_slot(si, &e.to_string());
+                false
+            }
+        }
+    }
+
+    /// Answers a request that will not run, if its connection still exists.
+    pub(crate) fn answer(&mut self, req: &ReqMeta, code: u16, msg: &[u8]) {
+        self.totals.count(code);
+        self.conns.deliver(req.tag, req.id, code, msg, self.now_ns);
+    }
+
+    /// Hands queued requests to workers with room; expires stale ones and
+    /// refuses them all while the group has no worker.
+    pub(crate) fn dispatch_queued(&mut self) {
+        for g in 0..self.groups.len() {
+            if self.groups[g].queue.is_empty() {
+                continue;
+            }
+            if !self.group_live(g) {
+                let q = std::mem::take(&mut self.groups[g].queue);
+                for r in q {
+                    self.answer(&r.req, status::BUSY, b"no worker is running for this command");
+                }
+                continue;
+            }
+            let qt = self.groups[g].queue_timeout_ns;
+            while let Some(q) = self.groups[g].queue.front() {
+                if self.conns.get(q.req.tag).is_none() {
+                    // Its client is gone: never run it.
+                    self.groups[g].queue.pop_front();
+                    continue;
+                }
+                if qt > 0 && self.now_ns.saturating_sub(q.req.enqueued_ns) > qt {
+                    let req = q.req;
+                    self.groups[g].queue.pop_front();
+                    self.answer(&req, status::TIMEOUT, b"waited longer than queue_timeout for a worker");
+                    continue;
+                }
+                let len = q.payload.len();
+                let Some(si) = self.pick_slot(g, len) else { break };
+                let Some(q) = self.groups[g].queue.pop_front() else { break };
+                if !self.push_to_slot(si, q.req, &q.payload) {
+                    self.groups[g].queue.push_front(q);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Per-turn checks of every worker: started ones becoming ready,
+    /// replacements taking over, drained ones retiring, hung and slow
+    /// requests, recycling requests. Returns the nearest time a check is
+    /// due (for the epoll timeout).
+    pub(crate) fn check_slots(&mut self) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        for si in 0..self.slots.len() {
+            let (action, due) = self.slot_action(si);
+            if let Some(t) = due {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+            self.apply(si, action);
+        }
+        next
+    }
+
+    /// Decides what one slot needs now, and when it next needs looking at.
+    fn slot_action(&self, si: usize) -> (Action, Option<u64>) {
+        let now = self.now_ns;
+        let Some(s) = self.slots[si].as_ref() else {
+            return (Action::None, None);
+        };
+        let g = &self.groups[s.group];
+        let ctl = s.slot.control();
+        match s.phase {
+            Phase::Starting { pid } => {
+                if ctl.pid() == pid as u32 && matches!(ctl.state(), Ok(WorkerState::Idle | WorkerState::Busy)) {
+                    return (Action::Ready(pid), None);
+                }
+                if g.init_timeout_ns == 0 {
+                    return (Action::None, None);
+                }
+                let deadline = s.since_ns.saturating_add(g.init_timeout_ns);
+                if now >= deadline {
+                    return (
+                        Action::Kill(KillReason::InitTimeout, "plugin init ran past init_timeout".into(), None),
+                        None,
+                    );
+                }
+                (Action::None, Some(deadline))
+            }
+            Phase::Ready { pid } | Phase::Draining { pid } => {
+                // A control block that no longer names this worker or a
+                // known state was scribbled on.
+                if ctl.pid() != pid as u32 {
+                    let why = format!("shared memory is corrupt (control block pid {})", ctl.pid());
+                    return (Action::Kill(KillReason::Corrupt, why, None), None);
+                }
+                if let Err(raw) = ctl.state() {
+                    let why = format!("shared memory is corrupt (control block state {raw:#x})");
+                    return (Action::Kill(KillReason::Corrupt, why, None), None);
+                }
+                let mut due = None;
+                if let Some(b) = ctl.busy() {
+                    let ran = now.saturating_sub(b.since_ns);
+                    if g.request_timeout_ns > 0 {
+                        if ran >= g.request_timeout_ns {
+                            let why = format!(
+                                "request id {} command {} ran {} ms, past request_timeout",
+                                b.id,
+                                b.code,
+                                ran / NS_PER_MS
+                            );
+                            return (Action::Kill(KillReason::RequestTimeout, why, Some(b.pos)), None);
+                        }
+                        due = Some(b.since_ns.saturating_add(g.request_timeout_ns));
+                    }
+                    if g.slow_request_ns > 0 && s.slow_logged != Some(b.pos) {
+                        if ran >= g.slow_request_ns {
+                            return (Action::Slow(b.pos, b.id, b.code, ran), due);
+                        }
+                        let t = b.since_ns.saturating_add(g.slow_request_ns);
+                        due = Some(due.map_or(t, |d: u64| d.min(t)));
+                    }
+                }
+                if matches!(s.phase, Phase::Draining { .. }) {
+                    if s.pending.is_empty() {
+                        return (Action::Retire(pid), due);
+                    }
+                    return (Action::None, due);
+                }
+                if !ctl.recycle_wanted() || s.recycle_requested {
+                    return (Action::None, due);
+                }
+                if now < s.recycle_not_before_ns {
+                    return (Action::None, Some(s.recycle_not_before_ns));
+                }
+                // One replacement at a time per group, so a group never has
+                // all its workers changing at once.
+                let recycling = g
+                    .slots
+                    .iter()
+                    .any(|&o| self.slots[o].as_ref().is_some_and(|w| w.recycle_requested));
+                if recycling {
+                    return (Action::None, due);
+                }
+                (Action::Recycle(pid), due)
+            }
+            Phase::Down(_) | Phase::Retiring { .. } | Phase::Killing { .. } => (Action::None, None),
+        }
+    }
+
+    fn apply(&mut self, si: usize, action: Action) {
+        let now = self.now_ns;
+        match action {
+            Action::None => {}
+            Action::Ready(pid) => {
+                let Some(s) = self.slot_mut(si) else { return };
+                s.phase = Phase::Ready { pid };
+                s.since_ns = now;
+                let replaced_after_us = s.down_since_ns.take().map(|d| now.saturating_sub(d) / 1000);
+                let replaces = s.replaces.take();
+                let (name, label) = self.group_name(si);
+                info!(group = %name, worker = label, pid, replaced_after_us, "worker ready");
+                if let Some(old) = replaces
+                    && let Some(o) = self.slot_mut(old)
+                    && let Phase::Ready { pid: old_pid } = o.phase
+                {
+                    o.phase = Phase::Draining { pid: old_pid };
+                    let (name, label) = self.group_name(old);
+                    info!(group = %name, worker = label, pid = old_pid, "worker replaced; draining it");
+                }
+            }
+            Action::Kill(reason, why, pos) => {
+                if let Some(s) = self.slot_mut(si) {
+                    s.timed_out = pos;
+                }
+                self.kill(si, reason, &why);
+            }
+            Action::Slow(pos, id, code, ran) => {
+                if let Some(s) = self.slot_mut(si) {
+                    s.slow_logged = Some(pos);
+                }
+                let (name, label) = self.group_name(si);
+                warn!(group = %name, worker = label, request_id = id, command = code, ms = ran / NS_PER_MS, "slow request");
+            }
+            Action::Retire(pid) => {
+                if let Some(s) = self.slot_mut(si) {
+                    s.phase = Phase::Retiring { pid };
+                }
+                let _ = self.control.send_to_master(ToMaster::Retire { slot: si as u32, pid });
+            }
+            Action::Recycle(pid) => {
+                if let Some(s) = self.slot_mut(si) {
+                    s.recycle_requested = true;
+                }
+                let (name, label) = self.group_name(si);
+                info!(group = %name, worker = label, pid, "worker reached its recycling limit; starting a replacement");
+                let _ = self.control.send_to_master(ToMaster::Recycle { slot: si as u32, pid });
+            }
+        }
+    }
+
+    /// A worker process is gone. Deliver what it answered, fail the request
+    /// it was running, give the ones it never started to other workers,
+    /// and reset the slot for the next worker.
+    pub(crate) fn worker_exited(&mut self, si: usize, pid: i32, status: i32, restart: Restart) {
+        let Some(s) = self.slots.get(si).and_then(Option::as_ref) else { return };
+        if s.phase.pid() != Some(pid) {
+            debug!(slot = si, pid, "exit of a worker this slot no longer runs");
+        }
+        // Replies it published before dying are good, unless its memory is
+        // corrupt.
+        if s.readable()
+            && let Err(why) = self.collect_slot(si)
+        {
+            let (name, label) = self.group_name(si);
+            warn!(group = %name, worker = label, "replies of the dead worker are unreadable: {why}");
+        }
+        let Some(s) = self.slots.get_mut(si).and_then(Option::as_mut) else { return };
+        let busy = s.slot.control().busy();
+        let timed_out = s.timed_out.take();
+        let pending: Vec<Pending> = s.pending.drain(..).collect();
+        let mut reader = pending
+            .first()
+            .filter(|_| !s.corrupt)
+            .and_then(|p| Consumer::attach_at(s.slot.requests(), p.pos).ok());
+        let mut requeue = Vec::new();
+        let mut failed = Vec::new();
+        for p in &pending {
+            let started = busy.is_some_and(|b| p.pos <= b.pos) || timed_out.is_some_and(|t| p.pos <= t);
+            let payload = if started {
+                None
+            } else {
+                reader.as_mut().and_then(|r| match r.peek() {
+                    Ok(Some(rec)) if rec.pos == p.pos && rec.meta.id == p.req.id && rec.meta.tag == p.req.tag.0 => {
+                        let v = rec.payload.to_vec();
+                        r.advance();
+                        Some(v)
+                    }
+                    _ => None,
+                })
+            };
+            match payload {
+                Some(payload) => requeue.push(Queued { req: p.req, payload }),
+                None => failed.push(*p),
+            }
+        }
+        let replaces = s.replaces.take();
+        let group = s.group;
+        let label = s.label;
+        s.slot.reset();
+        if let Err(e) = s.attach() {
+            error!(slot = si, "cannot re-attach after reset: {e}");
+        }
+        s.phase = Phase::Down(restart);
+        s.since_ns = self.now_ns;
+        s.corrupt = false;
+        s.recycle_requested = false;
+        s.down_since_ns = (restart == Restart::Now).then_some(self.now_ns);
+        let name = self.groups[group].name.clone();
+
+        for p in &failed {
+            if timed_out.is_some_and(|t| t == p.pos) {
+                self.answer(&p.req, status::TIMEOUT, b"the request ran past request_timeout; its worker was killed");
+            } else {
+                self.answer(&p.req, status::WORKER_DIED, b"the worker running this request died");
+            }
+        }
+        let how = describe(status);
+        match busy {
+            Some(b) if status != 0 => warn!(
+                group = %name, worker = label, pid, request_id = b.id, command = b.code,
+                requeued = requeue.len(), failed = failed.len(), "worker {how} while running a request"
+            ),
+            _ if status != 0 => warn!(group = %name, worker = label, pid, requeued = requeue.len(), "worker {how}"),
+            _ => debug!(group = %name, worker = label, pid, requeued = requeue.len(), "worker {how}"),
+        }
+        // A replacement that died before taking over: its predecessor keeps
+        // serving and asks again later.
+        let retry_at = self.now_ns + RECYCLE_RETRY_NS;
+        if let Some(old) = replaces
+            && let Some(o) = self.slot_mut(old)
+        {
+            o.recycle_requested = false;
+            o.recycle_not_before_ns = retry_at;
+        }
+        let q = &mut self.groups[group].queue;
+        for r in requeue.into_iter().rev() {
+            q.push_front(r);
+        }
+        let _ = self.control.send_to_master(ToMaster::SlotReset { slot: si as u32 });
+    }
+}
