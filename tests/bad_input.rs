@@ -1,72 +1,11 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
 use halfsync_protocol::{encode_header, status};
 
 use crate::support::*;
-
-/// A well-behaved client calling in a loop until told to stop; returns
-/// (successes, errors).
-struct Bystander {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    handle: Option<thread::JoinHandle<Result<(), String>>>,
-}
-
-impl Bystander {
-    fn start(s: &Server) -> Bystander {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let mut c = s.client();
-        let (stop2, ok2) = (stop.clone(), ok.clone());
-        let handle = thread::spawn(move || {
-            let mut id = 0u64;
-            // Bounded: at most 10 minutes of calls even if never stopped.
-            while !stop2.load(Ordering::Relaxed) && id < 10_000_000 {
-                let p = payload(1, 0, id, 300);
-                let r = c
-                    .call(id, 1, &p)
-                    .map_err(|e| format!("bystander call {id}: {e}"))?;
-                if r.id != id || r.code != status::OK || r.payload != p {
-                    return Err(format!("bystander: bad reply to {id}: {r:?}"));
-                }
-                ok2.fetch_add(1, Ordering::Relaxed);
-                id += 1;
-            }
-            Ok(())
-        });
-        Bystander {
-            stop,
-            ok,
-            handle: Some(handle),
-        }
-    }
-
-    /// Waits until it has made `n` more successful calls.
-    fn progress(&self, n: u64) {
-        let start = self.ok.load(Ordering::Relaxed);
-        let done = wait_for(Duration::from_secs(20), || {
-            (self.ok.load(Ordering::Relaxed) >= start + n).then_some(())
-        });
-        assert!(done.is_some(), "bystander stalled");
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        let r = self
-            .handle
-            .take()
-            .unwrap()
-            .join()
-            .expect("bystander panicked");
-        r.unwrap();
-        self.ok.load(Ordering::Relaxed)
-    }
-}
 
 fn connect(s: &Server) -> TcpStream {
     let t = TcpStream::connect(s.addr).unwrap();
@@ -100,7 +39,7 @@ fn bad_clients_do_not_disturb_a_good_one() {
         ),
         port,
     );
-    let by = Bystander::start(&s);
+    let by = Load::start(s.addr, 1, 1, 300);
     by.progress(10);
 
     // 1. Oversized frame: length above max_frame, rejected from the header alone.

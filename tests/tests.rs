@@ -15,3 +15,6 @@ mod bad_config;
 
 /// The process tree: titles, worker restart, master death.
 mod lifecycle;
+
+/// Crash, hang and overload isolation: fault plugins under load.
+mod faults;

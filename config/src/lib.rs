@@ -400,15 +400,8 @@ fn suggest_key(message: &str) -> String {
     let Some((unknown, expected)) = rest.split_once("`, expected ") else {
         return message.to_owned();
     };
-    let keys: Vec<&str> = expected
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .collect();
-    let best = keys
-        .iter()
-        .map(|k| (edit_distance(unknown, k), *k))
-        .min();
+    let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let best = keys.iter().map(|k| (edit_distance(unknown, k), *k)).min();
     match best {
         Some((d, k)) if d <= 2 || (d <= 3 && unknown.len() > 8) => {
             format!("unknown field `{unknown}`; did you mean `{k}`?")

@@ -172,7 +172,10 @@ fn unknown_key_in_group() {
         e.starts_with("halfsync.toml:4:1: group[0]: unknown field `zzz`; valid keys here: name, plugin, workers,"),
         "{e}"
     );
-    assert!(e.contains("request_timeout") && e.contains("queue_timeout"), "{e}");
+    assert!(
+        e.contains("request_timeout") && e.contains("queue_timeout"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -30,8 +30,6 @@ impl Tag {
     }
 }
 
-
-
 pub(crate) struct Conn {
     pub(crate) stream: TcpStream,
     /// Bytes of an incomplete frame carried over between reads.
@@ -134,4 +132,3 @@ impl Conns {
         }
     }
 }
-

@@ -167,9 +167,11 @@ impl ToProxy {
     fn encode(&self) -> [u8; LEN] {
         match *self {
             ToProxy::AddSlot { slot, group, label } => encode(1, slot, group, label, 0),
-            ToProxy::WorkerStarted { slot, pid, replaces } => {
-                encode(2, slot, pid as u32, replaces.unwrap_or(NONE), 0)
-            }
+            ToProxy::WorkerStarted {
+                slot,
+                pid,
+                replaces,
+            } => encode(2, slot, pid as u32, replaces.unwrap_or(NONE), 0),
             ToProxy::WorkerExited {
                 slot,
                 pid,
@@ -203,7 +205,9 @@ impl ToMaster {
     fn encode(&self) -> [u8; LEN] {
         match *self {
             ToMaster::SlotReset { slot } => encode(1, slot, 0, 0, 0),
-            ToMaster::KillWorker { slot, pid, reason } => encode(2, slot, pid as u32, reason.code(), 0),
+            ToMaster::KillWorker { slot, pid, reason } => {
+                encode(2, slot, pid as u32, reason.code(), 0)
+            }
             ToMaster::Recycle { slot, pid } => encode(3, slot, pid as u32, 0, 0),
             ToMaster::Retire { slot, pid } => encode(4, slot, pid as u32, 0, 0),
             ToMaster::Drained => encode(5, 0, 0, 0, 0),
@@ -217,8 +221,14 @@ impl ToMaster {
                 pid: pid as i32,
                 reason: KillReason::from_code(r)?,
             },
-            (3, slot, pid, ..) => ToMaster::Recycle { slot, pid: pid as i32 },
-            (4, slot, pid, ..) => ToMaster::Retire { slot, pid: pid as i32 },
+            (3, slot, pid, ..) => ToMaster::Recycle {
+                slot,
+                pid: pid as i32,
+            },
+            (4, slot, pid, ..) => ToMaster::Retire {
+                slot,
+                pid: pid as i32,
+            },
             (5, ..) => ToMaster::Drained,
             _ => return None,
         })
@@ -317,10 +327,27 @@ mod tests {
         let (m, p) = Channel::pair().unwrap();
         assert!(matches!(p.recv_from_master().unwrap(), Received::Empty));
         for msg in [
-            ToProxy::AddSlot { slot: 3, group: 1, label: 7 },
-            ToProxy::WorkerStarted { slot: 3, pid: 77, replaces: None },
-            ToProxy::WorkerStarted { slot: 4, pid: 78, replaces: Some(3) },
-            ToProxy::WorkerExited { slot: 1, pid: 5, status: -9, restart: Restart::Later },
+            ToProxy::AddSlot {
+                slot: 3,
+                group: 1,
+                label: 7,
+            },
+            ToProxy::WorkerStarted {
+                slot: 3,
+                pid: 77,
+                replaces: None,
+            },
+            ToProxy::WorkerStarted {
+                slot: 4,
+                pid: 78,
+                replaces: Some(3),
+            },
+            ToProxy::WorkerExited {
+                slot: 1,
+                pid: 5,
+                status: -9,
+                restart: Restart::Later,
+            },
             ToProxy::Shutdown,
         ] {
             m.send_to_proxy(msg, &[]).unwrap();
@@ -334,7 +361,11 @@ mod tests {
         }
         for msg in [
             ToMaster::SlotReset { slot: 2 },
-            ToMaster::KillWorker { slot: 4, pid: 9, reason: KillReason::RequestTimeout },
+            ToMaster::KillWorker {
+                slot: 4,
+                pid: 9,
+                reason: KillReason::RequestTimeout,
+            },
             ToMaster::Recycle { slot: 1, pid: 10 },
             ToMaster::Retire { slot: 1, pid: 10 },
             ToMaster::Drained,
@@ -351,7 +382,11 @@ mod tests {
         let (m, p) = Channel::pair().unwrap();
         let (a, b) = sys::seqpacket_pair().unwrap();
         m.send_to_proxy(
-            ToProxy::AddSlot { slot: 0, group: 0, label: 0 },
+            ToProxy::AddSlot {
+                slot: 0,
+                group: 0,
+                label: 0,
+            },
             &[a.as_raw_fd(), b.as_raw_fd()],
         )
         .unwrap();
@@ -363,6 +398,9 @@ mod tests {
         // arrives on the other.
         sys::send_packet(fds[0].as_raw_fd(), b"hi").unwrap();
         let mut buf = [0u8; 8];
-        assert_eq!(sys::recv_packet(fds[1].as_raw_fd(), &mut buf).unwrap(), Some(2));
+        assert_eq!(
+            sys::recv_packet(fds[1].as_raw_fd(), &mut buf).unwrap(),
+            Some(2)
+        );
     }
 }

@@ -238,9 +238,20 @@ impl Proxy {
         if let Some(t) = self.next_check_ns {
             until = until.min(t);
         }
-        if self.slots.iter().flatten().any(|s| matches!(s.phase, crate::slots::Phase::Starting { .. })) {
+        if self
+            .slots
+            .iter()
+            .flatten()
+            .any(|s| matches!(s.phase, crate::slots::Phase::Starting { .. }))
+        {
             // The worker signals its eventfd when ready; poll as a backstop.
             until = until.min(self.now_ns + 50 * NS_PER_MS);
+        }
+        if self.slots.iter().flatten().any(|s| !s.pending.is_empty()) {
+            // A worker may have started a request since the last check
+            // without waking us; look again soon so request deadlines and
+            // slow-request logs stay within 100 ms.
+            until = until.min(self.now_ns + 100 * NS_PER_MS);
         }
         if let Some(t) = self.listeners_paused_until {
             until = until.min(t);
@@ -275,20 +286,32 @@ impl Proxy {
                 Err(e) if e.kind() == ErrorKind::InvalidData => {
                     warn!("control channel: {e}");
                 }
-                Err(e) => return Err(ProxyError::Io { what: "control channel", source: e }),
+                Err(e) => {
+                    return Err(ProxyError::Io {
+                        what: "control channel",
+                        source: e,
+                    });
+                }
             }
         }
     }
 
     fn on_control(&mut self, m: ToProxy, fds: Vec<OwnedFd>) {
         match m {
-            ToProxy::AddSlot { slot, group, label } => self.add_slot(slot as usize, group as usize, label, fds),
-            ToProxy::WorkerStarted { slot, pid, replaces } => {
-                self.worker_started(slot as usize, pid, replaces.map(|r| r as usize))
+            ToProxy::AddSlot { slot, group, label } => {
+                self.add_slot(slot as usize, group as usize, label, fds)
             }
-            ToProxy::WorkerExited { slot, pid, status, restart } => {
-                self.worker_exited(slot as usize, pid, status, restart)
-            }
+            ToProxy::WorkerStarted {
+                slot,
+                pid,
+                replaces,
+            } => self.worker_started(slot as usize, pid, replaces.map(|r| r as usize)),
+            ToProxy::WorkerExited {
+                slot,
+                pid,
+                status,
+                restart,
+            } => self.worker_exited(slot as usize, pid, status, restart),
             ToProxy::Shutdown => self.start_drain(),
         }
     }
@@ -502,7 +525,12 @@ impl Proxy {
             enqueued_ns: self.now_ns,
         };
         if !self.group_live(g) {
-            self.reply_now(i, h.id, status::BUSY, b"no worker is running for this command");
+            self.reply_now(
+                i,
+                h.id,
+                status::BUSY,
+                b"no worker is running for this command",
+            );
             return;
         }
         let queued = !self.groups[g].queue.is_empty();

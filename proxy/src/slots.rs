@@ -91,8 +91,11 @@ pub(crate) struct WorkerSlot {
     recycle_requested: bool,
     /// Do not request a replacement before this time.
     recycle_not_before_ns: u64,
-    /// The memory is corrupt: read nothing more from it.
+    /// A ring is corrupt: read nothing more from it.
     corrupt: bool,
+    /// The control block is corrupt: its account of the running request
+    /// cannot be trusted.
+    control_corrupt: bool,
     /// The request (ring position) killed for running too long.
     timed_out: Option<u64>,
     /// The request (ring position) already logged as slow.
@@ -115,7 +118,10 @@ impl WorkerSlot {
         !self.corrupt
             && matches!(
                 self.phase,
-                Phase::Ready { .. } | Phase::Draining { .. } | Phase::Retiring { .. } | Phase::Killing { .. }
+                Phase::Ready { .. }
+                    | Phase::Draining { .. }
+                    | Phase::Retiring { .. }
+                    | Phase::Killing { .. }
             )
     }
 
@@ -177,6 +183,7 @@ enum Action {
     None,
     Ready(i32),
     Kill(KillReason, String, Option<u64>),
+    ControlCorrupt(String),
     Slow(u64, u64, u16, u64),
     Retire(i32),
     Recycle(i32),
@@ -222,7 +229,10 @@ impl Proxy {
                 return;
             }
         };
-        if let Err(e) = self.epoll.add(eventfd.as_raw_fd(), READ, TOKEN_SLOT | si as u64) {
+        if let Err(e) = self
+            .epoll
+            .add(eventfd.as_raw_fd(), READ, TOKEN_SLOT | si as u64)
+        {
             error!(slot = si, "epoll_ctl(eventfd): {e}");
             return;
         }
@@ -247,6 +257,7 @@ impl Proxy {
             recycle_requested: false,
             recycle_not_before_ns: 0,
             corrupt: false,
+            control_corrupt: false,
             timed_out: None,
             slow_logged: None,
         });
@@ -262,6 +273,7 @@ impl Proxy {
         s.since_ns = now;
         s.replaces = replaces;
         s.corrupt = false;
+        s.control_corrupt = false;
         s.timed_out = None;
         s.slow_logged = None;
         s.recycle_requested = false;
@@ -301,18 +313,24 @@ impl Proxy {
             return;
         }
         s.phase = Phase::Killing { pid };
-        if reason == KillReason::Corrupt {
-            s.corrupt = true;
-        }
         let (name, label) = self.group_name(si);
         error!(group = %name, worker = label, pid, "{why}; killing the worker");
-        let _ = self
-            .control
-            .send_to_master(ToMaster::KillWorker { slot: si as u32, pid, reason });
+        let _ = self.control.send_to_master(ToMaster::KillWorker {
+            slot: si as u32,
+            pid,
+            reason,
+        });
     }
 
     pub(crate) fn fail_slot(&mut self, si: usize, why: &str) {
-        self.kill(si, KillReason::Corrupt, &format!("shared memory is corrupt ({why})"));
+        if let Some(s) = self.slot_mut(si) {
+            s.corrupt = true;
+        }
+        self.kill(
+            si,
+            KillReason::Corrupt,
+            &format!("shared memory is corrupt ({why})"),
+        );
     }
 
     /// Moves every published reply of every readable slot into connection
@@ -340,7 +358,10 @@ impl Proxy {
                 Err(e) => break Err(e.to_string()),
             };
             let Some(p) = s.pending.front() else {
-                break Err(format!("reply id {} with no request outstanding", rec.meta.id));
+                break Err(format!(
+                    "reply id {} with no request outstanding",
+                    rec.meta.id
+                ));
             };
             if p.req.tag.0 != rec.meta.tag || p.req.id != rec.meta.id {
                 break Err(format!(
@@ -365,7 +386,9 @@ impl Proxy {
         let mut best: Option<(usize, usize)> = None;
         let mut corrupt = None;
         for &si in &self.groups[g].slots {
-            let Some(s) = self.slots[si].as_mut() else { continue };
+            let Some(s) = self.slots[si].as_mut() else {
+                continue;
+            };
             if !s.is_ready() || s.pending.len() >= max {
                 continue;
             }
@@ -387,7 +410,9 @@ impl Proxy {
     /// Writes a request into a slot's ring (published at the end of the
     /// turn). The caller checked that it fits.
     pub(crate) fn push_to_slot(&mut self, si: usize, req: ReqMeta, payload: &[u8]) -> bool {
-        let Some(s) = self.slot_mut(si) else { return false };
+        let Some(s) = self.slot_mut(si) else {
+            return false;
+        };
         let meta = Meta {
             code: req.code,
             flags: req.flags,
@@ -424,7 +449,11 @@ impl Proxy {
             if !self.group_live(g) {
                 let q = std::mem::take(&mut self.groups[g].queue);
                 for r in q {
-                    self.answer(&r.req, status::BUSY, b"no worker is running for this command");
+                    self.answer(
+                        &r.req,
+                        status::BUSY,
+                        b"no worker is running for this command",
+                    );
                 }
                 continue;
             }
@@ -438,12 +467,20 @@ impl Proxy {
                 if qt > 0 && self.now_ns.saturating_sub(q.req.enqueued_ns) > qt {
                     let req = q.req;
                     self.groups[g].queue.pop_front();
-                    self.answer(&req, status::TIMEOUT, b"waited longer than queue_timeout for a worker");
+                    self.answer(
+                        &req,
+                        status::TIMEOUT,
+                        b"waited longer than queue_timeout for a worker",
+                    );
                     continue;
                 }
                 let len = q.payload.len();
-                let Some(si) = self.pick_slot(g, len) else { break };
-                let Some(q) = self.groups[g].queue.pop_front() else { break };
+                let Some(si) = self.pick_slot(g, len) else {
+                    break;
+                };
+                let Some(q) = self.groups[g].queue.pop_front() else {
+                    break;
+                };
                 if !self.push_to_slot(si, q.req, &q.payload) {
                     self.groups[g].queue.push_front(q);
                     break;
@@ -478,7 +515,9 @@ impl Proxy {
         let ctl = s.slot.control();
         match s.phase {
             Phase::Starting { pid } => {
-                if ctl.pid() == pid as u32 && matches!(ctl.state(), Ok(WorkerState::Idle | WorkerState::Busy)) {
+                if ctl.pid() == pid as u32
+                    && matches!(ctl.state(), Ok(WorkerState::Idle | WorkerState::Busy))
+                {
                     return (Action::Ready(pid), None);
                 }
                 if g.init_timeout_ns == 0 {
@@ -487,7 +526,11 @@ impl Proxy {
                 let deadline = s.since_ns.saturating_add(g.init_timeout_ns);
                 if now >= deadline {
                     return (
-                        Action::Kill(KillReason::InitTimeout, "plugin init ran past init_timeout".into(), None),
+                        Action::Kill(
+                            KillReason::InitTimeout,
+                            "plugin init ran past init_timeout".into(),
+                            None,
+                        ),
                         None,
                     );
                 }
@@ -497,12 +540,16 @@ impl Proxy {
                 // A control block that no longer names this worker or a
                 // known state was scribbled on.
                 if ctl.pid() != pid as u32 {
-                    let why = format!("shared memory is corrupt (control block pid {})", ctl.pid());
-                    return (Action::Kill(KillReason::Corrupt, why, None), None);
+                    return (
+                        Action::ControlCorrupt(format!("control block pid {}", ctl.pid())),
+                        None,
+                    );
                 }
                 if let Err(raw) = ctl.state() {
-                    let why = format!("shared memory is corrupt (control block state {raw:#x})");
-                    return (Action::Kill(KillReason::Corrupt, why, None), None);
+                    return (
+                        Action::ControlCorrupt(format!("control block state {raw:#x}")),
+                        None,
+                    );
                 }
                 let mut due = None;
                 if let Some(b) = ctl.busy() {
@@ -515,7 +562,10 @@ impl Proxy {
                                 b.code,
                                 ran / NS_PER_MS
                             );
-                            return (Action::Kill(KillReason::RequestTimeout, why, Some(b.pos)), None);
+                            return (
+                                Action::Kill(KillReason::RequestTimeout, why, Some(b.pos)),
+                                None,
+                            );
                         }
                         due = Some(b.since_ns.saturating_add(g.request_timeout_ns));
                     }
@@ -562,7 +612,8 @@ impl Proxy {
                 let Some(s) = self.slot_mut(si) else { return };
                 s.phase = Phase::Ready { pid };
                 s.since_ns = now;
-                let replaced_after_us = s.down_since_ns.take().map(|d| now.saturating_sub(d) / 1000);
+                let replaced_after_us =
+                    s.down_since_ns.take().map(|d| now.saturating_sub(d) / 1000);
                 let replaces = s.replaces.take();
                 let (name, label) = self.group_name(si);
                 info!(group = %name, worker = label, pid, replaced_after_us, "worker ready");
@@ -581,6 +632,16 @@ impl Proxy {
                 }
                 self.kill(si, reason, &why);
             }
+            Action::ControlCorrupt(what) => {
+                if let Some(s) = self.slot_mut(si) {
+                    s.control_corrupt = true;
+                }
+                self.kill(
+                    si,
+                    KillReason::Corrupt,
+                    &format!("shared memory is corrupt ({what})"),
+                );
+            }
             Action::Slow(pos, id, code, ran) => {
                 if let Some(s) = self.slot_mut(si) {
                     s.slow_logged = Some(pos);
@@ -592,7 +653,10 @@ impl Proxy {
                 if let Some(s) = self.slot_mut(si) {
                     s.phase = Phase::Retiring { pid };
                 }
-                let _ = self.control.send_to_master(ToMaster::Retire { slot: si as u32, pid });
+                let _ = self.control.send_to_master(ToMaster::Retire {
+                    slot: si as u32,
+                    pid,
+                });
             }
             Action::Recycle(pid) => {
                 if let Some(s) = self.slot_mut(si) {
@@ -600,7 +664,10 @@ impl Proxy {
                 }
                 let (name, label) = self.group_name(si);
                 info!(group = %name, worker = label, pid, "worker reached its recycling limit; starting a replacement");
-                let _ = self.control.send_to_master(ToMaster::Recycle { slot: si as u32, pid });
+                let _ = self.control.send_to_master(ToMaster::Recycle {
+                    slot: si as u32,
+                    pid,
+                });
             }
         }
     }
@@ -609,7 +676,9 @@ impl Proxy {
     /// it was running, give the ones it never started to other workers,
     /// and reset the slot for the next worker.
     pub(crate) fn worker_exited(&mut self, si: usize, pid: i32, status: i32, restart: Restart) {
-        let Some(s) = self.slots.get(si).and_then(Option::as_ref) else { return };
+        let Some(s) = self.slots.get(si).and_then(Option::as_ref) else {
+            return;
+        };
         if s.phase.pid() != Some(pid) {
             debug!(slot = si, pid, "exit of a worker this slot no longer runs");
         }
@@ -621,23 +690,52 @@ impl Proxy {
             let (name, label) = self.group_name(si);
             warn!(group = %name, worker = label, "replies of the dead worker are unreadable: {why}");
         }
-        let Some(s) = self.slots.get_mut(si).and_then(Option::as_mut) else { return };
-        let busy = s.slot.control().busy();
+        let Some(s) = self.slots.get_mut(si).and_then(Option::as_mut) else {
+            return;
+        };
+        // Requests pushed this turn are not published yet; publish them so
+        // the read-back below sees them (the worker is dead, so nobody else
+        // will).
+        s.tx.publish();
         let timed_out = s.timed_out.take();
         let pending: Vec<Pending> = s.pending.drain(..).collect();
-        let mut reader = pending
-            .first()
-            .filter(|_| !s.corrupt)
-            .and_then(|p| Consumer::attach_at(s.slot.requests(), p.pos).ok());
+        // How far the worker got: the control block says which request it
+        // was running. If it scribbled over that, assume the oldest request
+        // it held was running: never hand a possibly poisonous request to
+        // another worker.
+        let busy = if s.control_corrupt {
+            None
+        } else {
+            s.slot.control().busy()
+        };
+        let started_upto = match (s.control_corrupt, busy) {
+            (true, _) => pending.first().map(|p| p.pos),
+            (false, Some(b)) => Some(b.pos),
+            (false, None) => None,
+        };
+        // Requests it never started are read back from the request ring:
+        // the worker maps its data read-only, so the bytes are the proxy's.
+        // They are consecutive records, read with one reader from the
+        // first of them.
+        let requests = s.slot.requests();
+        let mut reader: Option<Consumer> = None;
         let mut requeue = Vec::new();
         let mut failed = Vec::new();
         for p in &pending {
-            let started = busy.is_some_and(|b| p.pos <= b.pos) || timed_out.is_some_and(|t| p.pos <= t);
+            let started =
+                started_upto.is_some_and(|b| p.pos <= b) || timed_out.is_some_and(|t| p.pos <= t);
+            if !started && reader.is_none() {
+                reader = Consumer::attach_at(requests.clone(), p.pos).ok();
+            }
             let payload = if started {
                 None
             } else {
                 reader.as_mut().and_then(|r| match r.peek() {
-                    Ok(Some(rec)) if rec.pos == p.pos && rec.meta.id == p.req.id && rec.meta.tag == p.req.tag.0 => {
+                    Ok(Some(rec))
+                        if rec.pos == p.pos
+                            && rec.meta.id == p.req.id
+                            && rec.meta.tag == p.req.tag.0 =>
+                    {
                         let v = rec.payload.to_vec();
                         r.advance();
                         Some(v)
@@ -646,7 +744,10 @@ impl Proxy {
                 })
             };
             match payload {
-                Some(payload) => requeue.push(Queued { req: p.req, payload }),
+                Some(payload) => requeue.push(Queued {
+                    req: p.req,
+                    payload,
+                }),
                 None => failed.push(*p),
             }
         }
@@ -660,25 +761,38 @@ impl Proxy {
         s.phase = Phase::Down(restart);
         s.since_ns = self.now_ns;
         s.corrupt = false;
+        s.control_corrupt = false;
         s.recycle_requested = false;
         s.down_since_ns = (restart == Restart::Now).then_some(self.now_ns);
         let name = self.groups[group].name.clone();
 
         for p in &failed {
             if timed_out.is_some_and(|t| t == p.pos) {
-                self.answer(&p.req, status::TIMEOUT, b"the request ran past request_timeout; its worker was killed");
+                self.answer(
+                    &p.req,
+                    status::TIMEOUT,
+                    b"the request ran past request_timeout; its worker was killed",
+                );
             } else {
-                self.answer(&p.req, status::WORKER_DIED, b"the worker running this request died");
+                self.answer(
+                    &p.req,
+                    status::WORKER_DIED,
+                    b"the worker running this request died",
+                );
             }
         }
         let how = describe(status);
         match busy {
-            Some(b) if status != 0 => warn!(
+            Some(b) => warn!(
                 group = %name, worker = label, pid, request_id = b.id, command = b.code,
                 requeued = requeue.len(), failed = failed.len(), "worker {how} while running a request"
             ),
-            _ if status != 0 => warn!(group = %name, worker = label, pid, requeued = requeue.len(), "worker {how}"),
-            _ => debug!(group = %name, worker = label, pid, requeued = requeue.len(), "worker {how}"),
+            None if status != 0 || !failed.is_empty() => warn!(
+                group = %name, worker = label, pid, requeued = requeue.len(), failed = failed.len(), "worker {how}"
+            ),
+            None => {
+                debug!(group = %name, worker = label, pid, requeued = requeue.len(), "worker {how}")
+            }
         }
         // A replacement that died before taking over: its predecessor keeps
         // serving and asks again later.
@@ -693,6 +807,8 @@ impl Proxy {
         for r in requeue.into_iter().rev() {
             q.push_front(r);
         }
-        let _ = self.control.send_to_master(ToMaster::SlotReset { slot: si as u32 });
+        let _ = self
+            .control
+            .send_to_master(ToMaster::SlotReset { slot: si as u32 });
     }
 }

@@ -221,7 +221,11 @@ pub fn send_packet_fds(fd: RawFd, buf: &[u8], fds: &[RawFd]) -> io::Result<()> {
 
 /// Receives one datagram and the fds it carries (close-on-exec). `Ok(None)`
 /// if none is waiting; a length of 0 means end of stream.
-pub fn recv_packet_fds(fd: RawFd, buf: &mut [u8], max_fds: usize) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+pub fn recv_packet_fds(
+    fd: RawFd,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
     let fd_bytes = max_fds * std::mem::size_of::<RawFd>();
     // SAFETY: CMSG_SPACE is a pure computation on its argument.
     let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
@@ -236,7 +240,11 @@ pub fn recv_packet_fds(fd: RawFd, buf: &mut [u8], max_fds: usize) -> io::Result<
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg_buf.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    let n = match syscall!(recvmsg(fd, &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC)) {
+    let n = match syscall!(recvmsg(
+        fd,
+        &mut msg,
+        libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC
+    )) {
         Ok(n) => n as usize,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
         Err(e) => return Err(e),

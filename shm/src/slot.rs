@@ -190,9 +190,12 @@ impl Control {
         self.stop.load(Ordering::Acquire) != 0
     }
 
-    /// Clears everything a worker wrote, for the next worker (the previous
-    /// one must be dead).
+    /// Clears everything a worker wrote or could have scribbled, for the
+    /// next worker (the previous one must be dead).
     fn reset_worker_fields(&self) {
+        // A worker that scribbled over its control block may have hit the
+        // magic too.
+        self.magic.store(MAGIC, Ordering::Relaxed);
         self.pid.store(0, Ordering::Relaxed);
         self.state
             .store(WorkerState::Empty as u32, Ordering::Relaxed);
@@ -303,6 +306,23 @@ impl Slot {
     /// The memory file, to pass to a worker.
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.region.fd()
+    }
+
+    /// Worker: maps the request ring's data pages read-only in this
+    /// process, so no stray write of the worker (or its plugin) can alter
+    /// a request the proxy may later hand to another worker. The worker
+    /// still writes the ring header (its `head`) and the reply ring.
+    pub fn protect_request_data(&self) -> io::Result<()> {
+        // SAFETY: the request data area starts at CONTROL_LEN +
+        // RING_HEADER_LEN (page-aligned) and spans `capacity` bytes (a
+        // multiple of the page size) inside this slot's mapping; the
+        // consumer side only reads it.
+        unsafe {
+            sys::mprotect_readonly(
+                self.region.as_ptr().add(CONTROL_LEN + RING_HEADER_LEN),
+                self.capacity,
+            )
+        }
     }
 
     /// Empties both rings and clears the worker's fields of the control

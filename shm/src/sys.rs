@@ -132,6 +132,15 @@ pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     syscall!(fcntl(fd, libc::F_SETFD, 0)).map(|_| ())
 }
 
+/// Makes `len` bytes at `addr` (page-aligned) read-only in this process.
+///
+/// # Safety
+/// `addr..addr + len` must be a mapping of this process that nothing in
+/// this process writes to afterwards (a write would raise SIGSEGV).
+pub unsafe fn mprotect_readonly(addr: *mut u8, len: usize) -> io::Result<()> {
+    syscall!(mprotect(addr.cast(), len, libc::PROT_READ)).map(|_| ())
+}
+
 /// Returns the size of the file behind `fd`.
 pub fn fd_size(fd: &impl AsRawFd) -> io::Result<u64> {
     // SAFETY: an all-zero stat is a valid value for fstat to overwrite.

@@ -322,6 +322,15 @@ fn child_role_entry() {
                 rx.release();
             }
         }
+        "scribble-protected" => {
+            // A worker that protected its request data, then writes there.
+            slot.protect_request_data().unwrap();
+            let data = request_data_ptr(&slot);
+            // SAFETY: deliberately writes to a read-only page: the process
+            // must die of SIGSEGV here.
+            unsafe { std::ptr::write_volatile(data, 1) };
+            println!("SURVIVED");
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -429,6 +438,31 @@ fn cross_process_round_trip() {
     );
     tx.publish();
     assert!(child.0.wait().unwrap().success());
+}
+
+#[test]
+fn protected_request_data_cannot_be_scribbled_by_the_worker() {
+    use std::os::unix::process::ExitStatusExt;
+    let slot = Slot::create("t", 16 * 1024).unwrap();
+    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+    assert!(
+        tx.push(
+            &Meta {
+                id: 5,
+                ..Meta::default()
+            },
+            b"keep"
+        )
+        .unwrap()
+        .is_some()
+    );
+    tx.publish();
+    let mut child = ChildGuard(spawn_child("scribble-protected", &slot, &[]));
+    let st = child.0.wait().unwrap();
+    assert_eq!(st.signal(), Some(libc::SIGSEGV), "{st:?}");
+    // The request is intact for the proxy to hand to another worker.
+    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    assert_eq!(rx.peek().unwrap().unwrap().payload, b"keep");
 }
 
 #[test]

@@ -312,7 +312,11 @@ impl Master {
             ring_size: self.config.server.ring_size,
             max_reply: self.config.server.max_frame - halfsync_protocol::MIN_LENGTH,
             queue_timeout_ns: g.queue_timeout.as_nanos().min(u64::MAX as u128) as u64,
-            max_requests: if g.max_requests == 0 { 0 } else { g.max_requests.saturating_add(jitter) },
+            max_requests: if g.max_requests == 0 {
+                0
+            } else {
+                g.max_requests.saturating_add(jitter)
+            },
             max_rss: g.max_rss,
         };
         let ctl = s.slot.control();
@@ -363,7 +367,10 @@ impl Master {
             self.run_timers();
             if self.stopping.is_some()
                 && self.proxy.is_none()
-                && self.slots.iter().all(|s| !matches!(s.life, Life::Running { .. }))
+                && self
+                    .slots
+                    .iter()
+                    .all(|s| !matches!(s.life, Life::Running { .. }))
             {
                 info!("halfsync stopped");
                 return Ok(());
@@ -377,7 +384,9 @@ impl Master {
         for s in &self.slots {
             match s.life {
                 Life::Backoff { at } => next = next.min(at),
-                Life::Running { kill_at: Some(at), .. } => next = next.min(at),
+                Life::Running {
+                    kill_at: Some(at), ..
+                } => next = next.min(at),
                 _ => {}
             }
         }
@@ -514,7 +523,11 @@ impl Master {
             } else {
                 s.failures = 0;
             }
-            if s.failures >= 2 { Restart::Later } else { Restart::Now }
+            if s.failures >= 2 {
+                Restart::Later
+            } else {
+                Restart::Now
+            }
         };
         if stopping || s.retiring {
             info!(group = %name, worker = s.label, pid, "worker exited ({})", describe(how));
@@ -563,7 +576,9 @@ impl Master {
                     "worker keeps failing; restarting in {} ms",
                     delay.as_millis()
                 );
-                Life::Backoff { at: Instant::now() + delay }
+                Life::Backoff {
+                    at: Instant::now() + delay,
+                }
             }
         };
         self.run_timers();
@@ -588,7 +603,9 @@ impl Master {
                         self.slot_reset(slot as usize);
                     }
                 }
-                ToMaster::KillWorker { slot, pid, reason } => self.kill_worker(slot as usize, pid, reason),
+                ToMaster::KillWorker { slot, pid, reason } => {
+                    self.kill_worker(slot as usize, pid, reason)
+                }
                 ToMaster::Recycle { slot, pid } => self.recycle(slot as usize, pid),
                 ToMaster::Retire { slot, pid } => {
                     let i = slot as usize;
@@ -688,7 +705,11 @@ impl Master {
         }
         for i in 0..self.slots.len() {
             match self.slots[i].life {
-                Life::Running { pid, kill_at: Some(at), .. } if now >= at => {
+                Life::Running {
+                    pid,
+                    kill_at: Some(at),
+                    ..
+                } if now >= at => {
                     sys::kill(pid, libc::SIGKILL);
                 }
                 Life::Backoff { at } if now >= at => {
@@ -697,7 +718,9 @@ impl Master {
                         error!("{e:#}");
                         let s = &mut self.slots[i];
                         s.failures += 1;
-                        s.life = Life::Resetting { next: Restart::Later };
+                        s.life = Life::Resetting {
+                            next: Restart::Later,
+                        };
                         self.slot_reset(i);
                     }
                 }

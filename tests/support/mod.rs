@@ -175,6 +175,9 @@ impl Server {
         let log = fs::File::create(dir.path().join("server.log")).unwrap();
         let child = cmd
             .env("HALFSYNC_LOG", "info")
+            // Deterministic timing: a panicking Rust plugin would otherwise
+            // spend hundreds of ms symbolising a backtrace before it dies.
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -435,4 +438,112 @@ pub fn run_cmd(cmd: &mut Command, limit: Duration) -> (ExitStatus, String, Strin
         }
     };
     (st, t_out.join().unwrap(), t_err.join().unwrap())
+}
+
+/// Background echo load: `conns` connections, each keeping `depth`
+/// requests in flight (sent as a batch, then all replies read), checking
+/// every reply (id, status OK, payload). Any other outcome is an error
+/// that `finish` reports.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handles: Vec<thread::JoinHandle<Result<(), String>>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, conns: u64, depth: u64, max_payload: usize) -> Load {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let seed = fastrand::u64(..);
+        let handles = (0..conns)
+            .map(|conn| {
+                let (stop, ok) = (stop.clone(), ok.clone());
+                thread::spawn(move || -> Result<(), String> {
+                    let mut s = TcpStream::connect(addr)
+                        .map_err(|e| format!("conn {conn}: connect: {e}"))?;
+                    s.set_nodelay(true).ok();
+                    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                    let mut r = Reader(s.try_clone().map_err(|e| e.to_string())?);
+                    let mut next = 0u64;
+                    let mut buf = Vec::new();
+                    // Bounded: at most 10 minutes' worth even if never stopped.
+                    let deadline = Instant::now() + Duration::from_secs(600);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        buf.clear();
+                        for id in next..next + depth {
+                            halfsync_protocol::write_frame(
+                                &mut buf,
+                                id,
+                                1,
+                                &payload(seed, conn, id, max_payload),
+                            );
+                        }
+                        s.write_all(&buf)
+                            .map_err(|e| format!("conn {conn}: write: {e}"))?;
+                        let mut seen = vec![false; depth as usize];
+                        for _ in 0..depth {
+                            let f = r.frame().map_err(|e| format!("conn {conn}: read: {e}"))?;
+                            let i = f.id.wrapping_sub(next);
+                            if i >= depth || seen[i as usize] {
+                                return Err(format!("conn {conn}: unexpected reply id {}", f.id));
+                            }
+                            seen[i as usize] = true;
+                            if f.code != status::OK {
+                                return Err(format!(
+                                    "conn {conn}: id {} got status {} ({})",
+                                    f.id,
+                                    f.code,
+                                    String::from_utf8_lossy(&f.payload)
+                                ));
+                            }
+                            if f.payload != payload(seed, conn, f.id, max_payload) {
+                                return Err(format!("conn {conn}: id {} payload differs", f.id));
+                            }
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        next += depth;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        Load { stop, ok, handles }
+    }
+
+    /// Requests answered correctly so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (bounded) until `n` more requests were answered.
+    pub fn progress(&self, n: u64) {
+        let start = self.ok();
+        let done = wait_for(Duration::from_secs(30), || {
+            (self.ok() >= start + n).then_some(())
+        });
+        assert!(done.is_some(), "load stalled at {}", self.ok());
+    }
+
+    /// Stops the load; panics with every connection's error, if any.
+    /// Returns the requests answered correctly.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let errors: Vec<String> = self
+            .handles
+            .into_iter()
+            .filter_map(|h| match h.join() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some("load thread panicked".into()),
+            })
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{} load connections failed: {errors:#?}",
+            errors.len()
+        );
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }

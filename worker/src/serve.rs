@@ -61,6 +61,10 @@ pub fn run(spec: WorkerSpec) -> i32 {
             return EXIT_SLOT_FAILED;
         }
     };
+    if let Err(e) = slot.protect_request_data() {
+        error!("cannot protect the request ring: {e}");
+        return EXIT_SLOT_FAILED;
+    }
     let ctl = slot.control();
     ctl.set_pid(std::process::id());
     ctl.set_state(WorkerState::Starting);
@@ -127,7 +131,8 @@ pub fn run(spec: WorkerSpec) -> i32 {
         let now = sys::monotonic_ns();
         ctl.begin(rec.pos, req.id, req.code, now);
         // A request that waited too long is answered TIMEOUT, never run.
-        let stale = spec.queue_timeout_ns > 0 && now.saturating_sub(req.time_ns) > spec.queue_timeout_ns;
+        let stale =
+            spec.queue_timeout_ns > 0 && now.saturating_sub(req.time_ns) > spec.queue_timeout_ns;
 
         // Room for the largest reply, so the plugin writes straight into
         // the ring. The proxy drains replies continuously; waiting here

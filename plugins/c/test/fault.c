@@ -55,11 +55,16 @@
  *   2  as 0, then echo and return normally;
  *   3  the whole reply ring data area becomes random bytes, then HANG;
  *   other: PLUGIN_ERROR "fault: unknown scribble variant N".
+ * Payload bytes 1..5, if present, are a big-endian u32 of milliseconds to
+ * sleep before scribbling.
  *
  * Init reads only these `key = value` lines of its config section (TOML
  * text) and ignores every other line; they act in this order:
  *   init_delay_ms = N       sleep N ms (slow start);
  *   crash_in_init = true    die of SIGSEGV inside init;
+ *   crash_in_init_if_exists = "path"   the same, but only while that file
+ *                           exists (a plugin that starts failing after the
+ *                           server started);
  *   hang_in_init = true     never return from init;
  *   fail_init = "message"   fail init with that message.
  * A value of the wrong kind fails init naming the key. Otherwise init
@@ -231,27 +236,33 @@ static int32_t leak(fault_state *s, const hs_request *req, hs_reply *reply)
 }
 
 /* Finds the halfsync slot mapping; 0 on success. */
+/* The worker maps its request ring's data read-only, which splits the slot
+ * into several lines of /proc/self/maps: the slot is their union. */
 static int find_slot(uintptr_t *start, size_t *len)
 {
     char line[4096 + 256];
     FILE *maps = fopen("/proc/self/maps", "re");
+    unsigned long min_lo = 0, max_hi = 0;
     int found = -1;
     if (!maps)
         return -1;
-    while (found != 0 && fgets(line, sizeof line, maps)) {
+    while (fgets(line, sizeof line, maps)) {
         unsigned long lo, hi;
-        char perms[8];
         if (!strstr(line, SLOT_MARKER))
             continue;
-        if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3 || hi <= lo)
+        if (sscanf(line, "%lx-%lx", &lo, &hi) != 2 || hi <= lo)
             continue;
-        if (perms[0] != 'r' || perms[1] != 'w')
-            continue;
-        *start = (uintptr_t)lo;
-        *len = (size_t)(hi - lo);
+        if (found != 0 || lo < min_lo)
+            min_lo = lo;
+        if (found != 0 || hi > max_hi)
+            max_hi = hi;
         found = 0;
     }
     fclose(maps);
+    if (found == 0) {
+        *start = (uintptr_t)min_lo;
+        *len = (size_t)(max_hi - min_lo);
+    }
     return found;
 }
 
@@ -293,6 +304,12 @@ static int32_t scribble(fault_state *s, const hs_request *req, hs_reply *reply)
         return fail(reply, msg);
     }
     capacity = (len - SLOT_PAGE) / 2 - SLOT_PAGE;
+    /* Optional pause first: payload bytes 1..5, big-endian ms. */
+    if (req->payload_len >= 5) {
+        const uint8_t *p = req->payload + 1;
+        sleep_ms(((unsigned long long)p[0] << 24) | ((unsigned long long)p[1] << 16) |
+                 ((unsigned long long)p[2] << 8) | (unsigned long long)p[3]);
+    }
     uintptr_t control = start;
     uintptr_t reply_header = start + SLOT_PAGE + SLOT_PAGE + capacity;
     uintptr_t reply_data = reply_header + SLOT_PAGE;
@@ -335,6 +352,7 @@ typedef struct init_config {
     int crash, hang;
     int fail;
     char fail_msg[1024];
+    char crash_if_exists[1024];
 } init_config;
 
 static char *trim(char *s)
@@ -434,6 +452,8 @@ static int parse_config(const char *config, size_t config_len, init_config *out,
         } else if (strcmp(key, "fail_init") == 0) {
             out->fail = 1;
             parse_string(value, out->fail_msg, sizeof out->fail_msg);
+        } else if (strcmp(key, "crash_in_init_if_exists") == 0) {
+            parse_string(value, out->crash_if_exists, sizeof out->crash_if_exists);
         }
     }
     return 0;
@@ -451,6 +471,8 @@ static int32_t fault_init(const hs_host *host, const char *config, size_t config
         fault_log(host, HS_LOG_INFO, msg);
         sleep_ms(cfg.delay_ms);
     }
+    if (cfg.crash_if_exists[0] && access(cfg.crash_if_exists, F_OK) == 0)
+        cfg.crash = 1;
     if (cfg.crash) {
         fault_log(host, HS_LOG_WARN, "fault: crashing in init");
         segfault();

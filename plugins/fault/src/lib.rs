@@ -58,6 +58,9 @@
 //! - [`SCRIBBLE_REPLY_DATA_HANG`] (3): the whole reply ring data area
 //!   becomes random bytes, then HANG.
 //!
+//! Payload bytes 1..5, if present, are a big-endian u32 of milliseconds to
+//! sleep before scribbling.
+//!
 //! # Init
 //!
 //! The plugin's config section (TOML text) is read line by line for these
@@ -65,6 +68,8 @@
 //!
 //! - `init_delay_ms = N`: sleep N ms first (slow start);
 //! - `crash_in_init = true`: then die of SIGSEGV inside init;
+//! - `crash_in_init_if_exists = "path"`: the same, but only while that file
+//!   exists (a plugin that starts failing after the server started);
 //! - `hang_in_init = true`: then never return from init;
 //! - `fail_init = "message"`: then fail init with that message.
 //!
@@ -153,6 +158,7 @@ struct InitConfig {
     crash: bool,
     hang: bool,
     fail: Option<String>,
+    crash_if_exists: Option<String>,
 }
 
 impl InitConfig {
@@ -173,6 +179,7 @@ impl InitConfig {
                 "crash_in_init" => out.crash = parse_bool(key, value)?,
                 "hang_in_init" => out.hang = parse_bool(key, value)?,
                 "fail_init" => out.fail = Some(parse_string(value)),
+                "crash_in_init_if_exists" => out.crash_if_exists = Some(parse_string(value)),
                 _ => {}
             }
         }
@@ -314,18 +321,20 @@ extern "C" fn panic_in_extern_c() {
 /// The halfsync slot this process maps: `(start address, length)`.
 fn find_slot() -> Option<(usize, usize)> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
+    // The worker maps its request ring's data read-only, which splits the
+    // slot into several lines: the slot is their union.
+    let (lo, hi) = maps
+        .lines()
         .filter(|line| line.contains(SLOT_MARKER))
-        .find_map(|line| {
-            let mut fields = line.split_ascii_whitespace();
-            let (start, end) = fields.next()?.split_once('-')?;
-            if !fields.next()?.starts_with("rw") {
-                return None;
-            }
-            let start = usize::from_str_radix(start, 16).ok()?;
-            let end = usize::from_str_radix(end, 16).ok()?;
-            Some((start, end.checked_sub(start)?))
+        .filter_map(|line| {
+            let (start, end) = line.split_ascii_whitespace().next()?.split_once('-')?;
+            Some((
+                usize::from_str_radix(start, 16).ok()?,
+                usize::from_str_radix(end, 16).ok()?,
+            ))
         })
+        .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)))?;
+    Some((lo, hi.checked_sub(lo)?))
 }
 
 /// Writes `byte` over `len` bytes at `addr`, inside the slot mapping.
@@ -413,6 +422,11 @@ impl Fault {
         let control = start;
         let reply_header = start + SLOT_PAGE + SLOT_PAGE + capacity;
         let reply_data = reply_header + SLOT_PAGE;
+        // Optional pause first (payload bytes 1..5, big-endian ms), so a
+        // test can let the proxy collect the replies already published.
+        if let Some(ms) = req.payload().get(1..).and_then(payload_u32) {
+            std::thread::sleep(Duration::from_millis(ms.into()));
+        }
         self.warn(&format!("scribble variant {variant}"), req);
         match variant {
             SCRIBBLE_REPLY_HEADER_HANG | SCRIBBLE_REPLY_HEADER_RETURN => {
@@ -445,7 +459,11 @@ impl Plugin for Fault {
             host.info(&format!("fault: init sleeps {} ms", config.delay_ms));
             std::thread::sleep(Duration::from_millis(config.delay_ms));
         }
-        if config.crash {
+        let file_says_crash = config
+            .crash_if_exists
+            .as_deref()
+            .is_some_and(|p| std::path::Path::new(p).exists());
+        if config.crash || file_says_crash {
             host.warn("fault: crashing in init");
             segfault();
         }
@@ -744,6 +762,7 @@ mod tests {
                 crash: false,
                 hang: true,
                 fail: Some("a = b".to_owned()),
+                crash_if_exists: None,
             }
         );
         assert_eq!(InitConfig::parse("").unwrap(), InitConfig::default());

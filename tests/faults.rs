@@ -1,0 +1,424 @@
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use halfsync_protocol::{Client, status};
+use halfsync_testkit::fault;
+
+use crate::support::*;
+
+/// A group of `workers` fault-plugin workers with tight timeouts.
+fn fault_config(port: u16, plugin: &Path, workers: u32, extra_group: &str) -> String {
+    format!(
+        r#"[server]
+listen = ["127.0.0.1:{port}"]
+shutdown_grace = "10s"
+
+[[group]]
+name = "fault"
+plugin = "{}"
+workers = {workers}
+request_timeout = "500ms"
+slow_request = "100ms"
+{extra_group}
+"#,
+        plugin.display()
+    )
+}
+
+fn be32(n: u32) -> Vec<u8> {
+    n.to_be_bytes().to_vec()
+}
+
+/// The bad requests, each with the one status it must get.
+fn faults() -> Vec<(&'static str, u16, Vec<u8>, u16)> {
+    let scribble = |variant: u8| {
+        // Pause 20 ms first so the proxy has collected the replies this
+        // worker already published (a corrupt ring loses those).
+        let mut p = vec![variant];
+        p.extend(be32(20));
+        p
+    };
+    vec![
+        ("segv", fault::SEGV, vec![], status::WORKER_DIED),
+        ("abort", fault::ABORT, vec![], status::WORKER_DIED),
+        ("panic", fault::PANIC, vec![], status::PLUGIN_ERROR),
+        (
+            "escaping panic",
+            fault::ESCAPING_PANIC,
+            vec![],
+            status::WORKER_DIED,
+        ),
+        ("exit(0)", fault::EXIT, vec![], status::WORKER_DIED),
+        ("hang", fault::HANG, vec![], status::TIMEOUT),
+        ("slow", fault::SLOW, be32(150), status::OK),
+        ("leak", fault::LEAK, be32(8), status::OK),
+        (
+            "scribble reply ring",
+            fault::SCRIBBLE,
+            scribble(0),
+            status::WORKER_DIED,
+        ),
+        (
+            "scribble control block",
+            fault::SCRIBBLE,
+            scribble(1),
+            status::WORKER_DIED,
+        ),
+        (
+            "scribble reply data",
+            fault::SCRIBBLE,
+            scribble(3),
+            status::TIMEOUT,
+        ),
+        ("sigbus", fault::SIGBUS, vec![], status::WORKER_DIED),
+        ("sigkill (oom)", fault::SIGKILL, vec![], status::WORKER_DIED),
+        (
+            "reply too big",
+            fault::REPLY_TOO_BIG,
+            vec![],
+            status::PLUGIN_ERROR,
+        ),
+        // The C plugin really returns 4; the worker maps it. The Rust SDK
+        // cannot express it and replies PLUGIN_ERROR itself.
+        (
+            "reserved status",
+            fault::RESERVED_STATUS,
+            vec![],
+            status::PLUGIN_ERROR,
+        ),
+        ("custom status", fault::CUSTOM, vec![], fault::CUSTOM_STATUS),
+    ]
+}
+
+/// Waits until the group runs `n` workers again and a request is served.
+fn wait_workers(s: &mut Server, n: usize) {
+    let back = wait_for(Duration::from_secs(20), || {
+        (s.worker_pids().len() == n).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "worker count stuck at {:?}",
+        s.worker_pids()
+    );
+}
+
+fn every_fault_under_load(plugin: std::path::PathBuf) {
+    let port = free_port();
+    let mut s = Server::start(&fault_config(port, &plugin, 4, ""), port);
+    let load = Load::start(s.addr, 50, 4, 2000);
+    load.progress(2000);
+    let mut bad = s.client();
+    let mut id = 1_000_000u64;
+    for round in 0..3 {
+        for (what, cmd, payload, want) in faults() {
+            id += 1;
+            let t = Instant::now();
+            let r = bad
+                .call(id, cmd, &payload)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(
+                (r.id, r.code),
+                (id, want),
+                "round {round}, {what}: got {} ({}) after {:?}",
+                r.code,
+                String::from_utf8_lossy(&r.payload),
+                t.elapsed()
+            );
+            // The rest of the traffic keeps flowing.
+            load.progress(200);
+        }
+    }
+    wait_workers(&mut s, 4);
+    let ok = load.finish();
+    assert!(ok > 10_000, "only {ok} requests served");
+    let log = s.log();
+    for needle in [
+        "killed by SIGSEGV",
+        "killed by SIGABRT",
+        "killed by SIGBUS",
+        "killed by SIGKILL",
+        "slow request",
+        "past request_timeout",
+        "shared memory is corrupt",
+    ] {
+        assert!(log.contains(needle), "log lacks {needle:?}");
+    }
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+/// Every kind of plugin failure costs exactly its own request: it gets
+/// its status, 50 connections of echo traffic through 4 workers see no
+/// error and no closed connection, and the pool heals.
+#[test]
+fn every_rust_fault_under_load_costs_only_its_request() {
+    every_fault_under_load(fault_plugin_so());
+}
+
+#[test]
+fn every_c_fault_under_load_costs_only_its_request() {
+    every_fault_under_load(c_fault_plugin_so());
+}
+
+fn fault_plugin_so() -> std::path::PathBuf {
+    halfsync_testkit::fault_plugin()
+}
+
+fn c_fault_plugin_so() -> std::path::PathBuf {
+    halfsync_testkit::c_fault_plugin()
+}
+
+/// Requests queued behind a crashing request on the same worker are not
+/// lost: they run on another worker.
+#[test]
+fn requests_queued_behind_a_crash_are_redispatched() {
+    let port = free_port();
+    let s = Server::start(
+        &fault_config(port, &fault_plugin_so(), 2, "max_inflight = 64"),
+        port,
+    );
+    for round in 0..5u64 {
+        let mut c = s.client();
+        // A slow request first, so the crash and the echoes behind it pile
+        // up in the rings.
+        let base = round * 1000;
+        c.send(base, fault::SLOW, &be32(50)).unwrap();
+        c.send(base + 1, fault::SEGV, b"").unwrap();
+        for i in 2..200 {
+            c.send(base + i, 1, &i.to_be_bytes()).unwrap();
+        }
+        let mut died = 0;
+        for _ in 0..200 {
+            let r = c.recv().unwrap();
+            match r.id - base {
+                0 => assert_eq!(r.code, status::OK),
+                1 => {
+                    assert_eq!(r.code, status::WORKER_DIED);
+                    died += 1;
+                }
+                i => {
+                    assert_eq!(r.code, status::OK, "echo {i}");
+                    assert_eq!(r.payload, i.to_be_bytes());
+                }
+            }
+        }
+        assert_eq!(died, 1);
+    }
+}
+
+#[test]
+fn stale_requests_time_out_without_running() {
+    let port = free_port();
+    let s = Server::start(
+        &fault_config(
+            port,
+            &fault_plugin_so(),
+            1,
+            "queue_timeout = \"200ms\"\nmax_inflight = 4",
+        ),
+        port,
+    );
+    let mut c = s.client();
+    // One worker: a 400 ms request, then 10 more that wait behind it, 3 in
+    // the worker's ring and 7 in the proxy's queue.
+    c.send(1, fault::SLOW, &be32(400)).unwrap();
+    for id in 2..12 {
+        // Each would take 100 ms if it ran.
+        c.send(id, fault::SLOW, &be32(100)).unwrap();
+    }
+    let t = Instant::now();
+    let mut codes = std::collections::BTreeMap::new();
+    for _ in 0..11 {
+        let r = c.recv().unwrap();
+        codes.insert(r.id, r.code);
+    }
+    assert_eq!(codes[&1], status::OK);
+    for id in 2..12 {
+        assert_eq!(codes[&id], status::TIMEOUT, "request {id}");
+    }
+    // Had any of them run, the worker would have spent 100 ms on it.
+    assert!(
+        t.elapsed() < Duration::from_millis(400 + 400),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(c.call(99, 1, b"fresh").unwrap().code, status::OK);
+}
+
+#[test]
+fn overload_is_answered_busy_at_once() {
+    let port = free_port();
+    let s = Server::start(
+        &fault_config(
+            port,
+            &fault_plugin_so(),
+            1,
+            "max_inflight = 1\nmax_queue = 2",
+        ),
+        port,
+    );
+    let mut c = s.client();
+    c.send(1, fault::SLOW, &be32(500)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    for id in 2..8 {
+        c.send(id, 1, b"x").unwrap();
+    }
+    let t = Instant::now();
+    // 1 runs, 2 and 3 queue, 4..7 are refused at once.
+    let mut order = Vec::new();
+    for _ in 0..7 {
+        let r = c.recv().unwrap();
+        order.push((r.id, r.code, t.elapsed()));
+    }
+    let busy: Vec<_> = order.iter().filter(|o| o.1 == status::BUSY).collect();
+    assert_eq!(
+        busy.iter().map(|o| o.0).collect::<Vec<_>>(),
+        vec![4, 5, 6, 7],
+        "{order:?}"
+    );
+    assert!(
+        busy.iter().all(|o| o.2 < Duration::from_millis(300)),
+        "{order:?}"
+    );
+    let ok: Vec<u64> = order
+        .iter()
+        .filter(|o| o.1 == status::OK)
+        .map(|o| o.0)
+        .collect();
+    assert_eq!(ok.len(), 3, "{order:?}");
+}
+
+/// A plugin that starts crashing in init is restarted with backoff; while
+/// no worker runs, requests get BUSY at once; when the cause goes away,
+/// the group comes back by itself.
+#[test]
+fn respawn_storm_backs_off_and_answers_busy() {
+    let port = free_port();
+    let trigger = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let flag = trigger.path().join("crash");
+    let extra = format!(
+        "restart_delay = \"100ms\"\nrestart_delay_max = \"400ms\"\n[group.config]\ncrash_in_init_if_exists = \"{}\"\n",
+        flag.display()
+    );
+    let mut s = Server::start(&fault_config(port, &fault_plugin_so(), 2, &extra), port);
+    std::fs::write(&flag, b"").unwrap();
+    // Kill both workers; their replacements now crash in init.
+    let mut c = s.client();
+    for id in 0..2 {
+        let _ = c.call(id, fault::SIGKILL, b"");
+    }
+    let busy = wait_for(Duration::from_secs(20), || {
+        let t = Instant::now();
+        let r = c.call(100, 1, b"anyone?").ok()?;
+        (r.code == status::BUSY).then_some(t.elapsed())
+    });
+    let elapsed = busy.expect("never answered BUSY while the group was down");
+    assert!(
+        elapsed < Duration::from_millis(200),
+        "BUSY took {elapsed:?}"
+    );
+    assert!(
+        s.log().contains("worker keeps failing; restarting in"),
+        "{}",
+        s.log()
+    );
+    // Backoff, not a storm: far fewer starts than a tight loop would make.
+    std::thread::sleep(Duration::from_secs(2));
+    let crashes = s.log().matches("fault: crashing in init").count();
+    assert!(crashes < 30, "{crashes} init crashes in ~2 s");
+    // The cause goes away: the group recovers on its own.
+    std::fs::remove_file(&flag).unwrap();
+    let back = wait_for(Duration::from_secs(20), || {
+        let r = c.call(101, 1, b"back").ok()?;
+        (r.code == status::OK).then_some(())
+    });
+    assert!(back.is_some());
+    wait_workers(&mut s, 2);
+}
+
+/// max_requests with jitter: workers are replaced under load without a
+/// single failed request, and not all at once.
+#[test]
+fn recycling_by_max_requests_fails_no_request() {
+    let port = free_port();
+    let s_text = fault_config(
+        port,
+        &fault_plugin_so(),
+        4,
+        "max_requests = 300\nmax_requests_jitter = 100",
+    );
+    let mut s = Server::start(&s_text, port);
+    let first = s.worker_pids();
+    let load = Load::start(s.addr, 20, 4, 500);
+    let replaced = wait_for(Duration::from_secs(60), || {
+        (s.log().matches("worker replaced; draining it").count() >= 12).then_some(())
+    });
+    let ok = load.finish();
+    assert!(replaced.is_some(), "too few recycles; log:\n{}", s.log());
+    assert!(ok > 3000);
+    wait_workers(&mut s, 4);
+    let now = s.worker_pids();
+    assert!(
+        now.iter().all(|p| !first.contains(p)),
+        "{first:?} -> {now:?}"
+    );
+    assert!(s.log().contains("recycling limit reached"));
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+#[test]
+fn recycling_by_max_rss_fails_no_request() {
+    let port = free_port();
+    let mut s = Server::start(
+        &fault_config(port, &fault_plugin_so(), 2, "max_rss = \"96MiB\""),
+        port,
+    );
+    let load = Load::start(s.addr, 10, 2, 500);
+    let mut c = s.client();
+    // Each leak keeps 24 MiB; a worker passes 96 MiB after about four.
+    for id in 0..16 {
+        let r = c.call(id, fault::LEAK, &be32(24)).unwrap();
+        assert_eq!(r.code, status::OK);
+    }
+    let replaced = wait_for(Duration::from_secs(20), || {
+        s.log()
+            .contains("worker replaced; draining it")
+            .then_some(())
+    });
+    assert!(replaced.is_some(), "{}", s.log());
+    load.finish();
+    wait_workers(&mut s, 2);
+}
+
+/// The proxy should never die; if it does, the master restarts it on the
+/// same port and resets every worker.
+#[test]
+fn proxy_death_is_survived_on_the_same_port() {
+    let port = free_port();
+    let mut s = Server::start(&fault_config(port, &fault_plugin_so(), 2, ""), port);
+    let proxy = s.pids_titled("halfsync: proxy");
+    assert_eq!(proxy.len(), 1);
+    let workers = s.worker_pids();
+    // SAFETY: kill has no memory effects; the pid is our server's proxy.
+    unsafe { libc::kill(proxy[0], libc::SIGKILL) };
+    let back = wait_for(Duration::from_secs(20), || {
+        let mut c = Client::connect(s.addr).ok()?;
+        c.stream()
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .ok()?;
+        (c.call(1, 1, b"again").ok()?.code == status::OK).then_some(())
+    });
+    assert!(back.is_some(), "{}", s.log());
+    let new_proxy = s.pids_titled("halfsync: proxy");
+    assert_eq!(new_proxy.len(), 1);
+    assert_ne!(new_proxy, proxy);
+    wait_workers(&mut s, 2);
+    assert!(s.worker_pids().iter().all(|p| !workers.contains(p)));
+    many_pipelines(s.addr, 4, 100, 1000);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
