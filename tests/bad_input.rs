@@ -194,3 +194,64 @@ fn connections_past_max_connections_are_refused_cleanly() {
     assert!(ok.is_some());
     assert!(s.log().contains("max_connections reached"), "{}", s.log());
 }
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Clients that pipeline without ever reading replies: the proxy stops
+/// reading from them (bounded in-flight requests and unsent output per
+/// connection) instead of buffering without limit, and serves others.
+#[test]
+fn clients_that_never_read_cannot_grow_the_proxy() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 2, ""), port);
+    let proxy = s.pids_titled("halfsync: proxy")[0];
+    let before = rss_kib(proxy);
+    let by = Load::start(s.addr, 1, 1, 300);
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let mut t = TcpStream::connect(s.addr).unwrap();
+            t.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+            thread::spawn(move || {
+                let mut batch = Vec::new();
+                for id in 0..64 {
+                    halfsync_protocol::write_frame(&mut batch, id, 1, &[w as u8; 16 << 10]);
+                }
+                // Bounded: at most 1 GiB per writer; in practice the
+                // server stops reading long before and the write times out.
+                let mut sent = 0usize;
+                while sent < 1 << 30 {
+                    match t.write(&batch) {
+                        Ok(n) => sent += n,
+                        Err(_) => break,
+                    }
+                }
+                (t, sent)
+            })
+        })
+        .collect();
+    let held: Vec<(TcpStream, usize)> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+    let during = rss_kib(proxy);
+    by.progress(20);
+    let sent: usize = held.iter().map(|h| h.1).sum();
+    println!(
+        "4 non-reading clients wrote {} MiB; proxy RSS {before} -> {during} KiB",
+        sent >> 20
+    );
+    assert!(sent < 1 << 30, "the server read everything it was sent");
+    // Per connection at most ~4 MiB of requests in flight and ~4 MiB of
+    // unsent replies: 4 connections stay well under 64 MiB.
+    assert!(
+        during < before + 64 * 1024,
+        "proxy RSS {before} -> {during} KiB"
+    );
+    drop(held);
+    by.finish();
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+}

@@ -18,3 +18,6 @@ mod lifecycle;
 
 /// Crash, hang and overload isolation: fault plugins under load.
 mod faults;
+
+/// 1,000+ crashes without leaks; respawn latency.
+mod soak;

@@ -302,9 +302,11 @@ pub struct Group {
         deserialize_with = "de_size_any"
     )]
     pub max_rss: u64,
-    /// `restart_delay`: after a worker dies young (within a second of
-    /// starting, or failing init) twice in a row, restarts are delayed by
-    /// this, doubling on each further failure up to `restart_delay_max`.
+    /// `restart_delay`: after a worker failed to start five times in a row
+    /// (its plugin init failed, or it died within a second without serving
+    /// a request), restarts are delayed by this, doubling on each further
+    /// failure up to `restart_delay_max`. A worker that served before dying
+    /// is replaced at once.
     /// While every worker of the group waits, its requests get BUSY at once.
     /// Default `"100ms"`.
     #[serde(default = "default_restart_delay", with = "units::duration")]

@@ -13,6 +13,10 @@ pub(crate) const MAX_CONN_INFLIGHT: u32 = 4096;
 /// Most unsent reply bytes one connection may hold before the proxy stops
 /// reading from it.
 pub(crate) const MAX_CONN_OUTPUT: usize = 4 << 20;
+/// Most payload bytes of unanswered requests one connection may have
+/// before the proxy stops reading from it (their copies sit in the wait
+/// queue or the rings).
+pub(crate) const MAX_CONN_INFLIGHT_BYTES: u64 = 4 << 20;
 
 /// Identifies one incarnation of a connection: slab index and generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +42,8 @@ pub(crate) struct Conn {
     pub(crate) out_pos: usize,
     /// Requests accepted from this connection and not yet answered.
     pub(crate) inflight: u32,
+    /// Payload bytes of those requests.
+    pub(crate) inflight_bytes: u64,
     pub(crate) last_active_ns: u64,
     /// What epoll watches for this connection.
     pub(crate) interest: u32,
@@ -65,6 +71,7 @@ impl Conn {
         if !self.eof
             && !self.closing
             && self.inflight < MAX_CONN_INFLIGHT
+            && self.inflight_bytes < MAX_CONN_INFLIGHT_BYTES
             && self.out.len() - self.out_pos < MAX_CONN_OUTPUT
         {
             i |= READ;
@@ -123,10 +130,20 @@ impl Conns {
     }
 
     /// Delivers a reply to the connection `tag` names, if it still exists.
-    pub(crate) fn deliver(&mut self, tag: Tag, id: u64, code: u16, payload: &[u8], now_ns: u64) {
+    /// `request_len` is the payload length of the request it answers.
+    pub(crate) fn deliver(
+        &mut self,
+        tag: Tag,
+        id: u64,
+        code: u16,
+        payload: &[u8],
+        request_len: u32,
+        now_ns: u64,
+    ) {
         if let Some(c) = self.get(tag) {
             c.push_reply(id, code, payload);
             c.inflight = c.inflight.saturating_sub(1);
+            c.inflight_bytes = c.inflight_bytes.saturating_sub(request_len.into());
             c.last_active_ns = now_ns;
             self.mark_dirty(tag.index());
         }

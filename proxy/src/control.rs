@@ -109,6 +109,29 @@ pub enum ToMaster {
     Drained,
 }
 
+/// Describes how a process ended, from the status the master passes in
+/// [`ToProxy::WorkerExited`]: `"exit code 3"` or `"killed by SIGSEGV (11)"`.
+pub fn describe_exit(status: i32) -> String {
+    if status >= 0 {
+        return format!("exit code {status}");
+    }
+    let sig = -status;
+    let name = match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGILL => "SIGILL",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => "signal",
+    };
+    format!("killed by {name} ({sig})")
+}
+
 const LEN: usize = 20;
 const NONE: u32 = u32::MAX;
 

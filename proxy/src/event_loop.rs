@@ -360,6 +360,7 @@ impl Proxy {
                         out: Vec::new(),
                         out_pos: 0,
                         inflight: 0,
+                        inflight_bytes: 0,
                         last_active_ns: self.now_ns,
                         interest: READ,
                         eof: false,
@@ -523,6 +524,7 @@ impl Proxy {
             code: h.code,
             flags: h.flags,
             enqueued_ns: self.now_ns,
+            len: payload.len() as u32,
         };
         if !self.group_live(g) {
             self.reply_now(
@@ -538,7 +540,7 @@ impl Proxy {
             && let Some(si) = self.pick_slot(g, payload.len())
             && self.push_to_slot(si, req, payload)
         {
-            self.count_inflight(i);
+            self.count_inflight(i, payload.len());
             return;
         }
         let group = &mut self.groups[g];
@@ -547,7 +549,7 @@ impl Proxy {
                 req,
                 payload: payload.to_vec(),
             });
-            self.count_inflight(i);
+            self.count_inflight(i, payload.len());
             return;
         }
         self.reply_now(
@@ -558,9 +560,10 @@ impl Proxy {
         );
     }
 
-    fn count_inflight(&mut self, i: usize) {
+    fn count_inflight(&mut self, i: usize, len: usize) {
         if let Some(Some(c)) = self.conns.slab.get_mut(i) {
             c.inflight += 1;
+            c.inflight_bytes += len as u64;
         }
     }
 

@@ -11,7 +11,7 @@ use halfsync_shm::{Consumer, Meta, Notify, Producer, RingError, Slot, WorkerStat
 use tracing::{debug, error, info, warn};
 
 use crate::conn::Tag;
-use crate::control::{KillReason, Restart, ToMaster};
+use crate::control::{KillReason, Restart, ToMaster, describe_exit};
 use crate::event_loop::{NS_PER_MS, Proxy, TOKEN_SLOT};
 use crate::sys::READ;
 
@@ -27,6 +27,8 @@ pub(crate) struct ReqMeta {
     pub(crate) code: u16,
     pub(crate) flags: u16,
     pub(crate) enqueued_ns: u64,
+    /// Payload bytes.
+    pub(crate) len: u32,
 }
 
 /// A request written into a worker's ring and not yet answered.
@@ -187,14 +189,6 @@ enum Action {
     Slow(u64, u64, u16, u64),
     Retire(i32),
     Recycle(i32),
-}
-
-fn describe(status: i32) -> String {
-    if status < 0 {
-        format!("was killed by signal {}", -status)
-    } else {
-        format!("exited with code {status}")
-    }
 }
 
 impl Proxy {
@@ -370,8 +364,14 @@ impl Proxy {
                 ));
             }
             self.totals.count(rec.meta.code);
-            self.conns
-                .deliver(p.req.tag, p.req.id, rec.meta.code, rec.payload, self.now_ns);
+            self.conns.deliver(
+                p.req.tag,
+                p.req.id,
+                rec.meta.code,
+                rec.payload,
+                p.req.len,
+                self.now_ns,
+            );
             s.pending.pop_front();
             s.rx.advance();
         };
@@ -436,7 +436,8 @@ impl Proxy {
     /// Answers a request that will not run, if its connection still exists.
     pub(crate) fn answer(&mut self, req: &ReqMeta, code: u16, msg: &[u8]) {
         self.totals.count(code);
-        self.conns.deliver(req.tag, req.id, code, msg, self.now_ns);
+        self.conns
+            .deliver(req.tag, req.id, code, msg, req.len, self.now_ns);
     }
 
     /// Hands queued requests to workers with room; expires stale ones and
@@ -781,17 +782,17 @@ impl Proxy {
                 );
             }
         }
-        let how = describe(status);
+        let how = describe_exit(status);
         match busy {
             Some(b) => warn!(
                 group = %name, worker = label, pid, request_id = b.id, command = b.code,
-                requeued = requeue.len(), failed = failed.len(), "worker {how} while running a request"
+                requeued = requeue.len(), failed = failed.len(), "worker died ({how}) while running a request"
             ),
             None if status != 0 || !failed.is_empty() => warn!(
-                group = %name, worker = label, pid, requeued = requeue.len(), failed = failed.len(), "worker {how}"
+                group = %name, worker = label, pid, requeued = requeue.len(), failed = failed.len(), "worker died ({how})"
             ),
             None => {
-                debug!(group = %name, worker = label, pid, requeued = requeue.len(), "worker {how}")
+                debug!(group = %name, worker = label, pid, requeued = requeue.len(), "worker exited ({how})")
             }
         }
         // A replacement that died before taking over: its predecessor keeps

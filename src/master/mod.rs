@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use halfsync_config::Config;
 use halfsync_proxy::ProxySpec;
-use halfsync_proxy::control::{Channel, KillReason, Received, Restart, ToMaster, ToProxy};
+use halfsync_proxy::control::{
+    Channel, KillReason, Received, Restart, ToMaster, ToProxy, describe_exit,
+};
 use halfsync_shm::{Slot, sys as shm_sys};
 use halfsync_worker::{EXIT_PLUGIN_FAILED, WorkerSpec};
 use tracing::{error, info, warn};
@@ -40,6 +42,12 @@ pub const ROLE_ENV: &str = "HALFSYNC_ROLE";
 /// A worker that dies sooner than this after starting counts as a failed
 /// start for the restart backoff.
 const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(1);
+
+/// Failed starts in a row (see `on_child_exit`) after which restarts are
+/// delayed. A few are tolerated: under a barrage of poisonous requests a
+/// fresh worker's very first request may be one, and that alone must not
+/// take the group down.
+const FAILED_STARTS_BEFORE_BACKOFF: u32 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Life {
@@ -488,7 +496,7 @@ impl Master {
                 error!(
                     pid,
                     "proxy died ({}); restarting it and every worker",
-                    describe(how)
+                    describe_exit(how)
                 );
                 self.restart_all();
             }
@@ -523,16 +531,16 @@ impl Master {
             } else {
                 s.failures = 0;
             }
-            if s.failures >= 2 {
+            if s.failures >= FAILED_STARTS_BEFORE_BACKOFF {
                 Restart::Later
             } else {
                 Restart::Now
             }
         };
         if stopping || s.retiring {
-            info!(group = %name, worker = s.label, pid, "worker exited ({})", describe(how));
+            info!(group = %name, worker = s.label, pid, "worker exited ({})", describe_exit(how));
         } else {
-            warn!(group = %name, worker = s.label, pid, "worker died ({})", describe(how));
+            warn!(group = %name, worker = s.label, pid, "worker died ({})", describe_exit(how));
         }
         s.life = Life::Resetting { next };
         match &self.proxy {
@@ -564,10 +572,14 @@ impl Master {
             Restart::Now => Life::Backoff { at: Instant::now() },
             Restart::Later => {
                 let g = &self.config.groups[s.group];
-                // 2nd failure in a row: restart_delay; then doubling, capped.
+                // restart_delay, then doubling, capped.
+                let doublings = s
+                    .failures
+                    .saturating_sub(FAILED_STARTS_BEFORE_BACKOFF)
+                    .min(20);
                 let delay = g
                     .restart_delay
-                    .saturating_mul(1 << (s.failures - 2).min(20))
+                    .saturating_mul(1 << doublings)
                     .min(g.restart_delay_max);
                 warn!(
                     group = %g.name,
@@ -772,24 +784,5 @@ impl Master {
                 error!("{e:#}");
             }
         }
-    }
-}
-
-fn describe(how: i32) -> String {
-    if how < 0 {
-        let sig = -how;
-        let name = match sig {
-            libc::SIGKILL => "SIGKILL",
-            libc::SIGSEGV => "SIGSEGV",
-            libc::SIGABRT => "SIGABRT",
-            libc::SIGBUS => "SIGBUS",
-            libc::SIGTERM => "SIGTERM",
-            libc::SIGFPE => "SIGFPE",
-            libc::SIGILL => "SIGILL",
-            _ => "signal",
-        };
-        format!("killed by {name} ({sig})")
-    } else {
-        format!("exit code {how}")
     }
 }
