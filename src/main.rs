@@ -3,6 +3,7 @@
 //! `HALFSYNC_ROLE` in the environment says which role a process plays.
 
 mod master;
+mod probe;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -119,17 +120,13 @@ fn retitle_master() {
 
 fn check(path: Option<&Path>) -> Result<()> {
     let config = load_config(path)?;
-    let exe = exe_path()?;
-    let exe_dir = exe.parent().unwrap_or(Path::new("."));
-    for g in &config.groups {
-        let p = config.plugin_path(g, exe_dir);
-        let plugin = halfsync_worker::Plugin::load(&p)?;
+    for p in probe::probe(&exe_path()?, &config, true)? {
         println!(
-            "group {}: plugin {} {} ({}): ok",
-            g.name,
-            plugin.name(),
-            plugin.version(),
-            p.display()
+            "group {}: plugin {} {} ({}): loaded and initialised",
+            p.group,
+            p.name,
+            p.version,
+            p.path.display()
         );
     }
     println!("halfsync: configuration {} is ok", config.origin);
@@ -162,14 +159,6 @@ fn run_worker() -> ExitCode {
     ExitCode::from(halfsync_worker::run(spec).clamp(0, 255) as u8)
 }
 
-/// Loads each plugin named in the environment; prints the first failure.
 fn run_probe() -> ExitCode {
-    let list = std::env::var("HALFSYNC_PROBE_PLUGINS").unwrap_or_default();
-    for p in list.lines().filter(|l| !l.is_empty()) {
-        if let Err(e) = halfsync_worker::Plugin::load(Path::new(p)) {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    }
-    ExitCode::SUCCESS
+    probe::child_main()
 }

@@ -122,6 +122,63 @@ fn check_accepts_a_good_config() {
         Duration::from_secs(20),
     );
     assert!(st.success(), "{err}");
-    assert!(out.contains("plugin echo"), "{out}");
+    assert!(
+        out.contains("plugin echo") && out.contains("loaded and initialised"),
+        "{out}"
+    );
     assert!(out.contains("is ok"), "{out}");
+}
+
+#[test]
+fn plugin_whose_init_fails() {
+    let so = halfsync_testkit::c_plugin("plugins/c/test/init_fails.c");
+    // check initialises the plugin (like nginx -t) and says why it failed.
+    let (code, err) = halfsync("check", &group(&so));
+    assert_eq!(code, Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("group g") && lines[0].contains("missing required key `db`"),
+        "{err}"
+    );
+    // run starts, sees every worker fail init, and gives up rather than
+    // serving nothing: exit 1, the last line names the group.
+    let (code, err) = halfsync(
+        "run",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:{}\"]\n\n{}",
+            free_port(),
+            group(&so)
+        ),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let last = err
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    assert!(last.contains("group g: no worker could start"), "{err}");
+    assert!(err.contains("missing required key `db`"), "{err}");
+}
+
+#[test]
+fn check_reports_a_plugin_that_crashes_or_hangs_in_init() {
+    let so = halfsync_testkit::fault_plugin();
+    let (code, err) = halfsync(
+        "check",
+        &format!("{}[group.config]\ncrash_in_init = true\n", group(&so)),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("group g") && err.contains("(init)") && err.contains("killed by SIGSEGV"),
+        "{err}"
+    );
+    let (code, err) = halfsync(
+        "check",
+        &format!(
+            "{}init_timeout = \"1s\"\n[group.config]\nhang_in_init = true\n",
+            group(&so)
+        ),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("did not finish within"), "{err}");
 }

@@ -17,7 +17,7 @@ shutdown_grace = "10s"
 name = "fault"
 plugin = "{}"
 workers = {workers}
-request_timeout = "500ms"
+request_timeout = "3s"
 slow_request = "100ms"
 {extra_group}
 "#,
@@ -111,6 +111,11 @@ fn every_fault_under_load(plugin: std::path::PathBuf) {
     let mut id = 1_000_000u64;
     for round in 0..3 {
         for (what, cmd, payload, want) in faults() {
+            // The faults that only a request_timeout ends cost 3 s each:
+            // once is enough.
+            if round > 0 && want == status::TIMEOUT {
+                continue;
+            }
             id += 1;
             let t = Instant::now();
             let r = bad
@@ -238,7 +243,7 @@ fn stale_requests_time_out_without_running() {
     }
     // Had any of them run, the worker would have spent 100 ms on it.
     assert!(
-        t.elapsed() < Duration::from_millis(400 + 400),
+        t.elapsed() < Duration::from_millis(400 + 800),
         "{:?}",
         t.elapsed()
     );
@@ -300,7 +305,7 @@ fn respawn_storm_backs_off_and_answers_busy() {
         .unwrap();
     let flag = trigger.path().join("crash");
     let extra = format!(
-        "restart_delay = \"100ms\"\nrestart_delay_max = \"400ms\"\n[group.config]\ncrash_in_init_if_exists = \"{}\"\n",
+        "restart_delay = \"1s\"\nrestart_delay_max = \"2s\"\n[group.config]\ncrash_in_init_if_exists = \"{}\"\n",
         flag.display()
     );
     let mut s = Server::start(&fault_config(port, &fault_plugin_so(), 2, &extra), port);

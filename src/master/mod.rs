@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 use halfsync_config::Config;
 use halfsync_proxy::ProxySpec;
 use halfsync_proxy::control::{
@@ -82,6 +82,10 @@ struct SlotRec {
     /// Starts in a row that died young or failed init.
     failures: u32,
     restarts: u64,
+    /// The current worker was seen serving (startup bookkeeping).
+    ever_ready: bool,
+    /// How the last worker in this slot ended.
+    last_exit: Option<i32>,
 }
 
 struct ProxyProc {
@@ -101,19 +105,20 @@ struct Master {
     signals: OwnedFd,
     /// Set once a stop began: when the grace period ends.
     stopping: Option<Instant>,
+    /// Until every group has a worker serving. If every worker of a group
+    /// fails to start meanwhile, halfsync gives up instead of serving
+    /// nothing but BUSY (like nginx refusing to start).
+    starting: bool,
     rng: fastrand::Rng,
 }
 
 /// Runs the server until it is stopped. Errors before the first child
 /// starts (bad plugin, port in use) are returned; the caller prints them.
 pub fn run(config: Config, exe: PathBuf) -> Result<()> {
-    let exe_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    let plugins: Vec<PathBuf> = config
-        .groups
-        .iter()
-        .map(|g| config.plugin_path(g, &exe_dir))
+    let plugins: Vec<PathBuf> = crate::probe::probe(&exe, &config, false)?
+        .into_iter()
+        .map(|p| p.path)
         .collect();
-    probe_plugins(&exe, &plugins)?;
 
     let mut listeners = Vec::new();
     for addr in &config.server.listen {
@@ -135,6 +140,7 @@ pub fn run(config: Config, exe: PathBuf) -> Result<()> {
         proxy: None,
         signals,
         stopping: None,
+        starting: true,
         rng: fastrand::Rng::new(),
     };
     for gi in 0..m.config.groups.len() {
@@ -158,30 +164,6 @@ pub fn run(config: Config, exe: PathBuf) -> Result<()> {
         m.start_worker(i, None)?;
     }
     m.run_loop()
-}
-
-/// Test-loads every plugin in a child process, so the master itself never
-/// runs plugin code (not even a library constructor).
-fn probe_plugins(exe: &Path, plugins: &[PathBuf]) -> Result<()> {
-    let list: Vec<String> = plugins.iter().map(|p| p.display().to_string()).collect();
-    let out = Command::new(exe)
-        .arg0("halfsync: plugin probe")
-        .env(ROLE_ENV, "probe")
-        .env("HALFSYNC_PROBE_PLUGINS", list.join("\n"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .context("starting the plugin probe")?;
-    if !out.status.success() {
-        let msg = String::from_utf8_lossy(&out.stderr);
-        let first = msg
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("plugin probe failed");
-        bail!("{}", first.trim());
-    }
-    Ok(())
 }
 
 fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
@@ -245,6 +227,8 @@ impl Master {
             retiring: false,
             failures: 0,
             restarts: 0,
+            ever_ready: false,
+            last_exit: None,
         });
         let i = self.slots.len() - 1;
         self.send_slot(i);
@@ -373,6 +357,9 @@ impl Master {
                 self.read_control();
             }
             self.run_timers();
+            if self.starting {
+                self.check_startup()?;
+            }
             if self.stopping.is_some()
                 && self.proxy.is_none()
                 && self
@@ -386,9 +373,92 @@ impl Master {
         }
     }
 
+    /// While starting: notes workers that came up; fails if a group has
+    /// none and all its workers failed to start twice.
+    fn check_startup(&mut self) -> Result<()> {
+        for s in &mut self.slots {
+            if let Life::Running { pid, .. } = s.life {
+                let ctl = s.slot.control();
+                if ctl.pid() == pid as u32
+                    && matches!(
+                        ctl.state(),
+                        Ok(halfsync_shm::WorkerState::Idle | halfsync_shm::WorkerState::Busy)
+                    )
+                {
+                    s.ever_ready = true;
+                }
+            }
+        }
+        let groups = self.config.groups.len();
+        let ready = (0..groups)
+            .filter(|&g| self.slots.iter().any(|s| s.group == g && s.ever_ready))
+            .count();
+        if ready == groups {
+            self.starting = false;
+            info!(workers = self.slots.len(), "halfsync ready");
+            return Ok(());
+        }
+        for (g, group) in self.config.groups.iter().enumerate() {
+            let mine: Vec<&SlotRec> = self.slots.iter().filter(|s| s.group == g).collect();
+            let failed = mine.iter().all(|s| !s.ever_ready && s.failures >= 2);
+            if failed {
+                let how = mine
+                    .iter()
+                    .filter_map(|s| {
+                        s.last_exit
+                            .map(|e| format!("worker {}: {}", s.label, describe_exit(e)))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let msg = format!(
+                    "group {}: no worker could start ({how}); the plugin's error is in the log above",
+                    group.name
+                );
+                self.kill_everything();
+                self.reap_all(Duration::from_secs(5));
+                return Err(anyhow!(msg));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reaps every child, waiting up to `limit` (after SIGKILLs).
+    fn reap_all(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match sys::reap() {
+                Ok(Some((pid, _))) => {
+                    if self.proxy.as_ref().is_some_and(|p| p.pid == pid) {
+                        self.proxy = None;
+                    }
+                    for s in &mut self.slots {
+                        if matches!(s.life, Life::Running { pid: p, .. } if p == pid) {
+                            s.life = Life::Stopped;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    let alive = self.proxy.is_some()
+                        || self
+                            .slots
+                            .iter()
+                            .any(|s| matches!(s.life, Life::Running { .. }));
+                    if !alive {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
     fn next_timeout(&self) -> Duration {
         let now = Instant::now();
-        let mut next = now + Duration::from_secs(1);
+        let mut next = now + Duration::from_secs(if self.starting { 0 } else { 1 });
+        if self.starting {
+            next += Duration::from_millis(10);
+        }
         for s in &self.slots {
             match s.life {
                 Life::Backoff { at } => next = next.min(at),
@@ -526,6 +596,7 @@ impl Master {
             // request). A worker that served before crashing is replaced
             // at once, however young.
             let served = s.slot.control().served();
+            s.ever_ready |= served > 0;
             if how == EXIT_PLUGIN_FAILED || (since.elapsed() < MIN_HEALTHY_LIFE && served == 0) {
                 s.failures += 1;
             } else {
@@ -543,6 +614,7 @@ impl Master {
             warn!(group = %name, worker = s.label, pid, "worker died ({})", describe_exit(how));
         }
         s.life = Life::Resetting { next };
+        s.last_exit = Some(how);
         match &self.proxy {
             Some(_) => self.tell_proxy(ToProxy::WorkerExited {
                 slot: i as u32,
