@@ -100,20 +100,16 @@ fn run(path: Option<&Path>) -> Result<()> {
 /// same. If the exec fails the master simply keeps its original title.
 fn retitle_master() {
     use std::os::unix::process::CommandExt;
-    const MARK: &str = "HALFSYNC_MASTER_TITLED";
-    if std::env::var_os(MARK).is_some() {
-        // SAFETY-free cleanup: children should not inherit the marker.
-        // SAFETY: single-threaded at this point; no other thread reads the environment.
-        unsafe { std::env::remove_var(MARK) };
+    const TITLE: &str = "halfsync: master";
+    if std::env::args_os().next().is_some_and(|a| a == TITLE) {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
     let err = std::process::Command::new(exe)
-        .arg0("halfsync: master")
+        .arg0(TITLE)
         .args(std::env::args_os().skip(1))
-        .env(MARK, "1")
         .exec();
     tracing::debug!("could not retitle the master: {err}");
 }

@@ -88,12 +88,7 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ProxyError {
 }
 
 fn take_fd(fd: i32) -> Result<OwnedFd, ProxyError> {
-    if !sys::fd_is_open(fd) {
-        return Err(ProxyError::Spec(format!("inherited fd {fd} is not open")));
-    }
-    // SAFETY: the master passed this fd to this process for us alone, and
-    // each spec fd is taken exactly once.
-    Ok(unsafe { sys::take_fd(fd) })
+    sys::inherited(fd).ok_or_else(|| ProxyError::Spec(format!("inherited fd {fd} is not open")))
 }
 
 impl Proxy {

@@ -133,13 +133,16 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     syscall!(recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0)).map(|n| n as usize)
 }
 
-/// Takes ownership of an fd inherited from the master.
-///
-/// # Safety
-/// `fd` must be open and owned by nothing else in this process.
-pub unsafe fn take_fd(fd: RawFd) -> OwnedFd {
-    // SAFETY: guaranteed by the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// Takes ownership of an fd the master passed this process (named in the
+/// spec), or `None` if it is not open.
+pub fn inherited(fd: RawFd) -> Option<OwnedFd> {
+    if !fd_is_open(fd) {
+        return None;
+    }
+    // SAFETY: the master passed this fd to the proxy alone (everything else
+    // it holds is close-on-exec) and the spec names each fd once, so this
+    // is its only owner.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Whether `fd` is open in this process.

@@ -17,10 +17,8 @@ mod sys;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -175,38 +173,6 @@ fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListen
     Ok(s.into())
 }
 
-/// Starts `exe` in a role with the given fds inherited (everything else the
-/// master holds is close-on-exec) and returns its pid.
-fn spawn(
-    exe: &Path,
-    title: &str,
-    role: &str,
-    env: &[(&str, String)],
-    keep: &[RawFd],
-    master_pid: i32,
-) -> std::io::Result<i32> {
-    let mut cmd = Command::new(exe);
-    cmd.arg0(title).env(ROLE_ENV, role).stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let keep = keep.to_vec();
-    // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe calls (fcntl, prctl, getppid); it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &keep {
-                shm_sys::clear_cloexec(fd)?;
-            }
-            sys::die_with_parent(master_pid)
-        });
-    }
-    let child = cmd.spawn()?;
-    // The master reaps children itself with waitpid(-1); std's Child is
-    // dropped without waiting, which neither kills nor reaps.
-    Ok(child.id() as i32)
-}
-
 impl Master {
     /// Creates a slot for group `gi` and hands it to the proxy.
     fn new_slot(&mut self, gi: usize, label: u32) -> Result<usize> {
@@ -266,7 +232,7 @@ impl Master {
         };
         let mut keep = vec![spec.control_fd];
         keep.extend(&spec.listener_fds);
-        let pid = spawn(
+        let pid = sys::spawn(
             &self.exe,
             "halfsync: proxy",
             "proxy",
@@ -314,7 +280,7 @@ impl Master {
         let ctl = s.slot.control();
         ctl.set_generation(ctl.generation().wrapping_add(1));
         let title = format!("halfsync: worker {} {}", g.name, s.label);
-        let pid = spawn(
+        let pid = sys::spawn(
             &self.exe,
             &title,
             "worker",

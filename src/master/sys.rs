@@ -3,6 +3,9 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 macro_rules! syscall {
@@ -146,4 +149,38 @@ pub fn set_thread_name(name: &str) {
     buf[..n].copy_from_slice(&name.as_bytes()[..n]);
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}
+
+/// Starts `exe` in a role with the given fds inherited (everything else the
+/// master holds is close-on-exec) and returns its pid.
+pub fn spawn(
+    exe: &Path,
+    title: &str,
+    role: &str,
+    env: &[(&str, String)],
+    keep: &[RawFd],
+    master_pid: i32,
+) -> std::io::Result<i32> {
+    let mut cmd = Command::new(exe);
+    cmd.arg0(title)
+        .env(super::ROLE_ENV, role)
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let keep = keep.to_vec();
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (fcntl, prctl, getppid); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &keep {
+                halfsync_shm::sys::clear_cloexec(fd)?;
+            }
+            die_with_parent(master_pid)
+        });
+    }
+    let child = cmd.spawn()?;
+    // The master reaps children itself with waitpid(-1); std's Child is
+    // dropped without waiting, which neither kills nor reaps.
+    Ok(child.id() as i32)
 }

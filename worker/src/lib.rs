@@ -21,6 +21,7 @@
 
 pub mod plugin;
 mod serve;
+mod sys;
 
 use std::path::PathBuf;
 

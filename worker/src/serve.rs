@@ -1,7 +1,6 @@
 //! The worker's loop: take a request, run the plugin, publish the reply.
 
-use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -9,19 +8,10 @@ use std::time::Duration;
 use halfsync_shm::{Consumer, Meta, Notify, Producer, Slot, WorkerState, sys};
 use tracing::{error, info};
 
-use crate::{EXIT_PLUGIN_FAILED, EXIT_SLOT_FAILED, Plugin, WorkerSpec};
+use crate::{EXIT_PLUGIN_FAILED, EXIT_SLOT_FAILED, Plugin, WorkerSpec, sys as wsys};
 
 /// HSP/1 status TIMEOUT (the worker answers stale requests itself).
 const STATUS_TIMEOUT: u16 = 3;
-
-/// Peak resident set size of this process, in bytes.
-fn peak_rss_bytes() -> u64 {
-    // SAFETY: getrusage writes into a live, zeroed rusage.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; RUSAGE_SELF is always valid.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    (ru.ru_maxrss.max(0) as u64) * 1024
-}
 
 /// How long the worker sleeps on an empty ring before re-checking for a
 /// stop request (a publish or a stop wakes it at once).
@@ -45,13 +35,12 @@ pub fn run(spec: WorkerSpec) -> i32 {
         }
     }
 
-    // SAFETY: the master passed these two fds to this process for the
-    // worker alone; each is taken once.
-    let (memfd, eventfd) = unsafe {
-        (
-            File::from_raw_fd(spec.memfd),
-            OwnedFd::from_raw_fd(spec.eventfd),
-        )
+    let (memfd, eventfd) = match wsys::inherited(spec.memfd, spec.eventfd) {
+        Ok(fds) => fds,
+        Err(e) => {
+            error!("{e}");
+            return EXIT_SLOT_FAILED;
+        }
     };
     let eventfd_raw: RawFd = std::os::fd::AsRawFd::as_raw_fd(&eventfd);
     let slot = match Slot::open(memfd, spec.ring_size as usize) {
@@ -193,12 +182,16 @@ pub fn run(spec: WorkerSpec) -> i32 {
         served += 1;
         if !recycle_asked
             && ((spec.max_requests > 0 && served >= spec.max_requests)
-                || (spec.max_rss > 0 && peak_rss_bytes() >= spec.max_rss))
+                || (spec.max_rss > 0 && wsys::peak_rss_bytes() >= spec.max_rss))
         {
             // Keep serving; the proxy has a replacement started and retires
             // this worker once the replacement is ready.
             recycle_asked = true;
-            info!(served, rss = peak_rss_bytes(), "recycling limit reached");
+            info!(
+                served,
+                rss = wsys::peak_rss_bytes(),
+                "recycling limit reached"
+            );
             ctl.want_recycle();
         }
     };
