@@ -431,3 +431,43 @@ fn proxy_death_is_survived_on_the_same_port() {
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// With `timeout_kill_grace`, a hung worker first gets SIGABRT (a crash
+/// handler's chance to say where it hung); the request still gets TIMEOUT.
+#[test]
+fn hung_worker_gets_sigabrt_first_with_a_kill_grace() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\nworkers = 1\nrequest_timeout = \"300ms\"\ntimeout_kill_grace = \"200ms\"\n",
+        fault_plugin_so().display()
+    );
+    let s = Server::start(&text, port);
+    let mut c = s.client();
+    let r = c.call(1, fault::HANG, b"").unwrap();
+    assert_eq!(r.code, status::TIMEOUT);
+    assert_eq!(c.call(2, 1, b"next").unwrap().code, status::OK);
+    assert!(
+        s.log().contains("worker died (killed by SIGABRT (6))"),
+        "{}",
+        s.log()
+    );
+}
+
+/// A plugin whose init never returns: `init_timeout` kills it; when no
+/// worker of a group can start at all, halfsync exits 1 instead of
+/// serving nothing but BUSY.
+#[test]
+fn init_that_never_returns_is_killed_and_halfsync_gives_up_at_startup() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"stuck\"\nplugin = \"{}\"\nworkers = 2\ninit_timeout = \"300ms\"\n[group.config]\nhang_in_init = true\n",
+        fault_plugin_so().display()
+    );
+    let mut s = Server::spawn(&text, port);
+    let st = s.wait_exit(Duration::from_secs(30));
+    assert_eq!(st.code(), Some(1), "{}", s.log());
+    let log = s.log();
+    assert!(log.contains("plugin init ran past init_timeout"), "{log}");
+    assert!(log.contains("group stuck: no worker could start"), "{log}");
+    s.assert_clean();
+}
