@@ -2,15 +2,18 @@
 //! halfsync process. The master re-executes this binary for its children;
 //! `HALFSYNC_ROLE` in the environment says which role a process plays.
 
+mod ctl;
+mod logging;
 mod master;
 mod probe;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use halfsync_config::Config;
+use clap::{Args, Parser, Subcommand};
+use halfsync_config::{Config, LogFormat};
 use tracing::error;
 
 #[derive(Parser)]
@@ -24,6 +27,18 @@ struct Cli {
     command: Cmd,
 }
 
+/// How an operator command finds the running server.
+#[derive(Args)]
+struct Target {
+    /// The server's configuration file (its admin socket is read from it);
+    /// the embedded default without it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The admin socket, instead of reading it from the configuration.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server in the foreground (the embedded default config
@@ -33,17 +48,53 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate a configuration and test-load its plugins, then exit.
+    /// Validate a configuration, load each plugin and run its init and
+    /// fini in a throwaway process, then exit (like `nginx -t`).
     Check {
         /// Configuration file (TOML); the embedded default without it.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Show every group and worker of a running server.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the configuration and replace every worker, one at a time,
+    /// without failing a request (also: SIGHUP to the master). Waits for
+    /// the outcome; exits 1 if the reload was refused or rolled back.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Stop the server: finish in-flight requests, then exit (also:
+    /// SIGTERM, SIGINT or SIGQUIT to the master).
+    Stop {
+        #[command(flatten)]
+        target: Target,
+        /// Kill everything at once instead of draining.
+        #[arg(long)]
+        fast: bool,
+    },
+    /// Set the number of workers of a group.
+    Scale {
+        #[command(flatten)]
+        target: Target,
+        /// The group's name.
+        group: String,
+        /// The new number of workers (1 to 256).
+        workers: u32,
+    },
 }
 
 fn main() -> ExitCode {
     let role = std::env::var(master::ROLE_ENV).unwrap_or_default();
-    init_logging(&role);
     match role.as_str() {
         "proxy" => return run_proxy(),
         "worker" => return run_worker(),
@@ -54,6 +105,22 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run { config } => run(config.as_deref()),
         Cmd::Check { config } => check(config.as_deref()),
+        Cmd::Status { target, json } => socket(&target).and_then(|s| ctl::status(&s, json)),
+        Cmd::Reload { target, timeout } => socket(&target)
+            .and_then(|s| ctl::simple(&s, r#"{"cmd":"reload"}"#, Duration::from_secs(timeout))),
+        Cmd::Stop { target, fast } => socket(&target).and_then(|s| {
+            let line = serde_json::json!({"cmd": "stop", "fast": fast}).to_string();
+            ctl::simple(&s, &line, Duration::from_secs(10))
+        }),
+        Cmd::Scale {
+            target,
+            group,
+            workers,
+        } => socket(&target).and_then(|s| {
+            let line =
+                serde_json::json!({"cmd": "scale", "group": group, "workers": workers}).to_string();
+            ctl::simple(&s, &line, Duration::from_secs(10))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,16 +132,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(role: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("HALFSYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
-    let _ = role;
+/// The admin socket of the server an operator command targets.
+fn socket(t: &Target) -> Result<PathBuf> {
+    if let Some(s) = &t.socket {
+        return Ok(s.clone());
+    }
+    Ok(load_config(t.config.as_deref())?.admin_socket())
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config> {
@@ -90,9 +153,18 @@ fn exe_path() -> Result<PathBuf> {
 
 fn run(path: Option<&Path>) -> Result<()> {
     let config = load_config(path)?;
+    let log_file = config.log_file();
+    logging::init(log_file.as_deref(), config.server.log_format).with_context(|| {
+        format!(
+            "cannot open log file {}",
+            log_file.unwrap_or_default().display()
+        )
+    })?;
     master::set_thread_name("halfsync-master");
     retitle_master();
-    master::run(config, exe_path()?)
+    // Reloads re-read this file even if the working directory changes.
+    let path = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+    master::run(config, path, exe_path()?)
 }
 
 /// Re-executes the master once with `argv[0] = "halfsync: master"`, so `ps`
@@ -116,6 +188,7 @@ fn retitle_master() {
 
 fn check(path: Option<&Path>) -> Result<()> {
     let config = load_config(path)?;
+    logging::init(None, LogFormat::Text)?;
     for p in probe::probe(&exe_path()?, &config, true)? {
         println!(
             "group {}: plugin {} {} ({}): loaded and initialised",
@@ -130,6 +203,8 @@ fn check(path: Option<&Path>) -> Result<()> {
 }
 
 fn run_proxy() -> ExitCode {
+    logging::init_from_env();
+    logging::reopen_on_sigusr1();
     master::set_thread_name("halfsync-proxy");
     let _span = tracing::info_span!("proxy").entered();
     let result = halfsync_proxy::ProxySpec::from_env().and_then(halfsync_proxy::run);
@@ -143,6 +218,8 @@ fn run_proxy() -> ExitCode {
 }
 
 fn run_worker() -> ExitCode {
+    logging::init_from_env();
+    logging::reopen_on_sigusr1();
     let spec = match halfsync_worker::WorkerSpec::from_env() {
         Ok(s) => s,
         Err(e) => {
@@ -156,5 +233,6 @@ fn run_worker() -> ExitCode {
 }
 
 fn run_probe() -> ExitCode {
+    logging::init_from_env();
     probe::child_main()
 }

@@ -325,8 +325,10 @@ fn respawn_storm_backs_off_and_answers_busy() {
         (r.code == status::BUSY).then_some(t.elapsed())
     });
     let elapsed = busy.expect("never answered BUSY while the group was down");
+    // At once: not after the (1 s or more) restart delay, and not held
+    // for a worker that is only retrying.
     assert!(
-        elapsed < Duration::from_millis(200),
+        elapsed < Duration::from_millis(500),
         "BUSY took {elapsed:?}"
     );
     assert!(

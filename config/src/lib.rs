@@ -213,6 +213,46 @@ pub struct Server {
         deserialize_with = "de_read_budget"
     )]
     pub read_budget: u32,
+    /// `admin_socket`: the Unix socket `halfsync status`, `reload`, `stop`
+    /// and `scale` talk to (mode 0600, owned by the server's user). Empty
+    /// (the default) means `/tmp/halfsync-<port>.sock`, with the port of
+    /// the first `listen` address.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub admin_socket: String,
+    /// `metrics_listen`: `"ip:port"` of an HTTP listener serving Prometheus
+    /// metrics at `/metrics`. Off unless set; bind it to 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// `log_file`: append logs to this file instead of stderr; SIGUSR1 to
+    /// the master reopens it (for logrotate). Relative to the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<PathBuf>,
+    /// `log_format`: `"text"` (default) or `"json"` (one object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// How a group sizes its pool of workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    /// Always `workers` workers.
+    #[default]
+    Static,
+    /// Between `workers` and `max_workers`, keeping `min_spare` to
+    /// `max_spare` of them idle (like PHP-FPM's `pm = dynamic`).
+    Dynamic,
 }
 
 impl Default for Server {
@@ -226,6 +266,10 @@ impl Default for Server {
             ring_size: 4 << 20,
             backlog: 1024,
             read_budget: 64 << 10,
+            admin_socket: String::new(),
+            metrics_listen: None,
+            log_file: None,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -318,6 +362,23 @@ pub struct Group {
     /// this long is killed (and restarted with backoff). Default `"30s"`.
     #[serde(default = "default_init_timeout", with = "units::duration")]
     pub init_timeout: Duration,
+    /// `pool`: `"static"` (default: always `workers`) or `"dynamic"`
+    /// (from `workers` up to `max_workers`, driven by idle workers and the
+    /// wait queue).
+    #[serde(default)]
+    pub pool: Pool,
+    /// `max_workers`: the most workers a dynamic pool grows to, `1..=256`.
+    /// Default: `workers` (no growth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_workers: Option<u32>,
+    /// `min_spare`: a dynamic pool starts a worker when fewer than this
+    /// many are idle (or requests are waiting). Default `1`.
+    #[serde(default = "default_min_spare")]
+    pub min_spare: u32,
+    /// `max_spare`: a dynamic pool retires a worker when more than this
+    /// many have been idle for a while. Default `3`.
+    #[serde(default = "default_max_spare")]
+    pub max_spare: u32,
     /// `[group.config]`: optional table handed verbatim to the plugin's init
     /// as TOML text (see [`Group::plugin_config_toml`]); its keys are not
     /// checked here.
@@ -346,8 +407,23 @@ fn default_restart_delay_max() -> Duration {
 fn default_init_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_min_spare() -> u32 {
+    1
+}
+fn default_max_spare() -> u32 {
+    3
+}
 
 impl Group {
+    /// The most workers this group may run: `max_workers` for a dynamic
+    /// pool, else `workers`.
+    pub fn worker_limit(&self) -> u32 {
+        match self.pool {
+            Pool::Static => self.workers,
+            Pool::Dynamic => self.max_workers.unwrap_or(self.workers).max(self.workers),
+        }
+    }
+
     /// A group with the given name and plugin and every other key at its
     /// default (2 workers, `max_inflight` 64, `max_queue` 1024, default
     /// route, empty plugin config). Not validated.
@@ -369,6 +445,10 @@ impl Group {
             restart_delay: default_restart_delay(),
             restart_delay_max: default_restart_delay_max(),
             init_timeout: default_init_timeout(),
+            pool: Pool::Static,
+            max_workers: None,
+            min_spare: default_min_spare(),
+            max_spare: default_max_spare(),
             config: toml::Table::new(),
         }
     }
@@ -469,6 +549,29 @@ pub fn resolve_plugin(spec: &str, config_dir: Option<&Path>, exe_dir: &Path) -> 
 }
 
 impl Config {
+    /// The admin socket path: `server.admin_socket` (relative to the config
+    /// file), or `/tmp/halfsync-<port>.sock` for the first listen port.
+    pub fn admin_socket(&self) -> PathBuf {
+        if self.server.admin_socket.is_empty() {
+            let port = self.server.listen.first().map_or(0, |a| a.port());
+            return PathBuf::from(format!("/tmp/halfsync-{port}.sock"));
+        }
+        let p = Path::new(&self.server.admin_socket);
+        match self.config_dir() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+
+    /// The log file, if one is configured (relative to the config file).
+    pub fn log_file(&self) -> Option<PathBuf> {
+        let p = self.server.log_file.as_deref()?;
+        Some(match self.config_dir() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        })
+    }
+
     /// Reads and validates the configuration file at `path`.
     ///
     /// Errors name the path as given.
@@ -641,6 +744,28 @@ impl Config {
                         message,
                     ));
                 }
+            }
+            if let Some(max) = group.max_workers
+                && !(group.workers..=256).contains(&max)
+            {
+                return Err(invalid(
+                    &here(&[Step::Key("max_workers")]),
+                    format!("group[{i}].max_workers"),
+                    format!(
+                        "must be between workers ({}) and 256, got {max}",
+                        group.workers
+                    ),
+                ));
+            }
+            if group.min_spare > group.max_spare {
+                return Err(invalid(
+                    &here(&[Step::Key("min_spare")]),
+                    format!("group[{i}].min_spare"),
+                    format!(
+                        "min_spare ({}) is above max_spare ({})",
+                        group.min_spare, group.max_spare
+                    ),
+                ));
             }
             if let Err(e) = toml::to_string(&group.config) {
                 return Err(invalid(

@@ -57,6 +57,10 @@ pub enum ToProxy {
         pid: i32,
         /// The slot whose worker it replaces.
         replaces: Option<u32>,
+        /// The slot's previous workers kept failing to start: until this
+        /// one is ready, do not hold requests for it (answer BUSY if the
+        /// group has nothing else).
+        probation: bool,
     },
     /// The worker on `slot` exited (reaped by the master).
     WorkerExited {
@@ -71,6 +75,28 @@ pub enum ToProxy {
     },
     /// Stop accepting, finish in-flight requests, then exit.
     Shutdown,
+    /// Stop giving this slot's worker requests; retire it once it holds
+    /// none (a group shrinking or going away).
+    Drain {
+        /// Slot index.
+        slot: u32,
+    },
+    /// A new configuration: a memfd holding a [`crate::Reconfigure`] as
+    /// TOML travels with the message.
+    Reconfigure {
+        /// Bytes of TOML in the memfd.
+        len: u32,
+    },
+    /// Start accepting on this listener (its fd travels with the message).
+    AddListener {
+        /// Listener id (stable for the master's lifetime).
+        id: u32,
+    },
+    /// Stop accepting on this listener and close it.
+    RemoveListener {
+        /// Listener id.
+        id: u32,
+    },
 }
 
 /// Proxy to master.
@@ -107,6 +133,13 @@ pub enum ToMaster {
     },
     /// Every connection is closed and every request answered.
     Drained,
+    /// A started worker finished its plugin init and serves.
+    WorkerReady {
+        /// Slot index.
+        slot: u32,
+        /// Its pid.
+        pid: i32,
+    },
 }
 
 /// Describes how a process ended, from the status the master passes in
@@ -194,7 +227,14 @@ impl ToProxy {
                 slot,
                 pid,
                 replaces,
-            } => encode(2, slot, pid as u32, replaces.unwrap_or(NONE), 0),
+                probation,
+            } => encode(
+                2,
+                slot,
+                pid as u32,
+                replaces.unwrap_or(NONE),
+                probation as u32,
+            ),
             ToProxy::WorkerExited {
                 slot,
                 pid,
@@ -202,15 +242,20 @@ impl ToProxy {
                 restart,
             } => encode(3, slot, pid as u32, status as u32, restart.code()),
             ToProxy::Shutdown => encode(4, 0, 0, 0, 0),
+            ToProxy::Drain { slot } => encode(5, slot, 0, 0, 0),
+            ToProxy::Reconfigure { len } => encode(6, len, 0, 0, 0),
+            ToProxy::AddListener { id } => encode(7, id, 0, 0, 0),
+            ToProxy::RemoveListener { id } => encode(8, id, 0, 0, 0),
         }
     }
     fn decode(m: &[u8; LEN]) -> Option<ToProxy> {
         Some(match decode(m) {
             (1, slot, group, label, _) => ToProxy::AddSlot { slot, group, label },
-            (2, slot, pid, r, _) => ToProxy::WorkerStarted {
+            (2, slot, pid, r, p) => ToProxy::WorkerStarted {
                 slot,
                 pid: pid as i32,
                 replaces: (r != NONE).then_some(r),
+                probation: p != 0,
             },
             (3, slot, pid, status, r) => ToProxy::WorkerExited {
                 slot,
@@ -219,6 +264,10 @@ impl ToProxy {
                 restart: Restart::from_code(r)?,
             },
             (4, ..) => ToProxy::Shutdown,
+            (5, slot, ..) => ToProxy::Drain { slot },
+            (6, len, ..) => ToProxy::Reconfigure { len },
+            (7, id, ..) => ToProxy::AddListener { id },
+            (8, id, ..) => ToProxy::RemoveListener { id },
             _ => return None,
         })
     }
@@ -234,6 +283,7 @@ impl ToMaster {
             ToMaster::Recycle { slot, pid } => encode(3, slot, pid as u32, 0, 0),
             ToMaster::Retire { slot, pid } => encode(4, slot, pid as u32, 0, 0),
             ToMaster::Drained => encode(5, 0, 0, 0, 0),
+            ToMaster::WorkerReady { slot, pid } => encode(6, slot, pid as u32, 0, 0),
         }
     }
     fn decode(m: &[u8; LEN]) -> Option<ToMaster> {
@@ -253,6 +303,10 @@ impl ToMaster {
                 pid: pid as i32,
             },
             (5, ..) => ToMaster::Drained,
+            (6, slot, pid, ..) => ToMaster::WorkerReady {
+                slot,
+                pid: pid as i32,
+            },
             _ => return None,
         })
     }
@@ -359,11 +413,13 @@ mod tests {
                 slot: 3,
                 pid: 77,
                 replaces: None,
+                probation: true,
             },
             ToProxy::WorkerStarted {
                 slot: 4,
                 pid: 78,
                 replaces: Some(3),
+                probation: false,
             },
             ToProxy::WorkerExited {
                 slot: 1,
@@ -372,6 +428,10 @@ mod tests {
                 restart: Restart::Later,
             },
             ToProxy::Shutdown,
+            ToProxy::Drain { slot: 9 },
+            ToProxy::Reconfigure { len: 1234 },
+            ToProxy::AddListener { id: 2 },
+            ToProxy::RemoveListener { id: 2 },
         ] {
             m.send_to_proxy(msg, &[]).unwrap();
             match p.recv_from_master().unwrap() {
@@ -392,6 +452,7 @@ mod tests {
             ToMaster::Recycle { slot: 1, pid: 10 },
             ToMaster::Retire { slot: 1, pid: 10 },
             ToMaster::Drained,
+            ToMaster::WorkerReady { slot: 3, pid: 44 },
         ] {
             p.send_to_master(msg).unwrap();
             assert_eq!(m.recv_from_proxy().unwrap(), Received::Msg(msg));

@@ -9,6 +9,7 @@
 //!    armed only after EAGAIN);
 //! 7. run timers (idle connections, paused listeners, shutdown).
 
+use std::fs::File;
 use std::io::{self, ErrorKind};
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -22,8 +23,9 @@ use tracing::{debug, info, warn};
 use crate::conn::{Conn, Conns};
 use crate::control::{Channel, Received, ToMaster, ToProxy};
 use crate::slots::{Group, Queued, ReqMeta, WorkerSlot};
+use crate::stats::{Scope, Stats};
 use crate::sys::{self, Epoll, READ, WRITE};
-use crate::{ProxyError, ProxySpec};
+use crate::{ProxyError, ProxySpec, Reconfigure};
 
 const KIND_SHIFT: u32 = 56;
 const TOKEN_LISTENER: u64 = 1 << KIND_SHIFT;
@@ -45,32 +47,19 @@ pub fn run(spec: ProxySpec) -> Result<(), ProxyError> {
     proxy.run()
 }
 
-/// Replies by status, counted as they are sent.
-#[derive(Default)]
-pub(crate) struct Totals {
-    by_status: [u64; 8],
-    plugin_codes: u64,
-}
-
-impl Totals {
-    pub(crate) fn count(&mut self, code: u16) {
-        match self.by_status.get_mut(code as usize) {
-            Some(n) => *n += 1,
-            None => self.plugin_codes += 1,
-        }
-    }
-}
-
 pub(crate) struct Proxy {
     pub(crate) config: Config,
     pub(crate) epoll: Epoll,
-    pub(crate) listeners: Vec<TcpListener>,
+    /// Listening sockets with their stable ids.
+    pub(crate) listeners: Vec<(u32, TcpListener)>,
     pub(crate) listeners_paused_until: Option<u64>,
     pub(crate) control: Channel,
     pub(crate) conns: Conns,
     pub(crate) slots: Vec<Option<WorkerSlot>>,
+    /// Groups by stable id (ids never configured hold an empty, retired
+    /// placeholder).
     pub(crate) groups: Vec<Group>,
-    /// Group index per command number.
+    /// Group id per command number.
     pub(crate) routes: Vec<Option<u16>>,
     pub(crate) scratch: Vec<u8>,
     pub(crate) events: Vec<sys::Event>,
@@ -80,7 +69,7 @@ pub(crate) struct Proxy {
     pub(crate) next_sweep_ns: u64,
     pub(crate) draining: bool,
     pub(crate) refused: u64,
-    pub(crate) totals: Totals,
+    pub(crate) stats: Stats,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ProxyError {
@@ -94,32 +83,27 @@ fn take_fd(fd: i32) -> Result<OwnedFd, ProxyError> {
 impl Proxy {
     fn new(spec: ProxySpec) -> Result<Proxy, ProxyError> {
         let config = Config::from_toml(&spec.config, Origin::Text)?;
+        if spec.group_ids.len() != config.groups.len() {
+            return Err(ProxyError::Spec("group ids do not match the groups".into()));
+        }
+        let config_groups = config.clone();
         let epoll = Epoll::new(1024).map_err(io_err("epoll_create1"))?;
         let control = Channel::from_fd(take_fd(spec.control_fd)?);
         epoll
             .add(control.fd().as_raw_fd(), READ, TOKEN_CONTROL)
             .map_err(io_err("epoll_ctl(control)"))?;
 
+        let stats =
+            Stats::open(File::from(take_fd(spec.stats_fd)?)).map_err(io_err("stats page"))?;
+        stats.reset();
         let mut listeners = Vec::new();
-        for (i, &fd) in spec.listener_fds.iter().enumerate() {
+        for &(id, fd) in &spec.listeners {
             let l = TcpListener::from(take_fd(fd)?);
             l.set_nonblocking(true).map_err(io_err("listener"))?;
             epoll
-                .add(l.as_raw_fd(), READ, TOKEN_LISTENER | i as u64)
+                .add(l.as_raw_fd(), READ, TOKEN_LISTENER | id as u64)
                 .map_err(io_err("epoll_ctl(listener)"))?;
-            listeners.push(l);
-        }
-
-        let groups: Vec<Group> = config.groups.iter().map(Group::new).collect();
-
-        let mut routes = vec![None; 1 << 16];
-        if let Some(d) = config.groups.iter().position(|g| g.is_default_route()) {
-            routes.iter_mut().for_each(|r| *r = Some(d as u16));
-        }
-        for (gi, g) in config.groups.iter().enumerate() {
-            for &c in &g.commands {
-                routes[c as usize] = Some(gi as u16);
-            }
+            listeners.push((id, l));
         }
 
         let scratch = vec![0u8; config.server.read_budget.clamp(4096, 1 << 20) as usize];
@@ -138,8 +122,8 @@ impl Proxy {
                 dirty: Vec::new(),
             },
             slots: Vec::new(),
-            groups,
-            routes,
+            groups: Vec::new(),
+            routes: vec![None; 1 << 16],
             scratch,
             events: Vec::with_capacity(1024),
             now_ns: shm_sys::monotonic_ns(),
@@ -147,7 +131,11 @@ impl Proxy {
             next_sweep_ns: 0,
             draining: false,
             refused: 0,
-            totals: Totals::default(),
+            stats,
+        })
+        .map(|mut p| {
+            p.apply_config(config_groups, &spec.group_ids);
+            p
         })
     }
 
@@ -164,7 +152,7 @@ impl Proxy {
                 let ev = self.events[i];
                 let index = (ev.token & INDEX_MASK) as usize;
                 match ev.token & !INDEX_MASK {
-                    TOKEN_LISTENER => self.accept(index),
+                    TOKEN_LISTENER => self.accept(index as u32),
                     TOKEN_CONTROL if !self.read_control()? => {
                         info!("master is gone; proxy exiting");
                         return Ok(());
@@ -195,11 +183,7 @@ impl Proxy {
             self.run_timers();
 
             if self.draining && self.conns.live == 0 && self.queued_total() == 0 {
-                info!(
-                    ok = self.totals.by_status[0],
-                    refused = self.refused,
-                    "proxy drained"
-                );
+                info!(refused_connections = self.refused, "proxy drained");
                 let _ = self.control.send_to_master(ToMaster::Drained);
                 return Ok(());
             }
@@ -300,7 +284,8 @@ impl Proxy {
                 slot,
                 pid,
                 replaces,
-            } => self.worker_started(slot as usize, pid, replaces.map(|r| r as usize)),
+                probation,
+            } => self.worker_started(slot as usize, pid, replaces.map(|r| r as usize), probation),
             ToProxy::WorkerExited {
                 slot,
                 pid,
@@ -308,7 +293,110 @@ impl Proxy {
                 restart,
             } => self.worker_exited(slot as usize, pid, status, restart),
             ToProxy::Shutdown => self.start_drain(),
+            ToProxy::Drain { slot } => self.drain_slot(slot as usize),
+            ToProxy::Reconfigure { len } => self.reconfigure(len as usize, fds),
+            ToProxy::AddListener { id } => self.add_listener(id, fds),
+            ToProxy::RemoveListener { id } => {
+                if let Some(i) = self.listeners.iter().position(|(l, _)| *l == id) {
+                    let (_, l) = self.listeners.remove(i);
+                    let _ = self.epoll.delete(l.as_raw_fd());
+                    info!(listener = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "stopped listening");
+                }
+            }
         }
+    }
+
+    /// Applies a configuration: server settings at once; groups by stable
+    /// id (new ones appear, changed ones take their new limits, missing
+    /// ones stop getting requests while their workers drain); routes.
+    pub(crate) fn apply_config(&mut self, config: Config, ids: &[u32]) {
+        let mut keep = vec![false; self.groups.len()];
+        for (g, &id) in config.groups.iter().zip(ids) {
+            let id = id as usize;
+            if id >= crate::stats::MAX_GROUPS {
+                warn!(group = %g.name, id, "group id out of range; ignored");
+                continue;
+            }
+            if self.groups.len() <= id {
+                self.groups.resize_with(id + 1, Group::absent);
+                keep.resize(id + 1, false);
+            }
+            keep[id] = true;
+            self.groups[id].update(g);
+        }
+        for (id, g) in self.groups.iter_mut().enumerate() {
+            if !keep[id] && !g.retired {
+                info!(group = %g.name, "group removed from the configuration; draining it");
+                g.retired = true;
+            }
+        }
+        self.routes.iter_mut().for_each(|r| *r = None);
+        if let Some(d) = config.groups.iter().position(|g| g.is_default_route()) {
+            let id = ids[d] as u16;
+            self.routes.iter_mut().for_each(|r| *r = Some(id));
+        }
+        for (g, &id) in config.groups.iter().zip(ids) {
+            for &c in &g.commands {
+                self.routes[c as usize] = Some(id as u16);
+            }
+        }
+        let budget = config.server.read_budget.clamp(4096, 1 << 20) as usize;
+        if self.scratch.len() != budget {
+            self.scratch = vec![0u8; budget];
+        }
+        self.config = config;
+    }
+
+    fn reconfigure(&mut self, len: usize, fds: Vec<OwnedFd>) {
+        use std::os::unix::fs::FileExt;
+        let Some(fd) = fds.into_iter().next() else {
+            warn!("reconfigure without its memfd; ignored");
+            return;
+        };
+        let mut buf = vec![0u8; len];
+        if let Err(e) = File::from(fd).read_exact_at(&mut buf, 0) {
+            warn!("reconfigure: cannot read the new configuration: {e}");
+            return;
+        }
+        let parsed = String::from_utf8(buf)
+            .map_err(|e| e.to_string())
+            .and_then(|t| toml::from_str::<Reconfigure>(&t).map_err(|e| e.to_string()))
+            .and_then(|r| {
+                Config::from_toml(&r.config, Origin::Text)
+                    .map(|c| (c, r.group_ids))
+                    .map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok((config, ids)) if ids.len() == config.groups.len() => {
+                self.apply_config(config, &ids);
+                info!("configuration reloaded");
+            }
+            Ok(_) => warn!("reconfigure: group ids do not match the groups; ignored"),
+            Err(e) => warn!("reconfigure: {e}; ignored"),
+        }
+    }
+
+    fn add_listener(&mut self, id: u32, fds: Vec<OwnedFd>) {
+        let Some(fd) = fds.into_iter().next() else {
+            warn!(id, "AddListener without its socket; ignored");
+            return;
+        };
+        let l = TcpListener::from(fd);
+        if let Err(e) = l.set_nonblocking(true) {
+            warn!("listener: {e}");
+            return;
+        }
+        if !self.draining
+            && self.listeners_paused_until.is_none()
+            && let Err(e) = self
+                .epoll
+                .add(l.as_raw_fd(), READ, TOKEN_LISTENER | id as u64)
+        {
+            warn!("epoll_ctl(listener): {e}");
+            return;
+        }
+        info!(listener = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+        self.listeners.push((id, l));
     }
 
     fn start_drain(&mut self) {
@@ -320,7 +408,7 @@ impl Proxy {
             "shutting down: no new connections; finishing in-flight requests"
         );
         self.draining = true;
-        for l in self.listeners.drain(..) {
+        for (_, l) in self.listeners.drain(..) {
             let _ = self.epoll.delete(l.as_raw_fd());
         }
         for i in 0..self.conns.slab.len() {
@@ -330,15 +418,16 @@ impl Proxy {
 
     // ---- connections ----
 
-    fn accept(&mut self, li: usize) {
+    fn accept(&mut self, id: u32) {
         for _ in 0..ACCEPT_BATCH {
-            let Some(l) = self.listeners.get(li) else {
+            let Some((_, l)) = self.listeners.iter().find(|(l, _)| *l == id) else {
                 return;
             };
             match sys::accept4(l.as_raw_fd()) {
                 Ok(Some(stream)) => {
                     if self.conns.live >= self.config.server.max_connections as usize {
                         self.refused += 1;
+                        self.stats.refused();
                         if self.refused.is_power_of_two() {
                             warn!(
                                 refused = self.refused,
@@ -362,6 +451,8 @@ impl Proxy {
                         closing: false,
                         dirty: false,
                     });
+                    self.stats.accepted();
+                    self.stats.connections(self.conns.live);
                     if let Err(e) = self.epoll.add(fd, READ, TOKEN_CONN | i as u64) {
                         warn!("epoll_ctl(add conn): {e}");
                         self.close(i);
@@ -389,7 +480,7 @@ impl Proxy {
     }
 
     fn pause_listeners(&mut self) {
-        for l in &self.listeners {
+        for (_, l) in &self.listeners {
             let _ = self.epoll.delete(l.as_raw_fd());
         }
         self.listeners_paused_until = Some(self.now_ns + 100 * NS_PER_MS);
@@ -482,7 +573,7 @@ impl Proxy {
                 }
                 Parsed::Bad(e, id) => {
                     debug!(conn = i, "bad frame: {e}");
-                    self.totals.count(status::BAD_REQUEST);
+                    self.stats.reply(Scope::Global, status::BAD_REQUEST);
                     if let Some(Some(c)) = self.conns.slab.get_mut(i) {
                         let msg = format!("{e}; closing the connection");
                         c.push_reply(id.unwrap_or(0), status::BAD_REQUEST, msg.as_bytes());
@@ -495,8 +586,8 @@ impl Proxy {
         }
     }
 
-    fn reply_now(&mut self, i: usize, id: u64, code: u16, msg: &[u8]) {
-        self.totals.count(code);
+    fn reply_now(&mut self, i: usize, id: u64, code: u16, msg: &[u8], scope: Scope) {
+        self.stats.reply(scope, code);
         if let Some(Some(c)) = self.conns.slab.get_mut(i) {
             c.push_reply(id, code, msg);
             self.conns.mark_dirty(i);
@@ -505,12 +596,20 @@ impl Proxy {
 
     fn on_request(&mut self, i: usize, h: hsp::Header, payload: &[u8]) {
         if self.draining {
-            self.reply_now(i, h.id, status::SHUTTING_DOWN, b"server is shutting down");
+            let scope =
+                self.routes[h.code as usize].map_or(Scope::Global, |g| Scope::Group(g.into()));
+            self.reply_now(
+                i,
+                h.id,
+                status::SHUTTING_DOWN,
+                b"server is shutting down",
+                scope,
+            );
             return;
         }
         let Some(g) = self.routes[h.code as usize].map(usize::from) else {
             let msg = format!("no worker group serves command {}", h.code);
-            self.reply_now(i, h.id, status::NO_ROUTE, msg.as_bytes());
+            self.reply_now(i, h.id, status::NO_ROUTE, msg.as_bytes(), Scope::Global);
             return;
         };
         let req = ReqMeta {
@@ -527,6 +626,7 @@ impl Proxy {
                 h.id,
                 status::BUSY,
                 b"no worker is running for this command",
+                Scope::Group(g),
             );
             return;
         }
@@ -544,6 +644,7 @@ impl Proxy {
                 req,
                 payload: payload.to_vec(),
             });
+            self.stats.queued(g, group.queue.len());
             self.count_inflight(i, payload.len());
             return;
         }
@@ -552,6 +653,7 @@ impl Proxy {
             h.id,
             status::BUSY,
             b"all workers busy and the wait queue is full",
+            Scope::Group(g),
         );
     }
 
@@ -657,6 +759,7 @@ impl Proxy {
         self.conns.generations[i] = self.conns.generations[i].wrapping_add(1);
         self.conns.free.push(i);
         self.conns.live -= 1;
+        self.stats.connections(self.conns.live);
     }
 
     // ---- timers ----
@@ -666,10 +769,10 @@ impl Proxy {
             && self.now_ns >= until
         {
             self.listeners_paused_until = None;
-            for (li, l) in self.listeners.iter().enumerate() {
+            for (id, l) in &self.listeners {
                 let _ = self
                     .epoll
-                    .add(l.as_raw_fd(), READ, TOKEN_LISTENER | li as u64);
+                    .add(l.as_raw_fd(), READ, TOKEN_LISTENER | *id as u64);
             }
         }
         if self.now_ns < self.next_sweep_ns {

@@ -23,6 +23,7 @@ mod conn;
 pub mod control;
 mod event_loop;
 mod slots;
+pub mod stats;
 pub mod sys;
 
 use serde::{Deserialize, Serialize};
@@ -40,10 +41,33 @@ pub const SPEC_ENV: &str = "HALFSYNC_PROXY_SPEC";
 pub struct ProxySpec {
     /// The validated configuration, as TOML text.
     pub config: String,
+    /// Stable ids of the config's groups, in config order.
+    pub group_ids: Vec<u32>,
     /// The proxy end of the control channel.
     pub control_fd: i32,
-    /// Listening sockets, in config order.
-    pub listener_fds: Vec<i32>,
+    /// The shared stats page ([`stats::Stats`]).
+    pub stats_fd: i32,
+    /// Listening sockets with their stable ids.
+    pub listeners: Vec<(u32, i32)>,
+}
+
+/// A new configuration for a running proxy (sent in a memfd with
+/// [`control::ToProxy::Reconfigure`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Reconfigure {
+    /// The validated configuration, as TOML text.
+    pub config: String,
+    /// Stable ids of its groups, in config order. Groups of the previous
+    /// configuration whose id is absent are going away: no new requests
+    /// are routed to them; their workers drain.
+    pub group_ids: Vec<u32>,
+}
+
+impl Reconfigure {
+    /// Serializes for the memfd.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
 }
 
 /// Errors that stop the proxy.

@@ -13,6 +13,7 @@ use tracing::{debug, error, info, warn};
 use crate::conn::Tag;
 use crate::control::{KillReason, Restart, ToMaster, describe_exit};
 use crate::event_loop::{NS_PER_MS, Proxy, TOKEN_SLOT};
+use crate::stats::Scope;
 use crate::sys::READ;
 
 /// After a replacement worker failed to start, wait this long before asking
@@ -89,6 +90,8 @@ pub(crate) struct WorkerSlot {
     down_since_ns: Option<u64>,
     /// The slot whose worker this one replaces once ready.
     replaces: Option<usize>,
+    /// Started after failed starts: not counted on until ready.
+    probation: bool,
     /// A replacement was requested for this worker.
     recycle_requested: bool,
     /// Do not request a replacement before this time.
@@ -153,6 +156,9 @@ impl WorkerSlot {
 /// One `[[group]]` as the proxy runs it.
 pub(crate) struct Group {
     pub(crate) name: String,
+    /// No longer in the configuration (or never was): no requests are
+    /// routed here; its workers drain.
+    pub(crate) retired: bool,
     pub(crate) slots: Vec<usize>,
     pub(crate) queue: VecDeque<Queued>,
     pub(crate) max_inflight: usize,
@@ -164,19 +170,34 @@ pub(crate) struct Group {
 }
 
 impl Group {
-    pub(crate) fn new(g: &halfsync_config::Group) -> Group {
-        let ns = |d: std::time::Duration| d.as_nanos().min(u64::MAX as u128) as u64;
+    /// A placeholder for a group id not (or no longer) configured.
+    pub(crate) fn absent() -> Group {
         Group {
-            name: g.name.clone(),
+            name: String::new(),
+            retired: true,
             slots: Vec::new(),
             queue: VecDeque::new(),
-            max_inflight: g.max_inflight as usize,
-            max_queue: g.max_queue as usize,
-            request_timeout_ns: ns(g.request_timeout),
-            slow_request_ns: ns(g.slow_request),
-            queue_timeout_ns: ns(g.queue_timeout),
-            init_timeout_ns: ns(g.init_timeout),
+            max_inflight: 1,
+            max_queue: 0,
+            request_timeout_ns: 0,
+            slow_request_ns: 0,
+            queue_timeout_ns: 0,
+            init_timeout_ns: 0,
         }
+    }
+
+    /// Takes the settings of a (new or changed) group from the config,
+    /// keeping its slots and queue.
+    pub(crate) fn update(&mut self, g: &halfsync_config::Group) {
+        let ns = |d: std::time::Duration| d.as_nanos().min(u64::MAX as u128) as u64;
+        self.name = g.name.clone();
+        self.retired = false;
+        self.max_inflight = g.max_inflight as usize;
+        self.max_queue = g.max_queue as usize;
+        self.request_timeout_ns = ns(g.request_timeout);
+        self.slow_request_ns = ns(g.slow_request);
+        self.queue_timeout_ns = ns(g.queue_timeout);
+        self.init_timeout_ns = ns(g.init_timeout);
     }
 }
 
@@ -192,6 +213,23 @@ enum Action {
 }
 
 impl Proxy {
+    /// Stops giving a slot's worker requests; it is retired once it holds
+    /// none. A worker not yet serving is retired at once.
+    pub(crate) fn drain_slot(&mut self, si: usize) {
+        let Some(s) = self.slot_mut(si) else { return };
+        match s.phase {
+            Phase::Ready { pid } => s.phase = Phase::Draining { pid },
+            Phase::Starting { pid } => {
+                s.phase = Phase::Retiring { pid };
+                let _ = self.control.send_to_master(ToMaster::Retire {
+                    slot: si as u32,
+                    pid,
+                });
+            }
+            _ => {}
+        }
+    }
+
     /// Maps a slot the master created.
     pub(crate) fn add_slot(&mut self, si: usize, group: usize, label: u32, fds: Vec<OwnedFd>) {
         let [memfd, eventfd]: [OwnedFd; 2] = match fds.try_into() {
@@ -201,12 +239,14 @@ impl Proxy {
                 return;
             }
         };
-        if group >= self.groups.len() {
-            error!(slot = si, group, "AddSlot for an unknown group; ignored");
+        if group >= self.groups.len() || si >= crate::stats::MAX_SLOTS {
+            error!(
+                slot = si,
+                group, "AddSlot for an unknown group or past the slot limit; ignored"
+            );
             return;
         }
-        let capacity = self.config.server.ring_size as usize;
-        let slot = match Slot::open(File::from(memfd), capacity) {
+        let slot = match Slot::open_any(File::from(memfd)) {
             Ok(s) => s,
             Err(e) => {
                 error!(slot = si, "cannot map slot: {e}");
@@ -248,6 +288,7 @@ impl Proxy {
             since_ns: self.now_ns,
             down_since_ns: None,
             replaces: None,
+            probation: false,
             recycle_requested: false,
             recycle_not_before_ns: 0,
             corrupt: false,
@@ -260,12 +301,19 @@ impl Proxy {
         }
     }
 
-    pub(crate) fn worker_started(&mut self, si: usize, pid: i32, replaces: Option<usize>) {
+    pub(crate) fn worker_started(
+        &mut self,
+        si: usize,
+        pid: i32,
+        replaces: Option<usize>,
+        probation: bool,
+    ) {
         let now = self.now_ns;
         let Some(s) = self.slot_mut(si) else { return };
         s.phase = Phase::Starting { pid };
         s.since_ns = now;
         s.replaces = replaces;
+        s.probation = probation;
         s.corrupt = false;
         s.control_corrupt = false;
         s.timed_out = None;
@@ -288,14 +336,10 @@ impl Proxy {
     /// requests get BUSY at once instead of waiting.
     pub(crate) fn group_live(&self, g: usize) -> bool {
         self.groups[g].slots.iter().any(|&si| {
-            self.slots[si].as_ref().is_some_and(|s| {
-                matches!(
-                    s.phase,
-                    Phase::Starting { .. }
-                        | Phase::Ready { .. }
-                        | Phase::Killing { .. }
-                        | Phase::Down(Restart::Now)
-                )
+            self.slots[si].as_ref().is_some_and(|s| match s.phase {
+                Phase::Starting { .. } => !s.probation,
+                Phase::Ready { .. } | Phase::Killing { .. } | Phase::Down(Restart::Now) => true,
+                _ => false,
             })
         })
     }
@@ -363,7 +407,17 @@ impl Proxy {
                     rec.meta.id, rec.meta.tag, p.req.id, p.req.tag.0
                 ));
             }
-            self.totals.count(rec.meta.code);
+            self.stats.reply(Scope::Slot(si, s.group), rec.meta.code);
+            // The worker puts the time it started the request in the reply.
+            let now = self.now_ns;
+            let latency = now.saturating_sub(p.req.enqueued_ns) / 1000;
+            let waited = rec
+                .meta
+                .time_ns
+                .saturating_sub(p.req.enqueued_ns)
+                .min(latency * 1000)
+                / 1000;
+            self.stats.timing(s.group, latency, waited);
             self.conns.deliver(
                 p.req.tag,
                 p.req.id,
@@ -376,6 +430,7 @@ impl Proxy {
             s.rx.advance();
         };
         s.rx.release();
+        self.stats.pending(si, s.pending.len());
         result
     }
 
@@ -410,7 +465,7 @@ impl Proxy {
     /// Writes a request into a slot's ring (published at the end of the
     /// turn). The caller checked that it fits.
     pub(crate) fn push_to_slot(&mut self, si: usize, req: ReqMeta, payload: &[u8]) -> bool {
-        let Some(s) = self.slot_mut(si) else {
+        let Some(s) = self.slots.get_mut(si).and_then(Option::as_mut) else {
             return false;
         };
         let meta = Meta {
@@ -423,6 +478,7 @@ impl Proxy {
         match s.tx.push(&meta, payload) {
             Ok(Some(pos)) => {
                 s.pending.push_back(Pending { pos, req });
+                self.stats.dispatched(si, s.pending.len());
                 true
             }
             Ok(None) => false,
@@ -434,8 +490,8 @@ impl Proxy {
     }
 
     /// Answers a request that will not run, if its connection still exists.
-    pub(crate) fn answer(&mut self, req: &ReqMeta, code: u16, msg: &[u8]) {
-        self.totals.count(code);
+    pub(crate) fn answer(&mut self, req: &ReqMeta, code: u16, msg: &[u8], scope: Scope) {
+        self.stats.reply(scope, code);
         self.conns
             .deliver(req.tag, req.id, code, msg, req.len, self.now_ns);
     }
@@ -454,8 +510,10 @@ impl Proxy {
                         &r.req,
                         status::BUSY,
                         b"no worker is running for this command",
+                        Scope::Group(g),
                     );
                 }
+                self.stats.queued(g, 0);
                 continue;
             }
             let qt = self.groups[g].queue_timeout_ns;
@@ -472,6 +530,7 @@ impl Proxy {
                         &req,
                         status::TIMEOUT,
                         b"waited longer than queue_timeout for a worker",
+                        Scope::Group(g),
                     );
                     continue;
                 }
@@ -487,6 +546,7 @@ impl Proxy {
                     break;
                 }
             }
+            self.stats.queued(g, self.groups[g].queue.len());
         }
     }
 
@@ -618,6 +678,10 @@ impl Proxy {
                 let replaces = s.replaces.take();
                 let (name, label) = self.group_name(si);
                 info!(group = %name, worker = label, pid, replaced_after_us, "worker ready");
+                let _ = self.control.send_to_master(ToMaster::WorkerReady {
+                    slot: si as u32,
+                    pid,
+                });
                 if let Some(old) = replaces
                     && let Some(o) = self.slot_mut(old)
                     && let Phase::Ready { pid: old_pid } = o.phase
@@ -773,12 +837,14 @@ impl Proxy {
                     &p.req,
                     status::TIMEOUT,
                     b"the request ran past request_timeout; its worker was killed",
+                    Scope::Slot(si, group),
                 );
             } else {
                 self.answer(
                     &p.req,
                     status::WORKER_DIED,
                     b"the worker running this request died",
+                    Scope::Slot(si, group),
                 );
             }
         }
@@ -808,6 +874,8 @@ impl Proxy {
         for r in requeue.into_iter().rev() {
             q.push_front(r);
         }
+        self.stats.queued(group, q.len());
+        self.stats.pending(si, 0);
         let _ = self
             .control
             .send_to_master(ToMaster::SlotReset { slot: si as u32 });

@@ -277,6 +277,15 @@ impl Slot {
         Ok(slot)
     }
 
+    /// Maps a slot whose ring capacity is not known in advance: it is
+    /// derived from the memory file's size.
+    pub fn open_any(file: File) -> Result<Slot, SlotError> {
+        let len = sys::fd_size(&file)?;
+        let capacity =
+            (len.saturating_sub(CONTROL_LEN as u64) / 2).saturating_sub(RING_HEADER_LEN as u64);
+        Slot::open(file, capacity as usize)
+    }
+
     /// The slot's control block.
     pub fn control(&self) -> &Control {
         // SAFETY: the region is at least CONTROL_LEN bytes and page-aligned;

@@ -26,6 +26,19 @@ macro_rules! syscall {
 /// side can shrink or grow it (a shrunk mapping would SIGBUS the reader).
 /// It never appears in /dev/shm and vanishes with its last fd or mapping.
 pub fn memfd_sealed(name: &str, len: u64) -> io::Result<File> {
+    memfd_sealed_len(name, len, true)
+}
+
+/// Creates a memory file holding `text` (to pass a blob to another
+/// process with its fd). Read it with positioned reads from offset 0.
+pub fn memfd_with(text: &str) -> io::Result<File> {
+    use std::io::Write;
+    let mut file = memfd_sealed_len("halfsync-blob", 0, false)?;
+    file.write_all(text.as_bytes())?;
+    Ok(file)
+}
+
+fn memfd_sealed_len(name: &str, len: u64, seal: bool) -> io::Result<File> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
     let fd = syscall!(memfd_create(
         cname.as_ptr(),
@@ -34,11 +47,13 @@ pub fn memfd_sealed(name: &str, len: u64) -> io::Result<File> {
     // SAFETY: memfd_create just returned this fd and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(len)?;
-    syscall!(fcntl(
-        file.as_raw_fd(),
-        libc::F_ADD_SEALS,
-        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
-    ))?;
+    if seal {
+        syscall!(fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
+        ))?;
+    }
     Ok(file)
 }
 

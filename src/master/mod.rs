@@ -1,33 +1,39 @@
-//! The master process: owns the listeners and the shared memory, starts
-//! the proxy and the workers as separate processes (fork + exec of this
-//! same binary), reaps and restarts them, and runs the shutdown.
+//! The master process: owns the listeners, the shared memory and the
+//! configuration; starts the proxy and the workers as separate processes
+//! (fork + exec of this same binary), reaps and restarts them, and runs
+//! reloads, scaling and the shutdown.
 //!
 //! The master never runs plugin code and never touches client traffic. Its
-//! loop waits on two fds: a signalfd (SIGCHLD, TERM, INT, QUIT, HUP, ...)
-//! and the control channel to the proxy. Every child gets
-//! `PR_SET_PDEATHSIG(SIGKILL)`, so none outlives the master.
+//! loop polls a signalfd (SIGCHLD, TERM, INT, QUIT, HUP, USR1), the control
+//! channel to the proxy, and the admin socket (plus the metrics listener
+//! if configured). Every child gets `PR_SET_PDEATHSIG(SIGKILL)`, so none
+//! outlives the master.
 //!
 //! Worker slots: each worker runs in a slot (its own memfd with a ring
-//! pair). A group has one slot per configured worker, plus spare slots
-//! created on demand for replacements: a recycled worker's replacement
-//! starts in a spare slot while the old one keeps serving, and the old
-//! slot becomes the spare once its worker retires.
+//! pair). A group has one slot per worker, plus spare slots made on demand:
+//! a replacement (recycling, reload) starts in a spare slot while the old
+//! worker keeps serving, and the old slot becomes the spare once its worker
+//! retires. Groups have stable ids (their index in `groups`, never reused),
+//! so the proxy can tell a changed group from a new one across reloads.
 
+mod admin;
+mod reload;
+mod report;
 mod sys;
 
-use std::collections::HashMap;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use halfsync_config::Config;
+use halfsync_config::{Config, Pool};
 use halfsync_proxy::ProxySpec;
 use halfsync_proxy::control::{
     Channel, KillReason, Received, Restart, ToMaster, ToProxy, describe_exit,
 };
-use halfsync_shm::{Slot, sys as shm_sys};
+use halfsync_proxy::stats::Stats;
+use halfsync_shm::{Slot, WorkerState, sys as shm_sys};
 use halfsync_worker::{EXIT_PLUGIN_FAILED, WorkerSpec};
 use tracing::{error, info, warn};
 
@@ -46,6 +52,11 @@ const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(1);
 /// fresh worker's very first request may be one, and that alone must not
 /// take the group down.
 const FAILED_STARTS_BEFORE_BACKOFF: u32 = 5;
+
+/// How often dynamic pools are resized, and how many checks in a row a
+/// pool must have too many idle workers before one is retired.
+const POOL_CHECK: Duration = Duration::from_secs(1);
+const POOL_SHRINK_AFTER: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Life {
@@ -66,24 +77,147 @@ enum Life {
     Stopped,
 }
 
-struct SlotRec {
-    group: usize,
+/// Why a worker process ended, for `halfsync_worker_restarts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// Died on its own (signal or exit) while it should have been serving.
+    Crash,
+    /// Its plugin's init failed.
+    InitFailed,
+    /// Killed: a request ran past `request_timeout`.
+    Timeout,
+    /// Killed: it corrupted its shared memory.
+    Corrupt,
+    /// Killed: its init ran past `init_timeout`.
+    InitTimeout,
+    /// Replaced after `max_requests` or `max_rss`.
+    Recycle,
+    /// Replaced by a reload.
+    Reload,
+    /// Retired because its group shrank or went away.
+    Scale,
+}
+
+impl Cause {
+    pub(crate) const ALL: [Cause; 8] = [
+        Cause::Crash,
+        Cause::InitFailed,
+        Cause::Timeout,
+        Cause::Corrupt,
+        Cause::InitTimeout,
+        Cause::Recycle,
+        Cause::Reload,
+        Cause::Scale,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Cause::Crash => "crash",
+            Cause::InitFailed => "init_failed",
+            Cause::Timeout => "timeout",
+            Cause::Corrupt => "corrupt",
+            Cause::InitTimeout => "init_timeout",
+            Cause::Recycle => "recycle",
+            Cause::Reload => "reload",
+            Cause::Scale => "scale",
+        }
+    }
+}
+
+/// One `[[group]]`, by stable id (its index in `Master::groups`).
+pub(crate) struct GroupRec {
+    pub(crate) config: halfsync_config::Group,
+    /// The plugin file, resolved.
+    pub(crate) plugin: PathBuf,
+    /// The configuration generation its workers should run.
+    pub(crate) generation: u64,
+    /// Gone from the configuration; its workers drain and are not replaced.
+    pub(crate) retired: bool,
+    /// Worker processes ended, by [`Cause`] (index in `Cause::ALL`).
+    pub(crate) ended: [u64; 8],
+    /// Dynamic pools: checks in a row with too many idle workers.
+    idle_checks: u32,
+}
+
+pub(crate) struct SlotRec {
+    pub(crate) group: usize,
     /// Worker number within the group, for titles and logs.
-    label: u32,
-    slot: Slot,
+    pub(crate) label: u32,
+    pub(crate) slot: Slot,
     eventfd: OwnedFd,
     life: Life,
     /// This slot's worker takes over from that slot's once ready.
-    replaces: Option<usize>,
-    /// The proxy asked for this worker to be stopped (replaced or drained).
-    retiring: bool,
-    /// Starts in a row that died young or failed init.
-    failures: u32,
-    restarts: u64,
-    /// The current worker was seen serving (startup bookkeeping).
+    pub(crate) replaces: Option<usize>,
+    /// Asked to stop (replaced, drained or shutting down): not restarted.
+    pub(crate) retiring: bool,
+    /// The proxy was told to stop giving it requests.
+    pub(crate) draining: bool,
+    /// Why the current worker will end, when the master decided it.
+    end_cause: Option<Cause>,
+    /// Starts in a row that failed (see `on_child_exit`).
+    pub(crate) failures: u32,
+    /// Workers started in this slot after the first.
+    pub(crate) restarts: u64,
+    /// The current worker finished init.
+    pub(crate) ready: bool,
+    /// Some worker of this slot was ever ready (startup bookkeeping).
     ever_ready: bool,
     /// How the last worker in this slot ended.
     last_exit: Option<i32>,
+    /// Configuration generation of the running worker.
+    pub(crate) generation: u64,
+}
+
+impl SlotRec {
+    pub(crate) fn pid(&self) -> Option<i32> {
+        match self.life {
+            Life::Running { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// A worker that counts towards its group's size: running or about to
+    /// be restarted, not on its way out, not a replacement in progress.
+    fn active(&self) -> bool {
+        matches!(
+            self.life,
+            Life::Running { .. }
+                | Life::Resetting {
+                    next: Restart::Now | Restart::Later
+                }
+                | Life::Backoff { .. }
+        ) && !self.retiring
+            && !self.draining
+            && self.replaces.is_none()
+    }
+
+    /// What `halfsync status` calls its state.
+    pub(crate) fn state(&self) -> &'static str {
+        match self.life {
+            Life::Spare => "spare",
+            Life::Stopped => "stopped",
+            Life::Resetting { .. } => "restarting",
+            Life::Backoff { .. } => "backoff",
+            Life::Running { pid, .. } => {
+                if self.retiring {
+                    return "exiting";
+                }
+                if self.draining {
+                    return "draining";
+                }
+                let ctl = self.slot.control();
+                if ctl.pid() != pid as u32 {
+                    return "starting";
+                }
+                match ctl.state() {
+                    Ok(WorkerState::Busy) => "busy",
+                    Ok(WorkerState::Idle) => "idle",
+                    Ok(WorkerState::Exiting) => "exiting",
+                    _ => "starting",
+                }
+            }
+        }
+    }
 }
 
 struct ProxyProc {
@@ -91,80 +225,108 @@ struct ProxyProc {
     channel: Channel,
 }
 
-struct Master {
+struct ListenerRec {
+    id: u32,
+    addr: SocketAddr,
+    listener: TcpListener,
+}
+
+pub(crate) struct Master {
     exe: PathBuf,
-    config: Config,
-    config_toml: String,
-    plugins: Vec<PathBuf>,
-    pid: i32,
-    listeners: Vec<TcpListener>,
-    slots: Vec<SlotRec>,
+    /// The file the configuration came from (reload re-reads it).
+    config_path: Option<PathBuf>,
+    pub(crate) config: Config,
+    pub(crate) generation: u64,
+    pub(crate) groups: Vec<GroupRec>,
+    listeners: Vec<ListenerRec>,
+    next_listener_id: u32,
+    pub(crate) slots: Vec<SlotRec>,
     proxy: Option<ProxyProc>,
+    pub(crate) stats: Stats,
     signals: OwnedFd,
+    admin: admin::Admin,
     /// Set once a stop began: when the grace period ends.
     stopping: Option<Instant>,
     /// Until every group has a worker serving. If every worker of a group
     /// fails to start meanwhile, halfsync gives up instead of serving
     /// nothing but BUSY (like nginx refusing to start).
     starting: bool,
+    reload: Option<reload::Job>,
+    pub(crate) started_at: Instant,
+    next_pool_check: Instant,
     rng: fastrand::Rng,
 }
 
 /// Runs the server until it is stopped. Errors before the first child
 /// starts (bad plugin, port in use) are returned; the caller prints them.
-pub fn run(config: Config, exe: PathBuf) -> Result<()> {
-    let plugins: Vec<PathBuf> = crate::probe::probe(&exe, &config, false)?
-        .into_iter()
-        .map(|p| p.path)
-        .collect();
-
+pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf) -> Result<()> {
+    let probed = crate::probe::probe(&exe, &config, false)?;
     let mut listeners = Vec::new();
-    for addr in &config.server.listen {
-        listeners.push(
-            listen(*addr, config.server.backlog)
+    for (i, addr) in config.server.listen.iter().enumerate() {
+        listeners.push(ListenerRec {
+            id: i as u32,
+            addr: *addr,
+            listener: listen(*addr, config.server.backlog)
                 .with_context(|| format!("cannot listen on {addr}"))?,
-        );
+        });
     }
+    let admin = admin::Admin::bind(&config.admin_socket(), config.server.metrics_listen)?;
     let signals = sys::signalfd().context("signalfd")?;
-    let config_toml = toml::to_string(&config).context("serializing config")?;
+    let stats = Stats::create().context("stats page")?;
+    let groups = config
+        .groups
+        .iter()
+        .zip(probed)
+        .map(|(g, p)| GroupRec {
+            config: g.clone(),
+            plugin: p.path,
+            generation: 1,
+            retired: false,
+            ended: [0; 8],
+            idle_checks: 0,
+        })
+        .collect();
     let mut m = Master {
         exe,
+        config_path,
         config,
-        config_toml,
-        plugins,
-        pid: std::process::id() as i32,
+        generation: 1,
+        groups,
+        next_listener_id: listeners.len() as u32,
         listeners,
         slots: Vec::new(),
         proxy: None,
+        stats,
         signals,
+        admin,
         stopping: None,
         starting: true,
+        reload: None,
+        started_at: Instant::now(),
+        next_pool_check: Instant::now() + POOL_CHECK,
         rng: fastrand::Rng::new(),
     };
-    for gi in 0..m.config.groups.len() {
-        for label in 0..m.config.groups[gi].workers {
-            m.new_slot(gi, label)?;
-        }
-    }
-    let addrs: Vec<String> = m
-        .listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok().map(|a| a.to_string()))
-        .collect();
+    let addrs: Vec<String> = m.listeners.iter().map(|l| l.addr.to_string()).collect();
+    let workers: u32 = m.groups.iter().map(|g| g.config.workers).sum();
     info!(
         listen = %addrs.join(","),
-        workers = m.slots.len(),
-        pid = m.pid,
+        workers,
+        admin = %m.admin.path().display(),
+        pid = std::process::id(),
         "halfsync starting"
     );
     m.start_proxy()?;
-    for i in 0..m.slots.len() {
-        m.start_worker(i, None)?;
+    for g in 0..m.groups.len() {
+        for _ in 0..m.groups[g].config.workers {
+            m.add_worker(g)?;
+        }
     }
-    m.run_loop()
+    let result = m.run_loop();
+    m.admin.close();
+    result
 }
 
-fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     s.set_reuse_address(true)?;
@@ -174,9 +336,11 @@ fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListen
 }
 
 impl Master {
-    /// Creates a slot for group `gi` and hands it to the proxy.
-    fn new_slot(&mut self, gi: usize, label: u32) -> Result<usize> {
-        let name = &self.config.groups[gi].name;
+    // ---- slots and workers ----
+
+    /// Creates a slot for group `g` and hands it to the proxy.
+    fn new_slot(&mut self, g: usize, label: u32) -> Result<usize> {
+        let name = &self.groups[g].config.name;
         let slot = Slot::create(
             &format!("halfsync-{name}-{label}"),
             self.config.server.ring_size as usize,
@@ -184,21 +348,56 @@ impl Master {
         .with_context(|| format!("creating shared memory for worker {name} {label}"))?;
         let eventfd = shm_sys::eventfd().context("eventfd")?;
         self.slots.push(SlotRec {
-            group: gi,
+            group: g,
             label,
             slot,
             eventfd,
             life: Life::Spare,
             replaces: None,
             retiring: false,
+            draining: false,
+            end_cause: None,
             failures: 0,
             restarts: 0,
+            ready: false,
             ever_ready: false,
             last_exit: None,
+            generation: 0,
         });
         let i = self.slots.len() - 1;
         self.send_slot(i);
         Ok(i)
+    }
+
+    /// A spare slot of group `g` (made if there is none) for a new worker
+    /// labelled `label`.
+    fn spare_slot(&mut self, g: usize, label: u32) -> Result<usize> {
+        // A spare is reused only if its rings are the configured size.
+        let capacity = self.config.server.ring_size as usize;
+        match self
+            .slots
+            .iter()
+            .position(|s| s.group == g && s.life == Life::Spare && s.slot.capacity() == capacity)
+        {
+            Some(i) => {
+                self.slots[i].label = label;
+                Ok(i)
+            }
+            None => self.new_slot(g, label),
+        }
+    }
+
+    /// Starts one more worker in group `g`, with the lowest free label.
+    fn add_worker(&mut self, g: usize) -> Result<()> {
+        let used: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|s| s.group == g && s.active())
+            .map(|s| s.label)
+            .collect();
+        let label = (0..).find(|l| !used.contains(l)).unwrap_or(0);
+        let i = self.spare_slot(g, label)?;
+        self.start_worker(i, None)
     }
 
     fn send_slot(&self, i: usize) {
@@ -223,22 +422,41 @@ impl Master {
         }
     }
 
+    /// Ids of the configured (not retired) groups, in config order.
+    fn group_ids(&self) -> Vec<u32> {
+        self.config
+            .groups
+            .iter()
+            .map(|g| {
+                self.groups
+                    .iter()
+                    .position(|r| !r.retired && r.config.name == g.name)
+                    .unwrap_or(0) as u32
+            })
+            .collect()
+    }
+
     fn start_proxy(&mut self) -> Result<()> {
         let (master_end, proxy_end) = Channel::pair().context("control socketpair")?;
         let spec = ProxySpec {
-            config: self.config_toml.clone(),
+            config: toml::to_string(&self.config).context("serializing config")?,
+            group_ids: self.group_ids(),
             control_fd: proxy_end.fd().as_raw_fd(),
-            listener_fds: self.listeners.iter().map(|l| l.as_raw_fd()).collect(),
+            stats_fd: self.stats.fd().as_raw_fd(),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| (l.id, l.listener.as_raw_fd()))
+                .collect(),
         };
-        let mut keep = vec![spec.control_fd];
-        keep.extend(&spec.listener_fds);
+        let mut keep = vec![spec.control_fd, spec.stats_fd];
+        keep.extend(spec.listeners.iter().map(|l| l.1));
         let pid = sys::spawn(
             &self.exe,
             "halfsync: proxy",
             "proxy",
-            &[(halfsync_proxy::SPEC_ENV, spec.to_env())],
+            &self.child_env(halfsync_proxy::SPEC_ENV, spec.to_env()),
             &keep,
-            self.pid,
         )
         .context("starting the proxy")?;
         drop(proxy_end);
@@ -253,42 +471,48 @@ impl Master {
         Ok(())
     }
 
+    /// Environment for a child: its spec plus the logging settings.
+    fn child_env(&self, key: &'static str, value: String) -> Vec<(&'static str, String)> {
+        let mut env = vec![(key, value)];
+        env.extend(crate::logging::child_env(
+            self.config.log_file().as_deref(),
+            self.config.server.log_format,
+        ));
+        env
+    }
+
     fn start_worker(&mut self, i: usize, replaces: Option<usize>) -> Result<()> {
-        let s = &mut self.slots[i];
-        let g = &self.config.groups[s.group];
-        let jitter = match g.max_requests_jitter {
+        let g = &self.groups[self.slots[i].group];
+        let jitter = match g.config.max_requests_jitter {
             0 => 0,
             j => self.rng.u64(0..=j),
         };
+        let s = &self.slots[i];
         let spec = WorkerSpec {
-            group: g.name.clone(),
+            group: g.config.name.clone(),
             index: s.label,
-            plugin: self.plugins[s.group].clone(),
-            plugin_config: g.plugin_config_toml(),
+            plugin: g.plugin.clone(),
+            plugin_config: g.config.plugin_config_toml(),
             memfd: s.slot.fd().as_raw_fd(),
             eventfd: s.eventfd.as_raw_fd(),
-            ring_size: self.config.server.ring_size,
+            ring_size: s.slot.capacity() as u64,
             max_reply: self.config.server.max_frame - halfsync_protocol::MIN_LENGTH,
-            queue_timeout_ns: g.queue_timeout.as_nanos().min(u64::MAX as u128) as u64,
-            max_requests: if g.max_requests == 0 {
-                0
-            } else {
-                g.max_requests.saturating_add(jitter)
+            queue_timeout_ns: g.config.queue_timeout.as_nanos().min(u64::MAX as u128) as u64,
+            max_requests: match g.config.max_requests {
+                0 => 0,
+                n => n.saturating_add(jitter),
             },
-            max_rss: g.max_rss,
+            max_rss: g.config.max_rss,
         };
+        let generation = g.generation;
         let ctl = s.slot.control();
         ctl.set_generation(ctl.generation().wrapping_add(1));
-        let title = format!("halfsync: worker {} {}", g.name, s.label);
-        let pid = sys::spawn(
-            &self.exe,
-            &title,
-            "worker",
-            &[(halfsync_worker::SPEC_ENV, spec.to_env())],
-            &[spec.memfd, spec.eventfd],
-            self.pid,
-        )
-        .with_context(|| format!("starting worker {} {}", g.name, s.label))?;
+        let title = format!("halfsync: worker {} {}", g.config.name, s.label);
+        let (memfd, eventfd) = (spec.memfd, spec.eventfd);
+        let env = self.child_env(halfsync_worker::SPEC_ENV, spec.to_env());
+        let pid = sys::spawn(&self.exe, &title, "worker", &env, &[memfd, eventfd])
+            .with_context(|| format!("starting worker {title}"))?;
+        let s = &mut self.slots[i];
         s.life = Life::Running {
             pid,
             since: Instant::now(),
@@ -296,180 +520,51 @@ impl Master {
         };
         s.replaces = replaces;
         s.retiring = false;
+        s.draining = false;
+        s.end_cause = None;
+        s.ready = false;
+        s.generation = generation;
+        let probation = self.slots[i].failures >= FAILED_STARTS_BEFORE_BACKOFF;
         self.tell_proxy(ToProxy::WorkerStarted {
             slot: i as u32,
             pid,
             replaces: replaces.map(|r| r as u32),
+            probation,
         });
         Ok(())
     }
 
-    fn run_loop(&mut self) -> Result<()> {
-        loop {
-            let timeout = self.next_timeout();
-            let control_fd = self
-                .proxy
-                .as_ref()
-                .map_or(-1, |p| p.channel.fd().as_raw_fd());
-            let [sig_ready, ctl_ready] =
-                sys::poll_readable([self.signals.as_raw_fd(), control_fd], timeout)
-                    .context("poll")?;
-            if sig_ready {
-                while let Some(sig) = sys::read_signal(&self.signals).context("signalfd")? {
-                    self.on_signal(sig);
-                }
-            }
-            if ctl_ready {
-                self.read_control();
-            }
-            self.run_timers();
-            if self.starting {
-                self.check_startup()?;
-            }
-            if self.stopping.is_some()
-                && self.proxy.is_none()
-                && self
-                    .slots
-                    .iter()
-                    .all(|s| !matches!(s.life, Life::Running { .. }))
-            {
-                info!("halfsync stopped");
-                return Ok(());
-            }
+    /// Starts a worker of `old`'s group, with its label, to take over from
+    /// it once ready. `cause` is why the old one goes.
+    fn replace(&mut self, old: usize, cause: Cause) -> Result<usize> {
+        let (g, label) = (self.slots[old].group, self.slots[old].label);
+        let i = self.spare_slot(g, label)?;
+        self.slots[old].end_cause = Some(cause);
+        if let Err(e) = self.start_worker(i, Some(old)) {
+            self.slots[i].life = Life::Spare;
+            return Err(e);
         }
+        Ok(i)
     }
 
-    /// While starting: notes workers that came up; fails if a group has
-    /// none and all its workers failed to start twice.
-    fn check_startup(&mut self) -> Result<()> {
-        for s in &mut self.slots {
-            if let Life::Running { pid, .. } = s.life {
-                let ctl = s.slot.control();
-                if ctl.pid() == pid as u32
-                    && matches!(
-                        ctl.state(),
-                        Ok(halfsync_shm::WorkerState::Idle | halfsync_shm::WorkerState::Busy)
-                    )
-                {
-                    s.ever_ready = true;
+    /// Asks the proxy to stop giving a worker requests; it is retired when
+    /// it holds none.
+    fn drain(&mut self, i: usize, cause: Cause) {
+        let s = &mut self.slots[i];
+        match s.life {
+            Life::Running { .. } => {
+                s.draining = true;
+                s.end_cause = Some(cause);
+                self.tell_proxy(ToProxy::Drain { slot: i as u32 });
+            }
+            // Not running: just do not restart it.
+            Life::Resetting { .. } => {
+                s.life = Life::Resetting {
+                    next: Restart::Never,
                 }
             }
-        }
-        let groups = self.config.groups.len();
-        let ready = (0..groups)
-            .filter(|&g| self.slots.iter().any(|s| s.group == g && s.ever_ready))
-            .count();
-        if ready == groups {
-            self.starting = false;
-            info!(workers = self.slots.len(), "halfsync ready");
-            return Ok(());
-        }
-        for (g, group) in self.config.groups.iter().enumerate() {
-            let mine: Vec<&SlotRec> = self.slots.iter().filter(|s| s.group == g).collect();
-            let failed = mine.iter().all(|s| !s.ever_ready && s.failures >= 2);
-            if failed {
-                let how = mine
-                    .iter()
-                    .filter_map(|s| {
-                        s.last_exit
-                            .map(|e| format!("worker {}: {}", s.label, describe_exit(e)))
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let msg = format!(
-                    "group {}: no worker could start ({how}); the plugin's error is in the log above",
-                    group.name
-                );
-                self.kill_everything();
-                self.reap_all(Duration::from_secs(5));
-                return Err(anyhow!(msg));
-            }
-        }
-        Ok(())
-    }
-
-    /// Reaps every child, waiting up to `limit` (after SIGKILLs).
-    fn reap_all(&mut self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            match sys::reap() {
-                Ok(Some((pid, _))) => {
-                    if self.proxy.as_ref().is_some_and(|p| p.pid == pid) {
-                        self.proxy = None;
-                    }
-                    for s in &mut self.slots {
-                        if matches!(s.life, Life::Running { pid: p, .. } if p == pid) {
-                            s.life = Life::Stopped;
-                        }
-                    }
-                }
-                Ok(None) => {
-                    let alive = self.proxy.is_some()
-                        || self
-                            .slots
-                            .iter()
-                            .any(|s| matches!(s.life, Life::Running { .. }));
-                    if !alive {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(_) => return,
-            }
-        }
-    }
-
-    fn next_timeout(&self) -> Duration {
-        let now = Instant::now();
-        let mut next = now + Duration::from_secs(if self.starting { 0 } else { 1 });
-        if self.starting {
-            next += Duration::from_millis(10);
-        }
-        for s in &self.slots {
-            match s.life {
-                Life::Backoff { at } => next = next.min(at),
-                Life::Running {
-                    kill_at: Some(at), ..
-                } => next = next.min(at),
-                _ => {}
-            }
-        }
-        if let Some(deadline) = self.stopping {
-            next = next.min(deadline);
-        }
-        next.saturating_duration_since(now)
-    }
-
-    fn on_signal(&mut self, sig: i32) {
-        match sig {
-            libc::SIGCHLD => self.reap_children(),
-            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {
-                if self.stopping.is_some() {
-                    warn!("second stop signal: stopping now");
-                    self.kill_everything();
-                } else {
-                    self.begin_stop();
-                }
-            }
-            libc::SIGHUP => {
-                warn!("SIGHUP: live reload is not implemented yet; configuration unchanged")
-            }
-            _ => {}
-        }
-    }
-
-    fn begin_stop(&mut self) {
-        let grace = self.config.server.shutdown_grace;
-        info!(
-            grace_ms = grace.as_millis() as u64,
-            "stopping: draining in-flight requests"
-        );
-        self.stopping = Some(Instant::now() + grace);
-        // The proxy holds its own copies; once it closes them the port is free.
-        self.listeners.clear();
-        match &self.proxy {
-            Some(_) => self.tell_proxy(ToProxy::Shutdown),
-            None => self.stop_workers(),
+            Life::Backoff { .. } => s.life = Life::Spare,
+            Life::Spare | Life::Stopped => {}
         }
     }
 
@@ -509,6 +604,357 @@ impl Master {
         }
     }
 
+    fn running_pid(&self, i: usize) -> Option<i32> {
+        self.slots.get(i)?.pid()
+    }
+
+    fn kill_worker(&mut self, i: usize, pid: i32, reason: KillReason) {
+        if self.running_pid(i) != Some(pid) {
+            return;
+        }
+        let s = &mut self.slots[i];
+        s.end_cause = Some(match reason {
+            KillReason::Corrupt => Cause::Corrupt,
+            KillReason::RequestTimeout => Cause::Timeout,
+            KillReason::InitTimeout => Cause::InitTimeout,
+        });
+        let grace = self.groups[s.group].config.timeout_kill_grace;
+        if reason == KillReason::RequestTimeout && !grace.is_zero() {
+            // A chance for a crash handler to record where it hung.
+            sys::kill(pid, libc::SIGABRT);
+            if let Life::Running { kill_at, .. } = &mut s.life {
+                *kill_at = Some(Instant::now() + grace);
+            }
+        } else {
+            sys::kill(pid, libc::SIGKILL);
+        }
+    }
+
+    /// Starts a replacement for a worker that reached its recycling limit.
+    fn recycle(&mut self, old: usize, pid: i32) {
+        if self.stopping.is_some() || self.running_pid(old) != Some(pid) || self.slots[old].draining
+        {
+            return;
+        }
+        if let Err(e) = self.replace(old, Cause::Recycle) {
+            error!("{e:#}");
+        }
+    }
+
+    /// Grows or shrinks group `g` to `n` workers: new ones start at once;
+    /// surplus ones drain (finish what they hold) and retire.
+    fn resize(&mut self, g: usize, n: u32) -> Result<()> {
+        let mut active: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].group == g && self.slots[i].active())
+            .collect();
+        let have = active.len() as u32;
+        for _ in have..n {
+            self.add_worker(g)?;
+        }
+        if have > n {
+            active.sort_by_key(|&i| std::cmp::Reverse(self.slots[i].label));
+            for &i in active.iter().take((have - n) as usize) {
+                self.drain(i, Cause::Scale);
+            }
+        }
+        Ok(())
+    }
+
+    /// `halfsync scale`: sets a group's size.
+    pub(crate) fn scale(&mut self, name: &str, n: u32) -> Result<String, String> {
+        let Some(g) = self
+            .groups
+            .iter()
+            .position(|r| !r.retired && r.config.name == name)
+        else {
+            return Err(format!("no group named {name:?}"));
+        };
+        if !(1..=256).contains(&n) {
+            return Err(format!("workers must be between 1 and 256, got {n}"));
+        }
+        if self.stopping.is_some() {
+            return Err("halfsync is stopping".into());
+        }
+        let group = &mut self.groups[g].config;
+        let before = group.workers;
+        group.workers = n;
+        if let Some(max) = group.max_workers
+            && max < n
+        {
+            group.max_workers = Some(n);
+        }
+        info!(group = %name, from = before, to = n, "scaling");
+        self.resize(g, n).map_err(|e| format!("{e:#}"))?;
+        Ok(format!("group {name}: {before} -> {n} workers"))
+    }
+
+    /// Dynamic pools: one more worker when too few are idle or requests
+    /// wait; one fewer when too many stayed idle for a few checks.
+    fn check_pools(&mut self) {
+        for g in 0..self.groups.len() {
+            let c = &self.groups[g].config;
+            if self.groups[g].retired || c.pool != Pool::Dynamic {
+                continue;
+            }
+            let (min, max, min_spare, max_spare) =
+                (c.workers, c.worker_limit(), c.min_spare, c.max_spare);
+            let active: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| self.slots[i].group == g && self.slots[i].active())
+                .collect();
+            let idle = active
+                .iter()
+                .filter(|&&i| self.slots[i].state() == "idle" && self.stats.slot(i).pending == 0)
+                .count() as u32;
+            let queued = self.stats.group(g).queued;
+            let n = active.len() as u32;
+            if (idle < min_spare || queued > 0) && n < max {
+                self.groups[g].idle_checks = 0;
+                info!(group = %self.groups[g].config.name, workers = n + 1, idle, queued, "pool growing");
+                if let Err(e) = self.add_worker(g) {
+                    error!("{e:#}");
+                }
+            } else if idle > max_spare && n > min {
+                self.groups[g].idle_checks += 1;
+                if self.groups[g].idle_checks >= POOL_SHRINK_AFTER {
+                    self.groups[g].idle_checks = 0;
+                    info!(group = %self.groups[g].config.name, workers = n - 1, idle, "pool shrinking");
+                    if let Some(&i) = active.iter().max_by_key(|&&i| self.slots[i].label) {
+                        self.drain(i, Cause::Scale);
+                    }
+                }
+            } else {
+                self.groups[g].idle_checks = 0;
+            }
+        }
+    }
+
+    // ---- the loop ----
+
+    fn run_loop(&mut self) -> Result<()> {
+        loop {
+            let timeout = self.next_timeout();
+            let mut fds = vec![
+                sys::pollfd(self.signals.as_raw_fd(), false),
+                sys::pollfd(
+                    self.proxy
+                        .as_ref()
+                        .map_or(-1, |p| p.channel.fd().as_raw_fd()),
+                    false,
+                ),
+            ];
+            self.admin.fill_pollfds(&mut fds);
+            sys::poll(&mut fds, timeout).context("poll")?;
+            if fds[0].revents != 0 {
+                while let Some(sig) = sys::read_signal(&self.signals).context("signalfd")? {
+                    self.on_signal(sig);
+                }
+            }
+            if fds[1].revents != 0 {
+                self.read_control();
+            }
+            for request in self.admin.on_ready(&fds[2..]) {
+                self.on_admin(request);
+            }
+            self.admin.sweep();
+            self.run_timers();
+            if self.starting {
+                self.check_startup()?;
+            }
+            if self.stopping.is_some()
+                && self.proxy.is_none()
+                && self
+                    .slots
+                    .iter()
+                    .all(|s| !matches!(s.life, Life::Running { .. }))
+            {
+                info!("halfsync stopped");
+                return Ok(());
+            }
+        }
+    }
+
+    fn on_admin(&mut self, request: admin::Request) {
+        use admin::{Command, Request};
+        match request {
+            Request::Metrics { conn } => {
+                let body = report::metrics(self);
+                self.admin.respond_http(conn, &body);
+            }
+            Request::Admin { conn, command } => {
+                let answer = match command {
+                    Command::Status => Ok(report::status(self)),
+                    Command::Reload => match self.start_reload(Some(conn)) {
+                        // Answered when the reload finishes.
+                        Ok(()) => return,
+                        Err(e) => Err(e),
+                    },
+                    Command::Stop { fast } => {
+                        self.admin.respond(conn, admin::ok("stopping"));
+                        if fast {
+                            warn!("fast stop requested");
+                            self.stopping = Some(Instant::now());
+                            self.kill_everything();
+                        } else if self.stopping.is_none() {
+                            self.begin_stop();
+                        }
+                        return;
+                    }
+                    Command::Scale { group, workers } => {
+                        self.scale(&group, workers).map(|m| admin::ok(&m))
+                    }
+                };
+                let body = answer.unwrap_or_else(|e| admin::err(&e));
+                self.admin.respond(conn, body);
+            }
+        }
+    }
+
+    /// While starting: fails if a group has no worker ready and all its
+    /// workers failed to start twice.
+    fn check_startup(&mut self) -> Result<()> {
+        let live: Vec<usize> = (0..self.groups.len())
+            .filter(|&g| !self.groups[g].retired)
+            .collect();
+        let ready = live
+            .iter()
+            .filter(|&&g| self.slots.iter().any(|s| s.group == g && s.ever_ready))
+            .count();
+        if ready == live.len() {
+            self.starting = false;
+            info!(
+                workers = self.slots.iter().filter(|s| s.ready).count(),
+                "halfsync ready"
+            );
+            return Ok(());
+        }
+        for &g in &live {
+            let mine: Vec<&SlotRec> = self.slots.iter().filter(|s| s.group == g).collect();
+            if mine.is_empty() || !mine.iter().all(|s| !s.ever_ready && s.failures >= 2) {
+                continue;
+            }
+            let how = mine
+                .iter()
+                .filter_map(|s| {
+                    s.last_exit
+                        .map(|e| format!("worker {}: {}", s.label, describe_exit(e)))
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let msg = format!(
+                "group {}: no worker could start ({how}); the plugin's error is in the log above",
+                self.groups[g].config.name
+            );
+            self.kill_everything();
+            self.reap_all(Duration::from_secs(5));
+            return Err(anyhow!(msg));
+        }
+        Ok(())
+    }
+
+    /// Reaps every child, waiting up to `limit` (after SIGKILLs).
+    fn reap_all(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match sys::reap() {
+                Ok(Some((pid, _))) => {
+                    if self.proxy.as_ref().is_some_and(|p| p.pid == pid) {
+                        self.proxy = None;
+                    }
+                    for s in &mut self.slots {
+                        if s.pid() == Some(pid) {
+                            s.life = Life::Stopped;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    let alive =
+                        self.proxy.is_some() || self.slots.iter().any(|s| s.pid().is_some());
+                    if !alive {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> Duration {
+        let now = Instant::now();
+        let mut next = now + Duration::from_secs(1);
+        for s in &self.slots {
+            match s.life {
+                Life::Backoff { at } => next = next.min(at),
+                Life::Running {
+                    kill_at: Some(at), ..
+                } => next = next.min(at),
+                _ => {}
+            }
+        }
+        if let Some(deadline) = self.stopping {
+            next = next.min(deadline);
+        }
+        next = next
+            .min(self.next_pool_check)
+            .min(self.admin.next_deadline());
+        next.saturating_duration_since(now)
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        match sig {
+            libc::SIGCHLD => self.reap_children(),
+            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {
+                if self.stopping.is_some() {
+                    warn!("second stop signal: stopping now");
+                    self.kill_everything();
+                } else {
+                    self.begin_stop();
+                }
+            }
+            libc::SIGHUP => {
+                if let Err(e) = self.start_reload(None) {
+                    error!("reload refused: {e}");
+                }
+            }
+            libc::SIGUSR1 => {
+                if let Err(e) = crate::logging::reopen() {
+                    error!("cannot reopen the log file: {e}");
+                }
+                info!("log file reopened");
+                if let Some(p) = &self.proxy {
+                    sys::kill(p.pid, libc::SIGUSR1);
+                }
+                for s in &self.slots {
+                    if let Some(pid) = s.pid() {
+                        sys::kill(pid, libc::SIGUSR1);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        let grace = self.config.server.shutdown_grace;
+        info!(
+            grace_ms = grace.as_millis() as u64,
+            "stopping: draining in-flight requests"
+        );
+        self.stopping = Some(Instant::now() + grace);
+        if let Some(job) = self.reload.take()
+            && let Some(conn) = job.reply_to
+        {
+            self.admin
+                .respond(conn, admin::err("halfsync is stopping; reload abandoned"));
+        }
+        // The proxy holds its own copies; once it closes them the port is free.
+        self.listeners.clear();
+        match &self.proxy {
+            Some(_) => self.tell_proxy(ToProxy::Shutdown),
+            None => self.stop_workers(),
+        }
+    }
+
     fn reap_children(&mut self) {
         loop {
             match sys::reap() {
@@ -538,11 +984,7 @@ impl Master {
             }
             return;
         }
-        let Some(i) = self
-            .slots
-            .iter()
-            .position(|s| matches!(s.life, Life::Running { pid: p, .. } if p == pid))
-        else {
+        let Some(i) = self.slots.iter().position(|s| s.pid() == Some(pid)) else {
             return; // the plugin probe
         };
         let stopping = self.stopping.is_some();
@@ -550,19 +992,32 @@ impl Master {
         let Life::Running { since, .. } = s.life else {
             return;
         };
-        let name = &self.config.groups[s.group].name;
+        let name = self.groups[s.group].config.name.clone();
+        let served = s.slot.control().served();
+        s.ever_ready |= served > 0;
+        let cause = s.end_cause.take().unwrap_or(if how == EXIT_PLUGIN_FAILED {
+            Cause::InitFailed
+        } else {
+            Cause::Crash
+        });
+        if let Some(k) = Cause::ALL.iter().position(|&c| c == cause) {
+            self.groups[s.group].ended[k] += 1;
+        }
         // A replacement that dies before taking over is not restarted: its
-        // predecessor still serves and the proxy asks again later.
-        let failed_replacement = s.replaces.is_some();
-        let next = if stopping || s.retiring || failed_replacement {
+        // predecessor still serves.
+        let failed_replacement = s.replaces.is_some() && !s.ready;
+        let next = if stopping
+            || s.retiring
+            || s.draining
+            || failed_replacement
+            || self.groups[s.group].retired
+        {
             Restart::Never
         } else {
             // A failed start: init failed, or it died young without
             // serving a single request (a plugin that crashes on every
             // request). A worker that served before crashing is replaced
             // at once, however young.
-            let served = s.slot.control().served();
-            s.ever_ready |= served > 0;
             if how == EXIT_PLUGIN_FAILED || (since.elapsed() < MIN_HEALTHY_LIFE && served == 0) {
                 s.failures += 1;
             } else {
@@ -581,6 +1036,10 @@ impl Master {
         }
         s.life = Life::Resetting { next };
         s.last_exit = Some(how);
+        s.ready = false;
+        if failed_replacement {
+            self.replacement_failed(i, how);
+        }
         match &self.proxy {
             Some(_) => self.tell_proxy(ToProxy::WorkerExited {
                 slot: i as u32,
@@ -604,12 +1063,13 @@ impl Master {
         let s = &mut self.slots[i];
         s.replaces = None;
         s.retiring = false;
+        s.draining = false;
         s.life = match next {
             _ if self.stopping.is_some() => Life::Stopped,
             Restart::Never => Life::Spare,
             Restart::Now => Life::Backoff { at: Instant::now() },
             Restart::Later => {
-                let g = &self.config.groups[s.group];
+                let g = &self.groups[s.group].config;
                 // restart_delay, then doubling, capped.
                 let doublings = s
                     .failures
@@ -660,15 +1120,10 @@ impl Master {
                 ToMaster::Retire { slot, pid } => {
                     let i = slot as usize;
                     if self.running_pid(i) == Some(pid) {
-                        // Its replacement is a regular worker from now on.
-                        for s in &mut self.slots {
-                            if s.replaces == Some(i) {
-                                s.replaces = None;
-                            }
-                        }
                         self.stop_worker(i);
                     }
                 }
+                ToMaster::WorkerReady { slot, pid } => self.worker_ready(slot as usize, pid),
                 ToMaster::Drained => {
                     info!("proxy drained");
                     self.stop_workers();
@@ -677,59 +1132,22 @@ impl Master {
         }
     }
 
-    fn running_pid(&self, i: usize) -> Option<i32> {
-        match self.slots.get(i)?.life {
-            Life::Running { pid, .. } => Some(pid),
-            _ => None,
-        }
-    }
-
-    fn kill_worker(&mut self, i: usize, pid: i32, reason: KillReason) {
+    /// A worker finished init. If it replaces another, that one is
+    /// draining now (the proxy saw to it) and this one is a regular worker.
+    fn worker_ready(&mut self, i: usize, pid: i32) {
         if self.running_pid(i) != Some(pid) {
             return;
         }
         let s = &mut self.slots[i];
-        let grace = self.config.groups[s.group].timeout_kill_grace;
-        if reason == KillReason::RequestTimeout && !grace.is_zero() {
-            // A chance for a crash handler to record where it hung.
-            sys::kill(pid, libc::SIGABRT);
-            if let Life::Running { kill_at, .. } = &mut s.life {
-                *kill_at = Some(Instant::now() + grace);
-            }
-        } else {
-            sys::kill(pid, libc::SIGKILL);
+        s.ready = true;
+        s.ever_ready = true;
+        if let Some(old) = s.replaces.take()
+            && let Some(o) = self.slots.get_mut(old)
+            && o.pid().is_some()
+        {
+            o.draining = true;
         }
-    }
-
-    /// Starts a replacement for the worker of slot `old` in a spare slot of
-    /// its group (made if there is none). The old one keeps serving until
-    /// the proxy retires it.
-    fn recycle(&mut self, old: usize, pid: i32) {
-        if self.stopping.is_some() || self.running_pid(old) != Some(pid) {
-            return;
-        }
-        let (group, label) = (self.slots[old].group, self.slots[old].label);
-        let spare = self
-            .slots
-            .iter()
-            .position(|s| s.group == group && s.life == Life::Spare);
-        let i = match spare {
-            Some(i) => {
-                self.slots[i].label = label;
-                i
-            }
-            None => match self.new_slot(group, label) {
-                Ok(i) => i,
-                Err(e) => {
-                    error!("{e:#}");
-                    return;
-                }
-            },
-        };
-        if let Err(e) = self.start_worker(i, Some(old)) {
-            error!("{e:#}");
-            self.slots[i].life = Life::Spare;
-        }
+        self.reload_progress(i);
     }
 
     fn run_timers(&mut self) {
@@ -738,11 +1156,7 @@ impl Master {
             && now >= deadline
         {
             let left = self.proxy.is_some() as usize
-                + self
-                    .slots
-                    .iter()
-                    .filter(|s| matches!(s.life, Life::Running { .. }))
-                    .count();
+                + self.slots.iter().filter(|s| s.pid().is_some()).count();
             if left > 0 {
                 warn!(
                     processes = left,
@@ -777,40 +1191,42 @@ impl Master {
                 _ => {}
             }
         }
+        if now >= self.next_pool_check {
+            self.next_pool_check = now + POOL_CHECK;
+            if self.stopping.is_none() && !self.starting {
+                self.check_pools();
+            }
+        }
     }
 
     /// The proxy died: its bookkeeping of which worker holds which request
     /// is gone, so every worker is replaced along with it.
     fn restart_all(&mut self) {
-        let mut pids = HashMap::new();
-        for (i, s) in self.slots.iter().enumerate() {
-            if let Life::Running { pid, .. } = s.life {
+        for s in &self.slots {
+            if let Some(pid) = s.pid() {
                 sys::kill(pid, libc::SIGKILL);
-                pids.insert(pid, i);
             }
         }
         // SIGKILLed children die promptly; reap them before touching their slots.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !pids.is_empty() && Instant::now() < deadline {
-            match sys::reap() {
-                Ok(Some((pid, _))) => {
-                    pids.remove(&pid);
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-                Err(_) => break,
-            }
+        let wanted: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].active())
+            .collect();
+        self.reap_all(Duration::from_secs(5));
+        if let Some(job) = self.reload.take()
+            && let Some(conn) = job.reply_to
+        {
+            self.admin.respond(
+                conn,
+                admin::err("the proxy died during the reload; workers restarted"),
+            );
         }
-        // Back to the configured workers; spares stay spare.
-        let mut wanted = Vec::new();
-        for (i, s) in self.slots.iter_mut().enumerate() {
+        for s in &mut self.slots {
             s.slot.reset();
-            let was_worker = !matches!(s.life, Life::Spare) && s.replaces.is_none() && !s.retiring;
             s.life = Life::Spare;
             s.replaces = None;
             s.retiring = false;
-            if was_worker {
-                wanted.push(i);
-            }
+            s.draining = false;
+            s.ready = false;
         }
         if let Err(e) = self.start_proxy() {
             error!("{e:#}; stopping");
@@ -822,5 +1238,76 @@ impl Master {
                 error!("{e:#}");
             }
         }
+    }
+
+    // ---- listeners (reload) ----
+
+    /// Binds the listen addresses that are new in `config`; returns them
+    /// without changing anything yet.
+    fn bind_new_listeners(
+        &self,
+        config: &Config,
+    ) -> Result<Vec<(SocketAddr, TcpListener)>, String> {
+        let mut out = Vec::new();
+        for addr in &config.server.listen {
+            if self.listeners.iter().any(|l| l.addr == *addr) {
+                continue;
+            }
+            let l = listen(*addr, config.server.backlog)
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            out.push((*addr, l));
+        }
+        Ok(out)
+    }
+
+    /// Hands new listeners to the proxy and closes the ones `config` drops.
+    fn swap_listeners(&mut self, config: &Config, new: Vec<(SocketAddr, TcpListener)>) {
+        for (addr, listener) in new {
+            let id = self.next_listener_id;
+            self.next_listener_id += 1;
+            if let Some(p) = &self.proxy
+                && let Err(e) = p
+                    .channel
+                    .send_to_proxy(ToProxy::AddListener { id }, &[listener.as_raw_fd()])
+            {
+                warn!("control channel: {e}");
+            }
+            info!(listen = %addr, "listening");
+            self.listeners.push(ListenerRec { id, addr, listener });
+        }
+        let gone: Vec<u32> = self
+            .listeners
+            .iter()
+            .filter(|l| !config.server.listen.contains(&l.addr))
+            .map(|l| l.id)
+            .collect();
+        for id in gone {
+            self.tell_proxy(ToProxy::RemoveListener { id });
+            if let Some(pos) = self.listeners.iter().position(|l| l.id == id) {
+                let l = self.listeners.remove(pos);
+                info!(listen = %l.addr, "stopped listening");
+            }
+        }
+    }
+
+    /// Sends the proxy the current configuration (after a reload).
+    fn reconfigure_proxy(&self) -> Result<(), String> {
+        let text = halfsync_proxy::Reconfigure {
+            config: toml::to_string(&self.config).map_err(|e| e.to_string())?,
+            group_ids: self.group_ids(),
+        }
+        .to_toml();
+        let fd = shm_sys::memfd_with(&text).map_err(|e| format!("reconfigure: {e}"))?;
+        if let Some(p) = &self.proxy {
+            p.channel
+                .send_to_proxy(
+                    ToProxy::Reconfigure {
+                        len: text.len() as u32,
+                    },
+                    &[fd.as_raw_fd()],
+                )
+                .map_err(|e| format!("control channel: {e}"))?;
+        }
+        Ok(())
     }
 }

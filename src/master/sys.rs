@@ -79,18 +79,25 @@ pub fn read_signal(fd: &OwnedFd) -> io::Result<Option<i32>> {
     Err(e)
 }
 
-/// Waits until one of `fds` is readable or `timeout` passes; returns the
-/// readable flags in order.
-pub fn poll_readable<const N: usize>(fds: [RawFd; N], timeout: Duration) -> io::Result<[bool; N]> {
-    let mut pfds = fds.map(|fd| libc::pollfd {
+/// A pollfd watching `fd` for input (and output if `write`). A negative
+/// fd is ignored by poll.
+pub fn pollfd(fd: RawFd, write: bool) -> libc::pollfd {
+    libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events: libc::POLLIN | if write { libc::POLLOUT } else { 0 },
         revents: 0,
-    });
+    }
+}
+
+/// Waits until one of `fds` is ready or `timeout` passes; sets `revents`.
+pub fn poll(fds: &mut [libc::pollfd], timeout: Duration) -> io::Result<()> {
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    match syscall!(poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms)) {
-        Ok(_) => Ok(pfds.map(|p| p.revents != 0)),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok([false; N]),
+    match syscall!(poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+            fds.iter_mut().for_each(|p| p.revents = 0);
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }
@@ -141,6 +148,18 @@ pub fn die_with_parent(master_pid: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// The effective user id.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Sets the process umask; returns the previous one.
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
+
 /// Sets the calling thread's name (the `comm` field shown by `ps -o comm`
 /// and `top`), cut to 15 bytes.
 pub fn set_thread_name(name: &str) {
@@ -159,8 +178,8 @@ pub fn spawn(
     role: &str,
     env: &[(&str, String)],
     keep: &[RawFd],
-    master_pid: i32,
 ) -> std::io::Result<i32> {
+    let master_pid = std::process::id() as i32;
     let mut cmd = Command::new(exe);
     cmd.arg0(title)
         .env(super::ROLE_ENV, role)

@@ -51,6 +51,19 @@ workers = {workers}
     )
 }
 
+/// Puts the admin socket in the test's own directory (removed with it),
+/// unless the config chooses one.
+pub fn with_admin_socket(text: &str, dir: &Path) -> String {
+    if text.contains("admin_socket") {
+        return text.to_owned();
+    }
+    let line = format!("admin_socket = \"{}\"\n", dir.join("admin.sock").display());
+    match text.find("[server]\n") {
+        Some(i) => format!("{}{line}{}", &text[..i + 9], &text[i + 9..]),
+        None => format!("[server]\n{line}\n{text}"),
+    }
+}
+
 /// Names of /dev/shm entries now.
 pub fn dev_shm() -> HashSet<String> {
     fs::read_dir("/dev/shm")
@@ -168,7 +181,7 @@ impl Server {
         cmd.arg("run");
         if let Some(text) = config_text {
             let path = dir.path().join("halfsync.toml");
-            fs::write(&path, text).unwrap();
+            fs::write(&path, with_admin_socket(text, dir.path())).unwrap();
             cmd.arg("--config").arg(path);
         }
         let shm_before = dev_shm();

@@ -1,0 +1,363 @@
+//! Counters the proxy keeps in a shared page the master reads for
+//! `halfsync status` and the metrics endpoint, without asking the proxy.
+//!
+//! One writer (the proxy), any number of readers; every field is an
+//! atomic updated with Relaxed ordering: readers see each counter
+//! whole, and a snapshot is a moment's view, which is all status and
+//! metrics need. Replies are counted where they are attributed: to the
+//! worker slot whose worker answered (or died or timed out on) the
+//! request, else to its group (BUSY, queue timeouts), else globally (no
+//! group: NO_ROUTE, BAD_REQUEST). Totals are sums of those, so they always
+//! add up. The page is reset when a new proxy starts.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use halfsync_shm::{Region, sys};
+
+/// Groups the page has room for (stable group ids below this).
+pub const MAX_GROUPS: usize = 256;
+/// Worker slots the page has room for (slot indexes below this).
+pub const MAX_SLOTS: usize = 4096;
+/// Reply statuses counted separately: 0..=7, then one for every plugin
+/// status (1 is PLUGIN_ERROR; 100 and up are the plugin's own).
+pub const STATUSES: usize = 9;
+/// Upper bounds (microseconds) of the latency histogram buckets; a last,
+/// implicit bucket holds everything slower.
+pub const BUCKETS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+const HIST: usize = BUCKETS_US.len() + 1;
+const MAGIC: u64 = 0x6873_7374_6174_0001;
+
+/// Index in a `replies` array for a reply status.
+pub fn status_index(code: u16) -> usize {
+    if code < 8 { code as usize } else { 8 }
+}
+
+#[repr(C)]
+struct Histogram {
+    buckets: [AtomicU64; HIST],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn record(&self, us: u64) {
+        let i = BUCKETS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+    fn read(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[repr(C)]
+struct GlobalStats {
+    connections: AtomicU64,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    replies: [AtomicU64; STATUSES],
+}
+
+#[repr(C)]
+struct GroupStats {
+    queued: AtomicU64,
+    replies: [AtomicU64; STATUSES],
+    latency: Histogram,
+    queue_wait: Histogram,
+}
+
+#[repr(C)]
+struct SlotStats {
+    dispatched: AtomicU64,
+    pending: AtomicU64,
+    replies: [AtomicU64; STATUSES],
+}
+
+#[repr(C)]
+struct Page {
+    magic: AtomicU64,
+    global: GlobalStats,
+    groups: [GroupStats; MAX_GROUPS],
+    slots: [SlotStats; MAX_SLOTS],
+}
+
+/// Where a reply is counted.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope {
+    /// Not tied to a group.
+    Global,
+    /// Tied to a group (stable group id) but to no worker.
+    Group(usize),
+    /// Answered by (or lost with) the worker in this slot, of this group.
+    Slot(usize, usize),
+}
+
+/// The shared stats page.
+pub struct Stats {
+    region: Region,
+}
+
+/// A histogram read from the page.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// Counts per bucket ([`BUCKETS_US`] bounds, then the overflow bucket).
+    pub buckets: [u64; HIST],
+    /// Sum of all observations, microseconds.
+    pub sum_us: u64,
+}
+
+impl HistogramSnapshot {
+    /// Observations counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+/// Global counters read from the page.
+#[derive(Clone, Debug, Default)]
+pub struct GlobalSnapshot {
+    /// Open client connections.
+    pub connections: u64,
+    /// Connections accepted since the proxy started.
+    pub accepted: u64,
+    /// Connections refused (max_connections, no fds).
+    pub refused: u64,
+    /// Replies not tied to a group, by [`status_index`].
+    pub replies: [u64; STATUSES],
+}
+
+/// One group's counters.
+#[derive(Clone, Debug, Default)]
+pub struct GroupSnapshot {
+    /// Requests waiting in the proxy for a worker.
+    pub queued: u64,
+    /// Replies tied to the group but to no worker, by [`status_index`].
+    pub replies: [u64; STATUSES],
+    /// Time from a request's arrival to its reply.
+    pub latency: HistogramSnapshot,
+    /// Time from a request's arrival to a worker starting it.
+    pub queue_wait: HistogramSnapshot,
+}
+
+/// One slot's counters.
+#[derive(Clone, Debug, Default)]
+pub struct SlotSnapshot {
+    /// Requests written into this slot's ring since the proxy started.
+    pub dispatched: u64,
+    /// Requests in its ring now, unanswered.
+    pub pending: u64,
+    /// Replies to requests dispatched here, by [`status_index`].
+    pub replies: [u64; STATUSES],
+}
+
+impl Stats {
+    /// Creates a zeroed page in a sealed memfd (master).
+    pub fn create() -> io::Result<Stats> {
+        let len = std::mem::size_of::<Page>();
+        let file = sys::memfd_sealed("halfsync-stats", len as u64)?;
+        let s = Stats {
+            region: Region::map(file, len)?,
+        };
+        s.page().magic.store(MAGIC, Ordering::Release);
+        Ok(s)
+    }
+
+    /// Maps a page created by [`Stats::create`] (proxy).
+    pub fn open(file: File) -> io::Result<Stats> {
+        let len = std::mem::size_of::<Page>();
+        if sys::fd_size(&file)? != len as u64 {
+            return Err(io::Error::other("stats page has the wrong size"));
+        }
+        let s = Stats {
+            region: Region::map(file, len)?,
+        };
+        if s.page().magic.load(Ordering::Acquire) != MAGIC {
+            return Err(io::Error::other("stats page has a bad magic number"));
+        }
+        Ok(s)
+    }
+
+    /// The memfd, to pass to the proxy.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.region.fd()
+    }
+
+    fn page(&self) -> &Page {
+        // SAFETY: the region is exactly size_of::<Page>() bytes (checked at
+        // create/open), page-aligned, and Page is all atomics, valid for
+        // any bit pattern.
+        unsafe { &*(self.region.as_ptr() as *const Page) }
+    }
+
+    /// Zeroes every counter (a new proxy starts counting afresh).
+    pub fn reset(&self) {
+        let p = self.page();
+        let zero = |a: &AtomicU64| a.store(0, Ordering::Relaxed);
+        zero(&p.global.connections);
+        zero(&p.global.accepted);
+        zero(&p.global.refused);
+        p.global.replies.iter().for_each(zero);
+        for g in &p.groups {
+            zero(&g.queued);
+            g.replies.iter().for_each(zero);
+            for h in [&g.latency, &g.queue_wait] {
+                h.buckets.iter().for_each(zero);
+                zero(&h.sum_us);
+            }
+        }
+        for s in &p.slots {
+            zero(&s.dispatched);
+            zero(&s.pending);
+            s.replies.iter().for_each(zero);
+        }
+    }
+
+    // ---- proxy side ----
+
+    /// Counts one reply.
+    pub fn reply(&self, scope: Scope, code: u16) {
+        let p = self.page();
+        let i = status_index(code);
+        let counter = match scope {
+            Scope::Global => &p.global.replies[i],
+            Scope::Group(g) => match p.groups.get(g) {
+                Some(g) => &g.replies[i],
+                None => &p.global.replies[i],
+            },
+            Scope::Slot(s, g) => match p.slots.get(s) {
+                Some(s) => &s.replies[i],
+                None => match p.groups.get(g) {
+                    Some(g) => &g.replies[i],
+                    None => &p.global.replies[i],
+                },
+            },
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a finished request's latency and queue wait for a group.
+    pub fn timing(&self, group: usize, latency_us: u64, queue_wait_us: u64) {
+        if let Some(g) = self.page().groups.get(group) {
+            g.latency.record(latency_us);
+            g.queue_wait.record(queue_wait_us);
+        }
+    }
+
+    /// A request was written into a slot's ring.
+    pub fn dispatched(&self, slot: usize, pending: usize) {
+        if let Some(s) = self.page().slots.get(slot) {
+            s.dispatched.fetch_add(1, Ordering::Relaxed);
+            s.pending.store(pending as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// A slot's count of unanswered requests changed.
+    pub fn pending(&self, slot: usize, pending: usize) {
+        if let Some(s) = self.page().slots.get(slot) {
+            s.pending.store(pending as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// A group's wait queue length changed.
+    pub fn queued(&self, group: usize, len: usize) {
+        if let Some(g) = self.page().groups.get(group) {
+            g.queued.store(len as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The number of open connections changed.
+    pub fn connections(&self, open: usize) {
+        self.page()
+            .global
+            .connections
+            .store(open as u64, Ordering::Relaxed);
+    }
+
+    /// A connection was accepted.
+    pub fn accepted(&self) {
+        self.page().global.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection was refused.
+    pub fn refused(&self) {
+        self.page().global.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    // ---- reader side ----
+
+    /// The global counters.
+    pub fn global(&self) -> GlobalSnapshot {
+        let g = &self.page().global;
+        GlobalSnapshot {
+            connections: g.connections.load(Ordering::Relaxed),
+            accepted: g.accepted.load(Ordering::Relaxed),
+            refused: g.refused.load(Ordering::Relaxed),
+            replies: std::array::from_fn(|i| g.replies[i].load(Ordering::Relaxed)),
+        }
+    }
+
+    /// One group's counters.
+    pub fn group(&self, id: usize) -> GroupSnapshot {
+        let Some(g) = self.page().groups.get(id) else {
+            return GroupSnapshot::default();
+        };
+        GroupSnapshot {
+            queued: g.queued.load(Ordering::Relaxed),
+            replies: std::array::from_fn(|i| g.replies[i].load(Ordering::Relaxed)),
+            latency: g.latency.read(),
+            queue_wait: g.queue_wait.read(),
+        }
+    }
+
+    /// One slot's counters.
+    pub fn slot(&self, index: usize) -> SlotSnapshot {
+        let Some(s) = self.page().slots.get(index) else {
+            return SlotSnapshot::default();
+        };
+        SlotSnapshot {
+            dispatched: s.dispatched.load(Ordering::Relaxed),
+            pending: s.pending.load(Ordering::Relaxed),
+            replies: std::array::from_fn(|i| s.replies[i].load(Ordering::Relaxed)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_scope_and_histograms() {
+        let w = Stats::create().unwrap();
+        let dup = w.fd().try_clone_to_owned().unwrap();
+        let r = Stats::open(File::from(dup)).unwrap();
+        w.reply(Scope::Slot(3, 1), 0);
+        w.reply(Scope::Slot(3, 1), 150);
+        w.reply(Scope::Group(1), 2);
+        w.reply(Scope::Global, 6);
+        w.reply(Scope::Slot(MAX_SLOTS, 1), 4); // out of range: falls back to the group
+        w.timing(1, 50, 10);
+        w.timing(1, 3_000, 2_000);
+        w.timing(1, 99_000_000, 0);
+        assert_eq!(r.slot(3).replies[0], 1);
+        assert_eq!(r.slot(3).replies[8], 1);
+        assert_eq!(r.group(1).replies[2], 1);
+        assert_eq!(r.group(1).replies[4], 1);
+        assert_eq!(r.global().replies[6], 1);
+        let lat = r.group(1).latency;
+        assert_eq!(lat.count(), 3);
+        assert_eq!(lat.buckets[0], 1); // <= 100 us
+        assert_eq!(lat.buckets[5], 1); // <= 5 ms
+        assert_eq!(lat.buckets[HIST - 1], 1); // > 10 s
+        assert_eq!(lat.sum_us, 99_003_050);
+        w.reset();
+        assert_eq!(r.group(1).latency.count(), 0);
+    }
+}

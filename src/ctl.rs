@@ -1,0 +1,129 @@
+//! The operator commands (`status`, `reload`, `stop`, `scale`): one JSON
+//! line to the master's admin socket, one JSON line back.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Sends one command and returns the answer; fails if the server says no.
+fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the server's admin socket {}; is halfsync running with this configuration? (--config or --socket)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(line.as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).with_context(|| {
+        format!(
+            "no answer from {} within {} s",
+            socket.display(),
+            timeout.as_secs()
+        )
+    })?;
+    let v: Value =
+        serde_json::from_str(answer.trim()).with_context(|| format!("bad answer: {answer:?}"))?;
+    if v["ok"] != Value::Bool(true) {
+        bail!("{}", v["error"].as_str().unwrap_or("the server refused"));
+    }
+    Ok(v)
+}
+
+/// A command whose answer is a message.
+pub fn simple(socket: &Path, line: &str, timeout: Duration) -> Result<()> {
+    let v = request(socket, line, timeout)?;
+    if let Some(m) = v["message"].as_str() {
+        println!("halfsync: {m}");
+    }
+    Ok(())
+}
+
+/// `halfsync status`: the JSON, or a table.
+pub fn status(socket: &Path, json: bool) -> Result<()> {
+    let v = request(socket, r#"{"cmd":"status"}"#, Duration::from_secs(10))?;
+    if json {
+        println!("{v}");
+        return Ok(());
+    }
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    println!(
+        "halfsync pid {}, configuration generation {}, up {} s{}",
+        v["pid"],
+        v["generation"],
+        v["uptime_s"],
+        if v["reloading"] == Value::Bool(true) {
+            ", reloading"
+        } else {
+            ""
+        }
+    );
+    let p = &v["proxy"];
+    println!(
+        "proxy pid {}: {} connections ({} accepted, {} refused)",
+        p["pid"], p["connections"], p["accepted"], p["refused"]
+    );
+    for g in v["groups"].as_array().into_iter().flatten() {
+        if g["retired"] == Value::Bool(true) && g["workers"].as_array().is_none_or(|w| w.is_empty())
+        {
+            continue;
+        }
+        println!(
+            "group {} ({} pool, {} workers wanted, generation {}{}): {} queued; replies {}",
+            g["name"].as_str().unwrap_or("?"),
+            g["pool"].as_str().unwrap_or("?"),
+            g["workers_target"],
+            g["generation"],
+            if g["retired"] == Value::Bool(true) {
+                ", removed"
+            } else {
+                ""
+            },
+            g["queued"],
+            replies(&g["replies"])
+        );
+        for w in g["workers"].as_array().into_iter().flatten() {
+            let current = match &w["current"] {
+                Value::Object(c) => format!(
+                    "  request {} (command {}, {} ms)",
+                    c.get("id").map(n).unwrap_or(0),
+                    c.get("command").map(n).unwrap_or(0),
+                    c.get("age_ms").map(n).unwrap_or(0)
+                ),
+                _ => String::new(),
+            };
+            println!(
+                "  worker {:<3} pid {:<8} {:<10} served {:<8} rss {:>6} KiB  restarts {}{current}",
+                w["worker"],
+                w["pid"].as_i64().map_or("-".to_owned(), |p| p.to_string()),
+                w["state"].as_str().unwrap_or("?"),
+                n(&w["served"]),
+                n(&w["rss_kib"]),
+                n(&w["restarts"])
+            );
+        }
+    }
+    println!("total replies: {}", replies(&v["totals"]["replies"]));
+    Ok(())
+}
+
+fn replies(v: &Value) -> String {
+    let parts: Vec<String> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}

@@ -1,0 +1,134 @@
+//! Logging for every halfsync process: `tracing` events to stderr, or
+//! appended to `server.log_file`, as text or JSON lines. SIGUSR1 reopens
+//! the file (for logrotate): the master reopens its own and forwards the
+//! signal to its children, which reopen theirs on a small thread.
+//!
+//! Children learn the file and format from the environment the master
+//! gives them ([`child_env`]), not from the config file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use halfsync_config::LogFormat;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+const FILE_ENV: &str = "HALFSYNC_LOG_FILE";
+const FORMAT_ENV: &str = "HALFSYNC_LOG_FORMAT";
+
+/// Where log lines go: the file (and its path, to reopen it), or stderr.
+static TARGET: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+
+fn open(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Writes each formatted event to the current target, whole.
+struct Target;
+
+struct Line;
+
+impl Write for Line {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut target = TARGET.lock().unwrap_or_else(|p| p.into_inner());
+        match target.as_mut() {
+            Some((_, file)) => file.write_all(buf)?,
+            None => io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Target {
+    type Writer = Line;
+    fn make_writer(&'a self) -> Line {
+        Line
+    }
+}
+
+/// Installs the process's logger. `HALFSYNC_LOG` sets the level filter
+/// (default `info`).
+pub fn init(file: Option<&Path>, format: LogFormat) -> io::Result<()> {
+    let to_terminal = match file {
+        Some(path) => {
+            let f = open(path)?;
+            *TARGET.lock().unwrap_or_else(|p| p.into_inner()) = Some((path.to_path_buf(), f));
+            false
+        }
+        None => io::stderr().is_terminal(),
+    };
+    let filter = EnvFilter::try_from_env("HALFSYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(Target)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(to_terminal).try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+    };
+    Ok(())
+}
+
+/// Installs a child's logger from the environment its master set.
+pub fn init_from_env() {
+    let file = std::env::var_os(FILE_ENV).map(PathBuf::from);
+    let format = match std::env::var(FORMAT_ENV).as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    if let Err(e) = init(file.as_deref(), format) {
+        // Fall back to stderr rather than losing the process's logs.
+        let _ = init(None, format);
+        tracing::error!("cannot open log file: {e}");
+    }
+}
+
+/// The environment a child needs to log like the master.
+pub fn child_env(file: Option<&Path>, format: LogFormat) -> Vec<(&'static str, String)> {
+    let mut env = Vec::new();
+    if let Some(f) = file {
+        env.push((FILE_ENV, f.display().to_string()));
+    }
+    if format == LogFormat::Json {
+        env.push((FORMAT_ENV, "json".to_owned()));
+    }
+    env
+}
+
+/// Reopens the log file (after logrotate moved it away). Logging to stderr:
+/// nothing to do.
+pub fn reopen() -> io::Result<()> {
+    let mut target = TARGET.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((path, file)) = target.as_mut() {
+        *file = open(path)?;
+    }
+    Ok(())
+}
+
+/// In a child: reopen the log file whenever SIGUSR1 arrives, on a thread
+/// of its own (the child's main loop never blocks on it).
+pub fn reopen_on_sigusr1() {
+    if TARGET.lock().map(|t| t.is_none()).unwrap_or(true) {
+        // Not logging to a file; SIGUSR1 is still caught so it cannot kill us.
+        let _ = signal_hook::flag::register(signal_hook::consts::SIGUSR1, Default::default());
+        return;
+    }
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])
+    else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("log-reopen".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                if let Err(e) = reopen() {
+                    tracing::error!("cannot reopen the log file: {e}");
+                }
+            }
+        });
+}

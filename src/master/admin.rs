@@ -1,0 +1,398 @@
+//! The admin channel and the metrics endpoint, served from the master's
+//! poll loop without blocking it: a slow or silent client costs nothing
+//! and is dropped after a few seconds.
+//!
+//! - Admin: a Unix socket created with mode 0600 (so only the server's user
+//!   can use it). A client sends one JSON command on one line
+//!   (`{"cmd":"status"}`, `{"cmd":"reload"}`, `{"cmd":"stop","fast":false}`,
+//!   `{"cmd":"scale","group":"echo","workers":4}`) and gets one JSON object
+//!   back, with `"ok"` true or false. A reload is answered when it
+//!   finishes.
+//! - Metrics: if `server.metrics_listen` is set, an HTTP/1.x listener
+//!   answering `GET /metrics` in the Prometheus text format, then closing.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use tracing::{debug, warn};
+
+use super::sys;
+
+/// How long a client may take to send its request or read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REQUEST: usize = 64 << 10;
+
+/// An admin command.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub(crate) enum Command {
+    /// Everything about every worker, as JSON.
+    Status,
+    /// Re-read the configuration and replace every worker, chain-wise.
+    Reload,
+    /// Stop: drain gracefully, or at once.
+    Stop {
+        #[serde(default)]
+        fast: bool,
+    },
+    /// Set a group's number of workers.
+    Scale { group: String, workers: u32 },
+}
+
+/// A request to act on.
+pub(crate) enum Request {
+    Admin { conn: u64, command: Command },
+    Metrics { conn: u64 },
+}
+
+/// A JSON success answer with a message.
+pub(crate) fn ok(message: &str) -> String {
+    serde_json::json!({"ok": true, "message": message}).to_string()
+}
+
+/// A JSON failure answer.
+pub(crate) fn err(error: &str) -> String {
+    serde_json::json!({"ok": false, "error": error}).to_string()
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn raw(&self) -> i32 {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Phase {
+    Reading,
+    /// Request handed to the master; the answer comes later (reload).
+    Waiting,
+    Writing,
+}
+
+struct Conn {
+    id: u64,
+    stream: Stream,
+    http: bool,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    out_pos: usize,
+    phase: Phase,
+    deadline: Instant,
+}
+
+pub(crate) struct Admin {
+    path: PathBuf,
+    unix: Option<UnixListener>,
+    metrics: Option<TcpListener>,
+    conns: Vec<Conn>,
+    next_id: u64,
+}
+
+impl Admin {
+    /// Creates the admin socket (replacing a stale one of ours) and the
+    /// metrics listener.
+    pub(crate) fn bind(path: &Path, metrics: Option<SocketAddr>) -> Result<Admin> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if UnixStream::connect(path).is_ok() {
+                bail!(
+                    "admin socket {} is in use: is another halfsync running? Stop it or set server.admin_socket",
+                    path.display()
+                );
+            }
+            if !meta.file_type().is_socket() || meta.uid() != sys::euid() {
+                bail!(
+                    "{} exists and is not a stale halfsync admin socket of this user; remove it or set server.admin_socket",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale admin socket {}", path.display()))?;
+        }
+        // Created 0600 from the start: no window where others could connect.
+        let old = sys::umask(0o177);
+        let bound = UnixListener::bind(path);
+        sys::umask(old);
+        let unix =
+            bound.with_context(|| format!("cannot create admin socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", path.display()))?;
+        unix.set_nonblocking(true)?;
+        let metrics = match metrics {
+            None => None,
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+        };
+        Ok(Admin {
+            path: path.to_path_buf(),
+            unix: Some(unix),
+            metrics,
+            conns: Vec::new(),
+            next_id: 1,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends pollfds: the admin socket, the metrics listener, then each
+    /// client, in the order `on_ready` expects.
+    pub(crate) fn fill_pollfds(&self, fds: &mut Vec<libc::pollfd>) {
+        fds.push(sys::pollfd(
+            self.unix.as_ref().map_or(-1, |l| l.as_raw_fd()),
+            false,
+        ));
+        fds.push(sys::pollfd(
+            self.metrics.as_ref().map_or(-1, |l| l.as_raw_fd()),
+            false,
+        ));
+        for c in &self.conns {
+            let mut p = sys::pollfd(c.stream.raw(), c.phase == Phase::Writing);
+            if c.phase != Phase::Reading {
+                p.events &= !libc::POLLIN;
+            }
+            fds.push(p);
+        }
+    }
+
+    /// Handles readiness (the pollfds `fill_pollfds` added, same order);
+    /// returns the complete requests.
+    pub(crate) fn on_ready(&mut self, fds: &[libc::pollfd]) -> Vec<Request> {
+        let mut out = Vec::new();
+        let ready: Vec<bool> = fds.iter().map(|p| p.revents != 0).collect();
+        if ready.len() < 2 {
+            return out;
+        }
+        // Clients first: accepting appends to `conns` and would shift them.
+        let mut closed = Vec::new();
+        for (k, c) in self.conns.iter_mut().enumerate() {
+            if !ready.get(k + 2).copied().unwrap_or(false) {
+                continue;
+            }
+            match c.phase {
+                Phase::Reading => match read_request(c) {
+                    Ok(Some(r)) => out.push(r),
+                    Ok(None) => {}
+                    Err(e) => {
+                        debug!("admin client: {e}");
+                        closed.push(c.id);
+                    }
+                },
+                Phase::Writing => {
+                    if flush(c) {
+                        closed.push(c.id);
+                    }
+                }
+                Phase::Waiting => {}
+            }
+        }
+        self.conns.retain(|c| !closed.contains(&c.id));
+        let mut accepted = Vec::new();
+        if ready[0]
+            && let Some(l) = &self.unix
+        {
+            while let Ok((s, _)) = l.accept() {
+                if s.set_nonblocking(true).is_ok() {
+                    accepted.push((Stream::Unix(s), false));
+                }
+            }
+        }
+        if ready[1]
+            && let Some(l) = &self.metrics
+        {
+            while let Ok((s, _)) = l.accept() {
+                if s.set_nonblocking(true).is_ok() {
+                    accepted.push((Stream::Tcp(s), true));
+                }
+            }
+        }
+        for (s, http) in accepted {
+            self.push(s, http);
+        }
+        out
+    }
+
+    fn push(&mut self, stream: Stream, http: bool) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.conns.push(Conn {
+            id,
+            stream,
+            http,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            phase: Phase::Reading,
+            deadline: Instant::now() + CLIENT_TIMEOUT,
+        });
+    }
+
+    /// Sends an admin answer (one JSON line) and closes the connection.
+    pub(crate) fn respond(&mut self, conn: u64, mut body: String) {
+        body.push('\n');
+        self.send(conn, body.into_bytes());
+    }
+
+    /// Sends a Prometheus text answer and closes the connection.
+    pub(crate) fn respond_http(&mut self, conn: u64, body: &str) {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(body.as_bytes());
+        self.send(conn, bytes);
+    }
+
+    fn send(&mut self, conn: u64, bytes: Vec<u8>) {
+        let Some(k) = self.conns.iter().position(|c| c.id == conn) else {
+            return; // the client gave up
+        };
+        let c = &mut self.conns[k];
+        c.out = bytes;
+        c.out_pos = 0;
+        c.phase = Phase::Writing;
+        c.deadline = Instant::now() + CLIENT_TIMEOUT;
+        if flush(c) {
+            self.conns.remove(k);
+        }
+    }
+
+    /// Drops clients past their deadline (waiting ones never expire: a
+    /// reload may take long, and the client chose to wait).
+    pub(crate) fn sweep(&mut self) {
+        let now = Instant::now();
+        self.conns
+            .retain(|c| c.phase == Phase::Waiting || c.deadline > now);
+    }
+
+    /// When `sweep` next has something to do.
+    pub(crate) fn next_deadline(&self) -> Instant {
+        self.conns
+            .iter()
+            .filter(|c| c.phase != Phase::Waiting)
+            .map(|c| c.deadline)
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+    }
+
+    /// Closes everything and removes the socket file.
+    pub(crate) fn close(&mut self) {
+        self.conns.clear();
+        self.metrics = None;
+        if self.unix.take().is_some()
+            && let Err(e) = std::fs::remove_file(&self.path)
+        {
+            warn!("cannot remove admin socket {}: {e}", self.path.display());
+        }
+    }
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Reads what is available; returns a request once one is complete.
+fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.stream.read(&mut buf) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed")),
+            Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if c.inbuf.len() > MAX_REQUEST {
+            return Err(io::Error::other("request too large"));
+        }
+    }
+    if c.http {
+        let Some(end) = c.inbuf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Ok(None);
+        };
+        let head = String::from_utf8_lossy(&c.inbuf[..end]).into_owned();
+        let line = head.lines().next().unwrap_or_default().to_owned();
+        let mut parts = line.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if method == "GET" && (target == "/metrics" || target.starts_with("/metrics?")) {
+            c.phase = Phase::Waiting;
+            return Ok(Some(Request::Metrics { conn: c.id }));
+        }
+        let body = "not found: metrics are at /metrics\n";
+        c.out = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+        c.phase = Phase::Writing;
+        return Ok(None);
+    }
+    let Some(end) = c.inbuf.iter().position(|&b| b == b'\n') else {
+        return Ok(None);
+    };
+    let line = String::from_utf8_lossy(&c.inbuf[..end]).into_owned();
+    match serde_json::from_str::<Command>(line.trim()) {
+        Ok(command) => {
+            c.phase = Phase::Waiting;
+            Ok(Some(Request::Admin {
+                conn: c.id,
+                command,
+            }))
+        }
+        Err(e) => {
+            let mut body = err(&format!("bad admin command: {e}"));
+            body.push('\n');
+            c.out = body.into_bytes();
+            c.phase = Phase::Writing;
+            Ok(None)
+        }
+    }
+}
+
+/// Writes what it can; true when done (or failed) and the client can go.
+fn flush(c: &mut Conn) -> bool {
+    while c.out_pos < c.out.len() {
+        match c.stream.write(&c.out[c.out_pos..]) {
+            Ok(0) => return true,
+            Ok(n) => c.out_pos += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+    true
+}

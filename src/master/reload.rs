@@ -1,0 +1,275 @@
+//! Live reload: re-read the configuration, test-load its plugins, then
+//! replace every worker group by group as a chain — start a worker of the
+//! new generation, wait until its plugin init succeeded, let the old one
+//! drain and retire, next — so no request fails and no group is ever
+//! short of workers. Listener changes and group additions and removals are
+//! applied on the way.
+//!
+//! If the new configuration is invalid or a plugin does not load, nothing
+//! changes. If a new worker fails to start, that group goes back to its
+//! previous configuration: workers already replaced are replaced again by
+//! the old generation (rollback), and the reload reports the failure.
+
+use std::collections::VecDeque;
+
+use halfsync_config::Config;
+use tracing::{error, info, warn};
+
+use super::{Cause, GroupRec, Life, Master, admin};
+
+/// A reload in progress.
+pub(crate) struct Job {
+    /// The admin client waiting for the outcome.
+    pub(crate) reply_to: Option<u64>,
+    generation: u64,
+    groups: Vec<GroupJob>,
+    errors: Vec<String>,
+}
+
+struct GroupJob {
+    group: usize,
+    /// The group's previous settings, for a rollback.
+    old: Option<(halfsync_config::Group, std::path::PathBuf, u64)>,
+    /// Slots whose workers still run the wrong generation.
+    todo: VecDeque<usize>,
+    /// The replacement being started: (new slot, old slot).
+    current: Option<(usize, usize)>,
+    rolling_back: bool,
+}
+
+impl Master {
+    /// Starts a reload. Errors (bad config, plugin that does not load, a
+    /// port that cannot be bound, a reload already running) change nothing.
+    pub(crate) fn start_reload(&mut self, reply_to: Option<u64>) -> Result<(), String> {
+        if self.reload.is_some() {
+            return Err("a reload is already in progress".into());
+        }
+        if self.stopping.is_some() {
+            return Err("halfsync is stopping".into());
+        }
+        let config = match &self.config_path {
+            Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
+            None => Config::embedded_default(),
+        };
+        let probed =
+            crate::probe::probe(&self.exe, &config, false).map_err(|e| format!("{e:#}"))?;
+        let new_listeners = self.bind_new_listeners(&config)?;
+        if config.server.admin_socket != self.config.server.admin_socket
+            || config.server.metrics_listen != self.config.server.metrics_listen
+        {
+            warn!("admin_socket and metrics_listen changes take effect at the next restart");
+        }
+
+        // Committed from here on.
+        self.generation += 1;
+        let generation = self.generation;
+        info!(generation, "reloading");
+        let mut jobs = Vec::new();
+        let mut fresh = Vec::new();
+        for (g, p) in config.groups.iter().zip(probed) {
+            match self
+                .groups
+                .iter()
+                .position(|r| !r.retired && r.config.name == g.name)
+            {
+                Some(id) => {
+                    let r = &mut self.groups[id];
+                    let old = (
+                        std::mem::replace(&mut r.config, g.clone()),
+                        std::mem::replace(&mut r.plugin, p.path),
+                        std::mem::replace(&mut r.generation, generation),
+                    );
+                    jobs.push(GroupJob {
+                        group: id,
+                        old: Some(old),
+                        todo: VecDeque::new(),
+                        current: None,
+                        rolling_back: false,
+                    });
+                }
+                None => {
+                    self.groups.push(GroupRec {
+                        config: g.clone(),
+                        plugin: p.path,
+                        generation,
+                        retired: false,
+                        ended: [0; 8],
+                        idle_checks: 0,
+                    });
+                    fresh.push(self.groups.len() - 1);
+                }
+            }
+        }
+        let gone: Vec<usize> = (0..self.groups.len())
+            .filter(|&id| {
+                !self.groups[id].retired
+                    && !config
+                        .groups
+                        .iter()
+                        .any(|g| g.name == self.groups[id].config.name)
+            })
+            .collect();
+        self.config = config.clone();
+        for &id in &gone {
+            info!(group = %self.groups[id].config.name, "group removed; draining its workers");
+            self.groups[id].retired = true;
+        }
+        self.swap_listeners(&config, new_listeners);
+        if let Err(e) = self.reconfigure_proxy() {
+            error!("{e}");
+        }
+        for id in gone {
+            for i in 0..self.slots.len() {
+                if self.slots[i].group == id {
+                    self.drain(i, Cause::Scale);
+                }
+            }
+        }
+        for id in fresh {
+            for _ in 0..self.groups[id].config.workers {
+                if let Err(e) = self.add_worker(id) {
+                    error!("{e:#}");
+                }
+            }
+        }
+        // Existing groups: replace the workers they keep, chain-wise; add
+        // or drain the difference in size.
+        for job in &mut jobs {
+            let g = job.group;
+            let target = self.groups[g].config.workers as usize;
+            let mut active: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| self.slots[i].group == g && self.slots[i].active())
+                .collect();
+            active.sort_by_key(|&i| self.slots[i].label);
+            for &i in active.iter().skip(target) {
+                self.drain(i, Cause::Scale);
+            }
+            for _ in active.len()..target {
+                if let Err(e) = self.add_worker(g) {
+                    error!("{e:#}");
+                }
+            }
+            job.todo = active.into_iter().take(target).collect();
+        }
+        self.reload = Some(Job {
+            reply_to,
+            generation,
+            groups: jobs,
+            errors: Vec::new(),
+        });
+        self.reload_advance();
+        Ok(())
+    }
+
+    /// A worker became ready: if it was a reload's replacement, go on.
+    pub(crate) fn reload_progress(&mut self, ready_slot: usize) {
+        let Some(job) = &mut self.reload else { return };
+        for gj in &mut job.groups {
+            if gj.current.is_some_and(|(new, _)| new == ready_slot) {
+                gj.current = None;
+            }
+        }
+        self.reload_advance();
+    }
+
+    /// A replacement worker died before it was ready. During a reload
+    /// that means the new generation does not start: roll its group back.
+    pub(crate) fn replacement_failed(&mut self, slot: usize, how: i32) {
+        let Some(job) = &mut self.reload else { return };
+        let Some(k) = job
+            .groups
+            .iter()
+            .position(|gj| gj.current.is_some_and(|(new, _)| new == slot))
+        else {
+            return;
+        };
+        let gj = &mut job.groups[k];
+        gj.current = None;
+        let g = gj.group;
+        let name = self.groups[g].config.name.clone();
+        let how = halfsync_proxy::control::describe_exit(how);
+        if gj.rolling_back {
+            let msg = format!(
+                "group {name}: the previous version failed to start again ({how}); giving up on this group"
+            );
+            error!("{msg}");
+            job.errors.push(msg);
+            gj.todo.clear();
+        } else {
+            let msg = format!(
+                "group {name}: a new worker failed to start ({how}); the group keeps running the previous version (see the worker's error in the log)"
+            );
+            error!("{msg}");
+            job.errors.push(msg);
+            gj.rolling_back = true;
+            if let Some((config, plugin, generation)) = gj.old.take() {
+                let r = &mut self.groups[g];
+                let new_generation = r.generation;
+                r.config = config;
+                r.plugin = plugin;
+                r.generation = generation;
+                // Workers already on the new generation go back, chain-wise.
+                gj.todo = (0..self.slots.len())
+                    .filter(|&i| {
+                        let s = &self.slots[i];
+                        s.group == g && s.active() && s.generation == new_generation
+                    })
+                    .collect();
+            }
+        }
+        self.reload_advance();
+    }
+
+    /// Starts the next replacement of every group that has none going;
+    /// finishes the job when every group is done.
+    fn reload_advance(&mut self) {
+        let Some(mut job) = self.reload.take() else {
+            return;
+        };
+        for gj in &mut job.groups {
+            while gj.current.is_none() {
+                let Some(old) = gj.todo.pop_front() else {
+                    break;
+                };
+                let s = &self.slots[old];
+                let wanted = self.groups[gj.group].generation;
+                // Dead or leaving meanwhile: its restart (if any) already
+                // uses the group's current settings.
+                if !matches!(s.life, Life::Running { .. }) || !s.active() || s.generation == wanted
+                {
+                    continue;
+                }
+                match self.replace(old, Cause::Reload) {
+                    Ok(new) => gj.current = Some((new, old)),
+                    Err(e) => {
+                        let msg = format!("group {}: {e:#}", self.groups[gj.group].config.name);
+                        error!("{msg}");
+                        job.errors.push(msg);
+                    }
+                }
+            }
+        }
+        if job
+            .groups
+            .iter()
+            .any(|gj| gj.current.is_some() || !gj.todo.is_empty())
+        {
+            self.reload = Some(job);
+            return;
+        }
+        let answer = if job.errors.is_empty() {
+            info!(generation = job.generation, "reload complete");
+            admin::ok(&format!("reloaded: generation {}", job.generation))
+        } else {
+            warn!(
+                generation = job.generation,
+                errors = job.errors.len(),
+                "reload finished with errors"
+            );
+            admin::err(&job.errors.join("; "))
+        };
+        if let Some(conn) = job.reply_to {
+            self.admin.respond(conn, answer);
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! `halfsync status` (JSON) and the Prometheus metrics, both built from
+//! the same sources: the master's own records (processes, restarts), each
+//! worker's control block (state, served, current request) and the
+//! proxy's stats page (replies by status, queues, latencies). Group and
+//! total counts are sums of per-worker and per-group counters, never
+//! counters of their own, so they always add up.
+
+use std::fmt::Write as _;
+
+use halfsync_proxy::stats::{BUCKETS_US, HistogramSnapshot, STATUSES};
+use halfsync_shm::sys::monotonic_ns;
+use serde_json::{Value, json};
+
+use super::{Cause, Master};
+
+/// Status names in the order of the stats arrays.
+const STATUS_NAMES: [&str; STATUSES] = [
+    "OK",
+    "PLUGIN_ERROR",
+    "BUSY",
+    "TIMEOUT",
+    "WORKER_DIED",
+    "BAD_REQUEST",
+    "NO_ROUTE",
+    "SHUTTING_DOWN",
+    "PLUGIN_STATUS",
+];
+
+fn by_status(counts: &[u64; STATUSES]) -> Value {
+    let mut m = serde_json::Map::new();
+    for (name, n) in STATUS_NAMES.iter().zip(counts) {
+        m.insert((*name).to_owned(), json!(n));
+    }
+    Value::Object(m)
+}
+
+fn add(into: &mut [u64; STATUSES], from: &[u64; STATUSES]) {
+    into.iter_mut().zip(from).for_each(|(a, b)| *a += b);
+}
+
+/// Resident set size of a process in KiB (0 if it is gone).
+fn rss_kib(pid: i32) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4
+}
+
+/// The whole status, as a JSON object (one line).
+pub(crate) fn status(m: &Master) -> String {
+    let now = monotonic_ns();
+    let global = m.stats.global();
+    let mut totals = global.replies;
+    let mut groups = Vec::new();
+    for (id, g) in m.groups.iter().enumerate() {
+        let gs = m.stats.group(id);
+        let mut replies = gs.replies;
+        let mut workers = Vec::new();
+        for (i, s) in m.slots.iter().enumerate().filter(|(_, s)| s.group == id) {
+            let ss = m.stats.slot(i);
+            add(&mut replies, &ss.replies);
+            let state = s.state();
+            if state == "spare" || state == "stopped" {
+                if ss.replies.iter().sum::<u64>() > 0 {
+                    // A slot that served and is now idle still counts.
+                    workers.push(json!({"slot": i, "worker": s.label, "state": state, "replies": by_status(&ss.replies)}));
+                }
+                continue;
+            }
+            let ctl = s.slot.control();
+            let pid = s.pid();
+            let current = ctl.busy().filter(|_| pid.is_some_and(|p| ctl.pid() == p as u32)).map(|b| {
+                json!({"id": b.id, "command": b.code, "age_ms": now.saturating_sub(b.since_ns) / 1_000_000})
+            });
+            workers.push(json!({
+                "slot": i,
+                "worker": s.label,
+                "pid": pid,
+                "generation": s.generation,
+                "state": state,
+                "served": if pid.is_some() { ctl.served() } else { 0 },
+                "current": current,
+                "rss_kib": pid.map_or(0, rss_kib),
+                "restarts": s.restarts,
+                "pending": ss.pending,
+                "dispatched": ss.dispatched,
+                "replies": by_status(&ss.replies),
+            }));
+        }
+        add(&mut totals, &replies);
+        let ended: serde_json::Map<String, Value> = Cause::ALL
+            .iter()
+            .zip(g.ended)
+            .map(|(c, n)| (c.name().to_owned(), json!(n)))
+            .collect();
+        groups.push(json!({
+            "id": id,
+            "name": g.config.name,
+            "retired": g.retired,
+            "plugin": g.plugin.display().to_string(),
+            "generation": g.generation,
+            "pool": if g.config.pool == halfsync_config::Pool::Dynamic { "dynamic" } else { "static" },
+            "workers_target": g.config.workers,
+            "queued": gs.queued,
+            "replies": by_status(&replies),
+            "workers_ended": ended,
+            "latency_us": {"count": gs.latency.count(), "sum": gs.latency.sum_us},
+            "workers": workers,
+        }));
+    }
+    json!({
+        "ok": true,
+        "pid": std::process::id(),
+        "generation": m.generation,
+        "uptime_s": m.started_at.elapsed().as_secs(),
+        "reloading": m.reload.is_some(),
+        "proxy": {
+            "pid": m.proxy.as_ref().map(|p| p.pid),
+            "connections": global.connections,
+            "accepted": global.accepted,
+            "refused": global.refused,
+            "replies_without_group": by_status(&global.replies),
+        },
+        "groups": groups,
+        "totals": {"replies": by_status(&totals), "requests": totals.iter().sum::<u64>()},
+    })
+    .to_string()
+}
+
+fn esc(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn histogram(out: &mut String, name: &str, group: &str, h: &HistogramSnapshot) {
+    let mut cumulative = 0;
+    for (i, n) in h.buckets.iter().enumerate() {
+        cumulative += n;
+        let le = match BUCKETS_US.get(i) {
+            Some(us) => format!("{}", *us as f64 / 1e6),
+            None => "+Inf".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{group=\"{group}\",le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{name}_sum{{group=\"{group}\"}} {}",
+        h.sum_us as f64 / 1e6
+    );
+    let _ = writeln!(out, "{name}_count{{group=\"{group}\"}} {}", h.count());
+}
+
+/// Prometheus text exposition format (version 0.0.4).
+pub(crate) fn metrics(m: &Master) -> String {
+    let mut o = String::new();
+    let global = m.stats.global();
+    let groups: Vec<(usize, String)> = m
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(id, g)| (id, esc(&g.config.name)))
+        .collect();
+
+    o.push_str("# HELP halfsync_requests_total Replies sent, by group and status (group \"\" when no group was involved).\n");
+    o.push_str("# TYPE halfsync_requests_total counter\n");
+    for (name, n) in STATUS_NAMES.iter().zip(global.replies) {
+        if n > 0 {
+            let _ = writeln!(
+                o,
+                "halfsync_requests_total{{group=\"\",status=\"{name}\"}} {n}"
+            );
+        }
+    }
+    for (id, gname) in &groups {
+        let mut replies = m.stats.group(*id).replies;
+        for (i, s) in m.slots.iter().enumerate() {
+            if s.group == *id {
+                add(&mut replies, &m.stats.slot(i).replies);
+            }
+        }
+        for (name, n) in STATUS_NAMES.iter().zip(replies) {
+            let _ = writeln!(
+                o,
+                "halfsync_requests_total{{group=\"{gname}\",status=\"{name}\"}} {n}"
+            );
+        }
+    }
+
+    o.push_str("# HELP halfsync_request_duration_seconds Time from a request's arrival at the proxy to its reply.\n");
+    o.push_str("# TYPE halfsync_request_duration_seconds histogram\n");
+    for (id, gname) in &groups {
+        histogram(
+            &mut o,
+            "halfsync_request_duration_seconds",
+            gname,
+            &m.stats.group(*id).latency,
+        );
+    }
+    o.push_str("# HELP halfsync_queue_wait_seconds Time from a request's arrival to a worker starting it.\n");
+    o.push_str("# TYPE halfsync_queue_wait_seconds histogram\n");
+    for (id, gname) in &groups {
+        histogram(
+            &mut o,
+            "halfsync_queue_wait_seconds",
+            gname,
+            &m.stats.group(*id).queue_wait,
+        );
+    }
+
+    o.push_str("# HELP halfsync_worker_restarts_total Worker processes ended, by cause.\n");
+    o.push_str("# TYPE halfsync_worker_restarts_total counter\n");
+    for (id, gname) in &groups {
+        for (c, n) in Cause::ALL.iter().zip(m.groups[*id].ended) {
+            let _ = writeln!(
+                o,
+                "halfsync_worker_restarts_total{{group=\"{gname}\",cause=\"{}\"}} {n}",
+                c.name()
+            );
+        }
+    }
+
+    o.push_str("# HELP halfsync_workers Worker processes, by state.\n");
+    o.push_str("# TYPE halfsync_workers gauge\n");
+    for (id, gname) in &groups {
+        for state in [
+            "starting",
+            "idle",
+            "busy",
+            "draining",
+            "exiting",
+            "restarting",
+            "backoff",
+        ] {
+            let n = m
+                .slots
+                .iter()
+                .filter(|s| s.group == *id && s.state() == state)
+                .count();
+            let _ = writeln!(
+                o,
+                "halfsync_workers{{group=\"{gname}\",state=\"{state}\"}} {n}"
+            );
+        }
+    }
+
+    o.push_str("# HELP halfsync_queue_length Requests waiting in the proxy for a worker.\n");
+    o.push_str("# TYPE halfsync_queue_length gauge\n");
+    for (id, gname) in &groups {
+        let _ = writeln!(
+            o,
+            "halfsync_queue_length{{group=\"{gname}\"}} {}",
+            m.stats.group(*id).queued
+        );
+    }
+
+    o.push_str("# HELP halfsync_ring_occupancy_bytes Bytes published and not yet consumed in each worker's rings.\n");
+    o.push_str("# TYPE halfsync_ring_occupancy_bytes gauge\n");
+    for s in m.slots.iter().filter(|s| s.pid().is_some()) {
+        let gname = groups.get(s.group).map_or("", |g| g.1.as_str());
+        for (ring, r) in [("request", s.slot.requests()), ("reply", s.slot.replies())] {
+            let _ = writeln!(
+                o,
+                "halfsync_ring_occupancy_bytes{{group=\"{gname}\",worker=\"{}\",ring=\"{ring}\"}} {}",
+                s.label,
+                r.occupancy()
+            );
+        }
+    }
+
+    o.push_str(
+        "# HELP halfsync_connections Open client connections.\n# TYPE halfsync_connections gauge\n",
+    );
+    let _ = writeln!(o, "halfsync_connections {}", global.connections);
+    o.push_str("# HELP halfsync_connections_accepted_total Client connections accepted.\n# TYPE halfsync_connections_accepted_total counter\n");
+    let _ = writeln!(o, "halfsync_connections_accepted_total {}", global.accepted);
+    o.push_str("# HELP halfsync_connections_refused_total Client connections refused (limits).\n# TYPE halfsync_connections_refused_total counter\n");
+    let _ = writeln!(o, "halfsync_connections_refused_total {}", global.refused);
+    o.push_str("# HELP halfsync_config_generation Configuration generation (1 at start, +1 per reload).\n# TYPE halfsync_config_generation gauge\n");
+    let _ = writeln!(o, "halfsync_config_generation {}", m.generation);
+    o
+}
