@@ -21,3 +21,6 @@ mod faults;
 
 /// 1,000+ crashes without leaks; respawn latency.
 mod soak;
+
+/// Live operations: reload, scale, status, metrics, logs.
+mod ops;

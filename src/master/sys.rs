@@ -43,13 +43,20 @@ fn sigset(signals: &[i32]) -> io::Result<libc::sigset_t> {
 }
 
 /// Blocks [`SIGNALS`] and returns a signalfd that reports them. Children
-/// start with an empty mask again (std's spawn resets it).
+/// get an empty mask again in `spawn` (a mask survives fork and exec).
 pub fn signalfd() -> io::Result<OwnedFd> {
     let set = sigset(&SIGNALS)?;
     // SAFETY: `set` is initialised; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
+    }
+    // A terminal's Ctrl-C, Ctrl-\\ and hangup reach the whole process
+    // group; only the master acts on them (ignored dispositions survive
+    // exec). Workers still take SIGTERM: finish the request, then exit.
+    for sig in [libc::SIGINT, libc::SIGQUIT, libc::SIGHUP] {
+        // SAFETY: sets a disposition; SIG_IGN involves no handler code.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     let fd = syscall!(signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK))?;
     // SAFETY: signalfd returned a new fd nothing else owns.
@@ -131,9 +138,19 @@ pub fn kill(pid: i32, sig: i32) {
     }
 }
 
-/// Between fork and exec: make the child die with the master, and bail out
-/// if the master is already gone. Async-signal-safe.
+/// Between fork and exec: unblock every signal (the master blocks the ones
+/// it reads from its signalfd, and a child would inherit that mask), make
+/// the child die with the master, and bail out if the master is already
+/// gone. Async-signal-safe.
 pub fn die_with_parent(master_pid: i32) -> io::Result<()> {
+    // SAFETY: an all-zero sigset_t is a valid value for sigemptyset.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    syscall!(sigemptyset(&mut empty))?;
+    // SAFETY: `empty` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
     syscall!(prctl(
         libc::PR_SET_PDEATHSIG,
         libc::SIGKILL as libc::c_ulong,

@@ -207,6 +207,36 @@ impl Server {
         }
     }
 
+    /// The config file the server runs with (tests rewrite it to reload).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("halfsync.toml")
+    }
+
+    /// Rewrites the config file (with the same admin socket).
+    pub fn write_config(&self, text: &str) {
+        fs::write(self.config_path(), with_admin_socket(text, self.dir.path())).unwrap();
+    }
+
+    /// Runs `halfsync <args> --config <its config>`; returns (exit code,
+    /// stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let (st, out, err) = run_cmd(
+            Command::new(BIN)
+                .args(args)
+                .arg("--config")
+                .arg(self.config_path()),
+            Duration::from_secs(120),
+        );
+        (st.code(), out, err)
+    }
+
+    /// `halfsync status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, out, err) = self.ctl(&["status", "--json"]);
+        assert_eq!(code, Some(0), "status failed: {err}");
+        serde_json::from_str(out.trim()).expect("status is JSON")
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
@@ -219,7 +249,8 @@ impl Server {
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .ok()?;
             let r = c.call(1, 1, b"ping").ok()?;
-            (r.code == status::OK && r.payload == b"ping").then_some(())
+            // Test plugins may prefix their echo (reply_prefix).
+            (r.code == status::OK && r.payload.ends_with(b"ping")).then_some(())
         });
         assert!(
             ok.is_some(),
@@ -463,8 +494,49 @@ pub struct Load {
     handles: Vec<thread::JoinHandle<Result<(), String>>>,
 }
 
+/// The reply prefixes a versioned load accepts (see the fault plugin's
+/// `reply_prefix`): a request sent after version `k` settled must be
+/// answered by version `k` or a later one.
+#[derive(Default)]
+pub struct Versions {
+    inner: std::sync::Mutex<(usize, Vec<Vec<u8>>)>,
+}
+
+impl Versions {
+    pub fn new(first: &[u8]) -> std::sync::Arc<Versions> {
+        std::sync::Arc::new(Versions {
+            inner: std::sync::Mutex::new((0, vec![first.to_vec()])),
+        })
+    }
+    /// A new version may answer from now on.
+    pub fn announce(&self, prefix: &[u8]) {
+        self.inner.lock().unwrap().1.push(prefix.to_vec());
+    }
+    /// The newest version is the only one left (a reload finished).
+    pub fn settle(&self) {
+        let mut g = self.inner.lock().unwrap();
+        g.0 = g.1.len() - 1;
+    }
+    fn accepted_from_now(&self) -> Vec<Vec<u8>> {
+        let g = self.inner.lock().unwrap();
+        g.1[g.0..].to_vec()
+    }
+}
+
 impl Load {
     pub fn start(addr: SocketAddr, conns: u64, depth: u64, max_payload: usize) -> Load {
+        Load::start_versioned(addr, conns, depth, max_payload, Versions::new(b""))
+    }
+
+    /// Like `start`, but replies are `prefix + payload` for an accepted
+    /// version's prefix.
+    pub fn start_versioned(
+        addr: SocketAddr,
+        conns: u64,
+        depth: u64,
+        max_payload: usize,
+        versions: std::sync::Arc<Versions>,
+    ) -> Load {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
@@ -472,7 +544,7 @@ impl Load {
         let seed = fastrand::u64(..);
         let handles = (0..conns)
             .map(|conn| {
-                let (stop, ok) = (stop.clone(), ok.clone());
+                let (stop, ok, versions) = (stop.clone(), ok.clone(), versions.clone());
                 thread::spawn(move || -> Result<(), String> {
                     let mut s = TcpStream::connect(addr)
                         .map_err(|e| format!("conn {conn}: connect: {e}"))?;
@@ -493,6 +565,7 @@ impl Load {
                                 &payload(seed, conn, id, max_payload),
                             );
                         }
+                        let accepted = versions.accepted_from_now();
                         s.write_all(&buf)
                             .map_err(|e| format!("conn {conn}: write: {e}"))?;
                         let mut seen = vec![false; depth as usize];
@@ -511,8 +584,19 @@ impl Load {
                                     String::from_utf8_lossy(&f.payload)
                                 ));
                             }
-                            if f.payload != payload(seed, conn, f.id, max_payload) {
-                                return Err(format!("conn {conn}: id {} payload differs", f.id));
+                            let want = payload(seed, conn, f.id, max_payload);
+                            let good = accepted.iter().any(|p| {
+                                f.payload.len() == p.len() + want.len()
+                                    && f.payload.starts_with(p)
+                                    && f.payload[p.len()..] == want[..]
+                            });
+                            if !good {
+                                let head = String::from_utf8_lossy(&f.payload[..f.payload.len().min(8)]).into_owned();
+                                return Err(format!(
+                                    "conn {conn}: id {} payload differs (starts {head:?}; accepted prefixes {:?})",
+                                    f.id,
+                                    accepted.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>()
+                                ));
                             }
                             ok.fetch_add(1, Ordering::Relaxed);
                         }

@@ -20,19 +20,12 @@ const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// Runs the worker until it is asked to stop; returns the process exit code.
 pub fn run(spec: WorkerSpec) -> i32 {
     let stop = Arc::new(AtomicBool::new(false));
-    // SIGTERM: finish the current request and exit. SIGINT (a terminal's
-    // Ctrl-C reaches the whole process group) is the master's to handle.
-    for (sig, flag) in [
-        (signal_hook::consts::SIGTERM, stop.clone()),
-        (
-            signal_hook::consts::SIGINT,
-            Arc::new(AtomicBool::new(false)),
-        ),
-    ] {
-        if let Err(e) = signal_hook::flag::register(sig, flag) {
-            error!("cannot install signal handler: {e}");
-            return EXIT_SLOT_FAILED;
-        }
+    // SIGTERM: finish the current request and exit. (The master sets
+    // SIGINT, SIGQUIT and SIGHUP to be ignored: a terminal's Ctrl-C is the
+    // master's to handle.)
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone()) {
+        error!("cannot install signal handler: {e}");
+        return EXIT_SLOT_FAILED;
     }
 
     let (memfd, eventfd) = match wsys::inherited(spec.memfd, spec.eventfd) {

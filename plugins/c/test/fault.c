@@ -62,6 +62,7 @@
  * text) and ignores every other line; they act in this order:
  *   init_delay_ms = N       sleep N ms (slow start);
  *   crash_in_init = true    die of SIGSEGV inside init;
+ *   reply_prefix = "v2:"    echo replies start with it;
  *   crash_in_init_if_exists = "path"   the same, but only while that file
  *                           exists (a plugin that starts failing after the
  *                           server started);
@@ -124,6 +125,8 @@
 
 typedef struct fault_state {
     const hs_host *host;
+    char prefix[256];    /* reply_prefix: written before every echo payload */
+    size_t prefix_len;
     void *leaked;        /* blocks from LEAK, each linking to the previous */
     uint64_t leaked_mib;
 } fault_state;
@@ -353,6 +356,7 @@ typedef struct init_config {
     int fail;
     char fail_msg[1024];
     char crash_if_exists[1024];
+    char prefix[256];
 } init_config;
 
 static char *trim(char *s)
@@ -452,6 +456,8 @@ static int parse_config(const char *config, size_t config_len, init_config *out,
         } else if (strcmp(key, "fail_init") == 0) {
             out->fail = 1;
             parse_string(value, out->fail_msg, sizeof out->fail_msg);
+        } else if (strcmp(key, "reply_prefix") == 0) {
+            parse_string(value, out->prefix, sizeof out->prefix);
         } else if (strcmp(key, "crash_in_init_if_exists") == 0) {
             parse_string(value, out->crash_if_exists, sizeof out->crash_if_exists);
         }
@@ -491,6 +497,8 @@ static int32_t fault_init(const hs_host *host, const char *config, size_t config
         return 1;
     }
     s->host = host;
+    memcpy(s->prefix, cfg.prefix, sizeof s->prefix);
+    s->prefix_len = strlen(s->prefix);
     fault_log(host, HS_LOG_INFO, "fault plugin ready");
     *state = s;
     return 0;
@@ -547,6 +555,8 @@ static int32_t fault_handle(void *state, const hs_request *req, hs_reply *reply)
     default:
         break;
     }
+    if (s->prefix_len && reply->write(reply->ctx, (const uint8_t *)s->prefix, s->prefix_len) != 0)
+        return fail(reply, "fault: prefix does not fit in the reply");
     return echo(req, reply);
 }
 

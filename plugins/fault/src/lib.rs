@@ -70,6 +70,8 @@
 //! - `crash_in_init = true`: then die of SIGSEGV inside init;
 //! - `crash_in_init_if_exists = "path"`: the same, but only while that file
 //!   exists (a plugin that starts failing after the server started);
+//! - `reply_prefix = "v2:"`: echo replies start with it (to tell one
+//!   configuration's workers from another's);
 //! - `hang_in_init = true`: then never return from init;
 //! - `fail_init = "message"`: then fail init with that message.
 //!
@@ -147,6 +149,9 @@ const TOUCH_STRIDE: usize = 4096;
 /// The fault plugin's state.
 pub struct Fault {
     host: Host,
+    /// `reply_prefix`: written before the payload of every echo reply (so
+    /// tests can tell one configuration's workers from another's).
+    prefix: Vec<u8>,
     /// MiB leaked by [`LEAK`] so far (for the log).
     leaked_mib: u64,
 }
@@ -159,6 +164,7 @@ struct InitConfig {
     hang: bool,
     fail: Option<String>,
     crash_if_exists: Option<String>,
+    prefix: Option<String>,
 }
 
 impl InitConfig {
@@ -180,6 +186,7 @@ impl InitConfig {
                 "hang_in_init" => out.hang = parse_bool(key, value)?,
                 "fail_init" => out.fail = Some(parse_string(value)),
                 "crash_in_init_if_exists" => out.crash_if_exists = Some(parse_string(value)),
+                "reply_prefix" => out.prefix = Some(parse_string(value)),
                 _ => {}
             }
         }
@@ -477,6 +484,7 @@ impl Plugin for Fault {
         host.info("fault plugin ready");
         Ok(Fault {
             host: host.clone(),
+            prefix: config.prefix.unwrap_or_default().into_bytes(),
             leaked_mib: 0,
         })
     }
@@ -537,6 +545,7 @@ impl Plugin for Fault {
                 Ok(Status::custom(CUSTOM_STATUS))
             }
             _ => {
+                reply.write(&self.prefix)?;
                 reply.write(req.payload())?;
                 Ok(Status::OK)
             }
@@ -763,6 +772,7 @@ mod tests {
                 hang: true,
                 fail: Some("a = b".to_owned()),
                 crash_if_exists: None,
+                prefix: None,
             }
         );
         assert_eq!(InitConfig::parse("").unwrap(), InitConfig::default());

@@ -1,0 +1,577 @@
+use std::collections::HashSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use halfsync_protocol::status;
+use serde_json::Value;
+
+use crate::support::*;
+
+/// A fault-plugin group whose echo replies start with `prefix`.
+fn versioned(
+    port: u16,
+    workers: u32,
+    prefix: &str,
+    extra_group: &str,
+    extra_server: &str,
+) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n{extra_server}\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = {workers}\n{extra_group}\n[group.config]\nreply_prefix = \"{prefix}\"\n",
+        halfsync_testkit::fault_plugin().display()
+    )
+}
+
+/// Waits until the group runs exactly `n` workers, all serving (status),
+/// and as many worker processes exist.
+fn settle(s: &mut Server, n: usize) -> Value {
+    let done = wait_for(Duration::from_secs(30), || {
+        let st = s.status();
+        let workers: Vec<&Value> = st["groups"][0]["workers"]
+            .as_array()?
+            .iter()
+            .filter(|w| w["pid"].is_number())
+            .collect();
+        let serving = workers
+            .iter()
+            .all(|w| matches!(w["state"].as_str(), Some("idle" | "busy")));
+        (workers.len() == n && serving && s.worker_pids().len() == n).then_some(st)
+    });
+    done.unwrap_or_else(|| panic!("did not settle at {n} workers: {}\n{}", s.status(), s.log()))
+}
+
+fn reload(s: &Server) -> (Option<i32>, String) {
+    let (code, out, err) = s.ctl(&["reload"]);
+    (code, format!("{out}{err}"))
+}
+
+/// Under load, a reload to a plugin that answers differently: no request
+/// fails, and once the reload command returns, every reply comes from the
+/// new version.
+#[test]
+fn reload_under_load_switches_versions_without_a_failed_request() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 3, "v1:", "", ""), port);
+    let versions = Versions::new(b"v1:");
+    let load = Load::start_versioned(s.addr, 50, 4, 1000, versions.clone());
+    load.progress(2000);
+    let before: HashSet<i32> = s.worker_pids().into_iter().collect();
+
+    s.write_config(&versioned(port, 3, "v2:", "", ""));
+    versions.announce(b"v2:");
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("reloaded: generation 2"), "{out}");
+    versions.settle();
+    load.progress(2000);
+
+    let mut c = s.client();
+    for id in 0..20 {
+        let r = c.call(id, 1, b"x").unwrap();
+        assert_eq!((r.code, &r.payload[..]), (status::OK, &b"v2:x"[..]));
+    }
+    let st = settle(&mut s, 3);
+    assert_eq!(st["generation"], 2);
+    let after: HashSet<i32> = s.worker_pids().into_iter().collect();
+    assert!(before.is_disjoint(&after), "{before:?} {after:?}");
+    for w in st["groups"][0]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["pid"].is_number())
+    {
+        assert_eq!(w["generation"], 2, "{w}");
+    }
+    let ok = load.finish();
+    assert!(ok > 4000);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+/// A reload whose new workers fail init: the old version keeps serving,
+/// no request fails, and the command reports the failure.
+#[test]
+fn reload_to_a_plugin_that_fails_init_keeps_the_old_one() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 2, "v1:", "", ""), port);
+    let load = Load::start_versioned(s.addr, 50, 4, 1000, Versions::new(b"v1:"));
+    load.progress(1000);
+    let before: HashSet<i32> = s.worker_pids().into_iter().collect();
+    let bad = versioned(port, 2, "v2:", "", "").replace(
+        "[group.config]\n",
+        "[group.config]\nfail_init = \"no database\"\n",
+    );
+    s.write_config(&bad);
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("group game") && out.contains("previous version"),
+        "{out}"
+    );
+    assert!(
+        s.log().contains("no database"),
+        "the worker's reason is logged"
+    );
+    load.progress(1000);
+    let st = settle(&mut s, 2);
+    let after: HashSet<i32> = s.worker_pids().into_iter().collect();
+    assert_eq!(before, after, "the old workers keep serving");
+    assert_eq!(st["groups"][0]["generation"], 1);
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"v1:x");
+    load.finish();
+
+    // A config that does not even parse changes nothing either.
+    s.write_config("[server]\nwokers = 1\n");
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("unknown field `wokers`"), "{out}");
+    assert_eq!(c.call(2, 1, b"y").unwrap().payload, b"v1:y");
+}
+
+#[test]
+fn ten_reloads_in_a_row_under_load() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 2, "v0:", "", ""), port);
+    let versions = Versions::new(b"v0:");
+    let load = Load::start_versioned(s.addr, 50, 4, 500, versions.clone());
+    load.progress(1000);
+    for i in 1..=10 {
+        let prefix = format!("v{i}:");
+        s.write_config(&versioned(port, 2, &prefix, "", ""));
+        versions.announce(prefix.as_bytes());
+        let (code, out) = reload(&s);
+        assert_eq!(code, Some(0), "reload {i}: {out}");
+        versions.settle();
+        let st = settle(&mut s, 2);
+        assert_eq!(st["generation"], i + 1);
+        load.progress(300);
+    }
+    let ok = load.finish();
+    assert!(ok > 3000);
+    let st = s.status();
+    // Every replaced worker was counted as ended by a reload.
+    assert_eq!(st["groups"][0]["workers_ended"]["reload"], 20, "{st}");
+    assert_eq!(st["groups"][0]["workers_ended"]["crash"], 0, "{st}");
+}
+
+#[test]
+fn sighup_reloads_too() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 1, "a:", "", ""), port);
+    s.write_config(&versioned(port, 1, "b:", "", ""));
+    s.signal(libc::SIGHUP);
+    let mut c = s.client();
+    let switched = wait_for(Duration::from_secs(20), || {
+        (c.call(1, 1, b"x").ok()?.payload == b"b:x").then_some(())
+    });
+    assert!(switched.is_some(), "{}", s.log());
+    settle(&mut s, 1);
+}
+
+/// Reload applies listener changes and group additions and removals.
+#[test]
+fn reload_changes_listeners_and_groups() {
+    let (p1, p2) = (free_port(), free_port());
+    let fault = halfsync_testkit::fault_plugin();
+    let echo = echo_so();
+    let one = format!(
+        "[server]\nlisten = [\"127.0.0.1:{p1}\"]\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
+        fault.display()
+    );
+    let mut s = Server::start(&one, p1);
+    // Second listener, and a new group for command 7.
+    let two = format!(
+        "[server]\nlisten = [\"127.0.0.1:{p2}\"]\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\ncommands = [1]\n\n[[group]]\nname = \"extra\"\nplugin = \"{}\"\nworkers = 2\ncommands = [7]\n",
+        fault.display(),
+        echo.display()
+    );
+    let mut old = s.client();
+    assert_eq!(old.call(1, 7, b"q").unwrap().code, status::OK);
+    s.write_config(&two);
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    let mut c = halfsync_protocol::Client::connect(("127.0.0.1", p2)).expect("new listener");
+    assert_eq!(c.call(1, 1, b"a").unwrap().code, status::OK);
+    assert_eq!(c.call(2, 7, b"b").unwrap().payload, b"b");
+    assert_eq!(c.call(3, 9, b"c").unwrap().code, status::NO_ROUTE);
+    // The old listener is closed; connections made before stay served.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", p1)).is_err());
+    assert_eq!(old.call(2, 1, b"still").unwrap().code, status::OK);
+    assert_eq!(s.pids_titled("halfsync: worker extra").len(), 2);
+    // Remove the extra group again: its workers drain and exit.
+    let three = format!(
+        "[server]\nlisten = [\"127.0.0.1:{p2}\"]\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
+        fault.display()
+    );
+    s.write_config(&three);
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    let gone = wait_for(Duration::from_secs(20), || {
+        s.pids_titled("halfsync: worker extra")
+            .is_empty()
+            .then_some(())
+    });
+    assert!(gone.is_some());
+    assert_eq!(
+        c.call(4, 7, b"d").unwrap().code,
+        status::OK,
+        "command 7 now goes to the default group"
+    );
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+#[test]
+fn scale_up_and_down_under_load() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 2, "", "", ""), port);
+    let load = Load::start(s.addr, 50, 4, 1000);
+    load.progress(1000);
+    for n in [5usize, 1, 3, 2] {
+        let (code, out, err) = s.ctl(&["scale", "game", &n.to_string()]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        let st = settle(&mut s, n);
+        assert_eq!(st["groups"][0]["workers_target"], n);
+        load.progress(500);
+    }
+    load.finish();
+    let (code, _, err) = s.ctl(&["scale", "nosuch", "2"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no group named"), "{err}");
+    let (code, _, err) = s.ctl(&["scale", "game", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("between 1 and 256"), "{err}");
+}
+
+#[test]
+fn dynamic_pool_grows_under_load_and_shrinks_when_idle() {
+    let port = free_port();
+    let extra = "pool = \"dynamic\"\nmax_workers = 4\nmin_spare = 1\nmax_spare = 1\n";
+    let mut s = Server::start(&versioned(port, 1, "", extra, ""), port);
+    // Slow requests keep workers busy: the pool grows towards 4.
+    let mut clients: Vec<_> = (0..6).map(|_| s.client()).collect();
+    let grew = wait_for(Duration::from_secs(30), || {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.send(
+                i as u64,
+                halfsync_testkit::fault::SLOW,
+                &100u32.to_be_bytes(),
+            )
+            .ok()?;
+        }
+        for c in clients.iter_mut() {
+            assert_eq!(c.recv().ok()?.code, status::OK);
+        }
+        (s.worker_pids().len() == 4).then_some(())
+    });
+    assert!(grew.is_some(), "pool did not grow: {}", s.status());
+    // Idle: it shrinks back to `workers`.
+    let shrank = wait_for(Duration::from_secs(60), || {
+        (s.worker_pids().len() == 1).then_some(())
+    });
+    assert!(shrank.is_some(), "pool did not shrink: {}", s.status());
+    assert!(s.log().contains("pool growing") && s.log().contains("pool shrinking"));
+}
+
+/// `halfsync status --json` agrees with the processes that exist, and its
+/// counts add up.
+#[test]
+fn status_json_matches_the_processes_and_adds_up() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 3, "", "", ""), port);
+    let mut c = s.client();
+    for id in 0..300 {
+        assert_eq!(c.call(id, 1, b"hello").unwrap().code, status::OK);
+    }
+    assert_eq!(
+        c.call(1000, halfsync_testkit::fault::PANIC, b"")
+            .unwrap()
+            .code,
+        status::PLUGIN_ERROR
+    );
+    let st = settle(&mut s, 3);
+    assert_eq!(st["pid"], s.pid);
+    let proxy = s.pids_titled("halfsync: proxy");
+    assert_eq!(st["proxy"]["pid"], proxy[0]);
+    let g = &st["groups"][0];
+    let workers: Vec<&Value> = g["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["pid"].is_number())
+        .collect();
+    let pids: HashSet<i32> = workers
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(pids, s.worker_pids().into_iter().collect::<HashSet<_>>());
+    for w in &workers {
+        let pid = w["pid"].as_i64().unwrap() as i32;
+        assert!(alive(pid));
+        assert!(cmdline(pid).contains(&format!("halfsync: worker game {}", w["worker"])));
+        assert!(w["rss_kib"].as_u64().unwrap() > 0);
+    }
+    // Per worker: served by the process = its OK + PLUGIN_ERROR replies.
+    let sum = |key: &str| -> u64 {
+        workers
+            .iter()
+            .map(|w| w["replies"][key].as_u64().unwrap())
+            .sum()
+    };
+    let served: u64 = workers.iter().map(|w| w["served"].as_u64().unwrap()).sum();
+    assert_eq!(served, sum("OK") + sum("PLUGIN_ERROR"));
+    // Group = sum of workers (nothing was refused at group level), and
+    // the totals = the groups plus replies without a group.
+    assert_eq!(g["replies"]["OK"], sum("OK"));
+    assert_eq!(g["replies"]["PLUGIN_ERROR"], 1);
+    assert!(sum("OK") >= 300, "the readiness pings count too");
+    assert_eq!(st["totals"]["replies"]["OK"], g["replies"]["OK"]);
+    assert_eq!(st["proxy"]["connections"].as_u64().unwrap(), 1);
+    // The table form prints too.
+    let (code, out, _) = s.ctl(&["status"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("group game") && out.contains("worker 0"),
+        "{out}"
+    );
+}
+
+fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find(|l| {
+            l.starts_with(name_and_labels) && l.as_bytes().get(name_and_labels.len()) == Some(&b' ')
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    t.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut s = String::new();
+    t.read_to_string(&mut s).unwrap();
+    assert!(s.starts_with("HTTP/1.1 200 OK"), "{s}");
+    s
+}
+
+#[test]
+fn metrics_endpoint_counts_what_was_sent() {
+    let port = free_port();
+    let mport = free_port();
+    let text = versioned(
+        port,
+        2,
+        "",
+        "",
+        &format!("metrics_listen = \"127.0.0.1:{mport}\""),
+    );
+    let s = Server::start(&text, port);
+    let before = scrape(mport);
+    let mut c = s.client();
+    for id in 0..250 {
+        assert_eq!(c.call(id, 1, b"m").unwrap().code, status::OK);
+    }
+    for id in 0..7 {
+        assert_eq!(
+            c.call(id, halfsync_testkit::fault::CUSTOM, b"")
+                .unwrap()
+                .code,
+            150
+        );
+    }
+    assert_eq!(
+        c.call(9, halfsync_testkit::fault::PANIC, b"").unwrap().code,
+        status::PLUGIN_ERROR
+    );
+    let after = scrape(mport);
+    let delta = |k: &str| metric(&after, k) - metric(&before, k);
+    assert_eq!(
+        delta("halfsync_requests_total{group=\"game\",status=\"OK\"}"),
+        250
+    );
+    assert_eq!(
+        delta("halfsync_requests_total{group=\"game\",status=\"PLUGIN_STATUS\"}"),
+        7
+    );
+    assert_eq!(
+        delta("halfsync_requests_total{group=\"game\",status=\"PLUGIN_ERROR\"}"),
+        1
+    );
+    assert_eq!(
+        delta("halfsync_request_duration_seconds_count{group=\"game\"}"),
+        258
+    );
+    assert_eq!(
+        delta("halfsync_queue_wait_seconds_count{group=\"game\"}"),
+        258
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "halfsync_request_duration_seconds_bucket{group=\"game\",le=\"+Inf\"}"
+        ),
+        metric(
+            &after,
+            "halfsync_request_duration_seconds_count{group=\"game\"}"
+        )
+    );
+    assert_eq!(
+        metric(&after, "halfsync_workers{group=\"game\",state=\"idle\"}"),
+        2
+    );
+    assert_eq!(metric(&after, "halfsync_connections"), 1);
+    // A crash shows up as a restart by cause.
+    assert_eq!(
+        c.call(20, halfsync_testkit::fault::SEGV, b"").unwrap().code,
+        status::WORKER_DIED
+    );
+    let crashed = wait_for(Duration::from_secs(10), || {
+        (metric(
+            &scrape(mport),
+            "halfsync_worker_restarts_total{group=\"game\",cause=\"crash\"}",
+        ) == 1)
+            .then_some(())
+    });
+    assert!(crashed.is_some());
+    // Every line is a comment or `name{labels} value`.
+    for line in after.lines().skip_while(|l| !l.is_empty()).skip(1) {
+        assert!(
+            line.starts_with('#')
+                || line
+                    .rsplit_once(' ')
+                    .is_some_and(|(_, v)| v.parse::<f64>().is_ok()),
+            "{line:?}"
+        );
+    }
+}
+
+/// The admin socket is a 0600 Unix socket of the server's user; nothing
+/// but the configured listeners listens on TCP.
+#[test]
+fn admin_socket_is_private_and_nothing_else_listens() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 2, "", "", ""), port);
+    let sock = s.dir.path().join("admin.sock");
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+    // TCP sockets in LISTEN state owned by the server's processes.
+    let mut pids = s.refresh_tree();
+    pids.push(s.pid);
+    let mut inodes = HashSet::new();
+    for pid in pids {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+        {
+            if let Ok(target) = std::fs::read_link(e.path())
+                && let Some(i) = target.to_str().and_then(|t| t.strip_prefix("socket:["))
+            {
+                inodes.insert(i.trim_end_matches(']').to_owned());
+            }
+        }
+    }
+    let mut ports = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                let port = u16::from_str_radix(f[1].rsplit(':').next().unwrap(), 16).unwrap();
+                ports.insert(port);
+            }
+        }
+    }
+    assert_eq!(ports, HashSet::from([port]));
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    assert!(!sock.exists(), "admin socket left behind");
+}
+
+#[test]
+fn stop_command_drains_and_fast_stop_kills() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 2, "", "", ""), port);
+    let mut c = s.client();
+    c.send(1, halfsync_testkit::fault::SLOW, &300u32.to_be_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (code, out, err) = s.ctl(&["stop"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // The slow request in flight still gets its answer.
+    assert_eq!(c.recv().unwrap().code, status::OK);
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 2, "", "", ""), port);
+    let (code, _, _) = s.ctl(&["stop", "--fast"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+/// `log_file` with SIGUSR1: every process reopens the file after logrotate
+/// moved it; JSON format writes one object per line.
+#[test]
+fn log_file_is_reopened_on_sigusr1_and_json_works() {
+    let port = free_port();
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let log = dir.path().join("hs.log");
+    let text = versioned(
+        port,
+        1,
+        "",
+        "",
+        &format!("log_file = \"{}\"\nlog_format = \"json\"", log.display()),
+    );
+    let mut s = Server::start(&text, port);
+    let first = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        first.contains("halfsync starting") && first.contains("worker ready"),
+        "{first}"
+    );
+    for line in first.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
+    // logrotate: move the file away, then SIGUSR1.
+    let rotated = dir.path().join("hs.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    s.signal(libc::SIGUSR1);
+    let reopened = wait_for(Duration::from_secs(10), || log.exists().then_some(()));
+    assert!(reopened.is_some());
+    std::thread::sleep(Duration::from_millis(300));
+    // Make the proxy and a worker log: kill the worker.
+    let mut c = s.client();
+    assert_eq!(
+        c.call(1, halfsync_testkit::fault::SIGKILL, b"")
+            .unwrap()
+            .code,
+        status::WORKER_DIED
+    );
+    let logged = wait_for(Duration::from_secs(10), || {
+        let t = std::fs::read_to_string(&log).ok()?;
+        (t.contains("worker died") && t.contains("\"proxy\"") && t.contains("worker ready"))
+            .then_some(t)
+    });
+    assert!(
+        logged.is_some(),
+        "new file: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(
+        !old.contains("worker died"),
+        "a process kept writing to the rotated file"
+    );
+}
