@@ -66,8 +66,8 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
     );
     let p = &v["proxy"];
     println!(
-        "proxy pid {}: {} connections ({} accepted, {} refused)",
-        p["pid"], p["connections"], p["accepted"], p["refused"]
+        "proxy pid {}: {} connections ({} accepted, {} refused), {} requests in flight",
+        p["pid"], p["connections"], p["accepted"], p["refused"], p["inflight"]
     );
     for g in v["groups"].as_array().into_iter().flatten() {
         if g["retired"] == Value::Bool(true) && g["workers"].as_array().is_none_or(|w| w.is_empty())

@@ -575,3 +575,25 @@ fn log_file_is_reopened_on_sigusr1_and_json_works() {
         "a process kept writing to the rotated file"
     );
 }
+
+/// A replaced worker that does not drain within `drain_timeout` (the
+/// reload's mercy time) is killed; its request gets TIMEOUT.
+#[test]
+fn a_worker_that_will_not_drain_is_killed_after_drain_timeout() {
+    let port = free_port();
+    let extra = "drain_timeout = \"500ms\"";
+    let mut s = Server::start(&versioned(port, 1, "v1:", extra, ""), port);
+    let mut slow = s.client();
+    slow.send(1, halfsync_testkit::fault::SLOW, &5000u32.to_be_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_config(&versioned(port, 1, "v2:", extra, ""));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    let r = slow.recv().unwrap();
+    assert_eq!((r.id, r.code), (1, status::TIMEOUT));
+    assert!(s.log().contains("drain_timeout"), "{}", s.log());
+    let mut c = s.client();
+    assert_eq!(c.call(2, 1, b"x").unwrap().payload, b"v2:x");
+    settle(&mut s, 1);
+}

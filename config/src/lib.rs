@@ -362,6 +362,12 @@ pub struct Group {
     /// this long is killed (and restarted with backoff). Default `"30s"`.
     #[serde(default = "default_init_timeout", with = "units::duration")]
     pub init_timeout: Duration,
+    /// `drain_timeout`: a worker being replaced (reload, recycling) or
+    /// retired (scaling down) that still runs a request this long after it
+    /// stopped getting new ones is killed; that request gets TIMEOUT.
+    /// Default `"30s"`.
+    #[serde(default = "default_drain_timeout", with = "units::duration")]
+    pub drain_timeout: Duration,
     /// `pool`: `"static"` (default: always `workers`) or `"dynamic"`
     /// (from `workers` up to `max_workers`, driven by idle workers and the
     /// wait queue).
@@ -407,6 +413,9 @@ fn default_restart_delay_max() -> Duration {
 fn default_init_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_min_spare() -> u32 {
     1
 }
@@ -445,6 +454,7 @@ impl Group {
             restart_delay: default_restart_delay(),
             restart_delay_max: default_restart_delay_max(),
             init_timeout: default_init_timeout(),
+            drain_timeout: default_drain_timeout(),
             pool: Pool::Static,
             max_workers: None,
             min_spare: default_min_spare(),

@@ -167,6 +167,7 @@ pub(crate) struct Group {
     pub(crate) slow_request_ns: u64,
     pub(crate) queue_timeout_ns: u64,
     pub(crate) init_timeout_ns: u64,
+    pub(crate) drain_timeout_ns: u64,
 }
 
 impl Group {
@@ -183,6 +184,7 @@ impl Group {
             slow_request_ns: 0,
             queue_timeout_ns: 0,
             init_timeout_ns: 0,
+            drain_timeout_ns: 0,
         }
     }
 
@@ -198,6 +200,7 @@ impl Group {
         self.slow_request_ns = ns(g.slow_request);
         self.queue_timeout_ns = ns(g.queue_timeout);
         self.init_timeout_ns = ns(g.init_timeout);
+        self.drain_timeout_ns = ns(g.drain_timeout);
     }
 }
 
@@ -216,9 +219,13 @@ impl Proxy {
     /// Stops giving a slot's worker requests; it is retired once it holds
     /// none. A worker not yet serving is retired at once.
     pub(crate) fn drain_slot(&mut self, si: usize) {
+        let now = self.now_ns;
         let Some(s) = self.slot_mut(si) else { return };
         match s.phase {
-            Phase::Ready { pid } => s.phase = Phase::Draining { pid },
+            Phase::Ready { pid } => {
+                s.phase = Phase::Draining { pid };
+                s.since_ns = now;
+            }
             Phase::Starting { pid } => {
                 s.phase = Phase::Retiring { pid };
                 let _ = self.control.send_to_master(ToMaster::Retire {
@@ -642,6 +649,22 @@ impl Proxy {
                     if s.pending.is_empty() {
                         return (Action::Retire(pid), due);
                     }
+                    if g.drain_timeout_ns > 0 {
+                        let deadline = s.since_ns.saturating_add(g.drain_timeout_ns);
+                        if now >= deadline {
+                            let why = "still running a request drain_timeout after it was replaced"
+                                .to_owned();
+                            return (
+                                Action::Kill(
+                                    KillReason::RequestTimeout,
+                                    why,
+                                    ctl.busy().map(|b| b.pos),
+                                ),
+                                None,
+                            );
+                        }
+                        due = Some(due.map_or(deadline, |d: u64| d.min(deadline)));
+                    }
                     return (Action::None, due);
                 }
                 if !ctl.recycle_wanted() || s.recycle_requested {
@@ -687,6 +710,7 @@ impl Proxy {
                     && let Phase::Ready { pid: old_pid } = o.phase
                 {
                     o.phase = Phase::Draining { pid: old_pid };
+                    o.since_ns = now;
                     let (name, label) = self.group_name(old);
                     info!(group = %name, worker = label, pid = old_pid, "worker replaced; draining it");
                 }

@@ -53,6 +53,12 @@ fn rss_kib(pid: i32) -> u64 {
 pub(crate) fn status(m: &Master) -> String {
     let now = monotonic_ns();
     let global = m.stats.global();
+    let inflight: u64 = (0..m.slots.len())
+        .map(|i| m.stats.slot(i).pending)
+        .sum::<u64>()
+        + (0..m.groups.len())
+            .map(|g| m.stats.group(g).queued)
+            .sum::<u64>();
     let mut totals = global.replies;
     let mut groups = Vec::new();
     for (id, g) in m.groups.iter().enumerate() {
@@ -120,6 +126,7 @@ pub(crate) fn status(m: &Master) -> String {
         "proxy": {
             "pid": m.proxy.as_ref().map(|p| p.pid),
             "connections": global.connections,
+            "inflight": inflight,
             "accepted": global.accepted,
             "refused": global.refused,
             "replies_without_group": by_status(&global.replies),
