@@ -47,6 +47,11 @@ enum Cmd {
         /// Configuration file (TOML).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Benchmark baseline: run each group's plugin inside the proxy's
+        /// event loop, with no workers and no isolation (a crash takes the
+        /// proxy down). Measures what isolation costs; never for production.
+        #[arg(long)]
+        inline: bool,
     },
     /// Validate a configuration, load each plugin and run its init and
     /// fini in a throwaway process, then exit (like `nginx -t`).
@@ -103,7 +108,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run { config } => run(config.as_deref()),
+        Cmd::Run { config, inline } => run(config.as_deref(), inline),
         Cmd::Check { config } => check(config.as_deref()),
         Cmd::Status { target, json } => socket(&target).and_then(|s| ctl::status(&s, json)),
         Cmd::Reload { target, timeout } => socket(&target)
@@ -151,7 +156,7 @@ fn exe_path() -> Result<PathBuf> {
     std::env::current_exe().context("cannot find the halfsync executable")
 }
 
-fn run(path: Option<&Path>) -> Result<()> {
+fn run(path: Option<&Path>, inline: bool) -> Result<()> {
     let config = load_config(path)?;
     let log_file = config.log_file();
     logging::init(log_file.as_deref(), config.server.log_format).with_context(|| {
@@ -164,7 +169,7 @@ fn run(path: Option<&Path>) -> Result<()> {
     retitle_master();
     // Reloads re-read this file even if the working directory changes.
     let path = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
-    master::run(config, path, exe_path()?)
+    master::run(config, path, exe_path()?, inline)
 }
 
 /// Re-executes the master once with `argv[0] = "halfsync: master"`, so `ps`

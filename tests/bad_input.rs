@@ -255,3 +255,63 @@ fn clients_that_never_read_cannot_grow_the_proxy() {
     by.finish();
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
 }
+
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let f: Vec<&str> = rest.split(' ').collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Out of file descriptors, the proxy accepts and closes new connections
+/// at once (counted, logged) instead of spinning on the listener or
+/// leaving clients hanging, and keeps serving the ones it has.
+#[test]
+fn out_of_file_descriptors_refuses_cleanly_without_spinning() {
+    let port = free_port();
+    let mut s = Server::spawn_nofile(&config(port, &echo_so(), 1, ""), port, 64);
+    s.wait_ready();
+    let proxy = s.pids_titled("halfsync: proxy")[0];
+    let mut served = Vec::new();
+    let mut refused = 0;
+    for i in 0..100u64 {
+        let mut c = s.client();
+        c.stream()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        match c.call(i, 1, b"fd") {
+            Ok(r) => {
+                assert_eq!(r.code, status::OK);
+                served.push(c);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(served.len() >= 20, "only {} served", served.len());
+    assert!(refused >= 20, "only {refused} refused");
+    // Holding every connection, with clients still knocking: no spin.
+    let before = cpu_ticks(proxy);
+    for _ in 0..20 {
+        let _ = TcpStream::connect(s.addr);
+        thread::sleep(Duration::from_millis(25));
+    }
+    let used = cpu_ticks(proxy) - before;
+    assert!(
+        used < 30,
+        "proxy used {used} ticks in 0.5 s while out of fds"
+    );
+    for (i, c) in served.iter_mut().enumerate() {
+        assert_eq!(
+            c.call(1000 + i as u64, 1, b"still").unwrap().code,
+            status::OK
+        );
+    }
+    assert!(
+        s.log()
+            .contains("out of file descriptors: refusing connections"),
+        "{}",
+        s.log()
+    );
+    assert!(s.log().contains("open-file limit"), "{}", s.log());
+}

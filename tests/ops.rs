@@ -418,10 +418,15 @@ fn metrics_endpoint_counts_what_was_sent() {
             "halfsync_request_duration_seconds_count{group=\"game\"}"
         )
     );
-    assert_eq!(
-        metric(&after, "halfsync_workers{group=\"game\",state=\"idle\"}"),
-        2
-    );
+    // Idle once each worker has marked its last request done.
+    let idle = wait_for(Duration::from_secs(10), || {
+        (metric(
+            &scrape(mport),
+            "halfsync_workers{group=\"game\",state=\"idle\"}",
+        ) == 2)
+            .then_some(())
+    });
+    assert!(idle.is_some());
     assert_eq!(metric(&after, "halfsync_connections"), 1);
     // A crash shows up as a restart by cause.
     assert_eq!(

@@ -70,6 +70,13 @@ pub(crate) struct Proxy {
     pub(crate) draining: bool,
     pub(crate) refused: u64,
     pub(crate) stats: Stats,
+    /// A spare descriptor, given up to accept-and-close when out of fds.
+    reserve_fd: Option<std::fs::File>,
+    refuse_logged_ns: u64,
+    /// Benchmark baseline: plugins called in the loop, by group id.
+    inline: Vec<Option<halfsync_worker::Instance>>,
+    /// Their reply buffer (max_frame - 12 bytes), allocated once.
+    inline_out: Vec<u8>,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ProxyError {
@@ -82,6 +89,13 @@ fn take_fd(fd: i32) -> Result<OwnedFd, ProxyError> {
 
 impl Proxy {
     fn new(spec: ProxySpec) -> Result<Proxy, ProxyError> {
+        match sys::raise_nofile() {
+            Ok((from, to)) if from != to => {
+                info!(from, to, "raised the open-file limit to the hard limit")
+            }
+            Ok((n, _)) => info!(limit = n, "open-file limit"),
+            Err(e) => warn!("cannot raise the open-file limit: {e}"),
+        }
         let config = Config::from_toml(&spec.config, Origin::Text)?;
         if spec.group_ids.len() != config.groups.len() {
             return Err(ProxyError::Spec("group ids do not match the groups".into()));
@@ -132,11 +146,43 @@ impl Proxy {
             draining: false,
             refused: 0,
             stats,
+            reserve_fd: std::fs::File::open("/dev/null").ok(),
+            refuse_logged_ns: 0,
+            inline: Vec::new(),
+            inline_out: Vec::new(),
         })
         .map(|mut p| {
             p.apply_config(config_groups, &spec.group_ids);
             p
         })
+        .and_then(|mut p| {
+            p.load_inline(&spec.inline)?;
+            Ok(p)
+        })
+    }
+
+    /// Benchmark baseline: loads and initialises each group's plugin here.
+    fn load_inline(
+        &mut self,
+        plugins: &[(u32, std::path::PathBuf, String)],
+    ) -> Result<(), ProxyError> {
+        for (id, path, config) in plugins {
+            let plugin =
+                halfsync_worker::Plugin::load(path).map_err(|e| ProxyError::Spec(e.to_string()))?;
+            let instance = plugin
+                .init(config)
+                .map_err(|e| ProxyError::Spec(e.to_string()))?;
+            let id = *id as usize;
+            if self.inline.len() <= id {
+                self.inline.resize_with(id + 1, || None);
+            }
+            self.inline[id] = Some(instance);
+            warn!(plugin = %path.display(), "inline benchmark mode: plugin runs inside the proxy, without isolation");
+        }
+        if !plugins.is_empty() {
+            self.inline_out = vec![0u8; (self.config.server.max_frame - hsp::MIN_LENGTH) as usize];
+        }
+        Ok(())
     }
 
     fn run(&mut self) -> Result<(), ProxyError> {
@@ -426,14 +472,7 @@ impl Proxy {
             match sys::accept4(l.as_raw_fd()) {
                 Ok(Some(stream)) => {
                     if self.conns.live >= self.config.server.max_connections as usize {
-                        self.refused += 1;
-                        self.stats.refused();
-                        if self.refused.is_power_of_two() {
-                            warn!(
-                                refused = self.refused,
-                                "max_connections reached; refusing connections"
-                            );
-                        }
+                        self.refuse("max_connections reached");
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
@@ -465,17 +504,41 @@ impl Proxy {
                         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                     ) =>
                 {
-                    // Out of descriptors: stop accepting for a moment instead
-                    // of spinning on a listener that stays readable.
-                    warn!("accept: {e}; pausing accepts for 100 ms");
-                    self.pause_listeners();
-                    return;
+                    // Out of descriptors: give up the spare one, accept the
+                    // connection and close it at once (the client sees a
+                    // clean close, not a hang), take the spare back. If even
+                    // that fails, stop accepting for a moment rather than
+                    // spin on a listener that stays readable.
+                    let _ = e;
+                    self.reserve_fd = None;
+                    // Closed (dropped) before the spare is taken back.
+                    let refused = sys::accept4(l.as_raw_fd()).map(|s| s.is_some());
+                    self.reserve_fd = std::fs::File::open("/dev/null").ok();
+                    match refused {
+                        Ok(true) => self.refuse("out of file descriptors"),
+                        Ok(false) => return,
+                        Err(_) => {
+                            self.refuse("out of file descriptors");
+                            self.pause_listeners();
+                            return;
+                        }
+                    }
                 }
                 Err(e) => {
                     // ECONNABORTED and friends: that client is gone.
                     debug!("accept: {e}");
                 }
             }
+        }
+    }
+
+    /// Counts a refused connection; logs at most once a second.
+    fn refuse(&mut self, why: &str) {
+        self.refused += 1;
+        self.stats.refused();
+        if self.now_ns >= self.refuse_logged_ns + 1000 * NS_PER_MS {
+            self.refuse_logged_ns = self.now_ns;
+            warn!(refused_total = self.refused, "{why}: refusing connections");
         }
     }
 
@@ -620,6 +683,17 @@ impl Proxy {
             enqueued_ns: self.now_ns,
             len: payload.len() as u32,
         };
+        if let Some(Some(instance)) = self.inline.get_mut(g) {
+            // Benchmark baseline: the plugin right here, no worker hop.
+            let (code, len) = instance.handle(h.id, h.code, h.flags, payload, &mut self.inline_out);
+            self.stats.reply(Scope::Group(g), code);
+            if let Some(Some(c)) = self.conns.slab.get_mut(i) {
+                c.push_reply(h.id, code, &self.inline_out[..len]);
+                c.last_active_ns = self.now_ns;
+                self.conns.mark_dirty(i);
+            }
+            return;
+        }
         if !self.group_live(g) {
             self.reply_now(
                 i,

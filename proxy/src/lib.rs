@@ -49,6 +49,12 @@ pub struct ProxySpec {
     pub stats_fd: i32,
     /// Listening sockets with their stable ids.
     pub listeners: Vec<(u32, i32)>,
+    /// Benchmark baseline only (`halfsync run --inline`): the plugin of each
+    /// group (id, file, config text) is loaded into the proxy and called
+    /// directly from the event loop. No workers, no shared memory, no
+    /// isolation: the measure of what isolation costs.
+    #[serde(default)]
+    pub inline: Vec<(u32, std::path::PathBuf, String)>,
 }
 
 /// A new configuration for a running proxy (sent in a memfd with

@@ -255,11 +255,13 @@ pub(crate) struct Master {
     pub(crate) started_at: Instant,
     next_pool_check: Instant,
     rng: fastrand::Rng,
+    /// Benchmark baseline: plugins run inside the proxy; no workers.
+    inline: bool,
 }
 
 /// Runs the server until it is stopped. Errors before the first child
 /// starts (bad plugin, port in use) are returned; the caller prints them.
-pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf) -> Result<()> {
+pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: bool) -> Result<()> {
     let probed = crate::probe::probe(&exe, &config, false)?;
     let mut listeners = Vec::new();
     for (i, addr) in config.server.listen.iter().enumerate() {
@@ -305,6 +307,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf) -> Result
         started_at: Instant::now(),
         next_pool_check: Instant::now() + POOL_CHECK,
         rng: fastrand::Rng::new(),
+        inline,
     };
     let addrs: Vec<String> = m.listeners.iter().map(|l| l.addr.to_string()).collect();
     let workers: u32 = m.groups.iter().map(|g| g.config.workers).sum();
@@ -316,9 +319,16 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf) -> Result
         "halfsync starting"
     );
     m.start_proxy()?;
-    for g in 0..m.groups.len() {
-        for _ in 0..m.groups[g].config.workers {
-            m.add_worker(g)?;
+    if inline {
+        warn!(
+            "--inline: a benchmark baseline; plugins run inside the proxy, no workers, no isolation"
+        );
+        m.starting = false;
+    } else {
+        for g in 0..m.groups.len() {
+            for _ in 0..m.groups[g].config.workers {
+                m.add_worker(g)?;
+            }
         }
     }
     let result = m.run_loop();
@@ -448,6 +458,16 @@ impl Master {
                 .iter()
                 .map(|l| (l.id, l.listener.as_raw_fd()))
                 .collect(),
+            inline: if self.inline {
+                self.groups
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, g)| !g.retired)
+                    .map(|(id, g)| (id as u32, g.plugin.clone(), g.config.plugin_config_toml()))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         };
         let mut keep = vec![spec.control_fd, spec.stats_fd];
         keep.extend(spec.listeners.iter().map(|l| l.1));
@@ -783,6 +803,9 @@ impl Master {
             Request::Admin { conn, command } => {
                 let answer = match command {
                     Command::Status => Ok(report::status(self)),
+                    Command::Reload | Command::Scale { .. } if self.inline => {
+                        Err("not available in --inline benchmark mode".to_owned())
+                    }
                     Command::Reload => match self.start_reload(Some(conn)) {
                         // Answered when the reload finishes.
                         Ok(()) => return,

@@ -44,6 +44,9 @@ impl Master {
         if self.reload.is_some() {
             return Err("a reload is already in progress".into());
         }
+        if self.inline {
+            return Err("not available in --inline benchmark mode".into());
+        }
         if self.stopping.is_some() {
             return Err("halfsync is stopping".into());
         }

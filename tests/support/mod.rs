@@ -173,11 +173,29 @@ impl Server {
     /// Starts `halfsync run` with this config, or with none (the embedded
     /// default), without waiting.
     pub fn spawn_with(config_text: Option<&str>, port: u16) -> Server {
+        Server::spawn_full(config_text, port, None)
+    }
+
+    /// Starts `halfsync run` with the open-file limit (soft and hard) set
+    /// to `nofile`, without waiting.
+    pub fn spawn_nofile(config_text: &str, port: u16, nofile: u32) -> Server {
+        Server::spawn_full(Some(config_text), port, Some(nofile))
+    }
+
+    fn spawn_full(config_text: Option<&str>, port: u16, nofile: Option<u32>) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("halfsync-test-")
             .tempdir()
             .unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match nofile {
+            // The shell execs halfsync: same pid, lowered limits.
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("run");
         if let Some(text) = config_text {
             let path = dir.path().join("halfsync.toml");
