@@ -60,3 +60,86 @@ fn sigterm_lets_inflight_requests_finish() {
     assert_eq!(st.code(), Some(0));
     s.assert_clean();
 }
+
+/// Every benchmark switch that turns a technique off (HALFSYNC_TUNING)
+/// still serves correctly: the switches only change how fast.
+#[test]
+fn benchmark_switches_do_not_change_behaviour() {
+    for switch in [
+        "plain_accept",
+        "no_direct_send",
+        "flush_per_reply",
+        "clock_per_event",
+        "publish_per_request",
+        "always_wake",
+        "no_read_budget",
+    ] {
+        let port = free_port();
+        let mut s = Server::start_env(
+            &config(port, &echo_so(), 2, ""),
+            port,
+            &[("HALFSYNC_TUNING", switch)],
+        );
+        many_pipelines(s.addr, 8, 100, 8 << 10);
+        assert!(
+            s.log().contains("benchmark tuning switches in effect"),
+            "{switch}"
+        );
+        assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0), "{switch}");
+    }
+}
+
+/// The inline baseline (`run --inline`) serves the same protocol with the
+/// plugin inside the proxy and no worker processes.
+#[test]
+fn inline_baseline_serves_without_workers() {
+    let port = free_port();
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("inline.toml");
+    std::fs::write(
+        &path,
+        with_admin_socket(&config(port, &echo_so(), 2, ""), dir.path()),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--inline", "--config"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let ready = wait_for(Duration::from_secs(20), || {
+        let mut c = halfsync_protocol::Client::connect(("127.0.0.1", port)).ok()?;
+        (c.call(1, 1, b"in").ok()?.payload == b"in").then_some(())
+    });
+    let tree = descendants(pid);
+    let ok = ready.is_some()
+        && tree.len() == 1
+        && tree.iter().all(|&p| cmdline(p).contains("halfsync: proxy"));
+    if ok {
+        many_pipelines(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            8,
+            100,
+            8 << 10,
+        );
+    }
+    // SAFETY: kill has no memory effects; the pid is our child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let st = wait_for(Duration::from_secs(10), || child.try_wait().ok().flatten());
+    if st.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        ok,
+        "inline server: ready {:?}, processes {tree:?}",
+        ready.is_some()
+    );
+    assert_eq!(st.and_then(|s| s.code()), Some(0));
+}

@@ -213,6 +213,11 @@ pub struct Server {
         deserialize_with = "de_read_budget"
     )]
     pub read_budget: u32,
+    /// `tcp_defer_accept`: set TCP_DEFER_ACCEPT on listeners, so the proxy
+    /// wakes for a connection only once its first bytes arrived (1 s max
+    /// wait). Default `false`.
+    #[serde(default)]
+    pub tcp_defer_accept: bool,
     /// `admin_socket`: the Unix socket `halfsync status`, `reload`, `stop`
     /// and `scale` talk to (mode 0600, owned by the server's user). Empty
     /// (the default) means `/tmp/halfsync-<port>.sock`, with the port of
@@ -266,6 +271,7 @@ impl Default for Server {
             ring_size: 4 << 20,
             backlog: 1024,
             read_budget: 64 << 10,
+            tcp_defer_accept: false,
             admin_socket: String::new(),
             metrics_listen: None,
             log_file: None,

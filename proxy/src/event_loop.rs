@@ -70,6 +70,8 @@ pub(crate) struct Proxy {
     pub(crate) draining: bool,
     pub(crate) refused: u64,
     pub(crate) stats: Stats,
+    /// Benchmark-only switches (see `tuning.rs`).
+    pub(crate) tuning: crate::tuning::Tuning,
     /// A spare descriptor, given up to accept-and-close when out of fds.
     reserve_fd: Option<std::fs::File>,
     refuse_logged_ns: u64,
@@ -146,6 +148,7 @@ impl Proxy {
             draining: false,
             refused: 0,
             stats,
+            tuning: crate::tuning::Tuning::from_env(),
             reserve_fd: std::fs::File::open("/dev/null").ok(),
             refuse_logged_ns: 0,
             inline: Vec::new(),
@@ -211,7 +214,11 @@ impl Proxy {
                     }
                     TOKEN_CONN => {
                         if ev.writable() {
-                            self.conns.mark_dirty(index);
+                            if self.tuning.no_direct_send {
+                                self.flush(index);
+                            } else {
+                                self.conns.mark_dirty(index);
+                            }
                         }
                         if ev.readable() {
                             self.read_conn(index);
@@ -469,7 +476,12 @@ impl Proxy {
             let Some((_, l)) = self.listeners.iter().find(|(l, _)| *l == id) else {
                 return;
             };
-            match sys::accept4(l.as_raw_fd()) {
+            let accepted = if self.tuning.plain_accept {
+                sys::accept_plain(l.as_raw_fd())
+            } else {
+                sys::accept4(l.as_raw_fd())
+            };
+            match accepted {
                 Ok(Some(stream)) => {
                     if self.conns.live >= self.config.server.max_connections as usize {
                         self.refuse("max_connections reached");
@@ -532,6 +544,16 @@ impl Proxy {
         }
     }
 
+    /// The time for a request or reply: the loop turn's clock reading
+    /// (benchmark switch `clock_per_event`: a fresh one).
+    pub(crate) fn clock(&self) -> u64 {
+        if self.tuning.clock_per_event {
+            shm_sys::monotonic_ns()
+        } else {
+            self.now_ns
+        }
+    }
+
     /// Counts a refused connection; logs at most once a second.
     fn refuse(&mut self, why: &str) {
         self.refused += 1;
@@ -551,7 +573,12 @@ impl Proxy {
 
     fn read_conn(&mut self, i: usize) {
         let mut scratch = std::mem::take(&mut self.scratch);
-        let budget = scratch.len();
+        let cap = scratch.len();
+        let budget = if self.tuning.no_read_budget {
+            usize::MAX
+        } else {
+            cap
+        };
         let mut total = 0;
         let mut failed = false;
         while total < budget {
@@ -561,7 +588,10 @@ impl Proxy {
             if c.interest & READ == 0 {
                 break;
             }
-            match sys::recv(c.stream.as_raw_fd(), &mut scratch[..budget - total]) {
+            match sys::recv(
+                c.stream.as_raw_fd(),
+                &mut scratch[..cap.min(budget - total)],
+            ) {
                 Ok(0) => {
                     c.eof = true;
                     break;
@@ -680,7 +710,7 @@ impl Proxy {
             id: h.id,
             code: h.code,
             flags: h.flags,
-            enqueued_ns: self.now_ns,
+            enqueued_ns: self.clock(),
             len: payload.len() as u32,
         };
         if let Some(Some(instance)) = self.inline.get_mut(g) {
@@ -753,19 +783,36 @@ impl Proxy {
         }
     }
 
-    fn flush_dirty(&mut self) {
+    pub(crate) fn flush_dirty(&mut self) {
         let dirty = std::mem::take(&mut self.conns.dirty);
         for &i in &dirty {
             if let Some(Some(c)) = self.conns.slab.get_mut(i) {
                 c.dirty = false;
             }
-            self.flush(i);
+            if self.tuning.no_direct_send {
+                // Benchmark switch: wait for EPOLLOUT instead of sending now.
+                self.arm_write(i);
+            } else {
+                self.flush(i);
+            }
         }
         let mut dirty = dirty;
         dirty.clear();
         // Keep the allocation; anything marked during flushing is kept too.
         dirty.append(&mut self.conns.dirty);
         self.conns.dirty = dirty;
+    }
+
+    /// Benchmark switch `no_direct_send`: asks epoll for writability.
+    fn arm_write(&mut self, i: usize) {
+        let Some(Some(c)) = self.conns.slab.get_mut(i) else {
+            return;
+        };
+        if c.has_output() && c.interest & WRITE == 0 {
+            c.interest |= WRITE;
+            let (fd, want) = (c.stream.as_raw_fd(), c.interest);
+            let _ = self.epoll.modify(fd, want, TOKEN_CONN | i as u64);
+        }
     }
 
     /// Sends what connection `i` has buffered, directly; arms EPOLLOUT only

@@ -25,6 +25,7 @@ mod event_loop;
 mod slots;
 pub mod stats;
 pub mod sys;
+mod tuning;
 
 use serde::{Deserialize, Serialize};
 

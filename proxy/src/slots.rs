@@ -92,6 +92,8 @@ pub(crate) struct WorkerSlot {
     replaces: Option<usize>,
     /// Started after failed starts: not counted on until ready.
     probation: bool,
+    /// Benchmark switch `always_wake`.
+    always_wake: bool,
     /// A replacement was requested for this worker.
     recycle_requested: bool,
     /// Do not request a replacement before this time.
@@ -109,7 +111,9 @@ pub(crate) struct WorkerSlot {
 
 impl WorkerSlot {
     fn attach(&mut self) -> Result<(), RingError> {
+        let always_wake = self.always_wake;
         self.tx = Producer::attach(self.slot.requests(), Notify::Futex)?;
+        self.tx.set_always_wake(always_wake);
         self.rx = Consumer::attach(self.slot.replies())?;
         Ok(())
     }
@@ -260,7 +264,7 @@ impl Proxy {
                 return;
             }
         };
-        let (tx, rx) = match (
+        let (mut tx, rx) = match (
             Producer::attach(slot.requests(), Notify::Futex),
             Consumer::attach(slot.replies()),
         ) {
@@ -270,6 +274,7 @@ impl Proxy {
                 return;
             }
         };
+        tx.set_always_wake(self.tuning.always_wake);
         if let Err(e) = self
             .epoll
             .add(eventfd.as_raw_fd(), READ, TOKEN_SLOT | si as u64)
@@ -296,6 +301,7 @@ impl Proxy {
             down_since_ns: None,
             replaces: None,
             probation: false,
+            always_wake: self.tuning.always_wake,
             recycle_requested: false,
             recycle_not_before_ns: 0,
             corrupt: false,
@@ -381,9 +387,12 @@ impl Proxy {
     /// Moves every published reply of every readable slot into connection
     /// buffers.
     pub(crate) fn collect_replies(&mut self) {
+        if self.tuning.flush_per_reply {
+            return self.collect_replies_one_by_one();
+        }
         for si in 0..self.slots.len() {
             if self.slots[si].as_ref().is_some_and(WorkerSlot::readable)
-                && let Err(why) = self.collect_slot(si)
+                && let Err(why) = self.collect_slot(si, usize::MAX)
             {
                 self.fail_slot(si, &why);
             }
@@ -392,11 +401,38 @@ impl Proxy {
 
     /// Moves one slot's published replies into connection buffers. Each
     /// reply must answer the oldest request the slot holds.
-    fn collect_slot(&mut self, si: usize) -> Result<(), String> {
+    /// Benchmark switch `flush_per_reply`: one send per reply.
+    fn collect_replies_one_by_one(&mut self) {
+        loop {
+            let mut any = false;
+            for si in 0..self.slots.len() {
+                if !self.slots[si].as_ref().is_some_and(WorkerSlot::readable) {
+                    continue;
+                }
+                match self.collect_slot(si, 1) {
+                    Ok(n) => any |= n > 0,
+                    Err(why) => self.fail_slot(si, &why),
+                }
+                self.flush_dirty();
+            }
+            if !any {
+                return;
+            }
+        }
+    }
+
+    /// Moves up to `max` published replies of one slot into connection
+    /// buffers; returns how many. Each reply must answer the oldest request
+    /// the slot holds.
+    fn collect_slot(&mut self, si: usize, max: usize) -> Result<usize, String> {
         let Some(s) = self.slots.get_mut(si).and_then(Option::as_mut) else {
-            return Ok(());
+            return Ok(0);
         };
+        let mut n = 0;
         let result = loop {
+            if n == max {
+                break Ok(());
+            }
             let rec = match s.rx.peek() {
                 Ok(Some(r)) => r,
                 Ok(None) => break Ok(()),
@@ -416,7 +452,11 @@ impl Proxy {
             }
             self.stats.reply(Scope::Slot(si, s.group), rec.meta.code);
             // The worker puts the time it started the request in the reply.
-            let now = self.now_ns;
+            let now = if self.tuning.clock_per_event {
+                halfsync_shm::sys::monotonic_ns()
+            } else {
+                self.now_ns
+            };
             let latency = now.saturating_sub(p.req.enqueued_ns) / 1000;
             let waited = rec
                 .meta
@@ -431,14 +471,15 @@ impl Proxy {
                 rec.meta.code,
                 rec.payload,
                 p.req.len,
-                self.now_ns,
+                now,
             );
             s.pending.pop_front();
             s.rx.advance();
+            n += 1;
         };
         s.rx.release();
         self.stats.pending(si, s.pending.len());
-        result
+        result.map(|()| n)
     }
 
     /// The least-loaded ready slot of group `g` with room for a request of
@@ -486,6 +527,9 @@ impl Proxy {
             Ok(Some(pos)) => {
                 s.pending.push_back(Pending { pos, req });
                 self.stats.dispatched(si, s.pending.len());
+                if self.tuning.publish_per_request {
+                    s.tx.publish();
+                }
                 true
             }
             Ok(None) => false,
@@ -774,7 +818,7 @@ impl Proxy {
         // Replies it published before dying are good, unless its memory is
         // corrupt.
         if s.readable()
-            && let Err(why) = self.collect_slot(si)
+            && let Err(why) = self.collect_slot(si, usize::MAX)
         {
             let (name, label) = self.group_name(si);
             warn!(group = %name, worker = label, "replies of the dead worker are unreadable: {why}");

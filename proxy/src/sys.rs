@@ -138,6 +138,23 @@ pub fn raise_nofile() -> io::Result<(u64, u64)> {
     Ok((old, lim.rlim_cur))
 }
 
+/// accept() then fcntl() twice (non-blocking, close-on-exec): what accept4
+/// saves, for the `plain_accept` benchmark switch.
+pub fn accept_plain(listener: RawFd) -> io::Result<Option<TcpStream>> {
+    match syscall!(accept(listener, std::ptr::null_mut(), std::ptr::null_mut())) {
+        Ok(fd) => {
+            // SAFETY: accept returned a new connected socket nothing else owns.
+            let s = unsafe { TcpStream::from_raw_fd(fd) };
+            let fl = syscall!(fcntl(fd, libc::F_GETFL))?;
+            syscall!(fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK))?;
+            syscall!(fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC))?;
+            Ok(Some(s))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Sends on a socket without raising SIGPIPE.
 pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     syscall!(send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)).map(|n| n as usize)

@@ -242,6 +242,8 @@ pub struct Producer {
     published: u64,
     /// Last head seen; refreshed only when space seems short.
     head_cache: u64,
+    /// Benchmarks only: wake the consumer on every publish, sleeping or not.
+    always_wake: bool,
 }
 
 /// Space reserved in a ring for one record; write the payload into
@@ -271,7 +273,14 @@ impl Producer {
             tail,
             published: tail,
             head_cache: head,
+            always_wake: false,
         })
+    }
+
+    /// Benchmarks only: pay for a wake-up syscall on every publish, as if
+    /// the consumer's sleep flag did not exist (to measure what it saves).
+    pub fn set_always_wake(&mut self, on: bool) {
+        self.always_wake = on;
     }
 
     /// The ring this producer writes.
@@ -375,11 +384,13 @@ impl Producer {
         h.tail.store(self.tail, Ordering::Release);
         self.published = self.tail;
         fence(Ordering::SeqCst);
-        if h.consumer_sleeping.load(Ordering::Relaxed) == 0 {
-            return false;
-        }
-        if h.consumer_sleeping.swap(0, Ordering::SeqCst) == 0 {
-            return false;
+        if !self.always_wake {
+            if h.consumer_sleeping.load(Ordering::Relaxed) == 0 {
+                return false;
+            }
+            if h.consumer_sleeping.swap(0, Ordering::SeqCst) == 0 {
+                return false;
+            }
         }
         match self.notify {
             Notify::Futex => sys::futex_wake(&h.consumer_sleeping, 1),

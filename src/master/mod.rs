@@ -268,7 +268,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         listeners.push(ListenerRec {
             id: i as u32,
             addr: *addr,
-            listener: listen(*addr, config.server.backlog)
+            listener: listen(*addr, config.server.backlog, config.server.tcp_defer_accept)
                 .with_context(|| format!("cannot listen on {addr}"))?,
         });
     }
@@ -336,10 +336,13 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
     result
 }
 
-fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+fn listen(addr: SocketAddr, backlog: u32, defer_accept: bool) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     s.set_reuse_address(true)?;
+    if defer_accept {
+        sys::set_defer_accept(&s, 1)?;
+    }
     s.bind(&addr.into())?;
     s.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(s.into())
@@ -1276,7 +1279,7 @@ impl Master {
             if self.listeners.iter().any(|l| l.addr == *addr) {
                 continue;
             }
-            let l = listen(*addr, config.server.backlog)
+            let l = listen(*addr, config.server.backlog, config.server.tcp_defer_accept)
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             out.push((*addr, l));
         }

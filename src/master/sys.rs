@@ -165,6 +165,18 @@ pub fn die_with_parent(master_pid: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets TCP_DEFER_ACCEPT (seconds) on a listening socket.
+pub fn set_defer_accept(s: &impl AsRawFd, seconds: i32) -> io::Result<()> {
+    syscall!(setsockopt(
+        s.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_DEFER_ACCEPT,
+        (&seconds as *const i32).cast(),
+        std::mem::size_of::<i32>() as libc::socklen_t
+    ))
+    .map(|_| ())
+}
+
 /// The effective user id.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions.

@@ -173,16 +173,29 @@ impl Server {
     /// Starts `halfsync run` with this config, or with none (the embedded
     /// default), without waiting.
     pub fn spawn_with(config_text: Option<&str>, port: u16) -> Server {
-        Server::spawn_full(config_text, port, None)
+        Server::spawn_full(config_text, port, None, &[])
+    }
+
+    /// Starts `halfsync run` with extra environment variables and waits
+    /// until it answers.
+    pub fn start_env(config_text: &str, port: u16, env: &[(&str, &str)]) -> Server {
+        let mut s = Server::spawn_full(Some(config_text), port, None, env);
+        s.wait_ready();
+        s
     }
 
     /// Starts `halfsync run` with the open-file limit (soft and hard) set
     /// to `nofile`, without waiting.
     pub fn spawn_nofile(config_text: &str, port: u16, nofile: u32) -> Server {
-        Server::spawn_full(Some(config_text), port, Some(nofile))
+        Server::spawn_full(Some(config_text), port, Some(nofile), &[])
     }
 
-    fn spawn_full(config_text: Option<&str>, port: u16, nofile: Option<u32>) -> Server {
+    fn spawn_full(
+        config_text: Option<&str>,
+        port: u16,
+        nofile: Option<u32>,
+        env: &[(&str, &str)],
+    ) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("halfsync-test-")
             .tempdir()
@@ -197,6 +210,7 @@ impl Server {
             None => Command::new(BIN),
         };
         cmd.arg("run");
+        cmd.envs(env.iter().copied());
         if let Some(text) = config_text {
             let path = dir.path().join("halfsync.toml");
             fs::write(&path, with_admin_socket(text, dir.path())).unwrap();

@@ -79,6 +79,13 @@ pub fn run(spec: WorkerSpec) -> i32 {
         }
     };
     let max_reply = (spec.max_reply as usize).min(slot.replies().max_payload());
+    // Benchmark switch (see the proxy's tuning.rs): wake the proxy on every
+    // reply, asleep or not.
+    if std::env::var("HALFSYNC_TUNING")
+        .is_ok_and(|t| t.split(',').any(|s| s.trim() == "always_wake"))
+    {
+        tx.set_always_wake(true);
+    }
 
     ctl.set_state(WorkerState::Idle);
     // Tell the proxy we are ready (it also polls, this just makes it prompt).
@@ -164,7 +171,8 @@ pub fn run(spec: WorkerSpec) -> i32 {
                 flags: 0,
                 id: req.id,
                 tag: req.tag,
-                time_ns: req.time_ns,
+                // When the worker started it: the proxy derives queue wait.
+                time_ns: now,
             },
             len,
         );
