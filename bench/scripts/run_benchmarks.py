@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""End-to-end benchmarks of halfsync against its inline baseline.
+
+Every figure is measured in this run, next to the inline baseline (the same
+plugin called inside the proxy's own event loop: `halfsync run --inline`),
+and reported as a ratio to it, so the cost of isolation is a number that
+survives a noisy machine. Runs interleave (baseline, halfsync, baseline,
+halfsync, ...) and each configuration reports the median of its rounds.
+
+Usage:
+    cargo build --release --workspace
+    python3 bench/scripts/run_benchmarks.py [--quick] [--pin] [--out FILE]
+    python3 bench/scripts/plot.py bench/results/latest.json
+
+Writes a JSON file with every run (default bench/results/latest.json) and
+prints the tables that go into BENCHMARKS.md. Standard library only.
+"""
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REL = os.path.join(ROOT, "target", "release")
+HALFSYNC = os.path.join(REL, "halfsync")
+BENCH = os.path.join(REL, "halfsync-bench")
+ECHO = os.path.join(REL, "libecho.so")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def children(pid):
+    """Every descendant of pid (from /proc)."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    st = f.read()
+                parents[int(d)] = int(st[st.rfind(")") + 2:].split()[1])
+            except OSError:
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c, pp in parents.items():
+            if pp == p:
+                out.append(c)
+                todo.append(c)
+    return out
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu(pid):
+    """(user, system) seconds of a process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+        fields = st[st.rfind(")") + 2:].split()
+        hz = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / hz, int(fields[12]) / hz
+    except OSError:
+        return 0.0, 0.0
+
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Server:
+    """A halfsync (or inline baseline) server on a free port."""
+
+    def __init__(self, inline=False, workers=2, env=None, extra_server="", pin=False):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="halfsync-bench-")
+        cfg = os.path.join(self.dir, "bench.toml")
+        with open(cfg, "w") as f:
+            f.write(
+                f'[server]\nlisten = ["127.0.0.1:{self.port}"]\n'
+                f'admin_socket = "{self.dir}/admin.sock"\nmax_connections = 100000\n'
+                f"{extra_server}\n\n"
+                f'[[group]]\nname = "echo"\nplugin = "{ECHO}"\nworkers = {workers}\n'
+                f"max_inflight = 1024\nmax_queue = 100000\n"
+            )
+        cmd = [HALFSYNC, "run", "--config", cfg] + (["--inline"] if inline else [])
+        if pin:
+            cmd = ["taskset", "-c", "0"] + cmd
+        e = dict(os.environ, HALFSYNC_LOG="warn")
+        e.update(env or {})
+        self.log = open(os.path.join(self.dir, "server.log"), "w")
+        self.proc = subprocess.Popen(cmd, env=e, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        self.wait_ready()
+        self.kids = children(self.proc.pid)
+        self.proxy = [p for p in self.kids if "halfsync: proxy" in cmdline(p)]
+        self.workers = [p for p in self.kids if "halfsync: worker" in cmdline(p)]
+
+    def wait_ready(self):
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    s.sendall(struct.pack(">IQHH", 16, 1, 1, 0) + b"ping")
+                    head = s.recv(16, socket.MSG_WAITALL)
+                    if len(head) == 16 and struct.unpack(">IQHH", head)[2] == 0:
+                        s.recv(4, socket.MSG_WAITALL)
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not start; log in " + self.dir)
+
+    def cpu(self):
+        """(proxy user, proxy sys, workers user, workers sys) seconds."""
+        pu, ps = map(sum, zip(*[cpu(p) for p in self.proxy])) if self.proxy else (0, 0)
+        wu, ws = map(sum, zip(*[cpu(p) for p in self.workers])) if self.workers else (0, 0)
+        return pu, ps, wu, ws
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for p in self.kids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        self.log.close()
+        subprocess.run(["rm", "-rf", self.dir])
+
+
+def bench(port, args, pin=False):
+    cmd = [BENCH, "--addr", f"127.0.0.1:{port}", "--json"] + [str(a) for a in args]
+    if pin:
+        cmd = ["taskset", "-c", "1"] + cmd
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+        out = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"halfsync-bench failed ({r.returncode}): {r.stderr[-2000:]}")
+    out["exit_code"] = r.returncode
+    out["command"] = "halfsync-bench " + " ".join(str(a) for a in args)
+    return out
+
+
+def errors(r):
+    bad = sum(v for k, v in r.get("status", {}).items() if k != "OK")
+    return bad + r.get("verify_errors", 0) + sum(r.get("conn_errors", {}).values())
+
+
+def measured(server, args, pin):
+    before = server.cpu()
+    r = bench(server.port, args, pin)
+    after = server.cpu()
+    n = max(r["requests"], 1)
+    d = [a - b for a, b in zip(after, before)]
+    r["cpu_us_per_request"] = {
+        "proxy_user": d[0] / n * 1e6,
+        "proxy_sys": d[1] / n * 1e6,
+        "workers_user": d[2] / n * 1e6,
+        "workers_sys": d[3] / n * 1e6,
+    }
+    return r
+
+
+def compare(name, args, rounds, pin, env=None, workers=2, extra_server=""):
+    """Interleaved rounds: inline baseline vs halfsync. Returns both series."""
+    res = {"name": name, "args": [str(a) for a in args], "inline": [], "halfsync": []}
+    for _ in range(rounds):
+        for mode in ("inline", "halfsync"):
+            s = Server(inline=(mode == "inline"), workers=workers, env=env, extra_server=extra_server, pin=pin)
+            try:
+                res[mode].append(measured(s, args, pin))
+            finally:
+                s.stop()
+    return res
+
+
+def med(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def med_lat(runs, p):
+    return statistics.median(r["latency_us"][p] for r in runs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="short runs, one round (a smoke test)")
+    ap.add_argument("--pin", action="store_true", help="servers on CPU 0, load generator on CPU 1")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.json"))
+    a = ap.parse_args()
+    for f in (HALFSYNC, BENCH, ECHO):
+        if not os.path.exists(f):
+            sys.exit(f"{f} missing: run `cargo build --release --workspace` first")
+    dur = "2s" if a.quick else "5s"
+    rounds = 1 if a.quick else 3
+    common = ["--warmup", "1s", "--duration", dur, "--payload", 64]
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} vCPU, {platform.machine()}, Linux {platform.release()}",
+        "pinned": a.pin,
+        "rounds": rounds,
+        "duration": dur,
+        "results": [],
+    }
+
+    def run(name, args, **kw):
+        print(f"== {name}", file=sys.stderr, flush=True)
+        r = compare(name, common + args, rounds, a.pin, **kw)
+        out["results"].append(r)
+        return r
+
+    # 1. Throughput at depth 1 and 16, 50 connections, 2 workers.
+    d1 = run("echo 64 B, 50 conns, depth 1", ["-c", 50, "--depth", 1])
+    d16 = run("echo 64 B, 50 conns, depth 16", ["-c", 50, "--depth", 16])
+    # 2. Throughput against connections (depth 1).
+    for c in ([1, 10, 200] if a.quick else [1, 10, 100, 200, 500]):
+        run(f"echo 64 B, {c} conns, depth 1", ["-c", c, "--depth", 1])
+    # 3. Open loop: latency against offered rate, as fractions of the
+    # closed-loop maximum of the inline baseline at depth 1.
+    peak = med(d1["inline"], "rps")
+    out["open_loop_peak_rps"] = peak
+    for frac in ([0.5] if a.quick else [0.1, 0.3, 0.5, 0.7, 0.9]):
+        run(f"open loop {int(frac * 100)}% of peak", ["-c", 50, "--rate", int(peak * frac)])
+    # 4. Techniques: each switched off (HALFSYNC_TUNING), against all on, at
+    # depth 1 and 16 (halfsync only; the inline column is all-on too).
+    if not a.quick:
+        out["switches"] = []
+        for sw in ["plain_accept", "no_direct_send", "flush_per_reply", "clock_per_event",
+                   "publish_per_request", "always_wake"]:
+            for depth in (1, 16):
+                print(f"== switch {sw}, depth {depth}", file=sys.stderr, flush=True)
+                series = {"switch": sw, "depth": depth, "on": [], "off": []}
+                for _ in range(rounds):
+                    for mode in ("on", "off"):
+                        env = {"HALFSYNC_TUNING": sw} if mode == "off" else {}
+                        s = Server(env=env, pin=a.pin)
+                        try:
+                            series[mode].append(measured(s, common + ["-c", 50, "--depth", depth], a.pin))
+                        finally:
+                            s.stop()
+                out["switches"].append(series)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {a.out}", file=sys.stderr)
+    report(out)
+
+
+def report(out):
+    print(f"\nMeasured {out['date']} on {out['machine']}; pinned: {out['pinned']}; "
+          f"{out['rounds']} interleaved rounds of {out['duration']}, medians.\n")
+    print("| scenario | inline baseline | halfsync | ratio | p99 inline | p99 halfsync | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in out["results"]:
+        i, h = r["inline"], r["halfsync"]
+        ri, rh = med(i, "rps"), med(h, "rps")
+        errs = sum(errors(x) for x in i + h)
+        print(f"| {r['name']} | {ri:,.0f} req/s | {rh:,.0f} req/s | **{rh / ri:.2f}** | "
+              f"{med_lat(i, 'p99'):,.0f} µs | {med_lat(h, 'p99'):,.0f} µs | {errs} |")
+    print("\nCPU per request (µs), halfsync at depth 1 / 16, 50 connections:\n")
+    print("| scenario | proxy user | proxy sys | workers user | workers sys | inline user | inline sys |")
+    print("|---|---|---|---|---|---|---|")
+    for r in out["results"][:2]:
+        h = r["halfsync"]
+        i = r["inline"]
+        c = lambda runs, k: statistics.median(x["cpu_us_per_request"][k] for x in runs)
+        print(f"| {r['name']} | {c(h, 'proxy_user'):.2f} | {c(h, 'proxy_sys'):.2f} | "
+              f"{c(h, 'workers_user'):.2f} | {c(h, 'workers_sys'):.2f} | "
+              f"{c(i, 'proxy_user'):.2f} | {c(i, 'proxy_sys'):.2f} |")
+    if out.get("switches"):
+        print("\nEach technique switched off (HALFSYNC_TUNING), throughput relative to all on:\n")
+        print("| switched off | depth | all on | switched off | ratio |")
+        print("|---|---|---|---|---|")
+        for s in out["switches"]:
+            on, off = med(s["on"], "rps"), med(s["off"], "rps")
+            print(f"| {s['switch']} | {s['depth']} | {on:,.0f} | {off:,.0f} | {off / on:.2f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--report":
+        with open(sys.argv[2]) as f:
+            report(json.load(f))
+    else:
+        main()

@@ -1,0 +1,503 @@
+//! End-to-end tests of the load generator against an in-test HSP/1 server.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use halfsync_bench::{Config, Load, Report, RunOptions};
+use support::{Mode, Server, dead_port};
+
+const EXE: &str = env!("CARGO_BIN_EXE_halfsync-bench");
+
+fn cfg(server: &Server) -> Config {
+    let mut c = Config::new(server.addr);
+    c.connections = 4;
+    c.active = 4;
+    c.load = Load::Closed { depth: 4 };
+    c.warmup = Duration::ZERO;
+    c.duration = None;
+    c.requests = Some(2000);
+    c.timeout = Duration::from_secs(10);
+    c.drain = Duration::from_secs(2);
+    c
+}
+
+fn run(c: &Config) -> Report {
+    let t = Instant::now();
+    let r = halfsync_bench::run(c).expect("run");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "run took {:?}",
+        t.elapsed()
+    );
+    r
+}
+
+fn assert_clean(r: &Report) {
+    assert!(r.ok, "expected a clean run:\n{r}");
+    assert_eq!(r.verify_errors, 0, "{r}");
+    assert_eq!(r.conn_errors.total(), 0, "{r}");
+    assert_eq!(r.unanswered, 0, "{r}");
+    assert_eq!(r.replies, r.sent, "{r}");
+}
+
+#[test]
+fn closed_loop_measures_exactly_the_requested_count() {
+    let s = Server::start(Mode::Echo);
+    let r = run(&cfg(&s));
+    assert_clean(&r);
+    assert_eq!(r.requests, 2000);
+    assert_eq!(r.status.ok, 2000);
+    assert_eq!(r.status.total(), 2000);
+    assert_eq!(r.histogram.len(), 2000);
+    // depth 4 on 4 connections: at most 16 more sent than measured
+    assert!(r.sent >= 2000 && r.sent <= 2016, "sent {}", r.sent);
+    assert_eq!(r.connected, 4);
+    assert_eq!(r.mode, "closed");
+    assert!(r.rps > 0.0 && r.seconds > 0.0);
+    assert!(r.latency_us.p50 <= r.latency_us.p99 && r.latency_us.p99 <= r.latency_us.max);
+}
+
+#[test]
+fn closed_loop_for_a_duration_on_two_threads() {
+    let s = Server::start(Mode::Echo);
+    let mut c = cfg(&s);
+    c.requests = None;
+    c.connections = 6;
+    c.active = 6;
+    c.threads = 2;
+    c.payload = 300;
+    c.warmup = Duration::from_millis(200);
+    c.duration = Some(Duration::from_millis(500));
+    let r = run(&c);
+    assert_clean(&r);
+    assert!(r.requests > 100, "{r}");
+    assert!((r.seconds - 0.5).abs() < 0.01, "seconds {}", r.seconds);
+    // warmup replies were received but not measured
+    assert!(r.replies > r.requests, "{r}");
+    assert_eq!(s.frames.load(std::sync::atomic::Ordering::SeqCst), r.sent);
+}
+
+#[test]
+fn open_loop_follows_the_schedule() {
+    let s = Server::start(Mode::Echo);
+    let mut c = cfg(&s);
+    c.requests = None;
+    c.load = Load::Open { rate: 2000.0 };
+    c.warmup = Duration::from_millis(250);
+    c.duration = Some(Duration::from_secs(1));
+    let r = run(&c);
+    assert_clean(&r);
+    // 2000 due in the measured second, give or take those in flight at its edges
+    assert!((1900..=2100).contains(&r.requests), "{r}");
+    // 0.25 s + 1 s of schedule
+    assert!((2450..=2550).contains(&r.sent), "{r}");
+    assert_eq!(r.rate, Some(2000.0));
+    assert_eq!(r.depth, None);
+    assert!(r.latency_us.p50 < 20_000, "{r}");
+    let lag = r.send_lag_us.as_ref().expect("open loop reports send lag");
+    assert!(lag.p50 < 5_000, "{r}");
+}
+
+#[test]
+fn open_loop_latency_includes_the_time_a_stall_delayed_sending() {
+    // One connection stalls for 300 ms a third of the way in. Open loop: every
+    // request due during the stall is late by up to 300 ms, and that shows.
+    let s = Server::start(Mode::StallOnce { at: 400, ms: 300 });
+    let mut c = cfg(&s);
+    c.connections = 1;
+    c.active = 1;
+    c.requests = None;
+    c.load = Load::Open { rate: 1000.0 };
+    c.warmup = Duration::ZERO;
+    c.duration = Some(Duration::from_millis(1200));
+    let r = run(&c);
+    assert_clean(&r);
+    assert!(r.latency_us.max >= 290_000, "{r}");
+    assert!(r.latency_us.p90 >= 50_000, "{r}");
+    // Closed loop, depth 1: the same stall is one slow request.
+    let s = Server::start(Mode::StallOnce { at: 400, ms: 300 });
+    let mut c = cfg(&s);
+    c.connections = 1;
+    c.active = 1;
+    c.load = Load::Closed { depth: 1 };
+    c.requests = Some(1200);
+    let r = run(&c);
+    assert_clean(&r);
+    assert!(r.latency_us.max >= 290_000, "{r}");
+    assert!(r.latency_us.p99 < 50_000, "{r}");
+}
+
+#[test]
+fn corrupt_payloads_are_caught() {
+    let s = Server::start(Mode::CorruptPayload(50));
+    let r = run(&cfg(&s));
+    assert!(!r.ok);
+    assert!(r.verify.payload >= 30, "{r}");
+    assert_eq!(r.verify.unknown_id, 0);
+    assert_eq!(r.verify_errors, r.verify.payload);
+    assert!(
+        r.errors.iter().any(|e| e.contains("payload")),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(r.requests, 2000, "errors are counted, not fatal");
+}
+
+#[test]
+fn corrupt_and_duplicate_ids_are_caught() {
+    // A reply with a wrong id leaves its request unanswered, holding one of
+    // the connection's `depth` slots; after 4 of them a connection stalls
+    // until the reply timeout drops it.
+    let s = Server::start(Mode::CorruptId(100));
+    let mut c = cfg(&s);
+    c.timeout = Duration::from_millis(300);
+    let r = run(&c);
+    assert!(!r.ok);
+    assert_eq!(r.verify.unknown_id, 16, "{r}");
+    assert_eq!(r.unanswered, 16, "{r}");
+    assert_eq!(r.conn_errors.timeout, 4, "{r}");
+    assert!(
+        r.errors.iter().any(|e| e.starts_with("unknown id: ")),
+        "{:?}",
+        r.errors
+    );
+
+    let s = Server::start(Mode::Duplicate(100));
+    let r = run(&cfg(&s));
+    assert!(!r.ok);
+    assert!(r.verify.unknown_id >= 15, "{r}");
+    assert_eq!(r.verify.payload, 0);
+}
+
+#[test]
+fn statuses_are_counted_and_checked() {
+    let s = Server::start(Mode::Status(2));
+    let mut c = cfg(&s);
+    c.requests = Some(500);
+    let r = run(&c);
+    assert!(!r.ok);
+    assert_eq!(r.status.busy, 500);
+    assert!(r.verify.status >= 500, "{r}");
+    c.allow_status = vec![2];
+    let r = run(&c);
+    assert_clean(&r);
+    assert_eq!(r.status.busy, 500);
+    // plugin codes land in "other"; --no-verify accepts anything
+    let s = Server::start(Mode::Status(150));
+    let mut c = cfg(&s);
+    c.requests = Some(300);
+    c.verify = false;
+    let r = run(&c);
+    assert_clean(&r);
+    assert_eq!(r.status.other, 300);
+}
+
+#[test]
+fn connection_errors_by_kind() {
+    // refused
+    let mut c = Config::new(dead_port());
+    c.connections = 3;
+    c.active = 3;
+    c.requests = Some(10);
+    c.duration = None;
+    let r = run(&c);
+    assert!(!r.ok);
+    assert_eq!(r.conn_errors.refused, 3, "{r}");
+    assert_eq!(r.connected, 0);
+
+    // closed by the server mid-run
+    let s = Server::start(Mode::CloseAfter(100));
+    let mut c = cfg(&s);
+    c.requests = None;
+    c.duration = Some(Duration::from_millis(500));
+    let r = run(&c);
+    assert!(!r.ok);
+    // FIN, or RST if the server closed with requests unread
+    assert_eq!(r.conn_errors.closed + r.conn_errors.reset, 4, "{r}");
+    assert!(r.unanswered > 0);
+
+    // a server that never answers: timeout
+    let s = Server::start(Mode::Silent);
+    let mut c = cfg(&s);
+    c.requests = None;
+    c.duration = Some(Duration::from_secs(3));
+    c.timeout = Duration::from_millis(300);
+    let t = Instant::now();
+    let r = run(&c);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "all connections dead, so it ends early"
+    );
+    assert!(!r.ok);
+    assert_eq!(r.conn_errors.timeout, 4, "{r}");
+    assert_eq!(r.requests, 0);
+    assert_eq!(r.unanswered, 16);
+}
+
+#[test]
+fn connect_only_with_a_few_active() {
+    let s = Server::start(Mode::Echo);
+    let mut c = cfg(&s);
+    c.connections = 40;
+    c.active = 4;
+    c.load = Load::Closed { depth: 2 };
+    c.requests = None;
+    c.duration = Some(Duration::from_millis(300));
+    c.hold = Duration::from_millis(700);
+    let t = Instant::now();
+    let r = run(&c);
+    assert!(t.elapsed() >= Duration::from_millis(700), "held");
+    assert_clean(&r);
+    assert_eq!(r.connected, 40);
+    assert_eq!(r.active, 4);
+    assert_eq!(s.accepted.load(std::sync::atomic::Ordering::SeqCst), 40);
+    assert!(r.requests > 0);
+
+    // no traffic at all
+    let s = Server::start(Mode::Echo);
+    let mut c = cfg(&s);
+    c.connections = 25;
+    c.active = 0;
+    c.requests = None;
+    c.duration = None;
+    c.hold = Duration::from_millis(200);
+    let r = run(&c);
+    assert_clean(&r);
+    assert_eq!(
+        (r.mode, r.requests, r.sent, r.connected),
+        ("idle", 0, 0, 25)
+    );
+}
+
+#[test]
+fn source_addresses_are_used_round_robin() {
+    let s = Server::start(Mode::Echo);
+    let mut c = cfg(&s);
+    c.connections = 4;
+    c.sources = vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
+    c.requests = Some(100);
+    let r = run(&c);
+    assert_clean(&r);
+    let mut peers: Vec<String> = s
+        .peers
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    peers.sort();
+    assert_eq!(peers, ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"]);
+}
+
+#[test]
+fn two_processes_merge_exactly() {
+    let s = Server::start(Mode::Echo);
+    let mut c = cfg(&s);
+    c.connections = 6;
+    c.active = 6;
+    c.requests = Some(3001);
+    let opts = RunOptions {
+        processes: 2,
+        exe: Some(EXE.into()),
+        interrupt: None,
+    };
+    let r = halfsync_bench::run_with(&c, &opts).unwrap();
+    assert_clean(&r);
+    assert_eq!(r.processes, 2);
+    assert_eq!(r.requests, 3001);
+    assert_eq!(r.histogram.len(), 3001);
+    assert_eq!(r.status.ok, 3001);
+    assert_eq!(r.connected, 6);
+    assert_eq!(s.accepted.load(std::sync::atomic::Ordering::SeqCst), 6);
+
+    // open loop: the two halves make one schedule
+    let mut c = cfg(&s);
+    c.requests = None;
+    c.load = Load::Open { rate: 1000.0 };
+    c.warmup = Duration::from_millis(200);
+    c.duration = Some(Duration::from_secs(1));
+    let r = halfsync_bench::run_with(&c, &opts).unwrap();
+    assert_clean(&r);
+    assert!((950..=1050).contains(&r.requests), "{r}");
+    assert!((1180..=1220).contains(&r.sent), "{r}");
+
+    // verification errors from both children add up
+    let s = Server::start(Mode::CorruptPayload(10));
+    let mut c = cfg(&s);
+    c.requests = Some(1000);
+    let r = halfsync_bench::run_with(&c, &opts).unwrap();
+    assert!(!r.ok);
+    assert!(r.verify.payload >= 90, "{r}");
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(EXE).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_json_schema_and_exit_codes() {
+    let s = Server::start(Mode::Echo);
+    let addr = s.addr.to_string();
+    let (code, out, err) = cli(&[
+        "--addr",
+        &addr,
+        "-c",
+        "3",
+        "--depth",
+        "2",
+        "--requests",
+        "600",
+        "--warmup",
+        "0",
+        "--json",
+        "--processes",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in [
+        "requests",
+        "seconds",
+        "rps",
+        "latency_us",
+        "status",
+        "conn_errors",
+        "verify_errors",
+        "connections",
+        "depth",
+        "payload",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k} in {v}");
+    }
+    for k in ["p50", "p90", "p99", "p999", "max", "mean"] {
+        assert!(v["latency_us"].get(k).is_some(), "missing latency_us.{k}");
+    }
+    for k in ["refused", "reset", "closed", "timeout", "other"] {
+        assert_eq!(v["conn_errors"][k], 0);
+    }
+    assert_eq!(v["requests"], 600);
+    assert_eq!(v["status"]["OK"], 600);
+    assert_eq!(v["status"]["BUSY"], 0);
+    assert_eq!(v["depth"], 2);
+    assert!(v.get("rate").is_none());
+    assert_eq!(v["payload"], 64);
+    assert_eq!(v["ok"], true);
+
+    let (code, out, _) = cli(&[
+        "--addr",
+        &addr,
+        "-c",
+        "2",
+        "--rate",
+        "500",
+        "--warmup",
+        "0",
+        "--duration",
+        "400ms",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["rate"], 500.0);
+    assert!(v.get("depth").is_none());
+
+    // text report
+    let (code, out, _) = cli(&["--addr", &addr, "-c", "2", "-n", "100", "--warmup", "0"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("requests     100 in"), "{out}");
+    assert!(out.contains("result       OK"), "{out}");
+
+    // a wrong server fails the run
+    let bad = Server::start(Mode::CorruptPayload(7));
+    let (code, out, _) = cli(&[
+        "--addr",
+        &bad.addr.to_string(),
+        "-c",
+        "2",
+        "-n",
+        "200",
+        "--warmup",
+        "0",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("result       FAILED"), "{out}");
+
+    // usage errors
+    let (code, _, err) = cli(&["--depth", "2", "--rate", "5"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = cli(&["--addr", &addr, "-c", "2", "--active", "3"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--active"), "{err}");
+}
+
+#[test]
+fn progress_lines_when_asked() {
+    let s = Server::start(Mode::Echo);
+    let (code, out, err) = cli(&[
+        "--addr",
+        &s.addr.to_string(),
+        "-c",
+        "2",
+        "--warmup",
+        "0",
+        "--duration",
+        "1500ms",
+        "--progress",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("req/s") && err.contains("measure"), "{err}");
+}
+
+#[test]
+fn an_interrupt_ends_the_run_with_what_was_measured() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let s = Server::start(Mode::Echo);
+    let mut c = cfg(&s);
+    c.requests = None;
+    c.duration = Some(Duration::from_secs(30));
+    c.hold = Duration::from_secs(60);
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        f.store(true, SeqCst);
+    });
+    let t = Instant::now();
+    let opts = RunOptions {
+        processes: 1,
+        exe: None,
+        interrupt: Some(flag),
+    };
+    let r = halfsync_bench::run_with(&c, &opts).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_clean(&r);
+    assert!(r.requests > 0);
+    assert!(r.seconds > 0.2 && r.seconds < 2.0, "{r}");
+}
+
+#[test]
+fn a_bad_request_reply_is_read_before_the_close() {
+    // The server answers BAD_REQUEST and closes: both are reported.
+    let s = Server::start(Mode::BadRequest);
+    let mut c = cfg(&s);
+    c.connections = 2;
+    c.active = 2;
+    c.load = Load::Closed { depth: 1 };
+    c.requests = Some(10);
+    let r = run(&c);
+    assert!(!r.ok);
+    assert_eq!(r.status.bad_request, 2, "{r}");
+    assert_eq!(r.verify.status, 2, "{r}");
+    assert_eq!(r.conn_errors.closed + r.conn_errors.reset, 2, "{r}");
+    // a request sent after the reply and before the close was seen is lost
+    assert!(r.unanswered <= 2, "{r}");
+}
