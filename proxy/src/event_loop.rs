@@ -258,9 +258,15 @@ impl Proxy {
     /// Tells every worker we are about to sleep, so it wakes us when it
     /// publishes; returns how long epoll may wait.
     fn prepare_sleep(&mut self) -> Option<Duration> {
-        let mut busy = !self.conns.dirty.is_empty();
+        // Work already waiting: poll without announcing sleep (no fences,
+        // no wake-ups the workers would have to pay for).
+        if !self.conns.dirty.is_empty() || self.slots.iter_mut().flatten().any(|s| s.has_replies())
+        {
+            return Some(Duration::ZERO);
+        }
+        let mut busy = false;
         for s in self.slots.iter_mut().flatten() {
-            // Replies waiting (or a corrupt ring): handle them this turn.
+            // Replies arrived meanwhile (or a corrupt ring): handle them now.
             busy |= !s.prepare_sleep();
         }
         if busy {
@@ -301,7 +307,7 @@ impl Proxy {
     }
 
     fn end_sleep(&mut self) {
-        for s in self.slots.iter().flatten() {
+        for s in self.slots.iter_mut().flatten() {
             s.end_sleep();
         }
     }

@@ -94,6 +94,8 @@ pub(crate) struct WorkerSlot {
     probation: bool,
     /// Benchmark switch `always_wake`.
     always_wake: bool,
+    /// We told the worker we sleep (and must take it back on waking).
+    announced: bool,
     /// A replacement was requested for this worker.
     recycle_requested: bool,
     /// Do not request a replacement before this time.
@@ -134,16 +136,23 @@ impl WorkerSlot {
             )
     }
 
+    /// Whether replies are waiting (or the ring is corrupt: handle it), a
+    /// cheap look without announcing anything.
+    pub(crate) fn has_replies(&mut self) -> bool {
+        self.readable() && !matches!(self.rx.is_empty(), Ok(true))
+    }
+
     /// Announces sleep to the worker; false if replies are already waiting.
     pub(crate) fn prepare_sleep(&mut self) -> bool {
         if !self.readable() {
             return true;
         }
+        self.announced = true;
         matches!(self.rx.prepare_sleep(), Ok(true))
     }
 
-    pub(crate) fn end_sleep(&self) {
-        if self.readable() {
+    pub(crate) fn end_sleep(&mut self) {
+        if std::mem::take(&mut self.announced) && self.readable() {
             self.rx.end_sleep();
         }
     }
@@ -302,6 +311,7 @@ impl Proxy {
             replaces: None,
             probation: false,
             always_wake: self.tuning.always_wake,
+            announced: false,
             recycle_requested: false,
             recycle_not_before_ns: 0,
             corrupt: false,

@@ -2,7 +2,8 @@
 //! `halfsync status` and the metrics endpoint, without asking the proxy.
 //!
 //! One writer (the proxy), any number of readers; every field is an
-//! atomic updated with Relaxed ordering: readers see each counter
+//! atomic updated with Relaxed loads and stores (one writer needs no locked
+//! read-modify-write): readers see each counter
 //! whole, and a snapshot is a moment's view, which is all status and
 //! metrics need. Replies are counted where they are attributed: to the
 //! worker slot whose worker answered (or died or timed out on) the
@@ -32,6 +33,12 @@ pub const BUCKETS_US: [u64; 16] = [
 const HIST: usize = BUCKETS_US.len() + 1;
 const MAGIC: u64 = 0x6873_7374_6174_0001;
 
+/// Adds to a counter this process alone writes: a plain load and store,
+/// not a locked read-modify-write (readers still see whole values).
+fn bump(a: &AtomicU64, n: u64) {
+    a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
 /// Index in a `replies` array for a reply status.
 pub fn status_index(code: u16) -> usize {
     if code < 8 { code as usize } else { 8 }
@@ -46,8 +53,8 @@ struct Histogram {
 impl Histogram {
     fn record(&self, us: u64) {
         let i = BUCKETS_US.partition_point(|&b| b < us);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        bump(&self.buckets[i], 1);
+        bump(&self.sum_us, us);
     }
     fn read(&self) -> HistogramSnapshot {
         HistogramSnapshot {
@@ -239,7 +246,7 @@ impl Stats {
                 },
             },
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        bump(counter, 1);
     }
 
     /// Records a finished request's latency and queue wait for a group.
@@ -253,7 +260,7 @@ impl Stats {
     /// A request was written into a slot's ring.
     pub fn dispatched(&self, slot: usize, pending: usize) {
         if let Some(s) = self.page().slots.get(slot) {
-            s.dispatched.fetch_add(1, Ordering::Relaxed);
+            bump(&s.dispatched, 1);
             s.pending.store(pending as u64, Ordering::Relaxed);
         }
     }
@@ -282,12 +289,12 @@ impl Stats {
 
     /// A connection was accepted.
     pub fn accepted(&self) {
-        self.page().global.accepted.fetch_add(1, Ordering::Relaxed);
+        bump(&self.page().global.accepted, 1);
     }
 
     /// A connection was refused.
     pub fn refused(&self) {
-        self.page().global.refused.fetch_add(1, Ordering::Relaxed);
+        bump(&self.page().global.refused, 1);
     }
 
     // ---- reader side ----

@@ -146,7 +146,11 @@ impl Control {
 
     /// Worker: finished the current request (its reply is written).
     pub fn end(&self) {
-        self.served.fetch_add(1, Ordering::Relaxed);
+        // One writer: a plain load and store, not a locked add.
+        self.served.store(
+            self.served.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
         self.state
             .store(WorkerState::Idle as u32, Ordering::Release);
     }
