@@ -2,6 +2,17 @@
 //! line to the master's admin socket, one JSON line back.
 
 use std::io::{BufRead, BufReader, Write};
+
+/// Prints a line to stdout; a closed pipe (`halfsync status | head`) ends
+/// the output quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let mut o = std::io::stdout().lock();
+        if writeln!(o, $($arg)*).is_err() {
+            return Ok(());
+        }
+    }};
+}
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -40,7 +51,7 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
 pub fn simple(socket: &Path, line: &str, timeout: Duration) -> Result<()> {
     let v = request(socket, line, timeout)?;
     if let Some(m) = v["message"].as_str() {
-        println!("halfsync: {m}");
+        out!("halfsync: {m}");
     }
     Ok(())
 }
@@ -49,11 +60,11 @@ pub fn simple(socket: &Path, line: &str, timeout: Duration) -> Result<()> {
 pub fn status(socket: &Path, json: bool) -> Result<()> {
     let v = request(socket, r#"{"cmd":"status"}"#, Duration::from_secs(10))?;
     if json {
-        println!("{v}");
+        out!("{v}");
         return Ok(());
     }
     let n = |v: &Value| v.as_u64().unwrap_or(0);
-    println!(
+    out!(
         "halfsync pid {}, configuration generation {}, up {} s{}",
         v["pid"],
         v["generation"],
@@ -65,19 +76,24 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         }
     );
     let p = &v["proxy"];
-    println!(
+    out!(
         "proxy pid {}: {} connections ({} accepted, {} refused), {} requests in flight",
-        p["pid"], p["connections"], p["accepted"], p["refused"], p["inflight"]
+        p["pid"],
+        p["connections"],
+        p["accepted"],
+        p["refused"],
+        p["inflight"]
     );
     for g in v["groups"].as_array().into_iter().flatten() {
         if g["retired"] == Value::Bool(true) && g["workers"].as_array().is_none_or(|w| w.is_empty())
         {
             continue;
         }
-        println!(
-            "group {} ({} pool, {} workers wanted, generation {}{}): {} queued; replies {}",
+        out!(
+            "group {} ({} pool, {} workers, {} wanted, generation {}{}): {} queued; replies {}",
             g["name"].as_str().unwrap_or("?"),
             g["pool"].as_str().unwrap_or("?"),
+            g["workers_running"],
             g["workers_target"],
             g["generation"],
             if g["retired"] == Value::Bool(true) {
@@ -98,7 +114,7 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
                 ),
                 _ => String::new(),
             };
-            println!(
+            out!(
                 "  worker {:<3} pid {:<8} {:<10} served {:<8} rss {:>6} KiB  restarts {}{current}",
                 w["worker"],
                 w["pid"].as_i64().map_or("-".to_owned(), |p| p.to_string()),
@@ -109,7 +125,7 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             );
         }
     }
-    println!("total replies: {}", replies(&v["totals"]["replies"]));
+    out!("total replies: {}", replies(&v["totals"]["replies"]));
     Ok(())
 }
 

@@ -79,13 +79,16 @@ enum Cmd {
         timeout: u64,
     },
     /// Stop the server: finish in-flight requests, then exit (also:
-    /// SIGTERM, SIGINT or SIGQUIT to the master).
+    /// SIGTERM, SIGINT or SIGQUIT to the master). Returns once it exited.
     Stop {
         #[command(flatten)]
         target: Target,
         /// Kill everything at once instead of draining.
         #[arg(long)]
         fast: bool,
+        /// Give up waiting for the server to exit after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
     },
     /// Set the number of workers of a group.
     Scale {
@@ -113,9 +116,13 @@ fn main() -> ExitCode {
         Cmd::Status { target, json } => socket(&target).and_then(|s| ctl::status(&s, json)),
         Cmd::Reload { target, timeout } => socket(&target)
             .and_then(|s| ctl::simple(&s, r#"{"cmd":"reload"}"#, Duration::from_secs(timeout))),
-        Cmd::Stop { target, fast } => socket(&target).and_then(|s| {
+        Cmd::Stop {
+            target,
+            fast,
+            timeout,
+        } => socket(&target).and_then(|s| {
             let line = serde_json::json!({"cmd": "stop", "fast": fast}).to_string();
-            ctl::simple(&s, &line, Duration::from_secs(10))
+            ctl::simple(&s, &line, Duration::from_secs(timeout))
         }),
         Cmd::Scale {
             target,
@@ -137,12 +144,43 @@ fn main() -> ExitCode {
     }
 }
 
-/// The admin socket of the server an operator command targets.
+/// The admin socket of the server an operator command targets. Only
+/// `server.admin_socket` and `server.listen` are read from the file, and
+/// leniently: an operator must be able to stop or inspect a server while
+/// its config file has a mistake in some other key.
 fn socket(t: &Target) -> Result<PathBuf> {
     if let Some(s) = &t.socket {
         return Ok(s.clone());
     }
-    Ok(load_config(t.config.as_deref())?.admin_socket())
+    let Some(path) = &t.config else {
+        return Ok(Config::embedded_default().admin_socket());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let Ok(table) = text.parse::<toml::Table>() else {
+        // Not even TOML: the full loader says where.
+        return Ok(load_config(Some(path))?.admin_socket());
+    };
+    let server = table.get("server").and_then(|s| s.as_table());
+    let explicit = server
+        .and_then(|s| s.get("admin_socket"))
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty());
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let Some(sock) = explicit {
+        return Ok(dir.join(sock));
+    }
+    let port = server
+        .and_then(|s| s.get("listen"))
+        .and_then(|l| l.as_array())
+        .and_then(|l| l.first())
+        .and_then(|a| a.as_str())
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map_or(7878, |a| a.port());
+    Ok(PathBuf::from(format!("/tmp/halfsync-{port}.sock")))
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config> {

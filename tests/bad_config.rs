@@ -157,6 +157,10 @@ fn plugin_whose_init_fails() {
         .rfind(|l| !l.trim().is_empty())
         .unwrap_or_default();
     assert!(last.contains("group g: no worker could start"), "{err}");
+    assert!(
+        last.contains("missing required key `db`"),
+        "the reason is in the last line: {err}"
+    );
     assert!(err.contains("missing required key `db`"), "{err}");
 }
 

@@ -79,3 +79,25 @@ fn embedded_default_serves_echo_on_7878() {
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// A supervisor may send SIGTERM again while halfsync drains (systemd does
+/// after an ExecStop): the drain still completes; only a second SIGINT
+/// cuts it short.
+#[test]
+fn repeated_sigterm_does_not_cut_the_drain_short() {
+    let port = free_port();
+    let text = config(port, &halfsync_testkit::fault_plugin(), 1, "");
+    let mut s = Server::start(&text, port);
+    let mut c = s.client();
+    c.send(1, halfsync_testkit::fault::SLOW, &600u32.to_be_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    s.signal(libc::SIGTERM);
+    let r = c.recv().unwrap();
+    assert_eq!((r.id, r.code), (1, status::OK));
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert!(s.log().contains("already stopping"));
+    s.assert_clean();
+}

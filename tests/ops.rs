@@ -108,7 +108,7 @@ fn reload_to_a_plugin_that_fails_init_keeps_the_old_one() {
         "{out}"
     );
     assert!(
-        s.log().contains("no database"),
+        out.contains("init failed: no database"),
         "the worker's reason is logged"
     );
     load.progress(1000);
@@ -601,4 +601,30 @@ fn a_worker_that_will_not_drain_is_killed_after_drain_timeout() {
     let mut c = s.client();
     assert_eq!(c.call(2, 1, b"x").unwrap().payload, b"v2:x");
     settle(&mut s, 1);
+}
+
+/// Operator commands find the server even while its config file has a
+/// mistake (they read only the admin socket and listen keys).
+#[test]
+fn status_and_stop_work_while_the_config_file_is_broken() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 1, "", "", ""), port);
+    let broken = std::fs::read_to_string(s.config_path())
+        .unwrap()
+        .replace("workers = 1", "workers = \"one\"\nwokers = 1");
+    std::fs::write(s.config_path(), broken).unwrap();
+    let (code, out, err) = s.ctl(&["status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("group game"), "{out}");
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("did you mean `workers`") || out.contains("group[0].workers"),
+        "{out}"
+    );
+    let (code, out, err) = s.ctl(&["stop"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("stopped"), "{out}");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
 }

@@ -61,6 +61,9 @@ pub enum ToProxy {
         /// one is ready, do not hold requests for it (answer BUSY if the
         /// group has nothing else).
         probation: bool,
+        /// Worker number within its group (slots are reused, so it can
+        /// change), for logs.
+        label: u32,
     },
     /// The worker on `slot` exited (reaped by the master).
     WorkerExited {
@@ -165,22 +168,30 @@ pub fn describe_exit(status: i32) -> String {
     format!("killed by {name} ({sig})")
 }
 
-const LEN: usize = 20;
+const LEN: usize = 24;
 const NONE: u32 = u32::MAX;
 
 fn encode(tag: u8, a: u32, b: u32, c: u32, d: u32) -> [u8; LEN] {
+    encode5(tag, a, b, c, d, 0)
+}
+
+fn encode5(tag: u8, a: u32, b: u32, c: u32, d: u32, e: u32) -> [u8; LEN] {
     let mut m = [0u8; LEN];
     m[0] = tag;
-    m[4..8].copy_from_slice(&a.to_le_bytes());
-    m[8..12].copy_from_slice(&b.to_le_bytes());
-    m[12..16].copy_from_slice(&c.to_le_bytes());
-    m[16..20].copy_from_slice(&d.to_le_bytes());
+    for (i, v) in [a, b, c, d, e].into_iter().enumerate() {
+        m[4 + 4 * i..8 + 4 * i].copy_from_slice(&v.to_le_bytes());
+    }
     m
 }
 
 fn decode(m: &[u8; LEN]) -> (u8, u32, u32, u32, u32) {
+    let (t, a, b, c, d, _) = decode5(m);
+    (t, a, b, c, d)
+}
+
+fn decode5(m: &[u8; LEN]) -> (u8, u32, u32, u32, u32, u32) {
     let w = |i: usize| u32::from_le_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
-    (m[0], w(4), w(8), w(12), w(16))
+    (m[0], w(4), w(8), w(12), w(16), w(20))
 }
 
 impl Restart {
@@ -228,12 +239,14 @@ impl ToProxy {
                 pid,
                 replaces,
                 probation,
-            } => encode(
+                label,
+            } => encode5(
                 2,
                 slot,
                 pid as u32,
                 replaces.unwrap_or(NONE),
                 probation as u32,
+                label,
             ),
             ToProxy::WorkerExited {
                 slot,
@@ -256,6 +269,7 @@ impl ToProxy {
                 pid: pid as i32,
                 replaces: (r != NONE).then_some(r),
                 probation: p != 0,
+                label: decode5(m).5,
             },
             (3, slot, pid, status, r) => ToProxy::WorkerExited {
                 slot,
@@ -414,12 +428,14 @@ mod tests {
                 pid: 77,
                 replaces: None,
                 probation: true,
+                label: 5,
             },
             ToProxy::WorkerStarted {
                 slot: 4,
                 pid: 78,
                 replaces: Some(3),
                 probation: false,
+                label: 0,
             },
             ToProxy::WorkerExited {
                 slot: 1,

@@ -344,7 +344,14 @@ impl Proxy {
                 pid,
                 replaces,
                 probation,
-            } => self.worker_started(slot as usize, pid, replaces.map(|r| r as usize), probation),
+                label,
+            } => self.worker_started(
+                slot as usize,
+                pid,
+                replaces.map(|r| r as usize),
+                probation,
+                label,
+            ),
             ToProxy::WorkerExited {
                 slot,
                 pid,

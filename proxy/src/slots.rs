@@ -330,6 +330,7 @@ impl Proxy {
         pid: i32,
         replaces: Option<usize>,
         probation: bool,
+        label: u32,
     ) {
         let now = self.now_ns;
         let Some(s) = self.slot_mut(si) else { return };
@@ -337,6 +338,7 @@ impl Proxy {
         s.since_ns = now;
         s.replaces = replaces;
         s.probation = probation;
+        s.label = label;
         s.corrupt = false;
         s.control_corrupt = false;
         s.timed_out = None;

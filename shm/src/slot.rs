@@ -100,7 +100,12 @@ pub struct Control {
     served: AtomicU64,
 }
 
-const _: () = assert!(std::mem::size_of::<Control>() <= CONTROL_LEN);
+const _: () = assert!(std::mem::size_of::<Control>() <= FAILURE_OFFSET);
+
+/// Where in the control page a worker leaves the reason it failed to start
+/// (a u32 length, then UTF-8 text), for the master to report.
+const FAILURE_OFFSET: usize = 2048;
+const FAILURE_MAX: usize = CONTROL_LEN - FAILURE_OFFSET - 4;
 
 impl Control {
     /// The slot generation the master assigned to the current worker.
@@ -338,11 +343,45 @@ impl Slot {
         }
     }
 
+    /// Worker: leaves the reason it could not start (plugin load or init
+    /// error) for the master, cut to 2 KiB.
+    pub fn set_failure(&self, reason: &str) {
+        let bytes = &reason.as_bytes()[..reason.len().min(FAILURE_MAX)];
+        // SAFETY: FAILURE_OFFSET + 4 + FAILURE_MAX == CONTROL_LEN, inside the
+        // mapping; the control page's tail is not used by anything else,
+        // and only the slot's worker writes it while it lives.
+        unsafe {
+            let p = self.region.as_ptr().add(FAILURE_OFFSET);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), p.add(4), bytes.len());
+            std::ptr::write_volatile(p as *mut u32, bytes.len() as u32);
+        }
+    }
+
+    /// The reason the last worker left with [`Slot::set_failure`], if any:
+    /// untrusted text, length-checked, made one line.
+    pub fn failure(&self) -> Option<String> {
+        // SAFETY: reads inside the control page; the length is checked
+        // before the bytes are read, and any bytes are valid u8s.
+        let text = unsafe {
+            let p = self.region.as_ptr().add(FAILURE_OFFSET);
+            let len = std::ptr::read_volatile(p as *const u32) as usize;
+            if len == 0 || len > FAILURE_MAX {
+                return None;
+            }
+            String::from_utf8_lossy(std::slice::from_raw_parts(p.add(4), len)).into_owned()
+        };
+        Some(text.replace(['\n', '\r'], " "))
+    }
+
     /// Empties both rings and clears the worker's fields of the control
     /// block, keeping the generation. Only while no worker is attached.
     pub fn reset(&self) {
         self.requests().reset();
         self.replies().reset();
         self.control().reset_worker_fields();
+        // SAFETY: the failure length word is inside the control page.
+        unsafe {
+            std::ptr::write_volatile(self.region.as_ptr().add(FAILURE_OFFSET) as *mut u32, 0)
+        };
     }
 }

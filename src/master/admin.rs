@@ -307,6 +307,19 @@ impl Admin {
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
     }
 
+    /// Answers these clients before the master exits (blocking, briefly).
+    pub(crate) fn answer_now(&mut self, conns: &[u64], body: &str) {
+        for c in self.conns.iter_mut().filter(|c| conns.contains(&c.id)) {
+            let mut line = body.as_bytes().to_vec();
+            line.push(b'\n');
+            if let Stream::Unix(s) = &mut c.stream {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = s.write_all(&line);
+            }
+        }
+    }
+
     /// Closes everything and removes the socket file.
     pub(crate) fn close(&mut self) {
         self.conns.clear();

@@ -164,6 +164,8 @@ pub(crate) struct SlotRec {
     ever_ready: bool,
     /// How the last worker in this slot ended.
     last_exit: Option<i32>,
+    /// Why it failed to start, in its own words (plugin load or init error).
+    pub(crate) last_failure: Option<String>,
     /// Configuration generation of the running worker.
     pub(crate) generation: u64,
 }
@@ -257,6 +259,8 @@ pub(crate) struct Master {
     rng: fastrand::Rng,
     /// Benchmark baseline: plugins run inside the proxy; no workers.
     inline: bool,
+    /// Admin clients waiting for the stop to finish.
+    stop_waiters: Vec<u64>,
 }
 
 /// Runs the server until it is stopped. Errors before the first child
@@ -308,6 +312,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         next_pool_check: Instant::now() + POOL_CHECK,
         rng: fastrand::Rng::new(),
         inline,
+        stop_waiters: Vec::new(),
     };
     let addrs: Vec<String> = m.listeners.iter().map(|l| l.addr.to_string()).collect();
     let workers: u32 = m.groups.iter().map(|g| g.config.workers).sum();
@@ -332,6 +337,8 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         }
     }
     let result = m.run_loop();
+    let waiters = std::mem::take(&mut m.stop_waiters);
+    m.admin.answer_now(&waiters, &admin::ok("stopped"));
     m.admin.close();
     result
 }
@@ -375,6 +382,7 @@ impl Master {
             ready: false,
             ever_ready: false,
             last_exit: None,
+            last_failure: None,
             generation: 0,
         });
         let i = self.slots.len() - 1;
@@ -431,7 +439,13 @@ impl Master {
         if let Some(p) = &self.proxy
             && let Err(e) = p.channel.send_to_proxy(msg, &[])
         {
-            warn!("control channel: {e}");
+            // A proxy that exited (it drained, or died and SIGCHLD is on
+            // its way) cannot be told anything: not worth a warning.
+            if e.kind() == std::io::ErrorKind::BrokenPipe || self.stopping.is_some() {
+                tracing::debug!("control channel: {e}");
+            } else {
+                warn!("control channel: {e}");
+            }
         }
     }
 
@@ -553,6 +567,7 @@ impl Master {
             pid,
             replaces: replaces.map(|r| r as u32),
             probation,
+            label: self.slots[i].label,
         });
         Ok(())
     }
@@ -815,7 +830,9 @@ impl Master {
                         Err(e) => Err(e),
                     },
                     Command::Stop { fast } => {
-                        self.admin.respond(conn, admin::ok("stopping"));
+                        // Answered when the master is about to exit, so the
+                        // command returns once the server has stopped.
+                        self.stop_waiters.push(conn);
                         if fast {
                             warn!("fast stop requested");
                             self.stopping = Some(Instant::now());
@@ -858,17 +875,20 @@ impl Master {
             if mine.is_empty() || !mine.iter().all(|s| !s.ever_ready && s.failures >= 2) {
                 continue;
             }
-            let how = mine
+            // Workers of one plugin usually fail alike: say it once.
+            let mut reasons: Vec<String> = mine
                 .iter()
                 .filter_map(|s| {
-                    s.last_exit
-                        .map(|e| format!("worker {}: {}", s.label, describe_exit(e)))
+                    s.last_failure
+                        .clone()
+                        .or_else(|| s.last_exit.map(describe_exit))
                 })
-                .collect::<Vec<_>>()
-                .join(", ");
+                .collect();
+            reasons.dedup();
             let msg = format!(
-                "group {}: no worker could start ({how}); the plugin's error is in the log above",
-                self.groups[g].config.name
+                "group {}: no worker could start: {}",
+                self.groups[g].config.name,
+                reasons.join("; ")
             );
             self.kill_everything();
             self.reap_all(Duration::from_secs(5));
@@ -930,11 +950,16 @@ impl Master {
         match sig {
             libc::SIGCHLD => self.reap_children(),
             libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {
-                if self.stopping.is_some() {
-                    warn!("second stop signal: stopping now");
+                if self.stopping.is_none() {
+                    self.begin_stop();
+                } else if sig == libc::SIGINT {
+                    // Ctrl-C twice: the operator does not want to wait.
+                    warn!("second SIGINT: stopping now");
                     self.kill_everything();
                 } else {
-                    self.begin_stop();
+                    // systemd sends SIGTERM after ExecStop; a supervisor may
+                    // repeat it. Neither should cut the drain short.
+                    info!("already stopping; SIGINT again or `halfsync stop --fast` stops at once");
                 }
             }
             libc::SIGHUP => {
@@ -943,10 +968,10 @@ impl Master {
                 }
             }
             libc::SIGUSR1 => {
-                if let Err(e) = crate::logging::reopen() {
-                    error!("cannot reopen the log file: {e}");
+                match crate::logging::reopen() {
+                    Ok(()) => info!("log file reopened"),
+                    Err(e) => error!("cannot reopen the log file: {e}"),
                 }
-                info!("log file reopened");
                 if let Some(p) = &self.proxy {
                     sys::kill(p.pid, libc::SIGUSR1);
                 }
@@ -1062,6 +1087,7 @@ impl Master {
         }
         s.life = Life::Resetting { next };
         s.last_exit = Some(how);
+        s.last_failure = s.slot.failure();
         s.ready = false;
         if failed_replacement {
             self.replacement_failed(i, how);

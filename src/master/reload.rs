@@ -190,7 +190,10 @@ impl Master {
         gj.current = None;
         let g = gj.group;
         let name = self.groups[g].config.name.clone();
-        let how = halfsync_proxy::control::describe_exit(how);
+        let how = match &self.slots[slot].last_failure {
+            Some(reason) => reason.clone(),
+            None => halfsync_proxy::control::describe_exit(how),
+        };
         if gj.rolling_back {
             let msg = format!(
                 "group {name}: the previous version failed to start again ({how}); giving up on this group"
@@ -200,7 +203,7 @@ impl Master {
             gj.todo.clear();
         } else {
             let msg = format!(
-                "group {name}: a new worker failed to start ({how}); the group keeps running the previous version (see the worker's error in the log)"
+                "group {name}: a new worker failed to start ({how}); the group keeps running the previous version"
             );
             error!("{msg}");
             job.errors.push(msg);

@@ -65,15 +65,18 @@ pub(crate) fn status(m: &Master) -> String {
         let gs = m.stats.group(id);
         let mut replies = gs.replies;
         let mut workers = Vec::new();
-        for (i, s) in m.slots.iter().enumerate().filter(|(_, s)| s.group == id) {
+        let mut mine: Vec<usize> = (0..m.slots.len())
+            .filter(|&i| m.slots[i].group == id)
+            .collect();
+        mine.sort_by_key(|&i| (m.slots[i].label, m.slots[i].pid().is_none()));
+        for i in mine {
+            let s = &m.slots[i];
             let ss = m.stats.slot(i);
+            // Replies of slots without a worker now (spares after a reload
+            // or scale) still count in the group's totals.
             add(&mut replies, &ss.replies);
             let state = s.state();
             if state == "spare" || state == "stopped" {
-                if ss.replies.iter().sum::<u64>() > 0 {
-                    // A slot that served and is now idle still counts.
-                    workers.push(json!({"slot": i, "worker": s.label, "state": state, "replies": by_status(&ss.replies)}));
-                }
                 continue;
             }
             let ctl = s.slot.control();
@@ -110,6 +113,7 @@ pub(crate) fn status(m: &Master) -> String {
             "generation": g.generation,
             "pool": if g.config.pool == halfsync_config::Pool::Dynamic { "dynamic" } else { "static" },
             "workers_target": g.config.workers,
+            "workers_running": m.slots.iter().filter(|s| s.group == id && s.pid().is_some()).count(),
             "queued": gs.queued,
             "replies": by_status(&replies),
             "workers_ended": ended,

@@ -83,6 +83,17 @@ fn ppid(pid: i32) -> Option<i32> {
     rest.split(' ').nth(1)?.parse().ok()
 }
 
+/// When `pid` started (clock ticks since boot), to tell a process from a
+/// later one that reuses its pid.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split(' ')
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 /// Whether `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -151,8 +162,9 @@ pub struct Server {
     pub pid: i32,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
-    /// Every process of the tree seen so far (killed by pid on drop).
-    seen: HashSet<i32>,
+    /// Every process of the tree seen so far, with its start time (killed
+    /// by pid on drop, only if that pid still is that process).
+    seen: std::collections::HashMap<i32, u64>,
     shm_before: HashSet<String>,
 }
 
@@ -234,7 +246,7 @@ impl Server {
             pid,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir,
-            seen: HashSet::new(),
+            seen: std::collections::HashMap::new(),
             shm_before,
         }
     }
@@ -295,7 +307,11 @@ impl Server {
     /// Records every current process of the tree; returns them.
     pub fn refresh_tree(&mut self) -> Vec<i32> {
         let d = descendants(self.pid);
-        self.seen.extend(&d);
+        for &p in &d {
+            if let Some(t) = start_time(p) {
+                self.seen.entry(p).or_insert(t);
+            }
+        }
         d
     }
 
@@ -344,18 +360,26 @@ impl Server {
         }
     }
 
+    /// Processes of the tree still alive: same pid and same start time (a
+    /// recycled pid belongs to someone else and is never touched).
+    fn still_ours(&self) -> Vec<i32> {
+        self.seen
+            .iter()
+            .filter(|&(&p, &t)| alive(p) && start_time(p) == Some(t))
+            .map(|(&p, _)| p)
+            .collect()
+    }
+
     /// Asserts that no process of the tree survives and /dev/shm holds
     /// nothing new.
     pub fn assert_clean(&self) {
         let left = wait_for(Duration::from_secs(5), || {
-            let left: Vec<i32> = self.seen.iter().copied().filter(|&p| alive(p)).collect();
+            let left: Vec<i32> = self.still_ours();
             left.is_empty().then_some(())
         });
         let survivors: Vec<(i32, String)> = self
-            .seen
-            .iter()
-            .copied()
-            .filter(|&p| alive(p))
+            .still_ours()
+            .into_iter()
             .map(|p| (p, cmdline(p)))
             .collect();
         assert!(left.is_some(), "processes survived: {survivors:?}");
@@ -372,10 +396,8 @@ impl Drop for Server {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for &p in &self.seen {
-            if alive(p) {
-                kill(p, libc::SIGKILL);
-            }
+        for p in self.still_ours() {
+            kill(p, libc::SIGKILL);
         }
         if thread::panicking() {
             eprintln!("---- halfsync log ----\n{}", self.log());

@@ -55,6 +55,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
         Ok(p) => p,
         Err(e) => {
             error!("{e}");
+            slot.set_failure(&e.to_string());
             ctl.set_state(WorkerState::InitFailed);
             return EXIT_PLUGIN_FAILED;
         }
@@ -63,6 +64,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
         Ok(i) => i,
         Err(e) => {
             error!("{e}");
+            slot.set_failure(&e.to_string());
             ctl.set_state(WorkerState::InitFailed);
             return EXIT_PLUGIN_FAILED;
         }
