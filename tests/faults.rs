@@ -473,3 +473,39 @@ fn init_that_never_returns_is_killed_and_halfsync_gives_up_at_startup() {
     assert!(log.contains("group stuck: no worker could start"), "{log}");
     s.assert_clean();
 }
+
+/// A slow request does not hold up the requests queued behind it on the
+/// same worker: after `requeue_after` they move to the other worker.
+#[test]
+fn requests_behind_a_slow_one_move_to_another_worker() {
+    let port = free_port();
+    let s = Server::start(
+        &fault_config(port, &fault_plugin_so(), 2, "requeue_after = \"100ms\""),
+        port,
+    );
+    let mut c = s.client();
+    let t = Instant::now();
+    c.send(0, fault::SLOW, &be32(2500)).unwrap();
+    // Pipelined behind it, spread over both workers' rings.
+    for id in 1..=40 {
+        c.send(id, 1, &id.to_be_bytes()).unwrap();
+    }
+    let mut last_echo = Duration::ZERO;
+    for _ in 0..41 {
+        let r = c.recv().unwrap();
+        assert_eq!(r.code, status::OK);
+        if r.id == 0 {
+            assert!(
+                !last_echo.is_zero(),
+                "the slow one came back before the echoes"
+            );
+        } else {
+            last_echo = t.elapsed();
+        }
+    }
+    assert!(
+        last_echo < Duration::from_millis(1500),
+        "echoes waited {last_echo:?} behind the slow request"
+    );
+    assert!(s.log().contains("moved to other workers"), "{}", s.log());
+}

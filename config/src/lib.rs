@@ -368,6 +368,13 @@ pub struct Group {
     /// this long is killed (and restarted with backoff). Default `"30s"`.
     #[serde(default = "default_init_timeout", with = "units::duration")]
     pub init_timeout: Duration,
+    /// `requeue_after`: when a worker has been inside one request this long,
+    /// the requests waiting behind it in its ring move to other workers and
+    /// it gets no new ones until that request ends (no head-of-line
+    /// blocking behind a slow request). `"0s"` turns it off. Default
+    /// `"100ms"`.
+    #[serde(default = "default_requeue_after", with = "units::duration")]
+    pub requeue_after: Duration,
     /// `drain_timeout`: a worker being replaced (reload, recycling) or
     /// retired (scaling down) that still runs a request this long after it
     /// stopped getting new ones is killed; that request gets TIMEOUT.
@@ -419,6 +426,9 @@ fn default_restart_delay_max() -> Duration {
 fn default_init_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_requeue_after() -> Duration {
+    Duration::from_millis(100)
+}
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -460,6 +470,7 @@ impl Group {
             restart_delay: default_restart_delay(),
             restart_delay_max: default_restart_delay_max(),
             init_timeout: default_init_timeout(),
+            requeue_after: default_requeue_after(),
             drain_timeout: default_drain_timeout(),
             pool: Pool::Static,
             max_workers: None,

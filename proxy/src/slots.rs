@@ -96,6 +96,9 @@ pub(crate) struct WorkerSlot {
     always_wake: bool,
     /// We told the worker we sleep (and must take it back on waking).
     announced: bool,
+    /// Stuck on the request at this ring position: its queue was moved to
+    /// other workers and it gets no new requests until that one ends.
+    stalled_on: Option<u64>,
     /// A replacement was requested for this worker.
     recycle_requested: bool,
     /// Do not request a replacement before this time.
@@ -181,6 +184,7 @@ pub(crate) struct Group {
     pub(crate) queue_timeout_ns: u64,
     pub(crate) init_timeout_ns: u64,
     pub(crate) drain_timeout_ns: u64,
+    pub(crate) requeue_after_ns: u64,
 }
 
 impl Group {
@@ -198,6 +202,7 @@ impl Group {
             queue_timeout_ns: 0,
             init_timeout_ns: 0,
             drain_timeout_ns: 0,
+            requeue_after_ns: 0,
         }
     }
 
@@ -214,6 +219,7 @@ impl Group {
         self.queue_timeout_ns = ns(g.queue_timeout);
         self.init_timeout_ns = ns(g.init_timeout);
         self.drain_timeout_ns = ns(g.drain_timeout);
+        self.requeue_after_ns = ns(g.requeue_after);
     }
 }
 
@@ -226,9 +232,74 @@ enum Action {
     Slow(u64, u64, u16, u64),
     Retire(i32),
     Recycle(i32),
+    /// Stuck on the request at this position: move the queue behind it.
+    Requeue(u64, u64, u16, u64),
+    /// The request it was stuck on is over.
+    Unstall,
 }
 
 impl Proxy {
+    /// Takes back the requests a worker has not started (it skips them
+    /// when it gets there) and queues them for the group's other workers,
+    /// in their order, at the front. Returns how many moved.
+    pub(crate) fn revoke_unstarted(&mut self, si: usize) -> usize {
+        let Some(s) = self.slots.get_mut(si).and_then(Option::as_mut) else {
+            return 0;
+        };
+        // Only published records can be revoked: publish first.
+        s.tx.publish();
+        let Some(first) = s.slot.control().revoke(s.tx.published()) else {
+            return 0;
+        };
+        let Some(k) = s.pending.iter().position(|p| p.pos >= first) else {
+            return 0;
+        };
+        let revoked: Vec<Pending> = s.pending.drain(k..).collect();
+        // The worker maps request data read-only: these bytes are the proxy's.
+        let mut reader = Consumer::attach_at(s.slot.requests(), revoked[0].pos).ok();
+        let mut moved = Vec::new();
+        let mut lost = Vec::new();
+        for p in revoked {
+            let payload = reader.as_mut().and_then(|r| match r.peek() {
+                Ok(Some(rec))
+                    if rec.pos == p.pos
+                        && rec.meta.id == p.req.id
+                        && rec.meta.tag == p.req.tag.0 =>
+                {
+                    let v = rec.payload.to_vec();
+                    r.advance();
+                    Some(v)
+                }
+                _ => None,
+            });
+            match payload {
+                Some(payload) => moved.push(Queued {
+                    req: p.req,
+                    payload,
+                }),
+                None => lost.push(p),
+            }
+        }
+        let group = s.group;
+        self.stats.pending(si, s.pending.len());
+        for p in &lost {
+            // Cannot happen with an intact ring; never run it twice.
+            self.answer(
+                &p.req,
+                status::WORKER_DIED,
+                b"request lost while moving it off a stuck worker",
+                Scope::Slot(si, group),
+            );
+        }
+        let n = moved.len();
+        let q = &mut self.groups[group].queue;
+        for r in moved.into_iter().rev() {
+            q.push_front(r);
+        }
+        self.stats.queued(group, q.len());
+        n
+    }
+
     /// Stops giving a slot's worker requests; it is retired once it holds
     /// none. A worker not yet serving is retired at once.
     pub(crate) fn drain_slot(&mut self, si: usize) {
@@ -238,6 +309,8 @@ impl Proxy {
             Phase::Ready { pid } => {
                 s.phase = Phase::Draining { pid };
                 s.since_ns = now;
+                // It finishes the request it runs; the rest go elsewhere.
+                self.revoke_unstarted(si);
             }
             Phase::Starting { pid } => {
                 s.phase = Phase::Retiring { pid };
@@ -312,6 +385,7 @@ impl Proxy {
             probation: false,
             always_wake: self.tuning.always_wake,
             announced: false,
+            stalled_on: None,
             recycle_requested: false,
             recycle_not_before_ns: 0,
             corrupt: false,
@@ -504,7 +578,7 @@ impl Proxy {
             let Some(s) = self.slots[si].as_mut() else {
                 continue;
             };
-            if !s.is_ready() || s.pending.len() >= max {
+            if !s.is_ready() || s.pending.len() >= max || s.stalled_on.is_some() {
                 continue;
             }
             if best.is_some_and(|(_, load)| load <= s.pending.len()) {
@@ -676,8 +750,19 @@ impl Proxy {
                     );
                 }
                 let mut due = None;
-                if let Some(b) = ctl.busy() {
+                let busy = ctl.busy();
+                if s.stalled_on.is_some() && busy.map(|b| b.pos) != s.stalled_on {
+                    return (Action::Unstall, Some(now));
+                }
+                if let Some(b) = busy {
                     let ran = now.saturating_sub(b.since_ns);
+                    // Requests queued behind a long one move elsewhere.
+                    if g.requeue_after_ns > 0 && s.stalled_on.is_none() {
+                        if ran >= g.requeue_after_ns {
+                            return (Action::Requeue(b.pos, b.id, b.code, ran), Some(now));
+                        }
+                        due = Some(b.since_ns.saturating_add(g.requeue_after_ns));
+                    }
                     if g.request_timeout_ns > 0 {
                         if ran >= g.request_timeout_ns {
                             let why = format!(
@@ -691,7 +776,8 @@ impl Proxy {
                                 None,
                             );
                         }
-                        due = Some(b.since_ns.saturating_add(g.request_timeout_ns));
+                        let t = b.since_ns.saturating_add(g.request_timeout_ns);
+                        due = Some(due.map_or(t, |d: u64| d.min(t)));
                     }
                     if g.slow_request_ns > 0 && s.slow_logged != Some(b.pos) {
                         if ran >= g.slow_request_ns {
@@ -769,6 +855,8 @@ impl Proxy {
                     o.since_ns = now;
                     let (name, label) = self.group_name(old);
                     info!(group = %name, worker = label, pid = old_pid, "worker replaced; draining it");
+                    // It finishes the request it runs; the rest go elsewhere.
+                    self.revoke_unstarted(old);
                 }
             }
             Action::Kill(reason, why, pos) => {
@@ -802,6 +890,22 @@ impl Proxy {
                     slot: si as u32,
                     pid,
                 });
+            }
+            Action::Requeue(pos, id, code, ran) => {
+                if let Some(s) = self.slot_mut(si) {
+                    s.stalled_on = Some(pos);
+                }
+                let moved = self.revoke_unstarted(si);
+                if moved > 0 {
+                    let (name, label) = self.group_name(si);
+                    info!(group = %name, worker = label, request_id = id, command = code, ms = ran / NS_PER_MS, moved,
+                        "worker stuck on a request; requests queued behind it moved to other workers");
+                }
+            }
+            Action::Unstall => {
+                if let Some(s) = self.slot_mut(si) {
+                    s.stalled_on = None;
+                }
             }
             Action::Recycle(pid) => {
                 if let Some(s) = self.slot_mut(si) {

@@ -369,6 +369,11 @@ impl Producer {
         }
     }
 
+    /// The published tail: every record the consumer can see ends before it.
+    pub fn published(&self) -> u64 {
+        self.published
+    }
+
     /// Whether records were pushed since the last publish.
     pub fn has_unpublished(&self) -> bool {
         self.tail != self.published
@@ -498,6 +503,8 @@ pub struct Record<'a> {
     /// The record's ring position (a stable id for "the request a worker
     /// was running").
     pub pos: u64,
+    /// The position just past it.
+    pub end: u64,
     /// Payload bytes.
     pub payload: &'a [u8],
 }
@@ -646,6 +653,7 @@ impl Consumer {
                     time_ns: hdr.time_ns,
                 },
                 pos: self.head,
+                end: self.head + total,
                 payload,
             }));
         }

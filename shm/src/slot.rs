@@ -98,6 +98,9 @@ pub struct Control {
     recycle: AtomicU32,
     busy_since_ns: AtomicU64,
     served: AtomicU64,
+    /// Request records at positions below this are claimed by the worker
+    /// (run or running) or revoked by the proxy; see [`Control::claim`].
+    cursor: AtomicU64,
 }
 
 const _: () = assert!(std::mem::size_of::<Control>() <= FAILURE_OFFSET);
@@ -178,6 +181,47 @@ impl Control {
         self.served.load(Ordering::Relaxed)
     }
 
+    /// Worker: claims the request record at `pos` (ending at `next`) before
+    /// running it. False if the proxy revoked it (it was handed to another
+    /// worker): skip it without a reply. The proxy's [`Control::revoke`]
+    /// and this compete on one compare-and-swap, so exactly one wins.
+    pub fn claim(&self, pos: u64, next: u64) -> bool {
+        let mut c = self.cursor.load(Ordering::Acquire);
+        loop {
+            if c > pos {
+                return false;
+            }
+            match self
+                .cursor
+                .compare_exchange_weak(c, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(now) => c = now,
+            }
+        }
+    }
+
+    /// Proxy: revokes every request record the worker has not claimed, up
+    /// to position `end` (the ring's tail). Returns the first revoked
+    /// position: records from there on will be skipped by the worker and
+    /// are the proxy's to hand elsewhere. `None` if nothing was left to
+    /// revoke.
+    pub fn revoke(&self, end: u64) -> Option<u64> {
+        let mut c = self.cursor.load(Ordering::Acquire);
+        loop {
+            if c >= end {
+                return None;
+            }
+            match self
+                .cursor
+                .compare_exchange_weak(c, end, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(c),
+                Err(now) => c = now,
+            }
+        }
+    }
+
     /// Worker: asks to be replaced (it reached `max_requests` or
     /// `max_rss`). It keeps serving until told to stop.
     pub fn want_recycle(&self) {
@@ -214,7 +258,8 @@ impl Control {
         self.busy_code.store(0, Ordering::Relaxed);
         self.recycle.store(0, Ordering::Relaxed);
         self.busy_since_ns.store(0, Ordering::Relaxed);
-        self.served.store(0, Ordering::Release);
+        self.served.store(0, Ordering::Relaxed);
+        self.cursor.store(0, Ordering::Release);
     }
 }
 

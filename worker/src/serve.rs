@@ -119,6 +119,13 @@ pub fn run(spec: WorkerSpec) -> i32 {
             }
         };
         let req = rec.meta;
+        // Claim it first: the proxy may have handed it to another worker
+        // while this one was stuck on an earlier request.
+        if !ctl.claim(rec.pos, rec.end) {
+            rx.advance();
+            rx.release();
+            continue;
+        }
         let now = sys::monotonic_ns();
         ctl.begin(rec.pos, req.id, req.code, now);
         // A request that waited too long is answered TIMEOUT, never run.
