@@ -66,6 +66,8 @@ pub(crate) struct Proxy {
     pub(crate) now_ns: u64,
     /// Nearest time a worker check is due (request deadlines and such).
     pub(crate) next_check_ns: Option<u64>,
+    /// Something happened that the worker checks must see this turn.
+    pub(crate) check_due: bool,
     pub(crate) next_sweep_ns: u64,
     pub(crate) draining: bool,
     pub(crate) refused: u64,
@@ -144,6 +146,7 @@ impl Proxy {
             events: Vec::with_capacity(1024),
             now_ns: shm_sys::monotonic_ns(),
             next_check_ns: None,
+            check_due: true,
             next_sweep_ns: 0,
             draining: false,
             refused: 0,
@@ -207,9 +210,12 @@ impl Proxy {
                         return Ok(());
                     }
                     TOKEN_SLOT => {
-                        // The worker published replies; they are collected below.
+                        // The worker published replies (collected below), or
+                        // finished its init.
                         if let Some(Some(s)) = self.slots.get(index) {
                             let _ = shm_sys::eventfd_drain(s.eventfd.as_raw_fd());
+                            self.check_due |=
+                                matches!(s.phase, crate::slots::Phase::Starting { .. });
                         }
                     }
                     TOKEN_CONN => {
@@ -228,7 +234,17 @@ impl Proxy {
                 }
             }
 
-            self.next_check_ns = self.check_slots();
+            // Worker checks (readiness, deadlines, stalls, recycling,
+            // control-block sanity) read memory the workers write: not on
+            // every turn, only when something happened or is due.
+            if self.check_due || self.next_check_ns.is_none_or(|t| self.now_ns >= t) {
+                self.check_due = false;
+                let next = self.check_slots();
+                // With requests in flight, look again within 10 ms.
+                let busy = self.slots.iter().flatten().any(|s| !s.pending.is_empty());
+                let cap = self.now_ns + if busy { 10 } else { 1000 } * NS_PER_MS;
+                self.next_check_ns = Some(next.map_or(cap, |n| n.min(cap)));
+            }
             self.collect_replies();
             self.dispatch_queued();
             self.publish_requests();
@@ -260,7 +276,9 @@ impl Proxy {
     fn prepare_sleep(&mut self) -> Option<Duration> {
         // Work already waiting: poll without announcing sleep (no fences,
         // no wake-ups the workers would have to pay for).
-        if !self.conns.dirty.is_empty() || self.slots.iter_mut().flatten().any(|s| s.has_replies())
+        if self.check_due
+            || !self.conns.dirty.is_empty()
+            || self.slots.iter_mut().flatten().any(|s| s.has_replies())
         {
             return Some(Duration::ZERO);
         }
@@ -284,12 +302,6 @@ impl Proxy {
         {
             // The worker signals its eventfd when ready; poll as a backstop.
             until = until.min(self.now_ns + 50 * NS_PER_MS);
-        }
-        if self.slots.iter().flatten().any(|s| !s.pending.is_empty()) {
-            // A worker may have started a request since the last check
-            // without waking us; look again soon so request deadlines and
-            // slow-request logs stay within 100 ms.
-            until = until.min(self.now_ns + 100 * NS_PER_MS);
         }
         if let Some(t) = self.listeners_paused_until {
             until = until.min(t);
@@ -335,6 +347,7 @@ impl Proxy {
     }
 
     fn on_control(&mut self, m: ToProxy, fds: Vec<OwnedFd>) {
+        self.check_due = true;
         match m {
             ToProxy::AddSlot { slot, group, label } => {
                 self.add_slot(slot as usize, group as usize, label, fds)
@@ -613,6 +626,12 @@ impl Proxy {
                     total += n;
                     c.last_active_ns = self.now_ns;
                     self.ingest(i, &scratch[..n]);
+                    if n < cap {
+                        // Short read: the socket is drained. Level-triggered
+                        // epoll says so again if more arrives; no EAGAIN
+                        // round trip to find out.
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,

@@ -16,6 +16,10 @@ use crate::event_loop::{NS_PER_MS, Proxy, TOKEN_SLOT};
 use crate::stats::Scope;
 use crate::sys::READ;
 
+/// How many queued requests a sleeping worker is worth, when choosing where
+/// a request goes (see `pick_slot`).
+const SLEEPER_PENALTY: usize = 4;
+
 /// After a replacement worker failed to start, wait this long before asking
 /// the master for another one.
 const RECYCLE_RETRY_NS: u64 = 1000 * NS_PER_MS;
@@ -565,11 +569,18 @@ impl Proxy {
         };
         s.rx.release();
         self.stats.pending(si, s.pending.len());
+        // A draining worker that now holds nothing can retire this turn.
+        self.check_due |= s.pending.is_empty() && matches!(s.phase, Phase::Draining { .. });
         result.map(|()| n)
     }
 
     /// The least-loaded ready slot of group `g` with room for a request of
     /// `len` payload bytes. A linear scan: groups have few workers.
+    ///
+    /// A sleeping worker counts as if it held [`SLEEPER_PENALTY`] more
+    /// requests: while an awake worker has little queued, it takes the
+    /// request and the sleeper is not woken (a wake-up is a syscall and a
+    /// context switch, and on a VM often a halted vCPU to restart).
     pub(crate) fn pick_slot(&mut self, g: usize, len: usize) -> Option<usize> {
         let max = self.groups[g].max_inflight;
         let mut best: Option<(usize, usize)> = None;
@@ -581,11 +592,17 @@ impl Proxy {
             if !s.is_ready() || s.pending.len() >= max || s.stalled_on.is_some() {
                 continue;
             }
-            if best.is_some_and(|(_, load)| load <= s.pending.len()) {
+            let load = s.pending.len()
+                + if s.tx.consumer_sleeping() {
+                    SLEEPER_PENALTY
+                } else {
+                    0
+                };
+            if best.is_some_and(|(_, b)| b <= load) {
                 continue;
             }
             match s.tx.fits(len) {
-                Ok(true) => best = Some((si, s.pending.len())),
+                Ok(true) => best = Some((si, load)),
                 Ok(false) => {}
                 Err(e) => corrupt = Some((si, e)),
             }

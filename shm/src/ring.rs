@@ -374,6 +374,12 @@ impl Producer {
         self.published
     }
 
+    /// Whether the consumer announced it sleeps (waking it costs a syscall
+    /// and a context switch). A hint: it may be waking up right now.
+    pub fn consumer_sleeping(&self) -> bool {
+        self.ring.header().consumer_sleeping.load(Ordering::Relaxed) != 0
+    }
+
     /// Whether records were pushed since the last publish.
     pub fn has_unpublished(&self) -> bool {
         self.tail != self.published
