@@ -249,8 +249,15 @@ fn run_proxy() -> ExitCode {
     logging::init_from_env();
     logging::reopen_on_sigusr1();
     master::set_thread_name("halfsync-proxy");
-    let _span = tracing::info_span!("proxy").entered();
-    let result = halfsync_proxy::ProxySpec::from_env().and_then(halfsync_proxy::run);
+    let result = halfsync_proxy::ProxySpec::from_env().and_then(|spec| {
+        // One proxy keeps the plain `proxy:` prefix; several are numbered.
+        let _span = if spec.index == 0 && !spec.numbered {
+            tracing::info_span!("proxy").entered()
+        } else {
+            tracing::info_span!("proxy", n = spec.index).entered()
+        };
+        halfsync_proxy::run(spec)
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -434,6 +434,101 @@ fn proxy_death_is_survived_on_the_same_port() {
     s.assert_clean();
 }
 
+/// `proxy_processes = 2`: two proxies share the port (SO_REUSEPORT), each
+/// with its own half of the workers; both serve; one dying takes only its
+/// own connections and workers with it; scaling keeps both halves.
+#[test]
+fn two_proxy_processes_share_the_port_and_fail_apart() {
+    let port = free_port();
+    let text = fault_config(port, &fault_plugin_so(), 4, "")
+        .replace("[server]\n", "[server]\nproxy_processes = 2\n");
+    let mut s = Server::start(&text, port);
+    let proxies = s.pids_titled("halfsync: proxy");
+    assert_eq!(proxies.len(), 2, "{}", s.log());
+    wait_workers(&mut s, 4);
+    let per_proxy = |st: &serde_json::Value| -> [Vec<i64>; 2] {
+        let mut out = [Vec::new(), Vec::new()];
+        for w in st["groups"][0]["workers"].as_array().unwrap() {
+            if let (Some(p), Some(pid)) = (w["proxy"].as_u64(), w["pid"].as_i64()) {
+                out[p as usize].push(pid);
+            }
+        }
+        out
+    };
+    let halves = per_proxy(&s.status());
+    assert_eq!((halves[0].len(), halves[1].len()), (2, 2), "{}", s.status());
+    assert_eq!(s.status()["proxy"]["pids"].as_array().unwrap().len(), 2);
+
+    // 40 connections: the kernel spreads them over both proxies (all on one
+    // has odds of 2^-39), so the workers of both serve.
+    let mut clients: Vec<Client> = (0..40).map(|_| s.client()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(c.call(i as u64, 1, b"hi").unwrap().code, status::OK);
+    }
+    many_pipelines(s.addr, 8, 200, 1000);
+    let st = s.status();
+    for p in 0..2 {
+        let served: u64 = st["groups"][0]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["proxy"] == p)
+            .map(|w| w["dispatched"].as_u64().unwrap_or(0))
+            .sum();
+        assert!(served > 0, "proxy {p} served nothing: {st}");
+    }
+    // (Server::start's readiness probe is one more connection.)
+    assert!(st["proxy"]["accepted"].as_u64() >= Some(40 + 8), "{st}");
+
+    // Kill proxy 0: its connections drop, proxy 1's carry on untouched.
+    let victim = st["proxy"]["pids"][0].as_i64().unwrap() as i32;
+    // SAFETY: kill has no memory effects; the pid is our server's proxy.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let mut alive = 0;
+    let mut dropped = 0;
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.stream()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        match c.call(100 + i as u64, 1, b"still?") {
+            Ok(r) if r.code == status::OK => alive += 1,
+            _ => dropped += 1,
+        }
+    }
+    assert!(alive > 0 && dropped > 0, "alive {alive} dropped {dropped}");
+    let back = wait_for(Duration::from_secs(20), || {
+        let st = s.status();
+        let h = per_proxy(&st);
+        let up = st["proxy"]["pids"].as_array()?.iter().all(|p| p.is_i64());
+        (up && h[0].len() == 2 && h[1].len() == 2 && h[0].iter().all(|p| !halves[0].contains(p)))
+            .then_some(h)
+    });
+    let after = back.unwrap_or_else(|| panic!("proxy 0 not back: {}\n{}", s.status(), s.log()));
+    assert_eq!(after[1], halves[1], "proxy 1's workers were touched");
+    many_pipelines(s.addr, 8, 200, 1000);
+
+    // Scaling keeps every proxy served and refuses to starve one.
+    let (code, _, err) = s.ctl(&["scale", "fault", "1"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("every proxy needs a worker"), "{err}");
+    for n in [3usize, 2] {
+        let (code, out, err) = s.ctl(&["scale", "fault", &n.to_string()]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        let settled = wait_for(Duration::from_secs(20), || {
+            let h = per_proxy(&s.status());
+            (h[0].len() + h[1].len() == n
+                && !h[0].is_empty()
+                && !h[1].is_empty()
+                && s.worker_pids().len() == n)
+                .then_some(())
+        });
+        assert!(settled.is_some(), "scale {n}: {}", s.status());
+        many_pipelines(s.addr, 8, 100, 1000);
+    }
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// With `timeout_kill_grace`, a hung worker first gets SIGABRT (a crash
 /// handler's chance to say where it hung); the request still gets TIMEOUT.
 #[test]

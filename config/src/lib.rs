@@ -213,6 +213,16 @@ pub struct Server {
         deserialize_with = "de_read_budget"
     )]
     pub read_budget: u32,
+    /// `proxy_processes`: proxy processes, each with its own listening
+    /// sockets on every address (SO_REUSEPORT: the kernel spreads new
+    /// connections) and its own share of every group's workers, so the
+    /// proxy scales past one core. `1..=64`; every group needs at least
+    /// this many workers. Default `1`.
+    #[serde(
+        default = "default_proxy_processes",
+        deserialize_with = "de_proxy_processes"
+    )]
+    pub proxy_processes: u32,
     /// `tcp_defer_accept`: set TCP_DEFER_ACCEPT on listeners, so the proxy
     /// wakes for a connection only once its first bytes arrived (1 s max
     /// wait). Default `false`.
@@ -271,6 +281,7 @@ impl Default for Server {
             ring_size: 4 << 20,
             backlog: 1024,
             read_budget: 64 << 10,
+            proxy_processes: 1,
             tcp_defer_accept: false,
             admin_socket: String::new(),
             metrics_listen: None,
@@ -772,6 +783,16 @@ impl Config {
                     ));
                 }
             }
+            if group.workers < self.server.proxy_processes {
+                return Err(invalid(
+                    &here(&[Step::Key("workers")]),
+                    format!("group[{i}].workers"),
+                    format!(
+                        "{} workers for {} proxy processes: every proxy needs a worker of each group; raise workers or lower server.proxy_processes",
+                        group.workers, self.server.proxy_processes
+                    ),
+                ));
+            }
             if let Some(max) = group.max_workers
                 && !(group.workers..=256).contains(&max)
             {
@@ -880,6 +901,12 @@ fn u32_in<'de, D: Deserializer<'de>>(d: D, min: u32, max: u32) -> Result<u32, D:
     Ok(v)
 }
 
+fn default_proxy_processes() -> u32 {
+    1
+}
+fn de_proxy_processes<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    u32_in(d, 1, 64)
+}
 fn de_max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     u32_in(d, 1, u32::MAX)
 }

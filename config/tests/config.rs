@@ -450,6 +450,29 @@ fn integer_ranges() {
 }
 
 #[test]
+fn proxy_processes_range_and_workers_per_proxy() {
+    assert_eq!(ok(&with_server("")).server.proxy_processes, 1);
+    assert_eq!(
+        err_text(&with_server("proxy_processes = 0")),
+        "halfsync.toml:2:19: server.proxy_processes: must be between 1 and 64, got 0"
+    );
+    assert_eq!(
+        err_text(&with_server("proxy_processes = 65")),
+        "halfsync.toml:2:19: server.proxy_processes: must be between 1 and 64, got 65"
+    );
+    let text =
+        "[server]\nproxy_processes = 2\n[[group]]\nname = \"a\"\nplugin = \"a\"\nworkers = 1\n";
+    let e = err_text(text);
+    assert!(
+        e.contains("group[0].workers") && e.contains("1 workers for 2 proxy processes"),
+        "{e}"
+    );
+    let cfg = ok(&text.replace("workers = 1", "workers = 2"));
+    assert_eq!(cfg.server.proxy_processes, 2);
+    assert_round_trip(&cfg);
+}
+
+#[test]
 fn group_names_and_plugins() {
     for bad in ["", "a b", "a.b", "é", "123456789012345678901234567890123"] {
         let e = err_text(&format!("[[group]]\nname = {bad:?}\nplugin = \"a\"\n"));

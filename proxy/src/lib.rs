@@ -50,6 +50,12 @@ pub struct ProxySpec {
     pub stats_fd: i32,
     /// Listening sockets with their stable ids.
     pub listeners: Vec<(u32, i32)>,
+    /// Which proxy process this is (`0..proxy_processes`), for logs.
+    #[serde(default)]
+    pub index: u32,
+    /// There are several proxy processes (logs carry `index`).
+    #[serde(default)]
+    pub numbered: bool,
     /// Benchmark baseline only (`halfsync run --inline`): the plugin of each
     /// group (id, file, config text) is loaded into the proxy and called
     /// directly from the event loop. No workers, no shared memory, no

@@ -125,6 +125,41 @@ impl HistogramSnapshot {
     pub fn count(&self) -> u64 {
         self.buckets.iter().sum()
     }
+
+    /// Adds another histogram's counts (several proxy processes).
+    pub fn add(&mut self, o: &HistogramSnapshot) {
+        self.buckets
+            .iter_mut()
+            .zip(&o.buckets)
+            .for_each(|(a, b)| *a += b);
+        self.sum_us += o.sum_us;
+    }
+}
+
+impl GlobalSnapshot {
+    /// Adds another proxy process's counters.
+    pub fn add(&mut self, o: &GlobalSnapshot) {
+        self.connections += o.connections;
+        self.accepted += o.accepted;
+        self.refused += o.refused;
+        self.replies
+            .iter_mut()
+            .zip(&o.replies)
+            .for_each(|(a, b)| *a += b);
+    }
+}
+
+impl GroupSnapshot {
+    /// Adds another proxy process's counters for the same group.
+    pub fn add(&mut self, o: &GroupSnapshot) {
+        self.queued += o.queued;
+        self.replies
+            .iter_mut()
+            .zip(&o.replies)
+            .for_each(|(a, b)| *a += b);
+        self.latency.add(&o.latency);
+        self.queue_wait.add(&o.queue_wait);
+    }
 }
 
 /// Global counters read from the page.

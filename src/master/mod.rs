@@ -141,6 +141,8 @@ pub(crate) struct GroupRec {
 
 pub(crate) struct SlotRec {
     pub(crate) group: usize,
+    /// The proxy process that serves this slot.
+    pub(crate) proxy: usize,
     /// Worker number within the group, for titles and logs.
     pub(crate) label: u32,
     pub(crate) slot: Slot,
@@ -230,7 +232,8 @@ struct ProxyProc {
 struct ListenerRec {
     id: u32,
     addr: SocketAddr,
-    listener: TcpListener,
+    /// One socket per proxy process (SO_REUSEPORT when there are several).
+    sockets: Vec<TcpListener>,
 }
 
 pub(crate) struct Master {
@@ -243,8 +246,10 @@ pub(crate) struct Master {
     listeners: Vec<ListenerRec>,
     next_listener_id: u32,
     pub(crate) slots: Vec<SlotRec>,
-    proxy: Option<ProxyProc>,
-    pub(crate) stats: Stats,
+    /// Proxy processes by number; `None` while one is down.
+    proxies: Vec<Option<ProxyProc>>,
+    /// One stats page per proxy process.
+    pub(crate) stats: Vec<Stats>,
     signals: OwnedFd,
     admin: admin::Admin,
     /// Set once a stop began: when the grace period ends.
@@ -267,18 +272,22 @@ pub(crate) struct Master {
 /// starts (bad plugin, port in use) are returned; the caller prints them.
 pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: bool) -> Result<()> {
     let probed = crate::probe::probe(&exe, &config, false)?;
+    let n = config.server.proxy_processes as usize;
     let mut listeners = Vec::new();
     for (i, addr) in config.server.listen.iter().enumerate() {
         listeners.push(ListenerRec {
             id: i as u32,
             addr: *addr,
-            listener: listen(*addr, config.server.backlog, config.server.tcp_defer_accept)
+            sockets: listen_all(*addr, &config, n)
                 .with_context(|| format!("cannot listen on {addr}"))?,
         });
     }
     let admin = admin::Admin::bind(&config.admin_socket(), config.server.metrics_listen)?;
     let signals = sys::signalfd().context("signalfd")?;
-    let stats = Stats::create().context("stats page")?;
+    let stats = (0..n)
+        .map(|_| Stats::create())
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("stats page")?;
     let groups = config
         .groups
         .iter()
@@ -301,7 +310,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         next_listener_id: listeners.len() as u32,
         listeners,
         slots: Vec::new(),
-        proxy: None,
+        proxies: (0..n).map(|_| None).collect(),
         stats,
         signals,
         admin,
@@ -323,7 +332,9 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         pid = std::process::id(),
         "halfsync starting"
     );
-    m.start_proxy()?;
+    for p in 0..n {
+        m.start_proxy(p)?;
+    }
     if inline {
         warn!(
             "--inline: a benchmark baseline; plugins run inside the proxy, no workers, no isolation"
@@ -343,10 +354,33 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
     result
 }
 
-fn listen(addr: SocketAddr, backlog: u32, defer_accept: bool) -> std::io::Result<TcpListener> {
+/// The listening sockets for one address: one per proxy process, with
+/// SO_REUSEPORT when there are several (the kernel spreads connections).
+fn listen_all(addr: SocketAddr, config: &Config, n: usize) -> std::io::Result<Vec<TcpListener>> {
+    (0..n)
+        .map(|_| {
+            listen(
+                addr,
+                config.server.backlog,
+                config.server.tcp_defer_accept,
+                n > 1,
+            )
+        })
+        .collect()
+}
+
+fn listen(
+    addr: SocketAddr,
+    backlog: u32,
+    defer_accept: bool,
+    reuse_port: bool,
+) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
     if defer_accept {
         sys::set_defer_accept(&s, 1)?;
     }
@@ -356,10 +390,33 @@ fn listen(addr: SocketAddr, backlog: u32, defer_accept: bool) -> std::io::Result
 }
 
 impl Master {
+    // ---- counters (summed over the proxy processes' pages) ----
+
+    pub(crate) fn global_stats(&self) -> halfsync_proxy::stats::GlobalSnapshot {
+        let mut g = halfsync_proxy::stats::GlobalSnapshot::default();
+        for s in &self.stats {
+            g.add(&s.global());
+        }
+        g
+    }
+
+    pub(crate) fn group_stats(&self, id: usize) -> halfsync_proxy::stats::GroupSnapshot {
+        let mut g = halfsync_proxy::stats::GroupSnapshot::default();
+        for s in &self.stats {
+            g.add(&s.group(id));
+        }
+        g
+    }
+
+    /// A slot's counters, from the page of the proxy that serves it.
+    pub(crate) fn slot_stats(&self, i: usize) -> halfsync_proxy::stats::SlotSnapshot {
+        self.stats[self.slots[i].proxy].slot(i)
+    }
+
     // ---- slots and workers ----
 
     /// Creates a slot for group `g` and hands it to the proxy.
-    fn new_slot(&mut self, g: usize, label: u32) -> Result<usize> {
+    fn new_slot(&mut self, g: usize, label: u32, proxy: usize) -> Result<usize> {
         let name = &self.groups[g].config.name;
         let slot = Slot::create(
             &format!("halfsync-{name}-{label}"),
@@ -369,6 +426,7 @@ impl Master {
         let eventfd = shm_sys::eventfd().context("eventfd")?;
         self.slots.push(SlotRec {
             group: g,
+            proxy,
             label,
             slot,
             eventfd,
@@ -392,19 +450,20 @@ impl Master {
 
     /// A spare slot of group `g` (made if there is none) for a new worker
     /// labelled `label`.
-    fn spare_slot(&mut self, g: usize, label: u32) -> Result<usize> {
+    fn spare_slot(&mut self, g: usize, label: u32, proxy: usize) -> Result<usize> {
         // A spare is reused only if its rings are the configured size.
         let capacity = self.config.server.ring_size as usize;
-        match self
-            .slots
-            .iter()
-            .position(|s| s.group == g && s.life == Life::Spare && s.slot.capacity() == capacity)
-        {
+        match self.slots.iter().position(|s| {
+            s.group == g
+                && s.proxy == proxy
+                && s.life == Life::Spare
+                && s.slot.capacity() == capacity
+        }) {
             Some(i) => {
                 self.slots[i].label = label;
                 Ok(i)
             }
-            None => self.new_slot(g, label),
+            None => self.new_slot(g, label, proxy),
         }
     }
 
@@ -417,13 +476,24 @@ impl Master {
             .map(|s| s.label)
             .collect();
         let label = (0..).find(|l| !used.contains(l)).unwrap_or(0);
-        let i = self.spare_slot(g, label)?;
+        // The proxy with the fewest workers of this group gets it.
+        let proxy = (0..self.proxies.len())
+            .min_by_key(|&p| {
+                self.slots
+                    .iter()
+                    .filter(|s| s.group == g && s.proxy == p && s.active())
+                    .count()
+            })
+            .unwrap_or(0);
+        let i = self.spare_slot(g, label, proxy)?;
         self.start_worker(i, None)
     }
 
     fn send_slot(&self, i: usize) {
-        let Some(p) = &self.proxy else { return };
         let s = &self.slots[i];
+        let Some(Some(p)) = self.proxies.get(s.proxy) else {
+            return;
+        };
         let msg = ToProxy::AddSlot {
             slot: i as u32,
             group: s.group as u32,
@@ -435,8 +505,20 @@ impl Master {
         }
     }
 
+    /// Tells every proxy process.
     fn tell_proxy(&self, msg: ToProxy) {
-        if let Some(p) = &self.proxy
+        for p in 0..self.proxies.len() {
+            self.tell(p, msg);
+        }
+    }
+
+    /// Tells the proxy process that serves slot `i`.
+    fn tell_slot(&self, i: usize, msg: ToProxy) {
+        self.tell(self.slots[i].proxy, msg);
+    }
+
+    fn tell(&self, p: usize, msg: ToProxy) {
+        if let Some(Some(p)) = self.proxies.get(p)
             && let Err(e) = p.channel.send_to_proxy(msg, &[])
         {
             // A proxy that exited (it drained, or died and SIGCHLD is on
@@ -463,17 +545,19 @@ impl Master {
             .collect()
     }
 
-    fn start_proxy(&mut self) -> Result<()> {
+    fn start_proxy(&mut self, n: usize) -> Result<()> {
         let (master_end, proxy_end) = Channel::pair().context("control socketpair")?;
         let spec = ProxySpec {
             config: toml::to_string(&self.config).context("serializing config")?,
             group_ids: self.group_ids(),
             control_fd: proxy_end.fd().as_raw_fd(),
-            stats_fd: self.stats.fd().as_raw_fd(),
+            stats_fd: self.stats[n].fd().as_raw_fd(),
+            index: n as u32,
+            numbered: self.proxies.len() > 1,
             listeners: self
                 .listeners
                 .iter()
-                .map(|l| (l.id, l.listener.as_raw_fd()))
+                .filter_map(|l| Some((l.id, l.sockets.get(n)?.as_raw_fd())))
                 .collect(),
             inline: if self.inline {
                 self.groups
@@ -488,22 +572,29 @@ impl Master {
         };
         let mut keep = vec![spec.control_fd, spec.stats_fd];
         keep.extend(spec.listeners.iter().map(|l| l.1));
+        let title = if self.proxies.len() > 1 {
+            format!("halfsync: proxy {n}")
+        } else {
+            "halfsync: proxy".to_owned()
+        };
         let pid = sys::spawn(
             &self.exe,
-            "halfsync: proxy",
+            &title,
             "proxy",
             &self.child_env(halfsync_proxy::SPEC_ENV, spec.to_env()),
             &keep,
         )
         .context("starting the proxy")?;
         drop(proxy_end);
-        info!(pid, "proxy started");
-        self.proxy = Some(ProxyProc {
+        info!(pid, proxy = n, "proxy started");
+        self.proxies[n] = Some(ProxyProc {
             pid,
             channel: master_end,
         });
         for i in 0..self.slots.len() {
-            self.send_slot(i);
+            if self.slots[i].proxy == n {
+                self.send_slot(i);
+            }
         }
         Ok(())
     }
@@ -562,21 +653,28 @@ impl Master {
         s.ready = false;
         s.generation = generation;
         let probation = self.slots[i].failures >= FAILED_STARTS_BEFORE_BACKOFF;
-        self.tell_proxy(ToProxy::WorkerStarted {
-            slot: i as u32,
-            pid,
-            replaces: replaces.map(|r| r as u32),
-            probation,
-            label: self.slots[i].label,
-        });
+        self.tell_slot(
+            i,
+            ToProxy::WorkerStarted {
+                slot: i as u32,
+                pid,
+                replaces: replaces.map(|r| r as u32),
+                probation,
+                label: self.slots[i].label,
+            },
+        );
         Ok(())
     }
 
     /// Starts a worker of `old`'s group, with its label, to take over from
     /// it once ready. `cause` is why the old one goes.
     fn replace(&mut self, old: usize, cause: Cause) -> Result<usize> {
-        let (g, label) = (self.slots[old].group, self.slots[old].label);
-        let i = self.spare_slot(g, label)?;
+        let (g, label, proxy) = (
+            self.slots[old].group,
+            self.slots[old].label,
+            self.slots[old].proxy,
+        );
+        let i = self.spare_slot(g, label, proxy)?;
         self.slots[old].end_cause = Some(cause);
         if let Err(e) = self.start_worker(i, Some(old)) {
             self.slots[i].life = Life::Spare;
@@ -593,7 +691,7 @@ impl Master {
             Life::Running { .. } => {
                 s.draining = true;
                 s.end_cause = Some(cause);
-                self.tell_proxy(ToProxy::Drain { slot: i as u32 });
+                self.tell_slot(i, ToProxy::Drain { slot: i as u32 });
             }
             // Not running: just do not restart it.
             Life::Resetting { .. } => {
@@ -617,9 +715,12 @@ impl Master {
         }
     }
 
-    /// Asks every worker to stop; nothing will be restarted.
-    fn stop_workers(&mut self) {
+    /// Asks the workers of one proxy process (or all) to stop.
+    fn stop_workers_of(&mut self, proxy: Option<usize>) {
         for i in 0..self.slots.len() {
+            if proxy.is_some_and(|p| self.slots[i].proxy != p) {
+                continue;
+            }
             match self.slots[i].life {
                 Life::Running { .. } => self.stop_worker(i),
                 Life::Resetting { .. } | Life::Backoff { .. } | Life::Spare => {
@@ -631,7 +732,7 @@ impl Master {
     }
 
     fn kill_everything(&mut self) {
-        if let Some(p) = &self.proxy {
+        for p in self.proxies.iter().flatten() {
             sys::kill(p.pid, libc::SIGKILL);
         }
         for s in &mut self.slots {
@@ -689,13 +790,25 @@ impl Master {
         for _ in have..n {
             self.add_worker(g)?;
         }
-        if have > n {
-            active.sort_by_key(|&i| std::cmp::Reverse(self.slots[i].label));
-            for &i in active.iter().take((have - n) as usize) {
-                self.drain(i, Cause::Scale);
-            }
+        for _ in n..have {
+            let Some(i) = self.surplus_worker(&active) else {
+                break;
+            };
+            active.retain(|&a| a != i);
+            self.drain(i, Cause::Scale);
         }
         Ok(())
+    }
+
+    /// Which of `active` (one group's workers) to retire when shrinking:
+    /// the highest-numbered worker of the proxy process that has the most,
+    /// so every proxy keeps its share.
+    fn surplus_worker(&self, active: &[usize]) -> Option<usize> {
+        let per_proxy = |p: usize| active.iter().filter(|&&i| self.slots[i].proxy == p).count();
+        active
+            .iter()
+            .copied()
+            .max_by_key(|&i| (per_proxy(self.slots[i].proxy), self.slots[i].label))
     }
 
     /// `halfsync scale`: sets a group's size.
@@ -709,6 +822,12 @@ impl Master {
         };
         if !(1..=256).contains(&n) {
             return Err(format!("workers must be between 1 and 256, got {n}"));
+        }
+        let proxies = self.proxies.len() as u32;
+        if n < proxies {
+            return Err(format!(
+                "{n} workers for {proxies} proxy processes: every proxy needs a worker of each group"
+            ));
         }
         if self.stopping.is_some() {
             return Err("halfsync is stopping".into());
@@ -741,9 +860,9 @@ impl Master {
                 .collect();
             let idle = active
                 .iter()
-                .filter(|&&i| self.slots[i].state() == "idle" && self.stats.slot(i).pending == 0)
+                .filter(|&&i| self.slots[i].state() == "idle" && self.slot_stats(i).pending == 0)
                 .count() as u32;
-            let queued = self.stats.group(g).queued;
+            let queued = self.group_stats(g).queued;
             let n = active.len() as u32;
             if (idle < min_spare || queued > 0) && n < max {
                 self.groups[g].idle_checks = 0;
@@ -756,7 +875,7 @@ impl Master {
                 if self.groups[g].idle_checks >= POOL_SHRINK_AFTER {
                     self.groups[g].idle_checks = 0;
                     info!(group = %self.groups[g].config.name, workers = n - 1, idle, "pool shrinking");
-                    if let Some(&i) = active.iter().max_by_key(|&&i| self.slots[i].label) {
+                    if let Some(i) = self.surplus_worker(&active) {
                         self.drain(i, Cause::Scale);
                     }
                 }
@@ -771,15 +890,14 @@ impl Master {
     fn run_loop(&mut self) -> Result<()> {
         loop {
             let timeout = self.next_timeout();
-            let mut fds = vec![
-                sys::pollfd(self.signals.as_raw_fd(), false),
-                sys::pollfd(
-                    self.proxy
-                        .as_ref()
-                        .map_or(-1, |p| p.channel.fd().as_raw_fd()),
+            let n = self.proxies.len();
+            let mut fds = vec![sys::pollfd(self.signals.as_raw_fd(), false)];
+            for p in &self.proxies {
+                fds.push(sys::pollfd(
+                    p.as_ref().map_or(-1, |p| p.channel.fd().as_raw_fd()),
                     false,
-                ),
-            ];
+                ));
+            }
             self.admin.fill_pollfds(&mut fds);
             sys::poll(&mut fds, timeout).context("poll")?;
             if fds[0].revents != 0 {
@@ -787,10 +905,12 @@ impl Master {
                     self.on_signal(sig);
                 }
             }
-            if fds[1].revents != 0 {
-                self.read_control();
+            for p in 0..n {
+                if fds[1 + p].revents != 0 {
+                    self.read_control(p);
+                }
             }
-            for request in self.admin.on_ready(&fds[2..]) {
+            for request in self.admin.on_ready(&fds[1 + n..]) {
                 self.on_admin(request);
             }
             self.admin.sweep();
@@ -799,7 +919,7 @@ impl Master {
                 self.check_startup()?;
             }
             if self.stopping.is_some()
-                && self.proxy.is_none()
+                && self.proxies.iter().all(Option::is_none)
                 && self
                     .slots
                     .iter()
@@ -858,9 +978,17 @@ impl Master {
         let live: Vec<usize> = (0..self.groups.len())
             .filter(|&g| !self.groups[g].retired)
             .collect();
+        // Ready once every proxy process has a worker of every group.
+        let proxies = self.proxies.len();
         let ready = live
             .iter()
-            .filter(|&&g| self.slots.iter().any(|s| s.group == g && s.ever_ready))
+            .filter(|&&g| {
+                (0..proxies).all(|p| {
+                    self.slots
+                        .iter()
+                        .any(|s| s.group == g && s.proxy == p && s.ever_ready)
+                })
+            })
             .count();
         if ready == live.len() {
             self.starting = false;
@@ -903,8 +1031,10 @@ impl Master {
         while Instant::now() < deadline {
             match sys::reap() {
                 Ok(Some((pid, _))) => {
-                    if self.proxy.as_ref().is_some_and(|p| p.pid == pid) {
-                        self.proxy = None;
+                    for p in &mut self.proxies {
+                        if p.as_ref().is_some_and(|p| p.pid == pid) {
+                            *p = None;
+                        }
                     }
                     for s in &mut self.slots {
                         if s.pid() == Some(pid) {
@@ -913,8 +1043,8 @@ impl Master {
                     }
                 }
                 Ok(None) => {
-                    let alive =
-                        self.proxy.is_some() || self.slots.iter().any(|s| s.pid().is_some());
+                    let alive = self.proxies.iter().any(Option::is_some)
+                        || self.slots.iter().any(|s| s.pid().is_some());
                     if !alive {
                         return;
                     }
@@ -972,7 +1102,7 @@ impl Master {
                     Ok(()) => info!("log file reopened"),
                     Err(e) => error!("cannot reopen the log file: {e}"),
                 }
-                if let Some(p) = &self.proxy {
+                for p in self.proxies.iter().flatten() {
                     sys::kill(p.pid, libc::SIGUSR1);
                 }
                 for s in &self.slots {
@@ -1000,9 +1130,12 @@ impl Master {
         }
         // The proxy holds its own copies; once it closes them the port is free.
         self.listeners.clear();
-        match &self.proxy {
-            Some(_) => self.tell_proxy(ToProxy::Shutdown),
-            None => self.stop_workers(),
+        self.tell_proxy(ToProxy::Shutdown);
+        // Workers whose proxy is down have nothing to drain for.
+        for p in 0..self.proxies.len() {
+            if self.proxies[p].is_none() {
+                self.stop_workers_of(Some(p));
+            }
         }
     }
 
@@ -1020,18 +1153,23 @@ impl Master {
     }
 
     fn on_child_exit(&mut self, pid: i32, how: i32) {
-        if self.proxy.as_ref().is_some_and(|p| p.pid == pid) {
-            self.proxy = None;
+        if let Some(p) = self
+            .proxies
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.pid == pid))
+        {
+            self.proxies[p] = None;
             if self.stopping.is_some() {
-                info!(pid, "proxy exited");
-                self.stop_workers();
+                info!(pid, proxy = p, "proxy exited");
+                self.stop_workers_of(Some(p));
             } else {
                 error!(
                     pid,
-                    "proxy died ({}); restarting it and every worker",
+                    proxy = p,
+                    "proxy died ({}); restarting it and its workers",
                     describe_exit(how)
                 );
-                self.restart_all();
+                self.restart_proxy(p);
             }
             return;
         }
@@ -1092,13 +1230,16 @@ impl Master {
         if failed_replacement {
             self.replacement_failed(i, how);
         }
-        match &self.proxy {
-            Some(_) => self.tell_proxy(ToProxy::WorkerExited {
-                slot: i as u32,
-                pid,
-                status: how,
-                restart: next,
-            }),
+        match &self.proxies[self.slots[i].proxy] {
+            Some(_) => self.tell_slot(
+                i,
+                ToProxy::WorkerExited {
+                    slot: i as u32,
+                    pid,
+                    status: how,
+                    restart: next,
+                },
+            ),
             None => {
                 self.slots[i].slot.reset();
                 self.slot_reset(i);
@@ -1146,9 +1287,11 @@ impl Master {
         self.run_timers();
     }
 
-    fn read_control(&mut self) {
+    fn read_control(&mut self, n: usize) {
         loop {
-            let Some(p) = &self.proxy else { return };
+            let Some(Some(p)) = self.proxies.get(n) else {
+                return;
+            };
             let msg = match p.channel.recv_from_proxy() {
                 Ok(Received::Msg(m)) => m,
                 Ok(Received::Empty) => return,
@@ -1177,8 +1320,8 @@ impl Master {
                 }
                 ToMaster::WorkerReady { slot, pid } => self.worker_ready(slot as usize, pid),
                 ToMaster::Drained => {
-                    info!("proxy drained");
-                    self.stop_workers();
+                    info!(proxy = n, "proxy drained");
+                    self.stop_workers_of(Some(n));
                 }
             }
         }
@@ -1207,7 +1350,7 @@ impl Master {
         if let Some(deadline) = self.stopping
             && now >= deadline
         {
-            let left = self.proxy.is_some() as usize
+            let left = self.proxies.iter().flatten().count()
                 + self.slots.iter().filter(|s| s.pid().is_some()).count();
             if left > 0 {
                 warn!(
@@ -1251,28 +1394,38 @@ impl Master {
         }
     }
 
-    /// The proxy died: its bookkeeping of which worker holds which request
-    /// is gone, so every worker is replaced along with it.
-    fn restart_all(&mut self) {
-        for s in &self.slots {
-            if let Some(pid) = s.pid() {
-                sys::kill(pid, libc::SIGKILL);
-            }
+    /// Proxy `p` died: its bookkeeping of which worker holds which request
+    /// is gone, so its workers are replaced along with it. The other proxy
+    /// processes and their workers carry on.
+    fn restart_proxy(&mut self, p: usize) {
+        let mine: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].proxy == p)
+            .collect();
+        let pids: Vec<i32> = mine.iter().filter_map(|&i| self.slots[i].pid()).collect();
+        for &pid in &pids {
+            sys::kill(pid, libc::SIGKILL);
         }
-        // SIGKILLed children die promptly; reap them before touching their slots.
-        let wanted: Vec<usize> = (0..self.slots.len())
+        let wanted: Vec<usize> = mine
+            .iter()
+            .copied()
             .filter(|&i| self.slots[i].active())
             .collect();
-        self.reap_all(Duration::from_secs(5));
+        // SIGKILLed children die promptly; reap them before touching their slots.
+        for pid in pids {
+            if let Err(e) = sys::reap_pid(pid, Duration::from_secs(5)) {
+                warn!(pid, "cannot reap a worker of the dead proxy: {e}");
+            }
+        }
         if let Some(job) = self.reload.take()
             && let Some(conn) = job.reply_to
         {
             self.admin.respond(
                 conn,
-                admin::err("the proxy died during the reload; workers restarted"),
+                admin::err("a proxy died during the reload; its workers restarted"),
             );
         }
-        for s in &mut self.slots {
+        for &i in &mine {
+            let s = &mut self.slots[i];
             s.slot.reset();
             s.life = Life::Spare;
             s.replaces = None;
@@ -1280,7 +1433,7 @@ impl Master {
             s.draining = false;
             s.ready = false;
         }
-        if let Err(e) = self.start_proxy() {
+        if let Err(e) = self.start_proxy(p) {
             error!("{e:#}; stopping");
             self.stopping = Some(Instant::now());
             return;
@@ -1299,33 +1452,35 @@ impl Master {
     fn bind_new_listeners(
         &self,
         config: &Config,
-    ) -> Result<Vec<(SocketAddr, TcpListener)>, String> {
+    ) -> Result<Vec<(SocketAddr, Vec<TcpListener>)>, String> {
         let mut out = Vec::new();
         for addr in &config.server.listen {
             if self.listeners.iter().any(|l| l.addr == *addr) {
                 continue;
             }
-            let l = listen(*addr, config.server.backlog, config.server.tcp_defer_accept)
+            let sockets = listen_all(*addr, config, self.proxies.len())
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            out.push((*addr, l));
+            out.push((*addr, sockets));
         }
         Ok(out)
     }
 
     /// Hands new listeners to the proxy and closes the ones `config` drops.
-    fn swap_listeners(&mut self, config: &Config, new: Vec<(SocketAddr, TcpListener)>) {
-        for (addr, listener) in new {
+    fn swap_listeners(&mut self, config: &Config, new: Vec<(SocketAddr, Vec<TcpListener>)>) {
+        for (addr, sockets) in new {
             let id = self.next_listener_id;
             self.next_listener_id += 1;
-            if let Some(p) = &self.proxy
-                && let Err(e) = p
-                    .channel
-                    .send_to_proxy(ToProxy::AddListener { id }, &[listener.as_raw_fd()])
-            {
-                warn!("control channel: {e}");
+            for (proxy, socket) in self.proxies.iter().zip(&sockets) {
+                if let Some(p) = proxy
+                    && let Err(e) = p
+                        .channel
+                        .send_to_proxy(ToProxy::AddListener { id }, &[socket.as_raw_fd()])
+                {
+                    warn!("control channel: {e}");
+                }
             }
             info!(listen = %addr, "listening");
-            self.listeners.push(ListenerRec { id, addr, listener });
+            self.listeners.push(ListenerRec { id, addr, sockets });
         }
         let gone: Vec<u32> = self
             .listeners
@@ -1350,7 +1505,7 @@ impl Master {
         }
         .to_toml();
         let fd = shm_sys::memfd_with(&text).map_err(|e| format!("reconfigure: {e}"))?;
-        if let Some(p) = &self.proxy {
+        for p in self.proxies.iter().flatten() {
             p.channel
                 .send_to_proxy(
                     ToProxy::Reconfigure {

@@ -54,6 +54,12 @@ impl Master {
             Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
             None => Config::embedded_default(),
         };
+        if config.server.proxy_processes != self.config.server.proxy_processes {
+            return Err(format!(
+                "server.proxy_processes changed ({} -> {}): that takes a restart, not a reload",
+                self.config.server.proxy_processes, config.server.proxy_processes
+            ));
+        }
         let probed =
             crate::probe::probe(&self.exe, &config, false).map_err(|e| format!("{e:#}"))?;
         let new_listeners = self.bind_new_listeners(&config)?;

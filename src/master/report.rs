@@ -52,17 +52,17 @@ fn rss_kib(pid: i32) -> u64 {
 /// The whole status, as a JSON object (one line).
 pub(crate) fn status(m: &Master) -> String {
     let now = monotonic_ns();
-    let global = m.stats.global();
+    let global = m.global_stats();
     let inflight: u64 = (0..m.slots.len())
-        .map(|i| m.stats.slot(i).pending)
+        .map(|i| m.slot_stats(i).pending)
         .sum::<u64>()
         + (0..m.groups.len())
-            .map(|g| m.stats.group(g).queued)
+            .map(|g| m.group_stats(g).queued)
             .sum::<u64>();
     let mut totals = global.replies;
     let mut groups = Vec::new();
     for (id, g) in m.groups.iter().enumerate() {
-        let gs = m.stats.group(id);
+        let gs = m.group_stats(id);
         let mut replies = gs.replies;
         let mut workers = Vec::new();
         let mut mine: Vec<usize> = (0..m.slots.len())
@@ -71,7 +71,7 @@ pub(crate) fn status(m: &Master) -> String {
         mine.sort_by_key(|&i| (m.slots[i].label, m.slots[i].pid().is_none()));
         for i in mine {
             let s = &m.slots[i];
-            let ss = m.stats.slot(i);
+            let ss = m.slot_stats(i);
             // Replies of slots without a worker now (spares after a reload
             // or scale) still count in the group's totals.
             add(&mut replies, &ss.replies);
@@ -87,6 +87,7 @@ pub(crate) fn status(m: &Master) -> String {
             workers.push(json!({
                 "slot": i,
                 "worker": s.label,
+                "proxy": s.proxy,
                 "pid": pid,
                 "generation": s.generation,
                 "state": state,
@@ -128,7 +129,8 @@ pub(crate) fn status(m: &Master) -> String {
         "uptime_s": m.started_at.elapsed().as_secs(),
         "reloading": m.reload.is_some(),
         "proxy": {
-            "pid": m.proxy.as_ref().map(|p| p.pid),
+            "pid": m.proxies.first().and_then(|p| p.as_ref()).map(|p| p.pid),
+            "pids": m.proxies.iter().map(|p| p.as_ref().map(|p| p.pid)).collect::<Vec<_>>(),
             "connections": global.connections,
             "inflight": inflight,
             "accepted": global.accepted,
@@ -172,7 +174,7 @@ fn histogram(out: &mut String, name: &str, group: &str, h: &HistogramSnapshot) {
 /// Prometheus text exposition format (version 0.0.4).
 pub(crate) fn metrics(m: &Master) -> String {
     let mut o = String::new();
-    let global = m.stats.global();
+    let global = m.global_stats();
     let groups: Vec<(usize, String)> = m
         .groups
         .iter()
@@ -191,10 +193,10 @@ pub(crate) fn metrics(m: &Master) -> String {
         }
     }
     for (id, gname) in &groups {
-        let mut replies = m.stats.group(*id).replies;
+        let mut replies = m.group_stats(*id).replies;
         for (i, s) in m.slots.iter().enumerate() {
             if s.group == *id {
-                add(&mut replies, &m.stats.slot(i).replies);
+                add(&mut replies, &m.slot_stats(i).replies);
             }
         }
         for (name, n) in STATUS_NAMES.iter().zip(replies) {
@@ -212,7 +214,7 @@ pub(crate) fn metrics(m: &Master) -> String {
             &mut o,
             "halfsync_request_duration_seconds",
             gname,
-            &m.stats.group(*id).latency,
+            &m.group_stats(*id).latency,
         );
     }
     o.push_str("# HELP halfsync_queue_wait_seconds Time from a request's arrival to a worker starting it.\n");
@@ -222,7 +224,7 @@ pub(crate) fn metrics(m: &Master) -> String {
             &mut o,
             "halfsync_queue_wait_seconds",
             gname,
-            &m.stats.group(*id).queue_wait,
+            &m.group_stats(*id).queue_wait,
         );
     }
 
@@ -268,7 +270,7 @@ pub(crate) fn metrics(m: &Master) -> String {
         let _ = writeln!(
             o,
             "halfsync_queue_length{{group=\"{gname}\"}} {}",
-            m.stats.group(*id).queued
+            m.group_stats(*id).queued
         );
     }
 

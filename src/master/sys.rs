@@ -130,6 +130,24 @@ pub fn reap() -> io::Result<Option<(i32, i32)>> {
     Ok(Some((pid, how)))
 }
 
+/// Waits up to `limit` for child `pid` to end (after a SIGKILL) and reaps it.
+pub fn reap_pid(pid: i32, limit: std::time::Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let mut status = 0;
+        match syscall!(waitpid(pid, &mut status, libc::WNOHANG)) {
+            Ok(0) => {}
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "still running"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Sends `sig` to `pid`; a process already gone is not an error.
 pub fn kill(pid: i32, sig: i32) {
     if pid > 0 {
