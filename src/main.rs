@@ -213,10 +213,13 @@ fn run(path: Option<&Path>, inline: bool) -> Result<()> {
 /// Re-executes the master once with `argv[0] = "halfsync: master"`, so `ps`
 /// names its role like nginx's `nginx: master process`. The pid stays the
 /// same. If the exec fails the master simply keeps its original title.
+/// `HALFSYNC_RETITLED` marks the re-executed image, so a wrapper that does
+/// not pass `argv[0]` through (valgrind, some tracers) cannot make it loop.
 fn retitle_master() {
     use std::os::unix::process::CommandExt;
     const TITLE: &str = "halfsync: master";
-    if std::env::args_os().next().is_some_and(|a| a == TITLE) {
+    const MARK: &str = "HALFSYNC_RETITLED";
+    if std::env::args_os().next().is_some_and(|a| a == TITLE) || std::env::var_os(MARK).is_some() {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
@@ -224,6 +227,7 @@ fn retitle_master() {
     };
     let err = std::process::Command::new(exe)
         .arg0(TITLE)
+        .env(MARK, "1")
         .args(std::env::args_os().skip(1))
         .exec();
     tracing::debug!("could not retitle the master: {err}");

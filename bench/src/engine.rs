@@ -89,6 +89,10 @@ struct Conn {
     oldest_seq: u64,
     connect_deadline: u64,
     dirty: bool,
+    /// Requests sent on the current socket (`--per-connection`).
+    sent_here: u64,
+    /// Closed to churn and connecting again; still counted as open.
+    rejoining: bool,
 }
 
 impl Conn {
@@ -383,6 +387,8 @@ impl<'a> Engine<'a> {
                 oldest_seq: 0,
                 connect_deadline: 0,
                 dirty: false,
+                sent_here: 0,
+                rejoining: false,
             });
         }
         let (depth, sched) = match cfg.load {
@@ -448,9 +454,10 @@ impl<'a> Engine<'a> {
         if let Some(mut s) = c.stream.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
-        if c.state == State::Ready {
+        if c.state == State::Ready || c.rejoining {
             self.open -= 1;
         }
+        c.rejoining = false;
         c.state = State::Dead;
         let lost = c.outstanding.len() as u64;
         c.outstanding = IdMap::default();
@@ -515,9 +522,14 @@ impl<'a> Engine<'a> {
         };
         match res {
             Ok(true) => {
-                self.conns[ci].state = State::Ready;
-                self.open += 1;
-                self.meter.st.connected += 1;
+                let c = &mut self.conns[ci];
+                c.state = State::Ready;
+                if c.rejoining {
+                    c.rejoining = false;
+                } else {
+                    self.open += 1;
+                    self.meter.st.connected += 1;
+                }
             }
             Ok(false) => {}
             Err(e) => {
@@ -534,6 +546,10 @@ impl<'a> Engine<'a> {
         }
         if self.conns[ci].state == State::Connecting {
             self.finish_connect(ci);
+            if self.conns[ci].state == State::Ready && self.closed_loop_sending(ci) {
+                // A churned connection is back: start it again.
+                self.top_up(ci, sys::now_ns());
+            }
         }
         if self.conns[ci].state != State::Ready {
             return;
@@ -555,17 +571,41 @@ impl<'a> Engine<'a> {
             return;
         }
         // Closed loop: top the connection up at once.
-        if self.sending
-            && self.depth > 0
-            && self.conns[ci].active
-            && !self.shared.stop.load(Relaxed)
-        {
+        if self.closed_loop_sending(ci) {
             let now = sys::now_ns();
+            let k = self.cfg.per_connection;
+            let c = &self.conns[ci];
+            if k > 0 && c.sent_here >= k && c.outstanding.is_empty() && c.pending_out() == 0 {
+                self.rejoin(ci, now);
+                return;
+            }
             self.top_up(ci, now);
         }
         if let Err(e) = self.conns[ci].flush() {
             self.send_failed(ci, e);
         }
+    }
+
+    fn closed_loop_sending(&self, ci: usize) -> bool {
+        self.sending && self.depth > 0 && self.conns[ci].active && !self.shared.stop.load(Relaxed)
+    }
+
+    /// `--per-connection`: closes connection `ci` (all its requests were
+    /// answered) and connects it again.
+    fn rejoin(&mut self, ci: usize, now: u64) {
+        let c = &mut self.conns[ci];
+        if let Some(mut s) = c.stream.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        c.partial.clear();
+        c.out.clear();
+        c.out_pos = 0;
+        c.sent_here = 0;
+        c.rejoining = true;
+        if now >= self.meter.warm_end && now < self.meter.end {
+            self.meter.st.reconnects += 1;
+        }
+        self.start_connect(ci, now);
     }
 
     /// A send failed: first take whatever the server sent before it went
@@ -630,7 +670,9 @@ impl<'a> Engine<'a> {
 
     fn top_up(&mut self, ci: usize, now: u64) {
         let c = &mut self.conns[ci];
-        while c.outstanding.len() < self.depth {
+        let k = self.cfg.per_connection;
+        while c.outstanding.len() < self.depth && (k == 0 || c.sent_here < k) {
+            c.sent_here += 1;
             c.push(self.cfg.command, self.cfg.payload, now);
             self.meter.st.sent += 1;
             self.in_flight += 1;
@@ -700,6 +742,14 @@ impl<'a> Engine<'a> {
         }
         for i in 0..self.actives.len() {
             let ci = self.actives[i];
+            if self.conns[ci].state == State::Connecting && now >= self.conns[ci].connect_deadline {
+                let secs = self.cfg.connect_timeout.as_secs_f64();
+                let addr = self.cfg.addr;
+                self.kill(ci, Some(ConnErrorKind::Timeout), || {
+                    format!("reconnect to {addr} not done within {secs}s")
+                });
+                continue;
+            }
             if self.conns[ci].state != State::Ready {
                 continue;
             }

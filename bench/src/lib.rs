@@ -145,6 +145,11 @@ pub struct Config {
     pub allow_status: Vec<u16>,
     /// Keep (idle) connections open at least this long from the start.
     pub hold: Duration,
+    /// Closed loop, connection churn: after this many requests a
+    /// connection waits for their replies, closes and connects again.
+    /// 0 keeps connections for the whole run.
+    #[serde(default)]
+    pub per_connection: u64,
     /// Per-connection connect timeout.
     pub connect_timeout: Duration,
     /// A request unanswered this long drops its connection (timeout
@@ -176,6 +181,7 @@ impl Config {
             verify: true,
             allow_status: Vec::new(),
             hold: Duration::ZERO,
+            per_connection: 0,
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
             drain: Duration::from_secs(2),
@@ -214,6 +220,10 @@ impl Config {
             ),
         }
         ensure!(self.threads >= 1, "--threads must be at least 1");
+        ensure!(
+            self.per_connection == 0 || matches!(self.load, Load::Closed { .. }),
+            "--per-connection needs the closed loop (no --rate)"
+        );
         ensure!(
             self.payload <= (64 << 20) - 12,
             "--payload is limited to 64 MiB"
@@ -336,6 +346,7 @@ impl Report {
             sent: st.sent,
             replies: st.replies,
             unanswered: st.unanswered,
+            reconnects: st.reconnects,
             connect_seconds: (st.connect_seconds * 1e6).round() / 1e6,
             errors: st.errors.clone(),
             ok,

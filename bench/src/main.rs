@@ -89,6 +89,10 @@ struct Cli {
     /// Keep the connections open at least this long from the start.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     hold: Duration,
+    /// Connection churn (closed loop): each connection sends this many
+    /// requests, waits for the replies, closes and connects again.
+    #[arg(long, default_value_t = 0)]
+    per_connection: u64,
     /// Connect timeout per connection.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     connect_timeout: Duration,
@@ -138,6 +142,7 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
     cfg.verify = !cli.no_verify;
     cfg.allow_status = cli.allow_status.clone();
     cfg.hold = cli.hold;
+    cfg.per_connection = cli.per_connection;
     cfg.connect_timeout = cli.connect_timeout;
     cfg.timeout = cli.timeout;
     cfg.drain = cli.drain;

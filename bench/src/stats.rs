@@ -249,6 +249,9 @@ pub struct Stats {
     pub seconds: f64,
     /// Time to establish all connections, seconds.
     pub connect_seconds: f64,
+    /// `--per-connection`: connections closed and opened again in the
+    /// measured window.
+    pub reconnects: u64,
     /// The first few error messages.
     pub errors: Vec<String>,
 }
@@ -268,6 +271,7 @@ impl Default for Stats {
             verify: VerifyErrors::default(),
             seconds: 0.0,
             connect_seconds: 0.0,
+            reconnects: 0,
             errors: Vec::new(),
         }
     }
@@ -315,6 +319,7 @@ impl Stats {
         self.verify.merge(&o.verify);
         self.seconds = self.seconds.max(o.seconds);
         self.connect_seconds = self.connect_seconds.max(o.connect_seconds);
+        self.reconnects += o.reconnects;
         for e in &o.errors {
             if self.keeps(e.split(": ").next().unwrap_or_default()) {
                 self.errors.push(e.clone());
@@ -337,6 +342,7 @@ impl Stats {
             verify: self.verify.clone(),
             seconds: self.seconds,
             connect_seconds: self.connect_seconds,
+            reconnects: self.reconnects,
             errors: self.errors.clone(),
         }
     }
@@ -361,6 +367,7 @@ impl Stats {
             verify: w.verify.clone(),
             seconds: w.seconds,
             connect_seconds: w.connect_seconds,
+            reconnects: w.reconnects,
             errors: w.errors.clone(),
         })
     }
@@ -399,6 +406,8 @@ pub struct StatsWire {
     pub verify: VerifyErrors,
     pub seconds: f64,
     pub connect_seconds: f64,
+    #[serde(default)]
+    pub reconnects: u64,
     pub errors: Vec<String>,
 }
 
@@ -496,6 +505,9 @@ pub struct Report {
     pub replies: u64,
     /// Requests never answered.
     pub unanswered: u64,
+    /// `--per-connection`: connections closed and opened again in the
+    /// measured window.
+    pub reconnects: u64,
     /// Time to establish all connections, seconds.
     pub connect_seconds: f64,
     /// The first error messages.
@@ -621,6 +633,14 @@ impl fmt::Display for Report {
             "sent         {}  replies {}  unanswered {}",
             self.sent, self.replies, self.unanswered
         )?;
+        if self.reconnects > 0 {
+            writeln!(
+                f,
+                "reconnects   {} ({:.0}/s)",
+                self.reconnects,
+                self.reconnects as f64 / self.seconds.max(1e-9)
+            )?;
+        }
         for e in &self.errors {
             writeln!(f, "error        {e}")?;
         }

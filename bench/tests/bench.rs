@@ -79,6 +79,31 @@ fn closed_loop_for_a_duration_on_two_threads() {
     assert_eq!(s.frames.load(std::sync::atomic::Ordering::SeqCst), r.sent);
 }
 
+/// `--per-connection`: every connection closes after its requests are
+/// answered and connects again; each reconnect is a new accept.
+#[test]
+fn per_connection_churns_connections_without_losing_a_request() {
+    let s = Server::start(Mode::Echo);
+    let mut c = cfg(&s);
+    c.load = Load::Closed { depth: 3 };
+    c.per_connection = 10;
+    let r = run(&c);
+    assert_clean(&r);
+    assert_eq!(r.requests, 2000);
+    assert_eq!(r.connected, 4);
+    // 2000 measured requests at 10 per connection: ~200 reconnects.
+    assert!((190..=210).contains(&r.reconnects), "{r}");
+    let accepted = s.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(accepted >= 4 + r.reconnects, "accepted {accepted}: {r}");
+    assert!(r.to_string().contains("reconnects"), "{r}");
+
+    let mut open = cfg(&s);
+    open.load = Load::Open { rate: 1000.0 };
+    open.per_connection = 10;
+    let e = open.validate().unwrap_err().to_string();
+    assert!(e.contains("--per-connection needs the closed loop"), "{e}");
+}
+
 #[test]
 fn open_loop_follows_the_schedule() {
     let s = Server::start(Mode::Echo);
