@@ -115,6 +115,40 @@ fn bad_clients_do_not_disturb_a_good_one() {
     assert!(n >= 70);
 }
 
+/// Under overload the wait queue serves connections in turn: a client
+/// that pipelines 200 slow requests does not make a one-request client
+/// wait behind all of them.
+#[test]
+fn a_flooding_client_does_not_starve_a_light_one() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nshutdown_grace = \"2s\"\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\nworkers = 1\nmax_inflight = 1\n",
+        halfsync_testkit::fault_plugin().display()
+    );
+    let s = Server::start(&text, port);
+    let mut flood = s.client();
+    for id in 0..200 {
+        flood
+            .send(id, halfsync_testkit::fault::SLOW, &5u32.to_be_bytes())
+            .unwrap();
+    }
+    let queued = wait_for(Duration::from_secs(10), || {
+        (s.status()["groups"][0]["queued"].as_u64()? >= 150).then_some(())
+    });
+    assert!(queued.is_some(), "{}", s.status());
+    let mut light = s.client();
+    light
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(light.call(7, 1, b"me too").unwrap().code, status::OK);
+    // Served after at most a couple of the flooder's (5 ms each), not
+    // after its ~150 queued ones.
+    let done = s.status()["groups"][0]["replies"]["OK"].as_u64().unwrap();
+    assert!(done <= 10, "{done} replies before the light client's");
+    drop(flood);
+}
+
 #[test]
 fn idle_connections_are_closed_busy_ones_are_not() {
     let port = free_port();

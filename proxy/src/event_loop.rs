@@ -307,10 +307,10 @@ impl Proxy {
             until = until.min(t);
         }
         for g in &self.groups {
-            if let Some(q) = g.queue.front()
+            if let Some(t) = g.queue.oldest_ns()
                 && g.queue_timeout_ns > 0
             {
-                until = until.min(q.req.enqueued_ns.saturating_add(g.queue_timeout_ns));
+                until = until.min(t.saturating_add(g.queue_timeout_ns).saturating_add(1));
             }
         }
         // Round up to whole milliseconds: epoll cannot wait for less.
@@ -402,6 +402,7 @@ impl Proxy {
             }
             keep[id] = true;
             self.groups[id].update(g);
+            self.groups[id].queue.fifo = self.tuning.fifo_queue;
         }
         for (id, g) in self.groups.iter_mut().enumerate() {
             if !keep[id] && !g.retired {

@@ -22,6 +22,7 @@
 mod conn;
 pub mod control;
 mod event_loop;
+mod queue;
 mod slots;
 pub mod stats;
 pub mod sys;

@@ -13,6 +13,7 @@ use tracing::{debug, error, info, warn};
 use crate::conn::Tag;
 use crate::control::{KillReason, Restart, ToMaster, describe_exit};
 use crate::event_loop::{NS_PER_MS, Proxy, TOKEN_SLOT};
+use crate::queue::WaitQueue;
 use crate::stats::Scope;
 use crate::sys::READ;
 
@@ -180,7 +181,9 @@ pub(crate) struct Group {
     /// routed here; its workers drain.
     pub(crate) retired: bool,
     pub(crate) slots: Vec<usize>,
-    pub(crate) queue: VecDeque<Queued>,
+    /// Requests waiting for a worker with room, served connection by
+    /// connection in turn.
+    pub(crate) queue: WaitQueue,
     pub(crate) max_inflight: usize,
     pub(crate) max_queue: usize,
     pub(crate) request_timeout_ns: u64,
@@ -198,7 +201,7 @@ impl Group {
             name: String::new(),
             retired: true,
             slots: Vec::new(),
-            queue: VecDeque::new(),
+            queue: WaitQueue::default(),
             max_inflight: 1,
             max_queue: 0,
             request_timeout_ns: 0,
@@ -658,8 +661,7 @@ impl Proxy {
                 continue;
             }
             if !self.group_live(g) {
-                let q = std::mem::take(&mut self.groups[g].queue);
-                for r in q {
+                for r in self.groups[g].queue.take_all() {
                     self.answer(
                         &r.req,
                         status::BUSY,
@@ -671,21 +673,23 @@ impl Proxy {
                 continue;
             }
             let qt = self.groups[g].queue_timeout_ns;
-            while let Some(q) = self.groups[g].queue.front() {
-                if self.conns.get(q.req.tag).is_none() {
-                    // Its client is gone: never run it.
-                    self.groups[g].queue.pop_front();
-                    continue;
-                }
-                if qt > 0 && self.now_ns.saturating_sub(q.req.enqueued_ns) > qt {
-                    let req = q.req;
-                    self.groups[g].queue.pop_front();
+            if qt > 0
+                && let Some(deadline) = self.now_ns.checked_sub(qt + 1)
+            {
+                for q in self.groups[g].queue.take_expired(deadline) {
                     self.answer(
-                        &req,
+                        &q.req,
                         status::TIMEOUT,
                         b"waited longer than queue_timeout for a worker",
                         Scope::Group(g),
                     );
+                }
+            }
+            while let Some(q) = self.groups[g].queue.front() {
+                let tag = q.req.tag;
+                if self.conns.get(tag).is_none() {
+                    // Its client is gone: never run its requests.
+                    self.groups[g].queue.drop_conn(tag);
                     continue;
                 }
                 let len = q.payload.len();

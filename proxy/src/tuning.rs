@@ -27,6 +27,9 @@ pub(crate) struct Tuning {
     /// `no_read_budget`: read a connection until EAGAIN, however much it
     /// sends.
     pub(crate) no_read_budget: bool,
+    /// `fifo_queue`: the wait queue serves requests in arrival order, not
+    /// connection by connection in turn.
+    pub(crate) fifo_queue: bool,
 }
 
 impl Tuning {
@@ -44,6 +47,7 @@ impl Tuning {
                 "publish_per_request" => t.publish_per_request = true,
                 "always_wake" => t.always_wake = true,
                 "no_read_budget" => t.no_read_budget = true,
+                "fifo_queue" => t.fifo_queue = true,
                 other => tracing::warn!("HALFSYNC_TUNING: unknown switch {other:?} ignored"),
             }
         }
