@@ -56,6 +56,36 @@ pub fn simple(socket: &Path, line: &str, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// `halfsync stop`: the master answers just before it exits; this then
+/// waits (within `timeout`) until its process is really gone.
+pub fn stop(socket: &Path, line: &str, timeout: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let v = request(socket, line, timeout)?;
+    if let Some(pid) = v["pid"].as_u64() {
+        while process_alive(pid) {
+            if std::time::Instant::now() >= deadline {
+                bail!("the server (pid {pid}) said it stopped but is still running");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    out!("halfsync: {}", v["message"].as_str().unwrap_or("stopped"));
+    Ok(())
+}
+
+/// Whether process `pid` exists and is not a zombie (an exited child its
+/// parent has not reaped yet counts as gone).
+fn process_alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 /// `halfsync status`: the JSON, or a table.
 pub fn status(socket: &Path, json: bool) -> Result<()> {
     let v = request(socket, r#"{"cmd":"status"}"#, Duration::from_secs(10))?;
@@ -76,9 +106,21 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         }
     );
     let p = &v["proxy"];
+    let pids: Vec<String> = match p["pids"].as_array() {
+        Some(a) => a
+            .iter()
+            .map(|x| x.as_i64().map_or("down".to_owned(), |p| p.to_string()))
+            .collect(),
+        None => vec![p["pid"].to_string()],
+    };
     out!(
-        "proxy pid {}: {} connections ({} accepted, {} refused), {} requests in flight",
-        p["pid"],
+        "{} {}: {} connections ({} accepted, {} refused), {} requests in flight",
+        if pids.len() > 1 {
+            "proxies, pids"
+        } else {
+            "proxy pid"
+        },
+        pids.join(", "),
         p["connections"],
         p["accepted"],
         p["refused"],

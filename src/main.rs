@@ -96,7 +96,9 @@ enum Cmd {
         target: Target,
         /// The group's name.
         group: String,
-        /// The new number of workers (1 to 256).
+        /// The new number of workers (1 to 256, and at least
+        /// `server.proxy_processes`). Until the next reload, which goes
+        /// back to the configuration file's `workers`.
         workers: u32,
     },
 }
@@ -122,7 +124,7 @@ fn main() -> ExitCode {
             timeout,
         } => socket(&target).and_then(|s| {
             let line = serde_json::json!({"cmd": "stop", "fast": fast}).to_string();
-            ctl::simple(&s, &line, Duration::from_secs(timeout))
+            ctl::stop(&s, &line, Duration::from_secs(timeout))
         }),
         Cmd::Scale {
             target,

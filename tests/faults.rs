@@ -459,6 +459,33 @@ fn two_proxy_processes_share_the_port_and_fail_apart() {
     assert_eq!((halves[0].len(), halves[1].len()), (2, 2), "{}", s.status());
     assert_eq!(s.status()["proxy"]["pids"].as_array().unwrap().len(), 2);
 
+    // SO_REUSEPORT must not let a second server join the port.
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("second.toml");
+    let second = text.replace(
+        "[server]\n",
+        &format!(
+            "[server]\nadmin_socket = \"{}\"\n",
+            dir.path().join("admin.sock").display()
+        ),
+    );
+    std::fs::write(&path, second).unwrap();
+    let (st, _, err) = run_cmd(
+        std::process::Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&path),
+        Duration::from_secs(20),
+    );
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot listen on") && err.contains("in use"),
+        "{err}"
+    );
+
     // 40 connections: the kernel spreads them over both proxies (all on one
     // has odds of 2^-39), so the workers of both serve.
     let mut clients: Vec<Client> = (0..40).map(|_| s.client()).collect();

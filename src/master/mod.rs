@@ -96,10 +96,22 @@ pub(crate) enum Cause {
     Reload,
     /// Retired because its group shrank or went away.
     Scale,
+    /// Killed because the proxy process it served died.
+    ProxyDied,
 }
 
+// `cause as usize` indexes `Cause::ALL` and the `ended` counters.
+const _: () = {
+    let mut i = 0;
+    while i < Cause::ALL.len() {
+        assert!(Cause::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 impl Cause {
-    pub(crate) const ALL: [Cause; 8] = [
+    /// Every cause, in declaration order (`cause as usize` indexes it).
+    pub(crate) const ALL: [Cause; 9] = [
         Cause::Crash,
         Cause::InitFailed,
         Cause::Timeout,
@@ -108,6 +120,7 @@ impl Cause {
         Cause::Recycle,
         Cause::Reload,
         Cause::Scale,
+        Cause::ProxyDied,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -120,6 +133,7 @@ impl Cause {
             Cause::Recycle => "recycle",
             Cause::Reload => "reload",
             Cause::Scale => "scale",
+            Cause::ProxyDied => "proxy_died",
         }
     }
 }
@@ -134,7 +148,7 @@ pub(crate) struct GroupRec {
     /// Gone from the configuration; its workers drain and are not replaced.
     pub(crate) retired: bool,
     /// Worker processes ended, by [`Cause`] (index in `Cause::ALL`).
-    pub(crate) ended: [u64; 8],
+    pub(crate) ended: [u64; Cause::ALL.len()],
     /// Dynamic pools: checks in a row with too many idle workers.
     idle_checks: u32,
 }
@@ -297,7 +311,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
             plugin: p.path,
             generation: 1,
             retired: false,
-            ended: [0; 8],
+            ended: [0; Cause::ALL.len()],
             idle_checks: 0,
         })
         .collect();
@@ -349,7 +363,9 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
     }
     let result = m.run_loop();
     let waiters = std::mem::take(&mut m.stop_waiters);
-    m.admin.answer_now(&waiters, &admin::ok("stopped"));
+    // With the pid, `halfsync stop` can wait until the process is gone.
+    let stopped = serde_json::json!({"ok": true, "message": "stopped", "pid": std::process::id()});
+    m.admin.answer_now(&waiters, &stopped.to_string());
     m.admin.close();
     result
 }
@@ -357,16 +373,28 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
 /// The listening sockets for one address: one per proxy process, with
 /// SO_REUSEPORT when there are several (the kernel spreads connections).
 fn listen_all(addr: SocketAddr, config: &Config, n: usize) -> std::io::Result<Vec<TcpListener>> {
-    (0..n)
-        .map(|_| {
-            listen(
-                addr,
-                config.server.backlog,
-                config.server.tcp_defer_accept,
-                n > 1,
-            )
-        })
-        .collect()
+    let (backlog, defer) = (config.server.backlog, config.server.tcp_defer_accept);
+    if n == 1 {
+        return Ok(vec![listen(addr, backlog, defer, false)?]);
+    }
+    // SO_REUSEPORT would also let a second server (same user) bind this
+    // port and take a share of its connections. Refuse, as a plain bind
+    // would: a socket without SO_REUSEPORT cannot bind where anything
+    // listens.
+    {
+        use socket2::{Domain, Socket, Type};
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+    }
+    let first = listen(addr, backlog, defer, true)?;
+    // Port 0: the others join the port the first one got.
+    let addr = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(listen(addr, backlog, defer, true)?);
+    }
+    Ok(all)
 }
 
 fn listen(
@@ -826,7 +854,7 @@ impl Master {
         let proxies = self.proxies.len() as u32;
         if n < proxies {
             return Err(format!(
-                "{n} workers for {proxies} proxy processes: every proxy needs a worker of each group"
+                "{n} workers for {proxies} proxy processes: every proxy needs a worker of each group; scale to at least {proxies}"
             ));
         }
         if self.stopping.is_some() {
@@ -993,7 +1021,8 @@ impl Master {
         if ready == live.len() {
             self.starting = false;
             info!(
-                workers = self.slots.iter().filter(|s| s.ready).count(),
+                ready = self.slots.iter().filter(|s| s.ready).count(),
+                workers = self.slots.iter().filter(|s| s.active()).count(),
                 "halfsync ready"
             );
             return Ok(());
@@ -1189,9 +1218,7 @@ impl Master {
         } else {
             Cause::Crash
         });
-        if let Some(k) = Cause::ALL.iter().position(|&c| c == cause) {
-            self.groups[s.group].ended[k] += 1;
-        }
+        self.groups[s.group].ended[cause as usize] += 1;
         // A replacement that dies before taking over is not restarted: its
         // predecessor still serves.
         let failed_replacement = s.replaces.is_some() && !s.ready;
@@ -1402,8 +1429,16 @@ impl Master {
             .filter(|&i| self.slots[i].proxy == p)
             .collect();
         let pids: Vec<i32> = mine.iter().filter_map(|&i| self.slots[i].pid()).collect();
-        for &pid in &pids {
+        for &i in &mine {
+            let Some(pid) = self.slots[i].pid() else {
+                continue;
+            };
             sys::kill(pid, libc::SIGKILL);
+            let s = &mut self.slots[i];
+            s.restarts += 1;
+            let g = &mut self.groups[s.group];
+            g.ended[Cause::ProxyDied as usize] += 1;
+            info!(group = %g.config.name, worker = s.label, pid, "worker killed with its proxy");
         }
         let wanted: Vec<usize> = mine
             .iter()

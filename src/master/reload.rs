@@ -102,7 +102,7 @@ impl Master {
                         plugin: p.path,
                         generation,
                         retired: false,
-                        ended: [0; 8],
+                        ended: [0; Cause::ALL.len()],
                         idle_checks: 0,
                     });
                     fresh.push(self.groups.len() - 1);
