@@ -6,9 +6,13 @@ of clients, each against halfsync with it on, alternating rounds in one run:
   `accept4` against accept + 2 fcntl (`HALFSYNC_TUNING=plain_accept`), and
   `server.tcp_defer_accept = true` against off;
 - fairness: one light client (1 connection, 1 request in flight) beside a
-  flooder (4 connections x 2,048 requests of 4 KiB in flight); the light
-  client's latency with per-connection read budgets against without
-  (`HALFSYNC_TUNING=no_read_budget`).
+  flooder (4 connections x 2,048 requests of 4 KiB in flight), with
+  `max_inflight = 8`; the light client's latency with the wait queue
+  served connection by connection against plain arrival order
+  (`HALFSYNC_TUNING=fifo_queue`), with per-connection read budgets
+  against without (`HALFSYNC_TUNING=no_read_budget`), and with
+  `max_inflight = 8` against 64 (requests already in a worker's ring are
+  served in order, so the ring's depth bounds what fairness can do).
 
 Usage:
     cargo build --release --workspace
@@ -42,8 +46,9 @@ def churn(env, extra, seconds):
     return {"rps": r["rps"], "reconnects": r["reconnects"], "p99_us": r["latency_us"]["p99"]}
 
 
-def fairness(env, seconds):
-    s = Server(env=env)
+def fairness(env, seconds, max_inflight=8):
+    # Few requests per worker ring, so the wait queue is where requests wait.
+    s = Server(env=env, max_inflight=max_inflight)
     try:
         flood = subprocess.Popen(
             [BENCH, "--addr", f"127.0.0.1:{s.port}", "--json", "-c", "4", "-d", "2048", "-p", "4096",
@@ -63,16 +68,28 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--only", default="", help="run only the cases whose name starts with this")
     a = ap.parse_args()
-    out = {"cpus": os.cpu_count(), "rounds": a.rounds, "seconds": a.seconds}
+    path = os.path.join(HERE, "..", "results", "churn_fairness.json")
+    # --only updates its cases and keeps the others' latest results.
+    out = {}
+    if a.only and os.path.exists(path):
+        with open(path) as f:
+            out = json.load(f)
+    out.update({"cpus": os.cpu_count(), "rounds": a.rounds, "seconds": a.seconds})
     cases = {
         "churn: plain_accept": (lambda: churn({}, "", a.seconds),
                                 lambda: churn({"HALFSYNC_TUNING": "plain_accept"}, "", a.seconds)),
         "churn: tcp_defer_accept": (lambda: churn({}, "", a.seconds),
                                     lambda: churn({}, "tcp_defer_accept = true", a.seconds)),
+        "fairness: fifo_queue": (lambda: fairness({}, a.seconds),
+                                 lambda: fairness({"HALFSYNC_TUNING": "fifo_queue"}, a.seconds)),
         "fairness: no_read_budget": (lambda: fairness({}, a.seconds),
                                      lambda: fairness({"HALFSYNC_TUNING": "no_read_budget"}, a.seconds)),
+        "fairness: max_inflight 64": (lambda: fairness({}, a.seconds),
+                                      lambda: fairness({}, a.seconds, max_inflight=64)),
     }
+    cases = {n: c for n, c in cases.items() if n.startswith(a.only)}
     for name, (base, other) in cases.items():
         rounds = []
         for _ in range(a.rounds):
@@ -80,14 +97,16 @@ def main():
             print(name, rounds[-1], flush=True)
         out[name] = rounds
     key = {"churn: plain_accept": "rps", "churn: tcp_defer_accept": "rps",
-           "fairness: no_read_budget": "light_p99_us"}
+           "fairness: fifo_queue": "light_p50_us", "fairness: no_read_budget": "light_p50_us",
+           "fairness: max_inflight 64": "light_p50_us"}
     print()
     for name, k in key.items():
+        if name not in out:
+            continue
         b = statistics.median(r["base"][k] for r in out[name])
         o = statistics.median(r["other"][k] for r in out[name])
         print(f"{name}: {k} base {b:,.0f}, other {o:,.0f}, ratio {o / b:.2f}")
         out[name + " summary"] = {"metric": k, "base": b, "other": o, "ratio": o / b}
-    path = os.path.join(HERE, "..", "results", "churn_fairness.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print("wrote", os.path.normpath(path))
