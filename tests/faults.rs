@@ -440,7 +440,9 @@ fn proxy_death_is_survived_on_the_same_port() {
 #[test]
 fn two_proxy_processes_share_the_port_and_fail_apart() {
     let port = free_port();
-    let text = fault_config(port, &fault_plugin_so(), 4, "")
+    // The pipelines below put up to 1,600 requests on one proxy when the
+    // kernel gives it most connections: room for them all, no BUSY.
+    let text = fault_config(port, &fault_plugin_so(), 4, "max_queue = 4096")
         .replace("[server]\n", "[server]\nproxy_processes = 2\n");
     let mut s = Server::start(&text, port);
     let proxies = s.pids_titled("halfsync: proxy");
@@ -630,4 +632,97 @@ fn requests_behind_a_slow_one_move_to_another_worker() {
         "echoes waited {last_echo:?} behind the slow request"
     );
     assert!(s.log().contains("moved to other workers"), "{}", s.log());
+}
+
+/// Per-worker requests served, by worker number, once the counts stop
+/// moving (a worker counts a request just after publishing its reply).
+fn served_by_worker(s: &Server) -> Vec<u64> {
+    let read = || -> Vec<u64> {
+        let st = s.status();
+        let mut v: Vec<(u64, u64)> = st["groups"][0]["workers"]
+            .as_array()
+            .map(|ws| {
+                ws.iter()
+                    .filter_map(|w| Some((w["worker"].as_u64()?, w["served"].as_u64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_unstable();
+        v.into_iter().map(|(_, n)| n).collect()
+    };
+    let mut last = read();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("served counts never settled: {last:?}");
+}
+
+/// Sends `n` frames in one write, so the proxy reads them as one batch,
+/// and checks every reply.
+fn one_batch(c: &mut Client, base: u64, code: u16, payload: &[u8], n: u64) {
+    let mut out = Vec::new();
+    for i in 0..n {
+        halfsync_protocol::write_frame(&mut out, base + i, code, payload);
+    }
+    std::io::Write::write_all(c.stream(), &out).unwrap();
+    for _ in 0..n {
+        let r = c.recv().unwrap();
+        assert_eq!(r.code, status::OK, "reply {}", r.id);
+        assert_eq!(r.payload, payload);
+    }
+}
+
+/// Batch affinity: a batch of cheap requests read at once goes to one
+/// worker (its replies then leave in one send); a batch of slow ones is
+/// spread over the workers to run in parallel. Workers report sampled run
+/// times, so the proxy knows which is which.
+#[test]
+fn cheap_batches_stay_on_one_worker_and_slow_ones_are_spread() {
+    let port = free_port();
+    let s = Server::start(&fault_config(port, &fault_plugin_so(), 2, ""), port);
+    let mut c = s.client();
+    // Echo requests one at a time, so their run times reach the proxy,
+    // then a batch. A sample taken while a busy test machine preempted the
+    // worker can hide the cheapness for a while: a few attempts. Without
+    // affinity the batch is split evenly every time.
+    let mut splits = Vec::new();
+    for attempt in 0..5u64 {
+        let base = attempt * 1000;
+        for id in 0..64 {
+            assert_eq!(c.call(base + id, 1, b"warm").unwrap().code, status::OK);
+        }
+        let before = served_by_worker(&s);
+        one_batch(&mut c, base + 100, 1, b"cheap", 16);
+        let after = served_by_worker(&s);
+        let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        assert_eq!(delta.len(), 2, "{after:?}");
+        assert_eq!(delta.iter().sum::<u64>(), 16);
+        if delta.contains(&16) {
+            break;
+        }
+        splits.push(delta);
+    }
+    assert!(
+        splits.len() < 5,
+        "a cheap batch should stay on one worker: {splits:?}"
+    );
+
+    // Slow requests one at a time (several get sampled), then a batch.
+    for id in 8000..8064 {
+        assert_eq!(c.call(id, fault::SLOW, &be32(1)).unwrap().code, status::OK);
+    }
+    let before = served_by_worker(&s);
+    one_batch(&mut c, 3000, fault::SLOW, &be32(20), 8);
+    let after = served_by_worker(&s);
+    let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(delta.iter().sum::<u64>(), 8);
+    assert!(
+        delta.iter().all(|&d| d > 0),
+        "a slow batch should be spread over both workers: {delta:?}"
+    );
 }

@@ -13,7 +13,7 @@ split in BENCHMARKS.md covers them.
 
 Usage:
     cargo build --release --workspace
-    python3 bench/scripts/instructions.py [--requests 100000]
+    python3 bench/scripts/instructions.py [--requests 100000] [--depth 16] [--keep DIR]
 
 Needs valgrind (`apt-get install valgrind`). Writes
 bench/results/instructions.json.
@@ -56,7 +56,7 @@ def ready(port, deadline):
     raise RuntimeError("server under valgrind did not start")
 
 
-def one(inline, depth, requests):
+def one(inline, depth, requests, keep=None):
     d = tempfile.mkdtemp(prefix="halfsync-callgrind-")
     port = free_port()
     cfg = os.path.join(d, "bench.toml")
@@ -104,6 +104,12 @@ def one(inline, depth, requests):
                         ir = int(line.split()[1])
         name = kids[pid] + ("s" if kids[pid] == "worker" else "")
         per[name] = per.get(name, 0) + ir / r["requests"]
+    if keep:
+        # For `callgrind_annotate`: where each process's instructions go.
+        dest = os.path.join(keep, f"{'inline' if inline else 'halfsync'}-d{depth}")
+        os.makedirs(dest, exist_ok=True)
+        for path in glob.glob(f"{d}/callgrind.*"):
+            shutil.copy(path, dest)
     shutil.rmtree(d, ignore_errors=True)
     return per
 
@@ -111,13 +117,15 @@ def one(inline, depth, requests):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=100_000)
+    ap.add_argument("--depth", type=int, action="append", help="only these depths (default 1 and 16)")
+    ap.add_argument("--keep", help="copy the callgrind output files under this directory")
     a = ap.parse_args()
     if not shutil.which("valgrind"):
         sys.exit("needs valgrind: apt-get install valgrind")
     out = {"requests": a.requests, "workers": 2, "scenarios": {}}
-    for depth in (1, 16):
-        inline = one(True, depth, a.requests)
-        hs = one(False, depth, a.requests)
+    for depth in a.depth or (1, 16):
+        inline = one(True, depth, a.requests, a.keep)
+        hs = one(False, depth, a.requests, a.keep)
         total_inline = sum(inline.values())
         total_hs = sum(hs.values())
         out["scenarios"][f"d{depth}"] = {"inline": inline, "halfsync": hs,
@@ -125,6 +133,9 @@ def main():
         print(f"depth {depth}: inline {inline}; halfsync {hs}; "
               f"total ratio {total_hs / total_inline:.2f}", flush=True)
     path = os.path.join(HERE, "..", "results", "instructions.json")
+    if a.depth:
+        print("partial run (--depth): results not written")
+        return
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print("wrote", os.path.normpath(path))

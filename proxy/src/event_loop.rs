@@ -68,6 +68,9 @@ pub(crate) struct Proxy {
     pub(crate) next_check_ns: Option<u64>,
     /// Something happened that the worker checks must see this turn.
     pub(crate) check_due: bool,
+    /// The slot the previous request of the frames being parsed went to
+    /// (see `pick_slot`): a connection's batch stays on one worker.
+    pub(crate) batch_slot: Option<usize>,
     pub(crate) next_sweep_ns: u64,
     pub(crate) draining: bool,
     pub(crate) refused: u64,
@@ -147,6 +150,7 @@ impl Proxy {
             now_ns: shm_sys::monotonic_ns(),
             next_check_ns: None,
             check_due: true,
+            batch_slot: None,
             next_sweep_ns: 0,
             draining: false,
             refused: 0,
@@ -684,6 +688,7 @@ impl Proxy {
     /// Handles every whole frame at the start of `buf`; returns the bytes used.
     fn parse_frames(&mut self, i: usize, buf: &[u8]) -> usize {
         let max_frame = self.config.server.max_frame;
+        self.batch_slot = None;
         let mut off = 0;
         loop {
             match hsp::parse(&buf[off..], max_frame) {
@@ -692,12 +697,14 @@ impl Proxy {
                     off += n;
                 }
                 Parsed::Incomplete(need) => {
+                    self.batch_slot = None;
                     if let Some(Some(c)) = self.conns.slab.get_mut(i) {
                         c.inbuf.reserve(need.min(max_frame as usize + 4));
                     }
                     return off;
                 }
                 Parsed::Bad(e, id) => {
+                    self.batch_slot = None;
                     debug!(conn = i, "bad frame: {e}");
                     self.stats.reply(Scope::Global, status::BAD_REQUEST);
                     if let Some(Some(c)) = self.conns.slab.get_mut(i) {
@@ -772,6 +779,7 @@ impl Proxy {
             && let Some(si) = self.pick_slot(g, payload.len())
             && self.push_to_slot(si, req, payload)
         {
+            self.batch_slot = Some(si);
             self.count_inflight(i, payload.len());
             return;
         }

@@ -21,6 +21,18 @@ use crate::sys::READ;
 /// a request goes (see `pick_slot`).
 const SLEEPER_PENALTY: usize = 4;
 
+/// How many requests fewer the worker that took the previous request of
+/// the same read counts as holding (see `pick_slot`).
+const BATCH_AFFINITY: usize = 16;
+
+/// Batch affinity applies only to groups whose requests run at most this
+/// long on average. Then a batch kept on one idle worker finishes at most
+/// BATCH_AFFINITY × 5 µs / 2 = 40 µs later than one split over two, the
+/// order of what the split costs in extra sends and receives on both
+/// ends; under load every worker is busy and keeping batches whole costs
+/// nothing. Slower requests gain more from running in parallel.
+const AFFINITY_MAX_RUN_NS: u64 = 5_000;
+
 /// After a replacement worker failed to start, wait this long before asking
 /// the master for another one.
 const RECYCLE_RETRY_NS: u64 = 1000 * NS_PER_MS;
@@ -101,6 +113,11 @@ pub(crate) struct WorkerSlot {
     always_wake: bool,
     /// We told the worker we sleep (and must take it back on waking).
     announced: bool,
+    /// Whether the worker sleeps, as read at `sleep_hint_at` (a loop
+    /// turn's clock): read once per turn, not per request, because the
+    /// flag shares a cache line the worker writes on every request.
+    sleep_hint: bool,
+    sleep_hint_at: u64,
     /// Stuck on the request at this ring position: its queue was moved to
     /// other workers and it gets no new requests until that one ends.
     stalled_on: Option<u64>,
@@ -192,6 +209,9 @@ pub(crate) struct Group {
     pub(crate) init_timeout_ns: u64,
     pub(crate) drain_timeout_ns: u64,
     pub(crate) requeue_after_ns: u64,
+    /// Moving average of the plugin's run time, from the replies workers
+    /// sample; `None` until the first sample.
+    run_ns: Option<u64>,
 }
 
 impl Group {
@@ -210,7 +230,28 @@ impl Group {
             init_timeout_ns: 0,
             drain_timeout_ns: 0,
             requeue_after_ns: 0,
+            run_ns: None,
         }
+    }
+
+    /// Takes a sampled run time (a reply's `flags`, see `Meta::flags`).
+    fn note_run_time(&mut self, flags: u16) {
+        if flags == 0 {
+            return;
+        }
+        // Only which side of AFFINITY_MAX_RUN_NS the average is on matters:
+        // clamping keeps one request that was preempted mid-run from
+        // swinging it.
+        let sample = (u64::from(flags - 1) * 1000).min(4 * AFFINITY_MAX_RUN_NS);
+        self.run_ns = Some(match self.run_ns {
+            None => sample,
+            Some(avg) => avg - avg / 8 + sample / 8,
+        });
+    }
+
+    /// Whether a connection's batch should stay on one worker.
+    fn batch_affinity(&self) -> bool {
+        self.run_ns.is_some_and(|r| r <= AFFINITY_MAX_RUN_NS)
     }
 
     /// Takes the settings of a (new or changed) group from the config,
@@ -392,6 +433,8 @@ impl Proxy {
             probation: false,
             always_wake: self.tuning.always_wake,
             announced: false,
+            sleep_hint: false,
+            sleep_hint_at: 0,
             stalled_on: None,
             recycle_requested: false,
             recycle_not_before_ns: 0,
@@ -544,6 +587,9 @@ impl Proxy {
                 ));
             }
             self.stats.reply(Scope::Slot(si, s.group), rec.meta.code);
+            if let Some(g) = self.groups.get_mut(s.group) {
+                g.note_run_time(rec.meta.flags);
+            }
             // The worker puts the time it started the request in the reply.
             let now = if self.tuning.clock_per_event {
                 halfsync_shm::sys::monotonic_ns()
@@ -584,8 +630,17 @@ impl Proxy {
     /// requests: while an awake worker has little queued, it takes the
     /// request and the sleeper is not woken (a wake-up is a syscall and a
     /// context switch, and on a VM often a halted vCPU to restart).
+    ///
+    /// Batch affinity: the worker that took the previous request of the
+    /// same read counts as holding [`BATCH_AFFINITY`] fewer, so a
+    /// pipelining client's batch goes to one worker and its replies come
+    /// back together, in one send and one receive, instead of in pieces
+    /// from each worker (measured: +7 to +17% at 16 in flight). Only for
+    /// groups whose requests are cheap ([`AFFINITY_MAX_RUN_NS`]); slow
+    /// ones are spread, to run in parallel.
     pub(crate) fn pick_slot(&mut self, g: usize, len: usize) -> Option<usize> {
         let max = self.groups[g].max_inflight;
+        let affinity = !self.tuning.no_batch_affinity && self.groups[g].batch_affinity();
         let mut best: Option<(usize, usize)> = None;
         let mut corrupt = None;
         for &si in &self.groups[g].slots {
@@ -595,12 +650,14 @@ impl Proxy {
             if !s.is_ready() || s.pending.len() >= max || s.stalled_on.is_some() {
                 continue;
             }
-            let load = s.pending.len()
-                + if s.tx.consumer_sleeping() {
-                    SLEEPER_PENALTY
-                } else {
-                    0
-                };
+            if s.sleep_hint_at != self.now_ns {
+                s.sleep_hint = s.tx.consumer_sleeping();
+                s.sleep_hint_at = self.now_ns;
+            }
+            let mut load = s.pending.len() + if s.sleep_hint { SLEEPER_PENALTY } else { 0 };
+            if affinity && self.batch_slot == Some(si) {
+                load = load.saturating_sub(BATCH_AFFINITY);
+            }
             if best.is_some_and(|(_, b)| b <= load) {
                 continue;
             }
@@ -1084,5 +1141,33 @@ impl Proxy {
         let _ = self
             .control
             .send_to_master(ToMaster::SlotReset { slot: si as u32 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_affinity_follows_the_sampled_run_time() {
+        let mut g = Group::absent();
+        assert!(!g.batch_affinity(), "unknown run time: spread");
+        g.note_run_time(0);
+        assert!(!g.batch_affinity(), "0 means not sampled");
+        g.note_run_time(1); // under 1 µs
+        assert!(g.batch_affinity());
+        g.note_run_time(1 + 1000); // one 1 ms request (preempted?)
+        assert!(g.batch_affinity(), "one outlier does not swing it");
+        g.note_run_time(1 + 1000);
+        g.note_run_time(1 + 1000);
+        assert!(!g.batch_affinity(), "slow requests turn it off");
+        for _ in 0..100 {
+            g.note_run_time(2);
+        }
+        assert!(g.batch_affinity(), "the average comes back down");
+        for _ in 0..3 {
+            g.note_run_time(u16::MAX); // 65 ms and more: no overflow
+        }
+        assert!(!g.batch_affinity());
     }
 }

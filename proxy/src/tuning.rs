@@ -30,6 +30,9 @@ pub(crate) struct Tuning {
     /// `fifo_queue`: the wait queue serves requests in arrival order, not
     /// connection by connection in turn.
     pub(crate) fifo_queue: bool,
+    /// `no_batch_affinity`: every request goes to the least-loaded worker,
+    /// even when the previous one of the same read went elsewhere.
+    pub(crate) no_batch_affinity: bool,
 }
 
 impl Tuning {
@@ -48,6 +51,7 @@ impl Tuning {
                 "always_wake" => t.always_wake = true,
                 "no_read_budget" => t.no_read_budget = true,
                 "fifo_queue" => t.fifo_queue = true,
+                "no_batch_affinity" => t.no_batch_affinity = true,
                 other => tracing::warn!("HALFSYNC_TUNING: unknown switch {other:?} ignored"),
             }
         }

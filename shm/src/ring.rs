@@ -96,7 +96,10 @@ const _: () = assert!(std::mem::size_of::<RecordHeader>() == RECORD_HEADER_LEN);
 pub struct Meta {
     /// Request: command number. Reply: status.
     pub code: u16,
-    /// HSP/1 flags field.
+    /// Request: the HSP/1 flags field. Reply: 0, or, on the replies a
+    /// worker samples, 1 + how long the plugin ran in µs (saturating);
+    /// the proxy uses it to decide whether batching a connection's
+    /// requests on one worker pays (see the proxy's `pick_slot`).
     pub flags: u16,
     /// Request id chosen by the client.
     pub id: u64,

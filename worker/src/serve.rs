@@ -13,6 +13,9 @@ use crate::{EXIT_PLUGIN_FAILED, EXIT_SLOT_FAILED, Plugin, WorkerSpec, sys as wsy
 /// HSP/1 status TIMEOUT (the worker answers stale requests itself).
 const STATUS_TIMEOUT: u16 = 3;
 
+/// One reply in this many carries the plugin's run time to the proxy.
+const RUN_TIME_SAMPLE: u64 = 16;
+
 /// How long the worker sleeps on an empty ring before re-checking for a
 /// stop request (a publish or a stop wakes it at once).
 const IDLE_WAIT: Duration = Duration::from_secs(1);
@@ -165,6 +168,8 @@ pub fn run(spec: WorkerSpec) -> i32 {
         let Ok(Some(mut res)) = reservation else {
             break EXIT_SLOT_FAILED;
         };
+        // Not the first request: it runs on cold caches.
+        let sample = served % RUN_TIME_SAMPLE == RUN_TIME_SAMPLE - 1;
         let (status, len) = if stale {
             let msg = b"waited longer than queue_timeout for a worker";
             let buf = res.buf();
@@ -174,10 +179,17 @@ pub fn run(spec: WorkerSpec) -> i32 {
         } else {
             instance.handle(req.id, req.code, req.flags, rec.payload, res.buf())
         };
+        // On sampled replies, flags carries the run time (see `Meta::flags`).
+        let flags = if sample && !stale {
+            let us = (sys::monotonic_ns().saturating_sub(now) + 500) / 1000;
+            1 + us.min(u16::MAX as u64 - 1) as u16
+        } else {
+            0
+        };
         res.commit(
             &Meta {
                 code: status,
-                flags: 0,
+                flags,
                 id: req.id,
                 tag: req.tag,
                 // When the worker started it: the proxy derives queue wait.
@@ -185,9 +197,12 @@ pub fn run(spec: WorkerSpec) -> i32 {
             },
             len,
         );
-        tx.publish();
+        // Hand the request's space back before publishing the reply: a
+        // proxy woken by the reply then also sees the room, and never sleeps
+        // on a request queue it could have dispatched.
         rx.advance();
         rx.release();
+        tx.publish();
         ctl.end();
         served += 1;
         if !recycle_asked
