@@ -267,7 +267,7 @@ def main():
     if not a.quick:
         out["switches"] = []
         for sw in ["plain_accept", "no_direct_send", "flush_per_reply", "clock_per_event",
-                   "publish_per_request", "always_wake"]:
+                   "publish_per_request", "always_wake", "no_batch_affinity"]:
             for depth in (1, 16):
                 print(f"== switch {sw}, depth {depth}", file=sys.stderr, flush=True)
                 series = {"switch": sw, "depth": depth, "on": [], "off": []}
