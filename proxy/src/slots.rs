@@ -308,18 +308,7 @@ impl Proxy {
         let mut moved = Vec::new();
         let mut lost = Vec::new();
         for p in revoked {
-            let payload = reader.as_mut().and_then(|r| match r.peek() {
-                Ok(Some(rec))
-                    if rec.pos == p.pos
-                        && rec.meta.id == p.req.id
-                        && rec.meta.tag == p.req.tag.0 =>
-                {
-                    let v = rec.payload.to_vec();
-                    r.advance();
-                    Some(v)
-                }
-                _ => None,
-            });
+            let payload = reader.as_mut().and_then(|r| take_back(r, &p));
             match payload {
                 Some(payload) => moved.push(Queued {
                     req: p.req,
@@ -1057,18 +1046,7 @@ impl Proxy {
             let payload = if started {
                 None
             } else {
-                reader.as_mut().and_then(|r| match r.peek() {
-                    Ok(Some(rec))
-                        if rec.pos == p.pos
-                            && rec.meta.id == p.req.id
-                            && rec.meta.tag == p.req.tag.0 =>
-                    {
-                        let v = rec.payload.to_vec();
-                        r.advance();
-                        Some(v)
-                    }
-                    _ => None,
-                })
+                reader.as_mut().and_then(|r| take_back(r, p))
             };
             match payload {
                 Some(payload) => requeue.push(Queued {
@@ -1141,6 +1119,22 @@ impl Proxy {
         let _ = self
             .control
             .send_to_master(ToMaster::SlotReset { slot: si as u32 });
+    }
+}
+
+/// Copies out the payload of request `p`, which the worker never started,
+/// from the request ring (the proxy's own bytes: the worker maps them
+/// read-only), if the record at the reader is that request.
+fn take_back(r: &mut Consumer, p: &Pending) -> Option<Vec<u8>> {
+    match r.peek() {
+        Ok(Some(rec))
+            if rec.pos == p.pos && rec.meta.id == p.req.id && rec.meta.tag == p.req.tag.0 =>
+        {
+            let v = rec.payload.to_vec();
+            r.advance();
+            Some(v)
+        }
+        _ => None,
     }
 }
 
