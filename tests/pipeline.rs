@@ -6,7 +6,10 @@ use crate::support::*;
 
 fn pipeline_then_sigterm(plugin: std::path::PathBuf) {
     let port = free_port();
-    let mut s = Server::start(&config(port, &plugin, 2, ""), port);
+    // Up to 10,000 requests in flight at once: a wait queue with room for
+    // all of them, so none is refused BUSY (overload has its own test).
+    let text = config(port, &plugin, 2, "") + "max_queue = 10000\n";
+    let mut s = Server::start(&text, port);
     let tree = s.refresh_tree();
     assert_eq!(tree.len(), 3, "proxy + 2 workers expected, got {tree:?}");
 
@@ -73,6 +76,8 @@ fn benchmark_switches_do_not_change_behaviour() {
         "publish_per_request",
         "always_wake",
         "no_read_budget",
+        "fifo_queue",
+        "no_batch_affinity",
     ] {
         let port = free_port();
         let mut s = Server::start_env(

@@ -71,6 +71,9 @@ pub(crate) struct Proxy {
     /// The slot the previous request of the frames being parsed went to
     /// (see `pick_slot`): a connection's batch stays on one worker.
     pub(crate) batch_slot: Option<usize>,
+    /// While the batch's worker holds fewer than this (pending plus
+    /// sleeper penalty), it takes the batch's next request.
+    pub(crate) batch_until: usize,
     pub(crate) next_sweep_ns: u64,
     pub(crate) draining: bool,
     pub(crate) refused: u64,
@@ -151,6 +154,7 @@ impl Proxy {
             next_check_ns: None,
             check_due: true,
             batch_slot: None,
+            batch_until: 0,
             next_sweep_ns: 0,
             draining: false,
             refused: 0,

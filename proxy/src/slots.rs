@@ -630,7 +630,25 @@ impl Proxy {
     pub(crate) fn pick_slot(&mut self, g: usize, len: usize) -> Option<usize> {
         let max = self.groups[g].max_inflight;
         let affinity = !self.tuning.no_batch_affinity && self.groups[g].batch_affinity();
+        // The rest of a batch: the other workers' loads have not changed
+        // since its first request was placed (no replies are collected
+        // while a read is parsed), so the batch's worker keeps winning
+        // until it holds `batch_until`; no need to look at the others.
+        if affinity
+            && let Some(si) = self.batch_slot
+            && let Some(s) = self.slots[si].as_mut()
+            && s.group == g
+            && s.is_ready()
+            && s.stalled_on.is_none()
+            && s.pending.len() < max
+            && s.pending.len() + if s.sleep_hint { SLEEPER_PENALTY } else { 0 } < self.batch_until
+            && matches!(s.tx.fits(len), Ok(true))
+        {
+            return Some(si);
+        }
         let mut best: Option<(usize, usize)> = None;
+        // The least load among the others, for `batch_until`.
+        let mut second = usize::MAX;
         let mut corrupt = None;
         for &si in &self.groups[g].slots {
             let Some(s) = self.slots[si].as_mut() else {
@@ -647,11 +665,19 @@ impl Proxy {
             if affinity && self.batch_slot == Some(si) {
                 load = load.saturating_sub(BATCH_AFFINITY);
             }
-            if best.is_some_and(|(_, b)| b <= load) {
+            if let Some((_, b)) = best
+                && b <= load
+            {
+                second = second.min(load);
                 continue;
             }
             match s.tx.fits(len) {
-                Ok(true) => best = Some((si, load)),
+                Ok(true) => {
+                    if let Some((_, b)) = best {
+                        second = second.min(b);
+                    }
+                    best = Some((si, load));
+                }
                 Ok(false) => {}
                 Err(e) => corrupt = Some((si, e)),
             }
@@ -659,6 +685,7 @@ impl Proxy {
         if let Some((si, e)) = corrupt {
             self.fail_slot(si, &e.to_string());
         }
+        self.batch_until = second.saturating_add(BATCH_AFFINITY);
         best.map(|(si, _)| si)
     }
 
