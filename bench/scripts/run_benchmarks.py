@@ -220,7 +220,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="short runs, one round (a smoke test)")
     ap.add_argument("--pin", action="store_true", help="servers on CPU 0, load generator on CPU 1")
     ap.add_argument("--targets", action="store_true",
-                    help="only the two throughput targets (50 connections, depth 1 and 16)")
+                    help="only the targets: 50 connections at depth 1 and 16, open loop at half the peak")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.json"))
     a = ap.parse_args()
     for f in (HALFSYNC, BENCH, ECHO):
@@ -248,6 +248,9 @@ def main():
     d1 = run("echo 64 B, 50 conns, depth 1", ["-c", 50, "--depth", 1])
     d16 = run("echo 64 B, 50 conns, depth 16", ["-c", 50, "--depth", 16])
     if a.targets:
+        peak = med(d1["inline"], "rps")
+        out["open_loop_peak_rps"] = peak
+        run("open loop 50% of peak", ["-c", 50, "--rate", int(peak * 0.5)])
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
