@@ -364,9 +364,13 @@ fn recycling_by_max_requests_fails_no_request() {
     );
     let mut s = Server::start(&s_text, port);
     let first = s.worker_pids();
-    let load = Load::start(s.addr, 20, 4, 500);
+    // Enough in flight that every worker has work: at light load the proxy
+    // keeps requests on awake workers and lets the others sleep.
+    let load = Load::start(s.addr, 20, 16, 500);
     let replaced = wait_for(Duration::from_secs(60), || {
-        (s.log().matches("worker replaced; draining it").count() >= 12).then_some(())
+        let recycled = s.log().matches("worker replaced; draining it").count() >= 12;
+        let all_new = s.worker_pids().iter().all(|p| !first.contains(p));
+        (recycled && all_new).then_some(())
     });
     let ok = load.finish();
     assert!(replaced.is_some(), "too few recycles; log:\n{}", s.log());
