@@ -78,6 +78,7 @@ fn benchmark_switches_do_not_change_behaviour() {
         "no_read_budget",
         "fifo_queue",
         "no_batch_affinity",
+        "no_midturn_dispatch",
     ] {
         let port = free_port();
         let mut s = Server::start_env(

@@ -27,6 +27,10 @@ use crate::stats::{Scope, Stats};
 use crate::sys::{self, Epoll, READ, WRITE};
 use crate::{ProxyError, ProxySpec, Reconfigure};
 
+/// With requests queued, replies are collected and the queue dispatched
+/// after every this many events of a loop turn, not only at its end.
+const MIDTURN_DISPATCH_EVERY: usize = 4;
+
 const KIND_SHIFT: u32 = 56;
 const TOKEN_LISTENER: u64 = 1 << KIND_SHIFT;
 const TOKEN_CONTROL: u64 = 2 << KIND_SHIFT;
@@ -209,6 +213,18 @@ impl Proxy {
             self.now_ns = shm_sys::monotonic_ns();
 
             for i in 0..self.events.len() {
+                // A long turn with requests waiting in a queue: hand the
+                // workers more mid-turn, instead of leaving them idle until
+                // the turn ends once their `max_inflight` are done.
+                if i > 0
+                    && i % MIDTURN_DISPATCH_EVERY == 0
+                    && !self.tuning.no_midturn_dispatch
+                    && self.queued_total() > 0
+                {
+                    self.collect_replies();
+                    self.dispatch_queued();
+                    self.publish_requests();
+                }
                 let ev = self.events[i];
                 let index = (ev.token & INDEX_MASK) as usize;
                 match ev.token & !INDEX_MASK {

@@ -33,6 +33,9 @@ pub(crate) struct Tuning {
     /// `no_batch_affinity`: every request goes to the least-loaded worker,
     /// even when the previous one of the same read went elsewhere.
     pub(crate) no_batch_affinity: bool,
+    /// `no_midturn_dispatch`: queued requests go to workers only at the
+    /// end of a loop turn.
+    pub(crate) no_midturn_dispatch: bool,
 }
 
 impl Tuning {
@@ -52,6 +55,7 @@ impl Tuning {
                 "no_read_budget" => t.no_read_budget = true,
                 "fifo_queue" => t.fifo_queue = true,
                 "no_batch_affinity" => t.no_batch_affinity = true,
+                "no_midturn_dispatch" => t.no_midturn_dispatch = true,
                 other => tracing::warn!("HALFSYNC_TUNING: unknown switch {other:?} ignored"),
             }
         }
