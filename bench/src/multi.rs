@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Hooks, Snapshot, run_local};
 use crate::schedule::{active_before, quota_share, split};
-use crate::stats::{Stats, StatsWire};
+use crate::stats::Stats;
 use crate::{Config, ProgressLine, sys};
 
 /// What a child runs.
@@ -41,7 +41,7 @@ pub(crate) struct ChildSpec {
 pub(crate) enum ChildMsg {
     Ready(Snapshot),
     Progress(Snapshot),
-    Result(Box<StatsWire>),
+    Result(Box<Stats>),
     Error(String),
 }
 
@@ -185,7 +185,7 @@ pub(crate) fn run_processes(
                         snaps[i] = s;
                         ticks[i] += 1;
                     }
-                    ChildMsg::Result(w) => results[i] = Some(Stats::from_wire(&w)?),
+                    ChildMsg::Result(w) => results[i] = Some(*w),
                     ChildMsg::Error(e) => bail!("process {i}: {e}"),
                 }
             }
@@ -324,7 +324,7 @@ pub(crate) fn child_main() -> anyhow::Result<()> {
         &mut hooks,
     ) {
         Ok(st) => {
-            emit(&ChildMsg::Result(Box::new(st.to_wire())));
+            emit(&ChildMsg::Result(Box::new(st)));
             Ok(())
         }
         Err(e) => {

@@ -220,13 +220,17 @@ impl VerifyErrors {
 }
 
 /// Raw, mergeable results of a run or of a part of one (a thread, a
-/// process).
-#[derive(Clone, Debug)]
+/// process). As JSON (what a child process sends its parent), each
+/// histogram is a list of `[value_us, count]` pairs, one per non-empty
+/// bucket.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stats {
     /// Latency of measured replies, microseconds.
+    #[serde(rename = "histogram", with = "hist_pairs")]
     pub hist: Histogram<u64>,
     /// Open loop: how late each request due in the measured window was
     /// handed to the socket, microseconds (the generator's own lag).
+    #[serde(with = "hist_pairs", default = "new_histogram")]
     pub send_lag: Histogram<u64>,
     /// Connections this part was to open.
     pub connections: u64,
@@ -251,6 +255,7 @@ pub struct Stats {
     pub connect_seconds: f64,
     /// `--per-connection`: connections closed and opened again in the
     /// measured window.
+    #[serde(default)]
     pub reconnects: u64,
     /// The first few error messages.
     pub errors: Vec<String>,
@@ -326,89 +331,31 @@ impl Stats {
             }
         }
     }
+}
 
-    /// The wire form a child process sends its parent.
-    pub fn to_wire(&self) -> StatsWire {
-        StatsWire {
-            histogram: hist_to_wire(&self.hist),
-            send_lag: hist_to_wire(&self.send_lag),
-            connections: self.connections,
-            connected: self.connected,
-            sent: self.sent,
-            replies: self.replies,
-            unanswered: self.unanswered,
-            status: self.status.clone(),
-            conn_errors: self.conn_errors.clone(),
-            verify: self.verify.clone(),
-            seconds: self.seconds,
-            connect_seconds: self.connect_seconds,
-            reconnects: self.reconnects,
-            errors: self.errors.clone(),
+/// Histograms as `[value, count]` pairs. Each pair is the highest value
+/// of one bucket and its count; recording it into a histogram of the same
+/// bounds lands in the same bucket, so the round trip is exact.
+mod hist_pairs {
+    use hdrhistogram::Histogram;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &Histogram<u64>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            h.iter_recorded()
+                .map(|v| [v.value_iterated_to(), v.count_at_value()]),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Histogram<u64>, D::Error> {
+        let mut hist = super::new_histogram();
+        for [v, n] in Vec::<[u64; 2]>::deserialize(d)? {
+            hist.record_n(v, n).map_err(|e| {
+                serde::de::Error::custom(format!("histogram value {v} out of range: {e:?}"))
+            })?;
         }
+        Ok(hist)
     }
-
-    /// Rebuilds results from their wire form. Each `[value, count]` pair is
-    /// the highest value of one histogram bucket and its count; recording
-    /// it into a histogram of the same bounds lands in the same bucket, so
-    /// the round trip is exact.
-    pub fn from_wire(w: &StatsWire) -> anyhow::Result<Stats> {
-        let hist = hist_from_wire(&w.histogram)?;
-        let send_lag = hist_from_wire(&w.send_lag)?;
-        Ok(Stats {
-            hist,
-            send_lag,
-            connections: w.connections,
-            connected: w.connected,
-            sent: w.sent,
-            replies: w.replies,
-            unanswered: w.unanswered,
-            status: w.status.clone(),
-            conn_errors: w.conn_errors.clone(),
-            verify: w.verify.clone(),
-            seconds: w.seconds,
-            connect_seconds: w.connect_seconds,
-            reconnects: w.reconnects,
-            errors: w.errors.clone(),
-        })
-    }
-}
-
-fn hist_to_wire(h: &Histogram<u64>) -> Vec<[u64; 2]> {
-    h.iter_recorded()
-        .map(|v| [v.value_iterated_to(), v.count_at_value()])
-        .collect()
-}
-
-fn hist_from_wire(pairs: &[[u64; 2]]) -> anyhow::Result<Histogram<u64>> {
-    let mut hist = new_histogram();
-    for &[v, n] in pairs {
-        hist.record_n(v, n)
-            .map_err(|e| anyhow::anyhow!("histogram value {v} out of range: {e:?}"))?;
-    }
-    Ok(hist)
-}
-
-/// [`Stats`] as JSON: the histogram as `[value_us, count]` pairs, one per
-/// non-empty bucket.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub struct StatsWire {
-    pub histogram: Vec<[u64; 2]>,
-    #[serde(default)]
-    pub send_lag: Vec<[u64; 2]>,
-    pub connections: u64,
-    pub connected: u64,
-    pub sent: u64,
-    pub replies: u64,
-    pub unanswered: u64,
-    pub status: StatusCounts,
-    pub conn_errors: ConnErrors,
-    pub verify: VerifyErrors,
-    pub seconds: f64,
-    pub connect_seconds: f64,
-    #[serde(default)]
-    pub reconnects: u64,
-    pub errors: Vec<String>,
 }
 
 /// Latency percentiles in microseconds.
@@ -507,6 +454,7 @@ pub struct Report {
     pub unanswered: u64,
     /// `--per-connection`: connections closed and opened again in the
     /// measured window.
+    #[serde(default)]
     pub reconnects: u64,
     /// Time to establish all connections, seconds.
     pub connect_seconds: f64,
@@ -694,8 +642,10 @@ mod tests {
     #[test]
     fn wire_round_trip_is_exact() {
         let a = sample(7, 20_000);
-        let json = serde_json::to_string(&a.to_wire()).unwrap();
-        let back = Stats::from_wire(&serde_json::from_str(&json).unwrap()).unwrap();
+        let wire = |s: &Stats| -> Stats {
+            serde_json::from_str(&serde_json::to_string(s).unwrap()).unwrap()
+        };
+        let back = wire(&a);
         assert_eq!(back.hist, a.hist);
         assert_eq!(back.send_lag, a.send_lag);
         for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
@@ -706,8 +656,8 @@ mod tests {
         assert_eq!(back.errors, a.errors);
         // merging via the wire equals merging directly
         let b = sample(8, 5_000);
-        let mut via_wire = Stats::from_wire(&a.to_wire()).unwrap();
-        via_wire.merge(&Stats::from_wire(&b.to_wire()).unwrap());
+        let mut via_wire = wire(&a);
+        via_wire.merge(&wire(&b));
         let mut direct = a.clone();
         direct.merge(&b);
         assert_eq!(via_wire.hist, direct.hist);

@@ -585,40 +585,31 @@ fn inproc(c: &mut Criterion) {
     }
     // Each side's own cost, the other side's work untimed: a chunk of
     // records (half the ring) is pushed then drained.
-    let mut setup: Option<Local> = None;
-    g.bench_function(BenchmarkId::new("64B", "producer_only"), |b| {
-        let l = setup.get_or_insert_with(|| Local::new(64, ring));
-        b.iter_custom(|iters| {
-            let mut timed = Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let n = left.min(l.chunk());
-                let t = Instant::now();
-                l.push(n, 32);
-                timed += t.elapsed();
-                l.drain();
-                left -= n;
-            }
-            timed
+    for (name, time_producer) in [("producer_only", true), ("consumer_only", false)] {
+        let mut setup: Option<Local> = None;
+        g.bench_function(BenchmarkId::new("64B", name), |b| {
+            let l = setup.get_or_insert_with(|| Local::new(64, ring));
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(l.chunk());
+                    let t = Instant::now();
+                    l.push(n, 32);
+                    if time_producer {
+                        timed += t.elapsed();
+                    }
+                    let t = Instant::now();
+                    l.drain();
+                    if !time_producer {
+                        timed += t.elapsed();
+                    }
+                    left -= n;
+                }
+                timed
+            });
         });
-    });
-    let mut setup: Option<Local> = None;
-    g.bench_function(BenchmarkId::new("64B", "consumer_only"), |b| {
-        let l = setup.get_or_insert_with(|| Local::new(64, ring));
-        b.iter_custom(|iters| {
-            let mut timed = Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let n = left.min(l.chunk());
-                l.push(n, 32);
-                let t = Instant::now();
-                l.drain();
-                timed += t.elapsed();
-                left -= n;
-            }
-            timed
-        });
-    });
+    }
     g.finish();
 }
 
