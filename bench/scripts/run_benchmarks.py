@@ -162,6 +162,9 @@ class Server:
 
 def bench(port, args, pin=False):
     cmd = [BENCH, "--addr", f"127.0.0.1:{port}", "--json"] + [str(a) for a in args]
+    if "--rate" in cmd:
+        # Open loop: keep the histogram, so the rounds can be pooled.
+        cmd.append("--histogram")
     if pin:
         cmd = ["taskset", "-c", "1"] + cmd
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -215,19 +218,38 @@ def med_lat(runs, p):
     return statistics.median(r["latency_us"][p] for r in runs)
 
 
+def pooled(runs, q):
+    """The q-quantile (0..1) of all rounds' latencies together, from the
+    histograms `halfsync-bench --histogram` printed; None without them."""
+    counts = {}
+    for r in runs:
+        if "latency_histogram" not in r:
+            return None
+        for v, n in r["latency_histogram"]:
+            counts[v] = counts.get(v, 0) + n
+    total = sum(counts.values())
+    seen = 0
+    for v in sorted(counts):
+        seen += counts[v]
+        if seen >= q * total:
+            return v
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs, one round (a smoke test)")
     ap.add_argument("--pin", action="store_true", help="servers on CPU 0, load generator on CPU 1")
     ap.add_argument("--targets", action="store_true",
                     help="only the targets: 50 connections at depth 1 and 16, open loop at half the peak")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds per cell (default 3; 1 with --quick)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.json"))
     a = ap.parse_args()
     for f in (HALFSYNC, BENCH, ECHO):
         if not os.path.exists(f):
             sys.exit(f"{f} missing: run `cargo build --release --workspace` first")
     dur = "2s" if a.quick else "5s"
-    rounds = 1 if a.quick else 3
+    rounds = a.rounds or (1 if a.quick else 3)
     common = ["--warmup", "1s", "--duration", dur, "--payload", 64]
     out = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -301,10 +323,30 @@ def report(out):
         errs = sum(errors(x) for x in i + h)
         print(f"| {r['name']} | {ri:,.0f} req/s | {rh:,.0f} req/s | **{rh / ri:.2f}** | "
               f"{med_lat(i, 'p99'):,.0f} µs | {med_lat(h, 'p99'):,.0f} µs | {errs} |")
-    print("\nCPU per request (µs), halfsync at depth 1 / 16, 50 connections:\n")
+    open_rows = [r for r in out["results"] if "--rate" in r["args"]]
+    if open_rows:
+        print("\nOpen loop, every round (p99 µs, interleaved) and the load generator's own "
+              "send lag (p99 µs, how late it sent against its schedule):\n")
+        print("| scenario | p99 inline, each round | p99 halfsync, each round | send lag inline | send lag halfsync |")
+        print("|---|---|---|---|---|")
+        for r in open_rows:
+            i, h = r["inline"], r["halfsync"]
+            each = lambda runs: ", ".join(f"{x['latency_us']['p99']:,}" for x in runs)
+            lag = lambda runs: statistics.median(x["send_lag_us"]["p99"] for x in runs)
+            print(f"| {r['name']} | {each(i)} | {each(h)} | {lag(i):,.0f} | {lag(h):,.0f} |")
+        if all(pooled(r["inline"], 0.5) for r in open_rows):
+            print("\nOpen loop, all rounds pooled (one histogram per server, µs):\n")
+            print("| scenario | p50 inline | p50 halfsync | p99 inline | p99 halfsync | p99 ratio | p99.9 inline | p99.9 halfsync |")
+            print("|---|---|---|---|---|---|---|---|")
+            for r in open_rows:
+                i, h = r["inline"], r["halfsync"]
+                print(f"| {r['name']} | {pooled(i, 0.5):,} | {pooled(h, 0.5):,} | {pooled(i, 0.99):,} | "
+                      f"{pooled(h, 0.99):,} | **{pooled(h, 0.99) / pooled(i, 0.99):.2f}** | "
+                      f"{pooled(i, 0.999):,} | {pooled(h, 0.999):,} |")
+    print("\nCPU per request (µs), 50 connections:\n")
     print("| scenario | proxy user | proxy sys | workers user | workers sys | inline user | inline sys |")
     print("|---|---|---|---|---|---|---|")
-    for r in out["results"][:2]:
+    for r in out["results"][:2] + [r for r in open_rows if "50%" in r["name"]]:
         h = r["halfsync"]
         i = r["inline"]
         c = lambda runs, k: statistics.median(x["cpu_us_per_request"][k] for x in runs)

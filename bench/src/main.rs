@@ -74,6 +74,10 @@ struct Cli {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
+    /// With --json: add the latency histogram as `latency_histogram`,
+    /// `[value_us, count]` pairs (to pool several runs' percentiles).
+    #[arg(long, requires = "json")]
+    histogram: bool,
     /// Do not verify replies.
     #[arg(long)]
     no_verify: bool,
@@ -191,10 +195,13 @@ fn main() -> ExitCode {
         }
     };
     if cli.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).expect("report serializes")
-        );
+        let mut json = serde_json::to_value(&report).expect("report serializes");
+        if cli.histogram {
+            let pairs: Vec<[u64; 2]> =
+                halfsync_bench::stats::histogram_pairs(&report.histogram).collect();
+            json["latency_histogram"] = serde_json::json!(pairs);
+        }
+        println!("{json}");
     } else {
         println!("{report}");
     }

@@ -333,6 +333,14 @@ impl Stats {
     }
 }
 
+/// A histogram's non-empty buckets as `[highest value, count]` pairs, in
+/// value order: what `--json --histogram` prints, so that scripts can
+/// pool the runs of several rounds and take percentiles of the whole.
+pub fn histogram_pairs(h: &Histogram<u64>) -> impl Iterator<Item = [u64; 2]> + '_ {
+    h.iter_recorded()
+        .map(|v| [v.value_iterated_to(), v.count_at_value()])
+}
+
 /// Histograms as `[value, count]` pairs. Each pair is the highest value
 /// of one bucket and its count; recording it into a histogram of the same
 /// bounds lands in the same bucket, so the round trip is exact.
@@ -341,10 +349,7 @@ mod hist_pairs {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(h: &Histogram<u64>, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(
-            h.iter_recorded()
-                .map(|v| [v.value_iterated_to(), v.count_at_value()]),
-        )
+        s.collect_seq(super::histogram_pairs(h))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Histogram<u64>, D::Error> {

@@ -414,6 +414,39 @@ fn cli_json_schema_and_exit_codes() {
     assert!(v.get("rate").is_none());
     assert_eq!(v["payload"], 64);
     assert_eq!(v["ok"], true);
+    assert!(v.get("latency_histogram").is_none());
+
+    // --histogram: the merged latency histogram of both processes, whose
+    // counts are the measured replies and whose values span p50..max.
+    let (code, out, err) = cli(&[
+        "--addr",
+        &addr,
+        "-c",
+        "3",
+        "-n",
+        "500",
+        "--warmup",
+        "0",
+        "--json",
+        "--histogram",
+        "--processes",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let pairs = v["latency_histogram"]
+        .as_array()
+        .expect("latency_histogram");
+    let count: u64 = pairs.iter().map(|p| p[1].as_u64().unwrap()).sum();
+    assert_eq!(count, v["requests"].as_u64().unwrap());
+    let values: Vec<u64> = pairs.iter().map(|p| p[0].as_u64().unwrap()).collect();
+    assert!(values.windows(2).all(|w| w[0] < w[1]), "{values:?}");
+    let max = v["latency_us"]["max"].as_u64().unwrap();
+    assert!(values[0] <= v["latency_us"]["p50"].as_u64().unwrap());
+    assert!(
+        *values.last().unwrap() >= max * 999 / 1000,
+        "{values:?} max {max}"
+    );
 
     let (code, out, _) = cli(&[
         "--addr",
