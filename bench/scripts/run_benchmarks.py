@@ -218,6 +218,22 @@ def med_lat(runs, p):
     return statistics.median(r["latency_us"][p] for r in runs)
 
 
+POOLED = {0.5: "p50", 0.99: "p99", 0.999: "p999"}
+
+
+def pool_rounds(out):
+    """Open-loop rows: the percentiles of all rounds pooled, per server,
+    into `pooled_us`; the raw histograms are then dropped from the JSON
+    (thousands of buckets per round)."""
+    for r in out["results"]:
+        for mode in ("inline", "halfsync"):
+            runs = r[mode]
+            if runs and all("latency_histogram" in x for x in runs):
+                r.setdefault("pooled_us", {})[mode] = {k: pooled(runs, q) for q, k in POOLED.items()}
+                for x in runs:
+                    del x["latency_histogram"]
+
+
 def pooled(runs, q):
     """The q-quantile (0..1) of all rounds' latencies together, from the
     histograms `halfsync-bench --histogram` printed; None without them."""
@@ -273,6 +289,7 @@ def main():
         peak = med(d1["inline"], "rps")
         out["open_loop_peak_rps"] = peak
         run("open loop 50% of peak", ["-c", 50, "--rate", int(peak * 0.5)])
+        pool_rounds(out)
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
@@ -305,6 +322,7 @@ def main():
                         finally:
                             s.stop()
                 out["switches"].append(series)
+    pool_rounds(out)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
@@ -334,15 +352,14 @@ def report(out):
             each = lambda runs: ", ".join(f"{x['latency_us']['p99']:,}" for x in runs)
             lag = lambda runs: statistics.median(x["send_lag_us"]["p99"] for x in runs)
             print(f"| {r['name']} | {each(i)} | {each(h)} | {lag(i):,.0f} | {lag(h):,.0f} |")
-        if all(pooled(r["inline"], 0.5) for r in open_rows):
+        if all("pooled_us" in r for r in open_rows):
             print("\nOpen loop, all rounds pooled (one histogram per server, µs):\n")
             print("| scenario | p50 inline | p50 halfsync | p99 inline | p99 halfsync | p99 ratio | p99.9 inline | p99.9 halfsync |")
             print("|---|---|---|---|---|---|---|---|")
             for r in open_rows:
-                i, h = r["inline"], r["halfsync"]
-                print(f"| {r['name']} | {pooled(i, 0.5):,} | {pooled(h, 0.5):,} | {pooled(i, 0.99):,} | "
-                      f"{pooled(h, 0.99):,} | **{pooled(h, 0.99) / pooled(i, 0.99):.2f}** | "
-                      f"{pooled(i, 0.999):,} | {pooled(h, 0.999):,} |")
+                i, h = r["pooled_us"]["inline"], r["pooled_us"]["halfsync"]
+                print(f"| {r['name']} | {i['p50']:,} | {h['p50']:,} | {i['p99']:,} | {h['p99']:,} | "
+                      f"**{h['p99'] / i['p99']:.2f}** | {i['p999']:,} | {h['p999']:,} |")
     print("\nCPU per request (µs), 50 connections:\n")
     print("| scenario | proxy user | proxy sys | workers user | workers sys | inline user | inline sys |")
     print("|---|---|---|---|---|---|---|")
