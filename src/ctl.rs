@@ -132,10 +132,11 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             continue;
         }
         out!(
-            "group {} ({} pool, {} workers, {} wanted, generation {}{}): {} queued; replies {}",
+            "group {} ({} pool, {} worker{}, {} wanted, generation {}{}): {} queued; replies {}",
             g["name"].as_str().unwrap_or("?"),
             g["pool"].as_str().unwrap_or("?"),
             g["workers_running"],
+            if g["workers_running"] == 1 { "" } else { "s" },
             g["workers_target"],
             g["generation"],
             if g["retired"] == Value::Bool(true) {

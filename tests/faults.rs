@@ -489,7 +489,9 @@ fn two_proxy_processes_share_the_port_and_fail_apart() {
     );
     assert_eq!(st.code(), Some(1), "{err}");
     assert!(
-        err.contains("cannot listen on") && err.contains("in use"),
+        err.contains("cannot listen on")
+            && err.contains("in use")
+            && err.contains("stop it, or change `server.listen`"),
         "{err}"
     );
 

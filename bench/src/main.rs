@@ -3,7 +3,7 @@
 //!
 //! Exit status: 0 clean run; 1 the run finished with errors (verification,
 //! connection, unanswered requests; the report is still printed); 2 bad
-//! arguments or the run could not take place.
+//! arguments, no connection could be made, or the run could not take place.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -29,7 +29,7 @@ Examples:
   halfsync-bench --connect-only -c 19000 --active 1000 --rate 20000 --hold 30s
   halfsync-bench -c 60000 --processes 4 --source 127.0.0.2,127.0.0.3,127.0.0.4
 
-Exit status: 0 clean; 1 errors found (report printed); 2 could not run.")]
+Exit status: 0 clean; 1 errors found (report printed); 2 could not run (bad arguments, or no connection could be made).")]
 struct Cli {
     /// Server address (HOST:PORT).
     #[arg(long, default_value = "127.0.0.1:7878")]
@@ -207,6 +207,13 @@ fn main() -> ExitCode {
     }
     if report.ok {
         ExitCode::SUCCESS
+    } else if report.connected == 0 {
+        // Nothing to measure: the run could not take place.
+        eprintln!(
+            "halfsync-bench: no connection to {} could be established; is the server running there?",
+            cli.addr
+        );
+        ExitCode::from(2)
     } else {
         ExitCode::from(1)
     }

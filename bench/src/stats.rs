@@ -529,16 +529,20 @@ impl fmt::Display for Report {
             self.requests, self.seconds, self.rps
         )?;
         let l = &self.latency_us;
-        writeln!(
-            f,
-            "latency      p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  mean {:.1}us",
-            fmt_us(l.p50),
-            fmt_us(l.p90),
-            fmt_us(l.p99),
-            fmt_us(l.p999),
-            fmt_us(l.max),
-            l.mean
-        )?;
+        if self.requests == 0 {
+            writeln!(f, "latency      - (no measured replies)")?;
+        } else {
+            writeln!(
+                f,
+                "latency      p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  mean {:.1}us",
+                fmt_us(l.p50),
+                fmt_us(l.p90),
+                fmt_us(l.p99),
+                fmt_us(l.p999),
+                fmt_us(l.max),
+                l.mean
+            )?;
+        }
         if let Some(l) = &self.send_lag_us {
             writeln!(
                 f,
@@ -583,7 +587,7 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "sent         {}  replies {}  unanswered {}",
+            "whole run    sent {}  replies {}  unanswered {}  (warm-up and drain included)",
             self.sent, self.replies, self.unanswered
         )?;
         if self.reconnects > 0 {

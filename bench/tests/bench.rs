@@ -487,6 +487,31 @@ fn cli_json_schema_and_exit_codes() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("result       FAILED"), "{out}");
 
+    // nothing listening: the report shows the refusals, exit 2
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let (code, out, err) = cli(&[
+        "--addr",
+        &dead,
+        "-c",
+        "2",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "0",
+    ]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("no connection to") && err.contains(&dead),
+        "{err}"
+    );
+    assert!(
+        out.contains("latency      - (no measured replies)"),
+        "{out}"
+    );
+    assert!(out.contains("refused 2"), "{out}");
+
     // usage errors
     let (code, _, err) = cli(&["--depth", "2", "--rate", "5"]);
     assert_eq!(code, 2, "{err}");

@@ -526,6 +526,12 @@ fn suggest_key(message: &str) -> String {
         Some((d, k)) if d <= 2 || (d <= 3 && unknown.len() > 8) => {
             format!("unknown field `{unknown}`; did you mean `{k}`?")
         }
+        // A setting written above the first table lands at the top level,
+        // where only the two tables may be.
+        _ if keys == ["server", "group"] => format!(
+            "unknown key `{unknown}` at the top level, where only [server] and [[group]] \
+             go: move it under [server] if it is a server setting, or under its [[group]]"
+        ),
         _ if keys.len() > 8 => format!(
             "unknown field `{unknown}`; valid keys here: {}",
             keys.join(", ")

@@ -134,11 +134,23 @@ fn unknown_key_at_top_level() {
     // `foo` after [[group]] belongs to the group; put it before instead.
     assert_eq!(
         err_text(&format!("foo = 1\n{text}")),
-        "halfsync.toml:1:1: unknown field `foo`, expected `server` or `group`"
+        "halfsync.toml:1:1: unknown key `foo` at the top level, where only [server] and \
+         [[group]] go: move it under [server] if it is a server setting, or under its [[group]]"
     );
     assert_eq!(
         err_text("[[group]]\nname = \"a\"\nplugin = \"a\"\n[extra]\nx = 1\n"),
-        "halfsync.toml:4:2: unknown field `extra`, expected `server` or `group`"
+        "halfsync.toml:4:2: unknown key `extra` at the top level, where only [server] and \
+         [[group]] go: move it under [server] if it is a server setting, or under its [[group]]"
+    );
+    // A server setting above [server]: same advice; a misspelled table
+    // name gets the suggestion.
+    assert!(
+        err_text("metrics_listen = \"127.0.0.1:9100\"\n[server]\n")
+            .starts_with("halfsync.toml:1:1: unknown key `metrics_listen` at the top level"),
+    );
+    assert_eq!(
+        err_text("[servr]\nlisten = [\"127.0.0.1:1\"]\n"),
+        "halfsync.toml:1:2: unknown field `servr`; did you mean `server`?"
     );
 }
 

@@ -293,7 +293,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
             id: i as u32,
             addr: *addr,
             sockets: listen_all(*addr, &config, n)
-                .with_context(|| format!("cannot listen on {addr}"))?,
+                .map_err(|e| anyhow::anyhow!(listen_error(*addr, &e)))?,
         });
     }
     let admin = admin::Admin::bind(&config.admin_socket(), config.server.metrics_listen)?;
@@ -372,6 +372,23 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
 
 /// The listening sockets for one address: one per proxy process, with
 /// SO_REUSEPORT when there are several (the kernel spreads connections).
+/// "cannot listen on ADDR: ERROR", with the fix for the usual causes.
+fn listen_error(addr: SocketAddr, e: &std::io::Error) -> String {
+    let fix = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "; another process (another halfsync?) listens there: stop it, or change `server.listen`"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "; no interface of this machine has that address: fix `server.listen`"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need root or CAP_NET_BIND_SERVICE: use a higher port or grant the capability"
+        }
+        _ => "",
+    };
+    format!("cannot listen on {addr}: {e}{fix}")
+}
+
 fn listen_all(addr: SocketAddr, config: &Config, n: usize) -> std::io::Result<Vec<TcpListener>> {
     let (backlog, defer) = (config.server.backlog, config.server.tcp_defer_accept);
     if n == 1 {
@@ -870,7 +887,10 @@ impl Master {
         }
         info!(group = %name, from = before, to = n, "scaling");
         self.resize(g, n).map_err(|e| format!("{e:#}"))?;
-        Ok(format!("group {name}: {before} -> {n} workers"))
+        Ok(format!(
+            "group {name}: {before} -> {n} worker{}",
+            if n == 1 { "" } else { "s" }
+        ))
     }
 
     /// Dynamic pools: one more worker when too few are idle or requests
@@ -1020,11 +1040,17 @@ impl Master {
             .count();
         if ready == live.len() {
             self.starting = false;
-            info!(
-                ready = self.slots.iter().filter(|s| s.ready).count(),
-                workers = self.slots.iter().filter(|s| s.active()).count(),
-                "halfsync ready"
-            );
+            let ready = self.slots.iter().filter(|s| s.ready).count();
+            let workers = self.slots.iter().filter(|s| s.active()).count();
+            if ready < workers {
+                info!(
+                    workers_ready = ready,
+                    workers,
+                    "halfsync ready: every group has a worker serving; the others are still starting"
+                );
+            } else {
+                info!(workers_ready = ready, workers, "halfsync ready");
+            }
             return Ok(());
         }
         for &g in &live {
@@ -1494,7 +1520,7 @@ impl Master {
                 continue;
             }
             let sockets = listen_all(*addr, config, self.proxies.len())
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+                .map_err(|e| listen_error(*addr, &e))?;
             out.push((*addr, sockets));
         }
         Ok(out)

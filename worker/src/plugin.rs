@@ -44,7 +44,12 @@ const PROBED_VERSIONS: std::ops::RangeInclusive<u32> = 0..=9;
 #[non_exhaustive]
 pub enum LoadError {
     /// No file at the path.
-    #[error("plugin {}: file not found; build it or fix `plugin` in the config", path.display())]
+    #[error(
+        "plugin {}: file not found; build it or fix `plugin` in the config (a bare name \
+         like \"farm\" means libfarm.so next to the halfsync binary; other relative paths \
+         are relative to the config file's directory)",
+        path.display()
+    )]
     NotFound {
         /// The plugin path as configured.
         path: PathBuf,

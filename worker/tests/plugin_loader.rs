@@ -129,7 +129,9 @@ fn missing_file() {
     assert!(matches!(e, LoadError::NotFound { .. }), "{e:?}");
     assert_eq!(
         e.to_string(),
-        "plugin /nonexistent/halfsync/libnothing.so: file not found; build it or fix `plugin` in the config"
+        "plugin /nonexistent/halfsync/libnothing.so: file not found; build it or fix `plugin` \
+         in the config (a bare name like \"farm\" means libfarm.so next to the halfsync binary; \
+         other relative paths are relative to the config file's directory)"
     );
     // A bare name is a path relative to the current directory, never a
     // library-path lookup (libc.so.6 exists on the library path).
