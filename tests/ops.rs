@@ -289,6 +289,15 @@ fn status_json_matches_the_processes_and_adds_up() {
             .code,
         status::PLUGIN_ERROR
     );
+    // The panic is one log line with its place, not the default hook's
+    // stderr message (and backtrace, with RUST_BACKTRACE set).
+    let log = s.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("plugin panicked: fault: requested panic (request id 1000) at "))
+        .unwrap_or_else(|| panic!("no panic line in {log}"));
+    assert!(line.contains("lib.rs:"), "{line}");
+    assert!(!log.contains("panicked at"), "{log}");
     let st = settle(&mut s, 3);
     assert_eq!(st["pid"], s.pid);
     let proxy = s.pids_titled("halfsync: proxy");

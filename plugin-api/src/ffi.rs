@@ -338,6 +338,59 @@ struct State<T> {
     plugin: T,
 }
 
+thread_local! {
+    /// Set while a trampoline runs plugin code: the panic hook then only
+    /// records where the panic happened (for the log line), instead of
+    /// printing it and a backtrace to the worker's stderr.
+    static IN_PLUGIN_CALL: Cell<bool> = const { Cell::new(false) };
+    /// `file:line:column` of the last panic caught in plugin code.
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// A caught panic: its message and, when the hook saw it, where it was.
+struct Panicked {
+    message: String,
+    location: Option<String>,
+}
+
+impl Panicked {
+    /// `" at src/lib.rs:12:5"`, or nothing: for operator-facing lines.
+    fn at(&self) -> String {
+        self.location
+            .as_deref()
+            .map(|l| format!(" at {l}"))
+            .unwrap_or_default()
+    }
+}
+
+/// Runs plugin code, catching a panic. The first call installs a panic
+/// hook in the plugin's copy of std that, inside such calls, records the
+/// location instead of printing; panics elsewhere (the plugin's own
+/// threads) still reach the previous hook.
+fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, Panicked> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_PLUGIN_CALL.with(Cell::get) {
+                let at = info
+                    .location()
+                    .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+                PANIC_LOCATION.with(|c| *c.borrow_mut() = at);
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    let outer = IN_PLUGIN_CALL.with(|c| c.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    IN_PLUGIN_CALL.with(|c| c.set(outer));
+    result.map_err(|payload| Panicked {
+        message: panic_message(payload),
+        location: PANIC_LOCATION.with(|c| c.borrow_mut().take()),
+    })
+}
+
 /// The text of a panic payload, dropping the payload without letting a
 /// panicking `Drop` escape.
 fn panic_message(payload: Box<dyn Any + Send>) -> String {
@@ -408,9 +461,7 @@ unsafe extern "C" fn init<T: Plugin>(
     // SAFETY: the host keeps `*host` valid until fini (fn contract), and the
     // `fini` trampoline clears `alive` first thing.
     let host = unsafe { Host::from_raw(raw_host, alive) };
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        T::init(&host, config).map_err(|e| e.to_string())
-    }));
+    let result = guarded(|| T::init(&host, config).map_err(|e| e.to_string()));
     match result {
         Ok(Ok(plugin)) => {
             let boxed = Box::new(State { host, plugin });
@@ -423,9 +474,9 @@ unsafe extern "C" fn init<T: Plugin>(
             host.alive.set(false);
             fail(&msg)
         }
-        Err(payload) => {
+        Err(p) => {
             host.alive.set(false);
-            fail(&format!("plugin panicked: {}", panic_message(payload)))
+            fail(&format!("plugin panicked: {}{}", p.message, p.at()))
         }
     }
 }
@@ -466,22 +517,23 @@ unsafe extern "C" fn handle<T: Plugin>(
     };
     let request = Request::new(req.id, req.command, req.flags, payload);
     let plugin = &mut state.plugin;
-    let result = catch_unwind(AssertUnwindSafe(|| {
+    let result = guarded(|| {
         plugin
             .handle(&request, &mut reply)
             .map_err(|e| e.to_string())
-    }));
+    });
     match result {
         Ok(Ok(status)) => i32::from(status.code()),
         Ok(Err(msg)) => {
             reply.replace_with_message(&msg);
             plugin_error
         }
-        Err(payload) => {
-            let msg = format!("plugin panicked: {}", panic_message(payload));
+        Err(p) => {
+            // The client gets the message; the log also gets the place.
+            let msg = format!("plugin panicked: {}", p.message);
             state
                 .host
-                .error(&format!("{msg} (request id {})", request.id()));
+                .error(&format!("{msg} (request id {}){}", request.id(), p.at()));
             reply.replace_with_message(&msg);
             plugin_error
         }
@@ -501,15 +553,12 @@ unsafe extern "C" fn fini<T: Plugin>(state: *mut c_void) {
     // gives it back exactly once.
     let mut state = unsafe { Box::from_raw(state.cast::<State<T>>()) };
     let host = state.host.clone();
-    let result = catch_unwind(AssertUnwindSafe(move || {
+    let result = guarded(move || {
         state.plugin.fini();
         drop(state);
-    }));
-    if let Err(payload) = result {
-        host.error(&format!(
-            "plugin panicked in fini: {}",
-            panic_message(payload)
-        ));
+    });
+    if let Err(p) = result {
+        host.error(&format!("plugin panicked in fini: {}{}", p.message, p.at()));
     }
     host.alive.set(false);
 }

@@ -21,12 +21,15 @@ pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// crash). Export the type with [`export_plugin!`](crate::export_plugin).
 ///
 /// A panic in any of the three is caught at the C boundary: in `init` it
-/// becomes an init failure with the message `plugin panicked: <message>`;
-/// in `handle` the reply is cleared and becomes a
-/// [`Status::PLUGIN_ERROR`] reply with that message (the state is **not**
+/// becomes an init failure with the message `plugin panicked: <message>
+/// at <file>:<line>:<column>`; in `handle` the reply is cleared and becomes
+/// a [`Status::PLUGIN_ERROR`] reply `plugin panicked: <message>` (the place
+/// goes to the host's log line, not to the client; the state is **not**
 /// reset: a panic half-way through an update leaves it half-updated, and
 /// the next request sees it); in `fini` it is logged through the host and
-/// swallowed. A plugin built with `panic = "abort"` aborts its worker
+/// swallowed. Such panics are not printed to stderr (no backtrace is
+/// taken); panics on threads the plugin starts itself are left to the
+/// previous panic hook. A plugin built with `panic = "abort"` aborts its worker
 /// instead, which the server survives but the client sees as
 /// `WORKER_DIED`.
 pub trait Plugin: Sized + 'static {
