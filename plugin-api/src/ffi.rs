@@ -340,11 +340,11 @@ struct State<T> {
 
 thread_local! {
     /// Set while a trampoline runs plugin code: the panic hook then only
-    /// records where the panic happened (for the log line), instead of
-    /// printing it and a backtrace to the worker's stderr.
+    /// records the panic (for the log line) instead of printing it and a
+    /// backtrace to the worker's stderr.
     static IN_PLUGIN_CALL: Cell<bool> = const { Cell::new(false) };
-    /// `file:line:column` of the last panic caught in plugin code.
-    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// The panic being caught: its message and `file:line:column`.
+    static CAUGHT: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
 }
 
 /// A caught panic: its message and, when the hook saw it, where it was.
@@ -363,31 +363,62 @@ impl Panicked {
     }
 }
 
-/// Runs plugin code, catching a panic. The first call installs a panic
-/// hook in the plugin's copy of std that, inside such calls, records the
-/// location instead of printing; panics elsewhere (the plugin's own
-/// threads) still reach the previous hook.
+/// The hook that [`guarded`] installs, once, in the plugin's copy of std.
+/// Inside a trampoline it records the first panic silently (the trampoline
+/// reports it); a second one before the first is caught means the process
+/// is about to abort (a panic that cannot unwind, e.g. out of an `extern
+/// "C"` function), so both are printed then, through the previous hook.
+/// Panics outside trampolines (the plugin's own threads) go straight to
+/// the previous hook.
+fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_call = IN_PLUGIN_CALL.with(Cell::get);
+        let first = CAUGHT.with(|c| c.borrow().is_none());
+        if in_call && first {
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(panic payload is not a string)".to_owned());
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+            CAUGHT.with(|c| *c.borrow_mut() = Some((message, at)));
+            return;
+        }
+        if in_call && let Some((message, at)) = CAUGHT.with(|c| c.borrow_mut().take()) {
+            let at = at.map(|l| format!(" at {l}")).unwrap_or_default();
+            eprintln!("plugin panicked{at}: {message}");
+        }
+        previous(info);
+    }));
+}
+
+/// Runs plugin code, catching a panic (see [`install_panic_hook`]; a
+/// plugin built with `panic = "abort"` keeps the default hook, whose
+/// message is then all there is before the abort).
 fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, Panicked> {
     static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if IN_PLUGIN_CALL.with(Cell::get) {
-                let at = info
-                    .location()
-                    .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
-                PANIC_LOCATION.with(|c| *c.borrow_mut() = at);
-            } else {
-                previous(info);
-            }
-        }));
-    });
+    if cfg!(panic = "unwind") {
+        HOOK.call_once(install_panic_hook);
+    }
     let outer = IN_PLUGIN_CALL.with(|c| c.replace(true));
+    if !outer {
+        // A panic the plugin caught itself leaves a record behind.
+        CAUGHT.with(|c| c.borrow_mut().take());
+    }
     let result = catch_unwind(AssertUnwindSafe(f));
     IN_PLUGIN_CALL.with(|c| c.set(outer));
-    result.map_err(|payload| Panicked {
-        message: panic_message(payload),
-        location: PANIC_LOCATION.with(|c| c.borrow_mut().take()),
+    result.map_err(|payload| {
+        let location = CAUGHT
+            .with(|c| c.borrow_mut().take())
+            .and_then(|(_, at)| at);
+        Panicked {
+            message: panic_message(payload),
+            location,
+        }
     })
 }
 

@@ -360,11 +360,16 @@ fn check_fatal_commands(plugin: &Path) -> HashMap<&'static str, String> {
 #[test]
 fn rust_fatal_commands_kill_the_process() {
     let stderr = check_fatal_commands(&fault_plugin());
-    // Rust refuses to unwind out of an `extern "C"` function and aborts.
+    // Rust refuses to unwind out of an `extern "C"` function and aborts;
+    // the SDK's hook prints the first panic too, with its place.
+    let escaping = &stderr["ESCAPING_PANIC"];
     assert!(
-        stderr["ESCAPING_PANIC"].contains("panic in a function that cannot unwind"),
-        "{}",
-        stderr["ESCAPING_PANIC"]
+        escaping.contains("panic in a function that cannot unwind"),
+        "{escaping}"
+    );
+    assert!(
+        escaping.contains("plugin panicked at ") && escaping.contains(": fault: escaping panic"),
+        "{escaping}"
     );
 }
 
