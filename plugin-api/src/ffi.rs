@@ -376,12 +376,7 @@ fn install_panic_hook() {
         let in_call = IN_PLUGIN_CALL.with(Cell::get);
         let first = CAUGHT.with(|c| c.borrow().is_none());
         if in_call && first {
-            let payload = info.payload();
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "(panic payload is not a string)".to_owned());
+            let message = payload_text(info.payload());
             let at = info
                 .location()
                 .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
@@ -422,16 +417,22 @@ fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, Panicked> {
     })
 }
 
-/// The text of a panic payload, dropping the payload without letting a
-/// panicking `Drop` escape.
-fn panic_message(payload: Box<dyn Any + Send>) -> String {
-    let msg = if let Some(s) = payload.downcast_ref::<&'static str>() {
+/// The text a panic payload carries (`panic!` makes a `&str` or a
+/// `String`).
+fn payload_text(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
         "(panic payload is not a string)".to_owned()
-    };
+    }
+}
+
+/// The text of a panic payload, dropping the payload without letting a
+/// panicking `Drop` escape.
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    let msg = payload_text(&*payload);
     if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
         std::mem::forget(again);
     }
