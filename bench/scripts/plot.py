@@ -56,6 +56,11 @@ def main():
     for r in data["results"]:
         if r["name"].startswith("open loop"):
             rate = float(r["args"][r["args"].index("--rate") + 1])
+            if "pooled_us" in r:
+                # All rounds pooled into one histogram per server.
+                i, h = r["pooled_us"]["inline"], r["pooled_us"]["halfsync"]
+                rates.append((rate, i["p50"], i["p99"], h["p50"], h["p99"]))
+                continue
             rates.append((
                 rate,
                 med(r["inline"], lambda x: x["latency_us"]["p50"]),
