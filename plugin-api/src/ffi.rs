@@ -364,30 +364,34 @@ impl Panicked {
 }
 
 /// The hook that [`guarded`] installs, once, in the plugin's copy of std.
-/// Inside a trampoline it records the first panic silently (the trampoline
-/// reports it); a second one before the first is caught means the process
-/// is about to abort (a panic that cannot unwind, e.g. out of an `extern
-/// "C"` function), so both are printed then, through the previous hook.
-/// Panics outside trampolines (the plugin's own threads) go straight to
-/// the previous hook.
+/// Inside a trampoline it records a panic silently (the trampoline reports
+/// it). A second one before the first is caught means the process is
+/// about to abort (a panic that cannot unwind, e.g. out of an `extern "C"`
+/// function of the plugin's): both are printed, on one line and without a
+/// backtrace, because symbolizing one can take seconds in a dying worker,
+/// which the proxy would then see as a hung request instead of a death.
+/// Panics outside trampolines (the plugin's own threads) go to the
+/// previous hook.
 fn install_panic_hook() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let in_call = IN_PLUGIN_CALL.with(Cell::get);
-        let first = CAUGHT.with(|c| c.borrow().is_none());
-        if in_call && first {
-            let message = payload_text(info.payload());
-            let at = info
-                .location()
-                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
-            CAUGHT.with(|c| *c.borrow_mut() = Some((message, at)));
+        if !IN_PLUGIN_CALL.with(Cell::get) {
+            previous(info);
             return;
         }
-        if in_call && let Some((message, at)) = CAUGHT.with(|c| c.borrow_mut().take()) {
-            let at = at.map(|l| format!(" at {l}")).unwrap_or_default();
-            eprintln!("plugin panicked{at}: {message}");
+        let message = payload_text(info.payload());
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        let earlier = CAUGHT.with(|c| c.borrow_mut().replace((message.clone(), at.clone())));
+        if let Some((first, first_at)) = earlier {
+            let place = |at: Option<String>| at.map(|l| format!(" at {l}")).unwrap_or_default();
+            eprintln!(
+                "plugin panicked{}: {first}; then{}: {message}",
+                place(first_at),
+                place(at)
+            );
         }
-        previous(info);
     }));
 }
 

@@ -28,8 +28,10 @@ pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// reset: a panic half-way through an update leaves it half-updated, and
 /// the next request sees it); in `fini` it is logged through the host and
 /// swallowed. Such panics are not printed to stderr (no backtrace is
-/// taken); panics on threads the plugin starts itself are left to the
-/// previous panic hook. A plugin built with `panic = "abort"` aborts its worker
+/// taken); a panic that cannot be caught (one escaping an `extern "C"`
+/// function of the plugin's) is printed on one line, without a backtrace,
+/// and the worker aborts at once; panics on threads the plugin starts
+/// itself are left to the previous panic hook. A plugin built with `panic = "abort"` aborts its worker
 /// instead, which the server survives but the client sees as
 /// `WORKER_DIED`.
 pub trait Plugin: Sized + 'static {
