@@ -356,11 +356,13 @@ struct Panicked {
 impl Panicked {
     /// `" at src/lib.rs:12:5"`, or nothing: for operator-facing lines.
     fn at(&self) -> String {
-        self.location
-            .as_deref()
-            .map(|l| format!(" at {l}"))
-            .unwrap_or_default()
+        at(self.location.as_deref())
     }
+}
+
+/// `" at <location>"`, or nothing without one.
+fn at(location: Option<&str>) -> String {
+    location.map(|l| format!(" at {l}")).unwrap_or_default()
 }
 
 /// The hook that [`guarded`] installs, once, in the plugin's copy of std.
@@ -380,16 +382,15 @@ fn install_panic_hook() {
             return;
         }
         let message = payload_text(info.payload());
-        let at = info
+        let location = info
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
-        let earlier = CAUGHT.with(|c| c.borrow_mut().replace((message.clone(), at.clone())));
+        let earlier = CAUGHT.with(|c| c.borrow_mut().replace((message.clone(), location.clone())));
         if let Some((first, first_at)) = earlier {
-            let place = |at: Option<String>| at.map(|l| format!(" at {l}")).unwrap_or_default();
             eprintln!(
                 "plugin panicked{}: {first}; then{}: {message}",
-                place(first_at),
-                place(at)
+                at(first_at.as_deref()),
+                at(location.as_deref())
             );
         }
     }));

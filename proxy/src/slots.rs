@@ -149,6 +149,17 @@ impl WorkerSlot {
         matches!(self.phase, Phase::Ready { .. })
     }
 
+    /// Whether new requests may go to this worker (ring room aside).
+    fn takes_requests(&self, max_inflight: usize) -> bool {
+        self.is_ready() && self.stalled_on.is_none() && self.pending.len() < max_inflight
+    }
+
+    /// What `pick_slot` compares: requests held, plus [`SLEEPER_PENALTY`]
+    /// if the worker sleeps (as last read into `sleep_hint`).
+    fn load(&self) -> usize {
+        self.pending.len() + if self.sleep_hint { SLEEPER_PENALTY } else { 0 }
+    }
+
     /// Whether replies may be read from this slot.
     fn readable(&self) -> bool {
         !self.corrupt
@@ -638,10 +649,8 @@ impl Proxy {
             && let Some(si) = self.batch_slot
             && let Some(s) = self.slots[si].as_mut()
             && s.group == g
-            && s.is_ready()
-            && s.stalled_on.is_none()
-            && s.pending.len() < max
-            && s.pending.len() + if s.sleep_hint { SLEEPER_PENALTY } else { 0 } < self.batch_until
+            && s.takes_requests(max)
+            && s.load() < self.batch_until
             && matches!(s.tx.fits(len), Ok(true))
         {
             return Some(si);
@@ -654,14 +663,14 @@ impl Proxy {
             let Some(s) = self.slots[si].as_mut() else {
                 continue;
             };
-            if !s.is_ready() || s.pending.len() >= max || s.stalled_on.is_some() {
+            if !s.takes_requests(max) {
                 continue;
             }
             if s.sleep_hint_at != self.now_ns {
                 s.sleep_hint = s.tx.consumer_sleeping();
                 s.sleep_hint_at = self.now_ns;
             }
-            let mut load = s.pending.len() + if s.sleep_hint { SLEEPER_PENALTY } else { 0 };
+            let mut load = s.load();
             if affinity && self.batch_slot == Some(si) {
                 load = load.saturating_sub(BATCH_AFFINITY);
             }
