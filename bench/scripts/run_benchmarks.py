@@ -118,14 +118,22 @@ class Server:
         e.update(env or {})
         self.log = open(os.path.join(self.dir, "server.log"), "w")
         self.proc = subprocess.Popen(cmd, env=e, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
-        self.wait_ready()
+        self.kids = []
+        try:
+            self.wait_ready()
+        except RuntimeError:
+            # Show why, then leave nothing behind (the caller has no object to stop).
+            with open(os.path.join(self.dir, "server.log")) as f:
+                print(f.read()[-2000:], file=sys.stderr)
+            self.stop()
+            raise
         self.kids = children(self.proc.pid)
         self.proxy = [p for p in self.kids if "halfsync: proxy" in cmdline(p)]
         self.workers = [p for p in self.kids if "halfsync: worker" in cmdline(p)]
 
     def wait_ready(self):
         deadline = time.time() + 30
-        while time.time() < deadline:
+        while time.time() < deadline and self.proc.poll() is None:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
                     s.sendall(struct.pack(">IQHH", 16, 1, 1, 0) + b"ping")
@@ -136,7 +144,7 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError("server did not start; log in " + self.dir)
+        raise RuntimeError("server did not start (its log is above)")
 
     def cpu(self):
         """(proxy user, proxy sys, workers user, workers sys) seconds."""
