@@ -12,8 +12,12 @@ Usage:
     python3 bench/scripts/run_benchmarks.py [--quick] [--targets] [--pin] [--out FILE]
     python3 bench/scripts/plot.py bench/results/latest.json
 
-Writes a JSON file with every run (default bench/results/latest.json) and
-prints the tables that go into BENCHMARKS.md. Standard library only.
+Writes a JSON file with every run and prints the tables that go into
+BENCHMARKS.md. Unless --out says otherwise, the file is named after the
+kind of run, so a run never replaces another kind's figures:
+bench/results/latest.json (full run; latest_pinned.json with --pin),
+targets_unpinned.json / targets_pinned.json (--targets), and quick.json
+(--quick, a smoke run, not tracked by git). Standard library only.
 """
 
 import argparse
@@ -268,8 +272,16 @@ def main():
                     help="only the targets: 50 connections at depth 1 and 16, open loop at half "
                          "the depth-1 and the depth-16 peak")
     ap.add_argument("--rounds", type=int, help="interleaved rounds per cell (default 3; 1 with --quick)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.json"))
+    ap.add_argument("--out", help="JSON file to write (default: named after the kind of run)")
     a = ap.parse_args()
+    if not a.out:
+        if a.quick:
+            name = "quick.json"
+        elif a.targets:
+            name = "targets_pinned.json" if a.pin else "targets_unpinned.json"
+        else:
+            name = "latest_pinned.json" if a.pin else "latest.json"
+        a.out = os.path.join(ROOT, "bench", "results", name)
     for f in (HALFSYNC, BENCH, ECHO):
         if not os.path.exists(f):
             sys.exit(f"{f} missing: run `cargo build --release --workspace` first")

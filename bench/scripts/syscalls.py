@@ -18,7 +18,7 @@ Without --rate/--depth it runs the three target loads: 50 connections at
 depth 1, at depth 16, and open loop at 54,000 req/s (about half the inline
 peak at depth 1 on this machine). Needs perf and root (or
 kernel.perf_event_paranoid <= 1 and readable tracefs). Writes
-bench/results/syscalls.json.
+bench/results/syscalls.json (syscalls_pinned.json with --pin).
 """
 
 import argparse
@@ -104,8 +104,12 @@ def main():
     ap.add_argument("--depth", type=int, action="append", default=[])
     ap.add_argument("--pin", action="store_true", help="servers on CPU 0, load generator on CPU 1")
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "syscalls.json"))
+    ap.add_argument("--out", help="JSON file to write (default: bench/results/syscalls.json, "
+                                   "syscalls_pinned.json with --pin)")
     a = ap.parse_args()
+    if not a.out:
+        name = "syscalls_pinned.json" if a.pin else "syscalls.json"
+        a.out = os.path.join(ROOT, "bench", "results", name)
     if not shutil.which("perf"):
         sys.exit("perf not found: apt-get install linux-perf (or linux-tools-$(uname -r))")
     loads = [["--depth", str(d)] for d in a.depth] + [["--rate", str(r)] for r in a.rate]
