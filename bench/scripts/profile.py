@@ -15,7 +15,8 @@ Usage:
 
 Needs perf (`apt-get install linux-perf` or `linux-tools-$(uname -r)`)
 and root (or kernel.perf_event_paranoid <= 1). Writes
-bench/results/profile.json.
+bench/results/profile.json (profile_inline.json, profile_pinned.json,
+profile_inline_pinned.json for those runs).
 """
 
 import argparse
@@ -59,8 +60,12 @@ def main():
     ap.add_argument("--inline", action="store_true", help="profile the inline baseline")
     ap.add_argument("--pin", action="store_true", help="servers on CPU 0, load generator on CPU 1")
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "profile.json"))
+    ap.add_argument("--out", help="JSON file to write (default: bench/results/profile.json, with "
+                                   "_inline and _pinned in the name for those runs)")
     a = ap.parse_args()
+    if not a.out:
+        name = "profile" + ("_inline" if a.inline else "") + ("_pinned" if a.pin else "") + ".json"
+        a.out = os.path.join(ROOT, "bench", "results", name)
     if not shutil.which("perf"):
         sys.exit("perf not found: apt-get install linux-perf (or linux-tools-$(uname -r))")
     load = ["--rate", a.rate] if a.rate else ["--depth", a.depth]
