@@ -79,7 +79,19 @@ def measure(inline, load, pin, seconds):
                                   "sleep", str(seconds)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             perfs.append((name, p))
-        counts = {name: perf_counts(p.communicate(timeout=seconds + 60)[1]) for name, p in perfs}
+        errs = {}
+        counts = {}
+        for name, p in perfs:
+            err = p.communicate(timeout=seconds + 60)[1]
+            counts[name] = perf_counts(err)
+            errs[name] = err
+        # The event-loop process always makes system calls under load: none
+        # counted means perf could not read the tracepoints.
+        first = names[0][0]
+        if counts[first]["syscalls"] == 0:
+            sys.exit("perf counted no system calls for the server: the syscall tracepoints need "
+                     "root, or kernel.perf_event_paranoid = -1 and a readable "
+                     "/sys/kernel/tracing. perf said:\n" + errs[first][-1000:])
         r = json.loads(gen.communicate(timeout=seconds + 60)[0])
         # The generator's rate over its measured window; perf's window lies inside it.
         n = r["rps"] * seconds
