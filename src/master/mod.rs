@@ -370,8 +370,6 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
     result
 }
 
-/// The listening sockets for one address: one per proxy process, with
-/// SO_REUSEPORT when there are several (the kernel spreads connections).
 /// "cannot listen on ADDR: ERROR", with the fix for the usual causes.
 fn listen_error(addr: SocketAddr, e: &std::io::Error) -> String {
     let fix = match e.kind() {
@@ -389,6 +387,8 @@ fn listen_error(addr: SocketAddr, e: &std::io::Error) -> String {
     format!("cannot listen on {addr}: {e}{fix}")
 }
 
+/// The listening sockets for one address: one per proxy process, with
+/// SO_REUSEPORT when there are several (the kernel spreads connections).
 fn listen_all(addr: SocketAddr, config: &Config, n: usize) -> std::io::Result<Vec<TcpListener>> {
     let (backlog, defer) = (config.server.backlog, config.server.tcp_defer_accept);
     if n == 1 {
