@@ -410,6 +410,41 @@ fn recycling_by_max_rss_fails_no_request() {
     wait_workers(&mut s, 2);
 }
 
+/// `max_rss` is read every 64 requests under load (it costs a system call)
+/// and whenever a worker's ring runs empty: a worker that grew past it
+/// and then went quiet is still replaced, long before 64 more requests.
+#[test]
+fn max_rss_is_checked_when_a_worker_goes_idle() {
+    let port = free_port();
+    let mut s = Server::start(
+        &fault_config(port, &fault_plugin_so(), 1, "max_rss = \"96MiB\""),
+        port,
+    );
+    let mut c = s.client();
+    // One at a time, no other load: each leak of 24 MiB is followed by an
+    // empty ring. The fifth takes the worker past 96 MiB.
+    for id in 0..5 {
+        let r = c.call(id, fault::LEAK, &be32(24)).unwrap();
+        assert_eq!(r.code, status::OK);
+    }
+    let replaced = wait_for(Duration::from_secs(20), || {
+        s.log()
+            .contains("worker replaced; draining it")
+            .then_some(())
+    });
+    assert!(replaced.is_some(), "{}", s.log());
+    assert!(
+        s.log().contains("recycling limit reached: max_rss"),
+        "{}",
+        s.log()
+    );
+    wait_workers(&mut s, 1);
+    let r = c.call(99, 1, b"still here").unwrap();
+    assert_eq!(r.code, status::OK);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// The proxy should never die; if it does, the master restarts it on the
 /// same port and resets every worker.
 #[test]

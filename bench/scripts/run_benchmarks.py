@@ -103,7 +103,7 @@ def rss_kib(pid):
 class Server:
     """A halfsync (or inline baseline) server on a free port."""
 
-    def __init__(self, inline=False, workers=2, env=None, extra_server="", pin=False, max_inflight=1024):
+    def __init__(self, inline=False, workers=2, env=None, extra_server="", pin=False, max_inflight=1024, extra_group=""):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="halfsync-bench-")
         cfg = os.path.join(self.dir, "bench.toml")
@@ -113,7 +113,7 @@ class Server:
                 f'admin_socket = "{self.dir}/admin.sock"\nmax_connections = 100000\n'
                 f"{extra_server}\n\n"
                 f'[[group]]\nname = "echo"\nplugin = "{ECHO}"\nworkers = {workers}\n'
-                f"max_inflight = {max_inflight}\nmax_queue = 100000\n"
+                f"max_inflight = {max_inflight}\nmax_queue = 100000\n{extra_group}\n"
             )
         cmd = [HALFSYNC, "run", "--config", cfg] + (["--inline"] if inline else [])
         if pin:

@@ -356,7 +356,9 @@ pub struct Group {
     pub max_requests_jitter: u64,
     /// `max_rss`: a worker whose resident memory grew past this size is
     /// replaced like one that reached `max_requests`. `0` turns it off.
-    /// Default `0`.
+    /// The worker reads its peak RSS every 64 requests and whenever its
+    /// ring runs empty, so it may overshoot by what 64 requests allocate:
+    /// a recycling trigger, not a hard limit. Default `0`.
     #[serde(
         default,
         serialize_with = "units::serialize_size",
