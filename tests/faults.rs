@@ -180,6 +180,77 @@ fn c_fault_plugin_so() -> std::path::PathBuf {
 
 /// Requests queued behind a crashing request on the same worker are not
 /// lost: they run on another worker.
+/// Replies longer than the room a worker reserves in its reply ring for
+/// each request (64 KiB) are assembled on the side and copied in whole,
+/// up to the largest `max_frame` allows, one at a time and pipelined; the
+/// C plugin fills a length prefix last, through the pointer `reserve`
+/// gave it before the reply outgrew the reservation.
+fn long_replies_arrive_whole(plugin: std::path::PathBuf) {
+    let port = free_port();
+    let mut s = Server::start(&fault_config(port, &plugin, 1, ""), port);
+    // Default max_frame (1 MiB), less the HSP/1 header and the prefix.
+    let max = (1 << 20) - 12 - 4;
+    let sizes = [
+        0, 1, 4095, 65_531, 65_532, 65_533, 65_536, 65_537, 70_001, 300_000, max,
+    ];
+    let payload =
+        |n: usize, id: u64| -> Vec<u8> { (0..n as u64).map(|i| (i * 31 + id) as u8).collect() };
+    let check = |r: &halfsync_protocol::Frame, n: usize| {
+        assert_eq!(
+            r.code,
+            status::OK,
+            "{n} bytes: {:?}",
+            String::from_utf8_lossy(&r.payload)
+        );
+        assert_eq!(r.payload.len(), n + 4, "{n} bytes");
+        assert_eq!(
+            r.payload[..4],
+            (n as u32).to_be_bytes(),
+            "{n} bytes: prefix"
+        );
+        assert!(
+            r.payload[4..] == payload(n, r.id)[..],
+            "{n} bytes: body differs"
+        );
+    };
+    let mut c = s.client();
+    c.stream()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    for round in 0..2u64 {
+        for (i, &n) in sizes.iter().enumerate() {
+            let id = round * 100 + i as u64;
+            let r = c.call(id, fault::PREFIXED, &payload(n, id)).unwrap();
+            assert_eq!(r.id, id);
+            check(&r, n);
+        }
+        for (i, &n) in sizes.iter().enumerate() {
+            let id = 1000 + round * 100 + i as u64;
+            c.send(id, fault::PREFIXED, &payload(n, id)).unwrap();
+        }
+        for (i, &n) in sizes.iter().enumerate() {
+            let r = c.recv().unwrap();
+            assert_eq!(r.id, 1000 + round * 100 + i as u64);
+            check(&r, n);
+        }
+    }
+    // Short replies after long ones: the ring is in order.
+    let r = c.call(7, 1, b"short").unwrap();
+    assert_eq!((r.code, &r.payload[..]), (status::OK, &b"short"[..]));
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+#[test]
+fn long_rust_replies_arrive_whole() {
+    long_replies_arrive_whole(fault_plugin_so());
+}
+
+#[test]
+fn long_c_replies_arrive_whole() {
+    long_replies_arrive_whole(c_fault_plugin_so());
+}
+
 #[test]
 fn requests_queued_behind_a_crash_are_redispatched() {
     let port = free_port();

@@ -16,6 +16,7 @@ use crate::event_loop::{NS_PER_MS, Proxy, TOKEN_SLOT};
 use crate::queue::WaitQueue;
 use crate::stats::Scope;
 use crate::sys::READ;
+use crate::tuning::Tuning;
 
 /// How many queued requests a sleeping worker is worth, when choosing where
 /// a request goes (see `pick_slot`).
@@ -109,8 +110,9 @@ pub(crate) struct WorkerSlot {
     replaces: Option<usize>,
     /// Started after failed starts: not counted on until ready.
     probation: bool,
-    /// Benchmark switch `always_wake`.
-    always_wake: bool,
+    /// Benchmark switches for the request ring (`always_wake`,
+    /// `no_ring_rewind`).
+    tuning: Tuning,
     /// We told the worker we sleep (and must take it back on waking).
     announced: bool,
     /// Whether the worker sleeps, as read at `sleep_hint_at` (a loop
@@ -138,9 +140,8 @@ pub(crate) struct WorkerSlot {
 
 impl WorkerSlot {
     fn attach(&mut self) -> Result<(), RingError> {
-        let always_wake = self.always_wake;
         self.tx = Producer::attach(self.slot.requests(), Notify::Futex)?;
-        self.tx.set_always_wake(always_wake);
+        self.tuning.apply(&mut self.tx);
         self.rx = Consumer::attach(self.slot.replies())?;
         Ok(())
     }
@@ -404,7 +405,7 @@ impl Proxy {
                 return;
             }
         };
-        tx.set_always_wake(self.tuning.always_wake);
+        self.tuning.apply(&mut tx);
         if let Err(e) = self
             .epoll
             .add(eventfd.as_raw_fd(), READ, TOKEN_SLOT | si as u64)
@@ -431,7 +432,7 @@ impl Proxy {
             down_since_ns: None,
             replaces: None,
             probation: false,
-            always_wake: self.tuning.always_wake,
+            tuning: self.tuning,
             announced: false,
             sleep_hint: false,
             sleep_hint_at: 0,

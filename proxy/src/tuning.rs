@@ -36,9 +36,19 @@ pub(crate) struct Tuning {
     /// `no_midturn_dispatch`: queued requests go to workers only at the
     /// end of a loop turn.
     pub(crate) no_midturn_dispatch: bool,
+    /// `no_ring_rewind`: rings walk their whole capacity instead of
+    /// starting again at offset 0 whenever they are empty (the worker
+    /// reads this switch too, for its reply ring).
+    pub(crate) no_ring_rewind: bool,
 }
 
 impl Tuning {
+    /// Sets up a request ring's producer as the switches say.
+    pub(crate) fn apply(&self, tx: &mut halfsync_shm::Producer) {
+        tx.set_always_wake(self.always_wake);
+        tx.set_rewind(!self.no_ring_rewind);
+    }
+
     pub(crate) fn from_env() -> Tuning {
         let mut t = Tuning::default();
         let Ok(v) = std::env::var("HALFSYNC_TUNING") else {
@@ -56,6 +66,9 @@ impl Tuning {
                 "fifo_queue" => t.fifo_queue = true,
                 "no_batch_affinity" => t.no_batch_affinity = true,
                 "no_midturn_dispatch" => t.no_midturn_dispatch = true,
+                "no_ring_rewind" => t.no_ring_rewind = true,
+                // Read by the workers (worker/src/serve.rs).
+                "reserve_max_reply" => {}
                 other => tracing::warn!("HALFSYNC_TUNING: unknown switch {other:?} ignored"),
             }
         }

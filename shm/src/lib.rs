@@ -31,6 +31,7 @@ pub mod sys;
 
 pub use region::Region;
 pub use ring::{
-    Consumer, Meta, Notify, Producer, RECORD_HEADER_LEN, Record, Reservation, RingError, RingRef,
+    Consumer, Meta, Notify, Producer, RECORD_HEADER_LEN, REWIND_AT, Record, Reservation, RingError,
+    RingRef,
 };
 pub use slot::{BusyInfo, Control, Slot, SlotError, WorkerState};

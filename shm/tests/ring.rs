@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use halfsync_shm::{Consumer, Meta, Notify, Producer, RingError, Slot, sys};
+use halfsync_shm::{Consumer, Meta, Notify, Producer, REWIND_AT, RingError, Slot, sys};
 use proptest::prelude::*;
 
 const CHILD_ROLE: &str = "HS_SHM_TEST_ROLE";
@@ -51,6 +51,92 @@ fn fifo_and_wraparound() {
         rx.release();
         assert!(rx.peek().unwrap().is_none());
     }
+}
+
+/// Offsets (position within the data area) of `n` records of `len` bytes
+/// pushed one batch at a time; with `lag`, the consumer keeps one record
+/// unreleased, so the ring is never empty when a batch starts.
+fn offsets(rewind: bool, lag: bool, n: u64, len: usize) -> Vec<usize> {
+    let slot = Slot::create("rewind", 1 << 20).unwrap();
+    let cap = slot.requests().capacity();
+    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+    tx.set_rewind(rewind);
+    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    let mut out = Vec::new();
+    for id in 0..n {
+        let p = payload_for(id, len);
+        let meta = Meta {
+            id,
+            ..Meta::default()
+        };
+        let pos = tx.push(&meta, &p).unwrap().expect("room");
+        out.push((pos as usize) & (cap - 1));
+        tx.publish();
+        let r = rx.peek().unwrap().expect("record");
+        assert_eq!((r.meta.id, r.payload), (id, &p[..]));
+        if lag {
+            // Hand back everything before this record, keep this one.
+            rx.release();
+            rx.advance();
+        } else {
+            rx.advance();
+            rx.release();
+        }
+    }
+    out
+}
+
+#[test]
+fn an_empty_ring_rewinds_to_its_first_pages() {
+    let rec = 1024 + 40;
+    // Drained between batches: records stay within the first REWIND_AT
+    // bytes (plus one record), lap after lap of positions.
+    let hot = offsets(true, false, 20_000, 1024);
+    assert!(
+        hot.iter().all(|&o| o < REWIND_AT + rec),
+        "{:?}",
+        hot.iter().max()
+    );
+    assert!(hot.iter().filter(|&&o| o == 0).count() > 100);
+    // Without rewinding they walk the whole megabyte.
+    let cold = offsets(false, false, 5_000, 1024);
+    assert!(cold.iter().any(|&o| o > 1 << 19));
+    // A ring that is not empty when a batch starts is not rewound (the
+    // consumer may still be reading), yet every record arrives intact.
+    let busy = offsets(true, true, 5_000, 1024);
+    assert!(busy.iter().any(|&o| o > 1 << 19));
+}
+
+/// A rewind's pad is space the consumer can only free once it sees it: a
+/// producer that waits for room publishes first, or a record that needs
+/// the pad's space would wait forever (the worker's long-reply path).
+#[test]
+fn waiting_for_space_publishes_the_rewind_pad_first() {
+    let slot = Slot::create("rewind", 1 << 20).unwrap();
+    let cap = slot.requests().capacity();
+    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    let meta = Meta::default();
+    tx.push(&meta, &[1u8; 70_000]).unwrap().unwrap();
+    tx.publish();
+    rx.peek().unwrap().unwrap();
+    rx.advance();
+    rx.release();
+    // Empty and past REWIND_AT: this one starts the next lap at offset 0,
+    // behind a pad that fills the rest of this one.
+    let pos = tx.push(&meta, &[2u8; 60_000]).unwrap().unwrap();
+    assert_eq!(pos as usize % cap, 0);
+    assert!(!tx.fits(100_000).unwrap());
+    assert!(
+        !tx.wait_for_space(100_000, Duration::from_millis(1))
+            .unwrap()
+    );
+    // The wait published the pad and the record.
+    let r = rx.peek().unwrap().expect("published by the wait");
+    assert_eq!(r.payload.len(), 60_000);
+    rx.advance();
+    rx.release();
+    assert!(tx.fits(100_000).unwrap());
 }
 
 #[test]

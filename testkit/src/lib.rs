@@ -157,6 +157,9 @@ pub mod fault {
     pub const RESERVED_STATUS: u16 = 22;
     /// Reply [`CUSTOM_STATUS`] with payload `custom`.
     pub const CUSTOM: u16 = 23;
+    /// Reply the payload's length (`u32` BE), then the payload, in 4 KiB
+    /// pieces; C reserves the length first and fills it last.
+    pub const PREFIXED: u16 = 24;
 
     /// The status of [`CUSTOM`]'s reply.
     pub const CUSTOM_STATUS: u16 = 150;

@@ -62,6 +62,7 @@ const NUMBERS: &[(&str, &str, u32)] = &[
         fault::RESERVED_STATUS as u32,
     ),
     ("CUSTOM", "FAULT_CUSTOM", fault::CUSTOM as u32),
+    ("PREFIXED", "FAULT_PREFIXED", fault::PREFIXED as u32),
     (
         "CUSTOM_STATUS",
         "FAULT_CUSTOM_STATUS",

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use plugin::{InitError, Instance, LoadError, Plugin};
+pub use plugin::{InitError, Instance, LoadError, Plugin, Written};
 pub use serve::run;
 
 /// Environment variable carrying the [`WorkerSpec`] as TOML.

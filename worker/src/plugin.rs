@@ -519,33 +519,69 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
     }));
 }
 
-/// What `hs_reply.ctx` points to during one `Instance::handle`.
+/// What `hs_reply.ctx` points to during one `Instance::handle_split`.
+///
+/// The reply's bytes `[0, split)` are in `buf` (the reservation in the
+/// reply ring) and `[split, len)` in `spill` at the same offsets. `split`
+/// is `NO_SPLIT` until a write does not fit in `buf`; from then on every
+/// byte goes to `spill`, so pointers handed out earlier stay valid.
 struct ReplyCtx {
     buf: *mut u8,
     cap: usize,
     len: usize,
+    /// Most payload bytes the reply may have (what the plugin is told).
+    capacity: usize,
+    spill: *mut Vec<u8>,
+    split: usize,
+}
+
+const NO_SPLIT: usize = usize::MAX;
+
+impl ReplyCtx {
+    /// Where the next `n` bytes of the reply go (the caller checked they
+    /// are within `capacity`).
+    fn next(&mut self, n: usize) -> *mut u8 {
+        if self.split == NO_SPLIT && n <= self.cap - self.len {
+            // SAFETY: `len + n <= cap`: inside (or one past) `buf`.
+            return unsafe { self.buf.add(self.len) };
+        }
+        // SAFETY: `spill` points to the `Vec` lent to `handle_split`, which
+        // no one else touches while the plugin runs.
+        let spill = unsafe { &mut *self.spill };
+        if self.split == NO_SPLIT {
+            self.split = self.len;
+            if spill.len() < self.capacity {
+                // Only here: no pointer into `spill` has been handed out
+                // yet in this call, so reallocating it is harmless.
+                spill.resize(self.capacity, 0);
+            }
+        }
+        // SAFETY: `len + n <= capacity <= spill.len()`.
+        unsafe { spill.as_mut_ptr().add(self.len) }
+    }
 }
 
 /// `hs_reply.write`.
 ///
 /// # Safety
-/// `ctx` is the `ReplyCtx` of the running `Instance::handle`; `data` is
-/// readable for `len` bytes (it may point into the reply itself).
+/// `ctx` is the `ReplyCtx` of the running `Instance::handle_split`; `data`
+/// is readable for `len` bytes (it may point into the reply itself).
 unsafe extern "C" fn reply_write(ctx: *mut c_void, data: *const u8, len: usize) -> i32 {
-    // SAFETY: fn contract; `Instance::handle` holds no reference to the
-    // context while the plugin runs.
+    // SAFETY: fn contract; `Instance::handle_split` holds no reference to
+    // the context while the plugin runs.
     let r = unsafe { &mut *ctx.cast::<ReplyCtx>() };
-    if len > r.cap - r.len {
+    if len > r.capacity - r.len {
         return -1;
     }
     if len > 0 {
         if data.is_null() {
             return -1;
         }
-        // SAFETY: `len` bytes fit at `buf + len` (checked above); `data` is
-        // readable for `len` (fn contract); `copy` allows the overlap of a
-        // plugin writing bytes from its own reply.
-        unsafe { ptr::copy(data, r.buf.add(r.len), len) };
+        let dst = r.next(len);
+        // SAFETY: `dst` has room for `len` bytes (`ReplyCtx::next`); `data`
+        // is readable for `len` (fn contract); `copy` allows the overlap
+        // of a plugin writing bytes from its own reply.
+        unsafe { ptr::copy(data, dst, len) };
         r.len += len;
     }
     0
@@ -558,12 +594,10 @@ unsafe extern "C" fn reply_write(ctx: *mut c_void, data: *const u8, len: usize) 
 unsafe extern "C" fn reply_reserve(ctx: *mut c_void, len: usize) -> *mut u8 {
     // SAFETY: as in `reply_write`.
     let r = unsafe { &mut *ctx.cast::<ReplyCtx>() };
-    if len > r.cap - r.len {
+    if len > r.capacity - r.len {
         return ptr::null_mut();
     }
-    // SAFETY: `r.len <= r.cap`, so this stays within (or one past) the
-    // buffer.
-    let p = unsafe { r.buf.add(r.len) };
+    let p = r.next(len);
     r.len += len;
     p
 }
@@ -574,7 +608,18 @@ unsafe extern "C" fn reply_reserve(ctx: *mut c_void, len: usize) -> *mut u8 {
 /// As [`reply_write`].
 unsafe extern "C" fn reply_clear(ctx: *mut c_void) {
     // SAFETY: as in `reply_write`.
-    unsafe { &mut *ctx.cast::<ReplyCtx>() }.len = 0;
+    let r = unsafe { &mut *ctx.cast::<ReplyCtx>() };
+    r.len = 0;
+    r.split = NO_SPLIT;
+}
+
+/// Where [`Instance::handle_split`] left the reply's payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// In the first `n` bytes of `out`.
+    InPlace(usize),
+    /// In the first `n` bytes of the spill buffer (it outgrew `out`).
+    Spilled(usize),
 }
 
 /// One initialised plugin state. Not `Send`: the plugin runs on the thread
@@ -613,17 +658,47 @@ impl Instance {
         payload: &[u8],
         out: &mut [u8],
     ) -> (u16, usize) {
+        let capacity = out.len();
+        match self.handle_split(id, command, flags, payload, out, &mut Vec::new(), capacity) {
+            (status, Written::InPlace(n)) => (status, n),
+            // Cannot happen: nothing spills when `out` holds `capacity`.
+            (status, Written::Spilled(_)) => (status, 0),
+        }
+    }
+
+    /// As [`Instance::handle`], but the plugin is told the reply holds
+    /// `capacity` bytes while `out` may be smaller: writes that do not fit
+    /// in `out` go on in `spill` (grown to `capacity` the first time, and
+    /// kept by the caller for the next request), and the whole reply is
+    /// then in `spill`. So the worker reserves a small region of its reply
+    /// ring for the common reply, keeping the ring's hot pages few, and a
+    /// large reply costs one extra copy instead of a refusal.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_split(
+        &mut self,
+        id: u64,
+        command: u16,
+        flags: u16,
+        payload: &[u8],
+        out: &mut [u8],
+        spill: &mut Vec<u8>,
+        capacity: usize,
+    ) -> (u16, Written) {
         let handle = self.table.handle.expect("checked at load");
+        let capacity = capacity.max(out.len());
         let mut ctx = ReplyCtx {
             buf: out.as_mut_ptr(),
             cap: out.len(),
             len: 0,
+            capacity,
+            spill: ptr::from_mut(spill),
+            split: NO_SPLIT,
         };
         let mut reply = HsReply {
             struct_size: size_of::<HsReply>() as u32,
             reserved: 0,
             ctx: ptr::from_mut(&mut ctx).cast::<c_void>(),
-            capacity: out.len(),
+            capacity,
             write: Some(reply_write),
             reserve: Some(reply_reserve),
             clear: Some(reply_clear),
@@ -638,12 +713,20 @@ impl Instance {
         };
         // SAFETY: `state` is what this table's `init` produced; `req` points
         // to `payload`, alive and unchanged for the call; `reply.ctx` points
-        // to `ctx`, whose buffer is `out`, borrowed mutably by us and not
-        // touched until the call returns.
+        // to `ctx`, whose buffers are `out` and `spill`, borrowed mutably by
+        // us and not touched until the call returns.
         let status = unsafe { handle(self.state, &req, &mut reply) };
-        let len = ctx.len.min(out.len());
+        let len = ctx.len.min(capacity);
         match status {
-            0 | 1 | 100..=0xffff => (status as u16, len),
+            0 | 1 | 100..=0xffff if ctx.split == NO_SPLIT => {
+                (status as u16, Written::InPlace(len.min(out.len())))
+            }
+            0 | 1 | 100..=0xffff => {
+                // The head of the reply is in `out`, the rest in `spill`.
+                let head = ctx.split.min(out.len());
+                spill[..head].copy_from_slice(&out[..head]);
+                (status as u16, Written::Spilled(len.min(spill.len())))
+            }
             _ => {
                 let kind = if (2..100).contains(&status) {
                     "reserved"
@@ -653,7 +736,7 @@ impl Instance {
                 let msg = format!("plugin returned {kind} status {status}");
                 let n = msg.len().min(out.len());
                 out[..n].copy_from_slice(&msg.as_bytes()[..n]);
-                (abi::STATUS_PLUGIN_ERROR, n)
+                (abi::STATUS_PLUGIN_ERROR, Written::InPlace(n))
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use halfsync_shm::{Consumer, Meta, Notify, Producer, Slot, WorkerState, sys};
 use tracing::{error, info};
 
-use crate::{EXIT_PLUGIN_FAILED, EXIT_SLOT_FAILED, Plugin, WorkerSpec, sys as wsys};
+use crate::{EXIT_PLUGIN_FAILED, EXIT_SLOT_FAILED, Plugin, WorkerSpec, Written, sys as wsys};
 
 /// HSP/1 status TIMEOUT (the worker answers stale requests itself).
 const STATUS_TIMEOUT: u16 = 3;
@@ -22,6 +22,15 @@ const RUN_TIME_SAMPLE: u64 = 16;
 /// can overshoot by what this many requests allocate; `max_rss` is a
 /// recycling trigger, not a hard limit (that is the cgroup's job).
 const RSS_CHECK_EVERY: u64 = 64;
+
+/// Room reserved in the reply ring before each request: replies up to this
+/// size are written by the plugin straight into shared memory; longer ones
+/// (up to `max_frame`) go on in a heap buffer and are copied in after. A
+/// reservation of the whole `max_frame` (1 MiB by default) would make the
+/// ring pad and wrap every few requests and keep it from rewinding to its
+/// first pages (see halfsync-shm's ring doc), which at 4 KiB replies cost
+/// ~40% of the throughput.
+const REPLY_RESERVE: usize = 64 << 10;
 
 /// How long the worker sleeps on an empty ring before re-checking for a
 /// stop request (a publish or a stop wakes it at once).
@@ -91,13 +100,21 @@ pub fn run(spec: WorkerSpec) -> i32 {
         }
     };
     let max_reply = (spec.max_reply as usize).min(slot.replies().max_payload());
-    // Benchmark switch (see the proxy's tuning.rs): wake the proxy on every
-    // reply, asleep or not.
-    if std::env::var("HALFSYNC_TUNING")
-        .is_ok_and(|t| t.split(',').any(|s| s.trim() == "always_wake"))
-    {
-        tx.set_always_wake(true);
-    }
+    // Benchmark switches (see the proxy's tuning.rs): wake the proxy on
+    // every reply, asleep or not; never rewind the reply ring; reserve room
+    // for the largest reply before every request.
+    let switch = |name: &str| {
+        std::env::var("HALFSYNC_TUNING").is_ok_and(|t| t.split(',').any(|s| s.trim() == name))
+    };
+    tx.set_always_wake(switch("always_wake"));
+    tx.set_rewind(!switch("no_ring_rewind"));
+    let first = if switch("reserve_max_reply") {
+        max_reply
+    } else {
+        max_reply.min(REPLY_RESERVE)
+    };
+    // Where a reply longer than `first` is assembled (grown on first use).
+    let mut spill = Vec::new();
 
     ctl.set_state(WorkerState::Idle);
     // Tell the proxy we are ready (it also polls, this just makes it prompt).
@@ -148,49 +165,35 @@ pub fn run(spec: WorkerSpec) -> i32 {
         let stale =
             spec.queue_timeout_ns > 0 && now.saturating_sub(req.time_ns) > spec.queue_timeout_ns;
 
-        // Room for the largest reply, so the plugin writes straight into
-        // the ring. The proxy drains replies continuously; waiting here
-        // only happens when it is far behind.
-        let mut ok = true;
-        loop {
-            match tx.fits(max_reply) {
-                Ok(true) => break,
-                Ok(false) if stop.load(Ordering::Relaxed) => {
-                    ok = false;
-                    break;
-                }
-                Ok(false) => {
-                    if let Err(e) = tx.wait_for_space(max_reply, Duration::from_millis(100)) {
-                        error!("reply ring: {e}");
-                        ok = false;
-                        break;
-                    }
-                }
-                Err(e) => {
-                    error!("reply ring: {e}");
-                    ok = false;
-                    break;
-                }
-            }
+        // Room for the common reply, so the plugin writes straight into
+        // the ring; a longer one spills to `spill` and is copied in after.
+        // The proxy drains replies continuously; waiting here only happens
+        // when it is far behind.
+        if !wait_for_room(&mut tx, first, &stop) {
+            break EXIT_SLOT_FAILED;
         }
-        let reservation = if ok {
-            tx.try_reserve(max_reply)
-        } else {
-            Ok(None)
-        };
-        let Ok(Some(mut res)) = reservation else {
+        let Ok(Some(mut res)) = tx.try_reserve(first) else {
             break EXIT_SLOT_FAILED;
         };
         // Not the first request: it runs on cold caches.
         let sample = served % RUN_TIME_SAMPLE == RUN_TIME_SAMPLE - 1;
-        let (status, len) = if stale {
+        let (status, written) = if stale {
             let msg = b"waited longer than queue_timeout for a worker";
             let buf = res.buf();
             let n = msg.len().min(buf.len());
             buf[..n].copy_from_slice(&msg[..n]);
-            (STATUS_TIMEOUT, n)
+            (STATUS_TIMEOUT, Written::InPlace(n))
         } else {
-            instance.handle(req.id, req.code, req.flags, rec.payload, res.buf())
+            let out = res.buf();
+            instance.handle_split(
+                req.id,
+                req.code,
+                req.flags,
+                rec.payload,
+                out,
+                &mut spill,
+                max_reply,
+            )
         };
         // On sampled replies, flags carries the run time (see `Meta::flags`).
         let flags = if sample && !stale {
@@ -199,17 +202,30 @@ pub fn run(spec: WorkerSpec) -> i32 {
         } else {
             0
         };
-        res.commit(
-            &Meta {
-                code: status,
-                flags,
-                id: req.id,
-                tag: req.tag,
-                // When the worker started it: the proxy derives queue wait.
-                time_ns: now,
-            },
-            len,
-        );
+        let meta = Meta {
+            code: status,
+            flags,
+            id: req.id,
+            tag: req.tag,
+            // When the worker started it: the proxy derives queue wait.
+            time_ns: now,
+        };
+        match written {
+            Written::InPlace(len) => res.commit(&meta, len),
+            Written::Spilled(len) => {
+                // The small reservation `res` is given up uncommitted
+                // (nothing there was published) and the whole reply
+                // copied in.
+                if !wait_for_room(&mut tx, len, &stop) {
+                    break EXIT_SLOT_FAILED;
+                }
+                let Ok(Some(mut big)) = tx.try_reserve(len) else {
+                    break EXIT_SLOT_FAILED;
+                };
+                big.buf()[..len].copy_from_slice(&spill[..len]);
+                big.commit(&meta, len);
+            }
+        }
         // Hand the request's space back before publishing the reply: a
         // proxy woken by the reply then also sees the room, and never sleeps
         // on a request queue it could have dispatched.
@@ -248,4 +264,25 @@ fn check_rss(spec: &WorkerSpec, ctl: &halfsync_shm::Control, served: u64) -> boo
     info!(served, rss, "recycling limit reached: max_rss");
     ctl.want_recycle();
     true
+}
+
+/// Waits until a reply of `n` payload bytes fits in the reply ring. False if
+/// the ring is corrupt, or the worker was asked to stop while it waited.
+fn wait_for_room(tx: &mut Producer, n: usize, stop: &AtomicBool) -> bool {
+    loop {
+        match tx.fits(n) {
+            Ok(true) => return true,
+            Ok(false) if stop.load(Ordering::Relaxed) => return false,
+            Ok(false) => {
+                if let Err(e) = tx.wait_for_space(n, Duration::from_millis(100)) {
+                    error!("reply ring: {e}");
+                    return false;
+                }
+            }
+            Err(e) => {
+                error!("reply ring: {e}");
+                return false;
+            }
+        }
+    }
 }

@@ -25,7 +25,7 @@ use std::{env, thread};
 
 use halfsync_shm::Slot;
 use halfsync_testkit::{c_fault_plugin, fault, fault_plugin};
-use halfsync_worker::plugin::{Instance, Plugin};
+use halfsync_worker::plugin::{Instance, Plugin, Written};
 
 // Linux signal numbers (x86, arm, riscv; the server is Linux-only).
 const SIGABRT: i32 = 6;
@@ -523,6 +523,39 @@ fn call(inst: &mut Instance, command: u16, payload: &[u8], cap: usize) -> (u16, 
     (status, String::from_utf8(out).unwrap())
 }
 
+/// `handle_split`: a reply that outgrows `out` goes on in the spill buffer
+/// and comes back whole there, the length prefix included (the C plugin
+/// fills it last, through the pointer into `out` that `reserve` gave it);
+/// one that fits stays in `out`; the spill buffer is reused.
+fn check_spill(inst: &mut Instance) {
+    let body: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+    let whole = [&5000u32.to_be_bytes()[..], &body].concat();
+    let mut spill = Vec::new();
+    for _ in 0..2 {
+        let mut out = vec![0xEE; 16];
+        let (status, w) =
+            inst.handle_split(1, fault::PREFIXED, 0, &body, &mut out, &mut spill, 10_000);
+        assert_eq!((status, w), (0, Written::Spilled(5004)));
+        assert!(spill[..5004] == whole[..]);
+    }
+    let mut out = vec![0xEE; 16];
+    let (status, w) = inst.handle_split(
+        2,
+        fault::PREFIXED,
+        0,
+        b"short",
+        &mut out,
+        &mut spill,
+        10_000,
+    );
+    assert_eq!((status, w), (0, Written::InPlace(9)));
+    assert_eq!(&out[..9], b"\0\0\0\x05short");
+    // Past the capacity the plugin is told about: refused as before.
+    let mut out = vec![0xEE; 16];
+    let (status, _) = inst.handle_split(3, fault::PREFIXED, 0, &body, &mut out, &mut spill, 4000);
+    assert_eq!(status, 1);
+}
+
 /// What differs between the two plugins.
 struct Expect {
     name: &'static str,
@@ -537,7 +570,7 @@ fn check_survivable(path: &Path, expect: &Expect) {
     let mut inst = plugin.init("").unwrap_or_else(|e| panic!("{e}"));
     let ok = |s: &str| (0, s.to_owned());
     let err = |s: &str| (1, s.to_owned());
-    for command in [fault::ECHO, 0, 2, 9, 24, 1000, u16::MAX] {
+    for command in [fault::ECHO, 0, 2, 9, 25, 1000, u16::MAX] {
         assert_eq!(call(&mut inst, command, b"load", 64), ok("load"));
     }
     assert_eq!(
@@ -578,6 +611,7 @@ fn check_survivable(path: &Path, expect: &Expect) {
         call(&mut inst, fault::CUSTOM, b"x", 64),
         (fault::CUSTOM_STATUS, "custom".to_owned())
     );
+    check_spill(&mut inst);
     // This process maps no slot.
     let _no_slot = slot_lock();
     assert_eq!(

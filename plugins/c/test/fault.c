@@ -39,6 +39,10 @@
  *                         worker sends PLUGIN_ERROR "plugin returned
  *                         reserved status 4" instead
  *   23   CUSTOM           status 150, payload "custom"
+ *   24   PREFIXED         the payload's length (big-endian u32), then the
+ *                         payload: reserves the 4 bytes first, writes the
+ *                         payload in 4 KiB pieces, and fills the 4 bytes
+ *                         last, through the pointer reserve returned
  *
  * The fatal commands first log a warning through the host ("fault: <what>
  * (request id N)").
@@ -106,6 +110,7 @@
 #define FAULT_REPLY_TOO_BIG 21
 #define FAULT_RESERVED_STATUS 22
 #define FAULT_CUSTOM 23
+#define FAULT_PREFIXED 24
 
 #define FAULT_CUSTOM_STATUS 150
 #define FAULT_RESERVED_STATUS_CODE 4
@@ -348,6 +353,26 @@ static int32_t reply_too_big(hs_reply *reply)
     return HS_STATUS_OK; /* the host accepted it: a host bug, for the test to see */
 }
 
+/* Length prefix reserved first, filled last: the host must keep the
+ * pointer valid however far the reply grows after it. */
+static int32_t prefixed(const hs_request *req, hs_reply *reply)
+{
+    uint8_t *len = reply->reserve(reply->ctx, 4);
+    if (!len)
+        return fail(reply, "fault: payload does not fit in the reply");
+    for (size_t at = 0; at < req->payload_len; at += 4096) {
+        size_t n = req->payload_len - at < 4096 ? req->payload_len - at : 4096;
+        if (reply->write(reply->ctx, req->payload + at, n) != 0)
+            return fail(reply, "fault: payload does not fit in the reply");
+    }
+    uint32_t v = (uint32_t)req->payload_len;
+    len[0] = (uint8_t)(v >> 24);
+    len[1] = (uint8_t)(v >> 16);
+    len[2] = (uint8_t)(v >> 8);
+    len[3] = (uint8_t)v;
+    return HS_STATUS_OK;
+}
+
 /* ---- init: the config lines it knows ---- */
 
 typedef struct init_config {
@@ -552,6 +577,8 @@ static int32_t fault_handle(void *state, const hs_request *req, hs_reply *reply)
         if (reply->write(reply->ctx, (const uint8_t *)"custom", 6) != 0)
             return fail(reply, "fault: payload does not fit in the reply");
         return FAULT_CUSTOM_STATUS;
+    case FAULT_PREFIXED:
+        return prefixed(req, reply);
     default:
         break;
     }

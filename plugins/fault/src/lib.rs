@@ -31,6 +31,7 @@
 //! | 21 | [`REPLY_TOO_BIG`] | writes `capacity + 1` bytes: Rust: the SDK's PLUGIN_ERROR `reply full: N bytes do not fit in the M bytes left`; C: PLUGIN_ERROR `fault: reply too big` (cut to the capacity) |
 //! | 22 | [`RESERVED_STATUS`] | C: returns status 4, a code the server reserves, which the worker turns into PLUGIN_ERROR `plugin returned reserved status 4`. Rust: the SDK's [`Status`] cannot hold a reserved code, so the Rust plugin can only send PLUGIN_ERROR `fault: the Rust SDK cannot return reserved status 4`; test the host's mapping with the C plugin |
 //! | 23 | [`CUSTOM`] | status [`CUSTOM_STATUS`] (150), payload `custom` |
+//! | 24 | [`PREFIXED`] | status 0, the payload's length as a big-endian `u32`, then the payload, written in 4 KiB pieces. C reserves the 4 bytes first and fills them last, through the pointer `reserve` returned (the host must keep it valid however far the reply grows); Rust fills them at once (the SDK's `reserve` borrows the reply) |
 //!
 //! The fatal commands log a warning through the host first (`fault:
 //! <name> (request id N)`), so the server log shows what the worker was
@@ -113,6 +114,9 @@ pub const REPLY_TOO_BIG: u16 = 21;
 pub const RESERVED_STATUS: u16 = 22;
 /// Reply [`CUSTOM_STATUS`] with payload `custom`.
 pub const CUSTOM: u16 = 23;
+
+/// Reply the payload's length (`u32` BE), then the payload, in pieces.
+pub const PREFIXED: u16 = 24;
 
 /// The status of [`CUSTOM`]'s reply.
 pub const CUSTOM_STATUS: u16 = 150;
@@ -544,6 +548,14 @@ impl Plugin for Fault {
                 reply.write(b"custom")?;
                 Ok(Status::custom(CUSTOM_STATUS))
             }
+            PREFIXED => {
+                let len = u32::try_from(req.payload().len()).unwrap_or(u32::MAX);
+                reply.reserve(4)?.copy_from_slice(&len.to_be_bytes());
+                for piece in req.payload().chunks(4096) {
+                    reply.write(piece)?;
+                }
+                Ok(Status::OK)
+            }
             _ => {
                 reply.write(&self.prefix)?;
                 reply.write(req.payload())?;
@@ -594,13 +606,17 @@ mod tests {
             h.logs(),
             vec![(LogLevel::Info, "fault plugin ready".to_owned())]
         );
-        for command in [ECHO, 0, 2, 9, 24, 99, 100, u16::MAX] {
+        for command in [ECHO, 0, 2, 9, 25, 99, 100, u16::MAX] {
             assert_eq!(
                 h.handle(1, command, 0, b"hello", 64),
                 (0, b"hello".to_vec())
             );
         }
         assert_eq!(h.handle(2, ECHO, 0, b"", 0), (0, Vec::new()));
+        assert_eq!(
+            h.handle(3, PREFIXED, 0, &[7u8; 5000], 5004),
+            (0, [&5000u32.to_be_bytes()[..], &[7u8; 5000]].concat())
+        );
         let (status, msg) = h.handle(3, ECHO, 0, b"too long", 4);
         assert_eq!((status, msg.as_slice()), (1, &b"repl"[..]));
     }
