@@ -55,7 +55,10 @@ typedef struct hs_request {
 } hs_request;
 
 /* The reply under construction. Bytes written go straight into the reply
- * ring in shared memory. Valid only during the handle call. */
+ * ring in shared memory (the first 64 KiB; a longer reply is assembled in
+ * the worker's memory and copied in after handle returns). Valid only
+ * during the handle call; pointers from reserve stay valid until then,
+ * however long the reply grows after them. */
 typedef struct hs_reply {
     uint32_t struct_size;  /* sizeof(hs_reply) as the host knows it */
     uint32_t reserved;

@@ -70,7 +70,8 @@ pub type ReplyReserveFn = unsafe extern "C" fn(ctx: *mut c_void, len: usize) -> 
 pub type ReplyClearFn = unsafe extern "C" fn(ctx: *mut c_void);
 
 /// The reply under construction (`hs_reply`). Valid only during the
-/// `handle` call; bytes written go straight into the reply ring.
+/// `handle` call; bytes written go straight into the reply ring (the
+/// first 64 KiB; the host copies a longer reply in after `handle`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct HsReply {

@@ -119,8 +119,10 @@ impl fmt::Debug for Host {
 
 /// The reply payload under construction, for one [`Plugin::handle`] call.
 ///
-/// In halfsync the bytes go straight into the reply ring in shared memory:
-/// there is no copy after `handle` returns. The payload can hold at most
+/// In halfsync the first 64 KiB go straight into the reply ring in shared
+/// memory, with no copy after `handle` returns; a longer reply goes on in
+/// the worker's memory and is copied into the ring once, after. The
+/// payload can hold at most
 /// [`capacity`](Reply::capacity) bytes; a write or reserve that does not fit
 /// writes nothing and returns [`ReplyFull`], and the plugin decides what to
 /// do (with `?`, the request fails with a `PLUGIN_ERROR` reply saying so).

@@ -11,7 +11,7 @@
 //! - implement [`Plugin`] for your state type;
 //! - export it with [`export_plugin!`], in a crate built as a `cdylib`;
 //! - read the request from [`Request`], write the reply payload into
-//!   [`Reply`] (it goes straight into shared memory) and return a
+//!   [`Reply`] (up to 64 KiB of it goes straight into shared memory) and return a
 //!   [`Status`];
 //! - log through the [`Host`] handed to `init`.
 //!

@@ -14,8 +14,10 @@
 //! `log` forwards to `tracing` (target `plugin`, field `plugin` = the
 //! plugin's name), giving an [`Instance`]. [`Instance::handle`] runs one
 //! request with the reply payload written straight into a caller-provided
-//! buffer: in production, a region reserved in the reply ring in shared
-//! memory, so the reply is never copied.
+//! buffer; [`Instance::handle_split`], which the worker uses, lets that
+//! buffer (a 64 KiB region reserved in the reply ring in shared memory) be
+//! smaller than the reply may grow, and continues a longer reply in a heap
+//! buffer, so only replies past 64 KiB are copied.
 //!
 //! All of this module's unsafe code is the calls across the C boundary and
 //! the three reply callbacks the plugin calls back into.
