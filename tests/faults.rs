@@ -178,8 +178,6 @@ fn c_fault_plugin_so() -> std::path::PathBuf {
     halfsync_testkit::c_fault_plugin()
 }
 
-/// Requests queued behind a crashing request on the same worker are not
-/// lost: they run on another worker.
 /// Replies longer than the room a worker reserves in its reply ring for
 /// each request (64 KiB) are assembled on the side and copied in whole,
 /// up to the largest `max_frame` allows, one at a time and pipelined; the
@@ -251,6 +249,8 @@ fn long_c_replies_arrive_whole() {
     long_replies_arrive_whole(c_fault_plugin_so());
 }
 
+/// Requests queued behind a crashing request on the same worker are not
+/// lost: they run on another worker.
 #[test]
 fn requests_queued_behind_a_crash_are_redispatched() {
     let port = free_port();

@@ -57,8 +57,11 @@ typedef struct hs_request {
 /* The reply under construction. Bytes written go straight into the reply
  * ring in shared memory (the first 64 KiB; a longer reply is assembled in
  * the worker's memory and copied in after handle returns). Valid only
- * during the handle call; pointers from reserve stay valid until then,
- * however long the reply grows after them. */
+ * during the handle call. A pointer from reserve covers exactly the len
+ * bytes asked for, and stays valid until handle returns however long the
+ * reply grows after it (until clear, after which it must not be used);
+ * the bytes of separate reserve or write calls are not adjacent in
+ * memory, so never write past what one reserve returned. */
 typedef struct hs_reply {
     uint32_t struct_size;  /* sizeof(hs_reply) as the host knows it */
     uint32_t reserved;

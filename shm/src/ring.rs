@@ -358,6 +358,15 @@ impl Producer {
         Ok(self.ring.capacity as u64 - used >= need)
     }
 
+    /// Discards everything pushed (or reserved and padded for) since the
+    /// last [`Producer::publish`]: none of it was visible to the consumer,
+    /// so the space is simply the producer's again. For a reservation
+    /// given up (a reply that outgrew it), so that the next one decides
+    /// afresh where to go, rewinding included.
+    pub fn abandon(&mut self) {
+        self.tail = self.published;
+    }
+
     /// Reserves room for a record of up to `payload_max` payload bytes, or
     /// returns `None` if the ring has no room now (or ever, for payloads
     /// over [`RingRef::max_payload`]).
@@ -586,6 +595,8 @@ pub struct Consumer {
     tail_cache: u64,
     /// Position after the record returned by the last `peek`.
     next: Option<u64>,
+    /// Hand a padding record's space back as soon as it is skipped.
+    release_pads: bool,
 }
 
 impl Consumer {
@@ -606,6 +617,7 @@ impl Consumer {
             released: head,
             tail_cache: head,
             next: None,
+            release_pads: false,
         })
     }
 
@@ -626,7 +638,19 @@ impl Consumer {
             released: pos,
             tail_cache: tail,
             next: None,
+            release_pads: false,
         })
+    }
+
+    /// Hands back a padding record's space as soon as [`Consumer::peek`]
+    /// skips it, rather than at the next [`Consumer::release`]. For a
+    /// consumer that releases only after working on a record (a worker):
+    /// a rewind's pad is most of the ring, and the producer would otherwise
+    /// have only the space before it until the first record is done. Only
+    /// the ring's own consumer may do this, never a reader attached with
+    /// [`Consumer::attach_at`] to look back at records.
+    pub fn set_release_pads(&mut self, on: bool) {
+        self.release_pads = on;
     }
 
     /// The ring this consumer reads.
@@ -693,6 +717,9 @@ impl Consumer {
                         return corrupt("pad length", total);
                     }
                     self.head += total;
+                    if self.release_pads {
+                        self.release();
+                    }
                     continue;
                 }
                 KIND_DATA => {}

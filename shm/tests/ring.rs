@@ -139,6 +139,62 @@ fn waiting_for_space_publishes_the_rewind_pad_first() {
     assert!(tx.fits(100_000).unwrap());
 }
 
+/// A worker releases a request only after running it; with
+/// `set_release_pads` the pad of a rewind (most of the ring) goes back to
+/// the producer as soon as the consumer skips it.
+#[test]
+fn a_skipped_pad_is_released_at_once_when_asked() {
+    for release_pads in [false, true] {
+        let slot = Slot::create("pads", 1 << 20).unwrap();
+        let cap = slot.requests().capacity();
+        let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+        let mut rx = Consumer::attach(slot.requests()).unwrap();
+        rx.set_release_pads(release_pads);
+        let meta = Meta::default();
+        tx.push(&meta, &[1u8; 70_000]).unwrap().unwrap();
+        tx.publish();
+        rx.peek().unwrap().unwrap();
+        rx.advance();
+        rx.release();
+        let pos = tx.push(&meta, &[2u8; 60_000]).unwrap().unwrap();
+        assert_eq!(pos as usize % cap, 0, "rewound");
+        tx.publish();
+        // The consumer is working on the record behind the pad.
+        assert_eq!(rx.peek().unwrap().unwrap().payload.len(), 60_000);
+        assert_eq!(tx.fits(400_000).unwrap(), release_pads);
+        rx.advance();
+        rx.release();
+        assert!(tx.fits(400_000).unwrap());
+    }
+}
+
+/// A reservation given up with `abandon` leaves nothing behind, not even
+/// the pad of the rewind it made: the next one decides afresh.
+#[test]
+fn an_abandoned_reservation_takes_its_rewind_back() {
+    let slot = Slot::create("abandon", 1 << 20).unwrap();
+    let cap = slot.requests().capacity();
+    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    let meta = Meta::default();
+    tx.push(&meta, &[1u8; 70_000]).unwrap().unwrap();
+    tx.publish();
+    rx.peek().unwrap().unwrap();
+    rx.advance();
+    rx.release();
+    let before = tx.published();
+    let r = tx.try_reserve(65_536).unwrap().unwrap();
+    assert_eq!(r.pos() as usize % cap, 0, "rewound");
+    tx.abandon();
+    // Too big to go before offset 70,040 after a rewind: it continues where
+    // the last record ended instead of waiting for the pad to be consumed.
+    let pos = tx.push(&meta, &[3u8; 100_000]).unwrap().unwrap();
+    assert_eq!(pos, before);
+    tx.publish();
+    let rec = rx.peek().unwrap().unwrap();
+    assert_eq!((rec.pos, rec.payload.len()), (before, 100_000));
+}
+
 #[test]
 fn full_ring_refuses_then_accepts_after_release() {
     let slot = Slot::create("t", 4096).unwrap();

@@ -663,8 +663,10 @@ impl Instance {
         let capacity = out.len();
         match self.handle_split(id, command, flags, payload, out, &mut Vec::new(), capacity) {
             (status, Written::InPlace(n)) => (status, n),
-            // Cannot happen: nothing spills when `out` holds `capacity`.
-            (status, Written::Spilled(_)) => (status, 0),
+            (status, Written::Spilled(_)) => {
+                debug_assert!(false, "nothing spills when `out` holds `capacity`");
+                (status, 0)
+            }
         }
     }
 

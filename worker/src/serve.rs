@@ -99,6 +99,9 @@ pub fn run(spec: WorkerSpec) -> i32 {
             return EXIT_SLOT_FAILED;
         }
     };
+    // A rewind's pad goes back to the proxy as soon as it is skipped, not
+    // after the request behind it has run.
+    rx.set_release_pads(true);
     let max_reply = (spec.max_reply as usize).min(slot.replies().max_payload());
     // Benchmark switches (see the proxy's tuning.rs): wake the proxy on
     // every reply, asleep or not; never rewind the reply ring; reserve room
@@ -128,6 +131,8 @@ pub fn run(spec: WorkerSpec) -> i32 {
     let mut served: u64 = 0;
     let mut recycle_asked = false;
     let mut rss_checked_at: u64 = 0;
+    // Exiting after the plugin ran but before its reply was in the ring.
+    let mut ran_unanswered = false;
     let code = loop {
         if stop.load(Ordering::Relaxed) || ctl.stop_requested() {
             break 0;
@@ -169,7 +174,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
         // the ring; a longer one spills to `spill` and is copied in after.
         // The proxy drains replies continuously; waiting here only happens
         // when it is far behind.
-        if !wait_for_room(&mut tx, first, &stop) {
+        if !wait_for_room(&mut tx, first, Some(&stop)) {
             break EXIT_SLOT_FAILED;
         }
         let Ok(Some(mut res)) = tx.try_reserve(first) else {
@@ -213,13 +218,19 @@ pub fn run(spec: WorkerSpec) -> i32 {
         match written {
             Written::InPlace(len) => res.commit(&meta, len),
             Written::Spilled(len) => {
-                // The small reservation `res` is given up uncommitted
-                // (nothing there was published) and the whole reply
-                // copied in.
-                if !wait_for_room(&mut tx, len, &stop) {
+                // The small reservation `res` is given up (nothing of it
+                // was published) and the whole reply copied in. The
+                // plugin has run: a stop request does not cut this wait
+                // short, and if the ring fails the worker exits still
+                // marked busy with this request, so the proxy answers it
+                // WORKER_DIED instead of running it again elsewhere.
+                tx.abandon();
+                if !wait_for_room(&mut tx, len, None) {
+                    ran_unanswered = true;
                     break EXIT_SLOT_FAILED;
                 }
                 let Ok(Some(mut big)) = tx.try_reserve(len) else {
+                    ran_unanswered = true;
                     break EXIT_SLOT_FAILED;
                 };
                 big.buf()[..len].copy_from_slice(&spill[..len]);
@@ -246,7 +257,9 @@ pub fn run(spec: WorkerSpec) -> i32 {
             recycle_asked = check_rss(&spec, ctl, served);
         }
     };
-    ctl.set_state(WorkerState::Exiting);
+    if !ran_unanswered {
+        ctl.set_state(WorkerState::Exiting);
+    }
     if code == 0 {
         instance.fini();
         info!("worker stopped");
@@ -267,12 +280,14 @@ fn check_rss(spec: &WorkerSpec, ctl: &halfsync_shm::Control, served: u64) -> boo
 }
 
 /// Waits until a reply of `n` payload bytes fits in the reply ring. False if
-/// the ring is corrupt, or the worker was asked to stop while it waited.
-fn wait_for_room(tx: &mut Producer, n: usize, stop: &AtomicBool) -> bool {
+/// the ring is corrupt, or `stop` was set while it waited (the proxy drains
+/// replies whatever it is doing, so without `stop` this ends unless the
+/// proxy dies, and then the master kills this worker).
+fn wait_for_room(tx: &mut Producer, n: usize, stop: Option<&AtomicBool>) -> bool {
     loop {
         match tx.fits(n) {
             Ok(true) => return true,
-            Ok(false) if stop.load(Ordering::Relaxed) => return false,
+            Ok(false) if stop.is_some_and(|s| s.load(Ordering::Relaxed)) => return false,
             Ok(false) => {
                 if let Err(e) = tx.wait_for_space(n, Duration::from_millis(100)) {
                     error!("reply ring: {e}");
