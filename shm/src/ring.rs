@@ -21,7 +21,11 @@
 //! cache, instead of walking the whole capacity: with 4 KiB records,
 //! pinned, that is 0.50x -> 0.87x of the inline baseline (BENCHMARKS.md).
 //! The pad is an ordinary one (it fills the data area to its end), so a
-//! consumer needs nothing new to follow it.
+//! consumer needs nothing new to follow it; a consumer that releases only
+//! after working on a record should release pads as it skips them
+//! ([`Consumer::set_release_pads`]), or the producer has only the space
+//! before the pad until then. A reservation given up before publishing
+//! ([`Producer::abandon`]) takes its rewind back with it.
 //!
 //! # Ownership
 //! - `tail` and `producer_sleeping` are written by the producer only
