@@ -547,8 +547,16 @@ impl ReplyCtx {
             // SAFETY: `len + n <= cap`: inside (or one past) `buf`.
             return unsafe { self.buf.add(self.len) };
         }
+        self.next_spilled()
+    }
+
+    /// [`ReplyCtx::next`] once the reply has outgrown `buf`.
+    #[cold]
+    #[inline(never)]
+    fn next_spilled(&mut self) -> *mut u8 {
         // SAFETY: `spill` points to the `Vec` lent to `handle_split`, which
-        // no one else touches while the plugin runs.
+        // no one else touches while the plugin runs. (`handle` leaves it
+        // null, but there `capacity == cap`, so no call gets this far.)
         let spill = unsafe { &mut *self.spill };
         if self.split == NO_SPLIT {
             self.split = self.len;
@@ -558,7 +566,8 @@ impl ReplyCtx {
                 spill.resize(self.capacity, 0);
             }
         }
-        // SAFETY: `len + n <= capacity <= spill.len()`.
+        // SAFETY: `len + n <= capacity <= spill.len()` (the caller checked
+        // `n` against `capacity`).
         unsafe { spill.as_mut_ptr().add(self.len) }
     }
 }
@@ -615,6 +624,22 @@ unsafe extern "C" fn reply_clear(ctx: *mut c_void) {
     r.split = NO_SPLIT;
 }
 
+/// The reply for a status the plugin may not return: PLUGIN_ERROR with
+/// `plugin returned reserved status N` (2..100, the server's codes) or
+/// `plugin returned invalid status N`, cut to `out`.
+#[cold]
+fn bad_status(status: i32, out: &mut [u8]) -> (u16, usize) {
+    let kind = if (2..100).contains(&status) {
+        "reserved"
+    } else {
+        "invalid"
+    };
+    let msg = format!("plugin returned {kind} status {status}");
+    let n = msg.len().min(out.len());
+    out[..n].copy_from_slice(&msg.as_bytes()[..n]);
+    (abi::STATUS_PLUGIN_ERROR, n)
+}
+
 /// Where [`Instance::handle_split`] left the reply's payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Written {
@@ -660,13 +685,19 @@ impl Instance {
         payload: &[u8],
         out: &mut [u8],
     ) -> (u16, usize) {
-        let capacity = out.len();
-        match self.handle_split(id, command, flags, payload, out, &mut Vec::new(), capacity) {
-            (status, Written::InPlace(n)) => (status, n),
-            (status, Written::Spilled(_)) => {
-                debug_assert!(false, "nothing spills when `out` holds `capacity`");
-                (status, 0)
-            }
+        // `capacity == cap`: every write that passes the capacity check
+        // fits in `out`, so the null `spill` is never reached.
+        let mut ctx = ReplyCtx {
+            buf: out.as_mut_ptr(),
+            cap: out.len(),
+            len: 0,
+            capacity: out.len(),
+            spill: ptr::null_mut(),
+            split: NO_SPLIT,
+        };
+        match self.call(id, command, flags, payload, &mut ctx) {
+            status @ (0 | 1 | 100..=0xffff) => (status as u16, ctx.len.min(out.len())),
+            status => bad_status(status, out),
         }
     }
 
@@ -688,7 +719,6 @@ impl Instance {
         spill: &mut Vec<u8>,
         capacity: usize,
     ) -> (u16, Written) {
-        let handle = self.table.handle.expect("checked at load");
         let capacity = capacity.max(out.len());
         let mut ctx = ReplyCtx {
             buf: out.as_mut_ptr(),
@@ -698,11 +728,41 @@ impl Instance {
             spill: ptr::from_mut(spill),
             split: NO_SPLIT,
         };
+        let status = self.call(id, command, flags, payload, &mut ctx);
+        let len = ctx.len.min(capacity);
+        match status {
+            0 | 1 | 100..=0xffff if ctx.split == NO_SPLIT => {
+                (status as u16, Written::InPlace(len.min(out.len())))
+            }
+            0 | 1 | 100..=0xffff => {
+                // The head of the reply is in `out`, the rest in `spill`.
+                let head = ctx.split.min(out.len());
+                spill[..head].copy_from_slice(&out[..head]);
+                (status as u16, Written::Spilled(len.min(spill.len())))
+            }
+            _ => {
+                let (code, n) = bad_status(status, out);
+                (code, Written::InPlace(n))
+            }
+        }
+    }
+
+    /// Calls the plugin's `handle` with the reply going to `ctx`.
+    #[inline(always)]
+    fn call(
+        &mut self,
+        id: u64,
+        command: u16,
+        flags: u16,
+        payload: &[u8],
+        ctx: &mut ReplyCtx,
+    ) -> i32 {
+        let handle = self.table.handle.expect("checked at load");
         let mut reply = HsReply {
             struct_size: size_of::<HsReply>() as u32,
             reserved: 0,
-            ctx: ptr::from_mut(&mut ctx).cast::<c_void>(),
-            capacity,
+            ctx: ptr::from_mut(ctx).cast::<c_void>(),
+            capacity: ctx.capacity,
             write: Some(reply_write),
             reserve: Some(reply_reserve),
             clear: Some(reply_clear),
@@ -717,32 +777,9 @@ impl Instance {
         };
         // SAFETY: `state` is what this table's `init` produced; `req` points
         // to `payload`, alive and unchanged for the call; `reply.ctx` points
-        // to `ctx`, whose buffers are `out` and `spill`, borrowed mutably by
-        // us and not touched until the call returns.
-        let status = unsafe { handle(self.state, &req, &mut reply) };
-        let len = ctx.len.min(capacity);
-        match status {
-            0 | 1 | 100..=0xffff if ctx.split == NO_SPLIT => {
-                (status as u16, Written::InPlace(len.min(out.len())))
-            }
-            0 | 1 | 100..=0xffff => {
-                // The head of the reply is in `out`, the rest in `spill`.
-                let head = ctx.split.min(out.len());
-                spill[..head].copy_from_slice(&out[..head]);
-                (status as u16, Written::Spilled(len.min(spill.len())))
-            }
-            _ => {
-                let kind = if (2..100).contains(&status) {
-                    "reserved"
-                } else {
-                    "invalid"
-                };
-                let msg = format!("plugin returned {kind} status {status}");
-                let n = msg.len().min(out.len());
-                out[..n].copy_from_slice(&msg.as_bytes()[..n]);
-                (abi::STATUS_PLUGIN_ERROR, Written::InPlace(n))
-            }
-        }
+        // to `ctx`, whose buffers the caller borrowed mutably and does not
+        // touch until the call returns.
+        unsafe { handle(self.state, &req, &mut reply) }
     }
 
     /// Calls the plugin's `fini` (if it has one), once: it consumes the

@@ -174,7 +174,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
         // the ring; a longer one spills to `spill` and is copied in after.
         // The proxy drains replies continuously; waiting here only happens
         // when it is far behind.
-        if !wait_for_room(&mut tx, first, Some(&stop)) {
+        if !matches!(tx.fits(first), Ok(true)) && !wait_for_room(&mut tx, first, Some(&stop)) {
             break EXIT_SLOT_FAILED;
         }
         let Ok(Some(mut res)) = tx.try_reserve(first) else {
