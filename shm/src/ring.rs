@@ -15,7 +15,7 @@
 //! Positions grow forever, but the bytes a ring touches need not: when the
 //! producer starts a batch (nothing unpublished), finds the ring empty
 //! (the consumer released everything) and is at least [`REWIND_AT`] bytes
-//! (and at least the new record's size) past offset 0, it writes a padding
+//! (and at least twice the new record's size) past offset 0, it writes a padding
 //! record to the end and starts again at offset 0. A ring that drains
 //! between batches so keeps reusing its first few pages, which stay in
 //! cache, instead of walking the whole capacity: with 4 KiB records,
@@ -401,13 +401,17 @@ impl Producer {
     }
 
     /// At the start of a batch: if the ring is empty and the tail at least
-    /// `max(REWIND_AT, rec)` bytes into the data area, pads to the end so
-    /// the next record starts at offset 0. `off >= rec` is what makes it
-    /// safe: the record then ends before the pad begins, so it cannot
-    /// overwrite the pad before the consumer has read it.
+    /// `max(REWIND_AT, 2 * rec)` bytes into the data area, pads to the end
+    /// so the next record starts at offset 0. `off >= rec` is what makes
+    /// it safe: the record then ends before the pad begins, so it cannot
+    /// overwrite the pad before the consumer has read it. Twice `rec`
+    /// leaves room for more than one such record until the consumer has
+    /// seen the pad (a worker reserves 64 KiB per reply, so with `off`
+    /// just one reservation it would wait for the proxy after every
+    /// rewind).
     fn rewind_if_empty(&mut self, rec: usize) -> Result<(), RingError> {
         let off = (self.tail as usize) & (self.ring.capacity - 1);
-        if off < rec.max(REWIND_AT.min(self.ring.capacity / 4)) {
+        if off < (2 * rec).max(REWIND_AT.min(self.ring.capacity / 4)) {
             return Ok(());
         }
         if self.head_cache != self.tail {

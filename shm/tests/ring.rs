@@ -117,7 +117,7 @@ fn waiting_for_space_publishes_the_rewind_pad_first() {
     let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
     let mut rx = Consumer::attach(slot.requests()).unwrap();
     let meta = Meta::default();
-    tx.push(&meta, &[1u8; 70_000]).unwrap().unwrap();
+    tx.push(&meta, &[1u8; 130_000]).unwrap().unwrap();
     tx.publish();
     rx.peek().unwrap().unwrap();
     rx.advance();
@@ -151,7 +151,7 @@ fn a_skipped_pad_is_released_at_once_when_asked() {
         let mut rx = Consumer::attach(slot.requests()).unwrap();
         rx.set_release_pads(release_pads);
         let meta = Meta::default();
-        tx.push(&meta, &[1u8; 70_000]).unwrap().unwrap();
+        tx.push(&meta, &[1u8; 130_000]).unwrap().unwrap();
         tx.publish();
         rx.peek().unwrap().unwrap();
         rx.advance();
@@ -177,7 +177,7 @@ fn an_abandoned_reservation_takes_its_rewind_back() {
     let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
     let mut rx = Consumer::attach(slot.requests()).unwrap();
     let meta = Meta::default();
-    tx.push(&meta, &[1u8; 70_000]).unwrap().unwrap();
+    tx.push(&meta, &[1u8; 140_000]).unwrap().unwrap();
     tx.publish();
     rx.peek().unwrap().unwrap();
     rx.advance();
@@ -186,8 +186,8 @@ fn an_abandoned_reservation_takes_its_rewind_back() {
     let r = tx.try_reserve(65_536).unwrap().unwrap();
     assert_eq!(r.pos() as usize % cap, 0, "rewound");
     tx.abandon();
-    // Too big to go before offset 70,040 after a rewind: it continues where
-    // the last record ended instead of waiting for the pad to be consumed.
+    // Too big to rewind for (less than twice its size in): it continues
+    // where the last record ended.
     let pos = tx.push(&meta, &[3u8; 100_000]).unwrap().unwrap();
     assert_eq!(pos, before);
     tx.publish();
