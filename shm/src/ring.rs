@@ -18,8 +18,9 @@
 //! (and at least twice the new record's size) past offset 0, it writes a padding
 //! record to the end and starts again at offset 0. A ring that drains
 //! between batches so keeps reusing its first few pages, which stay in
-//! cache, instead of walking the whole capacity: with 4 KiB records,
-//! pinned, that is 0.50x -> 0.87x of the inline baseline (BENCHMARKS.md).
+//! cache, instead of walking the whole capacity: with 4 KiB records at
+//! 16 in flight, pinned, 0.46-0.63x of the inline baseline before and
+//! 0.79-0.85x after, in the same runs (BENCHMARKS.md, "Payload size").
 //! The pad is an ordinary one (it fills the data area to its end), so a
 //! consumer needs nothing new to follow it; a consumer that releases only
 //! after working on a record should release pads as it skips them
