@@ -107,21 +107,32 @@ fn an_empty_ring_rewinds_to_its_first_pages() {
     assert!(busy.iter().any(|&o| o > 1 << 19));
 }
 
+/// A 1 MiB ring whose producer has pushed one record of `first` payload
+/// bytes that the consumer has read and released: empty, `first + 40`
+/// bytes into its data area. Returns the slot (keep it alive), producer,
+/// consumer and the data area's capacity.
+fn drained_after(first: usize) -> (Slot, Producer, Consumer, usize) {
+    let slot = Slot::create("rewind", 1 << 20).unwrap();
+    let cap = slot.requests().capacity();
+    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    tx.push(&Meta::default(), &vec![1u8; first])
+        .unwrap()
+        .unwrap();
+    tx.publish();
+    rx.peek().unwrap().unwrap();
+    rx.advance();
+    rx.release();
+    (slot, tx, rx, cap)
+}
+
 /// A rewind's pad is space the consumer can only free once it sees it: a
 /// producer that waits for room publishes first, or a record that needs
 /// the pad's space would wait forever (the worker's long-reply path).
 #[test]
 fn waiting_for_space_publishes_the_rewind_pad_first() {
-    let slot = Slot::create("rewind", 1 << 20).unwrap();
-    let cap = slot.requests().capacity();
-    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
-    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    let (_slot, mut tx, mut rx, cap) = drained_after(130_000);
     let meta = Meta::default();
-    tx.push(&meta, &[1u8; 130_000]).unwrap().unwrap();
-    tx.publish();
-    rx.peek().unwrap().unwrap();
-    rx.advance();
-    rx.release();
     // Empty and past REWIND_AT: this one starts the next lap at offset 0,
     // behind a pad that fills the rest of this one.
     let pos = tx.push(&meta, &[2u8; 60_000]).unwrap().unwrap();
@@ -145,17 +156,9 @@ fn waiting_for_space_publishes_the_rewind_pad_first() {
 #[test]
 fn a_skipped_pad_is_released_at_once_when_asked() {
     for release_pads in [false, true] {
-        let slot = Slot::create("pads", 1 << 20).unwrap();
-        let cap = slot.requests().capacity();
-        let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
-        let mut rx = Consumer::attach(slot.requests()).unwrap();
+        let (_slot, mut tx, mut rx, cap) = drained_after(130_000);
         rx.set_release_pads(release_pads);
         let meta = Meta::default();
-        tx.push(&meta, &[1u8; 130_000]).unwrap().unwrap();
-        tx.publish();
-        rx.peek().unwrap().unwrap();
-        rx.advance();
-        rx.release();
         let pos = tx.push(&meta, &[2u8; 60_000]).unwrap().unwrap();
         assert_eq!(pos as usize % cap, 0, "rewound");
         tx.publish();
@@ -172,16 +175,8 @@ fn a_skipped_pad_is_released_at_once_when_asked() {
 /// the pad of the rewind it made: the next one decides afresh.
 #[test]
 fn an_abandoned_reservation_takes_its_rewind_back() {
-    let slot = Slot::create("abandon", 1 << 20).unwrap();
-    let cap = slot.requests().capacity();
-    let mut tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
-    let mut rx = Consumer::attach(slot.requests()).unwrap();
+    let (_slot, mut tx, mut rx, cap) = drained_after(140_000);
     let meta = Meta::default();
-    tx.push(&meta, &[1u8; 140_000]).unwrap().unwrap();
-    tx.publish();
-    rx.peek().unwrap().unwrap();
-    rx.advance();
-    rx.release();
     let before = tx.published();
     let r = tx.try_reserve(65_536).unwrap().unwrap();
     assert_eq!(r.pos() as usize % cap, 0, "rewound");
