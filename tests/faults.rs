@@ -92,6 +92,16 @@ fn faults() -> Vec<(&'static str, u16, Vec<u8>, u16)> {
 }
 
 /// Waits until the group runs `n` workers again and a request is served.
+/// Waits until the log says a worker was replaced (recycling).
+fn wait_replaced(s: &Server) {
+    let replaced = wait_for(Duration::from_secs(20), || {
+        s.log()
+            .contains("worker replaced; draining it")
+            .then_some(())
+    });
+    assert!(replaced.is_some(), "{}", s.log());
+}
+
 fn wait_workers(s: &mut Server, n: usize) {
     let back = wait_for(Duration::from_secs(20), || {
         (s.worker_pids().len() == n).then_some(())
@@ -471,12 +481,7 @@ fn recycling_by_max_rss_fails_no_request() {
         let r = c.call(id, fault::LEAK, &be32(24)).unwrap();
         assert_eq!(r.code, status::OK);
     }
-    let replaced = wait_for(Duration::from_secs(20), || {
-        s.log()
-            .contains("worker replaced; draining it")
-            .then_some(())
-    });
-    assert!(replaced.is_some(), "{}", s.log());
+    wait_replaced(&s);
     load.finish();
     wait_workers(&mut s, 2);
 }
@@ -498,12 +503,7 @@ fn max_rss_is_checked_when_a_worker_goes_idle() {
         let r = c.call(id, fault::LEAK, &be32(24)).unwrap();
         assert_eq!(r.code, status::OK);
     }
-    let replaced = wait_for(Duration::from_secs(20), || {
-        s.log()
-            .contains("worker replaced; draining it")
-            .then_some(())
-    });
-    assert!(replaced.is_some(), "{}", s.log());
+    wait_replaced(&s);
     assert!(
         s.log().contains("recycling limit reached: max_rss"),
         "{}",

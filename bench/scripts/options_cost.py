@@ -21,7 +21,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_benchmarks import Server, bench, errors  # noqa: E402
+from run_benchmarks import alternate  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,18 +48,8 @@ def main():
     out = {"pinned": a.pin, "rounds": a.rounds, "seconds": a.seconds, "depths": {}}
     for depth in (1, 16):
         args = ["-c", 50, "-d", depth, "--warmup", "1s", "--duration", f"{a.seconds}s"]
-        runs = {name: [] for name in CASES}
-        for _ in range(a.rounds):
-            for name, (extra, env) in CASES.items():
-                s = Server(extra_group=extra, env=env, pin=a.pin)
-                try:
-                    r = bench(s.port, args, a.pin)
-                finally:
-                    s.stop()
-                if errors(r):
-                    raise RuntimeError(f"{name}: errors {r['errors']}")
-                runs[name].append(r["rps"])
-                print(f"depth {depth}, {name}: {r['rps']:,.0f} req/s", flush=True)
+        cases = {name: {"extra_group": extra, "env": env} for name, (extra, env) in CASES.items()}
+        runs = alternate(cases, args, a.rounds, a.pin, f"depth {depth}, ")
         med = {name: statistics.median(v) for name, v in runs.items()}
         ratios = {name: [x / y for x, y in zip(v, runs[BASE])] for name, v in runs.items()}
         out["depths"][str(depth)] = {"runs": runs, "median": med, "ratio_per_round": ratios}

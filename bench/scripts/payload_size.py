@@ -19,7 +19,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_benchmarks import Server, bench, errors  # noqa: E402
+from run_benchmarks import alternate  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = [64, 1024, 4096, 16384]
@@ -42,18 +42,8 @@ def main():
     for depth in [int(d) for d in a.depths.split(",")]:
         for size in SIZES:
             args = ["-c", 50, "-d", depth, "-p", size, "--warmup", "1s", "--duration", f"{a.seconds}s"]
-            runs = {name: [] for name in CASES}
-            for _ in range(a.rounds):
-                for name, (inline, env) in CASES.items():
-                    s = Server(inline=inline, env=env, pin=a.pin)
-                    try:
-                        r = bench(s.port, args, a.pin)
-                    finally:
-                        s.stop()
-                    if errors(r):
-                        raise RuntimeError(f"{name}: errors {r['errors']}")
-                    runs[name].append(r["rps"])
-                    print(f"depth {depth}, {size} B, {name}: {r['rps']:,.0f} req/s", flush=True)
+            cases = {name: {"inline": inline, "env": env} for name, (inline, env) in CASES.items()}
+            runs = alternate(cases, args, a.rounds, a.pin, f"depth {depth}, {size} B, ")
             med = {name: statistics.median(v) for name, v in runs.items()}
             out["rows"].append({"depth": depth, "payload": size, "runs": runs, "median": med})
     print("\n| depth | payload | inline | halfsync | ratio | before (whole-ring rings) | ratio |")

@@ -209,6 +209,24 @@ def measured(server, args, pin):
     return r
 
 
+def alternate(cases, args, rounds, pin, label=""):
+    """Req/s of each case in `cases` (name: `Server` keyword arguments),
+    `rounds` alternating rounds of `args`; stops at the first reply error."""
+    runs = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, kw in cases.items():
+            s = Server(pin=pin, **kw)
+            try:
+                r = bench(s.port, args, pin)
+            finally:
+                s.stop()
+            if errors(r):
+                raise RuntimeError(f"{name}: errors {r['errors']}")
+            runs[name].append(r["rps"])
+            print(f"{label}{name}: {r['rps']:,.0f} req/s", flush=True)
+    return runs
+
+
 def compare(name, args, rounds, pin, env=None, workers=2, extra_server=""):
     """Interleaved rounds: inline baseline vs halfsync. Returns both series."""
     res = {"name": name, "args": [str(a) for a in args], "inline": [], "halfsync": []}

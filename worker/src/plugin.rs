@@ -540,6 +540,19 @@ struct ReplyCtx {
 const NO_SPLIT: usize = usize::MAX;
 
 impl ReplyCtx {
+    /// An empty reply into `out`, told it may grow to `capacity` (at least
+    /// `out.len()`), continuing in `spill` past `out`.
+    fn new(out: &mut [u8], spill: *mut Vec<u8>, capacity: usize) -> ReplyCtx {
+        ReplyCtx {
+            buf: out.as_mut_ptr(),
+            cap: out.len(),
+            len: 0,
+            capacity,
+            spill,
+            split: NO_SPLIT,
+        }
+    }
+
     /// Where the next `n` bytes of the reply go (the caller checked they
     /// are within `capacity`).
     fn next(&mut self, n: usize) -> *mut u8 {
@@ -687,14 +700,7 @@ impl Instance {
     ) -> (u16, usize) {
         // `capacity == cap`: every write that passes the capacity check
         // fits in `out`, so the null `spill` is never reached.
-        let mut ctx = ReplyCtx {
-            buf: out.as_mut_ptr(),
-            cap: out.len(),
-            len: 0,
-            capacity: out.len(),
-            spill: ptr::null_mut(),
-            split: NO_SPLIT,
-        };
+        let mut ctx = ReplyCtx::new(out, ptr::null_mut(), out.len());
         match self.call(id, command, flags, payload, &mut ctx) {
             status @ (0 | 1 | 100..=0xffff) => (status as u16, ctx.len.min(out.len())),
             status => bad_status(status, out),
@@ -720,14 +726,7 @@ impl Instance {
         capacity: usize,
     ) -> (u16, Written) {
         let capacity = capacity.max(out.len());
-        let mut ctx = ReplyCtx {
-            buf: out.as_mut_ptr(),
-            cap: out.len(),
-            len: 0,
-            capacity,
-            spill: ptr::from_mut(spill),
-            split: NO_SPLIT,
-        };
+        let mut ctx = ReplyCtx::new(out, ptr::from_mut(spill), capacity);
         let status = self.call(id, command, flags, payload, &mut ctx);
         let len = ctx.len.min(capacity);
         match status {
