@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--inline", action="store_true", help="profile the inline baseline")
     ap.add_argument("--pin", action="store_true", help="servers on CPU 0, load generator on CPU 1")
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--max-inflight", type=int, default=1024, help="per worker (the default config has 64)")
     ap.add_argument("--out", help="JSON file to write (default: bench/results/profile.json, with "
                                    "_inline and _pinned in the name for those runs)")
     a = ap.parse_args()
@@ -70,7 +71,7 @@ def main():
         sys.exit("perf not found: apt-get install linux-perf (or linux-tools-$(uname -r))")
     load = ["--rate", a.rate] if a.rate else ["--depth", a.depth]
     tmp = tempfile.mkdtemp(prefix="halfsync-profile-")
-    s = Server(inline=a.inline, pin=a.pin)
+    s = Server(inline=a.inline, pin=a.pin, max_inflight=a.max_inflight)
     perfs = []
     gen = None
     try:

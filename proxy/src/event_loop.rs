@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::{Conn, Conns};
 use crate::control::{Channel, Received, ToMaster, ToProxy};
-use crate::slots::{Group, Queued, ReqMeta, WorkerSlot};
+use crate::slots::{Group, ReqMeta, WorkerSlot};
 use crate::stats::{Scope, Stats};
 use crate::sys::{self, Epoll, READ, WRITE};
 use crate::{ProxyError, ProxySpec, Reconfigure};
@@ -805,10 +805,7 @@ impl Proxy {
         }
         let group = &mut self.groups[g];
         if group.queue.len() < group.max_queue {
-            group.queue.push_back(Queued {
-                req,
-                payload: payload.to_vec(),
-            });
+            group.queue.push_copy(req, payload);
             self.stats.queued(g, group.queue.len());
             self.count_inflight(i, payload.len());
             return;

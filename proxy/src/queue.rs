@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::conn::Tag;
-use crate::slots::Queued;
+use crate::slots::{Queued, ReqMeta};
 
 /// Tags are unique integers; hashing them again would be wasted work.
 #[derive(Default)]
@@ -33,20 +33,51 @@ impl Hasher for TagHasher {
     }
 }
 
-type ByConn = HashMap<u64, VecDeque<Queued>, BuildHasherDefault<TagHasher>>;
+/// Connection key -> index of its FIFO in `WaitQueue::subs`.
+type Index = HashMap<u64, u32, BuildHasherDefault<TagHasher>>;
+
+/// Payload buffers kept for reuse: at most this many...
+const POOL_MAX: usize = 1024;
+/// ...of at most this capacity (so at most 2 MiB per group), which covers
+/// the small requests a queue holds thousands of.
+const POOL_MAX_CAPACITY: usize = 2048;
+/// An emptied FIFO keeps its allocation up to this many requests.
+const SUB_KEEP_CAPACITY: usize = 64;
+
+/// One connection's queued requests.
+#[derive(Default)]
+struct Sub {
+    key: u64,
+    live: bool,
+    q: VecDeque<Queued>,
+}
 
 /// A group's wait queue (see the module doc).
+///
+/// The connections' FIFOs live in a slab (`subs`) and the rotation holds
+/// slab indices, so serving a request takes no hash lookup; a push looks
+/// its connection up once per run of requests from the same connection
+/// (a read delivers them together). Payload buffers are recycled
+/// ([`WaitQueue::recycle`]): under overload every request passes through
+/// here, and a malloc and free each cost more than the copy.
 #[derive(Default)]
 pub(crate) struct WaitQueue {
-    by_conn: ByConn,
-    /// Connections with queued requests, in service order; each once.
-    order: VecDeque<u64>,
+    index: Index,
+    subs: Vec<Sub>,
+    /// Indices of `subs` not in use.
+    free: Vec<u32>,
+    /// Connections with queued requests (slab indices), in service order;
+    /// each once.
+    order: VecDeque<u32>,
+    /// The last connection pushed to: (key, slab index), valid while that
+    /// sub is live with that key.
+    last: Option<(u64, u32)>,
     len: usize,
     /// No queued request was enqueued before this (a lower bound: the
     /// next expiry scan is due at `oldest_ns + queue_timeout`).
     oldest_ns: u64,
-    /// Emptied per-connection queues, kept to spare allocations.
-    spare: Vec<VecDeque<Queued>>,
+    /// Recycled payload buffers (see `POOL_MAX`).
+    pool: Vec<Vec<u8>>,
     /// Benchmark baseline (`HALFSYNC_TUNING=fifo_queue`): one queue for
     /// all connections, plain arrival order.
     pub(crate) fifo: bool,
@@ -78,19 +109,93 @@ impl WaitQueue {
         };
     }
 
+    /// The live sub of key `k`, if any.
+    fn find(&mut self, k: u64) -> Option<u32> {
+        if let Some((lk, li)) = self.last
+            && lk == k
+            && self
+                .subs
+                .get(li as usize)
+                .is_some_and(|s| s.live && s.key == k)
+        {
+            return Some(li);
+        }
+        let i = *self.index.get(&k)?;
+        self.last = Some((k, i));
+        Some(i)
+    }
+
+    /// A new, empty, live sub for key `k` (not yet in the rotation).
+    fn open(&mut self, k: u64) -> u32 {
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.subs.push(Sub::default());
+                (self.subs.len() - 1) as u32
+            }
+        };
+        let sub = &mut self.subs[i as usize];
+        sub.key = k;
+        sub.live = true;
+        self.index.insert(k, i);
+        self.last = Some((k, i));
+        i
+    }
+
+    /// Takes sub `i` out of use (it is empty, or its requests are dropped);
+    /// the caller removes it from the rotation.
+    fn retire(&mut self, i: u32) {
+        let Some(sub) = self.subs.get_mut(i as usize) else {
+            return;
+        };
+        if !sub.live {
+            return;
+        }
+        sub.live = false;
+        sub.q.clear();
+        if sub.q.capacity() > SUB_KEEP_CAPACITY {
+            sub.q = VecDeque::new();
+        }
+        self.index.remove(&sub.key);
+        self.free.push(i);
+    }
+
+    /// Queues a copy of a new request behind its connection's others, in a
+    /// recycled buffer when one is free.
+    pub(crate) fn push_copy(&mut self, req: ReqMeta, payload: &[u8]) {
+        let mut buf = match self.pool.pop() {
+            Some(b) if payload.len() <= b.capacity() => b,
+            Some(b) => {
+                self.pool.push(b);
+                Vec::with_capacity(payload.len())
+            }
+            None => Vec::with_capacity(payload.len()),
+        };
+        buf.extend_from_slice(payload);
+        self.push_back(Queued { req, payload: buf });
+    }
+
+    /// Takes back a payload buffer of a request that has left the queue.
+    pub(crate) fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.pool.len() < POOL_MAX && buf.capacity() <= POOL_MAX_CAPACITY {
+            buf.clear();
+            self.pool.push(buf);
+        }
+    }
+
     /// Queues a new request behind its connection's others.
     pub(crate) fn push_back(&mut self, q: Queued) {
         self.note_time(q.req.enqueued_ns);
         let k = self.key(q.req.tag);
-        let spare = &mut self.spare;
-        let order = &mut self.order;
-        self.by_conn
-            .entry(k)
-            .or_insert_with(|| {
-                order.push_back(k);
-                spare.pop().unwrap_or_default()
-            })
-            .push_back(q);
+        let i = match self.find(k) {
+            Some(i) => i,
+            None => {
+                let i = self.open(k);
+                self.order.push_back(i);
+                i
+            }
+        };
+        self.subs[i as usize].q.push_back(q);
         self.len += 1;
     }
 
@@ -100,21 +205,20 @@ impl WaitQueue {
     pub(crate) fn push_front(&mut self, q: Queued) {
         self.note_time(q.req.enqueued_ns);
         let k = self.key(q.req.tag);
-        match self.by_conn.get_mut(&k) {
-            Some(sub) => {
-                sub.push_front(q);
-                if self.order.front() != Some(&k)
-                    && let Some(pos) = self.order.iter().position(|&o| o == k)
+        match self.find(k) {
+            Some(i) => {
+                self.subs[i as usize].q.push_front(q);
+                if self.order.front() != Some(&i)
+                    && let Some(pos) = self.order.iter().position(|&o| o == i)
                 {
                     self.order.remove(pos);
-                    self.order.push_front(k);
+                    self.order.push_front(i);
                 }
             }
             None => {
-                let mut sub = self.spare.pop().unwrap_or_default();
-                sub.push_front(q);
-                self.by_conn.insert(k, sub);
-                self.order.push_front(k);
+                let i = self.open(k);
+                self.subs[i as usize].q.push_front(q);
+                self.order.push_front(i);
             }
         }
         self.len += 1;
@@ -122,20 +226,20 @@ impl WaitQueue {
 
     /// The request that would be served next.
     pub(crate) fn front(&self) -> Option<&Queued> {
-        let k = self.order.front()?;
-        self.by_conn.get(k)?.front()
+        let &i = self.order.front()?;
+        self.subs.get(i as usize)?.q.front()
     }
 
     /// Takes the request served next; its connection goes to the back of
     /// the rotation if it has more.
     pub(crate) fn pop_front(&mut self) -> Option<Queued> {
-        let k = self.order.pop_front()?;
-        let sub = self.by_conn.get_mut(&k)?;
-        let q = sub.pop_front();
-        if sub.is_empty() {
-            self.retire(k);
+        let i = self.order.pop_front()?;
+        let sub = self.subs.get_mut(i as usize)?;
+        let q = sub.q.pop_front();
+        if sub.q.is_empty() {
+            self.retire(i);
         } else {
-            self.order.push_back(k);
+            self.order.push_back(i);
         }
         if q.is_some() {
             self.len -= 1;
@@ -147,38 +251,31 @@ impl WaitQueue {
     /// returns how many.
     pub(crate) fn drop_conn(&mut self, tag: Tag) -> usize {
         if self.fifo {
-            let Some(sub) = self.by_conn.get_mut(&0) else {
+            let Some(i) = self.find(0) else {
                 return 0;
             };
-            let before = sub.len();
-            sub.retain(|q| q.req.tag != tag);
-            let n = before - sub.len();
+            let sub = &mut self.subs[i as usize];
+            let before = sub.q.len();
+            sub.q.retain(|q| q.req.tag != tag);
+            let n = before - sub.q.len();
+            let empty = sub.q.is_empty();
             self.len -= n;
-            if sub.is_empty() {
-                self.retire(0);
+            if empty {
+                self.retire(i);
                 self.order.clear();
             }
             return n;
         }
-        let Some(sub) = self.by_conn.get(&tag.0) else {
+        let Some(i) = self.find(tag.0) else {
             return 0;
         };
-        let n = sub.len();
+        let n = self.subs[i as usize].q.len();
         self.len -= n;
-        self.retire(tag.0);
-        if let Some(pos) = self.order.iter().position(|&o| o == tag.0) {
+        self.retire(i);
+        if let Some(pos) = self.order.iter().position(|&o| o == i) {
             self.order.remove(pos);
         }
         n
-    }
-
-    fn retire(&mut self, k: u64) {
-        if let Some(mut sub) = self.by_conn.remove(&k) {
-            sub.clear();
-            if self.spare.len() < 64 && sub.capacity() <= 64 {
-                self.spare.push(sub);
-            }
-        }
     }
 
     /// Takes every request enqueued at or before `deadline_ns` (they
@@ -189,34 +286,35 @@ impl WaitQueue {
             return out;
         }
         let mut oldest = u64::MAX;
-        for sub in self.by_conn.values_mut() {
+        let mut emptied = Vec::new();
+        for (i, sub) in self.subs.iter_mut().enumerate() {
+            if !sub.live {
+                continue;
+            }
             // Within a connection requests were queued in time order
             // (requeued ones, put in front, are older still).
             while sub
+                .q
                 .front()
                 .is_some_and(|q| q.req.enqueued_ns <= deadline_ns)
             {
-                if let Some(q) = sub.pop_front() {
+                if let Some(q) = sub.q.pop_front() {
                     out.push(q);
                 }
             }
-            if let Some(q) = sub.front() {
-                oldest = oldest.min(q.req.enqueued_ns);
+            match sub.q.front() {
+                Some(q) => oldest = oldest.min(q.req.enqueued_ns),
+                None => emptied.push(i as u32),
             }
         }
         self.len -= out.len();
         self.oldest_ns = oldest;
-        let empty: Vec<u64> = self
-            .by_conn
-            .iter()
-            .filter(|(_, s)| s.is_empty())
-            .map(|(&k, _)| k)
-            .collect();
-        if !empty.is_empty() {
-            for k in &empty {
-                self.retire(*k);
+        if !emptied.is_empty() {
+            for &i in &emptied {
+                self.retire(i);
             }
-            self.order.retain(|k| self.by_conn.contains_key(k));
+            let subs = &self.subs;
+            self.order.retain(|&i| subs[i as usize].live);
         }
         out
     }
@@ -224,12 +322,12 @@ impl WaitQueue {
     /// Empties the queue.
     pub(crate) fn take_all(&mut self) -> Vec<Queued> {
         let mut out = Vec::with_capacity(self.len);
-        for k in std::mem::take(&mut self.order) {
-            if let Some(sub) = self.by_conn.remove(&k) {
-                out.extend(sub);
+        for i in std::mem::take(&mut self.order) {
+            if let Some(sub) = self.subs.get_mut(i as usize) {
+                out.extend(sub.q.drain(..));
             }
+            self.retire(i);
         }
-        self.by_conn.clear();
         self.len = 0;
         out
     }
@@ -238,7 +336,6 @@ impl WaitQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slots::ReqMeta;
 
     fn q(conn: u64, id: u64, t: u64) -> Queued {
         Queued {
@@ -356,5 +453,59 @@ mod tests {
         assert!(w.is_empty());
         w.push_back(q(5, 50, 1));
         assert_eq!(drain(&mut w), vec![(5, 50)]);
+    }
+
+    #[test]
+    fn a_connection_gone_and_back_gets_its_own_fifo_again() {
+        let mut w = WaitQueue::default();
+        w.push_back(q(1, 10, 0));
+        w.push_back(q(2, 20, 0));
+        // Both FIFOs empty and are retired; their places are reused.
+        assert_eq!(drain(&mut w).len(), 2);
+        w.push_back(q(3, 30, 1));
+        w.push_back(q(1, 11, 1));
+        w.push_back(q(3, 31, 1));
+        w.push_back(q(1, 12, 1));
+        assert_eq!(drain(&mut w), vec![(3, 30), (1, 11), (3, 31), (1, 12)]);
+        // A dropped connection's place is reused by the next one, and a
+        // push for the dropped one does not land in it.
+        w.push_back(q(4, 40, 2));
+        w.push_back(q(5, 50, 2));
+        assert_eq!(w.drop_conn(Tag(4)), 1);
+        w.push_back(q(6, 60, 2));
+        w.push_back(q(4, 41, 2));
+        assert_eq!(drain(&mut w), vec![(5, 50), (6, 60), (4, 41)]);
+        assert!(
+            w.subs.len() <= 3,
+            "{} places for at most 3 connections",
+            w.subs.len()
+        );
+    }
+
+    #[test]
+    fn recycled_buffers_carry_only_their_new_payload() {
+        let mut w = WaitQueue::default();
+        let req = q(1, 0, 0).req;
+        w.push_copy(req, b"a longer first payload");
+        let first = w.pop_front().unwrap();
+        assert_eq!(first.payload, b"a longer first payload");
+        let ptr = first.payload.as_ptr();
+        w.recycle(first.payload);
+        w.push_copy(req, b"short");
+        let again = w.pop_front().unwrap();
+        assert_eq!(again.payload, b"short");
+        assert_eq!(again.payload.as_ptr(), ptr, "the buffer was not reused");
+        w.recycle(again.payload);
+        // Too small a pooled buffer is kept for later, not grown.
+        let big = vec![7u8; 100];
+        w.push_copy(req, &big);
+        assert_eq!(w.pop_front().unwrap().payload, big);
+        assert_eq!(w.pool.len(), 1);
+        // Big buffers are not kept, and the pool is bounded.
+        w.recycle(Vec::with_capacity(POOL_MAX_CAPACITY + 1));
+        for _ in 0..POOL_MAX + 10 {
+            w.recycle(Vec::with_capacity(16));
+        }
+        assert_eq!(w.pool.len(), POOL_MAX);
     }
 }

@@ -786,6 +786,7 @@ impl Proxy {
                     self.groups[g].queue.push_front(q);
                     break;
                 }
+                self.groups[g].queue.recycle(q.payload);
             }
             self.stats.queued(g, self.groups[g].queue.len());
         }
