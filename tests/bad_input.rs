@@ -149,6 +149,81 @@ fn a_flooding_client_does_not_starve_a_light_one() {
     drop(flood);
 }
 
+/// What the wait queue cannot reorder is a worker's ring: requests already
+/// handed to a worker run in order. `max_inflight_time` keeps what a
+/// worker holds to about that much work by the plugin's sampled run time,
+/// so with the defaults (`max_inflight` 1024, `max_inflight_time` 1 ms) a
+/// light client waits behind one or two of a flooder's 20 ms requests, not
+/// behind the up to 1,024 in the worker's ring when the cap is off. (The
+/// count of the flooder's replies is read after the light client's reply,
+/// by a `halfsync status` process, so a few more may have finished.)
+#[test]
+fn slow_requests_go_to_a_worker_one_at_a_time() {
+    use halfsync_testkit::fault::{ECHO, SLOW};
+    for time_cap in [true, false] {
+        let port = free_port();
+        let extra = if time_cap {
+            ""
+        } else {
+            "max_inflight_time = \"0s\"\n"
+        };
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nshutdown_grace = \"2s\"\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\nworkers = 1\n{extra}",
+            halfsync_testkit::fault_plugin().display()
+        );
+        let s = Server::start(&text, port);
+        // Warm-up: the workers sample every 16th request's run time.
+        let mut flood = s.client();
+        flood
+            .stream()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        for id in 0..40 {
+            flood.send(id, SLOW, &1u32.to_be_bytes()).unwrap();
+        }
+        for _ in 0..40 {
+            assert_eq!(flood.recv().unwrap().code, status::OK);
+        }
+        let status = s.status();
+        let g = &status["groups"][0];
+        let ok = |g: &serde_json::Value| g["workers"][0]["replies"]["OK"].as_u64().unwrap();
+        let before = ok(g);
+        let cap = g["inflight_cap"].as_u64().unwrap();
+        if time_cap {
+            assert_eq!(cap, 1, "1 ms requests against a 1 ms budget: {g}");
+            assert!(g["mean_run_us"].as_f64().unwrap() >= 900.0, "{g}");
+        } else {
+            assert_eq!(cap, 1024, "{g}");
+        }
+        for id in 100..200 {
+            flood.send(id, SLOW, &20u32.to_be_bytes()).unwrap();
+        }
+        let taken = wait_for(Duration::from_secs(10), || {
+            (s.status()["proxy"]["inflight"].as_u64()? >= 95).then_some(())
+        });
+        assert!(taken.is_some(), "{}", s.status());
+        let mut light = s.client();
+        light
+            .stream()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(light.call(7, ECHO, b"me too").unwrap().code, status::OK);
+        // Less the light client's own.
+        let done = ok(&s.status()["groups"][0]) - before - 1;
+        if time_cap {
+            assert!(
+                done <= 6,
+                "{done} of the flooder's replies before the light client's"
+            );
+        } else {
+            assert!(
+                done >= 90,
+                "only {done} of the flooder's replies before the light client's: the test no longer shows what the cap is for"
+            );
+        }
+    }
+}
+
 #[test]
 fn idle_connections_are_closed_busy_ones_are_not() {
     let port = free_port();

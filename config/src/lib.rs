@@ -312,9 +312,20 @@ pub struct Group {
     #[serde(default = "default_workers", deserialize_with = "de_workers")]
     pub workers: u32,
     /// `max_inflight`: per worker, requests handed to its ring and not yet
-    /// answered, `1..=65536`. Default `64`.
+    /// answered, `1..=65536`. Default `1024`; `max_inflight_time` usually
+    /// binds first.
     #[serde(default = "default_max_inflight", deserialize_with = "de_max_inflight")]
     pub max_inflight: u32,
+    /// `max_inflight_time`: per worker, the requests in its ring are also
+    /// held to about this much work: `max(1, max_inflight_time / the
+    /// group's mean run time)` of them (the run time is sampled by the
+    /// workers; 16 until the first samples). A request already in a
+    /// worker's ring waits for the ones ahead of it, which the wait queue's
+    /// turn-taking cannot reorder: this bounds that wait in time, whatever
+    /// the plugin costs, while cheap requests still go in large batches.
+    /// `"0s"` turns it off (`max_inflight` alone). Default `"1ms"`.
+    #[serde(default = "default_max_inflight_time", with = "units::duration")]
+    pub max_inflight_time: Duration,
     /// `max_queue`: requests waiting in the proxy for a free worker of this
     /// group, `0..=1000000` (0: reply BUSY at once when all are saturated).
     /// Default `1024`.
@@ -422,7 +433,10 @@ fn default_workers() -> u32 {
     2
 }
 fn default_max_inflight() -> u32 {
-    64
+    1024
+}
+fn default_max_inflight_time() -> Duration {
+    Duration::from_millis(1)
 }
 fn default_max_queue() -> u32 {
     1024
@@ -463,7 +477,7 @@ impl Group {
     }
 
     /// A group with the given name and plugin and every other key at its
-    /// default (2 workers, `max_inflight` 64, `max_queue` 1024, default
+    /// default (2 workers, `max_inflight` 1024, `max_queue` 1024, default
     /// route, empty plugin config). Not validated.
     pub fn new(name: impl Into<String>, plugin: impl Into<String>) -> Group {
         Group {
@@ -471,6 +485,7 @@ impl Group {
             plugin: plugin.into(),
             workers: default_workers(),
             max_inflight: default_max_inflight(),
+            max_inflight_time: default_max_inflight_time(),
             max_queue: default_max_queue(),
             commands: Vec::new(),
             request_timeout: default_request_timeout(),

@@ -74,7 +74,8 @@ fn default_config_has_the_stated_values() {
     assert_eq!(g.name, "echo");
     assert_eq!(g.plugin, "echo");
     assert_eq!(g.workers, 2);
-    assert_eq!(g.max_inflight, 64);
+    assert_eq!(g.max_inflight, 1024);
+    assert_eq!(g.max_inflight_time, Duration::from_millis(1));
     assert_eq!(g.max_queue, 1024);
     assert!(g.commands.is_empty());
     assert!(g.is_default_route());

@@ -215,7 +215,7 @@ impl Proxy {
             for i in 0..self.events.len() {
                 // A long turn with requests waiting in a queue: hand the
                 // workers more mid-turn, instead of leaving them idle until
-                // the turn ends once their `max_inflight` are done.
+                // the turn ends once their `inflight_cap` are done.
                 if i > 0
                     && i % MIDTURN_DISPATCH_EVERY == 0
                     && !self.tuning.no_midturn_dispatch
@@ -427,6 +427,8 @@ impl Proxy {
             keep[id] = true;
             self.groups[id].update(g);
             self.groups[id].queue.fifo = self.tuning.fifo_queue;
+            let g = &self.groups[id];
+            self.stats.inflight(id, g.inflight_cap, g.run_ns());
         }
         for (id, g) in self.groups.iter_mut().enumerate() {
             if !keep[id] && !g.retired {

@@ -34,6 +34,21 @@ const BATCH_AFFINITY: usize = 16;
 /// nothing. Slower requests gain more from running in parallel.
 const AFFINITY_MAX_RUN_NS: u64 = 5_000;
 
+/// Requests per worker before the group has a run-time estimate (see
+/// `Group::inflight_cap`).
+const START_INFLIGHT: usize = 16;
+
+/// The run-time estimate never goes below this: samples have microsecond
+/// resolution, and one of 0 means under half a microsecond.
+const MIN_RUN_NS: u64 = 500;
+
+/// A sample counts for at most this many times the estimate, plus
+/// [`OUTLIER_SLACK_NS`]: a request preempted mid-run (or a page fault
+/// storm) moves the estimate a little, while a plugin that really got
+/// slower raises it by about a third per sample.
+const OUTLIER_FACTOR: u64 = 4;
+const OUTLIER_SLACK_NS: u64 = 20_000;
+
 /// After a replacement worker failed to start, wait this long before asking
 /// the master for another one.
 const RECYCLE_RETRY_NS: u64 = 1000 * NS_PER_MS;
@@ -214,6 +229,11 @@ pub(crate) struct Group {
     /// connection in turn.
     pub(crate) queue: WaitQueue,
     pub(crate) max_inflight: usize,
+    /// `max_inflight_time` in ns (0: off).
+    pub(crate) max_inflight_time_ns: u64,
+    /// Requests a worker of this group may hold now: `max_inflight`, or
+    /// fewer by `max_inflight_time` (see `update_cap`).
+    pub(crate) inflight_cap: usize,
     pub(crate) max_queue: usize,
     pub(crate) request_timeout_ns: u64,
     pub(crate) slow_request_ns: u64,
@@ -222,7 +242,8 @@ pub(crate) struct Group {
     pub(crate) drain_timeout_ns: u64,
     pub(crate) requeue_after_ns: u64,
     /// Moving average of the plugin's run time, from the replies workers
-    /// sample; `None` until the first sample.
+    /// sample (outliers clipped, see `OUTLIER_FACTOR`); `None` until the
+    /// first sample.
     run_ns: Option<u64>,
 }
 
@@ -235,6 +256,8 @@ impl Group {
             slots: Vec::new(),
             queue: WaitQueue::default(),
             max_inflight: 1,
+            max_inflight_time_ns: 0,
+            inflight_cap: 1,
             max_queue: 0,
             request_timeout_ns: 0,
             slow_request_ns: 0,
@@ -247,18 +270,38 @@ impl Group {
     }
 
     /// Takes a sampled run time (a reply's `flags`, see `Meta::flags`).
-    fn note_run_time(&mut self, flags: u16) {
+    pub(crate) fn note_run_time(&mut self, flags: u16) {
         if flags == 0 {
             return;
         }
-        // Only which side of AFFINITY_MAX_RUN_NS the average is on matters:
-        // clamping keeps one request that was preempted mid-run from
-        // swinging it.
-        let sample = (u64::from(flags - 1) * 1000).min(4 * AFFINITY_MAX_RUN_NS);
+        let sample = u64::from(flags - 1) * 1000;
         self.run_ns = Some(match self.run_ns {
-            None => sample,
-            Some(avg) => avg - avg / 8 + sample / 8,
+            None => sample.max(MIN_RUN_NS),
+            Some(avg) => {
+                let sample = sample.min(avg * OUTLIER_FACTOR + OUTLIER_SLACK_NS);
+                (avg - avg / 8 + sample / 8).max(MIN_RUN_NS)
+            }
         });
+        self.update_cap();
+    }
+
+    /// Recomputes `inflight_cap`: `max_inflight`, held to about
+    /// `max_inflight_time` of work at the current run-time estimate, and
+    /// to `START_INFLIGHT` before there is one.
+    fn update_cap(&mut self) {
+        self.inflight_cap = match (self.max_inflight_time_ns, self.run_ns) {
+            (0, _) => self.max_inflight,
+            (_, None) => self.max_inflight.min(START_INFLIGHT),
+            (t, Some(run)) => {
+                let n = usize::try_from(t / run.max(MIN_RUN_NS)).unwrap_or(usize::MAX);
+                n.clamp(1, self.max_inflight.max(1))
+            }
+        };
+    }
+
+    /// The run-time estimate, in ns (for the stats page).
+    pub(crate) fn run_ns(&self) -> Option<u64> {
+        self.run_ns
     }
 
     /// Whether a connection's batch should stay on one worker.
@@ -273,6 +316,7 @@ impl Group {
         self.name = g.name.clone();
         self.retired = false;
         self.max_inflight = g.max_inflight as usize;
+        self.max_inflight_time_ns = ns(g.max_inflight_time);
         self.max_queue = g.max_queue as usize;
         self.request_timeout_ns = ns(g.request_timeout);
         self.slow_request_ns = ns(g.slow_request);
@@ -280,6 +324,7 @@ impl Group {
         self.init_timeout_ns = ns(g.init_timeout);
         self.drain_timeout_ns = ns(g.drain_timeout);
         self.requeue_after_ns = ns(g.requeue_after);
+        self.update_cap();
     }
 }
 
@@ -588,8 +633,11 @@ impl Proxy {
                 ));
             }
             self.stats.reply(Scope::Slot(si, s.group), rec.meta.code);
-            if let Some(g) = self.groups.get_mut(s.group) {
+            if rec.meta.flags != 0
+                && let Some(g) = self.groups.get_mut(s.group)
+            {
                 g.note_run_time(rec.meta.flags);
+                self.stats.inflight(s.group, g.inflight_cap, g.run_ns());
             }
             // The worker puts the time it started the request in the reply.
             let now = if self.tuning.clock_per_event {
@@ -640,7 +688,7 @@ impl Proxy {
     /// groups whose requests are cheap ([`AFFINITY_MAX_RUN_NS`]); slow
     /// ones are spread, to run in parallel.
     pub(crate) fn pick_slot(&mut self, g: usize, len: usize) -> Option<usize> {
-        let max = self.groups[g].max_inflight;
+        let max = self.groups[g].inflight_cap;
         let affinity = !self.tuning.no_batch_affinity && self.groups[g].batch_affinity();
         // The rest of a batch: the other workers' loads have not changed
         // since its first request was placed (no replies are collected
@@ -1201,5 +1249,35 @@ mod tests {
             g.note_run_time(u16::MAX); // 65 ms and more: no overflow
         }
         assert!(!g.batch_affinity());
+    }
+
+    #[test]
+    fn inflight_cap_follows_max_inflight_time() {
+        let mut cfg = halfsync_config::Group::new("g", "echo");
+        let mut g = Group::absent();
+        g.update(&cfg);
+        assert_eq!(g.inflight_cap, START_INFLIGHT, "no estimate yet");
+        g.note_run_time(1); // under 1 µs: 1 ms / 0.5 µs, capped
+        assert_eq!(g.inflight_cap, 1024);
+        g.note_run_time(1 + 65_000); // one preempted sample
+        assert!(g.inflight_cap >= 200, "one outlier: {}", g.inflight_cap);
+        for _ in 0..200 {
+            g.note_run_time(1 + 100); // 100 µs
+        }
+        assert_eq!(g.inflight_cap, 10);
+        for _ in 0..200 {
+            g.note_run_time(1 + 5_000); // 5 ms: one at a time
+        }
+        assert_eq!(g.inflight_cap, 1);
+        cfg.max_inflight_time = std::time::Duration::ZERO;
+        g.update(&cfg);
+        assert_eq!(g.inflight_cap, 1024, "off: max_inflight alone");
+        cfg.max_inflight_time = std::time::Duration::from_millis(1);
+        cfg.max_inflight = 8;
+        g.update(&cfg);
+        for _ in 0..200 {
+            g.note_run_time(2);
+        }
+        assert_eq!(g.inflight_cap, 8, "max_inflight still bounds it");
     }
 }

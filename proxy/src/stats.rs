@@ -31,7 +31,7 @@ pub const BUCKETS_US: [u64; 16] = [
     1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 const HIST: usize = BUCKETS_US.len() + 1;
-const MAGIC: u64 = 0x6873_7374_6174_0001;
+const MAGIC: u64 = 0x6873_7374_6174_0002;
 
 /// Adds to a counter this process alone writes: a plain load and store,
 /// not a locked read-modify-write (readers still see whole values).
@@ -75,6 +75,8 @@ struct GlobalStats {
 #[repr(C)]
 struct GroupStats {
     queued: AtomicU64,
+    inflight_cap: AtomicU64,
+    run_ns: AtomicU64,
     replies: [AtomicU64; STATUSES],
     latency: Histogram,
     queue_wait: Histogram,
@@ -153,6 +155,9 @@ impl GroupSnapshot {
     /// Adds another proxy process's counters for the same group.
     pub fn add(&mut self, o: &GroupSnapshot) {
         self.queued += o.queued;
+        // Gauges of one group's settings: several proxies agree closely.
+        self.inflight_cap = self.inflight_cap.max(o.inflight_cap);
+        self.run_ns = self.run_ns.max(o.run_ns);
         self.replies
             .iter_mut()
             .zip(&o.replies)
@@ -180,6 +185,11 @@ pub struct GlobalSnapshot {
 pub struct GroupSnapshot {
     /// Requests waiting in the proxy for a worker.
     pub queued: u64,
+    /// Requests a worker may hold now (`max_inflight`, or fewer by
+    /// `max_inflight_time`).
+    pub inflight_cap: u64,
+    /// The plugin's mean run time as sampled, ns (0: no sample yet).
+    pub run_ns: u64,
     /// Replies tied to the group but to no worker, by [`status_index`].
     pub replies: [u64; STATUSES],
     /// Time from a request's arrival to its reply.
@@ -248,6 +258,8 @@ impl Stats {
         p.global.replies.iter().for_each(zero);
         for g in &p.groups {
             zero(&g.queued);
+            zero(&g.inflight_cap);
+            zero(&g.run_ns);
             g.replies.iter().for_each(zero);
             for h in [&g.latency, &g.queue_wait] {
                 h.buckets.iter().for_each(zero);
@@ -314,6 +326,14 @@ impl Stats {
         }
     }
 
+    /// A group's in-flight cap or run-time estimate changed.
+    pub fn inflight(&self, group: usize, cap: usize, run_ns: Option<u64>) {
+        if let Some(g) = self.page().groups.get(group) {
+            g.inflight_cap.store(cap as u64, Ordering::Relaxed);
+            g.run_ns.store(run_ns.unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
     /// The number of open connections changed.
     pub fn connections(&self, open: usize) {
         self.page()
@@ -352,6 +372,8 @@ impl Stats {
         };
         GroupSnapshot {
             queued: g.queued.load(Ordering::Relaxed),
+            inflight_cap: g.inflight_cap.load(Ordering::Relaxed),
+            run_ns: g.run_ns.load(Ordering::Relaxed),
             replies: std::array::from_fn(|i| g.replies[i].load(Ordering::Relaxed)),
             latency: g.latency.read(),
             queue_wait: g.queue_wait.read(),

@@ -116,6 +116,8 @@ pub(crate) fn status(m: &Master) -> String {
             "workers_target": g.config.workers,
             "workers_running": m.slots.iter().filter(|s| s.group == id && s.pid().is_some()).count(),
             "queued": gs.queued,
+            "inflight_cap": gs.inflight_cap,
+            "mean_run_us": (gs.run_ns as f64 / 1000.0),
             "replies": by_status(&replies),
             "workers_ended": ended,
             "latency_us": {"count": gs.latency.count(), "sum": gs.latency.sum_us},
@@ -271,6 +273,26 @@ pub(crate) fn metrics(m: &Master) -> String {
             o,
             "halfsync_queue_length{{group=\"{gname}\"}} {}",
             m.group_stats(*id).queued
+        );
+    }
+
+    o.push_str("# HELP halfsync_inflight_cap Requests a worker of the group may hold now (max_inflight, or fewer by max_inflight_time).\n");
+    o.push_str("# TYPE halfsync_inflight_cap gauge\n");
+    for (id, gname) in &groups {
+        let _ = writeln!(
+            o,
+            "halfsync_inflight_cap{{group=\"{gname}\"}} {}",
+            m.group_stats(*id).inflight_cap
+        );
+    }
+
+    o.push_str("# HELP halfsync_run_time_mean_seconds The plugin's mean run time, as sampled by the workers (0: no sample yet).\n");
+    o.push_str("# TYPE halfsync_run_time_mean_seconds gauge\n");
+    for (id, gname) in &groups {
+        let _ = writeln!(
+            o,
+            "halfsync_run_time_mean_seconds{{group=\"{gname}\"}} {}",
+            m.group_stats(*id).run_ns as f64 / 1e9
         );
     }
 
