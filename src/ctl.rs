@@ -132,7 +132,7 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             continue;
         }
         out!(
-            "group {} ({} pool, {} worker{}, {} wanted, generation {}{}): {} queued; up to {} in flight per worker (mean run {:.1} us); replies {}",
+            "group {} ({} pool, {} worker{}, {} wanted, generation {}{}): {} queued; up to {} in flight per worker ({}); replies {}",
             g["name"].as_str().unwrap_or("?"),
             g["pool"].as_str().unwrap_or("?"),
             g["workers_running"],
@@ -146,7 +146,10 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             },
             g["queued"],
             g["inflight_cap"],
-            g["mean_run_us"].as_f64().unwrap_or(0.0),
+            match g["mean_run_us"].as_f64() {
+                Some(us) => format!("mean run {us:.1} us"),
+                None => "no run time sampled yet".to_owned(),
+            },
             replies(&g["replies"])
         );
         for w in g["workers"].as_array().into_iter().flatten() {

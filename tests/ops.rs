@@ -397,6 +397,21 @@ fn metrics_endpoint_counts_what_was_sent() {
     );
     let after = scrape(mport);
     let delta = |k: &str| metric(&after, k) - metric(&before, k);
+    // The in-flight cap: 16 per worker until the workers have sampled a run
+    // time (every 16th request), then by max_inflight_time (1 ms).
+    assert_eq!(metric(&before, "halfsync_inflight_cap{group=\"game\"}"), 16);
+    assert!(
+        !before.contains("halfsync_run_time_mean_seconds{"),
+        "{before}"
+    );
+    assert!(
+        metric(&after, "halfsync_inflight_cap{group=\"game\"}") > 16,
+        "{after}"
+    );
+    assert!(
+        after.contains("halfsync_run_time_mean_seconds{group=\"game\"} "),
+        "{after}"
+    );
     assert_eq!(
         delta("halfsync_requests_total{group=\"game\",status=\"OK\"}"),
         250

@@ -9,8 +9,8 @@ server resumes it finds the whole backlog (rate x stall) at once. The
 inline loop has no queue of its own: the backlog waits in the sockets and
 is served in order. halfsync's proxy reads it all and queues it; what
 does not fit in the group's wait queue (`max_queue`, 100,000 in the
-benchmark config) is answered BUSY at once, by design (DESIGN.md section
-6: bounded queues, BUSY reply). So the expected BUSY count is about
+benchmark config) is answered BUSY at once, by design (README, Overload:
+bounded queues, then BUSY). So the expected BUSY count is about
 rate x stall - max_queue, and it should grow linearly with the stall,
 never run away (a queue that made the server slower would keep it
 overloaded after the backlog was gone).
@@ -53,11 +53,13 @@ def one(inline, rate, freeze_ms, pin, seconds):
             # Warm-up, then half the measured time.
             time.sleep(1 + seconds / 2)
             if freeze_ms > 0:
-                for p in pids:
-                    os.kill(p, signal.SIGSTOP)
-                time.sleep(freeze_ms / 1000)
-                for p in pids:
-                    os.kill(p, signal.SIGCONT)
+                try:
+                    for p in pids:
+                        os.kill(p, signal.SIGSTOP)
+                    time.sleep(freeze_ms / 1000)
+                finally:
+                    for p in pids:
+                        os.kill(p, signal.SIGCONT)
             out, err = gen.communicate(timeout=seconds + 120)
         finally:
             if gen.poll() is None:

@@ -120,8 +120,8 @@ def main():
     ap.add_argument("--depth", type=int, action="append", help="only these depths (default 1 and 16)")
     ap.add_argument("--keep", help="copy the callgrind output files under this directory")
     ap.add_argument("--max-inflight", type=int, default=1024,
-                    help="per worker (the benchmark config's 1024; the default config has 64, "
-                         "which sends most requests at depth 16 through the wait queue)")
+                    help="per worker (the benchmark config's 1024; 64 sends most requests at depth 16 "
+                         "through the wait queue)")
     a = ap.parse_args()
     if not shutil.which("valgrind"):
         sys.exit("needs valgrind: apt-get install valgrind")

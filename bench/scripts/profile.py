@@ -60,7 +60,7 @@ def main():
     ap.add_argument("--inline", action="store_true", help="profile the inline baseline")
     ap.add_argument("--pin", action="store_true", help="servers on CPU 0, load generator on CPU 1")
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--max-inflight", type=int, default=1024, help="per worker (the default config has 64)")
+    ap.add_argument("--max-inflight", type=int, default=1024, help="per worker (64 sends most requests at depth 16 through the wait queue)")
     ap.add_argument("--out", help="JSON file to write (default: bench/results/profile.json, with "
                                    "_inline and _pinned in the name for those runs)")
     a = ap.parse_args()

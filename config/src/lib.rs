@@ -312,8 +312,8 @@ pub struct Group {
     #[serde(default = "default_workers", deserialize_with = "de_workers")]
     pub workers: u32,
     /// `max_inflight`: per worker, requests handed to its ring and not yet
-    /// answered, `1..=65536`. Default `1024`; `max_inflight_time` usually
-    /// binds first.
+    /// answered, `1..=65536`. Default `1024`; for requests slower than
+    /// ~1 µs `max_inflight_time` binds first.
     #[serde(default = "default_max_inflight", deserialize_with = "de_max_inflight")]
     pub max_inflight: u32,
     /// `max_inflight_time`: per worker, the requests in its ring are also
@@ -323,7 +323,10 @@ pub struct Group {
     /// worker's ring waits for the ones ahead of it, which the wait queue's
     /// turn-taking cannot reorder: this bounds that wait in time, whatever
     /// the plugin costs, while cheap requests still go in large batches.
-    /// `"0s"` turns it off (`max_inflight` alone). Default `"1ms"`.
+    /// A budget of work, not a timeout. A worker found holding more than
+    /// 4× its cap + 16 (the plugin slowed down) has its unstarted requests
+    /// taken back into the wait queue. `"0s"` turns it off
+    /// (`max_inflight` alone). Default `"1ms"`.
     #[serde(default = "default_max_inflight_time", with = "units::duration")]
     pub max_inflight_time: Duration,
     /// `max_queue`: requests waiting in the proxy for a free worker of this

@@ -31,6 +31,11 @@ use crate::{ProxyError, ProxySpec, Reconfigure};
 /// after every this many events of a loop turn, not only at its end.
 const MIDTURN_DISPATCH_EVERY: usize = 4;
 
+/// How often the per-worker checks (deadlines, stalls, recycling) run while
+/// any worker holds requests, and while none does.
+pub(crate) const BUSY_CHECK_EVERY_NS: u64 = 10 * NS_PER_MS;
+const IDLE_CHECK_EVERY_NS: u64 = 1000 * NS_PER_MS;
+
 const KIND_SHIFT: u32 = 56;
 const TOKEN_LISTENER: u64 = 1 << KIND_SHIFT;
 const TOKEN_CONTROL: u64 = 2 << KIND_SHIFT;
@@ -264,9 +269,16 @@ impl Proxy {
             if self.check_due || self.next_check_ns.is_none_or(|t| self.now_ns >= t) {
                 self.check_due = false;
                 let next = self.check_slots();
-                // With requests in flight, look again within 10 ms.
+                // With requests in flight, look again within 10 ms
+                // (`push_to_slot` brings the next check forward when an idle
+                // worker gets a request).
                 let busy = self.slots.iter().flatten().any(|s| !s.pending.is_empty());
-                let cap = self.now_ns + if busy { 10 } else { 1000 } * NS_PER_MS;
+                let cap = self.now_ns
+                    + if busy {
+                        BUSY_CHECK_EVERY_NS
+                    } else {
+                        IDLE_CHECK_EVERY_NS
+                    };
                 self.next_check_ns = Some(next.map_or(cap, |n| n.min(cap)));
             }
             self.collect_replies();

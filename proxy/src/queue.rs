@@ -38,11 +38,16 @@ type Index = HashMap<u64, u32, BuildHasherDefault<TagHasher>>;
 
 /// Payload buffers kept for reuse: at most this many...
 const POOL_MAX: usize = 1024;
-/// ...of at most this capacity (so at most 2 MiB per group), which covers
-/// the small requests a queue holds thousands of.
+/// ...of at least this capacity (new ones are allocated at a power of two
+/// from here, so one fits the next payload of about the same size)...
+const POOL_MIN_CAPACITY: usize = 64;
+/// ...and at most this (so at most 2 MiB per group), which covers the
+/// small requests a queue holds thousands of.
 const POOL_MAX_CAPACITY: usize = 2048;
-/// An emptied FIFO keeps its allocation up to this many requests.
+/// An emptied FIFO keeps its allocation up to this many requests, while
+/// fewer than `FREE_KEEP` emptied ones keep theirs.
 const SUB_KEEP_CAPACITY: usize = 64;
+const FREE_KEEP: usize = 64;
 
 /// One connection's queued requests.
 #[derive(Default)]
@@ -153,7 +158,7 @@ impl WaitQueue {
         }
         sub.live = false;
         sub.q.clear();
-        if sub.q.capacity() > SUB_KEEP_CAPACITY {
+        if sub.q.capacity() > SUB_KEEP_CAPACITY || self.free.len() >= FREE_KEEP {
             sub.q = VecDeque::new();
         }
         self.index.remove(&sub.key);
@@ -163,13 +168,20 @@ impl WaitQueue {
     /// Queues a copy of a new request behind its connection's others, in a
     /// recycled buffer when one is free.
     pub(crate) fn push_copy(&mut self, req: ReqMeta, payload: &[u8]) {
+        let fresh = |n: usize| {
+            if n <= POOL_MAX_CAPACITY {
+                Vec::with_capacity(n.next_power_of_two().max(POOL_MIN_CAPACITY))
+            } else {
+                Vec::with_capacity(n)
+            }
+        };
         let mut buf = match self.pool.pop() {
             Some(b) if payload.len() <= b.capacity() => b,
             Some(b) => {
                 self.pool.push(b);
-                Vec::with_capacity(payload.len())
+                fresh(payload.len())
             }
-            None => Vec::with_capacity(payload.len()),
+            None => fresh(payload.len()),
         };
         buf.extend_from_slice(payload);
         self.push_back(Queued { req, payload: buf });
@@ -177,7 +189,9 @@ impl WaitQueue {
 
     /// Takes back a payload buffer of a request that has left the queue.
     pub(crate) fn recycle(&mut self, mut buf: Vec<u8>) {
-        if self.pool.len() < POOL_MAX && buf.capacity() <= POOL_MAX_CAPACITY {
+        if self.pool.len() < POOL_MAX
+            && (POOL_MIN_CAPACITY..=POOL_MAX_CAPACITY).contains(&buf.capacity())
+        {
             buf.clear();
             self.pool.push(buf);
         }
@@ -287,10 +301,11 @@ impl WaitQueue {
         }
         let mut oldest = u64::MAX;
         let mut emptied = Vec::new();
-        for (i, sub) in self.subs.iter_mut().enumerate() {
-            if !sub.live {
+        // The rotation holds exactly the live FIFOs.
+        for &i in &self.order {
+            let Some(sub) = self.subs.get_mut(i as usize) else {
                 continue;
-            }
+            };
             // Within a connection requests were queued in time order
             // (requeued ones, put in front, are older still).
             while sub
@@ -304,7 +319,7 @@ impl WaitQueue {
             }
             match sub.q.front() {
                 Some(q) => oldest = oldest.min(q.req.enqueued_ns),
-                None => emptied.push(i as u32),
+                None => emptied.push(i),
             }
         }
         self.len -= out.len();
@@ -499,12 +514,17 @@ mod tests {
         // Too small a pooled buffer is kept for later, not grown.
         let big = vec![7u8; 100];
         w.push_copy(req, &big);
-        assert_eq!(w.pop_front().unwrap().payload, big);
+        let got = w.pop_front().unwrap().payload;
+        assert_eq!(got, big);
+        assert_eq!(got.capacity(), 128, "a power of two, to fit the next one");
         assert_eq!(w.pool.len(), 1);
-        // Big buffers are not kept, and the pool is bounded.
+        // Big and tiny buffers (empty payloads) are not kept, and the pool
+        // is bounded.
         w.recycle(Vec::with_capacity(POOL_MAX_CAPACITY + 1));
+        w.recycle(Vec::new());
+        assert_eq!(w.pool.len(), 1);
         for _ in 0..POOL_MAX + 10 {
-            w.recycle(Vec::with_capacity(16));
+            w.recycle(Vec::with_capacity(POOL_MIN_CAPACITY));
         }
         assert_eq!(w.pool.len(), POOL_MAX);
     }

@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::conn::Tag;
 use crate::control::{KillReason, Restart, ToMaster, describe_exit};
-use crate::event_loop::{NS_PER_MS, Proxy, TOKEN_SLOT};
+use crate::event_loop::{BUSY_CHECK_EVERY_NS, NS_PER_MS, Proxy, TOKEN_SLOT};
 use crate::queue::WaitQueue;
 use crate::stats::Scope;
 use crate::sys::READ;
@@ -43,11 +43,21 @@ const START_INFLIGHT: usize = 16;
 const MIN_RUN_NS: u64 = 500;
 
 /// A sample counts for at most this many times the estimate, plus
-/// [`OUTLIER_SLACK_NS`]: a request preempted mid-run (or a page fault
-/// storm) moves the estimate a little, while a plugin that really got
-/// slower raises it by about a third per sample.
+/// [`OUTLIER_SLACK_NS`], unless the sample before it was as high: one
+/// request preempted mid-run (or a page fault storm) moves the estimate a
+/// little, two slow ones in a row are a slowdown and count in full. So the
+/// estimate follows what most requests cost, and under-counts a rare slow
+/// kind mixed among fast ones (5% at 20 ms among 50 µs ones: cap 16, where
+/// 1 would keep to the budget).
 const OUTLIER_FACTOR: u64 = 4;
 const OUTLIER_SLACK_NS: u64 = 20_000;
+
+/// A worker holding more than this many times its group's in-flight cap
+/// (plus `REBALANCE_SLACK`) has its unstarted requests taken back into the
+/// wait queue: the plugin got slower since they were handed out, and they
+/// would wait for each other (see `Group::update_cap`).
+const REBALANCE_FACTOR: usize = 4;
+const REBALANCE_SLACK: usize = 16;
 
 /// After a replacement worker failed to start, wait this long before asking
 /// the master for another one.
@@ -245,6 +255,8 @@ pub(crate) struct Group {
     /// sample (outliers clipped, see `OUTLIER_FACTOR`); `None` until the
     /// first sample.
     run_ns: Option<u64>,
+    /// The last sample as it came (see `OUTLIER_FACTOR`).
+    prev_sample_ns: u64,
 }
 
 impl Group {
@@ -266,6 +278,7 @@ impl Group {
             drain_timeout_ns: 0,
             requeue_after_ns: 0,
             run_ns: None,
+            prev_sample_ns: 0,
         }
     }
 
@@ -278,10 +291,11 @@ impl Group {
         self.run_ns = Some(match self.run_ns {
             None => sample.max(MIN_RUN_NS),
             Some(avg) => {
-                let sample = sample.min(avg * OUTLIER_FACTOR + OUTLIER_SLACK_NS);
-                (avg - avg / 8 + sample / 8).max(MIN_RUN_NS)
+                let limit = (avg * OUTLIER_FACTOR + OUTLIER_SLACK_NS).max(self.prev_sample_ns);
+                (avg - avg / 8 + sample.min(limit) / 8).max(MIN_RUN_NS)
             }
         });
+        self.prev_sample_ns = sample;
         self.update_cap();
     }
 
@@ -324,6 +338,10 @@ impl Group {
         self.init_timeout_ns = ns(g.init_timeout);
         self.drain_timeout_ns = ns(g.drain_timeout);
         self.requeue_after_ns = ns(g.requeue_after);
+        // A reload may bring another plugin or plugin config: start the
+        // estimate afresh (16 requests per worker until the first sample).
+        self.run_ns = None;
+        self.prev_sample_ns = 0;
         self.update_cap();
     }
 }
@@ -339,6 +357,9 @@ enum Action {
     Recycle(i32),
     /// Stuck on the request at this position: move the queue behind it.
     Requeue(u64, u64, u16, u64),
+    /// Holds far more than its group's in-flight cap now allows: take the
+    /// unstarted requests back (`REBALANCE_FACTOR`).
+    Rebalance,
     /// The request it was stuck on is over.
     Unstall,
 }
@@ -763,6 +784,16 @@ impl Proxy {
         match s.tx.push(&meta, payload) {
             Ok(Some(pos)) => {
                 s.pending.push_back(Pending { pos, req });
+                if s.pending.len() == 1 {
+                    // An idle worker's first request: its deadlines
+                    // (requeue_after, slow_request, request_timeout) are
+                    // looked at from now on at the busy rate, not at the
+                    // next idle-rate check up to a second away.
+                    let soon = self.now_ns + BUSY_CHECK_EVERY_NS;
+                    if self.next_check_ns.is_none_or(|t| t > soon) {
+                        self.next_check_ns = Some(soon);
+                    }
+                }
                 self.stats.dispatched(si, s.pending.len());
                 if self.tuning.publish_per_request {
                     s.tx.publish();
@@ -906,6 +937,12 @@ impl Proxy {
                 let busy = ctl.busy();
                 if s.stalled_on.is_some() && busy.map(|b| b.pos) != s.stalled_on {
                     return (Action::Unstall, Some(now));
+                }
+                if s.stalled_on.is_none()
+                    && matches!(s.phase, Phase::Ready { .. })
+                    && s.pending.len() > g.inflight_cap * REBALANCE_FACTOR + REBALANCE_SLACK
+                {
+                    return (Action::Rebalance, Some(now));
                 }
                 if let Some(b) = busy {
                     let ran = now.saturating_sub(b.since_ns);
@@ -1053,6 +1090,17 @@ impl Proxy {
                     let (name, label) = self.group_name(si);
                     info!(group = %name, worker = label, request_id = id, command = code, ms = ran / NS_PER_MS, moved,
                         "worker stuck on a request; requests queued behind it moved to other workers");
+                }
+            }
+            Action::Rebalance => {
+                let moved = self.revoke_unstarted(si);
+                if moved > 0 {
+                    let cap = (self.slots.get(si).and_then(Option::as_ref))
+                        .and_then(|s| self.groups.get(s.group))
+                        .map_or(0, |g| g.inflight_cap);
+                    let (name, label) = self.group_name(si);
+                    info!(group = %name, worker = label, moved, inflight_cap = cap,
+                        "plugin got slower; requests waiting in a worker's ring moved back to the queue");
                 }
             }
             Action::Unstall => {
@@ -1279,5 +1327,37 @@ mod tests {
             g.note_run_time(2);
         }
         assert_eq!(g.inflight_cap, 8, "max_inflight still bounds it");
+    }
+
+    #[test]
+    fn a_slowdown_counts_from_its_second_sample() {
+        let cfg = halfsync_config::Group::new("g", "echo");
+        let mut g = Group::absent();
+        g.update(&cfg);
+        for _ in 0..50 {
+            g.note_run_time(1);
+        }
+        assert_eq!(g.inflight_cap, 1024);
+        // Isolated outliers (one sample in 20) barely move it.
+        let mut lowest = usize::MAX;
+        for _ in 0..10 {
+            g.note_run_time(1 + 20_000);
+            lowest = lowest.min(g.inflight_cap);
+            for _ in 0..19 {
+                g.note_run_time(1);
+            }
+        }
+        assert!(lowest >= 200, "isolated outliers: down to {lowest}");
+        for _ in 0..50 {
+            g.note_run_time(1);
+        }
+        // Two 20 ms samples in a row: one at a time at once.
+        g.note_run_time(1 + 20_000);
+        g.note_run_time(1 + 20_000);
+        assert_eq!(g.inflight_cap, 1);
+        // A reload starts afresh.
+        g.update(&cfg);
+        assert_eq!(g.inflight_cap, START_INFLIGHT);
+        assert_eq!(g.run_ns(), None);
     }
 }

@@ -155,9 +155,13 @@ impl GroupSnapshot {
     /// Adds another proxy process's counters for the same group.
     pub fn add(&mut self, o: &GroupSnapshot) {
         self.queued += o.queued;
-        // Gauges of one group's settings: several proxies agree closely.
-        self.inflight_cap = self.inflight_cap.max(o.inflight_cap);
-        self.run_ns = self.run_ns.max(o.run_ns);
+        // Several proxies estimate the run time each: show the proxy with
+        // the highest estimate, its cap with it (a proxy without samples
+        // yet shows cap 16 and run time 0, and only wins if none has one).
+        if o.run_ns > self.run_ns || (self.run_ns == 0 && o.inflight_cap > self.inflight_cap) {
+            self.run_ns = o.run_ns;
+            self.inflight_cap = o.inflight_cap;
+        }
         self.replies
             .iter_mut()
             .zip(&o.replies)

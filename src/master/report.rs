@@ -117,7 +117,8 @@ pub(crate) fn status(m: &Master) -> String {
             "workers_running": m.slots.iter().filter(|s| s.group == id && s.pid().is_some()).count(),
             "queued": gs.queued,
             "inflight_cap": gs.inflight_cap,
-            "mean_run_us": (gs.run_ns as f64 / 1000.0),
+            // null until the workers have sampled a run time.
+            "mean_run_us": (gs.run_ns > 0).then(|| gs.run_ns as f64 / 1000.0),
             "replies": by_status(&replies),
             "workers_ended": ended,
             "latency_us": {"count": gs.latency.count(), "sum": gs.latency.sum_us},
@@ -286,14 +287,17 @@ pub(crate) fn metrics(m: &Master) -> String {
         );
     }
 
-    o.push_str("# HELP halfsync_run_time_mean_seconds The plugin's mean run time, as sampled by the workers (0: no sample yet).\n");
+    o.push_str("# HELP halfsync_run_time_mean_seconds The plugin's mean run time, as sampled by the workers (absent until sampled).\n");
     o.push_str("# TYPE halfsync_run_time_mean_seconds gauge\n");
     for (id, gname) in &groups {
-        let _ = writeln!(
-            o,
-            "halfsync_run_time_mean_seconds{{group=\"{gname}\"}} {}",
-            m.group_stats(*id).run_ns as f64 / 1e9
-        );
+        let run_ns = m.group_stats(*id).run_ns;
+        if run_ns > 0 {
+            let _ = writeln!(
+                o,
+                "halfsync_run_time_mean_seconds{{group=\"{gname}\"}} {}",
+                run_ns as f64 / 1e9
+            );
+        }
     }
 
     o.push_str("# HELP halfsync_ring_occupancy_bytes Bytes published and not yet consumed in each worker's rings.\n");
