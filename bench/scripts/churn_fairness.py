@@ -12,7 +12,9 @@ of clients, each against halfsync with it on, alternating rounds in one run:
   (`HALFSYNC_TUNING=fifo_queue`), with per-connection read budgets
   against without (`HALFSYNC_TUNING=no_read_budget`), and with
   `max_inflight = 8` against 64 (requests already in a worker's ring are
-  served in order, so the ring's depth bounds what fairness can do).
+  served in order, so the ring's depth bounds what fairness can do), and
+  against the shipped defaults (`max_inflight = 1024`, held to
+  `max_inflight_time` = 1 ms of work per worker).
 
 Usage:
     cargo build --release --workspace
@@ -88,6 +90,9 @@ def main():
                                      lambda: fairness({"HALFSYNC_TUNING": "no_read_budget"}, a.seconds)),
         "fairness: max_inflight 64": (lambda: fairness({}, a.seconds),
                                       lambda: fairness({}, a.seconds, max_inflight=64)),
+        # The shipped defaults: max_inflight 1024, held to 1 ms of work.
+        "fairness: defaults": (lambda: fairness({}, a.seconds),
+                               lambda: fairness({}, a.seconds, max_inflight=1024)),
     }
     cases = {n: c for n, c in cases.items() if n.startswith(a.only)}
     for name, (base, other) in cases.items():
@@ -98,7 +103,7 @@ def main():
         out[name] = rounds
     key = {"churn: plain_accept": "rps", "churn: tcp_defer_accept": "rps",
            "fairness: fifo_queue": "light_p50_us", "fairness: no_read_budget": "light_p50_us",
-           "fairness: max_inflight 64": "light_p50_us"}
+           "fairness: max_inflight 64": "light_p50_us", "fairness: defaults": "light_p50_us"}
     print()
     for name, k in key.items():
         if name not in out:
