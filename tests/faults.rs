@@ -734,6 +734,9 @@ fn requests_behind_a_slow_one_move_to_another_worker() {
     let mut c = s.client();
     // Idle first: the proxy checks idle workers once a second, and must
     // look at a worker that just got a request at the busy rate at once.
+    // (The idle checks are in step with the worker becoming ready, so
+    // 1.1 s puts the next one ~0.9 s away: the bug this guards against
+    // showed as ~900 ms here.)
     std::thread::sleep(Duration::from_millis(1100));
     let t = Instant::now();
     c.send(0, fault::SLOW, &be32(2500)).unwrap();

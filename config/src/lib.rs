@@ -319,14 +319,15 @@ pub struct Group {
     /// `max_inflight_time`: per worker, the requests in its ring are also
     /// held to about this much work: `max(1, max_inflight_time / the
     /// group's mean run time)` of them (the run time is sampled by the
-    /// workers; 16 until the first samples). A request already in a
+    /// workers; 16 until the first sample). A request already in a
     /// worker's ring waits for the ones ahead of it, which the wait queue's
-    /// turn-taking cannot reorder: this bounds that wait in time, whatever
-    /// the plugin costs, while cheap requests still go in large batches.
-    /// A budget of work, not a timeout. A worker found holding more than
-    /// 4× its cap + 16 (the plugin slowed down) has its unstarted requests
-    /// taken back into the wait queue. `"0s"` turns it off
-    /// (`max_inflight` alone). Default `"1ms"`.
+    /// turn-taking cannot reorder: this holds that wait to about this long
+    /// for the typical request, while cheap requests still go in large
+    /// batches. A budget of work, not a timeout. A worker found holding
+    /// more than 4× its cap + 16 (the plugin got slower, or a reload lowered
+    /// `max_inflight`) has its unstarted requests taken back into the wait
+    /// queue when it has room for them. `"0s"` turns it off (`max_inflight`
+    /// alone). Default `"1ms"`.
     #[serde(default = "default_max_inflight_time", with = "units::duration")]
     pub max_inflight_time: Duration,
     /// `max_queue`: requests waiting in the proxy for a free worker of this

@@ -55,7 +55,9 @@ const OUTLIER_SLACK_NS: u64 = 20_000;
 /// A worker holding more than this many times its group's in-flight cap
 /// (plus `REBALANCE_SLACK`) has its unstarted requests taken back into the
 /// wait queue: the plugin got slower since they were handed out, and they
-/// would wait for each other (see `Group::update_cap`).
+/// would wait for each other (see `Group::update_cap`). Only while the
+/// group has a run-time estimate, and only if the queue has room for them
+/// all within `max_queue`.
 const REBALANCE_FACTOR: usize = 4;
 const REBALANCE_SLACK: usize = 16;
 
@@ -148,6 +150,11 @@ pub(crate) struct WorkerSlot {
     /// Stuck on the request at this ring position: its queue was moved to
     /// other workers and it gets no new requests until that one ends.
     stalled_on: Option<u64>,
+    /// This worker's last run-time sample as it came (see
+    /// `OUTLIER_FACTOR`): two slow ones in a row from the same worker are
+    /// a slowdown, where a stall of the whole host can inflate one sample
+    /// of each of several workers.
+    prev_sample_ns: u64,
     /// A replacement was requested for this worker.
     recycle_requested: bool,
     /// Do not request a replacement before this time.
@@ -255,8 +262,6 @@ pub(crate) struct Group {
     /// sample (outliers clipped, see `OUTLIER_FACTOR`); `None` until the
     /// first sample.
     run_ns: Option<u64>,
-    /// The last sample as it came (see `OUTLIER_FACTOR`).
-    prev_sample_ns: u64,
 }
 
 impl Group {
@@ -278,24 +283,26 @@ impl Group {
             drain_timeout_ns: 0,
             requeue_after_ns: 0,
             run_ns: None,
-            prev_sample_ns: 0,
         }
     }
 
-    /// Takes a sampled run time (a reply's `flags`, see `Meta::flags`).
-    pub(crate) fn note_run_time(&mut self, flags: u16) {
+    /// Takes a sampled run time (a reply's `flags`, see `Meta::flags`)
+    /// from a worker whose previous sample is `prev` (updated here).
+    pub(crate) fn note_run_time(&mut self, flags: u16, prev: &mut u64) {
         if flags == 0 {
             return;
         }
         let sample = u64::from(flags - 1) * 1000;
         self.run_ns = Some(match self.run_ns {
-            None => sample.max(MIN_RUN_NS),
+            // The first sample may be a cold start's: it counts for at most
+            // OUTLIER_SLACK_NS; a slow plugin's second sample counts in full.
+            None => sample.clamp(MIN_RUN_NS, OUTLIER_SLACK_NS),
             Some(avg) => {
-                let limit = (avg * OUTLIER_FACTOR + OUTLIER_SLACK_NS).max(self.prev_sample_ns);
+                let limit = (avg * OUTLIER_FACTOR + OUTLIER_SLACK_NS).max(*prev);
                 (avg - avg / 8 + sample.min(limit) / 8).max(MIN_RUN_NS)
             }
         });
-        self.prev_sample_ns = sample;
+        *prev = sample;
         self.update_cap();
     }
 
@@ -338,10 +345,9 @@ impl Group {
         self.init_timeout_ns = ns(g.init_timeout);
         self.drain_timeout_ns = ns(g.drain_timeout);
         self.requeue_after_ns = ns(g.requeue_after);
-        // A reload may bring another plugin or plugin config: start the
-        // estimate afresh (16 requests per worker until the first sample).
-        self.run_ns = None;
-        self.prev_sample_ns = 0;
+        // A reload keeps the run-time estimate: the old workers serve
+        // until the new ones are ready, and a slower new plugin counts in
+        // full from its second sample anyway.
         self.update_cap();
     }
 }
@@ -503,6 +509,7 @@ impl Proxy {
             sleep_hint: false,
             sleep_hint_at: 0,
             stalled_on: None,
+            prev_sample_ns: 0,
             recycle_requested: false,
             recycle_not_before_ns: 0,
             corrupt: false,
@@ -657,7 +664,7 @@ impl Proxy {
             if rec.meta.flags != 0
                 && let Some(g) = self.groups.get_mut(s.group)
             {
-                g.note_run_time(rec.meta.flags);
+                g.note_run_time(rec.meta.flags, &mut s.prev_sample_ns);
                 self.stats.inflight(s.group, g.inflight_cap, g.run_ns());
             }
             // The worker puts the time it started the request in the reply.
@@ -938,12 +945,6 @@ impl Proxy {
                 if s.stalled_on.is_some() && busy.map(|b| b.pos) != s.stalled_on {
                     return (Action::Unstall, Some(now));
                 }
-                if s.stalled_on.is_none()
-                    && matches!(s.phase, Phase::Ready { .. })
-                    && s.pending.len() > g.inflight_cap * REBALANCE_FACTOR + REBALANCE_SLACK
-                {
-                    return (Action::Rebalance, Some(now));
-                }
                 if let Some(b) = busy {
                     let ran = now.saturating_sub(b.since_ns);
                     // Requests queued behind a long one move elsewhere.
@@ -998,6 +999,17 @@ impl Proxy {
                         due = Some(due.map_or(deadline, |d: u64| d.min(deadline)));
                     }
                     return (Action::None, due);
+                }
+                // Far more than the cap now allows (the plugin got slower,
+                // or a reload lowered max_inflight): take the unstarted ones
+                // back, if the queue has room for them all (taken-back
+                // requests must not turn other clients away with BUSY).
+                if s.stalled_on.is_none()
+                    && g.run_ns.is_some()
+                    && s.pending.len() > g.inflight_cap * REBALANCE_FACTOR + REBALANCE_SLACK
+                    && g.queue.len() + s.pending.len() <= g.max_queue
+                {
+                    return (Action::Rebalance, due);
                 }
                 if !ctl.recycle_wanted() || s.recycle_requested {
                     return (Action::None, due);
@@ -1100,7 +1112,7 @@ impl Proxy {
                         .map_or(0, |g| g.inflight_cap);
                     let (name, label) = self.group_name(si);
                     info!(group = %name, worker = label, moved, inflight_cap = cap,
-                        "plugin got slower; requests waiting in a worker's ring moved back to the queue");
+                        "worker held more than its in-flight cap allows (the plugin got slower); its unstarted requests moved back to the queue");
                 }
             }
             Action::Unstall => {
@@ -1279,22 +1291,23 @@ mod tests {
     #[test]
     fn batch_affinity_follows_the_sampled_run_time() {
         let mut g = Group::absent();
+        let mut prev = 0;
         assert!(!g.batch_affinity(), "unknown run time: spread");
-        g.note_run_time(0);
+        g.note_run_time(0, &mut prev);
         assert!(!g.batch_affinity(), "0 means not sampled");
-        g.note_run_time(1); // under 1 µs
+        g.note_run_time(1, &mut prev); // under 1 µs
         assert!(g.batch_affinity());
-        g.note_run_time(1 + 1000); // one 1 ms request (preempted?)
+        g.note_run_time(1 + 1000, &mut prev); // one 1 ms request (preempted?)
         assert!(g.batch_affinity(), "one outlier does not swing it");
-        g.note_run_time(1 + 1000);
-        g.note_run_time(1 + 1000);
+        g.note_run_time(1 + 1000, &mut prev);
+        g.note_run_time(1 + 1000, &mut prev);
         assert!(!g.batch_affinity(), "slow requests turn it off");
         for _ in 0..100 {
-            g.note_run_time(2);
+            g.note_run_time(2, &mut prev);
         }
         assert!(g.batch_affinity(), "the average comes back down");
         for _ in 0..3 {
-            g.note_run_time(u16::MAX); // 65 ms and more: no overflow
+            g.note_run_time(u16::MAX, &mut prev); // 65 ms and more: no overflow
         }
         assert!(!g.batch_affinity());
     }
@@ -1303,18 +1316,19 @@ mod tests {
     fn inflight_cap_follows_max_inflight_time() {
         let mut cfg = halfsync_config::Group::new("g", "echo");
         let mut g = Group::absent();
+        let mut prev = 0;
         g.update(&cfg);
         assert_eq!(g.inflight_cap, START_INFLIGHT, "no estimate yet");
-        g.note_run_time(1); // under 1 µs: 1 ms / 0.5 µs, capped
+        g.note_run_time(1, &mut prev); // under 1 µs: 1 ms / 0.5 µs, capped
         assert_eq!(g.inflight_cap, 1024);
-        g.note_run_time(1 + 65_000); // one preempted sample
+        g.note_run_time(1 + 65_000, &mut prev); // one preempted sample
         assert!(g.inflight_cap >= 200, "one outlier: {}", g.inflight_cap);
         for _ in 0..200 {
-            g.note_run_time(1 + 100); // 100 µs
+            g.note_run_time(1 + 100, &mut prev); // 100 µs
         }
         assert_eq!(g.inflight_cap, 10);
         for _ in 0..200 {
-            g.note_run_time(1 + 5_000); // 5 ms: one at a time
+            g.note_run_time(1 + 5_000, &mut prev); // 5 ms: one at a time
         }
         assert_eq!(g.inflight_cap, 1);
         cfg.max_inflight_time = std::time::Duration::ZERO;
@@ -1324,7 +1338,7 @@ mod tests {
         cfg.max_inflight = 8;
         g.update(&cfg);
         for _ in 0..200 {
-            g.note_run_time(2);
+            g.note_run_time(2, &mut prev);
         }
         assert_eq!(g.inflight_cap, 8, "max_inflight still bounds it");
     }
@@ -1333,31 +1347,32 @@ mod tests {
     fn a_slowdown_counts_from_its_second_sample() {
         let cfg = halfsync_config::Group::new("g", "echo");
         let mut g = Group::absent();
+        let mut prev = 0;
         g.update(&cfg);
         for _ in 0..50 {
-            g.note_run_time(1);
+            g.note_run_time(1, &mut prev);
         }
         assert_eq!(g.inflight_cap, 1024);
         // Isolated outliers (one sample in 20) barely move it.
         let mut lowest = usize::MAX;
         for _ in 0..10 {
-            g.note_run_time(1 + 20_000);
+            g.note_run_time(1 + 20_000, &mut prev);
             lowest = lowest.min(g.inflight_cap);
             for _ in 0..19 {
-                g.note_run_time(1);
+                g.note_run_time(1, &mut prev);
             }
         }
         assert!(lowest >= 200, "isolated outliers: down to {lowest}");
         for _ in 0..50 {
-            g.note_run_time(1);
+            g.note_run_time(1, &mut prev);
         }
         // Two 20 ms samples in a row: one at a time at once.
-        g.note_run_time(1 + 20_000);
-        g.note_run_time(1 + 20_000);
+        g.note_run_time(1 + 20_000, &mut prev);
+        g.note_run_time(1 + 20_000, &mut prev);
         assert_eq!(g.inflight_cap, 1);
-        // A reload starts afresh.
+        // A reload keeps the estimate (and so the cap).
         g.update(&cfg);
-        assert_eq!(g.inflight_cap, START_INFLIGHT);
-        assert_eq!(g.run_ns(), None);
+        assert_eq!(g.inflight_cap, 1);
+        assert!(g.run_ns().is_some());
     }
 }
