@@ -153,6 +153,23 @@ fn esc(label: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A gauge with one sample per group, for the groups `value` has one for.
+fn group_gauge(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    groups: &[(usize, String)],
+    value: impl Fn(usize) -> Option<String>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    for (id, gname) in groups {
+        if let Some(v) = value(*id) {
+            let _ = writeln!(out, "{name}{{group=\"{gname}\"}} {v}");
+        }
+    }
+}
+
 fn histogram(out: &mut String, name: &str, group: &str, h: &HistogramSnapshot) {
     let mut cumulative = 0;
     for (i, n) in h.buckets.iter().enumerate() {
@@ -267,38 +284,30 @@ pub(crate) fn metrics(m: &Master) -> String {
         }
     }
 
-    o.push_str("# HELP halfsync_queue_length Requests waiting in the proxy for a worker.\n");
-    o.push_str("# TYPE halfsync_queue_length gauge\n");
-    for (id, gname) in &groups {
-        let _ = writeln!(
-            o,
-            "halfsync_queue_length{{group=\"{gname}\"}} {}",
-            m.group_stats(*id).queued
-        );
-    }
-
-    o.push_str("# HELP halfsync_inflight_cap Requests a worker of the group may hold now (max_inflight, or fewer by max_inflight_time).\n");
-    o.push_str("# TYPE halfsync_inflight_cap gauge\n");
-    for (id, gname) in &groups {
-        let _ = writeln!(
-            o,
-            "halfsync_inflight_cap{{group=\"{gname}\"}} {}",
-            m.group_stats(*id).inflight_cap
-        );
-    }
-
-    o.push_str("# HELP halfsync_run_time_mean_seconds The plugin's mean run time, as sampled by the workers (absent until sampled).\n");
-    o.push_str("# TYPE halfsync_run_time_mean_seconds gauge\n");
-    for (id, gname) in &groups {
-        let run_ns = m.group_stats(*id).run_ns;
-        if run_ns > 0 {
-            let _ = writeln!(
-                o,
-                "halfsync_run_time_mean_seconds{{group=\"{gname}\"}} {}",
-                run_ns as f64 / 1e9
-            );
-        }
-    }
+    group_gauge(
+        &mut o,
+        "halfsync_queue_length",
+        "Requests waiting in the proxy for a worker.",
+        &groups,
+        |id| Some(m.group_stats(id).queued.to_string()),
+    );
+    group_gauge(
+        &mut o,
+        "halfsync_inflight_cap",
+        "Requests a worker of the group may hold now (max_inflight, or fewer by max_inflight_time).",
+        &groups,
+        |id| Some(m.group_stats(id).inflight_cap.to_string()),
+    );
+    group_gauge(
+        &mut o,
+        "halfsync_run_time_mean_seconds",
+        "The plugin's mean run time, as sampled by the workers (absent until sampled).",
+        &groups,
+        |id| {
+            let run_ns = m.group_stats(id).run_ns;
+            (run_ns > 0).then(|| (run_ns as f64 / 1e9).to_string())
+        },
+    );
 
     o.push_str("# HELP halfsync_ring_occupancy_bytes Bytes published and not yet consumed in each worker's rings.\n");
     o.push_str("# TYPE halfsync_ring_occupancy_bytes gauge\n");
