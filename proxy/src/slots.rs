@@ -414,9 +414,7 @@ impl Proxy {
         }
         let n = moved.len();
         let q = &mut self.groups[group].queue;
-        for r in moved.into_iter().rev() {
-            q.push_front(r);
-        }
+        q.push_front_all(moved);
         self.stats.queued(group, q.len());
         n
     }
@@ -1257,9 +1255,7 @@ impl Proxy {
             o.recycle_not_before_ns = retry_at;
         }
         let q = &mut self.groups[group].queue;
-        for r in requeue.into_iter().rev() {
-            q.push_front(r);
-        }
+        q.push_front_all(requeue);
         self.stats.queued(group, q.len());
         self.stats.pending(si, 0);
         let _ = self
