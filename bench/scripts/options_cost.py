@@ -15,15 +15,12 @@ Writes bench/results/options_cost.json (options_cost_pinned.json with
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_benchmarks import alternate  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from run_benchmarks import alternate, save_results  # noqa: E402
 
 # name: (lines added to the group, environment)
 CASES = {
@@ -59,11 +56,7 @@ def main():
         for name in CASES:
             r = statistics.median(d["ratio_per_round"][name])
             print(f"| {name} | {depth} | {d['median'][name]:,.0f} | {r:.2f} |")
-    name = "options_cost_pinned.json" if a.pin else "options_cost.json"
-    path = os.path.normpath(os.path.join(HERE, "..", "results", name))
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", path)
+    save_results(out, "options_cost", a.pin)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ Writes bench/results/payload_size.json (payload_size_pinned.json with --pin).
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_benchmarks import alternate  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from run_benchmarks import alternate, save_results  # noqa: E402
 SIZES = [64, 1024, 4096, 16384]
 # name: (inline, environment)
 CASES = {
@@ -52,11 +49,7 @@ def main():
         m = r["median"]
         i, h, b = m["inline"], m["halfsync"], m["halfsync, whole-ring rings"]
         print(f"| {r['depth']} | {r['payload']:,} B | {i:,.0f} | {h:,.0f} | **{h / i:.2f}** | {b:,.0f} | {b / i:.2f} |")
-    name = "payload_size_pinned.json" if a.pin else "payload_size.json"
-    path = os.path.normpath(os.path.join(HERE, "..", "results", name))
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", path)
+    save_results(out, "payload_size", a.pin)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,12 @@ with --pin).
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_benchmarks import Server, bench, errors  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from run_benchmarks import alternate, save_results  # noqa: E402
 
 
 def main():
@@ -34,34 +31,21 @@ def main():
     ap.add_argument("--pin", action="store_true", help="servers on CPU 0, load generator on CPU 1")
     a = ap.parse_args()
     cases = {
-        "inline": ({}, 1024, True),
-        "default (max_inflight 1024, max_inflight_time 1ms)": ({}, 1024, False),
-        "max_inflight 256": ({}, 256, False),
-        "max_inflight 64 (the old default)": ({}, 64, False),
-        "max_inflight 64, no_midturn_dispatch": ({"HALFSYNC_TUNING": "no_midturn_dispatch"}, 64, False),
+        "inline": {"inline": True, "max_inflight": 1024},
+        "default (max_inflight 1024, max_inflight_time 1ms)": {"max_inflight": 1024},
+        "max_inflight 256": {"max_inflight": 256},
+        "max_inflight 64 (the old default)": {"max_inflight": 64},
+        "max_inflight 64, no_midturn_dispatch": {
+            "max_inflight": 64, "env": {"HALFSYNC_TUNING": "no_midturn_dispatch"}},
     }
-    runs = {name: [] for name in cases}
-    for _ in range(a.rounds):
-        for name, (env, mi, inline) in cases.items():
-            s = Server(env=env, max_inflight=mi, inline=inline, pin=a.pin)
-            try:
-                r = bench(s.port, ["-c", 50, "-d", 16, "--warmup", "1s", "--duration", f"{a.seconds}s"], a.pin)
-            finally:
-                s.stop()
-            if errors(r):
-                raise RuntimeError(f"{name}: {errors(r)} errors")
-            runs[name].append(r["rps"])
-            print(name, r["rps"], flush=True)
+    args = ["-c", 50, "-d", 16, "--warmup", "1s", "--duration", f"{a.seconds}s"]
+    runs = alternate(cases, args, a.rounds, a.pin)
     med = {name: statistics.median(v) for name, v in runs.items()}
     ref = med["inline"]
     for name, m in med.items():
         print(f"{name}: {m:,.0f} req/s ({m / ref:.2f} of inline)")
-    name = "queue_dispatch_pinned.json" if a.pin else "queue_dispatch.json"
-    path = os.path.join(HERE, "..", "results", name)
-    with open(path, "w") as f:
-        json.dump({"pinned": a.pin, "runs": runs, "median": med,
-                   "ratio_to_inline": {k: v / ref for k, v in med.items()}}, f, indent=1)
-    print("wrote", os.path.normpath(path))
+    save_results({"pinned": a.pin, "runs": runs, "median": med,
+                  "ratio_to_inline": {k: v / ref for k, v in med.items()}}, "queue_dispatch", a.pin)
 
 
 if __name__ == "__main__":

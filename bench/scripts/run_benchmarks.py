@@ -221,10 +221,19 @@ def alternate(cases, args, rounds, pin, label=""):
             finally:
                 s.stop()
             if errors(r):
-                raise RuntimeError(f"{name}: errors {r['errors']}")
+                raise RuntimeError(f"{name}: {errors(r)} errors")
             runs[name].append(r["rps"])
             print(f"{label}{name}: {r['rps']:,.0f} req/s", flush=True)
     return runs
+
+
+def save_results(out, stem, pin):
+    """Writes `out` to bench/results/STEM.json (STEM_pinned.json with
+    `pin`) and says where."""
+    path = os.path.join(ROOT, "bench", "results", f"{stem}_pinned.json" if pin else f"{stem}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print("wrote", path)
 
 
 def compare(name, args, rounds, pin, env=None, workers=2, extra_server=""):

@@ -219,25 +219,7 @@ impl WaitQueue {
     /// never started it, or one that could not be written after all. Its
     /// connection is served next.
     pub(crate) fn push_front(&mut self, q: Queued) {
-        self.note_time(q.req.enqueued_ns);
-        let k = self.key(q.req.tag);
-        match self.find(k) {
-            Some(i) => {
-                self.subs[i as usize].q.push_front(q);
-                if self.order.front() != Some(&i)
-                    && let Some(pos) = self.order.iter().position(|&o| o == i)
-                {
-                    self.order.remove(pos);
-                    self.order.push_front(i);
-                }
-            }
-            None => {
-                let i = self.open(k);
-                self.subs[i as usize].q.push_front(q);
-                self.order.push_front(i);
-            }
-        }
-        self.len += 1;
+        self.push_front_all(vec![q]);
     }
 
     /// Puts requests taken back from a worker (`reqs`, in ring order) at the
