@@ -555,7 +555,9 @@ impl<'a> Engine<'a> {
             return;
         }
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            self.on_readable(ci);
+            // Read to the end (EOF or the error) only when the event says
+            // there is one; otherwise a short read means the socket is empty.
+            self.on_readable(ci, ev.is_read_closed() || ev.is_error());
         }
         if self.conns[ci].state == State::Ready && (ev.is_writable() || ev.is_write_closed()) {
             if let Err(e) = self.conns[ci].flush() {
@@ -566,8 +568,8 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn on_readable(&mut self, ci: usize) {
-        if !self.read_all(ci) {
+    fn on_readable(&mut self, ci: usize, to_eof: bool) {
+        if !self.read_all(ci, to_eof) {
             return;
         }
         // Closed loop: top the connection up at once.
@@ -611,14 +613,17 @@ impl<'a> Engine<'a> {
     /// A send failed: first take whatever the server sent before it went
     /// away (e.g. a BAD_REQUEST reply), then count the error.
     fn send_failed(&mut self, ci: usize, e: io::Error) {
-        if self.read_all(ci) {
+        if self.read_all(ci, true) {
             self.fail_io(ci, "send", e);
         }
     }
 
     /// Reads and handles everything the socket holds; false if the
-    /// connection is gone.
-    fn read_all(&mut self, ci: usize) -> bool {
+    /// connection is gone. Without `to_eof` it stops after a read that did
+    /// not fill the buffer: the socket is then empty, and more data raises
+    /// a new (edge-triggered) event, so the read that would only return
+    /// EAGAIN is saved (half of the generator's `recv` calls otherwise).
+    fn read_all(&mut self, ci: usize, to_eof: bool) -> bool {
         loop {
             let Some(stream) = self.conns[ci].stream.as_mut() else {
                 return false;
@@ -664,6 +669,9 @@ impl<'a> Engine<'a> {
             if !ok {
                 self.kill(ci, None, String::new);
                 return false;
+            }
+            if !to_eof && n < self.scratch.len() {
+                return true;
             }
         }
     }

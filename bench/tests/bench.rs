@@ -568,6 +568,35 @@ fn an_interrupt_ends_the_run_with_what_was_measured() {
 }
 
 #[test]
+fn replies_larger_than_a_read_or_split_over_reads_arrive_whole() {
+    // The generator stops reading at a read that does not fill its buffer
+    // (256 KiB): a reply longer than that must still be read to its end,
+    // and a reply whose rest comes later must raise a new event.
+    let s = Server::start(Mode::Echo);
+    let mut c = cfg(&s);
+    c.connections = 2;
+    c.active = 2;
+    c.load = Load::Closed { depth: 2 };
+    c.payload = 700 << 10;
+    c.requests = Some(40);
+    c.timeout = Duration::from_secs(5);
+    let r = run(&c);
+    assert_clean(&r);
+    assert_eq!(r.requests, 40, "{r}");
+
+    let s = Server::start(Mode::Split { ms: 5 });
+    let mut c = cfg(&s);
+    c.connections = 2;
+    c.active = 2;
+    c.load = Load::Closed { depth: 1 };
+    c.requests = Some(40);
+    c.timeout = Duration::from_secs(5);
+    let r = run(&c);
+    assert_clean(&r);
+    assert_eq!(r.requests, 40, "{r}");
+}
+
+#[test]
 fn a_bad_request_reply_is_read_before_the_close() {
     // The server answers BAD_REQUEST and closes: both are reported.
     let s = Server::start(Mode::BadRequest);

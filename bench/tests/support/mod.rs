@@ -35,6 +35,9 @@ pub enum Mode {
     /// Echo, but the connection that reads its `at`-th frame sleeps `ms`
     /// first (once per connection).
     StallOnce { at: u64, ms: u64 },
+    /// Echo, each reply written in two pieces `ms` apart (the first ends
+    /// inside the header), so the generator sees a frame over two events.
+    Split { ms: u64 },
 }
 
 pub struct Server {
@@ -140,6 +143,14 @@ fn serve(mut stream: TcpStream, mode: Mode, stop: &AtomicBool, frames: &AtomicU6
             let nth = |k: u64| n_replies.is_multiple_of(k);
             match mode {
                 Mode::Echo | Mode::StallOnce { .. } => write_frame(&mut out, h.id, 0, &payload),
+                Mode::Split { ms } => {
+                    write_frame(&mut out, h.id, 0, &payload);
+                    if stream.write_all(&out[..7]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(ms));
+                    out.drain(..7);
+                }
                 Mode::CorruptPayload(k) => {
                     let mut p = payload;
                     if nth(k) && !p.is_empty() {
