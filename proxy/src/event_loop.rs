@@ -31,6 +31,31 @@ use crate::{ProxyError, ProxySpec, Reconfigure};
 /// after every this many events of a loop turn, not only at its end.
 const MIDTURN_DISPATCH_EVERY: usize = 4;
 
+/// About how many request frames one loop turn reads, shared equally
+/// among the connections with data (see [`read_share`]).
+const TURN_FRAMES: usize = 8192;
+/// The least a connection with data is given to read in a turn.
+const MIN_READ_SHARE: usize = 4096;
+
+/// Bytes each of `readable` connections may read this turn: an equal share
+/// of [`TURN_FRAMES`] frames of the recent mean size (`mean_frame` bytes),
+/// never more than `read_budget` and never under [`MIN_READ_SHARE`].
+///
+/// Why: a turn's replies go out only after all its reads. After a stall
+/// with every connection's socket full (50 connections x 64 KiB is 40,000
+/// requests of 80 bytes), reading everything first held the oldest
+/// requests' replies back for the whole long turn, and filled the wait
+/// queue faster than the workers could empty it: BUSY replies for a
+/// backlog the sockets could have held (`bench/scripts/freeze_recovery.py`,
+/// BENCHMARKS.md "A stall of the whole server"). An equal share keeps
+/// every connection's oldest requests in the first turn. Under steady load
+/// a share never binds (50 connections x 16 in flight hold 1,280 bytes
+/// each), and large frames or a few busy connections still get the whole
+/// `read_budget`.
+fn read_share(read_budget: usize, readable: usize, mean_frame: usize) -> usize {
+    (TURN_FRAMES * mean_frame / readable.max(1)).clamp(MIN_READ_SHARE.min(read_budget), read_budget)
+}
+
 /// How often the per-worker checks (deadlines, stalls, recycling) run while
 /// any worker holds requests, and while none does.
 pub(crate) const BUSY_CHECK_EVERY_NS: u64 = 10 * NS_PER_MS;
@@ -71,6 +96,13 @@ pub(crate) struct Proxy {
     /// Group id per command number.
     pub(crate) routes: Vec<Option<u16>>,
     pub(crate) scratch: Vec<u8>,
+    /// Bytes each connection may read this turn ([`read_share`]).
+    pub(crate) read_share: usize,
+    /// Request frames and bytes read this turn.
+    pub(crate) turn_frames: usize,
+    pub(crate) turn_bytes: usize,
+    /// Mean request frame size over recent turns (bytes, 1/8 per turn).
+    pub(crate) mean_frame: usize,
     pub(crate) events: Vec<sys::Event>,
     pub(crate) now_ns: u64,
     /// Nearest time a worker check is due (request deadlines and such).
@@ -157,7 +189,11 @@ impl Proxy {
             slots: Vec::new(),
             groups: Vec::new(),
             routes: vec![None; 1 << 16],
+            read_share: scratch.len(),
             scratch,
+            turn_frames: 0,
+            turn_bytes: 0,
+            mean_frame: hsp::HEADER_LEN,
             events: Vec::with_capacity(1024),
             now_ns: shm_sys::monotonic_ns(),
             next_check_ns: None,
@@ -216,6 +252,7 @@ impl Proxy {
             self.events.extend(raw.iter().map(sys::event));
             self.end_sleep();
             self.now_ns = shm_sys::monotonic_ns();
+            self.share_reads();
 
             for i in 0..self.events.len() {
                 // A long turn with requests waiting in a queue: hand the
@@ -636,13 +673,29 @@ impl Proxy {
         self.listeners_paused_until = Some(self.now_ns + 100 * NS_PER_MS);
     }
 
+    /// Updates the mean frame size from the last turn and sets this turn's
+    /// [`read_share`] from its readable connections.
+    fn share_reads(&mut self) {
+        if let Some(last) = self.turn_bytes.checked_div(self.turn_frames) {
+            self.mean_frame = (self.mean_frame * 7 + last).div_ceil(8);
+        }
+        self.turn_frames = 0;
+        self.turn_bytes = 0;
+        let readable = self
+            .events
+            .iter()
+            .filter(|e| e.token & !INDEX_MASK == TOKEN_CONN && e.readable())
+            .count();
+        self.read_share = read_share(self.scratch.len(), readable, self.mean_frame);
+    }
+
     fn read_conn(&mut self, i: usize) {
         let mut scratch = std::mem::take(&mut self.scratch);
         let cap = scratch.len();
         let budget = if self.tuning.no_read_budget {
             usize::MAX
         } else {
-            cap
+            self.read_share.min(cap)
         };
         let mut total = 0;
         let mut failed = false;
@@ -663,6 +716,7 @@ impl Proxy {
                 }
                 Ok(n) => {
                     total += n;
+                    self.turn_bytes += n;
                     c.last_active_ns = self.now_ns;
                     self.ingest(i, &scratch[..n]);
                     if n < cap {
@@ -727,6 +781,7 @@ impl Proxy {
         loop {
             match hsp::parse(&buf[off..], max_frame) {
                 Parsed::Frame(h, n) => {
+                    self.turn_frames += 1;
                     self.on_request(i, h, &buf[off + hsp::HEADER_LEN..off + n]);
                     off += n;
                 }
@@ -989,5 +1044,25 @@ impl Proxy {
                 self.close(i);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_share;
+
+    #[test]
+    fn a_turns_reading_is_shared_among_the_readable_connections() {
+        let budget = 64 << 10;
+        // Few connections, or large frames: the whole budget each.
+        for n in [0, 1, 8] {
+            assert_eq!(read_share(budget, n, 80), budget, "{n}");
+        }
+        assert_eq!(read_share(budget, 50, 4096), budget);
+        // Many with small frames: an equal share of 8,192 frames.
+        assert_eq!(read_share(budget, 50, 80), 8192 * 80 / 50);
+        // Never under 4 KiB, however many (nor over a smaller budget).
+        assert_eq!(read_share(budget, 100_000, 80), 4096);
+        assert_eq!(read_share(4096, 100_000, 80), 4096);
     }
 }
