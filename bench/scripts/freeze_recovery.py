@@ -12,10 +12,10 @@ turn reads about 8,192 requests shared equally among the connections with
 data (`proxy/src/event_loop.rs`, `read_share`), so reading keeps in step
 with answering and the rest of the backlog waits in the sockets too. What
 does not fit in the group's wait queue (`max_queue`, 100,000 in the
-benchmark config) would be answered BUSY at once, by design (README,
-Overload: bounded queues, then BUSY); before the share, 50 connections x
-64 KiB (40,000 requests) were read per turn and a 400 ms stall overflowed
-the queue.
+benchmark config) is still answered BUSY at once, by design (README,
+Overload: bounded queues, then BUSY), but it takes a longer stall than
+before: until the share, 50 connections x 64 KiB (40,000 requests) were
+read per turn and a 400 ms stall overflowed the queue.
 
 Reported per server and round: throughput, OK and BUSY replies, p99, max
 latency, and max minus the stall (how long the first request caught by

@@ -417,7 +417,7 @@ impl<'a> Engine<'a> {
                 end: u64::MAX,
                 shared,
             },
-            scratch: vec![0; 256 << 10],
+            scratch: vec![0; cfg.read_buffer.max(1)],
             open: 0,
             in_flight: 0,
             sending: false,
@@ -620,9 +620,10 @@ impl<'a> Engine<'a> {
 
     /// Reads and handles everything the socket holds; false if the
     /// connection is gone. Without `to_eof` it stops after a read that did
-    /// not fill the buffer: the socket is then empty, and more data raises
-    /// a new (edge-triggered) event, so the read that would only return
-    /// EAGAIN is saved (half of the generator's `recv` calls otherwise).
+    /// not fill the buffer (`Config::read_buffer`): the socket is then
+    /// empty, and more data raises a new (edge-triggered) event, so the
+    /// read that would only return EAGAIN is saved (half of the
+    /// generator's `recv` calls otherwise).
     fn read_all(&mut self, ci: usize, to_eof: bool) -> bool {
         loop {
             let Some(stream) = self.conns[ci].stream.as_mut() else {

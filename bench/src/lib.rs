@@ -160,6 +160,15 @@ pub struct Config {
     pub drain: Duration,
     /// Print a progress line on stderr every second.
     pub progress: bool,
+    /// Bytes asked of one `recv`. A read that returns less ends reading
+    /// that socket until its next (edge-triggered) event. Not on the
+    /// command line: tests shrink it to exercise replies longer than a read.
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer: usize,
+}
+
+fn default_read_buffer() -> usize {
+    256 << 10
 }
 
 impl Config {
@@ -186,6 +195,7 @@ impl Config {
             timeout: Duration::from_secs(30),
             drain: Duration::from_secs(2),
             progress: false,
+            read_buffer: default_read_buffer(),
         }
     }
 

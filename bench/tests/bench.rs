@@ -568,22 +568,25 @@ fn an_interrupt_ends_the_run_with_what_was_measured() {
 }
 
 #[test]
-fn replies_larger_than_a_read_or_split_over_reads_arrive_whole() {
-    // The generator stops reading at a read that does not fill its buffer
-    // (256 KiB): a reply longer than that must still be read to its end,
-    // and a reply whose rest comes later must raise a new event.
+fn replies_longer_than_a_read_or_split_over_reads_arrive_whole() {
+    // The generator stops reading a socket at a read that does not fill
+    // its buffer. A reply longer than the buffer (4 KiB here, 16 KiB
+    // replies, one in flight so the server is silent after each) must
+    // still be read to its end: no later data would raise another event.
     let s = Server::start(Mode::Echo);
     let mut c = cfg(&s);
     c.connections = 2;
     c.active = 2;
-    c.load = Load::Closed { depth: 2 };
-    c.payload = 700 << 10;
+    c.load = Load::Closed { depth: 1 };
+    c.payload = 16 << 10;
+    c.read_buffer = 4096;
     c.requests = Some(40);
     c.timeout = Duration::from_secs(5);
     let r = run(&c);
     assert_clean(&r);
     assert_eq!(r.requests, 40, "{r}");
 
+    // A reply whose rest comes 5 ms later (split inside its header).
     let s = Server::start(Mode::Split { ms: 5 });
     let mut c = cfg(&s);
     c.connections = 2;

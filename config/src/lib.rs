@@ -208,7 +208,7 @@ pub struct Server {
     /// `read_budget`: most bytes read from one connection per event-loop
     /// turn, so one busy client cannot starve the others. When many
     /// connections have data at once, each gets less (an equal share of
-    /// about 8,192 requests per turn, never under 4 KiB), so a turn stays
+    /// about 8,192 requests per turn, never under 1 KiB), so a turn stays
     /// short and replies go out between reads. A size, `>= 4KiB`. Default
     /// `"64KiB"`.
     #[serde(

@@ -34,8 +34,10 @@ const MIDTURN_DISPATCH_EVERY: usize = 4;
 /// About how many request frames one loop turn reads, shared equally
 /// among the connections with data (see [`read_share`]).
 const TURN_FRAMES: usize = 8192;
-/// The least a connection with data is given to read in a turn.
-const MIN_READ_SHARE: usize = 4096;
+/// The least a connection with data is given to read in a turn. With at
+/// most 1,024 events a turn (`Epoll::wait`), a turn reads at most
+/// max(8,192 frames, 1 MiB).
+const MIN_READ_SHARE: usize = 1024;
 
 /// Bytes each of `readable` connections may read this turn: an equal share
 /// of [`TURN_FRAMES`] frames of the recent mean size (`mean_frame` bytes),
@@ -48,12 +50,24 @@ const MIN_READ_SHARE: usize = 4096;
 /// queue faster than the workers could empty it: BUSY replies for a
 /// backlog the sockets could have held (`bench/scripts/freeze_recovery.py`,
 /// BENCHMARKS.md "A stall of the whole server"). An equal share keeps
-/// every connection's oldest requests in the first turn. Under steady load
-/// a share never binds (50 connections x 16 in flight hold 1,280 bytes
-/// each), and large frames or a few busy connections still get the whole
+/// every connection's oldest requests in the first turn. A connection
+/// holding less than its share is not affected (50 connections x 16 in
+/// flight of 80 bytes hold 1,280 bytes each, against a share of ~13 KiB),
+/// and a few busy connections, or large frames, still get the whole
 /// `read_budget`.
 fn read_share(read_budget: usize, readable: usize, mean_frame: usize) -> usize {
-    (TURN_FRAMES * mean_frame / readable.max(1)).clamp(MIN_READ_SHARE.min(read_budget), read_budget)
+    (TURN_FRAMES.saturating_mul(mean_frame) / readable.max(1))
+        .clamp(MIN_READ_SHARE.min(read_budget), read_budget)
+}
+
+/// The mean frame size after a turn that parsed `frames` frames of `bytes`
+/// bytes in all: 1/8 of the way to the turn's mean; unchanged by a turn
+/// that parsed none. Never under a header.
+fn next_mean_frame(mean: usize, bytes: usize, frames: usize) -> usize {
+    match bytes.checked_div(frames) {
+        Some(last) => ((mean * 7 + last) / 8).max(hsp::HEADER_LEN),
+        None => mean,
+    }
 }
 
 /// How often the per-worker checks (deadlines, stalls, recycling) run while
@@ -98,7 +112,7 @@ pub(crate) struct Proxy {
     pub(crate) scratch: Vec<u8>,
     /// Bytes each connection may read this turn ([`read_share`]).
     pub(crate) read_share: usize,
-    /// Request frames and bytes read this turn.
+    /// Request frames parsed this turn, and their bytes.
     pub(crate) turn_frames: usize,
     pub(crate) turn_bytes: usize,
     /// Mean request frame size over recent turns (bytes, 1/8 per turn).
@@ -676,15 +690,13 @@ impl Proxy {
     /// Updates the mean frame size from the last turn and sets this turn's
     /// [`read_share`] from its readable connections.
     fn share_reads(&mut self) {
-        if let Some(last) = self.turn_bytes.checked_div(self.turn_frames) {
-            self.mean_frame = (self.mean_frame * 7 + last).div_ceil(8);
-        }
+        self.mean_frame = next_mean_frame(self.mean_frame, self.turn_bytes, self.turn_frames);
         self.turn_frames = 0;
         self.turn_bytes = 0;
         let readable = self
             .events
             .iter()
-            .filter(|e| e.token & !INDEX_MASK == TOKEN_CONN && e.readable())
+            .filter(|e| e.token & !INDEX_MASK == TOKEN_CONN && e.has_input())
             .count();
         self.read_share = read_share(self.scratch.len(), readable, self.mean_frame);
     }
@@ -706,20 +718,17 @@ impl Proxy {
             if c.interest & READ == 0 {
                 break;
             }
-            match sys::recv(
-                c.stream.as_raw_fd(),
-                &mut scratch[..cap.min(budget - total)],
-            ) {
+            let want = cap.min(budget - total);
+            match sys::recv(c.stream.as_raw_fd(), &mut scratch[..want]) {
                 Ok(0) => {
                     c.eof = true;
                     break;
                 }
                 Ok(n) => {
                     total += n;
-                    self.turn_bytes += n;
                     c.last_active_ns = self.now_ns;
                     self.ingest(i, &scratch[..n]);
-                    if n < cap {
+                    if n < want {
                         // Short read: the socket is drained. Level-triggered
                         // epoll says so again if more arrives; no EAGAIN
                         // round trip to find out.
@@ -782,6 +791,7 @@ impl Proxy {
             match hsp::parse(&buf[off..], max_frame) {
                 Parsed::Frame(h, n) => {
                     self.turn_frames += 1;
+                    self.turn_bytes += n;
                     self.on_request(i, h, &buf[off + hsp::HEADER_LEN..off + n]);
                     off += n;
                 }
@@ -1049,7 +1059,7 @@ impl Proxy {
 
 #[cfg(test)]
 mod tests {
-    use super::read_share;
+    use super::{next_mean_frame, read_share};
 
     #[test]
     fn a_turns_reading_is_shared_among_the_readable_connections() {
@@ -1061,8 +1071,30 @@ mod tests {
         assert_eq!(read_share(budget, 50, 4096), budget);
         // Many with small frames: an equal share of 8,192 frames.
         assert_eq!(read_share(budget, 50, 80), 8192 * 80 / 50);
-        // Never under 4 KiB, however many (nor over a smaller budget).
-        assert_eq!(read_share(budget, 100_000, 80), 4096);
-        assert_eq!(read_share(4096, 100_000, 80), 4096);
+        // Never under 1 KiB, however many; never over the budget.
+        assert_eq!(read_share(budget, 1024, 80), 1024);
+        assert_eq!(read_share(budget, 1024, 16), 1024);
+        assert_eq!(read_share(4096, 2, 1 << 20), 4096);
+        assert_eq!(read_share(budget, 1, usize::MAX), budget);
+    }
+
+    #[test]
+    fn the_mean_frame_follows_parsed_frames() {
+        // 1/8 of the way to the turn's mean, which is bytes / frames.
+        assert_eq!(next_mean_frame(80, 4096 * 10, 10), (80 * 7 + 4096) / 8);
+        // Converges both ways.
+        let mut m = 16;
+        for _ in 0..100 {
+            m = next_mean_frame(m, 4112 * 3, 3);
+        }
+        assert!((4100..=4112).contains(&m), "{m}");
+        for _ in 0..100 {
+            m = next_mean_frame(m, 80 * 800, 800);
+        }
+        assert!((80..=88).contains(&m), "{m}");
+        // A turn that parsed nothing leaves it; it never drops under a header.
+        assert_eq!(next_mean_frame(500, 12345, 0), 500);
+        assert_eq!(next_mean_frame(16, 0, 0), 16);
+        assert_eq!(next_mean_frame(17, 16, 1), 16);
     }
 }

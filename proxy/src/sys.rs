@@ -37,6 +37,10 @@ impl Event {
     pub fn readable(&self) -> bool {
         self.bits & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
     }
+    /// Data to read (EPOLLIN), not only a hang-up or an error.
+    pub fn has_input(&self) -> bool {
+        self.bits & libc::EPOLLIN as u32 != 0
+    }
     /// Room to write.
     pub fn writable(&self) -> bool {
         self.bits & (libc::EPOLLOUT | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0

@@ -35,8 +35,9 @@ pub enum Mode {
     /// Echo, but the connection that reads its `at`-th frame sleeps `ms`
     /// first (once per connection).
     StallOnce { at: u64, ms: u64 },
-    /// Echo, each reply written in two pieces `ms` apart (the first ends
-    /// inside the header), so the generator sees a frame over two events.
+    /// Echo, each read's replies written in two pieces `ms` apart (the
+    /// first is 7 bytes: inside the header when one request was read), so
+    /// the generator sees a frame over two events.
     Split { ms: u64 },
 }
 
