@@ -197,8 +197,9 @@ fn light_latency_beside_slow_ones(
     took
 }
 
-/// Warms the group's run-time estimate up with `n` requests of `ms` (the
-/// workers sample every 16th) and returns the group's status.
+/// Warms the group's run-time estimate up with `n` requests of `ms` (a
+/// worker samples within its first 24, then one in about 16) and returns
+/// the group's status.
 fn warm_up(s: &Server, n: u64, ms: u32) -> serde_json::Value {
     let mut c = s.client();
     c.stream()

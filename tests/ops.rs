@@ -401,7 +401,8 @@ fn metrics_endpoint_counts_what_was_sent() {
     let after = scrape(mport);
     let delta = |k: &str| metric(&after, k) - metric(&before, k);
     // The in-flight cap: 16 per worker until the workers have sampled a run
-    // time (every 16th request), then by max_inflight_time (1 ms).
+    // time (each within its first 24 requests), then by max_inflight_time
+    // (1 ms).
     assert_eq!(metric(&before, "halfsync_inflight_cap{group=\"game\"}"), 16);
     assert!(
         !before.contains("halfsync_run_time_mean_seconds{"),

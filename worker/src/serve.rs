@@ -13,8 +13,41 @@ use crate::{EXIT_PLUGIN_FAILED, EXIT_SLOT_FAILED, Plugin, WorkerSpec, Written, s
 /// HSP/1 status TIMEOUT (the worker answers stale requests itself).
 const STATUS_TIMEOUT: u16 = 3;
 
-/// One reply in this many carries the plugin's run time to the proxy.
-const RUN_TIME_SAMPLE: u64 = 16;
+/// One reply in about this many carries the plugin's run time to the
+/// proxy: the gaps between samples are drawn from `RUN_TIME_GAPS`, so a
+/// client pattern that repeats every 16 requests (15 cheap, one slow) is
+/// not always sampled at the same place, and a worker samples within its
+/// first 24 requests.
+const RUN_TIME_GAPS: std::ops::RangeInclusive<u32> = 8..=24;
+
+/// Decides which requests have their run time sampled (see
+/// [`RUN_TIME_GAPS`]); never the first, which runs on cold caches.
+struct RunSampler {
+    left: u32,
+    rng: fastrand::Rng,
+}
+
+impl RunSampler {
+    fn new(rng: fastrand::Rng) -> RunSampler {
+        let mut s = RunSampler { left: 0, rng };
+        s.left = s.gap();
+        s
+    }
+
+    fn gap(&mut self) -> u32 {
+        self.rng.u32(RUN_TIME_GAPS)
+    }
+
+    /// True if the next request is to be sampled.
+    fn next(&mut self) -> bool {
+        self.left -= 1;
+        if self.left > 0 {
+            return false;
+        }
+        self.left = self.gap();
+        true
+    }
+}
 
 /// `max_rss` is checked after this many requests (and whenever the ring
 /// runs empty): reading the peak RSS is a system call, which every request
@@ -129,6 +162,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
     );
 
     let mut served: u64 = 0;
+    let mut sampler = RunSampler::new(fastrand::Rng::new());
     let mut recycle_asked = false;
     let mut rss_checked_at: u64 = 0;
     // Exiting after the plugin ran but before its reply was in the ring.
@@ -180,8 +214,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
         let Ok(Some(mut res)) = tx.try_reserve(first) else {
             break EXIT_SLOT_FAILED;
         };
-        // Not the first request: it runs on cold caches.
-        let sample = served % RUN_TIME_SAMPLE == RUN_TIME_SAMPLE - 1;
+        let sample = sampler.next();
         let (status, written) = if stale {
             let msg = b"waited longer than queue_timeout for a worker";
             let buf = res.buf();
@@ -299,5 +332,38 @@ fn wait_for_room(tx: &mut Producer, n: usize, stop: Option<&AtomicBool>) -> bool
                 return false;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RUN_TIME_GAPS, RunSampler};
+
+    #[test]
+    fn run_time_samples_are_one_in_about_16_and_not_periodic() {
+        let mut s = RunSampler::new(fastrand::Rng::with_seed(7));
+        let mut at = Vec::new();
+        for i in 0..16_000u32 {
+            if s.next() {
+                at.push(i);
+            }
+        }
+        // Never the first request; the first sample within 24.
+        assert!(
+            at[0] >= RUN_TIME_GAPS.start() - 1 && at[0] < *RUN_TIME_GAPS.end(),
+            "{}",
+            at[0]
+        );
+        // Gaps stay in range; about one in 16 overall.
+        for w in at.windows(2) {
+            assert!(RUN_TIME_GAPS.contains(&(w[1] - w[0])), "{w:?}");
+        }
+        assert!((900..=1100).contains(&at.len()), "{}", at.len());
+        // Every position of a 16-request pattern gets sampled.
+        let mut seen = [0u32; 16];
+        for &i in &at {
+            seen[(i % 16) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 20), "{seen:?}");
     }
 }
