@@ -15,10 +15,10 @@ does not fit in the group's wait queue (`max_queue`, 100,000 in the
 benchmark config) is still answered BUSY at once, by design (README,
 Overload: bounded queues, then BUSY), but it takes a longer stall than
 before: until the share, 50 connections x 64 KiB (40,000 requests) were
-read per turn and a 400 ms stall overflowed the queue.
+read per turn and 250 and 400 ms stalls overflowed the queue.
 
 Reported per server and round: throughput, OK and BUSY replies, p99, max
-latency, and max minus the stall (how long the first request caught by
+latency, and max minus the stall (how long the oldest request caught by
 the stall waited once the server was running again).
 
 Usage:

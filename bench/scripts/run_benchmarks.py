@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import signal
 import socket
 import statistics
@@ -179,12 +180,16 @@ def bench(port, args, pin=False):
         cmd.append("--histogram")
     if pin:
         cmd = ["taskset", "-c", "1"] + cmd
+    # The generator's own CPU time: it is the only child this waits for.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         out = json.loads(r.stdout)
     except json.JSONDecodeError:
         raise RuntimeError(f"halfsync-bench failed ({r.returncode}): {r.stderr[-2000:]}")
     out["exit_code"] = r.returncode
+    out["generator_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     out["command"] = "halfsync-bench " + " ".join(str(a) for a in args)
     return out
 
@@ -205,6 +210,9 @@ def measured(server, args, pin):
         "proxy_sys": d[1] / n * 1e6,
         "workers_user": d[2] / n * 1e6,
         "workers_sys": d[3] / n * 1e6,
+        # The load generator (user + system), for what each request costs
+        # everything on the machine: unpinned, that bounds the ratio.
+        "generator": r["generator_cpu_s"] / n * 1e6,
     }
     return r
 
@@ -414,16 +422,22 @@ def report(out):
                 i, h = r["pooled_us"]["inline"], r["pooled_us"]["halfsync"]
                 print(f"| {r['name']} | {i['p50']:,} | {h['p50']:,} | {i['p99']:,} | {h['p99']:,} | "
                       f"**{h['p99'] / i['p99']:.2f}** | {i['p999']:,} | {h['p999']:,} |")
-    print("\nCPU per request (µs), 50 connections:\n")
-    print("| scenario | proxy user | proxy sys | workers user | workers sys | inline user | inline sys |")
-    print("|---|---|---|---|---|---|---|")
+    print("\nCPU per request (µs), 50 connections; the generator's and everything's "
+          "(servers + generator) in the halfsync and the inline runs:\n")
+    print("| scenario | proxy user | proxy sys | workers user | workers sys | inline user | inline sys "
+          "| generator h / i | everything h / i | ratio i / h |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in out["results"][:2] + [r for r in open_rows if "50%" in r["name"]]:
         h = r["halfsync"]
         i = r["inline"]
-        c = lambda runs, k: statistics.median(x["cpu_us_per_request"][k] for x in runs)
+        c = lambda runs, k: statistics.median(x["cpu_us_per_request"].get(k, float("nan")) for x in runs)
+        all_h = c(h, "proxy_user") + c(h, "proxy_sys") + c(h, "workers_user") + c(h, "workers_sys") + c(h, "generator")
+        all_i = c(i, "proxy_user") + c(i, "proxy_sys") + c(i, "generator")
         print(f"| {r['name']} | {c(h, 'proxy_user'):.2f} | {c(h, 'proxy_sys'):.2f} | "
               f"{c(h, 'workers_user'):.2f} | {c(h, 'workers_sys'):.2f} | "
-              f"{c(i, 'proxy_user'):.2f} | {c(i, 'proxy_sys'):.2f} |")
+              f"{c(i, 'proxy_user'):.2f} | {c(i, 'proxy_sys'):.2f} | "
+              f"{c(h, 'generator'):.2f} / {c(i, 'generator'):.2f} | {all_h:.2f} / {all_i:.2f} | "
+              f"{all_i / all_h:.2f} |")
     if out.get("switches"):
         print("\nEach technique switched off (HALFSYNC_TUNING), throughput relative to all on:\n")
         print("| switched off | depth | all on | switched off | ratio |")

@@ -207,10 +207,11 @@ pub struct Server {
     pub backlog: u32,
     /// `read_budget`: most bytes read from one connection per event-loop
     /// turn, so one busy client cannot starve the others. When many
-    /// connections have data at once, each gets less (an equal share of
-    /// about 8,192 requests per turn, never under 1 KiB), so a turn stays
-    /// short and replies go out between reads. A size, `>= 4KiB`. Default
-    /// `"64KiB"`.
+    /// connections have data at once, each gets less: together they read
+    /// about 8,192 requests' worth a turn (8,192 x the recent mean request
+    /// size, split equally; at least 1 KiB each), so a turn stays short
+    /// and replies go out between reads. A size, `>= 4KiB`; values above
+    /// 1 MiB count as 1 MiB. Default `"64KiB"`.
     #[serde(
         serialize_with = "units::serialize_size",
         deserialize_with = "de_read_budget"
