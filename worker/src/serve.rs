@@ -21,16 +21,25 @@ const STATUS_TIMEOUT: u16 = 3;
 const RUN_TIME_GAPS: std::ops::RangeInclusive<u32> = 8..=24;
 
 /// Decides which requests have their run time sampled (see
-/// [`RUN_TIME_GAPS`]); never the first, which runs on cold caches.
+/// [`RUN_TIME_GAPS`]); not the first, which runs on cold caches, unless
+/// the worker is recycled after so few requests (`max_requests`) that it
+/// would otherwise never sample: it then samples half-way through its
+/// life, or its only request. (Without any sample the group's in-flight
+/// cap stays at its starting 16, whatever its requests cost.)
 struct RunSampler {
     left: u32,
     rng: fastrand::Rng,
 }
 
 impl RunSampler {
-    fn new(rng: fastrand::Rng) -> RunSampler {
+    /// `max_requests`: the worker's recycling limit, 0 for none.
+    fn new(rng: fastrand::Rng, max_requests: u64) -> RunSampler {
         let mut s = RunSampler { left: 0, rng };
         s.left = s.gap();
+        if max_requests > 0 {
+            let half_way = max_requests.div_ceil(2).min(u64::from(u32::MAX)) as u32;
+            s.left = s.left.min(half_way);
+        }
         s
     }
 
@@ -162,7 +171,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
     );
 
     let mut served: u64 = 0;
-    let mut sampler = RunSampler::new(fastrand::Rng::new());
+    let mut sampler = RunSampler::new(fastrand::Rng::new(), spec.max_requests);
     let mut recycle_asked = false;
     let mut rss_checked_at: u64 = 0;
     // Exiting after the plugin ran but before its reply was in the ring.
@@ -341,7 +350,7 @@ mod tests {
 
     #[test]
     fn run_time_samples_are_one_in_about_16_and_not_periodic() {
-        let mut s = RunSampler::new(fastrand::Rng::with_seed(7));
+        let mut s = RunSampler::new(fastrand::Rng::with_seed(7), 0);
         let mut at = Vec::new();
         for i in 0..16_000u32 {
             if s.next() {
@@ -365,5 +374,31 @@ mod tests {
             seen[(i % 16) as usize] += 1;
         }
         assert!(seen.iter().all(|&n| n > 20), "{seen:?}");
+    }
+
+    #[test]
+    fn a_worker_recycled_early_still_samples_once() {
+        for max_requests in [1u64, 2, 3, 7, 15, 30] {
+            for seed in 0..50 {
+                let mut s = RunSampler::new(fastrand::Rng::with_seed(seed), max_requests);
+                let first = (1..=max_requests).find(|_| s.next());
+                let Some(first) = first else {
+                    panic!("max_requests {max_requests}, seed {seed}: never sampled");
+                };
+                // Half-way through a short life; the usual gap otherwise.
+                let limit = max_requests
+                    .div_ceil(2)
+                    .min(u64::from(*RUN_TIME_GAPS.end()));
+                assert!(
+                    first <= limit,
+                    "max_requests {max_requests}: first at {first}"
+                );
+            }
+        }
+        // No limit, or a long one: never the first request.
+        for max_requests in [0u64, 100] {
+            let mut s = RunSampler::new(fastrand::Rng::with_seed(3), max_requests);
+            assert!(!s.next());
+        }
     }
 }
