@@ -987,6 +987,10 @@ pub(crate) trait Hooks {
     fn tick(&mut self, snap: &Snapshot, elapsed: Option<Duration>);
     /// Whether to stop early (interrupted).
     fn should_stop(&mut self) -> bool;
+    /// The measured window opened (`true`, at the end of the warmup) or
+    /// closed (the duration passed, the request budget was spent, or the
+    /// run was stopped); within the main loop's 10 ms poll.
+    fn window(&mut self, _open: bool) {}
 }
 
 /// Runs connections `range` (global indices) of `cfg` in this process, on
@@ -1084,11 +1088,23 @@ pub(crate) fn run_local(
             + 10_000_000_000
     });
     let mut next_tick = t0 + 1_000_000_000;
+    let warm_end = t0 + cfg.warmup.as_nanos() as u64;
+    let window_end = cfg.duration.map(|d| warm_end + d.as_nanos() as u64);
+    let (mut opened, mut closed) = (false, false);
     while !all_done(&handles) {
         std::thread::sleep(Duration::from_millis(10));
         let now = sys::now_ns();
         if hooks.should_stop() || planned.is_some_and(|p| now > p) {
             shared.stop_now(true);
+        }
+        if !opened && now >= warm_end {
+            opened = true;
+            hooks.window(true);
+        }
+        if opened && !closed && (window_end.is_some_and(|e| now >= e) || shared.stop.load(Relaxed))
+        {
+            closed = true;
+            hooks.window(false);
         }
         if now >= next_tick {
             hooks.tick(
@@ -1108,7 +1124,9 @@ pub(crate) fn run_local(
         total.merge(&st);
         measure_end = measure_end.max(end);
     }
-    let warm_end = t0 + cfg.warmup.as_nanos() as u64;
+    if opened && !closed {
+        hooks.window(false);
+    }
     let end = measure_end.min(shared.stop_at_ns.load(Relaxed));
     total.seconds = end.saturating_sub(warm_end) as f64 / 1e9;
     Ok(total)

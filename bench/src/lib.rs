@@ -78,6 +78,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cpu;
 mod engine;
 mod multi;
 pub mod payload;
@@ -269,6 +270,10 @@ pub struct RunOptions {
     /// Set it (e.g. from a signal handler) to stop early; the report then
     /// covers what was measured.
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// Report the CPU time per request of these processes, their
+    /// descendants and the generator (see [`cpu`]); with `processes <= 1`
+    /// only.
+    pub cpu: Vec<u32>,
 }
 
 /// Runs `cfg` in this process.
@@ -285,12 +290,24 @@ pub fn run_with(cfg: &Config, opts: &RunOptions) -> anyhow::Result<Report> {
         "--processes ({processes}) exceeds --connections ({})",
         cfg.connections
     );
+    ensure!(
+        opts.cpu.is_empty() || processes == 1,
+        "--cpu needs a single generator process (no --processes)"
+    );
+    for &pid in &opts.cpu {
+        ensure!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "--cpu {pid}: no such process (give the pid of a running server, e.g. the halfsync master's)"
+        );
+    }
     let mut progress = ProgressLine::new(cfg);
     let interrupt = opts.interrupt.as_deref();
+    let mut cpu = (!opts.cpu.is_empty()).then(|| cpu::CpuWatch::new(opts.cpu.clone()));
     let stats = if processes == 1 {
         let mut hooks = LocalHooks {
             progress: &mut progress,
             interrupt,
+            cpu: cpu.as_mut(),
         };
         engine::run_local(cfg, 0..cfg.connections, cfg.requests, &mut hooks)?
     } else {
@@ -301,7 +318,9 @@ pub fn run_with(cfg: &Config, opts: &RunOptions) -> anyhow::Result<Report> {
         multi::run_processes(cfg, processes, &exe, interrupt, &mut progress)?
     };
     progress.finish();
-    Ok(Report::build(cfg, processes, stats))
+    let mut report = Report::build(cfg, processes, stats);
+    report.cpu = cpu.and_then(|mut c| c.report(report.rps));
+    Ok(report)
 }
 
 /// Entry point of a child process (`halfsync-bench --child`, started by
@@ -360,6 +379,7 @@ impl Report {
             connect_seconds: (st.connect_seconds * 1e6).round() / 1e6,
             errors: st.errors.clone(),
             ok,
+            cpu: None,
             histogram: st.hist,
         }
     }
@@ -479,6 +499,7 @@ impl ProgressLine {
 struct LocalHooks<'a> {
     progress: &'a mut ProgressLine,
     interrupt: Option<&'a AtomicBool>,
+    cpu: Option<&'a mut cpu::CpuWatch>,
 }
 
 impl engine::Hooks for LocalHooks<'_> {
@@ -492,6 +513,12 @@ impl engine::Hooks for LocalHooks<'_> {
 
     fn should_stop(&mut self) -> bool {
         self.interrupt.is_some_and(|f| f.load(Relaxed))
+    }
+
+    fn window(&mut self, open: bool) {
+        if let Some(c) = self.cpu.as_deref_mut() {
+            c.window(open);
+        }
     }
 }
 

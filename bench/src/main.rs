@@ -28,6 +28,7 @@ Examples:
   halfsync-bench -c 10 --depth 16 --requests 1000000 --json
   halfsync-bench --connect-only -c 19000 --active 1000 --rate 20000 --hold 30s
   halfsync-bench -c 60000 --processes 4 --source 127.0.0.2,127.0.0.3,127.0.0.4
+  halfsync-bench -c 50 --depth 16 --cpu $(pgrep -f 'halfsync: master')   CPU split per process
 
 Exit status: 0 clean; 1 errors found (report printed); 2 could not run (bad arguments, or no connection could be made).")]
 struct Cli {
@@ -110,6 +111,12 @@ struct Cli {
     /// Print a progress line every second even when stderr is not a terminal.
     #[arg(long)]
     progress: bool,
+    /// Also report the CPU time per request (user and system) of these
+    /// processes and all their descendants over the measured window, and
+    /// of this generator: give the halfsync master's pid for the proxy and
+    /// every worker (Linux /proc; not with --processes).
+    #[arg(long, value_delimiter = ',', value_name = "PID")]
+    cpu: Vec<u32>,
 }
 
 fn config(cli: &Cli) -> anyhow::Result<Config> {
@@ -186,6 +193,7 @@ fn main() -> ExitCode {
         processes: cli.processes,
         exe: None,
         interrupt: Some(interrupt),
+        cpu: cli.cpu.clone(),
     };
     let report = match halfsync_bench::run_with(&cfg, &opts) {
         Ok(r) => r,

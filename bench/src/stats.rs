@@ -468,6 +468,10 @@ pub struct Report {
     /// No connection error, no verification error, every connection
     /// established and every request answered.
     pub ok: bool,
+    /// With `--cpu`: each process's CPU time per request over the
+    /// measured window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<crate::cpu::CpuReport>,
     /// The merged histogram (not serialized).
     #[serde(skip)]
     pub histogram: Histogram<u64>,
@@ -597,6 +601,31 @@ impl fmt::Display for Report {
                 self.reconnects,
                 self.reconnects as f64 / self.seconds.max(1e-9)
             )?;
+        }
+        if let Some(cpu) = &self.cpu {
+            writeln!(
+                f,
+                "cpu          per request: user  sys  (share of one CPU) over {:.2}s",
+                cpu.seconds
+            )?;
+            for p in &cpu.processes {
+                writeln!(
+                    f,
+                    "  {:>9.2}us {:>9.2}us  ({:>4.0}%)  {} [{}]",
+                    p.user_us,
+                    p.sys_us,
+                    p.cpu_share * 100.0,
+                    p.name,
+                    p.pid
+                )?;
+            }
+            if cpu.exited > 0 {
+                writeln!(
+                    f,
+                    "  ({} process(es) exited during the window and are not counted)",
+                    cpu.exited
+                )?;
+            }
         }
         for e in &self.errors {
             writeln!(f, "error        {e}")?;

@@ -2,7 +2,7 @@
 //! nanoseconds (shared by every process, so children can agree on a start
 //! time), timerfd (sub-millisecond wake-ups for the open-loop schedule;
 //! epoll's own timeout has millisecond resolution), the open-files limit,
-//! and `IP_BIND_ADDRESS_NO_PORT`.
+//! `IP_BIND_ADDRESS_NO_PORT`, and the clock-tick rate of `/proc` times.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -19,6 +19,14 @@ pub fn now_ns() -> u64 {
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     debug_assert_eq!(rc, 0);
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Clock ticks per second, the unit of `/proc/<pid>/stat` times (100
+/// where it cannot be read, the value on every common Linux).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf takes a constant and touches no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if n > 0 { n as u64 } else { 100 }
 }
 
 /// A non-blocking, close-on-exec timerfd on `CLOCK_MONOTONIC`.

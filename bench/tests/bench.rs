@@ -327,6 +327,7 @@ fn two_processes_merge_exactly() {
         processes: 2,
         exe: Some(EXE.into()),
         interrupt: None,
+        ..Default::default()
     };
     let r = halfsync_bench::run_with(&c, &opts).unwrap();
     assert_clean(&r);
@@ -559,6 +560,7 @@ fn an_interrupt_ends_the_run_with_what_was_measured() {
         processes: 1,
         exe: None,
         interrupt: Some(flag),
+        ..Default::default()
     };
     let r = halfsync_bench::run_with(&c, &opts).unwrap();
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
@@ -615,4 +617,102 @@ fn a_bad_request_reply_is_read_before_the_close() {
     assert_eq!(r.conn_errors.closed + r.conn_errors.reset, 2, "{r}");
     // a request sent after the reply and before the close was seen is lost
     assert!(r.unanswered <= 2, "{r}");
+}
+
+/// Kills a process group when dropped (the test's CPU burners), even if
+/// the test fails.
+struct KillGroup(std::process::Child);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let pgid = self.0.id() as libc::pid_t;
+        // SAFETY: kill(2) with a negative pid signals the group this test
+        // created (`process_group(0)` below); no memory is passed.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// `--cpu`: the given process and its descendants, each with its CPU per
+/// request and share of a CPU over the measured window, and the generator.
+#[test]
+fn cpu_split_of_a_process_tree() {
+    use std::os::unix::process::CommandExt;
+    let s = Server::start(Mode::Echo);
+    // `timeout` (bounds the burners if this test is killed) runs a shell
+    // that burns a CPU and starts a child shell that burns another.
+    let burners = KillGroup(
+        Command::new("timeout")
+            .args([
+                "60",
+                "sh",
+                "-c",
+                "sh -c 'while :; do :; done' & while :; do :; done",
+            ])
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let root = burners.0.id();
+    let mut c = cfg(&s);
+    c.warmup = Duration::from_millis(300);
+    c.requests = None;
+    c.duration = Some(Duration::from_millis(1500));
+    let opts = RunOptions {
+        cpu: vec![root],
+        ..Default::default()
+    };
+    let r = halfsync_bench::run_with(&c, &opts).unwrap();
+    assert_clean(&r);
+    let cpu = r.cpu.clone().expect("a cpu report");
+    assert!((cpu.seconds - 1.5).abs() < 0.1, "{r}");
+    assert_eq!(cpu.exited, 0, "{r}");
+    // timeout, the shell, its child; then the generator.
+    assert_eq!(cpu.processes.len(), 4, "{r}");
+    assert_eq!(cpu.processes[0].pid, root);
+    assert!(cpu.processes[0].name.starts_with("timeout 60 sh"), "{r}");
+    let burning = cpu.processes[1..3]
+        .iter()
+        .filter(|p| p.name.starts_with("sh -c") && p.cpu_share > 0.1 && p.user_us > 0.0)
+        .count();
+    assert_eq!(burning, 2, "{r}");
+    let me = cpu.processes.last().unwrap();
+    assert_eq!(
+        (me.pid, me.name.as_str()),
+        (std::process::id(), "halfsync-bench")
+    );
+    assert!(me.cpu_share > 0.0, "{r}");
+    // Per request and share of a CPU say the same thing.
+    for p in &cpu.processes {
+        let share = (p.user_us + p.sys_us) * r.rps / 1e6;
+        assert!((share - p.cpu_share).abs() < 0.01, "{p:?} in\n{r}");
+    }
+    let text = r.to_string();
+    assert!(text.contains("cpu          per request"), "{text}");
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["cpu"]["processes"].as_array().map(Vec::len), Some(4));
+    drop(burners);
+
+    // Without --cpu there is no such section; a pid that is not running
+    // and --processes are refused before the run.
+    assert!(run(&cfg(&s)).cpu.is_none());
+    let addr = s.addr.to_string();
+    let (code, _, err) = cli(&["--addr", &addr, "-n", "10", "--cpu", "4294967295"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--cpu 4294967295: no such process"), "{err}");
+    let (code, _, err) = cli(&[
+        "--addr",
+        &addr,
+        "-n",
+        "10",
+        "--processes",
+        "2",
+        "--cpu",
+        &root.to_string(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--cpu needs a single generator process"),
+        "{err}"
+    );
 }
