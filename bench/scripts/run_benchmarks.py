@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import signal
 import socket
 import statistics
@@ -76,18 +75,6 @@ def cmdline(pid):
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def cpu(pid):
-    """(user, system) seconds of a process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-        fields = st[st.rfind(")") + 2:].split()
-        hz = os.sysconf("SC_CLK_TCK")
-        return int(fields[11]) / hz, int(fields[12]) / hz
-    except OSError:
-        return 0.0, 0.0
 
 
 def rss_kib(pid):
@@ -151,12 +138,6 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError("server did not start (its log is above)")
 
-    def cpu(self):
-        """(proxy user, proxy sys, workers user, workers sys) seconds."""
-        pu, ps = map(sum, zip(*[cpu(p) for p in self.proxy])) if self.proxy else (0, 0)
-        wu, ws = map(sum, zip(*[cpu(p) for p in self.workers])) if self.workers else (0, 0)
-        return pu, ps, wu, ws
-
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -173,23 +154,23 @@ class Server:
         subprocess.run(["rm", "-rf", self.dir])
 
 
-def bench(port, args, pin=False):
+def bench(port, args, pin=False, cpu_pid=None):
+    """One halfsync-bench run's JSON report; with `cpu_pid`, the report's
+    `cpu` section covers that process and its descendants (`--cpu`)."""
     cmd = [BENCH, "--addr", f"127.0.0.1:{port}", "--json"] + [str(a) for a in args]
     if "--rate" in cmd:
         # Open loop: keep the histogram, so the rounds can be pooled.
         cmd.append("--histogram")
+    if cpu_pid is not None:
+        cmd += ["--cpu", str(cpu_pid)]
     if pin:
         cmd = ["taskset", "-c", "1"] + cmd
-    # The generator's own CPU time: it is the only child this waits for.
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         out = json.loads(r.stdout)
     except json.JSONDecodeError:
         raise RuntimeError(f"halfsync-bench failed ({r.returncode}): {r.stderr[-2000:]}")
     out["exit_code"] = r.returncode
-    out["generator_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     out["command"] = "halfsync-bench " + " ".join(str(a) for a in args)
     return out
 
@@ -200,19 +181,23 @@ def errors(r):
 
 
 def measured(server, args, pin):
-    before = server.cpu()
-    r = bench(server.port, args, pin)
-    after = server.cpu()
-    n = max(r["requests"], 1)
-    d = [a - b for a, b in zip(after, before)]
+    """A run of `args`, with the CPU time each process spent per measured
+    request over exactly the measured window (`halfsync-bench --cpu` on the
+    master: the proxy, the workers, and the generator itself)."""
+    r = bench(server.port, args, pin, cpu_pid=server.proc.pid)
+    rows = r.get("cpu", {}).get("processes", [])
+
+    def total(prefix, key):
+        return sum(p[key] for p in rows if p["name"].startswith(prefix))
+
     r["cpu_us_per_request"] = {
-        "proxy_user": d[0] / n * 1e6,
-        "proxy_sys": d[1] / n * 1e6,
-        "workers_user": d[2] / n * 1e6,
-        "workers_sys": d[3] / n * 1e6,
+        "proxy_user": total("halfsync: proxy", "user_us"),
+        "proxy_sys": total("halfsync: proxy", "sys_us"),
+        "workers_user": total("halfsync: worker", "user_us"),
+        "workers_sys": total("halfsync: worker", "sys_us"),
         # The load generator (user + system), for what each request costs
         # everything on the machine: unpinned, that bounds the ratio.
-        "generator": r["generator_cpu_s"] / n * 1e6,
+        "generator": total("halfsync-bench", "user_us") + total("halfsync-bench", "sys_us"),
     }
     return r
 
