@@ -23,8 +23,8 @@ const RUN_TIME_GAPS: std::ops::RangeInclusive<u32> = 8..=24;
 /// Decides which requests have their run time sampled (see
 /// [`RUN_TIME_GAPS`]); not the first, which runs on cold caches, unless
 /// the worker is recycled after so few requests (`max_requests`) that it
-/// would otherwise never sample: it then samples half-way through its
-/// life, or its only request. (Without any sample the group's in-flight
+/// would otherwise never sample: it then samples request `max / 2 + 1`
+/// (the second of two, the only one of one). (Without any sample the group's in-flight
 /// cap stays at its starting 16, whatever its requests cost.)
 struct RunSampler {
     left: u32,
@@ -37,7 +37,8 @@ impl RunSampler {
         let mut s = RunSampler { left: 0, rng };
         s.left = s.gap();
         if max_requests > 0 {
-            let half_way = max_requests.div_ceil(2).min(u64::from(u32::MAX)) as u32;
+            // Request `max / 2 + 1`: the second of two, the first of one.
+            let half_way = (max_requests / 2 + 1).min(u64::from(u32::MAX)) as u32;
             s.left = s.left.min(half_way);
         }
         s
@@ -223,7 +224,9 @@ pub fn run(spec: WorkerSpec) -> i32 {
         let Ok(Some(mut res)) = tx.try_reserve(first) else {
             break EXIT_SLOT_FAILED;
         };
-        let sample = sampler.next();
+        // A stale request is not run, so it cannot be a sample (a worker
+        // recycled after a few requests may have only one).
+        let sample = !stale && sampler.next();
         let (status, written) = if stale {
             let msg = b"waited longer than queue_timeout for a worker";
             let buf = res.buf();
@@ -243,7 +246,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
             )
         };
         // On sampled replies, flags carries the run time (see `Meta::flags`).
-        let flags = if sample && !stale {
+        let flags = if sample {
             let us = (sys::monotonic_ns().saturating_sub(now) + 500) / 1000;
             1 + us.min(u16::MAX as u64 - 1) as u16
         } else {
@@ -378,27 +381,29 @@ mod tests {
 
     #[test]
     fn a_worker_recycled_early_still_samples_once() {
-        for max_requests in [1u64, 2, 3, 7, 15, 30] {
+        for max_requests in [1u64, 2, 3, 4, 7, 15, 16, 30] {
             for seed in 0..50 {
                 let mut s = RunSampler::new(fastrand::Rng::with_seed(seed), max_requests);
                 let first = (1..=max_requests).find(|_| s.next());
                 let Some(first) = first else {
                     panic!("max_requests {max_requests}, seed {seed}: never sampled");
                 };
-                // Half-way through a short life; the usual gap otherwise.
-                let limit = max_requests
-                    .div_ceil(2)
-                    .min(u64::from(*RUN_TIME_GAPS.end()));
-                assert!(
-                    first <= limit,
-                    "max_requests {max_requests}: first at {first}"
-                );
+                // Request max / 2 + 1 of a life shorter than every gap (the
+                // second of two, not the first); no later than that beyond.
+                let half_way = max_requests / 2 + 1;
+                if half_way <= u64::from(*RUN_TIME_GAPS.start()) {
+                    assert_eq!(first, half_way, "max_requests {max_requests}");
+                } else {
+                    assert!(first <= half_way, "max_requests {max_requests}: {first}");
+                }
             }
         }
         // No limit, or a long one: never the first request.
         for max_requests in [0u64, 100] {
-            let mut s = RunSampler::new(fastrand::Rng::with_seed(3), max_requests);
-            assert!(!s.next());
+            for seed in 0..50 {
+                let mut s = RunSampler::new(fastrand::Rng::with_seed(seed), max_requests);
+                assert!(!s.next());
+            }
         }
     }
 }
