@@ -185,7 +185,9 @@ def measured(server, args, pin):
     request over exactly the measured window (`halfsync-bench --cpu` on the
     master: the proxy, the workers, and the generator itself)."""
     r = bench(server.port, args, pin, cpu_pid=server.proc.pid)
-    rows = r.get("cpu", {}).get("processes", [])
+    cpu = r.get("cpu", {})
+    rows = cpu.get("processes", [])
+    gen = cpu.get("generator") or {"user_us": 0.0, "sys_us": 0.0}
 
     def total(prefix, key):
         return sum(p[key] for p in rows if p["name"].startswith(prefix))
@@ -197,7 +199,7 @@ def measured(server, args, pin):
         "workers_sys": total("halfsync: worker", "sys_us"),
         # The load generator (user + system), for what each request costs
         # everything on the machine: unpinned, that bounds the ratio.
-        "generator": total("halfsync-bench", "user_us") + total("halfsync-bench", "sys_us"),
+        "generator": gen["user_us"] + gen["sys_us"],
     }
     return r
 

@@ -296,8 +296,8 @@ pub fn run_with(cfg: &Config, opts: &RunOptions) -> anyhow::Result<Report> {
     );
     for &pid in &opts.cpu {
         ensure!(
-            std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "--cpu {pid}: no such process (give the pid of a running server, e.g. the halfsync master's)"
+            cpu::is_process(pid),
+            "--cpu {pid}: no such process on this host (give the pid of a running server, e.g. the halfsync master's)"
         );
     }
     let mut progress = ProgressLine::new(cfg);

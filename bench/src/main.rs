@@ -28,7 +28,7 @@ Examples:
   halfsync-bench -c 10 --depth 16 --requests 1000000 --json
   halfsync-bench --connect-only -c 19000 --active 1000 --rate 20000 --hold 30s
   halfsync-bench -c 60000 --processes 4 --source 127.0.0.2,127.0.0.3,127.0.0.4
-  halfsync-bench -c 50 --depth 16 --cpu $(pgrep -f 'halfsync: master')   CPU split per process
+  halfsync-bench -c 50 --depth 16 --cpu $(pgrep -d, -f '^halfsync: master')   CPU per process
 
 Exit status: 0 clean; 1 errors found (report printed); 2 could not run (bad arguments, or no connection could be made).")]
 struct Cli {
@@ -114,7 +114,8 @@ struct Cli {
     /// Also report the CPU time per request (user and system) of these
     /// processes and all their descendants over the measured window, and
     /// of this generator: give the halfsync master's pid for the proxy and
-    /// every worker (Linux /proc; not with --processes).
+    /// every worker (Linux /proc, so the server must run on this host; not
+    /// with --processes).
     #[arg(long, value_delimiter = ',', value_name = "PID")]
     cpu: Vec<u32>,
 }

@@ -603,29 +603,7 @@ impl fmt::Display for Report {
             )?;
         }
         if let Some(cpu) = &self.cpu {
-            writeln!(
-                f,
-                "cpu          per request: user  sys  (share of one CPU) over {:.2}s",
-                cpu.seconds
-            )?;
-            for p in &cpu.processes {
-                writeln!(
-                    f,
-                    "  {:>9.2}us {:>9.2}us  ({:>4.0}%)  {} [{}]",
-                    p.user_us,
-                    p.sys_us,
-                    p.cpu_share * 100.0,
-                    p.name,
-                    p.pid
-                )?;
-            }
-            if cpu.exited > 0 {
-                writeln!(
-                    f,
-                    "  ({} process(es) exited during the window and are not counted)",
-                    cpu.exited
-                )?;
-            }
+            write!(f, "{cpu}")?;
         }
         for e in &self.errors {
             writeln!(f, "error        {e}")?;
