@@ -113,8 +113,15 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             .collect(),
         None => vec![p["pid"].to_string()],
     };
+    let proxy_cpu: Vec<String> = p["cpu_s"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| !c.is_null())
+        .map(cpu)
+        .collect();
     out!(
-        "{} {}: {} connections ({} accepted, {} refused), {} requests in flight",
+        "{} {}: {} connections ({} accepted, {} refused), {} requests in flight{}",
         if pids.len() > 1 {
             "proxies, pids"
         } else {
@@ -124,7 +131,12 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         p["connections"],
         p["accepted"],
         p["refused"],
-        p["inflight"]
+        p["inflight"],
+        if proxy_cpu.is_empty() {
+            String::new()
+        } else {
+            format!("; cpu {}", proxy_cpu.join(", "))
+        }
     );
     for g in v["groups"].as_array().into_iter().flatten() {
         if g["retired"] == Value::Bool(true) && g["workers"].as_array().is_none_or(|w| w.is_empty())
@@ -163,18 +175,32 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
                 _ => String::new(),
             };
             out!(
-                "  worker {:<3} pid {:<8} {:<10} served {:<8} rss {:>6} KiB  restarts {}{current}",
+                "  worker {:<3} pid {:<8} {:<10} served {:<8} rss {:>6} KiB  cpu {:<22} restarts {}{current}",
                 w["worker"],
                 w["pid"].as_i64().map_or("-".to_owned(), |p| p.to_string()),
                 w["state"].as_str().unwrap_or("?"),
                 n(&w["served"]),
                 n(&w["rss_kib"]),
+                if w["cpu_s"].is_null() {
+                    "-".to_owned()
+                } else {
+                    cpu(&w["cpu_s"])
+                },
                 n(&w["restarts"])
             );
         }
     }
     out!("total replies: {}", replies(&v["totals"]["replies"]));
     Ok(())
+}
+
+/// `{"user": u, "system": s}` as `1.23s user 4.56s sys`.
+fn cpu(v: &Value) -> String {
+    format!(
+        "{:.2}s user {:.2}s sys",
+        v["user"].as_f64().unwrap_or(0.0),
+        v["system"].as_f64().unwrap_or(0.0)
+    )
 }
 
 fn replies(v: &Value) -> String {

@@ -435,14 +435,6 @@ fn clients_that_never_read_cannot_grow_the_proxy() {
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
 }
 
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
-    let f: Vec<&str> = rest.split(' ').collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
 /// Out of file descriptors, the proxy accepts and closes new connections
 /// at once (counted, logged) instead of spinning on the listener or
 /// leaving clients hanging, and keeps serving the ones it has.

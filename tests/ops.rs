@@ -283,7 +283,8 @@ fn status_json_matches_the_processes_and_adds_up() {
     let port = free_port();
     let mut s = Server::start(&versioned(port, 3, "", "", ""), port);
     let mut c = s.client();
-    for id in 0..300 {
+    // Enough for the proxy to use a few clock ticks of CPU (checked below).
+    for id in 0..3000 {
         assert_eq!(c.call(id, 1, b"hello").unwrap().code, status::OK);
     }
     assert_eq!(
@@ -317,11 +318,24 @@ fn status_json_matches_the_processes_and_adds_up() {
         .map(|w| w["pid"].as_i64().unwrap() as i32)
         .collect();
     assert_eq!(pids, s.worker_pids().into_iter().collect::<HashSet<_>>());
+    // CPU seconds as /proc counts them (ticks of 1/100 s), read just after
+    // (an idle process adds at most a tick meanwhile).
+    let cpu_matches = |cpu: &Value, pid: i32| {
+        let secs = cpu["user"].as_f64().unwrap() + cpu["system"].as_f64().unwrap();
+        let ticks = cpu_ticks(pid) as f64;
+        assert!(
+            secs * 100.0 <= ticks + 0.5 && ticks <= secs * 100.0 + 1.5,
+            "{cpu} against {ticks} ticks"
+        );
+    };
+    assert!(cpu_ticks(proxy[0]) >= 2, "the proxy used almost no CPU");
+    cpu_matches(&st["proxy"]["cpu_s"][0], proxy[0]);
     for w in &workers {
         let pid = w["pid"].as_i64().unwrap() as i32;
         assert!(alive(pid));
         assert!(cmdline(pid).contains(&format!("halfsync: worker game {}", w["worker"])));
         assert!(w["rss_kib"].as_u64().unwrap() > 0);
+        cpu_matches(&w["cpu_s"], pid);
     }
     // Per worker: served by the process = its OK + PLUGIN_ERROR replies.
     let sum = |key: &str| -> u64 {
@@ -336,7 +350,7 @@ fn status_json_matches_the_processes_and_adds_up() {
     // the totals = the groups plus replies without a group.
     assert_eq!(g["replies"]["OK"], sum("OK"));
     assert_eq!(g["replies"]["PLUGIN_ERROR"], 1);
-    assert!(sum("OK") >= 300, "the readiness pings count too");
+    assert!(sum("OK") >= 3000, "the readiness pings count too");
     assert_eq!(st["totals"]["replies"]["OK"], g["replies"]["OK"]);
     assert_eq!(st["proxy"]["connections"].as_u64().unwrap(), 1);
     // The table form prints too.
@@ -436,6 +450,15 @@ fn metrics_endpoint_counts_what_was_sent() {
         delta("halfsync_queue_wait_seconds_count{group=\"game\"}"),
         258
     );
+    // CPU time of the proxy and of each worker, user and system.
+    for series in [
+        "halfsync_cpu_seconds_total{role=\"proxy\",group=\"\",worker=\"0\",mode=\"user\"} ",
+        "halfsync_cpu_seconds_total{role=\"proxy\",group=\"\",worker=\"0\",mode=\"system\"} ",
+        "halfsync_cpu_seconds_total{role=\"worker\",group=\"game\",worker=\"0\",mode=\"user\"} ",
+        "halfsync_cpu_seconds_total{role=\"worker\",group=\"game\",worker=\"1\",mode=\"system\"} ",
+    ] {
+        assert!(after.contains(series), "{series} in\n{after}");
+    }
     assert_eq!(
         metric(
             &after,

@@ -49,6 +49,28 @@ fn rss_kib(pid: i32) -> u64 {
     pages * 4
 }
 
+/// User and system CPU seconds a process has used since it started
+/// (`None` if it is gone), from `/proc/<pid>/stat`: fields 14 and 15,
+/// counted after the command name's closing parenthesis (the name may hold
+/// spaces and parentheses).
+fn cpu_seconds(pid: i32) -> Option<(f64, f64)> {
+    let raw = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut f = rest.split_ascii_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    let tick = super::sys::clock_ticks_per_second() as f64;
+    Some((utime as f64 / tick, stime as f64 / tick))
+}
+
+fn cpu_json(pid: Option<i32>) -> Value {
+    match pid.and_then(cpu_seconds) {
+        Some((u, s)) => json!({"user": u, "system": s}),
+        None => Value::Null,
+    }
+}
+
 /// The whole status, as a JSON object (one line).
 pub(crate) fn status(m: &Master) -> String {
     let now = monotonic_ns();
@@ -94,6 +116,7 @@ pub(crate) fn status(m: &Master) -> String {
                 "served": if pid.is_some() { ctl.served() } else { 0 },
                 "current": current,
                 "rss_kib": pid.map_or(0, rss_kib),
+                "cpu_s": cpu_json(pid),
                 "restarts": s.restarts,
                 "pending": ss.pending,
                 "dispatched": ss.dispatched,
@@ -134,6 +157,8 @@ pub(crate) fn status(m: &Master) -> String {
         "proxy": {
             "pid": m.proxies.first().and_then(|p| p.as_ref()).map(|p| p.pid),
             "pids": m.proxies.iter().map(|p| p.as_ref().map(|p| p.pid)).collect::<Vec<_>>(),
+            // Per proxy, in the order of `pids`.
+            "cpu_s": m.proxies.iter().map(|p| cpu_json(p.as_ref().map(|p| p.pid))).collect::<Vec<_>>(),
             "connections": global.connections,
             "inflight": inflight,
             "accepted": global.accepted,
@@ -320,6 +345,30 @@ pub(crate) fn metrics(m: &Master) -> String {
                 s.label,
                 r.occupancy()
             );
+        }
+    }
+
+    o.push_str("# HELP halfsync_cpu_seconds_total CPU time of each proxy and worker process since it started (starts again from 0 when the process is replaced).\n");
+    o.push_str("# TYPE halfsync_cpu_seconds_total counter\n");
+    let mut cpu_line = |role: &str, group: &str, n: String, pid: i32| {
+        if let Some((u, s)) = cpu_seconds(pid) {
+            for (mode, v) in [("user", u), ("system", s)] {
+                let _ = writeln!(
+                    o,
+                    "halfsync_cpu_seconds_total{{role=\"{role}\",group=\"{group}\",worker=\"{n}\",mode=\"{mode}\"}} {v}"
+                );
+            }
+        }
+    };
+    for (i, p) in m.proxies.iter().enumerate() {
+        if let Some(p) = p {
+            cpu_line("proxy", "", i.to_string(), p.pid);
+        }
+    }
+    for s in &m.slots {
+        if let Some(pid) = s.pid() {
+            let gname = groups.get(s.group).map_or("", |g| g.1.as_str());
+            cpu_line("worker", gname, s.label.to_string(), pid);
         }
     }
 

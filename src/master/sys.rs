@@ -250,3 +250,11 @@ pub fn spawn(
     // dropped without waiting, which neither kills nor reaps.
     Ok(child.id() as i32)
 }
+
+/// Clock ticks per second, the unit of `/proc/<pid>/stat` times (100
+/// where it cannot be read, the value on every common Linux).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf takes a constant and touches no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if n > 0 { n as u64 } else { 100 }
+}
