@@ -1,7 +1,8 @@
 //! `halfsync status` (JSON) and the Prometheus metrics, both built from
 //! the same sources: the master's own records (processes, restarts), each
-//! worker's control block (state, served, current request) and the
-//! proxy's stats page (replies by status, queues, latencies). Group and
+//! worker's control block (state, served, current request), the
+//! proxy's stats page (replies by status, queues, latencies) and `/proc`
+//! (each process's RSS and CPU time). Group and
 //! total counts are sums of per-worker and per-group counters, never
 //! counters of their own, so they always add up.
 
