@@ -113,12 +113,12 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             .collect(),
         None => vec![p["pid"].to_string()],
     };
+    // Per proxy, in the order of the pids ("-" for one that is down).
     let proxy_cpu: Vec<String> = p["cpu_s"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|c| !c.is_null())
-        .map(cpu)
+        .map(|c| if c.is_null() { "-".to_owned() } else { cpu(c) })
         .collect();
     out!(
         "{} {}: {} connections ({} accepted, {} refused), {} requests in flight{}",
@@ -144,7 +144,7 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             continue;
         }
         out!(
-            "group {} ({} pool, {} worker{}, {} wanted, generation {}{}): {} queued; up to {} in flight per worker ({}); replies {}",
+            "group {} ({} pool, {} worker{}, {} wanted, generation {}{}): {} queued; up to {} in flight per worker ({}); replies {}; workers' cpu {}",
             g["name"].as_str().unwrap_or("?"),
             g["pool"].as_str().unwrap_or("?"),
             g["workers_running"],
@@ -162,7 +162,12 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
                 Some(us) => format!("mean run {us:.1} us"),
                 None => "no run time sampled yet".to_owned(),
             },
-            replies(&g["replies"])
+            replies(&g["replies"]),
+            if g["cpu_s"].is_null() {
+                "-".to_owned()
+            } else {
+                cpu(&g["cpu_s"])
+            }
         );
         for w in g["workers"].as_array().into_iter().flatten() {
             let current = match &w["current"] {
@@ -175,7 +180,7 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
                 _ => String::new(),
             };
             out!(
-                "  worker {:<3} pid {:<8} {:<10} served {:<8} rss {:>6} KiB  cpu {:<22} restarts {}{current}",
+                "  worker {:<3} pid {:<8} {:<10} served {:<8} rss {:>6} KiB  cpu {:>27}  restarts {}{current}",
                 w["worker"],
                 w["pid"].as_i64().map_or("-".to_owned(), |p| p.to_string()),
                 w["state"].as_str().unwrap_or("?"),
@@ -184,7 +189,7 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
                 if w["cpu_s"].is_null() {
                     "-".to_owned()
                 } else {
-                    cpu(&w["cpu_s"])
+                    cpu_column(&w["cpu_s"])
                 },
                 n(&w["restarts"])
             );
@@ -198,6 +203,15 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
 fn cpu(v: &Value) -> String {
     format!(
         "{:.2}s user {:.2}s sys",
+        v["user"].as_f64().unwrap_or(0.0),
+        v["system"].as_f64().unwrap_or(0.0)
+    )
+}
+
+/// The same in fixed widths (up to 99,999 s), for the worker column.
+fn cpu_column(v: &Value) -> String {
+    format!(
+        "{:>9.2}s user {:>8.2}s sys",
         v["user"].as_f64().unwrap_or(0.0),
         v["system"].as_f64().unwrap_or(0.0)
     )

@@ -318,15 +318,18 @@ fn status_json_matches_the_processes_and_adds_up() {
         .map(|w| w["pid"].as_i64().unwrap() as i32)
         .collect();
     assert_eq!(pids, s.worker_pids().into_iter().collect::<HashSet<_>>());
-    // CPU seconds as /proc counts them (ticks of 1/100 s), read just after
-    // (an idle process adds at most a tick meanwhile).
+    // CPU seconds as /proc counts them (ticks of 1/100 s), user and system
+    // each, read just after (an idle process adds at most a tick meanwhile).
     let cpu_matches = |cpu: &Value, pid: i32| {
-        let secs = cpu["user"].as_f64().unwrap() + cpu["system"].as_f64().unwrap();
-        let ticks = cpu_ticks(pid) as f64;
-        assert!(
-            secs * 100.0 <= ticks + 0.5 && ticks <= secs * 100.0 + 1.5,
-            "{cpu} against {ticks} ticks"
-        );
+        let (u, s) = cpu_ticks_split(pid);
+        for (secs, ticks) in [(&cpu["user"], u), (&cpu["system"], s)] {
+            let secs = secs.as_f64().unwrap();
+            let ticks = ticks as f64;
+            assert!(
+                secs * 100.0 <= ticks + 0.5 && ticks <= secs * 100.0 + 1.5,
+                "{cpu} against {u} user and {s} system ticks"
+            );
+        }
     };
     assert!(cpu_ticks(proxy[0]) >= 2, "the proxy used almost no CPU");
     cpu_matches(&st["proxy"]["cpu_s"][0], proxy[0]);
@@ -336,6 +339,22 @@ fn status_json_matches_the_processes_and_adds_up() {
         assert!(cmdline(pid).contains(&format!("halfsync: worker game {}", w["worker"])));
         assert!(w["rss_kib"].as_u64().unwrap() > 0);
         cpu_matches(&w["cpu_s"], pid);
+    }
+    // The group's: its workers' (none has ended here).
+    let group_cpu = &g["cpu_s"];
+    let ticks: (u64, u64) = workers.iter().fold((0, 0), |acc, w| {
+        let (u, s) = cpu_ticks_split(w["pid"].as_i64().unwrap() as i32);
+        (acc.0 + u, acc.1 + s)
+    });
+    for (secs, ticks) in [
+        (&group_cpu["user"], ticks.0),
+        (&group_cpu["system"], ticks.1),
+    ] {
+        let secs = secs.as_f64().unwrap() * 100.0;
+        assert!(
+            (secs - ticks as f64).abs() <= 3.5,
+            "{group_cpu} against {ticks:?}"
+        );
     }
     // Per worker: served by the process = its OK + PLUGIN_ERROR replies.
     let sum = |key: &str| -> u64 {
@@ -371,6 +390,26 @@ fn metric(text: &str, name_and_labels: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+fn metric_f64(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.starts_with(name_and_labels) && l.as_bytes().get(name_and_labels.len()) == Some(&b' ')
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}
+
+/// No series (name and labels) appears twice in a scrape.
+fn assert_unique_series(text: &str) {
+    let mut seen = HashSet::new();
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let series = l.rsplit_once(' ').map_or(l, |(k, _)| k);
+        assert!(seen.insert(series.to_owned()), "{series} twice in\n{text}");
+    }
+}
+
 fn scrape(port: u16) -> String {
     use std::io::{Read, Write};
     let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
@@ -394,7 +433,7 @@ fn metrics_endpoint_counts_what_was_sent() {
         "",
         &format!("metrics_listen = \"127.0.0.1:{mport}\""),
     );
-    let s = Server::start(&text, port);
+    let mut s = Server::start(&text, port);
     let before = scrape(mport);
     let mut c = s.client();
     for id in 0..250 {
@@ -450,15 +489,30 @@ fn metrics_endpoint_counts_what_was_sent() {
         delta("halfsync_queue_wait_seconds_count{group=\"game\"}"),
         258
     );
-    // CPU time of the proxy and of each worker, user and system.
-    for series in [
-        "halfsync_cpu_seconds_total{role=\"proxy\",group=\"\",worker=\"0\",mode=\"user\"} ",
-        "halfsync_cpu_seconds_total{role=\"proxy\",group=\"\",worker=\"0\",mode=\"system\"} ",
-        "halfsync_cpu_seconds_total{role=\"worker\",group=\"game\",worker=\"0\",mode=\"user\"} ",
-        "halfsync_cpu_seconds_total{role=\"worker\",group=\"game\",worker=\"1\",mode=\"system\"} ",
-    ] {
-        assert!(after.contains(series), "{series} in\n{after}");
+    // CPU time of the proxy, user and system, as /proc counts it (the
+    // series are in seconds, /proc in ticks of 1/100 s).
+    let proxy = s.pids_titled("halfsync: proxy")[0];
+    let (u, sy) = cpu_ticks_split(proxy);
+    for (mode, ticks) in [("user", u), ("system", sy)] {
+        let v = metric_f64(
+            &after,
+            &format!("halfsync_cpu_seconds_total{{role=\"proxy\",group=\"\",mode=\"{mode}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no proxy {mode} series in\n{after}"));
+        assert!(
+            v * 100.0 <= ticks as f64 + 0.5 && ticks as f64 <= v * 100.0 + 1.5,
+            "{mode}: {v} s against {ticks} ticks"
+        );
     }
+    assert!(
+        metric_f64(
+            &after,
+            "halfsync_cpu_seconds_total{role=\"worker\",group=\"game\",mode=\"system\"}"
+        )
+        .is_some(),
+        "{after}"
+    );
+    assert_unique_series(&after);
     assert_eq!(
         metric(
             &after,
@@ -502,6 +556,56 @@ fn metrics_endpoint_counts_what_was_sent() {
             "{line:?}"
         );
     }
+}
+
+/// While workers are recycled (each replacement runs beside the worker it
+/// replaces until it is ready), every scrape lists each series once, and
+/// the workers' CPU counter never goes back: what the ended workers used
+/// stays in it.
+#[test]
+fn metrics_stay_unique_and_monotonic_while_workers_are_recycled() {
+    let port = free_port();
+    let mport = free_port();
+    let text = versioned(
+        port,
+        2,
+        "",
+        // Long enough lives that each worker uses several clock ticks.
+        "max_requests = 20000\nmax_requests_jitter = 5000",
+        &format!("metrics_listen = \"127.0.0.1:{mport}\""),
+    );
+    let s = Server::start(&text, port);
+    let load = Load::start(s.addr, 4, 16, 64);
+    let series = |mode: &str| {
+        format!("halfsync_cpu_seconds_total{{role=\"worker\",group=\"game\",mode=\"{mode}\"}}")
+    };
+    let mut last = (0.0, 0.0);
+    let mut recycled = 0;
+    for _ in 0..200 {
+        let text = scrape(mport);
+        assert_unique_series(&text);
+        let now = (
+            metric_f64(&text, &series("user")).unwrap(),
+            metric_f64(&text, &series("system")).unwrap(),
+        );
+        // One tick of slack: a worker read live is later counted from its
+        // rusage, which is exact where /proc rounds down to a tick.
+        assert!(
+            now.0 >= last.0 - 0.011 && now.1 >= last.1 - 0.011,
+            "{last:?} then {now:?}"
+        );
+        last = (last.0.max(now.0), last.1.max(now.1));
+        recycled = metric(
+            &text,
+            "halfsync_worker_restarts_total{group=\"game\",cause=\"recycle\"}",
+        );
+        if recycled >= 6 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(recycled >= 6, "only {recycled} recycles; log:\n{}", s.log());
+    assert!(load.finish() > 3000);
 }
 
 /// The admin socket is a 0600 Unix socket of the server's user; nothing

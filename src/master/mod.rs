@@ -149,6 +149,8 @@ pub(crate) struct GroupRec {
     pub(crate) retired: bool,
     /// Worker processes ended, by [`Cause`] (index in `Cause::ALL`).
     pub(crate) ended: [u64; Cause::ALL.len()],
+    /// CPU of its worker processes that ended (reaped).
+    pub(crate) ended_cpu: sys::CpuTime,
     /// Dynamic pools: checks in a row with too many idle workers.
     idle_checks: u32,
 }
@@ -262,6 +264,8 @@ pub(crate) struct Master {
     pub(crate) slots: Vec<SlotRec>,
     /// Proxy processes by number; `None` while one is down.
     proxies: Vec<Option<ProxyProc>>,
+    /// CPU of the proxy processes that ended (reaped).
+    proxies_ended_cpu: sys::CpuTime,
     /// One stats page per proxy process.
     pub(crate) stats: Vec<Stats>,
     signals: OwnedFd,
@@ -312,6 +316,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
             generation: 1,
             retired: false,
             ended: [0; Cause::ALL.len()],
+            ended_cpu: sys::CpuTime::default(),
             idle_checks: 0,
         })
         .collect();
@@ -325,6 +330,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         listeners,
         slots: Vec::new(),
         proxies: (0..n).map(|_| None).collect(),
+        proxies_ended_cpu: sys::CpuTime::default(),
         stats,
         signals,
         admin,
@@ -1085,7 +1091,7 @@ impl Master {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             match sys::reap() {
-                Ok(Some((pid, _))) => {
+                Ok(Some((pid, _, _))) => {
                     for p in &mut self.proxies {
                         if p.as_ref().is_some_and(|p| p.pid == pid) {
                             *p = None;
@@ -1197,7 +1203,7 @@ impl Master {
     fn reap_children(&mut self) {
         loop {
             match sys::reap() {
-                Ok(Some((pid, how))) => self.on_child_exit(pid, how),
+                Ok(Some((pid, how, cpu))) => self.on_child_exit(pid, how, cpu),
                 Ok(None) => return,
                 Err(e) => {
                     error!("waitpid: {e}");
@@ -1207,13 +1213,14 @@ impl Master {
         }
     }
 
-    fn on_child_exit(&mut self, pid: i32, how: i32) {
+    fn on_child_exit(&mut self, pid: i32, how: i32, cpu: sys::CpuTime) {
         if let Some(p) = self
             .proxies
             .iter()
             .position(|p| p.as_ref().is_some_and(|p| p.pid == pid))
         {
             self.proxies[p] = None;
+            self.proxies_ended_cpu += cpu;
             if self.stopping.is_some() {
                 info!(pid, proxy = p, "proxy exited");
                 self.stop_workers_of(Some(p));
@@ -1237,6 +1244,7 @@ impl Master {
             return;
         };
         let name = self.groups[s.group].config.name.clone();
+        self.groups[s.group].ended_cpu += cpu;
         let served = s.slot.control().served();
         s.ever_ready |= served > 0;
         let cause = s.end_cause.take().unwrap_or(if how == EXIT_PLUGIN_FAILED {
@@ -1454,7 +1462,10 @@ impl Master {
         let mine: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].proxy == p)
             .collect();
-        let pids: Vec<i32> = mine.iter().filter_map(|&i| self.slots[i].pid()).collect();
+        let pids: Vec<(i32, usize)> = mine
+            .iter()
+            .filter_map(|&i| Some((self.slots[i].pid()?, self.slots[i].group)))
+            .collect();
         for &i in &mine {
             let Some(pid) = self.slots[i].pid() else {
                 continue;
@@ -1472,9 +1483,10 @@ impl Master {
             .filter(|&i| self.slots[i].active())
             .collect();
         // SIGKILLed children die promptly; reap them before touching their slots.
-        for pid in pids {
-            if let Err(e) = sys::reap_pid(pid, Duration::from_secs(5)) {
-                warn!(pid, "cannot reap a worker of the dead proxy: {e}");
+        for (pid, g) in pids {
+            match sys::reap_pid(pid, Duration::from_secs(5)) {
+                Ok(cpu) => self.groups[g].ended_cpu += cpu,
+                Err(e) => warn!(pid, "cannot reap a worker of the dead proxy: {e}"),
             }
         }
         if let Some(job) = self.reload.take()

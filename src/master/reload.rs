@@ -103,6 +103,7 @@ impl Master {
                         generation,
                         retired: false,
                         ended: [0; Cause::ALL.len()],
+                        ended_cpu: Default::default(),
                         idle_checks: 0,
                     });
                     fresh.push(self.groups.len() - 1);

@@ -12,6 +12,7 @@ use halfsync_proxy::stats::{BUCKETS_US, HistogramSnapshot, STATUSES};
 use halfsync_shm::sys::monotonic_ns;
 use serde_json::{Value, json};
 
+use super::sys::CpuTime;
 use super::{Cause, Master};
 
 /// Status names in the order of the stats arrays.
@@ -54,7 +55,7 @@ fn rss_kib(pid: i32) -> u64 {
 /// (`None` if it is gone), from `/proc/<pid>/stat`: fields 14 and 15,
 /// counted after the command name's closing parenthesis (the name may hold
 /// spaces and parentheses).
-fn cpu_seconds(pid: i32) -> Option<(f64, f64)> {
+fn cpu_seconds(pid: i32) -> Option<CpuTime> {
     let raw = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
     let text = String::from_utf8_lossy(&raw);
     let rest = &text[text.rfind(')')? + 1..];
@@ -62,14 +63,41 @@ fn cpu_seconds(pid: i32) -> Option<(f64, f64)> {
     let utime: u64 = f.next()?.parse().ok()?;
     let stime: u64 = f.next()?.parse().ok()?;
     let tick = super::sys::clock_ticks_per_second() as f64;
-    Some((utime as f64 / tick, stime as f64 / tick))
+    Some(CpuTime {
+        user: utime as f64 / tick,
+        system: stime as f64 / tick,
+    })
+}
+
+fn cpu_value(c: CpuTime) -> Value {
+    json!({"user": c.user, "system": c.system})
 }
 
 fn cpu_json(pid: Option<i32>) -> Value {
-    match pid.and_then(cpu_seconds) {
-        Some((u, s)) => json!({"user": u, "system": s}),
-        None => Value::Null,
+    pid.and_then(cpu_seconds).map_or(Value::Null, cpu_value)
+}
+
+/// CPU of group `id`'s workers: the ended ones (reaped) and the live ones
+/// (from `/proc`), so it only grows as workers are replaced.
+fn group_cpu(m: &Master, id: usize) -> CpuTime {
+    let mut c = m.groups[id].ended_cpu;
+    for s in m.slots.iter().filter(|s| s.group == id) {
+        if let Some(live) = s.pid().and_then(cpu_seconds) {
+            c += live;
+        }
     }
+    c
+}
+
+/// CPU of the proxy processes, ended ones included.
+fn proxies_cpu(m: &Master) -> CpuTime {
+    let mut c = m.proxies_ended_cpu;
+    for p in m.proxies.iter().flatten() {
+        if let Some(live) = cpu_seconds(p.pid) {
+            c += live;
+        }
+    }
+    c
 }
 
 /// The whole status, as a JSON object (one line).
@@ -144,6 +172,8 @@ pub(crate) fn status(m: &Master) -> String {
             // null until the workers have sampled a run time.
             "mean_run_us": (gs.run_ns > 0).then(|| gs.run_ns as f64 / 1000.0),
             "replies": by_status(&replies),
+            // All its worker processes, ended ones included.
+            "cpu_s": cpu_value(group_cpu(m, id)),
             "workers_ended": ended,
             "latency_us": {"count": gs.latency.count(), "sum": gs.latency.sum_us},
             "workers": workers,
@@ -335,42 +365,38 @@ pub(crate) fn metrics(m: &Master) -> String {
         },
     );
 
-    o.push_str("# HELP halfsync_ring_occupancy_bytes Bytes published and not yet consumed in each worker's rings.\n");
+    o.push_str("# HELP halfsync_ring_occupancy_bytes Bytes published and not yet consumed in each worker's rings (`slot` tells a worker from its replacement while both run).\n");
     o.push_str("# TYPE halfsync_ring_occupancy_bytes gauge\n");
-    for s in m.slots.iter().filter(|s| s.pid().is_some()) {
+    for (i, s) in m
+        .slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.pid().is_some())
+    {
         let gname = groups.get(s.group).map_or("", |g| g.1.as_str());
         for (ring, r) in [("request", s.slot.requests()), ("reply", s.slot.replies())] {
             let _ = writeln!(
                 o,
-                "halfsync_ring_occupancy_bytes{{group=\"{gname}\",worker=\"{}\",ring=\"{ring}\"}} {}",
+                "halfsync_ring_occupancy_bytes{{group=\"{gname}\",worker=\"{}\",slot=\"{i}\",ring=\"{ring}\"}} {}",
                 s.label,
                 r.occupancy()
             );
         }
     }
 
-    o.push_str("# HELP halfsync_cpu_seconds_total CPU time of each proxy and worker process since it started (starts again from 0 when the process is replaced).\n");
+    o.push_str("# HELP halfsync_cpu_seconds_total CPU time of the proxy processes (group \"\") and of each group's worker processes, those that ended included.\n");
     o.push_str("# TYPE halfsync_cpu_seconds_total counter\n");
-    let mut cpu_line = |role: &str, group: &str, n: String, pid: i32| {
-        if let Some((u, s)) = cpu_seconds(pid) {
-            for (mode, v) in [("user", u), ("system", s)] {
-                let _ = writeln!(
-                    o,
-                    "halfsync_cpu_seconds_total{{role=\"{role}\",group=\"{group}\",worker=\"{n}\",mode=\"{mode}\"}} {v}"
-                );
-            }
+    let mut cpu_lines = |role: &str, group: &str, c: CpuTime| {
+        for (mode, v) in [("user", c.user), ("system", c.system)] {
+            let _ = writeln!(
+                o,
+                "halfsync_cpu_seconds_total{{role=\"{role}\",group=\"{group}\",mode=\"{mode}\"}} {v}"
+            );
         }
     };
-    for (i, p) in m.proxies.iter().enumerate() {
-        if let Some(p) = p {
-            cpu_line("proxy", "", i.to_string(), p.pid);
-        }
-    }
-    for s in &m.slots {
-        if let Some(pid) = s.pid() {
-            let gname = groups.get(s.group).map_or("", |g| g.1.as_str());
-            cpu_line("worker", gname, s.label.to_string(), pid);
-        }
+    cpu_lines("proxy", "", proxies_cpu(m));
+    for (id, gname) in &groups {
+        cpu_lines("worker", gname, group_cpu(m, *id));
     }
 
     o.push_str(

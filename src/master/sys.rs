@@ -109,10 +109,36 @@ pub fn poll(fds: &mut [libc::pollfd], timeout: Duration) -> io::Result<()> {
     }
 }
 
-/// How a child ended: exit code, or minus the signal that killed it.
-pub fn reap() -> io::Result<Option<(i32, i32)>> {
+/// User and system CPU seconds of a process (for the ones reaped, their
+/// whole life, from `wait4`'s rusage).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuTime {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl std::ops::AddAssign for CpuTime {
+    fn add_assign(&mut self, o: CpuTime) {
+        self.user += o.user;
+        self.system += o.system;
+    }
+}
+
+fn cpu_of(r: &libc::rusage) -> CpuTime {
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    CpuTime {
+        user: secs(r.ru_utime),
+        system: secs(r.ru_stime),
+    }
+}
+
+/// A reaped child: its pid, how it ended (exit code, or minus the signal
+/// that killed it), and the CPU it used.
+pub fn reap() -> io::Result<Option<(i32, i32, CpuTime)>> {
     let mut status = 0;
-    let pid = match syscall!(waitpid(-1, &mut status, libc::WNOHANG)) {
+    // SAFETY: all-zero is a valid rusage (plain integers and timevals).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = match syscall!(wait4(-1, &mut status, libc::WNOHANG, &mut usage)) {
         Ok(p) => p,
         Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(None),
         Err(e) => return Err(e),
@@ -127,18 +153,21 @@ pub fn reap() -> io::Result<Option<(i32, i32)>> {
     } else {
         0
     };
-    Ok(Some((pid, how)))
+    Ok(Some((pid, how, cpu_of(&usage))))
 }
 
-/// Waits up to `limit` for child `pid` to end (after a SIGKILL) and reaps it.
-pub fn reap_pid(pid: i32, limit: std::time::Duration) -> io::Result<()> {
+/// Waits up to `limit` for child `pid` to end (after a SIGKILL) and reaps
+/// it; returns the CPU it used (zero if someone else reaped it).
+pub fn reap_pid(pid: i32, limit: std::time::Duration) -> io::Result<CpuTime> {
     let deadline = std::time::Instant::now() + limit;
     loop {
         let mut status = 0;
-        match syscall!(waitpid(pid, &mut status, libc::WNOHANG)) {
+        // SAFETY: all-zero is a valid rusage.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        match syscall!(wait4(pid, &mut status, libc::WNOHANG, &mut usage)) {
             Ok(0) => {}
-            Ok(_) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(()),
+            Ok(_) => return Ok(cpu_of(&usage)),
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(CpuTime::default()),
             Err(e) => return Err(e),
         }
         if std::time::Instant::now() >= deadline {

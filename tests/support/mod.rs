@@ -94,17 +94,23 @@ pub fn start_time(pid: i32) -> Option<u64> {
         .ok()
 }
 
-/// Whether `pid` exists and is not a zombie.
-/// User plus system time of a process, in clock ticks (`/proc` reports
-/// them in USER_HZ, 100 per second).
-pub fn cpu_ticks(pid: i32) -> u64 {
+/// User and system time of a process, in clock ticks (`/proc` reports
+/// them in USER_HZ, 100 per second); zeros if it is gone.
+pub fn cpu_ticks_split(pid: i32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
     let f: Vec<&str> = rest.split(' ').collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (num(11), num(12))
 }
 
+/// User plus system time of a process, in clock ticks.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let (u, s) = cpu_ticks_split(pid);
+    u + s
+}
+
+/// Whether `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3)) != Some("Z"),
