@@ -3,13 +3,15 @@
 //!
 //! Exit status: 0 clean run; 1 the run finished with errors (verification,
 //! connection, unanswered requests; the report is still printed); 2 bad
-//! arguments, no connection could be made, or the run could not take place.
+//! arguments, no connection could be made, or the run could not take place
+//! (also a second SIGINT or SIGTERM, 200 ms or more after the first: the
+//! first stops the run and prints what was measured).
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -30,7 +32,8 @@ Examples:
   halfsync-bench -c 60000 --processes 4 --source 127.0.0.2,127.0.0.3,127.0.0.4
   halfsync-bench -c 50 --depth 16 --cpu $(pgrep -d, -f '^halfsync: master')   CPU per process
 
-Exit status: 0 clean; 1 errors found (report printed); 2 could not run (bad arguments, or no connection could be made).")]
+Exit status: 0 clean; 1 errors found (report printed); 2 could not run (bad arguments, or no connection could be made).
+Ctrl-C (SIGINT) or SIGTERM stops the run and prints what was measured; a second one ends it at once.")]
 struct Cli {
     /// Server address (HOST:PORT).
     #[arg(long, default_value = "127.0.0.1:7878")]
@@ -184,11 +187,36 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // SIGINT or SIGTERM: stop and report what was measured. Another one
+    // at least 200 ms later ends the process at once (exit status 2);
+    // closer ones are the same signal delivered twice, as `timeout -s INT`
+    // does (to the process, then to its process group).
     let interrupt = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal ends the process at once.
-        let _ = signal_hook::flag::register_conditional_shutdown(sig, 2, interrupt.clone());
-        let _ = signal_hook::flag::register(sig, interrupt.clone());
+    match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(mut signals) => {
+            let flag = interrupt.clone();
+            std::thread::spawn(move || {
+                let mut first: Option<Instant> = None;
+                for _ in signals.forever() {
+                    match first {
+                        None => {
+                            first = Some(Instant::now());
+                            flag.store(true, Ordering::Relaxed);
+                        }
+                        Some(t) if t.elapsed() >= Duration::from_millis(200) => {
+                            std::process::exit(2)
+                        }
+                        Some(_) => {}
+                    }
+                }
+            });
+        }
+        Err(e) => eprintln!(
+            "halfsync-bench: cannot handle SIGINT/SIGTERM ({e}): they will end the run without a report"
+        ),
     }
     let opts = RunOptions {
         processes: cli.processes,

@@ -619,6 +619,43 @@ fn a_bad_request_reply_is_read_before_the_close() {
     assert!(r.unanswered <= 2, "{r}");
 }
 
+/// SIGINT delivered twice at once (as `timeout -s INT` does: to the
+/// process and to its group) stops the run with its report, like one.
+#[test]
+fn a_doubled_interrupt_still_reports() {
+    let s = Server::start(Mode::Echo);
+    let mut child = Command::new(EXE)
+        .args(["--addr", &s.addr.to_string(), "-c", "2", "--warmup", "0s"])
+        .args(["--duration", "30s", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    // Two deliveries 20 ms apart (back to back, the kernel would merge
+    // them into one).
+    for _ in 0..2 {
+        // SAFETY: kill(2) on the child this test started; no memory passed.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = Instant::now();
+    let out = loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            break child.wait_with_output().unwrap();
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running 10 s after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(out.status.code(), Some(0));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["requests"].as_u64() > Some(0), "{r}");
+    assert!(r["seconds"].as_f64().is_some_and(|x| x < 5.0), "{r}");
+}
+
 /// Kills a process group when dropped (the test's CPU burners), even if
 /// the test fails.
 struct KillGroup(std::process::Child);
