@@ -60,6 +60,9 @@ pub struct CpuReport {
     pub seconds: f64,
     /// Seconds per clock tick, the resolution of every time here.
     pub tick_seconds: f64,
+    /// Measured requests per second the per-request figures divide by (0:
+    /// no traffic, e.g. `--connect-only`, and no per-request figures).
+    pub rps: f64,
 }
 
 /// What `/proc/<pid>/stat` says about a process, times in clock ticks.
@@ -270,6 +273,7 @@ fn compute(roots: &[u32], a: &Sample, b: &Sample, rps: f64, tick: f64) -> CpuRep
             .collect(),
         seconds,
         tick_seconds: tick,
+        rps,
     }
 }
 
@@ -318,14 +322,25 @@ impl std::fmt::Display for CpuReport {
             "cpu          user/req    sys/req    CPU  process (over {:.2}s of the measured window)",
             self.seconds
         )?;
+        let per_request = self.rps > 0.0;
         let line = |f: &mut std::fmt::Formatter<'_>, p: &CpuUse, what: &str| {
-            writeln!(
-                f,
-                "           {:>8.2}us {:>8.2}us {:>5.0}%  {what}",
-                p.user_us,
-                p.sys_us,
-                p.cpu_share * 100.0
-            )
+            if per_request {
+                writeln!(
+                    f,
+                    "           {:>8.2}us {:>8.2}us {:>5.0}%  {what}",
+                    p.user_us,
+                    p.sys_us,
+                    p.cpu_share * 100.0
+                )
+            } else {
+                writeln!(
+                    f,
+                    "           {:>10} {:>10} {:>5.0}%  {what}",
+                    "-",
+                    "-",
+                    p.cpu_share * 100.0
+                )
+            }
         };
         for p in &self.processes {
             line(f, p, &format!("{} [{}]", p.name, p.pid))?;
