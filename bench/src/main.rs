@@ -30,7 +30,7 @@ Examples:
   halfsync-bench -c 10 --depth 16 --requests 1000000 --json
   halfsync-bench --connect-only -c 19000 --active 1000 --rate 20000 --hold 30s
   halfsync-bench -c 60000 --processes 4 --source 127.0.0.2,127.0.0.3,127.0.0.4
-  halfsync-bench -c 50 --depth 16 --cpu $(pgrep -d, -f '^halfsync: master')   CPU per process
+  halfsync-bench -c 50 --depth 16 --cpu $(pgrep -n -f '^halfsync: master')   CPU per process
 
 Exit status: 0 clean; 1 errors found (report printed); 2 could not run (bad arguments, or no connection could be made).
 Ctrl-C (SIGINT) or SIGTERM stops the run and prints what was measured; a second one ends it at once.")]
