@@ -201,17 +201,18 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
 
 /// `{"user": u, "system": s}` as `1.23s user 4.56s sys`.
 fn cpu(v: &Value) -> String {
-    format!(
-        "{:.2}s user {:.2}s sys",
-        v["user"].as_f64().unwrap_or(0.0),
-        v["system"].as_f64().unwrap_or(0.0)
-    )
+    cpu_in(v, 0, 0)
 }
 
 /// The same in fixed widths (up to 99,999 s), for the worker column.
 fn cpu_column(v: &Value) -> String {
+    cpu_in(v, 9, 8)
+}
+
+/// `cpu` with the user and system seconds padded to these widths.
+fn cpu_in(v: &Value, user_width: usize, sys_width: usize) -> String {
     format!(
-        "{:>9.2}s user {:>8.2}s sys",
+        "{:>user_width$.2}s user {:>sys_width$.2}s sys",
         v["user"].as_f64().unwrap_or(0.0),
         v["system"].as_f64().unwrap_or(0.0)
     )

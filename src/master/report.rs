@@ -116,6 +116,9 @@ pub(crate) fn status(m: &Master) -> String {
         let gs = m.group_stats(id);
         let mut replies = gs.replies;
         let mut workers = Vec::new();
+        // Its workers' CPU: the ended ones', plus each live one's as read
+        // for its own entry below (one /proc read per worker).
+        let mut group_cpu = g.ended_cpu;
         let mut mine: Vec<usize> = (0..m.slots.len())
             .filter(|&i| m.slots[i].group == id)
             .collect();
@@ -126,6 +129,10 @@ pub(crate) fn status(m: &Master) -> String {
             // Replies of slots without a worker now (spares after a reload
             // or scale) still count in the group's totals.
             add(&mut replies, &ss.replies);
+            let cpu = s.pid().and_then(cpu_seconds);
+            if let Some(c) = cpu {
+                group_cpu += c;
+            }
             let state = s.state();
             if state == "spare" || state == "stopped" {
                 continue;
@@ -145,7 +152,7 @@ pub(crate) fn status(m: &Master) -> String {
                 "served": if pid.is_some() { ctl.served() } else { 0 },
                 "current": current,
                 "rss_kib": pid.map_or(0, rss_kib),
-                "cpu_s": cpu_json(pid),
+                "cpu_s": cpu.map_or(Value::Null, cpu_value),
                 "restarts": s.restarts,
                 "pending": ss.pending,
                 "dispatched": ss.dispatched,
@@ -173,7 +180,7 @@ pub(crate) fn status(m: &Master) -> String {
             "mean_run_us": (gs.run_ns > 0).then(|| gs.run_ns as f64 / 1000.0),
             "replies": by_status(&replies),
             // All its worker processes, ended ones included.
-            "cpu_s": cpu_value(group_cpu(m, id)),
+            "cpu_s": cpu_value(group_cpu),
             "workers_ended": ended,
             "latency_us": {"count": gs.latency.count(), "sum": gs.latency.sum_us},
             "workers": workers,
