@@ -231,6 +231,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !cli.cpu.is_empty() && report.cpu.is_none() {
+        // Stopped before the warm-up ended: no measured window to split.
+        eprintln!(
+            "halfsync-bench: --cpu: no CPU figures, the run stopped during the warm-up (before the measured window opened)"
+        );
+    }
     if cli.json {
         let mut json = serde_json::to_value(&report).expect("report serializes");
         if cli.histogram {

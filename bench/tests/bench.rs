@@ -656,6 +656,44 @@ fn a_doubled_interrupt_still_reports() {
     assert!(r["seconds"].as_f64().is_some_and(|x| x < 5.0), "{r}");
 }
 
+/// `--cpu` on a run interrupted during its warm-up: no window was
+/// measured, so there is no CPU section, and stderr says why instead of
+/// leaving it out silently.
+#[test]
+fn cpu_interrupted_in_the_warmup_says_so() {
+    let s = Server::start(Mode::Echo);
+    let me = std::process::id().to_string();
+    let mut child = Command::new(EXE)
+        .args(["--addr", &s.addr.to_string(), "-c", "2", "--warmup", "30s"])
+        .args(["--duration", "1s", "--cpu", &me])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on the child this test started; no memory passed.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let t = Instant::now();
+    let out = loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            break child.wait_with_output().unwrap();
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running 10 s after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stdout.contains("cpu  "), "{stdout}");
+    assert!(
+        stderr.contains("--cpu: no CPU figures, the run stopped during the warm-up"),
+        "{stderr}"
+    );
+}
+
 /// Kills a process group when dropped (the test's CPU burners), even if
 /// the test fails.
 struct KillGroup(std::process::Child);
