@@ -237,12 +237,20 @@ struct Meter<'a> {
     payload: usize,
     warm_end: u64,
     end: u64,
+    /// Open loop: a request is measured if it was *due* in the window,
+    /// whenever its reply comes (the drain awaits it), so a stall at the
+    /// window's end is not cut off; the closed loop measures the replies
+    /// that come in the window.
+    by_due: bool,
     shared: &'a Shared,
 }
 
 impl Meter<'_> {
-    fn measure(&mut self, now: u64) -> bool {
-        if now < self.warm_end || now >= self.end {
+    /// Whether a reply coming at `now` to a request sent (open loop: due)
+    /// at `sent` is measured.
+    fn measure(&mut self, sent: u64, now: u64) -> bool {
+        let at = if self.by_due { sent } else { now };
+        if at < self.warm_end || at >= self.end {
             return false;
         }
         if let Some(q) = &self.shared.quota {
@@ -301,7 +309,7 @@ impl Meter<'_> {
             }
         }
         if let Some(t) = sent
-            && self.measure(now)
+            && self.measure(t, now)
         {
             self.st.status.add(h.code);
             self.st.hist.saturating_record(now.saturating_sub(t) / 1000);
@@ -415,6 +423,7 @@ impl<'a> Engine<'a> {
                 payload: cfg.payload,
                 warm_end: u64::MAX,
                 end: u64::MAX,
+                by_due: matches!(cfg.load, Load::Open { .. }),
                 shared,
             },
             scratch: vec![0; cfg.read_buffer.max(1)],

@@ -41,7 +41,11 @@
 //! - Replies during `--warmup` are not measured; the measured window is
 //!   `--duration` long or ends at the `--requests`-th measured reply. After
 //!   it, sending stops and outstanding replies are awaited for up to
-//!   `--drain` (verified, not measured). Idle connections stay open for at
+//!   `--drain` (verified; in the closed loop not measured). The closed
+//!   loop measures the replies that come inside the window; the open loop
+//!   measures the requests that were *due* inside it, whenever their
+//!   replies come, the drain included, so a stall at the end of the window
+//!   is counted rather than cut off. Idle connections stay open for at
 //!   least `--hold` from the start.
 //! - **Verification** (unless `--no-verify`): a reply's id must be one its
 //!   connection sent and has not seen answered (ids embed the connection's

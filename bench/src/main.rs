@@ -108,7 +108,8 @@ struct Cli {
     /// timeout error); 0 disables.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     timeout: Duration,
-    /// After measuring, wait at most this long for outstanding replies.
+    /// After measuring, wait at most this long for outstanding replies
+    /// (open loop: those of requests due in the window are still measured).
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     drain: Duration,
     /// Print a progress line every second even when stderr is not a terminal.

@@ -154,6 +154,72 @@ fn open_loop_latency_includes_the_time_a_stall_delayed_sending() {
     assert!(r.latency_us.p99 < 50_000, "{r}");
 }
 
+/// Coordinated omission, from the generator's side: when the generator
+/// itself is held up (here stopped with SIGSTOP for 300 ms), the requests
+/// due meanwhile go out late, and their latency counts from when they were
+/// due, not from when they were sent. (Timing from the actual send would
+/// give them the server's sub-millisecond latency, and the p90 and max
+/// below would stay small.)
+#[test]
+fn open_loop_latency_counts_from_the_due_time_when_the_generator_stalls() {
+    let s = Server::start(Mode::Echo);
+    let mut child = Command::new(EXE)
+        .args(["--addr", &s.addr.to_string(), "-c", "1", "--rate", "1000"])
+        .args(["--warmup", "0s", "--duration", "1500ms", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on the child this test started; no memory passed.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let t = Instant::now();
+    let out = loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            break child.wait_with_output().unwrap();
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running 10 s after SIGCONT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(out.status.code(), Some(0));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // ~300 of ~1,500 requests were due during the stop, late by 0-300 ms.
+    let lat = &r["latency_us"];
+    assert!(lat["max"].as_u64() >= Some(250_000), "{r}");
+    assert!(lat["p90"].as_u64() >= Some(50_000), "{r}");
+    assert!(lat["p50"].as_u64() < Some(50_000), "{r}");
+    // The send lag says the delay was the generator's own.
+    assert!(r["send_lag_us"]["max"].as_u64() >= Some(250_000), "{r}");
+}
+
+/// Open loop: a request due inside the window is measured even when its
+/// reply comes after the window closed, so a stall at the very end of a
+/// run is not cut off. (Measuring by reply time, the requests due in the
+/// last 100 ms, answered after the 300 ms stall, would all be dropped.)
+#[test]
+fn open_loop_measures_a_stall_at_the_end_of_the_window() {
+    let s = Server::start(Mode::StallOnce { at: 900, ms: 300 });
+    let mut c = cfg(&s);
+    c.connections = 1;
+    c.active = 1;
+    c.requests = None;
+    c.load = Load::Open { rate: 1000.0 };
+    c.warmup = Duration::ZERO;
+    c.duration = Some(Duration::from_millis(1000));
+    let r = run(&c);
+    assert_clean(&r);
+    assert!(r.latency_us.max >= 250_000, "{r}");
+    // Every request due in the window was measured, the late ones too.
+    assert!((950..=1050).contains(&r.requests), "{r}");
+}
+
 #[test]
 fn corrupt_payloads_are_caught() {
     let s = Server::start(Mode::CorruptPayload(50));
