@@ -1,7 +1,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use halfsync_protocol::{encode_header, status};
 
@@ -436,17 +436,39 @@ fn clients_that_never_read_cannot_grow_the_proxy() {
 }
 
 /// Out of file descriptors, the proxy accepts and closes new connections
-/// at once (counted, logged) instead of spinning on the listener or
-/// leaving clients hanging, and keeps serving the ones it has.
+/// at once (counted, logged at most once a second) instead of spinning on
+/// the listener or leaving clients hanging, and keeps serving the ones it
+/// has. It first raises its soft open-file limit to the hard one, and
+/// says so.
 #[test]
 fn out_of_file_descriptors_refuses_cleanly_without_spinning() {
     let port = free_port();
-    let mut s = Server::spawn_nofile(&config(port, &echo_so(), 1, ""), port, 64);
+    let started = Instant::now();
+    let mut s = Server::spawn_nofile(&config(port, &echo_so(), 1, ""), port, 64, 128);
     s.wait_ready();
     let proxy = s.pids_titled("halfsync: proxy")[0];
+    // Soft 64 raised to the hard 128, in the process and in the log.
+    let limits = std::fs::read_to_string(format!("/proc/{proxy}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+        ["128", "128"],
+        "{line}"
+    );
+    let log = s.log();
+    let raised = log
+        .lines()
+        .find(|l| l.contains("raised the open-file limit to the hard limit"));
+    assert!(
+        raised.is_some_and(|l| l.contains("from=64") && l.contains("to=128")),
+        "{log}"
+    );
     let mut served = Vec::new();
     let mut refused = 0;
-    for i in 0..100u64 {
+    for i in 0..250u64 {
         let mut c = s.client();
         c.stream()
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -459,7 +481,7 @@ fn out_of_file_descriptors_refuses_cleanly_without_spinning() {
             Err(_) => refused += 1,
         }
     }
-    assert!(served.len() >= 20, "only {} served", served.len());
+    assert!(served.len() >= 60, "only {} served", served.len());
     assert!(refused >= 20, "only {refused} refused");
     // Holding every connection, with clients still knocking: no spin.
     let before = cpu_ticks(proxy);
@@ -478,13 +500,25 @@ fn out_of_file_descriptors_refuses_cleanly_without_spinning() {
             status::OK
         );
     }
+    // Every refusal counted (the knocks above may add more)...
+    let counted = s.status()["proxy"]["refused"].as_u64().unwrap();
     assert!(
-        s.log()
-            .contains("out of file descriptors: refusing connections"),
-        "{}",
-        s.log()
+        counted >= refused,
+        "status says {counted}, clients saw {refused}"
     );
-    assert!(s.log().contains("open-file limit"), "{}", s.log());
+    // ... and logged at most once a second, with the running total.
+    let log = s.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("out of file descriptors: refusing connections"))
+        .collect();
+    let seconds = started.elapsed().as_secs();
+    assert!(
+        !lines.is_empty() && lines.len() as u64 <= seconds + 1,
+        "{} lines in {seconds} s:\n{log}",
+        lines.len()
+    );
+    assert!(lines[0].contains("refused_total=1"), "{}", lines[0]);
 }
 
 /// One client's random byte stream: valid frames, frames with random

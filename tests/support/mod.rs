@@ -212,16 +212,16 @@ impl Server {
         s
     }
 
-    /// Starts `halfsync run` with the open-file limit (soft and hard) set
-    /// to `nofile`, without waiting.
-    pub fn spawn_nofile(config_text: &str, port: u16, nofile: u32) -> Server {
-        Server::spawn_full(Some(config_text), port, Some(nofile), &[])
+    /// Starts `halfsync run` with the open-file limit set to `soft` (and
+    /// the hard one to `hard`), without waiting.
+    pub fn spawn_nofile(config_text: &str, port: u16, soft: u32, hard: u32) -> Server {
+        Server::spawn_full(Some(config_text), port, Some((soft, hard)), &[])
     }
 
     fn spawn_full(
         config_text: Option<&str>,
         port: u16,
-        nofile: Option<u32>,
+        nofile: Option<(u32, u32)>,
         env: &[(&str, &str)],
     ) -> Server {
         let dir = tempfile::Builder::new()
@@ -230,9 +230,10 @@ impl Server {
             .unwrap();
         let mut cmd = match nofile {
             // The shell execs halfsync: same pid, lowered limits.
-            Some(n) => {
+            Some((soft, hard)) => {
                 let mut c = Command::new("sh");
-                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), BIN]);
+                let limits = format!("ulimit -Sn {soft} && ulimit -Hn {hard}");
+                c.args(["-c", &format!("{limits} && exec \"$0\" \"$@\""), BIN]);
                 c
             }
             None => Command::new(BIN),
