@@ -783,3 +783,38 @@ fn status_and_stop_work_while_the_config_file_is_broken() {
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// `tcp_defer_accept = true`: a connection that has sent nothing is not
+/// handed to the proxy (status's `accepted` does not move) until its first
+/// bytes arrive; then it is served as usual. Without the option the same
+/// silent connection is accepted at once.
+#[test]
+fn tcp_defer_accept_holds_silent_connections_in_the_kernel() {
+    let accepted = |s: &Server| s.status()["proxy"]["accepted"].as_u64().unwrap();
+    for defer in [false, true] {
+        let port = free_port();
+        let text = config(port, &echo_so(), 1, &format!("tcp_defer_accept = {defer}"));
+        let mut s = Server::start(&text, port);
+        // The start-up check's own connection was accepted already.
+        let base = accepted(&s);
+        let mut silent = s.client();
+        // Bounded polls every 10 ms: 500 ms is well inside the kernel's
+        // 1 s deferral; without deferral it shows at once (5 s for a slow CI).
+        let limit = Duration::from_millis(if defer { 500 } else { 5000 });
+        let seen = wait_for(limit, || (accepted(&s) > base).then_some(()));
+        assert_eq!(seen.is_some(), !defer, "defer {defer}: {}", s.status());
+        // Its first bytes: accepted and answered either way.
+        silent
+            .stream()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        silent.send(7, 1, b"late").unwrap();
+        let r = silent.recv().unwrap();
+        assert_eq!(
+            (r.id, r.code, r.payload.as_slice()),
+            (7, status::OK, &b"late"[..])
+        );
+        assert_eq!(accepted(&s), base + 1, "defer {defer}");
+        assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    }
+}
