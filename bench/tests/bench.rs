@@ -220,6 +220,27 @@ fn open_loop_measures_a_stall_at_the_end_of_the_window() {
     assert!((950..=1050).contains(&r.requests), "{r}");
 }
 
+/// `--command`: every request carries it; replies to commands other than
+/// 1 (echo) are checked for their id and status but not their payload
+/// (the generator cannot know what another command answers).
+#[test]
+fn other_commands_are_sent_and_their_payloads_not_checked() {
+    let s = Server::start(Mode::CorruptPayload(50));
+    let mut c = cfg(&s);
+    c.command = 7;
+    let r = run(&c);
+    assert_clean(&r);
+    assert_eq!(r.requests, 2000);
+    assert_eq!(s.commands.load(std::sync::atomic::Ordering::SeqCst), 1 << 7);
+    // The same server and load with echo: the corrupt payloads are caught.
+    let r = run(&cfg(&s));
+    assert!(r.verify.payload >= 30, "{r}");
+    assert_eq!(
+        s.commands.load(std::sync::atomic::Ordering::SeqCst),
+        (1 << 7) | (1 << 1)
+    );
+}
+
 #[test]
 fn corrupt_payloads_are_caught() {
     let s = Server::start(Mode::CorruptPayload(50));

@@ -46,6 +46,8 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     pub accepted: Arc<AtomicU64>,
     pub frames: Arc<AtomicU64>,
+    /// Bit `k` set: a frame with command `k` (mod 64) came in.
+    pub commands: Arc<AtomicU64>,
     pub peers: Arc<Mutex<Vec<IpAddr>>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -58,11 +60,13 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let frames = Arc::new(AtomicU64::new(0));
+        let commands = Arc::new(AtomicU64::new(0));
         let peers = Arc::new(Mutex::new(Vec::new()));
-        let (s, a, f, p) = (
+        let (s, a, f, c, p) = (
             stop.clone(),
             accepted.clone(),
             frames.clone(),
+            commands.clone(),
             peers.clone(),
         );
         let thread = std::thread::spawn(move || {
@@ -72,8 +76,8 @@ impl Server {
                     Ok((stream, peer)) => {
                         a.fetch_add(1, SeqCst);
                         p.lock().unwrap().push(peer.ip());
-                        let (s, f) = (s.clone(), f.clone());
-                        conns.push(std::thread::spawn(move || serve(stream, mode, &s, &f)));
+                        let (s, f, c) = (s.clone(), f.clone(), c.clone());
+                        conns.push(std::thread::spawn(move || serve(stream, mode, &s, &f, &c)));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(1))
@@ -90,6 +94,7 @@ impl Server {
             stop,
             accepted,
             frames,
+            commands,
             peers,
             thread: Some(thread),
         }
@@ -105,7 +110,13 @@ impl Drop for Server {
     }
 }
 
-fn serve(mut stream: TcpStream, mode: Mode, stop: &AtomicBool, frames: &AtomicU64) {
+fn serve(
+    mut stream: TcpStream,
+    mode: Mode,
+    stop: &AtomicBool,
+    frames: &AtomicU64,
+    commands: &AtomicU64,
+) {
     stream.set_nodelay(true).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_millis(20)))
@@ -131,6 +142,7 @@ fn serve(mut stream: TcpStream, mode: Mode, stop: &AtomicBool, frames: &AtomicU6
             pos += len;
             n_frames += 1;
             frames.fetch_add(1, SeqCst);
+            commands.fetch_or(1 << (h.code % 64), SeqCst);
             if let Mode::StallOnce { at, ms } = mode
                 && !stalled
                 && n_frames >= at
