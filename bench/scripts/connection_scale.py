@@ -83,7 +83,7 @@ def main():
     for mode in ("inline", "halfsync"):
         print(f"== {mode}", file=sys.stderr, flush=True)
         res[mode] = one(mode == "inline", a.connections, a.active, a.rate, a.seconds)
-    print("| server | connected | active | rate | p50 | p99 | p99.9 | errors | proxy RSS growth | per connection (RSS / heap) |")
+    print("| server | connected | active | rate | p50 | p99 | p99.9 | errors | proxy RSS growth | per connection (RSS / anonymous) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, r in res.items():
         c = max(r["connected"], 1)

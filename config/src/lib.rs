@@ -172,8 +172,9 @@ pub struct Server {
     /// `["127.0.0.1:7878"]`.
     #[serde(deserialize_with = "de_listen")]
     pub listen: Vec<SocketAddr>,
-    /// `max_connections`: most client connections open at once, `>= 1`.
-    /// Default `10000`.
+    /// `max_connections`: most client connections open at once per proxy
+    /// process, `>= 1`; more are accepted and closed at once (refused).
+    /// The open-file limit bounds it too. Default `10000`.
     #[serde(deserialize_with = "de_max_connections")]
     pub max_connections: u32,
     /// `idle_timeout`: close connections that sent no bytes and have nothing
