@@ -504,8 +504,7 @@ impl Local {
         // Fault in every page of the ring.
         let mut left = lap(ring, len);
         while left > 0 {
-            let n = left.min(l.chunk());
-            l.push(n, 32);
+            let n = l.push(left.min(l.chunk()), 32);
             l.drain();
             left -= n;
         }
@@ -517,18 +516,23 @@ impl Local {
         lap(self.tx.ring().capacity(), self.payload.len()) / 2
     }
 
-    /// Pushes `n` records (the ring must have room), publishing every
-    /// `batch`.
-    fn push(&mut self, n: u64, batch: u64) {
+    /// Pushes up to `n` records, publishing every `batch`; returns how
+    /// many, fewer only if the ring filled up. (After a drain the producer
+    /// may rewind: its pad then holds the rest of the data area until the
+    /// consumer skips it, so only the space before the pad is free.)
+    fn push(&mut self, n: u64, batch: u64) -> u64 {
         let mut to_publish = batch;
-        for _ in 0..n {
+        for i in 0..n {
             let meta = Meta {
                 id: self.next_id,
                 code: 1,
                 ..Meta::default()
             };
-            let pushed = self.tx.push(&meta, &self.payload).expect("ring");
-            assert!(pushed.is_some(), "ring full");
+            if self.tx.push(&meta, &self.payload).expect("ring").is_none() {
+                assert!(i > 0, "ring full with nothing pushed");
+                self.tx.publish();
+                return i;
+            }
             self.next_id += 1;
             to_publish -= 1;
             if to_publish == 0 {
@@ -537,6 +541,7 @@ impl Local {
             }
         }
         self.tx.publish();
+        n
     }
 
     /// Reads everything published, like the sink child does.
@@ -574,8 +579,7 @@ fn inproc(c: &mut Criterion) {
                 let start = Instant::now();
                 let mut left = iters;
                 while left > 0 {
-                    let n = left.min(batch);
-                    l.push(n, batch);
+                    let n = l.push(left.min(batch), batch);
                     l.drain();
                     left -= n;
                 }
@@ -593,9 +597,8 @@ fn inproc(c: &mut Criterion) {
                 let mut timed = Duration::ZERO;
                 let mut left = iters;
                 while left > 0 {
-                    let n = left.min(l.chunk());
                     let t = Instant::now();
-                    l.push(n, 32);
+                    let n = l.push(left.min(l.chunk()), 32);
                     if time_producer {
                         timed += t.elapsed();
                     }
