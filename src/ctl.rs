@@ -14,7 +14,7 @@ macro_rules! out {
     }};
 }
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -45,6 +45,27 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
         bail!("{}", v["error"].as_str().unwrap_or("the server refused"));
     }
     Ok(v)
+}
+
+/// The default admin socket (`/tmp/halfsync-*.sock`) of the server whose
+/// status says it runs `config` (an absolute path), if one answers.
+pub fn find_server_running(config: &Path) -> Option<PathBuf> {
+    let mut socks: Vec<PathBuf> = std::fs::read_dir("/tmp")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("halfsync-") && n.ends_with(".sock"))
+        })
+        .collect();
+    socks.sort();
+    let want = config.to_str()?;
+    socks.into_iter().find(|sock| {
+        request(sock, r#"{"cmd":"status"}"#, Duration::from_secs(2))
+            .is_ok_and(|v| v["config"].as_str() == Some(want))
+    })
 }
 
 /// A command whose answer is a message.

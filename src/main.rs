@@ -150,18 +150,46 @@ fn main() -> ExitCode {
 /// `server.admin_socket` and `server.listen` are read from the file, and
 /// leniently: an operator must be able to stop or inspect a server while
 /// its config file has a mistake in some other key.
+///
+/// The default socket is named after the first listen port, but a running
+/// server keeps the socket it started with until it restarts, so after the
+/// file's first port was changed (a reload applies the new listeners) the
+/// name no longer finds it. Then the server running this very file is
+/// looked for among the default sockets (`/tmp/halfsync-*.sock`, by the
+/// config path each one's status reports).
 fn socket(t: &Target) -> Result<PathBuf> {
+    let (sock, derived) = socket_named(t)?;
+    if derived && std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        let config = t
+            .config
+            .as_deref()
+            .and_then(|p| std::fs::canonicalize(p).ok());
+        if let Some(found) = config.and_then(|c| ctl::find_server_running(&c)) {
+            eprintln!(
+                "halfsync: the server running this file is on {} (its first listen address \
+                 changed since it started; the socket follows at its next restart)",
+                found.display()
+            );
+            return Ok(found);
+        }
+    }
+    Ok(sock)
+}
+
+/// The socket `t` names, and whether the name came from the first listen
+/// port (the default), not from `--socket` or `admin_socket`.
+fn socket_named(t: &Target) -> Result<(PathBuf, bool)> {
     if let Some(s) = &t.socket {
-        return Ok(s.clone());
+        return Ok((s.clone(), false));
     }
     let Some(path) = &t.config else {
-        return Ok(Config::embedded_default().admin_socket());
+        return Ok((Config::embedded_default().admin_socket(), false));
     };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let Ok(table) = text.parse::<toml::Table>() else {
         // Not even TOML: the full loader says where.
-        return Ok(load_config(Some(path))?.admin_socket());
+        return Ok((load_config(Some(path))?.admin_socket(), false));
     };
     let server = table.get("server").and_then(|s| s.as_table());
     let explicit = server
@@ -173,7 +201,7 @@ fn socket(t: &Target) -> Result<PathBuf> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     if let Some(sock) = explicit {
-        return Ok(dir.join(sock));
+        return Ok((dir.join(sock), false));
     }
     let port = server
         .and_then(|s| s.get("listen"))
@@ -182,7 +210,7 @@ fn socket(t: &Target) -> Result<PathBuf> {
         .and_then(|a| a.as_str())
         .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
         .map_or(7878, |a| a.port());
-    Ok(PathBuf::from(format!("/tmp/halfsync-{port}.sock")))
+    Ok((PathBuf::from(format!("/tmp/halfsync-{port}.sock")), true))
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config> {

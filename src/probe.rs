@@ -7,7 +7,7 @@
 //! `halfsync check` with `init: true` (also call `init` with the group's
 //! config, then `fini`), like `nginx -t`.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,6 +21,10 @@ use serde::{Deserialize, Serialize};
 use crate::master::ROLE_ENV;
 
 const SPEC_ENV: &str = "HALFSYNC_PROBE_SPEC";
+
+/// How long loading one plugin file (dlopen, its constructors, the ABI
+/// check) may take in the probe.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Serialize, Deserialize)]
 struct Spec {
@@ -63,13 +67,18 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
             })
             .collect(),
     };
-    let limit = config
-        .groups
-        .iter()
-        .map(|g| g.init_timeout)
-        .max()
-        .unwrap_or_default()
-        .max(Duration::from_secs(5));
+    // Each step has its own deadline, from when the child announces it:
+    // a group's `init` (and `fini`) its `init_timeout`, loading a file
+    // LOAD_TIMEOUT. (One deadline for the whole probe would fail valid
+    // configs whose inits together take longer than any one timeout.)
+    let step_limit = |step: &str, group: &str| match step {
+        "init" | "fini" => config
+            .groups
+            .iter()
+            .find(|g| g.name == group)
+            .map_or(LOAD_TIMEOUT, |g| g.init_timeout),
+        _ => LOAD_TIMEOUT,
+    };
     let mut child = Command::new(exe)
         .arg0("halfsync: plugin probe")
         .env(ROLE_ENV, "probe")
@@ -80,16 +89,50 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting the plugin probe")?;
-    let mut out = child.stdout.take().context("probe stdout")?;
+    let out = child.stdout.take().context("probe stdout")?;
     let mut err = child.stderr.take().context("probe stderr")?;
-    let reader = std::thread::spawn(move || {
-        let (mut o, mut e) = (String::new(), String::new());
-        let _ = out.read_to_string(&mut o);
-        let _ = err.read_to_string(&mut e);
-        (o, e)
+    let (tx, lines) = std::sync::mpsc::channel();
+    let out_reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
     });
-    let deadline = Instant::now() + limit;
+    let err_reader = std::thread::spawn(move || {
+        let mut e = String::new();
+        let _ = err.read_to_string(&mut e);
+        e
+    });
+    // The child announces each step on stdout before taking it.
+    let mut probed = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    let mut limit = LOAD_TIMEOUT;
+    let mut deadline = Instant::now() + limit;
+    let mut take = |line: String,
+                    current: &mut Option<(String, String)>,
+                    limit: &mut Duration,
+                    deadline: &mut Instant| {
+        let f: Vec<&str> = line.split('\t').collect();
+        match f.as_slice() {
+            ["step", step, group] => {
+                *limit = step_limit(step, group);
+                *deadline = Instant::now() + *limit;
+                *current = Some((step.to_string(), group.to_string()));
+            }
+            ["ok", group, name, version, path] => probed.push(Probed {
+                group: group.to_string(),
+                path: PathBuf::from(path),
+                name: name.to_string(),
+                version: version.to_string(),
+            }),
+            _ => {}
+        }
+    };
     let status = loop {
+        while let Ok(line) = lines.try_recv() {
+            take(line, &mut current, &mut limit, &mut deadline);
+        }
         if let Some(st) = child.try_wait().context("waiting for the plugin probe")? {
             break Some(st);
         }
@@ -100,23 +143,12 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let (stdout, stderr) = reader.join().unwrap_or_default();
-    // The child announces each step on stdout before taking it.
-    let mut probed = Vec::new();
-    let mut current = None;
-    for line in stdout.lines() {
-        let f: Vec<&str> = line.split('\t').collect();
-        match f.as_slice() {
-            ["step", step, group] => current = Some((step.to_string(), group.to_string())),
-            ["ok", group, name, version, path] => probed.push(Probed {
-                group: group.to_string(),
-                path: PathBuf::from(path),
-                name: name.to_string(),
-                version: version.to_string(),
-            }),
-            _ => {}
-        }
+    let _ = out_reader.join();
+    for line in lines.try_iter() {
+        take(line, &mut current, &mut limit, &mut deadline);
     }
+    let stderr = err_reader.join().unwrap_or_default();
+    let timed_out_in = current.as_ref().map(|(step, _)| step.clone());
     let culprit = |current: &Option<(String, String)>| {
         current.as_ref().map_or_else(
             || "plugin probe".to_owned(),
@@ -134,11 +166,18 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
         )
     };
     match status {
-        None => bail!(
-            "{}: did not finish within {} s (init_timeout)",
-            culprit(&current),
-            limit.as_secs()
-        ),
+        None => match timed_out_in.as_deref() {
+            Some("init" | "fini") => bail!(
+                "{}: did not finish within {} ms (the group's init_timeout)",
+                culprit(&current),
+                limit.as_millis()
+            ),
+            _ => bail!(
+                "{}: did not finish loading within {} s",
+                culprit(&current),
+                limit.as_secs()
+            ),
+        },
         Some(st) if st.success() => Ok(probed),
         Some(st) => {
             let first = stderr.lines().map(str::trim).find(|l| !l.is_empty());

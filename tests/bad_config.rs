@@ -186,3 +186,83 @@ fn check_reports_a_plugin_that_crashes_or_hangs_in_init() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("did not finish within"), "{err}");
 }
+
+/// `check` gives each group's init its own `init_timeout`, from when that
+/// init starts: three slow but valid inits that take longer together
+/// than any one timeout (and than the probe's 5 s for loading) pass, and
+/// a hanging init is reported after its own group's timeout, not another
+/// group's longer one.
+#[test]
+fn check_times_each_groups_init_on_its_own() {
+    let so = halfsync_testkit::fault_plugin();
+    let slow = |name: &str, command: u16| {
+        format!(
+            "[[group]]\nname = \"{name}\"\nplugin = \"{}\"\ncommands = [{command}]\ninit_timeout = \"3s\"\n[group.config]\ninit_delay_ms = 1800\n\n",
+            so.display()
+        )
+    };
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\n\n{}{}{}",
+        free_port(),
+        slow("a", 1),
+        slow("b", 2),
+        slow("c", 3)
+    );
+    let (code, err) = halfsync("check", &text);
+    assert_eq!(code, Some(0), "{err}");
+
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\n\n[[group]]\nname = \"patient\"\nplugin = \"{}\"\ninit_timeout = \"30s\"\n\n\
+         [[group]]\nname = \"stuck\"\nplugin = \"{}\"\ncommands = [2]\ninit_timeout = \"1s\"\n[group.config]\nhang_in_init = true\n",
+        free_port(),
+        so.display(),
+        so.display()
+    );
+    let t = std::time::Instant::now();
+    let (code, err) = halfsync("check", &text);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("group stuck: plugin")
+            && err.contains("(init): did not finish within 1000 ms (the group's init_timeout)"),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+/// `metrics_listen` on a client listen address is refused by `check` and
+/// `run` alike; on a port something else holds, `run` fails naming it and
+/// leaves no admin socket file behind.
+#[test]
+fn metrics_listen_needs_a_port_of_its_own() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{port}\"\n\n{}",
+        group(&echo_so())
+    );
+    refused(
+        &text,
+        &[
+            "bad.toml:3",
+            "metrics_listen",
+            "give the metrics listener a port of its own",
+        ],
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mport = taken.local_addr().unwrap().port();
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n{}",
+        group(&echo_so())
+    );
+    let (code, err) = halfsync("run", &text);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot listen on 127.0.0.1:{mport} (metrics_listen)"
+        )),
+        "{err}"
+    );
+    let sock = std::path::PathBuf::from(format!("/tmp/halfsync-{port}.sock"));
+    assert!(!sock.exists(), "{} was left behind", sock.display());
+}

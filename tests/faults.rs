@@ -700,21 +700,37 @@ fn hung_worker_gets_sigabrt_first_with_a_kill_grace() {
 
 /// A plugin whose init never returns: `init_timeout` kills it; when no
 /// worker of a group can start at all, halfsync exits 1 instead of
-/// serving nothing but BUSY.
+/// serving nothing but BUSY, and says why. Beside a healthy group too,
+/// and with an `init_timeout` longer than a second (a kill that late was
+/// once not counted as a failed start, so it restarted forever).
 #[test]
 fn init_that_never_returns_is_killed_and_halfsync_gives_up_at_startup() {
-    let port = free_port();
-    let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"stuck\"\nplugin = \"{}\"\nworkers = 2\ninit_timeout = \"300ms\"\n[group.config]\nhang_in_init = true\n",
-        fault_plugin_so().display()
-    );
-    let mut s = Server::spawn(&text, port);
-    let st = s.wait_exit(Duration::from_secs(30));
-    assert_eq!(st.code(), Some(1), "{}", s.log());
-    let log = s.log();
-    assert!(log.contains("plugin init ran past init_timeout"), "{log}");
-    assert!(log.contains("group stuck: no worker could start"), "{log}");
-    s.assert_clean();
+    for (timeout, healthy) in [
+        ("300ms", ""),
+        (
+            "1200ms",
+            "[[group]]\nname = \"farm\"\nplugin = \"ECHO\"\nworkers = 1\ncommands = [2]\n\n",
+        ),
+    ] {
+        let port = free_port();
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n{}[[group]]\nname = \"stuck\"\nplugin = \"{}\"\nworkers = 2\ninit_timeout = \"{timeout}\"\n[group.config]\nhang_in_init = true\n",
+            healthy.replace("ECHO", &echo_so().display().to_string()),
+            fault_plugin_so().display()
+        );
+        let mut s = Server::spawn(&text, port);
+        let st = s.wait_exit(Duration::from_secs(30));
+        assert_eq!(st.code(), Some(1), "{}", s.log());
+        let log = s.log();
+        let ms = timeout.trim_end_matches("ms");
+        assert!(
+            log.contains(&format!(
+                "group stuck: no worker could start: plugin init ran past init_timeout ({ms} ms)"
+            )),
+            "{log}"
+        );
+        s.assert_clean();
+    }
 }
 
 /// A slow request does not hold up the requests queued behind it on the

@@ -120,6 +120,21 @@ fn reload_to_a_plugin_that_fails_init_keeps_the_old_one() {
     assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"v1:x");
     load.finish();
 
+    // An init that never returns: killed at init_timeout, and the reload
+    // says so (not just "killed by SIGKILL", which reads like the OOM
+    // killer).
+    let hang = versioned(port, 2, "v3:", "init_timeout = \"1200ms\"\n", "")
+        .replace("[group.config]\n", "[group.config]\nhang_in_init = true\n");
+    s.write_config(&hang);
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("previous version")
+            && out.contains("plugin init ran past init_timeout (1200 ms)"),
+        "{out}"
+    );
+    assert_eq!(c.call(3, 1, b"z").unwrap().payload, b"v1:z");
+
     // A config that does not even parse changes nothing either.
     s.write_config("[server]\nwokers = 1\n");
     let (code, out) = reload(&s);
@@ -817,4 +832,96 @@ fn tcp_defer_accept_holds_silent_connections_in_the_kernel() {
         assert_eq!(accepted(&s), base + 1, "defer {defer}");
         assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     }
+}
+
+/// Each worker's `restarts` in status counts its deaths and stays put
+/// across reloads, although a chain reload moves every worker to another
+/// slot (it once showed 2, 0, 2 over three reloads of one worker).
+#[test]
+fn worker_restarts_survive_reloads() {
+    let port = free_port();
+    let text = versioned(port, 2, "v1:", "", "");
+    let mut s = Server::start(&text, port);
+    let mut c = s.client();
+    assert_eq!(
+        c.call(1, halfsync_testkit::fault::SEGV, b"").unwrap().code,
+        status::WORKER_DIED
+    );
+    let by_label = |st: &Value| -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = st["groups"][0]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["pid"].is_number())
+            .map(|w| {
+                (
+                    w["worker"].as_u64().unwrap(),
+                    w["restarts"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let first = by_label(&settle(&mut s, 2));
+    assert_eq!(
+        first.iter().map(|&(_, r)| r).sum::<u64>(),
+        1,
+        "one worker died once: {first:?}"
+    );
+    for round in 0..3 {
+        let (code, out) = reload(&s);
+        assert_eq!(code, Some(0), "{out}");
+        let now = by_label(&settle(&mut s, 2));
+        assert_eq!(now, first, "after reload {}", round + 1);
+    }
+}
+
+/// Removes a socket file when dropped (a test's default admin socket in
+/// /tmp), even if the test fails.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// With the default admin socket (named after the first listen port), a
+/// reload that changes that port still finds the server, and so do the
+/// commands after it: a running server keeps the socket it started with
+/// until it restarts, and the command finds it by the config file it runs.
+#[test]
+fn commands_find_the_server_after_its_first_port_changed() {
+    let port = free_port();
+    let sock = std::path::PathBuf::from(format!("/tmp/halfsync-{port}.sock"));
+    let _cleanup = RemoveOnDrop(sock.clone());
+    let mut s = Server::start(&config(port, &echo_so(), 1, "admin_socket = \"\""), port);
+    assert!(sock.exists(), "{}", s.log());
+    assert!(s.status()["config"].as_str().is_some_and(|c| c.ends_with("halfsync.toml")));
+    let new_port = free_port();
+    s.write_config(&config(new_port, &echo_so(), 1, "admin_socket = \"\""));
+    let (code, out, err) = s.ctl(&["reload"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        err.contains(&format!("the server running this file is on {}", sock.display())),
+        "{err}"
+    );
+    let mut c = halfsync_protocol::Client::connect(("127.0.0.1", new_port)).unwrap();
+    assert_eq!(c.call(1, 1, b"moved").unwrap().code, status::OK);
+    let (code, out, err) = s.ctl(&["status", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let st: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["pid"].as_i64(), Some(i64::from(s.pid)));
+    let (code, out, err) = s.ctl(&["stop"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(s.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    assert!(!sock.exists());
+    // Nothing runs that file now: the command says where it looked.
+    let (code, _, err) = s.ctl(&["status"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("/tmp/halfsync-{new_port}.sock")),
+        "{err}"
+    );
 }

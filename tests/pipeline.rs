@@ -31,6 +31,14 @@ fn c_echo_50_connections_200_pipelined_each() {
     pipeline_then_sigterm(c_echo_so());
 }
 
+/// A C++ plugin written against the C header alone (no `extern "C"` of
+/// its own, built with `-fvisibility=hidden`): the header gives the entry
+/// point C linkage and default visibility.
+#[test]
+fn cxx_echo_50_connections_200_pipelined_each() {
+    pipeline_then_sigterm(halfsync_testkit::cxx_echo_plugin());
+}
+
 /// In-flight requests finish during a graceful stop: the replies of
 /// requests already sent arrive before the connection closes.
 #[test]

@@ -431,8 +431,9 @@ pub struct Group {
     /// many have been idle for a while. Default `3`.
     #[serde(default = "default_max_spare")]
     pub max_spare: u32,
-    /// `[group.config]`: optional table handed verbatim to the plugin's init
-    /// as TOML text (see [`Group::plugin_config_toml`]); its keys are not
+    /// `[group.config]`: optional table handed to the plugin's init as TOML
+    /// text (see [`Group::plugin_config_toml`]: the table serialized again,
+    /// same keys and values, not the file's own lines); its keys are not
     /// checked here.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub config: toml::Table,
@@ -764,6 +765,22 @@ impl Config {
                      raise ring_size or lower max_frame",
                     ByteSize(server.ring_size),
                     ByteSize(server.max_frame.into()),
+                ),
+            ));
+        }
+
+        if let Some(m) = server.metrics_listen
+            && server.listen.iter().any(|l| {
+                l.port() == m.port()
+                    && (l.ip() == m.ip() || l.ip().is_unspecified() || m.ip().is_unspecified())
+            })
+        {
+            return Err(invalid(
+                &[Step::Key("server"), Step::Key("metrics_listen")],
+                "server.metrics_listen".into(),
+                format!(
+                    "{m} is also a client listen address (server.listen); \
+                     give the metrics listener a port of its own"
                 ),
             ));
         }

@@ -108,6 +108,15 @@ typedef struct hs_plugin {
 typedef const hs_plugin *(*hs_plugin_entry_fn)(void);
 #define HALFSYNC_PLUGIN_ENTRY "halfsync_plugin_v1"
 
+/* The entry point every plugin defines, declared here so that the
+ * definition gets C linkage in C++ (no name mangling, no extern "C" of
+ * the plugin's own needed) and default visibility under
+ * -fvisibility=hidden. */
+#if defined(__GNUC__)
+__attribute__((visibility("default")))
+#endif
+const hs_plugin *halfsync_plugin_v1(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -119,6 +119,17 @@ impl Admin {
     /// Creates the admin socket (replacing a stale one of ours) and the
     /// metrics listener.
     pub(crate) fn bind(path: &Path, metrics: Option<SocketAddr>) -> Result<Admin> {
+        // The metrics listener first: if it fails there is no socket file
+        // to clean up.
+        let metrics = match metrics {
+            None => None,
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+        };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if UnixStream::connect(path).is_ok() {
                 bail!(
@@ -144,15 +155,6 @@ impl Admin {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("chmod 0600 {}", path.display()))?;
         unix.set_nonblocking(true)?;
-        let metrics = match metrics {
-            None => None,
-            Some(addr) => {
-                let l = TcpListener::bind(addr)
-                    .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?;
-                l.set_nonblocking(true)?;
-                Some(l)
-            }
-        };
         Ok(Admin {
             path: path.to_path_buf(),
             unix: Some(unix),

@@ -174,7 +174,10 @@ pub(crate) struct SlotRec {
     end_cause: Option<Cause>,
     /// Starts in a row that failed (see `on_child_exit`).
     pub(crate) failures: u32,
-    /// Workers started in this slot after the first.
+    /// Restarts of this worker (its label) after it died: counted in the
+    /// slot and handed on to a replacement (reload, recycle, scale) when it
+    /// takes over, so `status` does not reset or jump when a reload moves
+    /// the worker to the spare slot.
     pub(crate) restarts: u64,
     /// The current worker finished init.
     pub(crate) ready: bool,
@@ -1264,11 +1267,15 @@ impl Master {
         {
             Restart::Never
         } else {
-            // A failed start: init failed, or it died young without
-            // serving a single request (a plugin that crashes on every
-            // request). A worker that served before crashing is replaced
-            // at once, however young.
-            if how == EXIT_PLUGIN_FAILED || (since.elapsed() < MIN_HEALTHY_LIFE && served == 0) {
+            // A failed start: init failed, it died before it was ready
+            // (killed past `init_timeout`, or crashed in init), or it
+            // died young without serving a single request (a plugin that
+            // crashes on every request). A worker that served before
+            // crashing is replaced at once, however young.
+            if how == EXIT_PLUGIN_FAILED
+                || (!s.ready && served == 0)
+                || (since.elapsed() < MIN_HEALTHY_LIFE && served == 0)
+            {
                 s.failures += 1;
             } else {
                 s.failures = 0;
@@ -1286,7 +1293,14 @@ impl Master {
         }
         s.life = Life::Resetting { next };
         s.last_exit = Some(how);
-        s.last_failure = s.slot.failure();
+        s.last_failure = s.slot.failure().or_else(|| {
+            (cause == Cause::InitTimeout).then(|| {
+                format!(
+                    "plugin init ran past init_timeout ({} ms) and was killed",
+                    self.groups[s.group].config.init_timeout.as_millis()
+                )
+            })
+        });
         s.ready = false;
         if failed_replacement {
             self.replacement_failed(i, how);
@@ -1397,11 +1411,14 @@ impl Master {
         let s = &mut self.slots[i];
         s.ready = true;
         s.ever_ready = true;
-        if let Some(old) = s.replaces.take()
-            && let Some(o) = self.slots.get_mut(old)
-            && o.pid().is_some()
-        {
-            o.draining = true;
+        if let Some(old) = s.replaces.take() {
+            let restarts = self.slots.get(old).map_or(0, |o| o.restarts);
+            self.slots[i].restarts = restarts;
+            if let Some(o) = self.slots.get_mut(old)
+                && o.pid().is_some()
+            {
+                o.draining = true;
+            }
         }
         self.reload_progress(i);
     }

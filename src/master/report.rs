@@ -189,6 +189,8 @@ pub(crate) fn status(m: &Master) -> String {
     json!({
         "ok": true,
         "pid": std::process::id(),
+        // The config file it runs (absolute), null on the embedded default.
+        "config": m.config_path.as_ref().map(|p| p.display().to_string()),
         "generation": m.generation,
         "uptime_s": m.started_at.elapsed().as_secs(),
         "reloading": m.reload.is_some(),

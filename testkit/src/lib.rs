@@ -100,6 +100,12 @@ pub fn c_echo_plugin() -> PathBuf {
     c_plugin("plugins/c/echo.c")
 }
 
+/// The path of the C++ echo plugin (`plugins/c/test/cxx_echo.cpp`, built
+/// with `-fvisibility=hidden` against the C header), built if needed.
+pub fn cxx_echo_plugin() -> PathBuf {
+    c_plugin("plugins/c/test/cxx_echo.cpp")
+}
+
 /// The path of the Rust fault-injection plugin (`plugins/fault`,
 /// `libfault.so`), built if needed. Its commands are in [`fault`].
 pub fn fault_plugin() -> PathBuf {
@@ -241,7 +247,8 @@ pub fn rust_plugin(package: &str, lib_name: &str) -> PathBuf {
 /// `profile_dir()/test-plugins/lib<stem>.so` and returns that path.
 ///
 /// Flags: `-shared -fPIC -O2 -Wall -Wextra -I <workspace>/plugin-api/include`
-/// with `$CC` (else `cc`). Compiles only when the output is missing or older
+/// with `$CC` (else `cc`); a `.cpp` source is C++, built with `$CXX` (else
+/// `c++`) and `-std=c++17 -fvisibility=hidden` added. Compiles only when the output is missing or older
 /// than the source, a `.h` beside it, or the plugin header; writes to a
 /// temporary name and renames, so parallel test processes never see a
 /// half-written file. Undefined symbols are allowed (it is a shared
@@ -271,8 +278,16 @@ pub fn c_plugin(src_rel: &str) -> PathBuf {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let tmp = out_dir.join(format!(".lib{stem}.so.{}.{nanos}.tmp", std::process::id()));
-        let cc = env::var_os("CC").unwrap_or_else(|| "cc".into());
+        let cxx = src.extension().is_some_and(|e| e == "cpp");
+        let cc = if cxx {
+            env::var_os("CXX").unwrap_or_else(|| "c++".into())
+        } else {
+            env::var_os("CC").unwrap_or_else(|| "cc".into())
+        };
         let mut cmd = Command::new(&cc);
+        if cxx {
+            cmd.args(["-std=c++17", "-fvisibility=hidden"]);
+        }
         cmd.args(["-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-I"])
             .arg(&include)
             .arg(&src)
