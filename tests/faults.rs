@@ -873,3 +873,50 @@ fn cheap_batches_stay_on_one_worker_and_slow_ones_are_spread() {
         "a slow batch should be spread over both workers: {delta:?}"
     );
 }
+/// Slow requests go to idle workers, from the first one on: a worker busy
+/// running one is not preferred to a sleeping idle one (that preference
+/// is for cheap requests only), and the run-time estimate follows a slow
+/// plugin within a couple of requests. (Requests arriving one after
+/// another once piled on the busy worker, each waiting for the one before
+/// it, and status reported tens of µs for a plugin taking 200 ms.)
+#[test]
+fn slow_requests_go_to_idle_workers_from_the_start() {
+    let port = free_port();
+    // requeue_after off, so only the choice of worker is measured.
+    let s = Server::start(
+        &fault_config(port, &fault_plugin_so(), 4, "requeue_after = \"0s\""),
+        port,
+    );
+    let run = |round: u64| {
+        let t = Instant::now();
+        let mut clients: Vec<_> = (0..4u64)
+            .map(|i| {
+                let mut c = s.client();
+                c.send(round * 10 + i, fault::SLOW, &be32(300)).unwrap();
+                // A separate loop turn each.
+                std::thread::sleep(Duration::from_millis(20));
+                c
+            })
+            .collect();
+        let mut latest = Duration::ZERO;
+        for c in &mut clients {
+            c.stream()
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            assert_eq!(c.recv().unwrap().code, status::OK);
+            latest = latest.max(t.elapsed());
+        }
+        latest
+    };
+    // Four 300 ms requests 20 ms apart on four workers: all done in about
+    // 360 ms; on one worker they would take 1.2 s.
+    for round in 0..3 {
+        let took = run(round);
+        assert!(took < Duration::from_millis(600), "round {round}: {took:?}");
+    }
+    // By now each worker has sampled a run time: the estimate is the
+    // plugin's 300 ms, not a cold start's clamp (nor a saturated 65 ms).
+    let st = s.status();
+    let mean = st["groups"][0]["mean_run_us"].as_f64().unwrap_or(0.0);
+    assert!((250_000.0..400_000.0).contains(&mean), "{st}");
+}

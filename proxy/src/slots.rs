@@ -188,9 +188,15 @@ impl WorkerSlot {
     }
 
     /// What `pick_slot` compares: requests held, plus [`SLEEPER_PENALTY`]
-    /// if the worker sleeps (as last read into `sleep_hint`).
-    fn load(&self) -> usize {
-        self.pending.len() + if self.sleep_hint { SLEEPER_PENALTY } else { 0 }
+    /// if the worker sleeps (as last read into `sleep_hint`) and the
+    /// group's requests are `cheap`.
+    fn load(&self, cheap: bool) -> usize {
+        self.pending.len()
+            + if cheap && self.sleep_hint {
+                SLEEPER_PENALTY
+            } else {
+                0
+            }
     }
 
     /// Whether replies may be read from this slot.
@@ -289,17 +295,23 @@ impl Group {
     /// Takes a sampled run time (a reply's `flags`, see `Meta::flags`)
     /// from a worker whose previous sample is `prev` (updated here).
     pub(crate) fn note_run_time(&mut self, flags: u16, prev: &mut u64) {
-        if flags == 0 {
+        let Some(sample) = halfsync_shm::run_time_ns(flags) else {
             return;
-        }
-        let sample = u64::from(flags - 1) * 1000;
+        };
         self.run_ns = Some(match self.run_ns {
             // The first sample may be a cold start's: it counts for at most
             // OUTLIER_SLACK_NS; a slow plugin's second sample counts in full.
             None => sample.clamp(MIN_RUN_NS, OUTLIER_SLACK_NS),
             Some(avg) => {
-                let limit = (avg * OUTLIER_FACTOR + OUTLIER_SLACK_NS).max(*prev);
-                (avg - avg / 8 + sample.min(limit) / 8).max(MIN_RUN_NS)
+                let limit = avg * OUTLIER_FACTOR + OUTLIER_SLACK_NS;
+                if sample > limit && *prev > limit {
+                    // Two in a row far above the estimate: not an outlier
+                    // but a slow plugin (or one that got slower); the
+                    // estimate moves there at once instead of by eighths.
+                    sample.min(*prev)
+                } else {
+                    (avg - avg / 8 + sample.min(limit.max(*prev)) / 8).max(MIN_RUN_NS)
+                }
             }
         });
         *prev = sample;
@@ -325,8 +337,12 @@ impl Group {
         self.run_ns
     }
 
-    /// Whether a connection's batch should stay on one worker.
-    fn batch_affinity(&self) -> bool {
+    /// Whether the group's requests are known to be cheap (at most
+    /// [`AFFINITY_MAX_RUN_NS`] on average): then a connection's batch
+    /// stays on one worker, and a request waits behind a few on an awake
+    /// worker rather than wake a sleeping one. Not before there is a
+    /// run-time estimate: a plugin of unknown cost is spread.
+    fn cheap(&self) -> bool {
         self.run_ns.is_some_and(|r| r <= AFFINITY_MAX_RUN_NS)
     }
 
@@ -701,10 +717,13 @@ impl Proxy {
     /// The least-loaded ready slot of group `g` with room for a request of
     /// `len` payload bytes. A linear scan: groups have few workers.
     ///
-    /// A sleeping worker counts as if it held [`SLEEPER_PENALTY`] more
-    /// requests: while an awake worker has little queued, it takes the
-    /// request and the sleeper is not woken (a wake-up is a syscall and a
-    /// context switch, and on a VM often a halted vCPU to restart).
+    /// For a group of cheap requests, a sleeping worker counts as if it
+    /// held [`SLEEPER_PENALTY`] more requests: while an awake worker has
+    /// little queued, it takes the request and the sleeper is not woken (a
+    /// wake-up is a syscall and a context switch, and on a VM often a
+    /// halted vCPU to restart). Not for slower or not yet measured ones:
+    /// there the awake worker is usually busy running one, and a request
+    /// behind it would wait that long while another worker idles.
     ///
     /// Batch affinity: the worker that took the previous request of the
     /// same read counts as holding [`BATCH_AFFINITY`] fewer, so a
@@ -715,7 +734,8 @@ impl Proxy {
     /// ones are spread, to run in parallel.
     pub(crate) fn pick_slot(&mut self, g: usize, len: usize) -> Option<usize> {
         let max = self.groups[g].inflight_cap;
-        let affinity = !self.tuning.no_batch_affinity && self.groups[g].batch_affinity();
+        let cheap = self.groups[g].cheap();
+        let affinity = !self.tuning.no_batch_affinity && cheap;
         // The rest of a batch: the other workers' loads have not changed
         // since its first request was placed (no replies are collected
         // while a read is parsed), so the batch's worker keeps winning
@@ -725,7 +745,7 @@ impl Proxy {
             && let Some(s) = self.slots[si].as_mut()
             && s.group == g
             && s.takes_requests(max)
-            && s.load() < self.batch_until
+            && s.load(cheap) < self.batch_until
             && matches!(s.tx.fits(len), Ok(true))
         {
             return Some(si);
@@ -745,7 +765,7 @@ impl Proxy {
                 s.sleep_hint = s.tx.consumer_sleeping();
                 s.sleep_hint_at = self.now_ns;
             }
-            let mut load = s.load();
+            let mut load = s.load(cheap);
             if affinity && self.batch_slot == Some(si) {
                 load = load.saturating_sub(BATCH_AFFINITY);
             }
@@ -1285,27 +1305,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batch_affinity_follows_the_sampled_run_time() {
+    fn cheap_follows_the_sampled_run_time() {
         let mut g = Group::absent();
         let mut prev = 0;
-        assert!(!g.batch_affinity(), "unknown run time: spread");
+        assert!(!g.cheap(), "unknown run time: spread");
         g.note_run_time(0, &mut prev);
-        assert!(!g.batch_affinity(), "0 means not sampled");
+        assert!(!g.cheap(), "0 means not sampled");
         g.note_run_time(1, &mut prev); // under 1 µs
-        assert!(g.batch_affinity());
+        assert!(g.cheap());
         g.note_run_time(1 + 1000, &mut prev); // one 1 ms request (preempted?)
-        assert!(g.batch_affinity(), "one outlier does not swing it");
+        assert!(g.cheap(), "one outlier does not swing it");
         g.note_run_time(1 + 1000, &mut prev);
         g.note_run_time(1 + 1000, &mut prev);
-        assert!(!g.batch_affinity(), "slow requests turn it off");
+        assert!(!g.cheap(), "slow requests turn it off");
         for _ in 0..100 {
             g.note_run_time(2, &mut prev);
         }
-        assert!(g.batch_affinity(), "the average comes back down");
+        assert!(g.cheap(), "the average comes back down");
         for _ in 0..3 {
-            g.note_run_time(u16::MAX, &mut prev); // 65 ms and more: no overflow
+            g.note_run_time(u16::MAX, &mut prev); // 32.8 s and more: no overflow
         }
-        assert!(!g.batch_affinity());
+        assert!(!g.cheap());
+    }
+
+    #[test]
+    fn a_slow_plugin_is_measured_from_its_second_sample() {
+        let mut g = Group::absent();
+        let mut prev = 0;
+        // The first sample ever might be a cold start: it counts for little.
+        let flags = halfsync_shm::run_time_flags(300_000); // 300 ms
+        g.note_run_time(flags, &mut prev);
+        assert!(g.run_ns().is_some_and(|r| r <= OUTLIER_SLACK_NS));
+        // The second as slow: that is what the plugin costs.
+        g.note_run_time(flags, &mut prev);
+        assert_eq!(g.run_ns(), Some(300_000_000));
+        assert!(!g.cheap());
+        assert_eq!(g.inflight_cap, 1);
     }
 
     #[test]
@@ -1317,7 +1352,7 @@ mod tests {
         assert_eq!(g.inflight_cap, START_INFLIGHT, "no estimate yet");
         g.note_run_time(1, &mut prev); // under 1 µs: 1 ms / 0.5 µs, capped
         assert_eq!(g.inflight_cap, 1024);
-        g.note_run_time(1 + 65_000, &mut prev); // one preempted sample
+        g.note_run_time(halfsync_shm::run_time_flags(65_000), &mut prev); // one preempted sample
         assert!(g.inflight_cap >= 200, "one outlier: {}", g.inflight_cap);
         for _ in 0..200 {
             g.note_run_time(1 + 100, &mut prev); // 100 µs

@@ -32,6 +32,6 @@ pub mod sys;
 pub use region::Region;
 pub use ring::{
     Consumer, Meta, Notify, Producer, RECORD_HEADER_LEN, REWIND_AT, Record, Reservation, RingError,
-    RingRef,
+    RingRef, run_time_flags, run_time_ns,
 };
 pub use slot::{BusyInfo, Control, Slot, SlotError, WorkerState};

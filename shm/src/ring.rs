@@ -120,9 +120,9 @@ pub struct Meta {
     /// Request: command number. Reply: status.
     pub code: u16,
     /// Request: the HSP/1 flags field. Reply: 0, or, on the replies a
-    /// worker samples, 1 + how long the plugin ran in µs (saturating);
-    /// the proxy uses it to decide whether batching a connection's
-    /// requests on one worker pays (see the proxy's `pick_slot`).
+    /// worker samples, how long the plugin ran ([`run_time_flags`]); the
+    /// proxy sizes its in-flight cap with it and decides whether batching
+    /// a connection's requests on one worker pays (see its `pick_slot`).
     pub flags: u16,
     /// Request id chosen by the client.
     pub id: u64,
@@ -131,6 +131,26 @@ pub struct Meta {
     pub tag: u64,
     /// CLOCK_MONOTONIC nanoseconds; for requests, when the proxy enqueued it.
     pub time_ns: u64,
+}
+
+/// Encodes a sampled run time of `us` microseconds for a reply's
+/// [`Meta::flags`] (0 stays "not sampled"): 1 + µs below 32,768 µs, then
+/// whole milliseconds up to ~32.8 s, where it saturates.
+pub fn run_time_flags(us: u64) -> u16 {
+    if us < 0x8000 {
+        1 + us as u16
+    } else {
+        (0x8001 + (us / 1000 - 32).min(0x7ffe)) as u16
+    }
+}
+
+/// Decodes [`run_time_flags`] into nanoseconds; `None` for 0.
+pub fn run_time_ns(flags: u16) -> Option<u64> {
+    match flags {
+        0 => None,
+        1..=0x8000 => Some(u64::from(flags - 1) * 1000),
+        f => Some((u64::from(f - 0x8001) + 32) * 1_000_000),
+    }
 }
 
 /// A ring found in a state no correct peer could have left it in.

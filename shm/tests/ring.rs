@@ -693,3 +693,35 @@ fn claim_and_revoke_never_both_win() {
         );
     }
 }
+
+/// The run time a reply's flags carry: microseconds exactly up to 32.7 ms,
+/// whole milliseconds beyond, saturating at ~32.8 s; 0 is "not sampled".
+#[test]
+fn run_time_flags_round_trip() {
+    use halfsync_shm::{run_time_flags, run_time_ns};
+    assert_eq!(run_time_ns(0), None);
+    for us in [0u64, 1, 999, 20_000, 32_767] {
+        assert_eq!(run_time_ns(run_time_flags(us)), Some(us * 1000), "{us}");
+    }
+    for (us, ms) in [
+        (32_768u64, 32u64),
+        (65_000, 65),
+        (300_499, 300),
+        (10_000_000, 10_000),
+    ] {
+        assert_eq!(
+            run_time_ns(run_time_flags(us)),
+            Some(ms * 1_000_000),
+            "{us}"
+        );
+    }
+    assert_eq!(run_time_flags(u64::MAX), u16::MAX);
+    assert_eq!(run_time_ns(u16::MAX), Some(32_798 * 1_000_000));
+    // Never 0 (that would read as "not sampled"), and monotonic.
+    let mut last = 0;
+    for us in (0..40_000_000u64).step_by(997) {
+        let f = run_time_flags(us);
+        assert!(f >= last.max(1), "{us}");
+        last = f;
+    }
+}

@@ -16,32 +16,36 @@ const STATUS_TIMEOUT: u16 = 3;
 /// One reply in about this many carries the plugin's run time to the
 /// proxy: the gaps between samples are drawn from `RUN_TIME_GAPS`, so a
 /// client pattern that repeats every 16 requests (15 cheap, one slow) is
-/// not always sampled at the same place, and a worker samples within its
-/// first 24 requests.
+/// not always sampled at the same place.
 const RUN_TIME_GAPS: std::ops::RangeInclusive<u32> = 8..=24;
 
-/// Decides which requests have their run time sampled (see
-/// [`RUN_TIME_GAPS`]); not the first, which runs on cold caches, unless
-/// the worker is recycled after so few requests (`max_requests`) that it
-/// would otherwise never sample: it then samples request `max / 2 + 1`
-/// (the second of two, the only one of one). (Without any sample the group's in-flight
-/// cap stays at its starting 16, whatever its requests cost.)
+/// After a sampled request that ran this long, every request is sampled
+/// until one runs shorter: the second clock read (~35 ns) is nothing
+/// beside such a request, and the proxy's estimate of a slow plugin
+/// (which sizes its in-flight cap and decides where requests go) then
+/// follows within a request or two instead of one in sixteen.
+const SAMPLE_EVERY_FROM_US: u64 = 100;
+
+/// Decides which requests have their run time sampled: the second (the
+/// first runs on cold caches; the only one of a worker recycled after one
+/// request, `max_requests`), then one in [`RUN_TIME_GAPS`], or every one
+/// while they are slow ([`SAMPLE_EVERY_FROM_US`]). (Without any sample the
+/// group's in-flight cap stays at its starting 16, whatever its requests
+/// cost.)
 struct RunSampler {
     left: u32,
+    every: bool,
     rng: fastrand::Rng,
 }
 
 impl RunSampler {
     /// `max_requests`: the worker's recycling limit, 0 for none.
     fn new(rng: fastrand::Rng, max_requests: u64) -> RunSampler {
-        let mut s = RunSampler { left: 0, rng };
-        s.left = s.gap();
-        if max_requests > 0 {
-            // Request `max / 2 + 1`: the second of two, the first of one.
-            let half_way = (max_requests / 2 + 1).min(u64::from(u32::MAX)) as u32;
-            s.left = s.left.min(half_way);
+        RunSampler {
+            left: if max_requests == 1 { 1 } else { 2 },
+            every: false,
+            rng,
         }
-        s
     }
 
     fn gap(&mut self) -> u32 {
@@ -50,12 +54,20 @@ impl RunSampler {
 
     /// True if the next request is to be sampled.
     fn next(&mut self) -> bool {
+        if self.every {
+            return true;
+        }
         self.left -= 1;
         if self.left > 0 {
             return false;
         }
         self.left = self.gap();
         true
+    }
+
+    /// A sampled request ran `us` microseconds.
+    fn sampled(&mut self, us: u64) {
+        self.every = us >= SAMPLE_EVERY_FROM_US;
     }
 }
 
@@ -248,7 +260,8 @@ pub fn run(spec: WorkerSpec) -> i32 {
         // On sampled replies, flags carries the run time (see `Meta::flags`).
         let flags = if sample {
             let us = (sys::monotonic_ns().saturating_sub(now) + 500) / 1000;
-            1 + us.min(u16::MAX as u64 - 1) as u16
+            sampler.sampled(us);
+            halfsync_shm::run_time_flags(us)
         } else {
             0
         };
@@ -349,23 +362,26 @@ fn wait_for_room(tx: &mut Producer, n: usize, stop: Option<&AtomicBool>) -> bool
 
 #[cfg(test)]
 mod tests {
-    use super::{RUN_TIME_GAPS, RunSampler};
+    use super::{RUN_TIME_GAPS, RunSampler, SAMPLE_EVERY_FROM_US};
+
+    /// Samples `n` requests that each ran `us(i)` µs; the indices sampled.
+    fn run(s: &mut RunSampler, n: u32, us: impl Fn(u32) -> u64) -> Vec<u32> {
+        let mut at = Vec::new();
+        for i in 0..n {
+            if s.next() {
+                s.sampled(us(i));
+                at.push(i);
+            }
+        }
+        at
+    }
 
     #[test]
     fn run_time_samples_are_one_in_about_16_and_not_periodic() {
         let mut s = RunSampler::new(fastrand::Rng::with_seed(7), 0);
-        let mut at = Vec::new();
-        for i in 0..16_000u32 {
-            if s.next() {
-                at.push(i);
-            }
-        }
-        // Never the first request; the first sample within 24.
-        assert!(
-            at[0] >= RUN_TIME_GAPS.start() - 1 && at[0] < *RUN_TIME_GAPS.end(),
-            "{}",
-            at[0]
-        );
+        let at = run(&mut s, 16_000, |_| 1);
+        // The second request (not the first, on cold caches), then gaps.
+        assert_eq!(at[0], 1);
         // Gaps stay in range; about one in 16 overall.
         for w in at.windows(2) {
             assert!(RUN_TIME_GAPS.contains(&(w[1] - w[0])), "{w:?}");
@@ -380,22 +396,34 @@ mod tests {
     }
 
     #[test]
+    fn slow_requests_are_all_sampled_until_a_fast_one() {
+        let mut s = RunSampler::new(fastrand::Rng::with_seed(7), 0);
+        // Requests 0..100 take 200 ms, the rest 1 µs.
+        let at = run(&mut s, 1_000, |i| if i < 100 { 200_000 } else { 1 });
+        // From the second request on, every slow one, and the first fast
+        // one (which ends it); then one in 8..24 again.
+        assert_eq!(at[..100], (1..=100).collect::<Vec<_>>()[..]);
+        for w in at[99..].windows(2) {
+            assert!(RUN_TIME_GAPS.contains(&(w[1] - w[0])), "{w:?}");
+        }
+        // Just under the threshold: gaps as usual.
+        let mut s = RunSampler::new(fastrand::Rng::with_seed(7), 0);
+        let at = run(&mut s, 1_000, |_| SAMPLE_EVERY_FROM_US - 1);
+        assert!(at.len() < 130, "{}", at.len());
+    }
+
+    #[test]
     fn a_worker_recycled_early_still_samples_once() {
         for max_requests in [1u64, 2, 3, 4, 7, 15, 16, 30] {
             for seed in 0..50 {
                 let mut s = RunSampler::new(fastrand::Rng::with_seed(seed), max_requests);
                 let first = (1..=max_requests).find(|_| s.next());
-                let Some(first) = first else {
-                    panic!("max_requests {max_requests}, seed {seed}: never sampled");
-                };
-                // Request max / 2 + 1 of a life shorter than every gap (the
-                // second of two, not the first); no later than that beyond.
-                let half_way = max_requests / 2 + 1;
-                if half_way <= u64::from(*RUN_TIME_GAPS.start()) {
-                    assert_eq!(first, half_way, "max_requests {max_requests}");
-                } else {
-                    assert!(first <= half_way, "max_requests {max_requests}: {first}");
-                }
+                // The second request, or the only one of one.
+                assert_eq!(
+                    first,
+                    Some(max_requests.min(2)),
+                    "max_requests {max_requests}"
+                );
             }
         }
         // No limit, or a long one: never the first request.
