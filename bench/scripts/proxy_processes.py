@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""proxy_processes = 2 against 1 (the baseline), same workers, same run,
-alternating rounds so machine noise hits both alike. Reports each
-configuration's throughput and p99 and the ratio 2/1 per round and median.
+"""proxy_processes = 2 against 1, same workers, same run, with the inline
+baseline (one proxy, `--inline`) in every round; alternating rounds so
+machine noise hits all three alike. Reports each configuration's
+throughput and p99, the ratio 2/1 and each one's ratio to inline, per
+round and as medians.
 
 Usage:
     cargo build --release --workspace
@@ -25,8 +27,8 @@ from run_benchmarks import Server, bench, errors  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def one(pp, depth, seconds):
-    s = Server(workers=2, extra_server=f"proxy_processes = {pp}")
+def one(pp, depth, seconds, inline=False):
+    s = Server(inline=inline, workers=2, extra_server=f"proxy_processes = {pp}")
     try:
         assert len(s.proxy) == pp, f"expected {pp} proxies, found {s.proxy}"
         r = bench(s.port, ["-c", 50, "-d", depth, "--warmup", "1s", "--duration", f"{seconds}s"])
@@ -46,15 +48,21 @@ def main():
     for depth in (1, 16):
         rounds = []
         for _ in range(a.rounds):
+            inline = one(1, depth, a.seconds, inline=True)
             one_proxy = one(1, depth, a.seconds)
             two = one(2, depth, a.seconds)
-            rounds.append({"proxy_processes_1": one_proxy, "proxy_processes_2": two,
-                           "ratio": two["rps"] / one_proxy["rps"]})
-            print(f"d{depth}: 1 proxy {one_proxy['rps']:,.0f} req/s, 2 proxies "
-                  f"{two['rps']:,.0f} req/s, ratio {rounds[-1]['ratio']:.2f}", flush=True)
-        med = statistics.median(r["ratio"] for r in rounds)
-        out["scenarios"][f"d{depth}"] = {"rounds": rounds, "median_ratio": med}
-        print(f"d{depth}: median ratio (2 proxies / 1) {med:.2f}")
+            rounds.append({"inline": inline, "proxy_processes_1": one_proxy, "proxy_processes_2": two,
+                           "ratio": two["rps"] / one_proxy["rps"],
+                           "ratio_1_inline": one_proxy["rps"] / inline["rps"],
+                           "ratio_2_inline": two["rps"] / inline["rps"]})
+            print(f"d{depth}: inline {inline['rps']:,.0f} req/s, 1 proxy {one_proxy['rps']:,.0f}, "
+                  f"2 proxies {two['rps']:,.0f}, ratio 2/1 {rounds[-1]['ratio']:.2f}", flush=True)
+        med = {k: statistics.median(r[k] for r in rounds) for k in ("ratio", "ratio_1_inline", "ratio_2_inline")}
+        out["scenarios"][f"d{depth}"] = {"rounds": rounds, "median_ratio": med["ratio"],
+                                         "median_ratio_1_inline": med["ratio_1_inline"],
+                                         "median_ratio_2_inline": med["ratio_2_inline"]}
+        print(f"d{depth}: median ratios: 2 proxies / 1 {med['ratio']:.2f}, 1 proxy / inline "
+              f"{med['ratio_1_inline']:.2f}, 2 proxies / inline {med['ratio_2_inline']:.2f}")
     path = os.path.join(HERE, "..", "results", "proxy_processes.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
