@@ -898,13 +898,20 @@ fn commands_find_the_server_after_its_first_port_changed() {
     let _cleanup = RemoveOnDrop(sock.clone());
     let mut s = Server::start(&config(port, &echo_so(), 1, "admin_socket = \"\""), port);
     assert!(sock.exists(), "{}", s.log());
-    assert!(s.status()["config"].as_str().is_some_and(|c| c.ends_with("halfsync.toml")));
+    assert!(
+        s.status()["config"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("halfsync.toml"))
+    );
     let new_port = free_port();
     s.write_config(&config(new_port, &echo_so(), 1, "admin_socket = \"\""));
     let (code, out, err) = s.ctl(&["reload"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
-        err.contains(&format!("the server running this file is on {}", sock.display())),
+        err.contains(&format!(
+            "the server running this file is on {}",
+            sock.display()
+        )),
         "{err}"
     );
     let mut c = halfsync_protocol::Client::connect(("127.0.0.1", new_port)).unwrap();
@@ -924,4 +931,51 @@ fn commands_find_the_server_after_its_first_port_changed() {
         err.contains(&format!("/tmp/halfsync-{new_port}.sock")),
         "{err}"
     );
+}
+
+/// A burst against a dynamic pool is met within seconds: the pool starts
+/// 1, 2, 4, ... workers at checks in a row that find requests waiting (as
+/// PHP-FPM's dynamic mode does), not one a second.
+#[test]
+fn dynamic_pool_grows_fast_under_a_burst() {
+    let port = free_port();
+    let extra = "pool = \"dynamic\"\nmax_workers = 12\nmin_spare = 1\nmax_spare = 2\nrequeue_after = \"0s\"\n";
+    let mut s = Server::start(&versioned(port, 1, "", extra, ""), port);
+    // 24 clients, each keeping one 400 ms request in flight.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..24)
+        .map(|i| {
+            let mut c = s.client();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                c.stream()
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                let mut id = 0u64;
+                // Bounded: at most 100 requests of 400 ms, or until stopped.
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && id < 100 {
+                    c.send(
+                        i * 1000 + id,
+                        halfsync_testkit::fault::SLOW,
+                        &400u32.to_be_bytes(),
+                    )
+                    .unwrap();
+                    assert_eq!(c.recv().unwrap().code, status::OK);
+                    id += 1;
+                }
+            })
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    // One worker a second would need 11 s; doubling needs ~4 checks.
+    let grew = wait_for(Duration::from_secs(7), || {
+        (s.worker_pids().len() == 12).then(|| t.elapsed())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let took = grew.unwrap_or_else(|| panic!("pool did not reach 12 in 7 s: {}", s.status()));
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    assert!(s.log().contains("pool growing"));
 }

@@ -58,6 +58,12 @@ const FAILED_STARTS_BEFORE_BACKOFF: u32 = 5;
 const POOL_CHECK: Duration = Duration::from_secs(1);
 const POOL_SHRINK_AFTER: u32 = 3;
 
+/// A growing dynamic pool starts one worker at its first check, then
+/// twice as many at each check in a row that still finds it short, up to
+/// this many at once (PHP-FPM's `pm.max_spawn_rate` default): a burst is
+/// met within seconds, not one worker a second.
+const POOL_MAX_SPAWN_RATE: u32 = 32;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Life {
     /// No worker and none wanted: a spare slot.
@@ -153,6 +159,30 @@ pub(crate) struct GroupRec {
     pub(crate) ended_cpu: sys::CpuTime,
     /// Dynamic pools: checks in a row with too many idle workers.
     idle_checks: u32,
+    /// Dynamic pools: workers to start at the next check that finds the
+    /// pool short (doubles while it stays short, see
+    /// [`POOL_MAX_SPAWN_RATE`]).
+    spawn_rate: u32,
+}
+
+impl GroupRec {
+    /// A group of configuration generation `generation`, nothing ended yet.
+    pub(crate) fn new(
+        config: halfsync_config::Group,
+        plugin: PathBuf,
+        generation: u64,
+    ) -> GroupRec {
+        GroupRec {
+            config,
+            plugin,
+            generation,
+            retired: false,
+            ended: [0; Cause::ALL.len()],
+            ended_cpu: sys::CpuTime::default(),
+            idle_checks: 0,
+            spawn_rate: 1,
+        }
+    }
 }
 
 pub(crate) struct SlotRec {
@@ -313,15 +343,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         .groups
         .iter()
         .zip(probed)
-        .map(|(g, p)| GroupRec {
-            config: g.clone(),
-            plugin: p.path,
-            generation: 1,
-            retired: false,
-            ended: [0; Cause::ALL.len()],
-            ended_cpu: sys::CpuTime::default(),
-            idle_checks: 0,
-        })
+        .map(|(g, p)| GroupRec::new(g.clone(), p.path, 1))
         .collect();
     let mut m = Master {
         exe,
@@ -902,8 +924,10 @@ impl Master {
         ))
     }
 
-    /// Dynamic pools: one more worker when too few are idle or requests
-    /// wait; one fewer when too many stayed idle for a few checks.
+    /// Dynamic pools: more workers when too few are idle or requests wait
+    /// (as many as are missing from `min_spare`, or while requests wait
+    /// 1, 2, 4, ... at checks in a row, see [`POOL_MAX_SPAWN_RATE`]); one
+    /// fewer when too many stayed idle for a few checks.
     fn check_pools(&mut self) {
         for g in 0..self.groups.len() {
             let c = &self.groups[g].config;
@@ -919,15 +943,33 @@ impl Master {
                 .iter()
                 .filter(|&&i| self.slots[i].state() == "idle" && self.slot_stats(i).pending == 0)
                 .count() as u32;
+            // Workers still starting will be idle soon: not missing.
+            let starting = active
+                .iter()
+                .filter(|&&i| self.slots[i].state() == "starting")
+                .count() as u32;
             let queued = self.group_stats(g).queued;
             let n = active.len() as u32;
-            if (idle < min_spare || queued > 0) && n < max {
+            if (idle + starting < min_spare || queued > 0) && n < max {
+                let rate = self.groups[g].spawn_rate;
+                let missing = min_spare.saturating_sub(idle + starting);
+                let add = if queued > 0 {
+                    missing.max(rate)
+                } else {
+                    missing.min(rate)
+                }
+                .clamp(1, max - n);
                 self.groups[g].idle_checks = 0;
-                info!(group = %self.groups[g].config.name, workers = n + 1, idle, queued, "pool growing");
-                if let Err(e) = self.add_worker(g) {
-                    error!("{e:#}");
+                self.groups[g].spawn_rate = (rate * 2).min(POOL_MAX_SPAWN_RATE);
+                info!(group = %self.groups[g].config.name, workers = n + add, idle, queued, "pool growing");
+                for _ in 0..add {
+                    if let Err(e) = self.add_worker(g) {
+                        error!("{e:#}");
+                        break;
+                    }
                 }
             } else if idle > max_spare && n > min {
+                self.groups[g].spawn_rate = 1;
                 self.groups[g].idle_checks += 1;
                 if self.groups[g].idle_checks >= POOL_SHRINK_AFTER {
                     self.groups[g].idle_checks = 0;
@@ -938,6 +980,7 @@ impl Master {
                 }
             } else {
                 self.groups[g].idle_checks = 0;
+                self.groups[g].spawn_rate = 1;
             }
         }
     }

@@ -97,15 +97,8 @@ impl Master {
                     });
                 }
                 None => {
-                    self.groups.push(GroupRec {
-                        config: g.clone(),
-                        plugin: p.path,
-                        generation,
-                        retired: false,
-                        ended: [0; Cause::ALL.len()],
-                        ended_cpu: Default::default(),
-                        idle_checks: 0,
-                    });
+                    self.groups
+                        .push(GroupRec::new(g.clone(), p.path, generation));
                     fresh.push(self.groups.len() - 1);
                 }
             }
