@@ -466,6 +466,11 @@ fn out_of_file_descriptors_refuses_cleanly_without_spinning() {
         raised.is_some_and(|l| l.contains("from=64") && l.contains("to=128")),
         "{log}"
     );
+    // max_connections (10,000 by default) cannot be reached: said at start.
+    assert!(
+        log.contains("max_connections is above this proxy's open-file limit"),
+        "{log}"
+    );
     let mut served = Vec::new();
     let mut refused = 0;
     for i in 0..250u64 {

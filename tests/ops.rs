@@ -690,6 +690,10 @@ fn stop_command_drains_and_fast_stop_kills() {
     assert_eq!(code, Some(0));
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
+    // A fast stop is not an incident: no warning about the channels of
+    // the processes it killed.
+    let log = s.log();
+    assert!(!log.contains("control channel"), "{log}");
 }
 
 /// `log_file` with SIGUSR1: every process reopens the file after logrotate

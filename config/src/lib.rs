@@ -864,6 +864,18 @@ impl Config {
                     ),
                 ));
             }
+            if group.restart_delay > group.restart_delay_max {
+                return Err(invalid(
+                    &here(&[Step::Key("restart_delay")]),
+                    format!("group[{i}].restart_delay"),
+                    format!(
+                        "restart_delay ({} ms) is above restart_delay_max ({} ms): the backoff \
+                         starts at restart_delay and doubles up to restart_delay_max",
+                        group.restart_delay.as_millis(),
+                        group.restart_delay_max.as_millis()
+                    ),
+                ));
+            }
             if let Err(e) = toml::to_string(&group.config) {
                 return Err(invalid(
                     &here(&[Step::Key("config")]),

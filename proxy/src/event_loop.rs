@@ -154,14 +154,33 @@ fn take_fd(fd: i32) -> Result<OwnedFd, ProxyError> {
 
 impl Proxy {
     fn new(spec: ProxySpec) -> Result<Proxy, ProxyError> {
-        match sys::raise_nofile() {
+        let nofile = match sys::raise_nofile() {
             Ok((from, to)) if from != to => {
-                info!(from, to, "raised the open-file limit to the hard limit")
+                info!(from, to, "raised the open-file limit to the hard limit");
+                Some(to)
             }
-            Ok((n, _)) => info!(limit = n, "open-file limit"),
-            Err(e) => warn!("cannot raise the open-file limit: {e}"),
-        }
+            Ok((n, _)) => {
+                info!(limit = n, "open-file limit");
+                Some(n)
+            }
+            Err(e) => {
+                warn!("cannot raise the open-file limit: {e}");
+                None
+            }
+        };
         let config = Config::from_toml(&spec.config, Origin::Text)?;
+        // As nginx warns when worker_connections exceeds the fd limit.
+        if let Some(limit) = nofile
+            && u64::from(config.server.max_connections) >= limit
+        {
+            warn!(
+                max_connections = config.server.max_connections,
+                open_file_limit = limit,
+                "max_connections is above this proxy's open-file limit: past the limit \
+                 connections are refused (out of file descriptors); raise the hard limit \
+                 (ulimit -Hn, systemd LimitNOFILE=) or lower max_connections"
+            );
+        }
         if spec.group_ids.len() != config.groups.len() {
             return Err(ProxyError::Spec("group ids do not match the groups".into()));
         }

@@ -1415,6 +1415,11 @@ impl Master {
                 Ok(Received::Empty) => return,
                 // The proxy is gone; SIGCHLD tells the rest.
                 Ok(Received::Closed) => return,
+                // So is one killed while stopping (stop --fast).
+                Err(e) if self.stopping.is_some() => {
+                    tracing::debug!("control channel: {e}");
+                    return;
+                }
                 Err(e) => {
                     warn!("control channel: {e}");
                     return;

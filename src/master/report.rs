@@ -70,7 +70,13 @@ fn cpu_seconds(pid: i32) -> Option<CpuTime> {
 }
 
 fn cpu_value(c: CpuTime) -> Value {
-    json!({"user": c.user, "system": c.system})
+    json!({"user": micros(c.user), "system": micros(c.system)})
+}
+
+/// Seconds rounded to the microsecond, the resolution of the kernel's
+/// figures: sums of them print as 0.65, not 0.6499999999999999.
+fn micros(seconds: f64) -> f64 {
+    (seconds * 1e6).round() / 1e6
 }
 
 fn cpu_json(pid: Option<i32>) -> Value {
@@ -396,7 +402,7 @@ pub(crate) fn metrics(m: &Master) -> String {
     o.push_str("# HELP halfsync_cpu_seconds_total CPU time of the proxy processes (group \"\") and of each group's worker processes, those that ended included.\n");
     o.push_str("# TYPE halfsync_cpu_seconds_total counter\n");
     let mut cpu_lines = |role: &str, group: &str, c: CpuTime| {
-        for (mode, v) in [("user", c.user), ("system", c.system)] {
+        for (mode, v) in [("user", micros(c.user)), ("system", micros(c.system))] {
             let _ = writeln!(
                 o,
                 "halfsync_cpu_seconds_total{{role=\"{role}\",group=\"{group}\",mode=\"{mode}\"}} {v}"

@@ -510,7 +510,8 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
     };
     // SAFETY: `ctx` is the leaked, immutable `HostCtx` (fn contract).
     let plugin = unsafe { &*ctx.cast::<HostCtx>() }.plugin.as_str();
-    let text = String::from_utf8_lossy(bytes);
+    let raw = String::from_utf8_lossy(bytes);
+    let text = one_line(&raw);
     // A panicking subscriber must not unwind into C (that would abort).
     let _ = catch_unwind(AssertUnwindSafe(|| match level {
         i32::MIN..=abi::LOG_ERROR => tracing::error!(target: "plugin", plugin, "{text}"),
@@ -519,6 +520,23 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
         abi::LOG_DEBUG => tracing::debug!(target: "plugin", plugin, "{text}"),
         _ => tracing::trace!(target: "plugin", plugin, "{text}"),
     }));
+}
+
+/// `text` with its control characters escaped (`\n`, `\t`, `\u{1b}`):
+/// a plugin's message stays one log line, and cannot forge others.
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
 }
 
 /// What `hs_reply.ctx` points to during one `Instance::handle_split`.
@@ -789,5 +807,19 @@ impl Instance {
             // `self` is consumed, is handed back exactly once.
             unsafe { fini(self.state) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn plugin_messages_stay_on_one_line() {
+        assert_eq!(one_line("plain text, é"), "plain text, é");
+        assert_eq!(
+            one_line("x = 1\nINFO forged line\r\t\u{1b}[31m"),
+            "x = 1\\nINFO forged line\\r\\t\\u{1b}[31m"
+        );
     }
 }
