@@ -697,15 +697,23 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Open loop: issues every request due by `now`.
-    fn pump(&mut self, now: u64) {
-        let Some(sched) = self.sched else { return };
+    /// Open loop: issues every request due by `now` and before `limit`;
+    /// true once the next one is due at `limit` or later.
+    fn pump(&mut self, now: u64, limit: u64) -> bool {
+        let Some(sched) = self.sched else {
+            return true;
+        };
         if self.actives.is_empty() {
-            return;
+            return true;
         }
+        let mut reached = false;
         while !self.blocked {
             let k = sched.request_number(self.a_first + self.cur_i as u64, self.cur_round);
             let due = self.t0 + sched.offset_ns(k);
+            if due >= limit {
+                reached = true;
+                break;
+            }
             if due > now {
                 break;
             }
@@ -742,6 +750,29 @@ impl<'a> Engine<'a> {
         }
         self.dirty = dirty;
         self.dirty.clear();
+        reached
+    }
+
+    /// Open loop, at the end: the requests due before `limit` that were
+    /// never issued (the drain ran out while the generator was behind).
+    fn unissued_before(&self, limit: u64) -> u64 {
+        let Some(sched) = self.sched else { return 0 };
+        if self.actives.is_empty() {
+            return 0;
+        }
+        let (mut i, mut round, mut n) = (self.cur_i, self.cur_round, 0);
+        loop {
+            let k = sched.request_number(self.a_first + i as u64, round);
+            if self.t0 + sched.offset_ns(k) >= limit {
+                return n;
+            }
+            n += 1;
+            i += 1;
+            if i == self.actives.len() {
+                i = 0;
+                round += 1;
+            }
+        }
     }
 
     fn next_due(&self) -> Option<u64> {
@@ -919,6 +950,7 @@ impl<'a> Engine<'a> {
             }
         }
         let mut drain_deadline = 0;
+        let mut backlog = false;
         let mut next_tick = sys::now_ns() + TICK_NS;
         loop {
             let now = sys::now_ns();
@@ -929,16 +961,24 @@ impl<'a> Engine<'a> {
                 self.meter.end = self.meter.end.min(now);
                 measure_end = self.meter.end;
                 drain_deadline = now + drain;
+                // Open loop: requests due in the window that the generator
+                // has not sent yet (it was held up, or blocked by a server
+                // that stopped reading) are still sent, late, and measured
+                // from when they were due.
+                backlog = self.sched.is_some() && self.open > 0;
+            }
+            if backlog {
+                backlog = !self.pump(now, self.meter.end);
             }
             if !self.sending {
-                let drained = self.in_flight == 0 || now >= drain_deadline;
+                let drained = (self.in_flight == 0 && !backlog) || now >= drain_deadline;
                 let held = now >= hold_end || self.shared.interrupt.load(Relaxed);
                 if (drained && held) || self.open == 0 {
                     break;
                 }
             }
             if self.sending {
-                self.pump(now);
+                self.pump(now, u64::MAX);
             }
             if now >= next_tick {
                 self.check_reply_timeouts(now);
@@ -954,12 +994,20 @@ impl<'a> Engine<'a> {
                 }
                 wake = wake.min(hold_end.max(now));
             }
-            let precise = if self.sending { self.next_due() } else { None };
+            let precise = if self.sending || backlog {
+                self.next_due()
+            } else {
+                None
+            };
             self.turn(&mut events, now, wake, precise)?;
         }
-        // What is still unanswered after the drain is lost.
+        // What is still unanswered after the drain is lost, and so is what
+        // was due in the window but never sent.
         for c in &self.conns {
             self.meter.st.unanswered += c.outstanding.len() as u64;
+        }
+        if backlog {
+            self.meter.st.unanswered += self.unissued_before(self.meter.end);
         }
         self.publish();
         Ok(measure_end)

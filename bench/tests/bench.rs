@@ -241,6 +241,49 @@ fn other_commands_are_sent_and_their_payloads_not_checked() {
     );
 }
 
+/// Open loop, the generator itself held up across the end of the window
+/// (SIGSTOP from 800 to 1,200 ms of a 1 s window): the requests due in
+/// its last 200 ms are still sent, late, and measured from when they were
+/// due; none is silently skipped.
+#[test]
+fn open_loop_sends_and_measures_what_was_due_when_the_window_closed() {
+    let s = Server::start(Mode::Echo);
+    let mut child = Command::new(EXE)
+        .args(["--addr", &s.addr.to_string(), "-c", "1", "--rate", "1000"])
+        .args(["--warmup", "0s", "--duration", "1s", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    std::thread::sleep(Duration::from_millis(800));
+    // SAFETY: kill(2) on the child this test started; no memory passed.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(400));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let t = Instant::now();
+    let out = loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            break child.wait_with_output().unwrap();
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running 10 s after SIGCONT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(out.status.code(), Some(0));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // All ~1,000 requests of the window, the ~200 late ones included.
+    let n = r["requests"].as_u64().unwrap();
+    assert!((950..=1050).contains(&n), "{r}");
+    assert_eq!(r["unanswered"].as_u64(), Some(0), "{r}");
+    let lat = &r["latency_us"];
+    assert!(lat["max"].as_u64() >= Some(300_000), "{r}");
+    assert!(lat["p90"].as_u64() >= Some(100_000), "{r}");
+}
+
 #[test]
 fn corrupt_payloads_are_caught() {
     let s = Server::start(Mode::CorruptPayload(50));
