@@ -983,3 +983,25 @@ fn dynamic_pool_grows_fast_under_a_burst() {
     assert!(took < Duration::from_secs(6), "{took:?}");
     assert!(s.log().contains("pool growing"));
 }
+
+/// A dynamic pool short of `min_spare` idle workers starts all the
+/// missing ones at once, not one a second.
+#[test]
+fn dynamic_pool_starts_the_missing_spares_at_once() {
+    let port = free_port();
+    let extra = "pool = \"dynamic\"\nmax_workers = 8\nmin_spare = 6\nmax_spare = 8\n";
+    let mut s = Server::start(&versioned(port, 1, "", extra, ""), port);
+    // One idle worker where 6 should be: the first check (within 1 s)
+    // starts the 5 missing at once (one a second would take 5 s).
+    let t = std::time::Instant::now();
+    let grew = wait_for(Duration::from_secs(8), || {
+        (s.worker_pids().len() == 6).then(|| t.elapsed())
+    });
+    let took = grew.unwrap_or_else(|| panic!("no 6 workers in 8 s: {}", s.status()));
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    let log = s.log();
+    assert!(
+        log.contains("pool growing") && log.contains("workers=6"),
+        "{log}"
+    );
+}

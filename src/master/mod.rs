@@ -925,9 +925,10 @@ impl Master {
     }
 
     /// Dynamic pools: more workers when too few are idle or requests wait
-    /// (as many as are missing from `min_spare`, or while requests wait
-    /// 1, 2, 4, ... at checks in a row, see [`POOL_MAX_SPAWN_RATE`]); one
-    /// fewer when too many stayed idle for a few checks.
+    /// (as many as are missing from `min_spare`, those starting counted as
+    /// idle; while requests wait 1, 2, 4, ... at checks in a row, less
+    /// those still starting, see [`POOL_MAX_SPAWN_RATE`]); one fewer when
+    /// too many stayed idle for a few checks.
     fn check_pools(&mut self) {
         for g in 0..self.groups.len() {
             let c = &self.groups[g].config;
@@ -953,15 +954,23 @@ impl Master {
             if (idle + starting < min_spare || queued > 0) && n < max {
                 let rate = self.groups[g].spawn_rate;
                 let missing = min_spare.saturating_sub(idle + starting);
+                // While requests wait: `rate` new workers, less those still
+                // starting (a slow init must not make every check start
+                // more); the rate doubles only once those are up.
                 let add = if queued > 0 {
-                    missing.max(rate)
+                    missing.max(rate.saturating_sub(starting))
                 } else {
-                    missing.min(rate)
+                    missing
                 }
-                .clamp(1, max - n);
+                .min(max - n);
                 self.groups[g].idle_checks = 0;
-                self.groups[g].spawn_rate = (rate * 2).min(POOL_MAX_SPAWN_RATE);
-                info!(group = %self.groups[g].config.name, workers = n + add, idle, queued, "pool growing");
+                if queued > 0 && starting == 0 {
+                    self.groups[g].spawn_rate = (rate * 2).min(POOL_MAX_SPAWN_RATE);
+                }
+                if add == 0 {
+                    continue;
+                }
+                info!(group = %self.groups[g].config.name, workers = n + add, idle, starting, queued, "pool growing");
                 for _ in 0..add {
                     if let Err(e) = self.add_worker(g) {
                         error!("{e:#}");
