@@ -268,6 +268,12 @@ pub(crate) struct Group {
     /// sample (outliers clipped, see `OUTLIER_FACTOR`); `None` until the
     /// first sample.
     run_ns: Option<u64>,
+    /// The estimate rests on more than a (clamped) first sample: one
+    /// sample within the outlier limit came, or two slow ones in a row
+    /// from one worker set it. Until then the in-flight cap stays at
+    /// `START_INFLIGHT` (a slow plugin's clamped first sample would
+    /// otherwise raise it).
+    trusted: bool,
 }
 
 impl Group {
@@ -289,6 +295,7 @@ impl Group {
             drain_timeout_ns: 0,
             requeue_after_ns: 0,
             run_ns: None,
+            trusted: false,
         }
     }
 
@@ -304,12 +311,18 @@ impl Group {
             None => sample.clamp(MIN_RUN_NS, OUTLIER_SLACK_NS),
             Some(avg) => {
                 let limit = avg * OUTLIER_FACTOR + OUTLIER_SLACK_NS;
-                if sample > limit && *prev > limit {
-                    // Two in a row far above the estimate: not an outlier
-                    // but a slow plugin (or one that got slower); the
-                    // estimate moves there at once instead of by eighths.
+                if !self.trusted && sample > limit && *prev > limit {
+                    // Before any ordinary sample, two in a row far above
+                    // the clamped first one: a slow plugin, whose estimate
+                    // goes there at once instead of by eighths. (Not
+                    // later: in a mix of fast and rare slow requests, two
+                    // slow ones in a row would swing it.)
+                    self.trusted = true;
                     sample.min(*prev)
                 } else {
+                    if sample <= limit {
+                        self.trusted = true;
+                    }
                     (avg - avg / 8 + sample.min(limit.max(*prev)) / 8).max(MIN_RUN_NS)
                 }
             }
@@ -325,6 +338,7 @@ impl Group {
         self.inflight_cap = match (self.max_inflight_time_ns, self.run_ns) {
             (0, _) => self.max_inflight,
             (_, None) => self.max_inflight.min(START_INFLIGHT),
+            (_, Some(_)) if !self.trusted => self.max_inflight.min(START_INFLIGHT),
             (t, Some(run)) => {
                 let n = usize::try_from(t / run.max(MIN_RUN_NS)).unwrap_or(usize::MAX);
                 n.clamp(1, self.max_inflight.max(1))
@@ -1330,17 +1344,43 @@ mod tests {
 
     #[test]
     fn a_slow_plugin_is_measured_from_its_second_sample() {
+        let cfg = halfsync_config::Group::new("g", "echo");
         let mut g = Group::absent();
-        let mut prev = 0;
-        // The first sample ever might be a cold start: it counts for little.
+        g.update(&cfg);
+        let (mut w1, mut w2) = (0, 0);
+        // The first sample ever might be a cold start: it counts for
+        // little, and does not raise the cap (1 ms / 20 µs would be 50).
         let flags = halfsync_shm::run_time_flags(300_000); // 300 ms
-        g.note_run_time(flags, &mut prev);
+        g.note_run_time(flags, &mut w1);
         assert!(g.run_ns().is_some_and(|r| r <= OUTLIER_SLACK_NS));
-        // The second as slow: that is what the plugin costs.
-        g.note_run_time(flags, &mut prev);
+        assert_eq!(g.inflight_cap, START_INFLIGHT);
+        // Another worker's first: still an outlier against the estimate.
+        g.note_run_time(flags, &mut w2);
+        assert_eq!(g.inflight_cap, START_INFLIGHT);
+        // A worker's second as slow: that is what the plugin costs.
+        g.note_run_time(flags, &mut w1);
         assert_eq!(g.run_ns(), Some(300_000_000));
         assert!(!g.cheap());
         assert_eq!(g.inflight_cap, 1);
+    }
+
+    #[test]
+    fn two_slow_in_a_row_do_not_swing_an_established_estimate() {
+        let cfg = halfsync_config::Group::new("g", "echo");
+        let mut g = Group::absent();
+        g.update(&cfg);
+        let mut prev = 0;
+        for _ in 0..50 {
+            g.note_run_time(1 + 50, &mut prev); // 50 µs
+        }
+        let before = g.run_ns().unwrap();
+        // A pair of 20 ms requests in a mix of 50 µs ones: the second
+        // counts in full but by an eighth (a slowdown shows), not taken as
+        // the new estimate, which a slow plugin's first pair would be.
+        g.note_run_time(halfsync_shm::run_time_flags(20_000), &mut prev);
+        g.note_run_time(halfsync_shm::run_time_flags(20_000), &mut prev);
+        let after = g.run_ns().unwrap();
+        assert!(after > before && after < 4_000_000, "{before} -> {after}");
     }
 
     #[test]
@@ -1350,6 +1390,8 @@ mod tests {
         let mut prev = 0;
         g.update(&cfg);
         assert_eq!(g.inflight_cap, START_INFLIGHT, "no estimate yet");
+        g.note_run_time(1, &mut prev);
+        assert_eq!(g.inflight_cap, START_INFLIGHT, "one sample: not yet");
         g.note_run_time(1, &mut prev); // under 1 µs: 1 ms / 0.5 µs, capped
         assert_eq!(g.inflight_cap, 1024);
         g.note_run_time(halfsync_shm::run_time_flags(65_000), &mut prev); // one preempted sample

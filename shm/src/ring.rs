@@ -135,12 +135,14 @@ pub struct Meta {
 
 /// Encodes a sampled run time of `us` microseconds for a reply's
 /// [`Meta::flags`] (0 stays "not sampled"): 1 + µs below 32,768 µs, then
-/// whole milliseconds up to ~32.8 s, where it saturates.
+/// milliseconds (rounded up, so decoded values only grow) from 33 ms up
+/// to ~32.8 s, where it saturates. A proxy and workers of different
+/// builds (a binary replaced under a running server) agree below 32 ms.
 pub fn run_time_flags(us: u64) -> u16 {
     if us < 0x8000 {
         1 + us as u16
     } else {
-        (0x8001 + (us / 1000 - 32).min(0x7ffe)) as u16
+        (0x8001 + (us.div_ceil(1000) - 33).min(0x7ffe)) as u16
     }
 }
 
@@ -149,7 +151,7 @@ pub fn run_time_ns(flags: u16) -> Option<u64> {
     match flags {
         0 => None,
         1..=0x8000 => Some(u64::from(flags - 1) * 1000),
-        f => Some((u64::from(f - 0x8001) + 32) * 1_000_000),
+        f => Some((u64::from(f - 0x8001) + 33) * 1_000_000),
     }
 }
 

@@ -695,7 +695,8 @@ fn claim_and_revoke_never_both_win() {
 }
 
 /// The run time a reply's flags carry: microseconds exactly up to 32.7 ms,
-/// whole milliseconds beyond, saturating at ~32.8 s; 0 is "not sampled".
+/// whole milliseconds (rounded up) beyond, saturating at ~32.8 s; 0 is
+/// "not sampled".
 #[test]
 fn run_time_flags_round_trip() {
     use halfsync_shm::{run_time_flags, run_time_ns};
@@ -704,9 +705,9 @@ fn run_time_flags_round_trip() {
         assert_eq!(run_time_ns(run_time_flags(us)), Some(us * 1000), "{us}");
     }
     for (us, ms) in [
-        (32_768u64, 32u64),
+        (32_768u64, 33u64),
         (65_000, 65),
-        (300_499, 300),
+        (300_499, 301),
         (10_000_000, 10_000),
     ] {
         assert_eq!(
@@ -716,12 +717,24 @@ fn run_time_flags_round_trip() {
         );
     }
     assert_eq!(run_time_flags(u64::MAX), u16::MAX);
-    assert_eq!(run_time_ns(u16::MAX), Some(32_798 * 1_000_000));
-    // Never 0 (that would read as "not sampled"), and monotonic.
-    let mut last = 0;
-    for us in (0..40_000_000u64).step_by(997) {
-        let f = run_time_flags(us);
-        assert!(f >= last.max(1), "{us}");
-        last = f;
+    assert_eq!(run_time_ns(u16::MAX), Some(32_799 * 1_000_000));
+    // Encoding: never 0 (that reads as "not sampled"), never decreasing,
+    // and never below the run time up to saturation (the µs/ms boundary
+    // by single microseconds).
+    for range in [(0..32_799_000u64).step_by(997), (32_700..33_100).step_by(1)] {
+        let mut last = 1;
+        for us in range {
+            let f = run_time_flags(us);
+            assert!(f >= last, "{us}");
+            assert!(run_time_ns(f).unwrap() >= us * 1000, "{us}");
+            last = f;
+        }
+    }
+    // Decoding: strictly increasing over every flag value.
+    let mut prev = None;
+    for f in 1..=u16::MAX {
+        let ns = run_time_ns(f).unwrap();
+        assert!(prev.is_none_or(|p| ns > p), "{f}");
+        prev = Some(ns);
     }
 }

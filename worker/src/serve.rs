@@ -239,6 +239,8 @@ pub fn run(spec: WorkerSpec) -> i32 {
         // A stale request is not run, so it cannot be a sample (a worker
         // recycled after a few requests may have only one).
         let sample = !stale && sampler.next();
+        // A sample times the plugin alone, not a wait for reply room.
+        let run_start = if sample { sys::monotonic_ns() } else { now };
         let (status, written) = if stale {
             let msg = b"waited longer than queue_timeout for a worker";
             let buf = res.buf();
@@ -259,7 +261,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
         };
         // On sampled replies, flags carries the run time (see `Meta::flags`).
         let flags = if sample {
-            let us = (sys::monotonic_ns().saturating_sub(now) + 500) / 1000;
+            let us = (sys::monotonic_ns().saturating_sub(run_start) + 500) / 1000;
             sampler.sampled(us);
             halfsync_shm::run_time_flags(us)
         } else {
