@@ -68,16 +68,22 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
             .collect(),
     };
     // Each step has its own deadline, from when the child announces it:
-    // a group's `init` (and `fini`) its `init_timeout`, loading a file
-    // LOAD_TIMEOUT. (One deadline for the whole probe would fail valid
-    // configs whose inits together take longer than any one timeout.)
-    let step_limit = |step: &str, group: &str| match step {
-        "init" | "fini" => config
+    // a group's `init` and `fini` its `init_timeout`, loading its file
+    // that or LOAD_TIMEOUT if longer (a worker allows its whole load and
+    // init `init_timeout`), exiting after the last plugin LOAD_TIMEOUT.
+    // (One deadline for the whole probe would fail valid configs whose
+    // inits together take longer than any one timeout.)
+    let step_limit = |step: &str, group: &str| {
+        let timeout = config
             .groups
             .iter()
             .find(|g| g.name == group)
-            .map_or(LOAD_TIMEOUT, |g| g.init_timeout),
-        _ => LOAD_TIMEOUT,
+            .map(|g| g.init_timeout);
+        match (step, timeout) {
+            ("init" | "fini", Some(t)) => t,
+            ("load", Some(t)) => t.max(LOAD_TIMEOUT),
+            _ => LOAD_TIMEOUT,
+        }
     };
     let mut child = Command::new(exe)
         .arg0("halfsync: plugin probe")
@@ -89,20 +95,24 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting the plugin probe")?;
+    // Read on threads that are never joined: a plugin may have started a
+    // process that inherited the pipes and keeps them open after the
+    // probe exits; the output up to then is collected with a deadline.
     let out = child.stdout.take().context("probe stdout")?;
     let mut err = child.stderr.take().context("probe stderr")?;
     let (tx, lines) = std::sync::mpsc::channel();
-    let out_reader = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 return;
             }
         }
     });
-    let err_reader = std::thread::spawn(move || {
-        let mut e = String::new();
-        let _ = err.read_to_string(&mut e);
-        e
+    let (etx, errors) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut e = Vec::new();
+        let _ = (&mut err).take(64 << 10).read_to_end(&mut e);
+        let _ = etx.send(String::from_utf8_lossy(&e).into_owned());
     });
     // The child announces each step on stdout before taking it.
     let mut probed = Vec::new();
@@ -120,12 +130,19 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
                 *deadline = Instant::now() + *limit;
                 *current = Some((step.to_string(), group.to_string()));
             }
-            ["ok", group, name, version, path] => probed.push(Probed {
-                group: group.to_string(),
-                path: PathBuf::from(path),
-                name: name.to_string(),
-                version: version.to_string(),
-            }),
+            ["ok", group, name, version, path] => {
+                probed.push(Probed {
+                    group: group.to_string(),
+                    path: PathBuf::from(path),
+                    name: name.to_string(),
+                    version: version.to_string(),
+                });
+                // Done with that group; what follows is the next step, or
+                // the probe exiting.
+                *limit = LOAD_TIMEOUT;
+                *deadline = Instant::now() + *limit;
+                *current = None;
+            }
             _ => {}
         }
     };
@@ -143,15 +160,24 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let _ = out_reader.join();
-    for line in lines.try_iter() {
+    let collect_until = Instant::now() + Duration::from_millis(500);
+    let left = || collect_until.saturating_duration_since(Instant::now());
+    while let Ok(line) = lines.recv_timeout(left()) {
         take(line, &mut current, &mut limit, &mut deadline);
     }
-    let stderr = err_reader.join().unwrap_or_default();
+    let stderr = errors.recv_timeout(left()).unwrap_or_default();
     let timed_out_in = current.as_ref().map(|(step, _)| step.clone());
     let culprit = |current: &Option<(String, String)>| {
         current.as_ref().map_or_else(
-            || "plugin probe".to_owned(),
+            || {
+                if probed.len() == spec.plugins.len() {
+                    "plugin probe, exiting after the last plugin (a plugin's destructors or \
+                     atexit handlers)"
+                        .to_owned()
+                } else {
+                    "plugin probe".to_owned()
+                }
+            },
             |(step, group)| {
                 let path = spec
                     .plugins

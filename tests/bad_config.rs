@@ -251,6 +251,8 @@ fn metrics_listen_needs_a_port_of_its_own() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mport = taken.local_addr().unwrap().port();
     let port = free_port();
+    // Removed even if the bug comes back and this test fails.
+    let _cleanup = RemoveOnDrop(format!("/tmp/halfsync-{port}.sock").into());
     let text = format!(
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n{}",
         group(&echo_so())
@@ -263,6 +265,6 @@ fn metrics_listen_needs_a_port_of_its_own() {
         )),
         "{err}"
     );
-    let sock = std::path::PathBuf::from(format!("/tmp/halfsync-{port}.sock"));
+    let sock = &_cleanup.0;
     assert!(!sock.exists(), "{} was left behind", sock.display());
 }

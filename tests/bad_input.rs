@@ -468,7 +468,7 @@ fn out_of_file_descriptors_refuses_cleanly_without_spinning() {
     );
     // max_connections (10,000 by default) cannot be reached: said at start.
     assert!(
-        log.contains("max_connections is above this proxy's open-file limit"),
+        log.contains("max_connections cannot be reached under this proxy's open-file limit"),
         "{log}"
     );
     let mut served = Vec::new();

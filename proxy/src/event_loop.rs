@@ -169,16 +169,19 @@ impl Proxy {
             }
         };
         let config = Config::from_toml(&spec.config, Origin::Text)?;
-        // As nginx warns when worker_connections exceeds the fd limit.
+        // As nginx warns when worker_connections exceeds the fd limit. The
+        // proxy's own descriptors (listeners, epoll, control, two or three
+        // per worker) come out of the same limit: a margin of 64.
         if let Some(limit) = nofile
-            && u64::from(config.server.max_connections) >= limit
+            && u64::from(config.server.max_connections) + 64 > limit
         {
             warn!(
                 max_connections = config.server.max_connections,
                 open_file_limit = limit,
-                "max_connections is above this proxy's open-file limit: past the limit \
-                 connections are refused (out of file descriptors); raise the hard limit \
-                 (ulimit -Hn, systemd LimitNOFILE=) or lower max_connections"
+                "max_connections cannot be reached under this proxy's open-file limit (the \
+                 proxy needs some descriptors for itself): past the limit connections are \
+                 refused (out of file descriptors); raise the hard limit (ulimit -Hn, \
+                 systemd LimitNOFILE=) or lower max_connections"
             );
         }
         if spec.group_ids.len() != config.groups.len() {

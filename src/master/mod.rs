@@ -536,7 +536,13 @@ impl Master {
                 && s.slot.capacity() == capacity
         }) {
             Some(i) => {
-                self.slots[i].label = label;
+                // A new worker of that label: nothing of the slot's last
+                // one carries over (a replacement takes its predecessor's
+                // restarts when it takes over).
+                let s = &mut self.slots[i];
+                s.label = label;
+                s.restarts = 0;
+                s.failures = 0;
                 Ok(i)
             }
             None => self.new_slot(g, label, proxy),

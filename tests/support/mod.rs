@@ -715,3 +715,13 @@ impl Load {
         self.ok.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
+
+/// Removes a file when dropped (a test's default admin socket in /tmp),
+/// even if the test fails.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
