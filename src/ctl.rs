@@ -1,7 +1,7 @@
 //! The operator commands (`status`, `reload`, `stop`, `scale`): one JSON
 //! line to the master's admin socket, one JSON line back.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 
 /// Prints a line to stdout; a closed pipe (`halfsync status | head`) ends
 /// the output quietly instead of panicking.
@@ -32,13 +32,16 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
     s.write_all(line.as_bytes())?;
     s.write_all(b"\n")?;
     let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).with_context(|| {
-        format!(
-            "no answer from {} within {} s",
-            socket.display(),
-            timeout.as_secs()
-        )
-    })?;
+    // Bounded: a status of thousands of workers is well under this.
+    BufReader::new((&s).take(64 << 20))
+        .read_line(&mut answer)
+        .with_context(|| {
+            format!(
+                "no answer from {} within {} s",
+                socket.display(),
+                timeout.as_secs()
+            )
+        })?;
     let v: Value =
         serde_json::from_str(answer.trim()).with_context(|| format!("bad answer: {answer:?}"))?;
     if v["ok"] != Value::Bool(true) {
@@ -48,8 +51,12 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
 }
 
 /// The default admin socket (`/tmp/halfsync-*.sock`) of the server whose
-/// status says it runs `config` (an absolute path), if one answers.
+/// status says it runs `config` (an absolute path), if one answers. Only
+/// sockets of this user are asked (the server creates its socket 0600 as
+/// its user; anyone can create a file in /tmp).
 pub fn find_server_running(config: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let me = crate::master::sys::euid();
     let mut socks: Vec<PathBuf> = std::fs::read_dir("/tmp")
         .ok()?
         .flatten()
@@ -58,6 +65,8 @@ pub fn find_server_running(config: &Path) -> Option<PathBuf> {
             p.file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("halfsync-") && n.ends_with(".sock"))
+                && std::fs::symlink_metadata(p)
+                    .is_ok_and(|m| m.file_type().is_socket() && m.uid() == me)
         })
         .collect();
     socks.sort();

@@ -19,7 +19,7 @@
 mod admin;
 mod reload;
 mod report;
-mod sys;
+pub(crate) mod sys;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
