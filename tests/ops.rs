@@ -1013,3 +1013,36 @@ fn dynamic_pool_starts_the_missing_spares_at_once() {
         "{log}"
     );
 }
+
+/// Counters in status (and so in the metrics) only grow: a proxy that
+/// dies and is restarted carries on from its predecessor's counts instead
+/// of starting at 0, which Prometheus would read as a reset.
+#[test]
+fn counters_survive_a_proxy_restart() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 1, ""), port);
+    let mut c = s.client();
+    for i in 0..50 {
+        assert_eq!(c.call(i, 1, b"x").unwrap().code, status::OK);
+    }
+    let ok = |st: &Value| st["totals"]["replies"]["OK"].as_u64().unwrap();
+    let accepted = |st: &Value| st["proxy"]["accepted"].as_u64().unwrap();
+    let before = s.status();
+    assert!(ok(&before) >= 50, "{before}");
+    let proxy = s.pids_titled("halfsync: proxy")[0];
+    // SAFETY: kill(2) on a process this test's server started.
+    unsafe { libc::kill(proxy, libc::SIGKILL) };
+    // A new proxy serves (bounded: 10 s of 20 ms polls).
+    let served = wait_for(Duration::from_secs(10), || {
+        let mut c = halfsync_protocol::Client::connect(s.addr).ok()?;
+        c.stream()
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .ok()?;
+        (c.call(1000, 1, b"y").ok()?.code == status::OK).then_some(())
+    });
+    assert!(served.is_some(), "no proxy serving again: {}", s.log());
+    let after = s.status();
+    assert!(ok(&after) > ok(&before), "{before}\n{after}");
+    assert!(accepted(&after) > accepted(&before), "{before}\n{after}");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+}

@@ -196,7 +196,7 @@ impl Proxy {
 
         let stats =
             Stats::open(File::from(take_fd(spec.stats_fd)?)).map_err(io_err("stats page"))?;
-        stats.reset();
+        stats.reset_gauges();
         let mut listeners = Vec::new();
         for &(id, fd) in &spec.listeners {
             let l = TcpListener::from(take_fd(fd)?);

@@ -252,28 +252,23 @@ impl Stats {
         unsafe { &*(self.region.as_ptr() as *const Page) }
     }
 
-    /// Zeroes every counter (a new proxy starts counting afresh).
-    pub fn reset(&self) {
+    /// Zeroes the gauges, what describes the proxy now (connections,
+    /// queues, requests held, the in-flight cap and run-time estimate), for
+    /// a proxy started in place of one that died. The counters (accepted,
+    /// refused, replies, histograms, dispatched) carry on from the dead
+    /// proxy's, so they only ever grow: a Prometheus `rate()` would read a
+    /// drop as a counter reset.
+    pub fn reset_gauges(&self) {
         let p = self.page();
         let zero = |a: &AtomicU64| a.store(0, Ordering::Relaxed);
         zero(&p.global.connections);
-        zero(&p.global.accepted);
-        zero(&p.global.refused);
-        p.global.replies.iter().for_each(zero);
         for g in &p.groups {
             zero(&g.queued);
             zero(&g.inflight_cap);
             zero(&g.run_ns);
-            g.replies.iter().for_each(zero);
-            for h in [&g.latency, &g.queue_wait] {
-                h.buckets.iter().for_each(zero);
-                zero(&h.sum_us);
-            }
         }
         for s in &p.slots {
-            zero(&s.dispatched);
             zero(&s.pending);
-            s.replies.iter().for_each(zero);
         }
     }
 
@@ -425,7 +420,13 @@ mod tests {
         assert_eq!(lat.buckets[5], 1); // <= 5 ms
         assert_eq!(lat.buckets[HIST - 1], 1); // > 10 s
         assert_eq!(lat.sum_us, 99_003_050);
-        w.reset();
-        assert_eq!(r.group(1).latency.count(), 0);
+        w.inflight(1, 7, Some(9));
+        w.pending(3, 5);
+        w.reset_gauges();
+        // Counters carry on; gauges start again.
+        assert_eq!(r.group(1).latency.count(), 3);
+        assert_eq!(r.slot(3).replies[0], 1);
+        assert_eq!(r.group(1).inflight_cap, 0);
+        assert_eq!(r.slot(3).pending, 0);
     }
 }
