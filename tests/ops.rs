@@ -189,17 +189,17 @@ fn sighup_reloads_too() {
 /// Reload applies listener changes and group additions and removals.
 #[test]
 fn reload_changes_listeners_and_groups() {
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2, mp) = (free_port(), free_port(), free_port());
     let fault = halfsync_testkit::fault_plugin();
     let echo = echo_so();
     let one = format!(
-        "[server]\nlisten = [\"127.0.0.1:{p1}\"]\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
+        "[server]\nlisten = [\"127.0.0.1:{p1}\"]\nmetrics_listen = \"127.0.0.1:{mp}\"\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
         fault.display()
     );
     let mut s = Server::start(&one, p1);
     // Second listener, and a new group for command 7.
     let two = format!(
-        "[server]\nlisten = [\"127.0.0.1:{p2}\"]\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\ncommands = [1]\n\n[[group]]\nname = \"extra\"\nplugin = \"{}\"\nworkers = 2\ncommands = [7]\n",
+        "[server]\nlisten = [\"127.0.0.1:{p2}\"]\nmetrics_listen = \"127.0.0.1:{mp}\"\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\ncommands = [1]\n\n[[group]]\nname = \"extra\"\nplugin = \"{}\"\nworkers = 2\ncommands = [7]\n",
         fault.display(),
         echo.display()
     );
@@ -218,7 +218,7 @@ fn reload_changes_listeners_and_groups() {
     assert_eq!(s.pids_titled("halfsync: worker extra").len(), 2);
     // Remove the extra group again: its workers drain and exit.
     let three = format!(
-        "[server]\nlisten = [\"127.0.0.1:{p2}\"]\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
+        "[server]\nlisten = [\"127.0.0.1:{p2}\"]\nmetrics_listen = \"127.0.0.1:{mp}\"\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
         fault.display()
     );
     s.write_config(&three);
@@ -234,6 +234,18 @@ fn reload_changes_listeners_and_groups() {
         c.call(4, 7, b"d").unwrap().code,
         status::OK,
         "command 7 now goes to the default group"
+    );
+    // And back: the group is new again (a new id), its metrics one series
+    // per label set, not the removed group's beside the new one's.
+    s.write_config(&two);
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(c.call(5, 7, b"e").unwrap().payload, b"e");
+    let text = scrape(mp);
+    assert_unique_series(&text);
+    assert!(
+        text.contains("halfsync_requests_total{group=\"extra\",status=\"OK\"} 1"),
+        "{text}"
     );
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();

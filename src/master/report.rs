@@ -266,10 +266,18 @@ fn histogram(out: &mut String, name: &str, group: &str, h: &HistogramSnapshot) {
 pub(crate) fn metrics(m: &Master) -> String {
     let mut o = String::new();
     let global = m.global_stats();
+    // One series per group name: a group removed by a reload and added
+    // again later has a new id (and counts afresh); only the latest of a
+    // name is shown, or its series would be listed twice.
     let groups: Vec<(usize, String)> = m
         .groups
         .iter()
         .enumerate()
+        .filter(|(id, g)| {
+            !m.groups[id + 1..]
+                .iter()
+                .any(|later| later.config.name == g.config.name)
+        })
         .map(|(id, g)| (id, esc(&g.config.name)))
         .collect();
 
