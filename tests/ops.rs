@@ -186,6 +186,36 @@ fn sighup_reloads_too() {
     settle(&mut s, 1);
 }
 
+/// A SIGHUP during a reload is not lost: another reload follows, with the
+/// config file as it is by then (a deploy that edits the file and signals
+/// twice in quick succession ends on its last edit).
+#[test]
+fn sighup_during_a_reload_reloads_again_after_it() {
+    let port = free_port();
+    // Slow inits, so the first reload is still running at the second HUP.
+    let slow = "[group.config]\ninit_delay_ms = 400\n";
+    let text = |prefix: &str| versioned(port, 2, prefix, "", "").replace("[group.config]\n", slow);
+    let mut s = Server::start(&text("a:"), port);
+    s.write_config(&text("b:"));
+    s.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_config(&text("c:"));
+    s.signal(libc::SIGHUP);
+    let mut c = s.client();
+    let switched = wait_for(Duration::from_secs(30), || {
+        (c.call(1, 1, b"x").ok()?.payload == b"c:x").then_some(())
+    });
+    assert!(switched.is_some(), "{}", s.log());
+    let st = settle(&mut s, 2);
+    assert_eq!(st["generation"], 3, "{st}");
+    let log = s.log();
+    assert!(
+        log.contains("SIGHUP during a reload: another reload follows it"),
+        "{log}"
+    );
+    assert!(!log.contains("reload refused"), "{log}");
+}
+
 /// Reload applies listener changes and group additions and removals.
 #[test]
 fn reload_changes_listeners_and_groups() {
@@ -1057,4 +1087,45 @@ fn counters_survive_a_proxy_restart() {
     assert!(ok(&after) > ok(&before), "{before}\n{after}");
     assert!(accepted(&after) > accepted(&before), "{before}\n{after}");
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+}
+
+/// A proxy that dies during a reload does not leave the other proxies'
+/// workers half replaced: the reload runs again once it is back, and every
+/// worker ends on the new configuration.
+#[test]
+fn a_proxy_dying_during_a_reload_reloads_again() {
+    let port = free_port();
+    let slow = "[group.config]\ninit_delay_ms = 300\n";
+    let text = |prefix: &str| {
+        versioned(port, 4, prefix, "", "proxy_processes = 2").replace("[group.config]\n", slow)
+    };
+    let mut s = Server::start(&text("a:"), port);
+    s.write_config(&text("b:"));
+    s.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(150));
+    let proxies = s.pids_titled("halfsync: proxy 1");
+    assert_eq!(proxies.len(), 1, "{}", s.log());
+    // SAFETY: kill(2) on a process this test's server started.
+    unsafe { libc::kill(proxies[0], libc::SIGKILL) };
+    // Every worker on the master's latest generation, serving "b:".
+    let done = wait_for(Duration::from_secs(30), || {
+        let st = s.status();
+        let generation = st["generation"].as_u64()?;
+        let workers = st["groups"][0]["workers"].as_array()?;
+        let live: Vec<&Value> = workers.iter().filter(|w| w["pid"].is_number()).collect();
+        (live.len() == 4
+            && live.iter().all(|w| {
+                w["generation"].as_u64() == Some(generation)
+                    && matches!(w["state"].as_str(), Some("idle" | "busy"))
+            }))
+        .then_some(generation)
+    });
+    assert!(done.is_some_and(|g| g >= 3), "{}\n{}", s.status(), s.log());
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"b:x");
+    assert!(
+        s.log().contains("the reload runs again once it is back"),
+        "{}",
+        s.log()
+    );
 }

@@ -310,6 +310,10 @@ pub(crate) struct Master {
     /// nothing but BUSY (like nginx refusing to start).
     starting: bool,
     reload: Option<reload::Job>,
+    /// A SIGHUP came during a reload (or a proxy died during one): reload
+    /// again, with the config file as it is then, once it is over, as
+    /// nginx applies the latest configuration.
+    reload_pending: bool,
     pub(crate) started_at: Instant,
     next_pool_check: Instant,
     rng: fastrand::Rng,
@@ -362,6 +366,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         stopping: None,
         starting: true,
         reload: None,
+        reload_pending: false,
         started_at: Instant::now(),
         next_pool_check: Instant::now() + POOL_CHECK,
         rng: fastrand::Rng::new(),
@@ -1030,6 +1035,21 @@ impl Master {
             }
             self.admin.sweep();
             self.run_timers();
+            // (Not while a replacement of an abandoned reload is still
+            // starting: it would be replaced a second time, beside it.)
+            if self.reload_pending
+                && self.reload.is_none()
+                && self.stopping.is_none()
+                && !self.starting
+                && self.proxies.iter().all(Option::is_some)
+                && !self.slots.iter().any(|s| s.replaces.is_some())
+            {
+                self.reload_pending = false;
+                info!("reloading again (a SIGHUP, or a proxy's death, came during the last reload)");
+                if let Err(e) = self.start_reload(None) {
+                    error!("reload refused: {e}");
+                }
+            }
             if self.starting {
                 self.check_startup()?;
             }
@@ -1213,6 +1233,12 @@ impl Master {
                     // repeat it. Neither should cut the drain short.
                     info!("already stopping; SIGINT again or `halfsync stop --fast` stops at once");
                 }
+            }
+            libc::SIGHUP if self.reload.is_some() => {
+                self.reload_pending = true;
+                info!(
+                    "SIGHUP during a reload: another reload follows it, with the config file as it is then"
+                );
             }
             libc::SIGHUP => {
                 if let Err(e) = self.start_reload(None) {
@@ -1569,13 +1595,20 @@ impl Master {
                 Err(e) => warn!(pid, "cannot reap a worker of the dead proxy: {e}"),
             }
         }
-        if let Some(job) = self.reload.take()
-            && let Some(conn) = job.reply_to
-        {
-            self.admin.respond(
-                conn,
-                admin::err("a proxy died during the reload; its workers restarted"),
-            );
+        if let Some(job) = self.reload.take() {
+            // The other proxies' workers may be half replaced: the whole
+            // reload runs again once the proxy is back.
+            self.reload_pending = true;
+            warn!("a proxy died during the reload; the reload runs again once it is back");
+            if let Some(conn) = job.reply_to {
+                self.admin.respond(
+                    conn,
+                    admin::err(
+                        "a proxy died during the reload; its workers restarted, and the reload \
+                         runs again once it is back (see halfsync status)",
+                    ),
+                );
+            }
         }
         for &i in &mine {
             let s = &mut self.slots[i];
