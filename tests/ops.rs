@@ -1129,3 +1129,38 @@ fn a_proxy_dying_during_a_reload_reloads_again() {
         s.log()
     );
 }
+
+/// A stop during a reload whose new worker hangs in its plugin's init does
+/// not wait the whole shutdown grace for it: a worker that never became
+/// ready holds no request, and is killed at once.
+#[test]
+fn stop_does_not_wait_for_a_worker_stuck_in_init() {
+    let port = free_port();
+    let grace = "shutdown_grace = \"20s\"";
+    let mut s = Server::start(&versioned(port, 1, "a:", "", grace), port);
+    let hang = versioned(port, 1, "b:", "", grace)
+        .replace("[group.config]\n", "[group.config]\nhang_in_init = true\n");
+    s.write_config(&hang);
+    s.signal(libc::SIGHUP);
+    // The replacement is in its init (bounded: 10 s of polls).
+    let stuck = wait_for(Duration::from_secs(10), || {
+        let st = s.status();
+        st["groups"][0]["workers"]
+            .as_array()?
+            .iter()
+            .any(|w| w["state"] == "starting")
+            .then_some(())
+    });
+    assert!(stuck.is_some(), "{}", s.status());
+    let t = std::time::Instant::now();
+    let (code, out, err) = s.ctl(&["stop"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(s.wait_exit(Duration::from_secs(25)).code(), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "{:?}\n{}",
+        t.elapsed(),
+        s.log()
+    );
+    s.assert_clean();
+}

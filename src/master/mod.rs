@@ -1045,7 +1045,9 @@ impl Master {
                 && !self.slots.iter().any(|s| s.replaces.is_some())
             {
                 self.reload_pending = false;
-                info!("reloading again (a SIGHUP, or a proxy's death, came during the last reload)");
+                info!(
+                    "reloading again (a SIGHUP, or a proxy's death, came during the last reload)"
+                );
                 if let Err(e) = self.start_reload(None) {
                     error!("reload refused: {e}");
                 }
@@ -1275,6 +1277,16 @@ impl Master {
         {
             self.admin
                 .respond(conn, admin::err("halfsync is stopping; reload abandoned"));
+        }
+        // Workers still in their plugin's init hold no request: nothing to
+        // drain, and an init that hangs would hold the stop for the whole
+        // grace period.
+        for s in &mut self.slots {
+            if let Life::Running { pid, .. } = s.life
+                && !s.ready
+            {
+                sys::kill(pid, libc::SIGKILL);
+            }
         }
         // The proxy holds its own copies; once it closes them the port is free.
         self.listeners.clear();
