@@ -506,10 +506,14 @@ impl<'a> Engine<'a> {
                 }
             }
             Err(e) => {
-                let hint = if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-                    " (out of local ports? add --source addresses)"
-                } else {
-                    ""
+                let hint = match (e.raw_os_error(), self.cfg.sources.is_empty()) {
+                    (Some(libc::EADDRNOTAVAIL), true) => {
+                        " (out of local ports? add --source addresses)"
+                    }
+                    (Some(libc::EADDRNOTAVAIL), false) => {
+                        " (is every --source address one of this machine's, and are its ports left?)"
+                    }
+                    _ => "",
                 };
                 let what = format!("connect to {}{hint}", self.cfg.addr);
                 self.fail_io(ci, &what, e);

@@ -323,6 +323,7 @@ pub fn run_with(cfg: &Config, opts: &RunOptions) -> anyhow::Result<Report> {
     };
     progress.finish();
     let mut report = Report::build(cfg, processes, stats);
+    report.interrupted = interrupt.is_some_and(|i| i.load(std::sync::atomic::Ordering::Relaxed));
     report.cpu = cpu.and_then(|mut c| c.report(report.rps));
     Ok(report)
 }
@@ -383,6 +384,7 @@ impl Report {
             connect_seconds: (st.connect_seconds * 1e6).round() / 1e6,
             errors: st.errors.clone(),
             ok,
+            interrupted: false,
             cpu: None,
             histogram: st.hist,
         }

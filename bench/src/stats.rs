@@ -468,6 +468,10 @@ pub struct Report {
     /// No connection error, no verification error, every connection
     /// established and every request answered.
     pub ok: bool,
+    /// Stopped by SIGINT or SIGTERM before its duration or request count:
+    /// the figures are of the shorter window (`seconds`).
+    #[serde(default)]
+    pub interrupted: bool,
     /// With `--cpu`: each process's CPU time per request over the
     /// measured window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -608,7 +612,15 @@ impl fmt::Display for Report {
         for e in &self.errors {
             writeln!(f, "error        {e}")?;
         }
-        write!(f, "result       {}", if self.ok { "OK" } else { "FAILED" })
+        write!(f, "result       {}", if self.ok { "OK" } else { "FAILED" })?;
+        if self.interrupted {
+            write!(
+                f,
+                " (interrupted after {:.2}s of the measured window)",
+                self.seconds
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -784,6 +784,32 @@ fn a_doubled_interrupt_still_reports() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(r["requests"].as_u64() > Some(0), "{r}");
     assert!(r["seconds"].as_f64().is_some_and(|x| x < 5.0), "{r}");
+    // The report says it was cut short.
+    assert_eq!(r["interrupted"], true, "{r}");
+}
+
+/// A --source address that is not this machine's gets a hint naming it,
+/// not "out of local ports".
+#[test]
+fn a_foreign_source_address_is_named_in_the_error() {
+    let s = Server::start(Mode::Echo);
+    let mut c = cfg(&s);
+    c.connections = 1;
+    c.active = 1;
+    c.sources = vec!["192.0.2.1".parse().unwrap()];
+    c.connect_timeout = Duration::from_secs(2);
+    let r = run(&c);
+    assert!(!r.ok);
+    assert!(
+        r.errors
+            .iter()
+            .any(|e| e.contains("is every --source address one of this machine's")),
+        "{:?}",
+        r.errors
+    );
+    // A normal run is not marked interrupted.
+    let r = run(&cfg(&s));
+    assert!(r.ok && !r.interrupted, "{r}");
 }
 
 /// `--cpu` on a run interrupted during its warm-up: no window was
