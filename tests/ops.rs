@@ -1164,3 +1164,47 @@ fn stop_does_not_wait_for_a_worker_stuck_in_init() {
     );
     s.assert_clean();
 }
+
+/// A reload that adds a group for a command another group served: under a
+/// pipelined load that command gets OK throughout, from the old group and
+/// then the new one, never BUSY while the new group's worker is still in
+/// its init (the master registers the new group's workers right after the
+/// new routes, in the same control stream, so its requests queue for
+/// them).
+#[test]
+fn a_group_added_by_a_reload_does_not_answer_busy_while_it_starts() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 1, "a:", "", ""), port);
+    let mut c = s.client();
+    // Command 7 goes to the default group "game" for now.
+    assert_eq!(c.call(1, 7, b"x").unwrap().payload, b"a:x");
+    let with_extra = format!(
+        "{}\n[[group]]\nname = \"extra\"\nplugin = \"{}\"\nworkers = 1\ncommands = [7]\n[group.config]\ninit_delay_ms = 400\nreply_prefix = \"e:\"\n",
+        versioned(port, 1, "a:", "", ""),
+        halfsync_testkit::fault_plugin().display()
+    );
+    s.write_config(&with_extra);
+    s.signal(libc::SIGHUP);
+    // Requests for command 7 throughout the reload, 8 in flight at a time
+    // (bounded: 2 s), each answered OK, by the old route or the new.
+    let t = std::time::Instant::now();
+    let (mut new_route, mut id) = (0, 100u64);
+    while t.elapsed() < Duration::from_secs(2) {
+        for k in 0..8 {
+            c.send(id + k, 7, b"x").unwrap();
+        }
+        for _ in 0..8 {
+            let r = c.recv().unwrap();
+            assert_eq!(
+                r.code,
+                status::OK,
+                "{:?}\n{}",
+                String::from_utf8_lossy(&r.payload),
+                s.log()
+            );
+            new_route += u64::from(r.payload == b"e:x");
+        }
+        id += 8;
+    }
+    assert!(new_route > 0, "{}", s.log());
+}
