@@ -1208,3 +1208,34 @@ fn a_group_added_by_a_reload_does_not_answer_busy_while_it_starts() {
     }
     assert!(new_route > 0, "{}", s.log());
 }
+
+/// A group whose reload rolls back gets its old routes back in the proxy:
+/// a command the failed config gave it goes where it went before, not to
+/// the rolled-back group's old version.
+#[test]
+fn a_rolled_back_group_gets_its_old_routes_back() {
+    let port = free_port();
+    let fault = halfsync_testkit::fault_plugin();
+    let text = |side_commands: &str, side_extra: &str| {
+        format!(
+            "{}\n[[group]]\nname = \"side\"\nplugin = \"{}\"\nworkers = 1\ncommands = [{side_commands}]\n[group.config]\nreply_prefix = \"s:\"\n{side_extra}",
+            versioned(port, 1, "a:", "", ""),
+            fault.display()
+        )
+    };
+    let mut s = Server::start(&text("5", ""), port);
+    let mut c = s.client();
+    assert_eq!(c.call(1, 3, b"x").unwrap().payload, b"a:x");
+    assert_eq!(c.call(2, 5, b"x").unwrap().payload, b"s:x");
+    // "side" would take command 3 too, but its new workers crash in init.
+    s.write_config(&text("5, 3", "crash_in_init = true\n"));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("group side") && out.contains("previous version"),
+        "{out}"
+    );
+    // Command 3 is the default group's again; 5 still "side"'s.
+    assert_eq!(c.call(3, 3, b"x").unwrap().payload, b"a:x", "{}", s.log());
+    assert_eq!(c.call(4, 5, b"x").unwrap().payload, b"s:x");
+}

@@ -208,9 +208,11 @@ impl Master {
             error!("{msg}");
             job.errors.push(msg);
             gj.rolling_back = true;
+            let mut restored = None;
             if let Some((config, plugin, generation)) = gj.old.take() {
                 let r = &mut self.groups[g];
                 let new_generation = r.generation;
+                restored = Some(config.clone());
                 r.config = config;
                 r.plugin = plugin;
                 r.generation = generation;
@@ -222,8 +224,38 @@ impl Master {
                     })
                     .collect();
             }
+            if let Some(old) = restored {
+                self.restore_proxy_group(old);
+            }
         }
         self.reload_advance();
+    }
+
+    /// A group rolled back: its routes and settings in the proxy go back
+    /// too, if they fit beside the other groups' new ones (a command the
+    /// new config gave another group cannot go back; then the group keeps
+    /// the new routes, and the log says so).
+    fn restore_proxy_group(&mut self, old: halfsync_config::Group) {
+        let mut candidate = self.config.clone();
+        let Some(entry) = candidate.groups.iter_mut().find(|c| c.name == old.name) else {
+            return;
+        };
+        let name = old.name.clone();
+        *entry = old;
+        let fits = toml::to_string(&candidate)
+            .ok()
+            .is_some_and(|t| Config::from_toml(&t, halfsync_config::Origin::Text).is_ok());
+        if !fits {
+            warn!(
+                group = %name,
+                "rolled back, but keeps the new routes: its previous ones conflict with the other groups' new ones"
+            );
+            return;
+        }
+        self.config = candidate;
+        if let Err(e) = self.reconfigure_proxy() {
+            error!("{e}");
+        }
     }
 
     /// Starts the next replacement of every group that has none going;
