@@ -1223,7 +1223,7 @@ fn a_rolled_back_group_gets_its_old_routes_back() {
             fault.display()
         )
     };
-    let mut s = Server::start(&text("5", ""), port);
+    let s = Server::start(&text("5", ""), port);
     let mut c = s.client();
     assert_eq!(c.call(1, 3, b"x").unwrap().payload, b"a:x");
     assert_eq!(c.call(2, 5, b"x").unwrap().payload, b"s:x");
