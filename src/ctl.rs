@@ -77,6 +77,13 @@ pub fn find_server_running(config: &Path) -> Option<PathBuf> {
     })
 }
 
+/// The config file the server on `socket` runs (from its status), if it
+/// answers and runs one.
+pub fn config_of(socket: &Path) -> Option<PathBuf> {
+    let v = request(socket, r#"{"cmd":"status"}"#, Duration::from_secs(5)).ok()?;
+    v["config"].as_str().map(PathBuf::from)
+}
+
 /// A command whose answer is a message.
 pub fn simple(socket: &Path, line: &str, timeout: Duration) -> Result<()> {
     let v = request(socket, line, timeout)?;

@@ -116,8 +116,26 @@ fn main() -> ExitCode {
         Cmd::Run { config, inline } => run(config.as_deref(), inline),
         Cmd::Check { config } => check(config.as_deref()),
         Cmd::Status { target, json } => socket(&target).and_then(|s| ctl::status(&s, json)),
-        Cmd::Reload { target, timeout } => socket(&target)
-            .and_then(|s| ctl::simple(&s, r#"{"cmd":"reload"}"#, Duration::from_secs(timeout))),
+        Cmd::Reload { target, timeout } => socket(&target).and_then(|s| {
+            // The server re-reads the file it was started with: say so if
+            // --config names another.
+            if let Some(given) = target
+                .config
+                .as_deref()
+                .and_then(|p| std::fs::canonicalize(p).ok())
+                && let Some(runs) = ctl::config_of(&s)
+                && runs != given
+            {
+                eprintln!(
+                    "halfsync: note: the server on {} runs {}, not {}; a reload re-reads {}",
+                    s.display(),
+                    runs.display(),
+                    given.display(),
+                    runs.display()
+                );
+            }
+            ctl::simple(&s, r#"{"cmd":"reload"}"#, Duration::from_secs(timeout))
+        }),
         Cmd::Stop {
             target,
             fast,

@@ -1239,3 +1239,29 @@ fn a_rolled_back_group_gets_its_old_routes_back() {
     assert_eq!(c.call(3, 3, b"x").unwrap().payload, b"a:x", "{}", s.log());
     assert_eq!(c.call(4, 5, b"x").unwrap().payload, b"s:x");
 }
+
+/// `halfsync reload --socket S --config F` where the server on S runs
+/// another file: the reload goes ahead (it re-reads the server's own
+/// file), and the command says which file that is.
+#[test]
+fn reload_names_the_file_the_server_rereads() {
+    let port = free_port();
+    let s = Server::start(&config(port, &echo_so(), 1, ""), port);
+    let other = s.dir.path().join("other.toml");
+    std::fs::write(&other, config(port, &echo_so(), 2, "")).unwrap();
+    let sock = s.dir.path().join("admin.sock");
+    let (st, out, err) = run_cmd(
+        std::process::Command::new(BIN)
+            .args(["reload", "--socket"])
+            .arg(&sock)
+            .arg("--config")
+            .arg(&other),
+        Duration::from_secs(60),
+    );
+    assert_eq!(st.code(), Some(0), "{out}{err}");
+    assert!(
+        err.contains("note: the server on") && err.contains("a reload re-reads"),
+        "{err}"
+    );
+    assert!(err.contains("halfsync.toml") && err.contains("other.toml"), "{err}");
+}
