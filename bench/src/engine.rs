@@ -506,14 +506,14 @@ impl<'a> Engine<'a> {
                 }
             }
             Err(e) => {
-                let hint = match (e.raw_os_error(), self.cfg.sources.is_empty()) {
-                    (Some(libc::EADDRNOTAVAIL), true) => {
-                        " (out of local ports? add --source addresses)"
+                let hint = match (e.raw_os_error(), source) {
+                    (Some(libc::EADDRNOTAVAIL), None) => {
+                        " (out of local ports? add --source addresses)".to_owned()
                     }
-                    (Some(libc::EADDRNOTAVAIL), false) => {
-                        " (is every --source address one of this machine's, and are its ports left?)"
-                    }
-                    _ => "",
+                    (Some(libc::EADDRNOTAVAIL), Some(a)) => format!(
+                        " (is --source {a} one of this machine's addresses, with ports left?)"
+                    ),
+                    _ => String::new(),
                 };
                 let what = format!("connect to {}{hint}", self.cfg.addr);
                 self.fail_io(ci, &what, e);

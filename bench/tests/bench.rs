@@ -803,13 +803,10 @@ fn a_foreign_source_address_is_named_in_the_error() {
     assert!(
         r.errors
             .iter()
-            .any(|e| e.contains("is every --source address one of this machine's")),
+            .any(|e| e.contains("is --source 192.0.2.1 one of this machine's addresses")),
         "{:?}",
         r.errors
     );
-    // A normal run is not marked interrupted.
-    let r = run(&cfg(&s));
-    assert!(r.ok && !r.interrupted, "{r}");
 }
 
 /// `--cpu` on a run interrupted during its warm-up: no window was

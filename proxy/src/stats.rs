@@ -9,7 +9,8 @@
 //! worker slot whose worker answered (or died or timed out on) the
 //! request, else to its group (BUSY, queue timeouts), else globally (no
 //! group: NO_ROUTE, BAD_REQUEST). Totals are sums of those, so they always
-//! add up. The page is reset when a new proxy starts.
+//! add up. A proxy started in place of a dead one zeroes only the gauges:
+//! the counters carry on (see [`Stats::reset_gauges`]).
 
 use std::fs::File;
 use std::io;
@@ -176,7 +177,8 @@ impl GroupSnapshot {
 pub struct GlobalSnapshot {
     /// Open client connections.
     pub connections: u64,
-    /// Connections accepted since the proxy started.
+    /// Connections accepted since the server started (across proxy
+    /// restarts).
     pub accepted: u64,
     /// Connections refused (max_connections, no fds).
     pub refused: u64,
@@ -205,7 +207,8 @@ pub struct GroupSnapshot {
 /// One slot's counters.
 #[derive(Clone, Debug, Default)]
 pub struct SlotSnapshot {
-    /// Requests written into this slot's ring since the proxy started.
+    /// Requests written into this slot's ring since the server started
+    /// (across proxy restarts).
     pub dispatched: u64,
     /// Requests in its ring now, unanswered.
     pub pending: u64,

@@ -310,10 +310,14 @@ pub(crate) struct Master {
     /// nothing but BUSY (like nginx refusing to start).
     starting: bool,
     reload: Option<reload::Job>,
-    /// A SIGHUP came during a reload (or a proxy died during one): reload
-    /// again, with the config file as it is then, once it is over, as
-    /// nginx applies the latest configuration.
-    reload_pending: bool,
+    /// A SIGHUP came during a reload: reload again, with the config file
+    /// as it is then, once it is over, as nginx applies the latest
+    /// configuration.
+    pub(crate) reload_pending: bool,
+    /// A proxy died during a reload, which dropped the job: once it is
+    /// back, replace the workers left on an older generation
+    /// (`resume_reload`).
+    reload_resume: bool,
     pub(crate) started_at: Instant,
     next_pool_check: Instant,
     rng: fastrand::Rng,
@@ -367,6 +371,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         starting: true,
         reload: None,
         reload_pending: false,
+        reload_resume: false,
         started_at: Instant::now(),
         next_pool_check: Instant::now() + POOL_CHECK,
         rng: fastrand::Rng::new(),
@@ -1035,21 +1040,23 @@ impl Master {
             }
             self.admin.sweep();
             self.run_timers();
-            // (Not while a replacement of an abandoned reload is still
-            // starting: it would be replaced a second time, beside it.)
-            if self.reload_pending
+            // Not while any replacement is still starting (it would be
+            // replaced a second time, beside it).
+            if (self.reload_pending || self.reload_resume)
                 && self.reload.is_none()
                 && self.stopping.is_none()
                 && !self.starting
                 && self.proxies.iter().all(Option::is_some)
                 && !self.slots.iter().any(|s| s.replaces.is_some())
             {
-                self.reload_pending = false;
-                info!(
-                    "reloading again (a SIGHUP, or a proxy's death, came during the last reload)"
-                );
-                if let Err(e) = self.start_reload(None) {
-                    error!("reload refused: {e}");
+                if std::mem::take(&mut self.reload_resume) {
+                    self.resume_reload();
+                }
+                if self.reload.is_none() && std::mem::take(&mut self.reload_pending) {
+                    info!("reloading again (a SIGHUP came during the last reload)");
+                    if let Err(e) = self.start_reload(None) {
+                        error!("reload refused: {e}");
+                    }
                 }
             }
             if self.starting {
@@ -1236,7 +1243,11 @@ impl Master {
                     info!("already stopping; SIGINT again or `halfsync stop --fast` stops at once");
                 }
             }
-            libc::SIGHUP if self.reload.is_some() => {
+            libc::SIGHUP
+                if self.stopping.is_none()
+                    && (self.reload.is_some()
+                        || self.slots.iter().any(|s| s.replaces.is_some())) =>
+            {
                 self.reload_pending = true;
                 info!(
                     "SIGHUP during a reload: another reload follows it, with the config file as it is then"
@@ -1278,13 +1289,20 @@ impl Master {
             self.admin
                 .respond(conn, admin::err("halfsync is stopping; reload abandoned"));
         }
-        // Workers still in their plugin's init hold no request: nothing to
+        // A replacement still in its plugin's init (as its slot says, not
+        // just as far as the master has heard) holds no request, and the
+        // worker it would replace serves its group meanwhile: nothing to
         // drain, and an init that hangs would hold the stop for the whole
-        // grace period.
+        // grace period. (Other starting workers may have requests queued
+        // for them, so they get the grace.)
         for s in &mut self.slots {
             if let Life::Running { pid, .. } = s.life
                 && !s.ready
+                && s.replaces.is_some()
+                && matches!(s.slot.control().state(), Ok(WorkerState::Starting))
             {
+                s.end_cause = Some(Cause::Scale);
+                s.retiring = true;
                 sys::kill(pid, libc::SIGKILL);
             }
         }
@@ -1608,16 +1626,16 @@ impl Master {
             }
         }
         if let Some(job) = self.reload.take() {
-            // The other proxies' workers may be half replaced: the whole
-            // reload runs again once the proxy is back.
-            self.reload_pending = true;
-            warn!("a proxy died during the reload; the reload runs again once it is back");
+            // The other proxies' workers may be half replaced: the reload
+            // resumes once the proxy is back (without re-reading the file).
+            self.reload_resume = true;
+            warn!("a proxy died during the reload; it resumes once the proxy is back");
             if let Some(conn) = job.reply_to {
                 self.admin.respond(
                     conn,
                     admin::err(
                         "a proxy died during the reload; its workers restarted, and the reload \
-                         runs again once it is back (see halfsync status)",
+                         resumes once it is back (see halfsync status)",
                     ),
                 );
             }

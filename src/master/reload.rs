@@ -44,6 +44,8 @@ impl Master {
         if self.reload.is_some() {
             return Err("a reload is already in progress".into());
         }
+        // This one covers a SIGHUP that was waiting for the last one.
+        self.reload_pending = false;
         if self.inline {
             return Err("not available in --inline benchmark mode".into());
         }
@@ -162,6 +164,53 @@ impl Master {
         });
         self.reload_advance();
         Ok(())
+    }
+
+    /// After a proxy died during a reload (which dropped the job): replaces
+    /// the serving workers still on another generation than their group's,
+    /// chain-wise as a reload does, without re-reading the config file (the
+    /// operator may be editing it). With nothing to replace, nothing
+    /// happens, so this cannot loop.
+    pub(crate) fn resume_reload(&mut self) {
+        if self.reload.is_some() {
+            return;
+        }
+        let mut groups = Vec::new();
+        for g in 0..self.groups.len() {
+            if self.groups[g].retired {
+                continue;
+            }
+            let wanted = self.groups[g].generation;
+            let todo: VecDeque<usize> = (0..self.slots.len())
+                .filter(|&i| {
+                    let s = &self.slots[i];
+                    s.group == g && s.active() && s.ready && s.generation != wanted
+                })
+                .collect();
+            if !todo.is_empty() {
+                groups.push(GroupJob {
+                    group: g,
+                    old: None,
+                    todo,
+                    current: None,
+                    rolling_back: false,
+                });
+            }
+        }
+        if groups.is_empty() {
+            return;
+        }
+        info!(
+            groups = groups.len(),
+            "resuming the reload a proxy's death interrupted"
+        );
+        self.reload = Some(Job {
+            reply_to: None,
+            generation: self.generation,
+            groups,
+            errors: Vec::new(),
+        });
+        self.reload_advance();
     }
 
     /// A worker became ready: if it was a reload's replacement, go on.

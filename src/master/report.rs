@@ -396,7 +396,11 @@ pub(crate) fn metrics(m: &Master) -> String {
         .enumerate()
         .filter(|(_, s)| s.pid().is_some())
     {
-        let gname = groups.get(s.group).map_or("", |g| g.1.as_str());
+        // By id: `groups` lists one group per name, not every id.
+        let gname = m
+            .groups
+            .get(s.group)
+            .map_or(String::new(), |g| esc(&g.config.name));
         for (ring, r) in [("request", s.slot.requests()), ("reply", s.slot.replies())] {
             let _ = writeln!(
                 o,
