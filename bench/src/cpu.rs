@@ -116,7 +116,9 @@ pub(crate) fn is_process(pid: u32) -> bool {
         .is_some_and(|t| t.trim().parse() == Ok(pid))
 }
 
-/// The command line, arguments joined by spaces, at most 60 characters.
+/// The command line, arguments joined by spaces, at most 60 characters;
+/// its `comm` when the command line is empty (a zombie); `(gone)` when the
+/// process ended before it could be named.
 fn name_of(pid: u32) -> String {
     let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let joined = String::from_utf8_lossy(&raw)
@@ -130,7 +132,12 @@ fn name_of(pid: u32) -> String {
     } else {
         joined
     };
-    name.trim().chars().take(60).collect()
+    let name: String = name.trim().chars().take(60).collect();
+    if name.is_empty() {
+        "(gone)".to_owned()
+    } else {
+        name
+    }
 }
 
 /// `roots` and all their descendants now, with their stats, leaving out

@@ -907,7 +907,8 @@ fn cpu_split_of_a_process_tree() {
         .count();
     assert!(burner >= 1, "{r}");
     for p in &cpu.processes {
-        assert!(p.name.starts_with("sh -c"), "{r}");
+        // A short-lived child may end between being sampled and named.
+        assert!(p.name.starts_with("sh -c") || p.name == "(gone)", "{r}");
         // Only the window counts: nobody is above one CPU.
         assert!(p.cpu_share <= 1.05, "{r}");
     }
