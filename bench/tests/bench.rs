@@ -163,7 +163,7 @@ fn open_loop_latency_includes_the_time_a_stall_delayed_sending() {
 #[test]
 fn open_loop_latency_counts_from_the_due_time_when_the_generator_stalls() {
     let s = Server::start(Mode::Echo);
-    let mut child = Command::new(EXE)
+    let child = Command::new(EXE)
         .args(["--addr", &s.addr.to_string(), "-c", "1", "--rate", "1000"])
         .args(["--warmup", "0s", "--duration", "1500ms", "--json"])
         .stdout(std::process::Stdio::piped())
@@ -176,18 +176,7 @@ fn open_loop_latency_counts_from_the_due_time_when_the_generator_stalls() {
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let t = Instant::now();
-    let out = loop {
-        if let Some(_status) = child.try_wait().unwrap() {
-            break child.wait_with_output().unwrap();
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("still running 10 s after SIGCONT");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let out = wait_output(child, "still running 10 s after SIGCONT");
     assert_eq!(out.status.code(), Some(0));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // ~300 of ~1,500 requests were due during the stop, late by 0-300 ms.
@@ -248,7 +237,7 @@ fn other_commands_are_sent_and_their_payloads_not_checked() {
 #[test]
 fn open_loop_sends_and_measures_what_was_due_when_the_window_closed() {
     let s = Server::start(Mode::Echo);
-    let mut child = Command::new(EXE)
+    let child = Command::new(EXE)
         .args(["--addr", &s.addr.to_string(), "-c", "1", "--rate", "1000"])
         .args(["--warmup", "0s", "--duration", "1s", "--json"])
         .stdout(std::process::Stdio::piped())
@@ -261,18 +250,7 @@ fn open_loop_sends_and_measures_what_was_due_when_the_window_closed() {
     std::thread::sleep(Duration::from_millis(400));
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let t = Instant::now();
-    let out = loop {
-        if let Some(_status) = child.try_wait().unwrap() {
-            break child.wait_with_output().unwrap();
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("still running 10 s after SIGCONT");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let out = wait_output(child, "still running 10 s after SIGCONT");
     assert_eq!(out.status.code(), Some(0));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // All ~1,000 requests of the window, the ~200 late ones included.
@@ -754,7 +732,7 @@ fn a_bad_request_reply_is_read_before_the_close() {
 #[test]
 fn a_doubled_interrupt_still_reports() {
     let s = Server::start(Mode::Echo);
-    let mut child = Command::new(EXE)
+    let child = Command::new(EXE)
         .args(["--addr", &s.addr.to_string(), "-c", "2", "--warmup", "0s"])
         .args(["--duration", "30s", "--json"])
         .stdout(std::process::Stdio::piped())
@@ -768,18 +746,7 @@ fn a_doubled_interrupt_still_reports() {
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
         std::thread::sleep(Duration::from_millis(20));
     }
-    let t = Instant::now();
-    let out = loop {
-        if let Some(_status) = child.try_wait().unwrap() {
-            break child.wait_with_output().unwrap();
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("still running 10 s after SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let out = wait_output(child, "still running 10 s after SIGINT");
     assert_eq!(out.status.code(), Some(0));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(r["requests"].as_u64() > Some(0), "{r}");
@@ -816,7 +783,7 @@ fn a_foreign_source_address_is_named_in_the_error() {
 fn cpu_interrupted_in_the_warmup_says_so() {
     let s = Server::start(Mode::Echo);
     let me = std::process::id().to_string();
-    let mut child = Command::new(EXE)
+    let child = Command::new(EXE)
         .args(["--addr", &s.addr.to_string(), "-c", "2", "--warmup", "30s"])
         .args(["--duration", "1s", "--cpu", &me])
         .stdout(std::process::Stdio::piped())
@@ -826,18 +793,7 @@ fn cpu_interrupted_in_the_warmup_says_so() {
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: kill(2) on the child this test started; no memory passed.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let t = Instant::now();
-    let out = loop {
-        if let Some(_status) = child.try_wait().unwrap() {
-            break child.wait_with_output().unwrap();
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("still running 10 s after SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let out = wait_output(child, "still running 10 s after SIGINT");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stdout.contains("cpu  "), "{stdout}");
@@ -845,6 +801,24 @@ fn cpu_interrupted_in_the_warmup_says_so() {
         stderr.contains("--cpu: no CPU figures, the run stopped during the warm-up"),
         "{stderr}"
     );
+}
+
+/// Waits (at most 10 s, in 20 ms polls) for a generator the test started
+/// and returns its output; kills it and fails with `late` if it is still
+/// running by then.
+fn wait_output(mut child: std::process::Child, late: &str) -> std::process::Output {
+    let t = Instant::now();
+    loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            return child.wait_with_output().unwrap();
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{late}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Kills a process group when dropped (the test's CPU burners), even if
