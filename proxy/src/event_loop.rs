@@ -510,7 +510,13 @@ impl Proxy {
                 keep.resize(id + 1, false);
             }
             keep[id] = true;
+            // New to this proxy (a reload added it): see `fresh_until_ns`.
+            let fresh = self.groups[id].name.is_empty();
             self.groups[id].update(g);
+            if fresh && self.now_ns > 0 {
+                let g = &mut self.groups[id];
+                g.fresh_until_ns = self.now_ns.saturating_add(g.init_timeout_ns.max(1));
+            }
             self.groups[id].queue.fifo = self.tuning.fifo_queue;
             let g = &self.groups[id];
             self.stats.inflight(id, g.inflight_cap, g.run_ns());

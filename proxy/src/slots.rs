@@ -274,6 +274,12 @@ pub(crate) struct Group {
     /// `START_INFLIGHT` (a slow plugin's clamped first sample would
     /// otherwise raise it).
     trusted: bool,
+    /// A group a reload just added: until its first worker is ready (or
+    /// this deadline, its `init_timeout`, passes), its requests wait in
+    /// the queue instead of getting BUSY, although no worker of it is
+    /// registered yet (the master sends the new routes first, then starts
+    /// the workers, and under load the fork takes a while).
+    pub(crate) fresh_until_ns: u64,
 }
 
 impl Group {
@@ -296,6 +302,7 @@ impl Group {
             requeue_after_ns: 0,
             run_ns: None,
             trusted: false,
+            fresh_until_ns: 0,
         }
     }
 
@@ -586,13 +593,14 @@ impl Proxy {
     /// Whether group `g` has a worker serving or about to: if not, its
     /// requests get BUSY at once instead of waiting.
     pub(crate) fn group_live(&self, g: usize) -> bool {
-        self.groups[g].slots.iter().any(|&si| {
-            self.slots[si].as_ref().is_some_and(|s| match s.phase {
-                Phase::Starting { .. } => !s.probation,
-                Phase::Ready { .. } | Phase::Killing { .. } | Phase::Down(Restart::Now) => true,
-                _ => false,
+        self.now_ns < self.groups[g].fresh_until_ns
+            || self.groups[g].slots.iter().any(|&si| {
+                self.slots[si].as_ref().is_some_and(|s| match s.phase {
+                    Phase::Starting { .. } => !s.probation,
+                    Phase::Ready { .. } | Phase::Killing { .. } | Phase::Down(Restart::Now) => true,
+                    _ => false,
+                })
             })
-        })
     }
 
     fn kill(&mut self, si: usize, reason: KillReason, why: &str) {
@@ -1072,6 +1080,11 @@ impl Proxy {
                 let Some(s) = self.slot_mut(si) else { return };
                 s.phase = Phase::Ready { pid };
                 s.since_ns = now;
+                let group = s.group;
+                if let Some(g) = self.groups.get_mut(group) {
+                    g.fresh_until_ns = 0;
+                }
+                let Some(s) = self.slot_mut(si) else { return };
                 let replaced_after_us =
                     s.down_since_ns.take().map(|d| now.saturating_sub(d) / 1000);
                 let replaces = s.replaces.take();
