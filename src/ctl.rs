@@ -42,8 +42,10 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
                 timeout.as_secs()
             )
         })?;
-    let v: Value =
-        serde_json::from_str(answer.trim()).with_context(|| format!("bad answer: {answer:?}"))?;
+    let v: Value = serde_json::from_str(answer.trim()).with_context(|| {
+        let head: String = answer.chars().take(200).collect();
+        format!("bad answer ({} bytes): {head:?}", answer.len())
+    })?;
     if v["ok"] != Value::Bool(true) {
         bail!("{}", v["error"].as_str().unwrap_or("the server refused"));
     }
@@ -77,11 +79,11 @@ pub fn find_server_running(config: &Path) -> Option<PathBuf> {
     })
 }
 
-/// The config file the server on `socket` runs (from its status), if it
-/// answers and runs one.
-pub fn config_of(socket: &Path) -> Option<PathBuf> {
+/// The config the server on `socket` runs (from its status), if it
+/// answers: `Some(None)` for the embedded default.
+pub fn config_of(socket: &Path) -> Option<Option<PathBuf>> {
     let v = request(socket, r#"{"cmd":"status"}"#, Duration::from_secs(5)).ok()?;
-    v["config"].as_str().map(PathBuf::from)
+    Some(v["config"].as_str().map(PathBuf::from))
 }
 
 /// A command whose answer is a message.

@@ -124,15 +124,22 @@ fn main() -> ExitCode {
                 .as_deref()
                 .and_then(|p| std::fs::canonicalize(p).ok())
                 && let Some(runs) = ctl::config_of(&s)
-                && runs != given
+                && runs.as_ref() != Some(&given)
             {
-                eprintln!(
-                    "halfsync: note: the server on {} runs {}, not {}; a reload re-reads {}",
-                    s.display(),
-                    runs.display(),
-                    given.display(),
-                    runs.display()
-                );
+                match runs {
+                    Some(runs) => eprintln!(
+                        "halfsync: note: the server on {} runs {}, not {}; a reload re-reads {}",
+                        s.display(),
+                        runs.display(),
+                        given.display(),
+                        runs.display()
+                    ),
+                    None => eprintln!(
+                        "halfsync: note: the server on {} runs the embedded default config, not {}; a reload keeps the default",
+                        s.display(),
+                        given.display()
+                    ),
+                }
             }
             ctl::simple(&s, r#"{"cmd":"reload"}"#, Duration::from_secs(timeout))
         }),

@@ -291,13 +291,15 @@ impl Master {
         };
         let name = old.name.clone();
         *entry = old;
-        let fits = toml::to_string(&candidate)
-            .ok()
-            .is_some_and(|t| Config::from_toml(&t, halfsync_config::Origin::Text).is_ok());
-        if !fits {
+        let checked = toml::to_string(&candidate)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                Config::from_toml(&t, halfsync_config::Origin::Text).map_err(|e| e.to_string())
+            });
+        if let Err(why) = checked {
             warn!(
                 group = %name,
-                "rolled back, but keeps the new routes: its previous ones conflict with the other groups' new ones"
+                "rolled back, but keeps the new routes: its previous ones conflict with the other groups' new ones ({why})"
             );
             return;
         }
