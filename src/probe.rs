@@ -115,45 +115,20 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
         let _ = etx.send(String::from_utf8_lossy(&e).into_owned());
     });
     // The child announces each step on stdout before taking it.
-    let mut probed = Vec::new();
-    let mut current: Option<(String, String)> = None;
-    let mut limit = LOAD_TIMEOUT;
-    let mut deadline = Instant::now() + limit;
-    let mut take = |line: String,
-                    current: &mut Option<(String, String)>,
-                    limit: &mut Duration,
-                    deadline: &mut Instant| {
-        let f: Vec<&str> = line.split('\t').collect();
-        match f.as_slice() {
-            ["step", step, group] => {
-                *limit = step_limit(step, group);
-                *deadline = Instant::now() + *limit;
-                *current = Some((step.to_string(), group.to_string()));
-            }
-            ["ok", group, name, version, path] => {
-                probed.push(Probed {
-                    group: group.to_string(),
-                    path: PathBuf::from(path),
-                    name: name.to_string(),
-                    version: version.to_string(),
-                });
-                // Done with that group; what follows is the next step, or
-                // the probe exiting.
-                *limit = LOAD_TIMEOUT;
-                *deadline = Instant::now() + *limit;
-                *current = None;
-            }
-            _ => {}
-        }
+    let mut progress = Progress {
+        probed: Vec::new(),
+        current: None,
+        limit: LOAD_TIMEOUT,
+        deadline: Instant::now() + LOAD_TIMEOUT,
     };
     let status = loop {
         while let Ok(line) = lines.try_recv() {
-            take(line, &mut current, &mut limit, &mut deadline);
+            progress.take(&line, &step_limit);
         }
         if let Some(st) = child.try_wait().context("waiting for the plugin probe")? {
             break Some(st);
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= progress.deadline {
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -163,44 +138,40 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
     let collect_until = Instant::now() + Duration::from_millis(500);
     let left = || collect_until.saturating_duration_since(Instant::now());
     while let Ok(line) = lines.recv_timeout(left()) {
-        take(line, &mut current, &mut limit, &mut deadline);
+        progress.take(&line, &step_limit);
     }
     let stderr = errors.recv_timeout(left()).unwrap_or_default();
-    let timed_out_in = current.as_ref().map(|(step, _)| step.clone());
-    let culprit = |current: &Option<(String, String)>| {
-        current.as_ref().map_or_else(
-            || {
-                if probed.len() == spec.plugins.len() {
-                    "plugin probe, exiting after the last plugin (a plugin's destructors or \
-                     atexit handlers)"
-                        .to_owned()
-                } else {
-                    "plugin probe".to_owned()
-                }
-            },
-            |(step, group)| {
-                let path = spec
-                    .plugins
-                    .iter()
-                    .find(|t| &t.group == group)
-                    .map(|t| t.path.display().to_string());
-                format!(
-                    "group {group}: plugin {} ({step})",
-                    path.unwrap_or_default()
-                )
-            },
-        )
+    let Progress {
+        probed,
+        current,
+        limit,
+        ..
+    } = progress;
+    let culprit = match &current {
+        Some((step, group)) => {
+            let path = spec
+                .plugins
+                .iter()
+                .find(|t| &t.group == group)
+                .map(|t| t.path.display().to_string());
+            format!(
+                "group {group}: plugin {} ({step})",
+                path.unwrap_or_default()
+            )
+        }
+        None if probed.len() == spec.plugins.len() => "plugin probe, exiting after the last \
+             plugin (a plugin's destructors or atexit handlers)"
+            .to_owned(),
+        None => "plugin probe".to_owned(),
     };
     match status {
-        None => match timed_out_in.as_deref() {
+        None => match current.as_ref().map(|(step, _)| step.as_str()) {
             Some("init" | "fini") => bail!(
-                "{}: did not finish within {} ms (the group's init_timeout)",
-                culprit(&current),
+                "{culprit}: did not finish within {} ms (the group's init_timeout)",
                 limit.as_millis()
             ),
             _ => bail!(
-                "{}: did not finish loading within {} s",
-                culprit(&current),
+                "{culprit}: did not finish loading within {} s",
                 limit.as_secs()
             ),
         },
@@ -210,12 +181,53 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
             match (st.signal(), first) {
                 (None, Some(msg)) => bail!("{msg}"),
                 (sig, _) => bail!(
-                    "{}: the plugin crashed ({})",
-                    culprit(&current),
+                    "{culprit}: the plugin crashed ({})",
                     describe_exit(sig.map_or(st.code().unwrap_or(1), |s| -s))
                 ),
             }
         }
+    }
+}
+
+/// What the probe child has announced so far, and the deadline of the
+/// step it is in.
+struct Progress {
+    probed: Vec<Probed>,
+    /// (step, group) under way; `None` between groups and at the end.
+    current: Option<(String, String)>,
+    limit: Duration,
+    deadline: Instant,
+}
+
+impl Progress {
+    /// Takes one line of the child's stdout; `step_limit(step, group)` is
+    /// how long a step may take.
+    fn take(&mut self, line: &str, step_limit: &dyn Fn(&str, &str) -> Duration) {
+        let f: Vec<&str> = line.split('\t').collect();
+        match f.as_slice() {
+            ["step", step, group] => {
+                self.start(step_limit(step, group));
+                self.current = Some((step.to_string(), group.to_string()));
+            }
+            ["ok", group, name, version, path] => {
+                self.probed.push(Probed {
+                    group: group.to_string(),
+                    path: PathBuf::from(path),
+                    name: name.to_string(),
+                    version: version.to_string(),
+                });
+                // Done with that group; what follows is the next step, or
+                // the probe exiting.
+                self.start(LOAD_TIMEOUT);
+                self.current = None;
+            }
+            _ => {}
+        }
+    }
+
+    fn start(&mut self, limit: Duration) {
+        self.limit = limit;
+        self.deadline = Instant::now() + limit;
     }
 }
 

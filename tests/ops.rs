@@ -39,6 +39,14 @@ fn settle(s: &mut Server, n: usize) -> Value {
     done.unwrap_or_else(|| panic!("did not settle at {n} workers: {}\n{}", s.status(), s.log()))
 }
 
+/// Waits (at most 10 s) until status says a reload is running.
+fn wait_reloading(s: &Server) {
+    let running = wait_for(Duration::from_secs(10), || {
+        (s.status()["reloading"] == true).then_some(())
+    });
+    assert!(running.is_some(), "{}", s.log());
+}
+
 fn reload(s: &Server) -> (Option<i32>, String) {
     let (code, out, err) = s.ctl(&["reload"]);
     (code, format!("{out}{err}"))
@@ -200,10 +208,7 @@ fn sighup_during_a_reload_reloads_again_after_it() {
     s.signal(libc::SIGHUP);
     // The second signal only once the first reload is running (two
     // pending SIGHUPs would merge into one).
-    let running = wait_for(Duration::from_secs(10), || {
-        (s.status()["reloading"] == true).then_some(())
-    });
-    assert!(running.is_some(), "{}", s.log());
+    wait_reloading(&s);
     s.write_config(&text("c:"));
     s.signal(libc::SIGHUP);
     let mut c = s.client();
@@ -1119,10 +1124,7 @@ fn a_proxy_dying_during_a_reload_resumes_it() {
     s.signal(libc::SIGHUP);
     // Kill the proxy while the reload runs (its first replacements are in
     // their 300 ms init).
-    let running = wait_for(Duration::from_secs(10), || {
-        (s.status()["reloading"] == true).then_some(())
-    });
-    assert!(running.is_some(), "{}", s.log());
+    wait_reloading(&s);
     let proxies = s.pids_titled("halfsync: proxy 1");
     assert_eq!(proxies.len(), 1, "{}", s.log());
     // SAFETY: kill(2) on a process this test's server started.

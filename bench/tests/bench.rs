@@ -162,23 +162,7 @@ fn open_loop_latency_includes_the_time_a_stall_delayed_sending() {
 /// below would stay small.)
 #[test]
 fn open_loop_latency_counts_from_the_due_time_when_the_generator_stalls() {
-    let s = Server::start(Mode::Echo);
-    let child = Command::new(EXE)
-        .args(["--addr", &s.addr.to_string(), "-c", "1", "--rate", "1000"])
-        .args(["--warmup", "0s", "--duration", "1500ms", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: kill(2) on the child this test started; no memory passed.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    let out = wait_output(child, "still running 10 s after SIGCONT");
-    assert_eq!(out.status.code(), Some(0));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = open_loop_with_generator_stopped("1500ms", 500, 300);
     // ~300 of ~1,500 requests were due during the stop, late by 0-300 ms.
     let lat = &r["latency_us"];
     assert!(lat["max"].as_u64() >= Some(250_000), "{r}");
@@ -236,23 +220,7 @@ fn other_commands_are_sent_and_their_payloads_not_checked() {
 /// due; none is silently skipped.
 #[test]
 fn open_loop_sends_and_measures_what_was_due_when_the_window_closed() {
-    let s = Server::start(Mode::Echo);
-    let child = Command::new(EXE)
-        .args(["--addr", &s.addr.to_string(), "-c", "1", "--rate", "1000"])
-        .args(["--warmup", "0s", "--duration", "1s", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    std::thread::sleep(Duration::from_millis(800));
-    // SAFETY: kill(2) on the child this test started; no memory passed.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    std::thread::sleep(Duration::from_millis(400));
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    let out = wait_output(child, "still running 10 s after SIGCONT");
-    assert_eq!(out.status.code(), Some(0));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = open_loop_with_generator_stopped("1s", 800, 400);
     // All ~1,000 requests of the window, the ~200 late ones included.
     let n = r["requests"].as_u64().unwrap();
     assert!((950..=1050).contains(&n), "{r}");
@@ -801,6 +769,29 @@ fn cpu_interrupted_in_the_warmup_says_so() {
         stderr.contains("--cpu: no CPU figures, the run stopped during the warm-up"),
         "{stderr}"
     );
+}
+
+/// An open-loop run of the generator binary (1 connection, 1,000 req/s,
+/// no warm-up, `duration`) against an echo server, the generator itself
+/// stopped with SIGSTOP `at_ms` into it for `for_ms`; its JSON report.
+fn open_loop_with_generator_stopped(duration: &str, at_ms: u64, for_ms: u64) -> serde_json::Value {
+    let s = Server::start(Mode::Echo);
+    let child = Command::new(EXE)
+        .args(["--addr", &s.addr.to_string(), "-c", "1", "--rate", "1000"])
+        .args(["--warmup", "0s", "--duration", duration, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    std::thread::sleep(Duration::from_millis(at_ms));
+    // SAFETY: kill(2) on the child this test started; no memory passed.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(for_ms));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let out = wait_output(child, "still running 10 s after SIGCONT");
+    assert_eq!(out.status.code(), Some(0));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Waits (at most 10 s, in 20 ms polls) for a generator the test started
