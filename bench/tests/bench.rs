@@ -125,19 +125,24 @@ fn open_loop_follows_the_schedule() {
     assert!(lag.p50 < 5_000, "{r}");
 }
 
-#[test]
-fn open_loop_latency_includes_the_time_a_stall_delayed_sending() {
-    // One connection stalls for 300 ms a third of the way in. Open loop: every
-    // request due during the stall is late by up to 300 ms, and that shows.
-    let s = Server::start(Mode::StallOnce { at: 400, ms: 300 });
-    let mut c = cfg(&s);
+/// One connection, open loop at 1,000 req/s for `ms`, no warm-up.
+fn open_loop_1000(s: &Server, ms: u64) -> Config {
+    let mut c = cfg(s);
     c.connections = 1;
     c.active = 1;
     c.requests = None;
     c.load = Load::Open { rate: 1000.0 };
     c.warmup = Duration::ZERO;
-    c.duration = Some(Duration::from_millis(1200));
-    let r = run(&c);
+    c.duration = Some(Duration::from_millis(ms));
+    c
+}
+
+#[test]
+fn open_loop_latency_includes_the_time_a_stall_delayed_sending() {
+    // One connection stalls for 300 ms a third of the way in. Open loop: every
+    // request due during the stall is late by up to 300 ms, and that shows.
+    let s = Server::start(Mode::StallOnce { at: 400, ms: 300 });
+    let r = run(&open_loop_1000(&s, 1200));
     assert_clean(&r);
     assert!(r.latency_us.max >= 290_000, "{r}");
     assert!(r.latency_us.p90 >= 50_000, "{r}");
@@ -179,14 +184,7 @@ fn open_loop_latency_counts_from_the_due_time_when_the_generator_stalls() {
 #[test]
 fn open_loop_measures_a_stall_at_the_end_of_the_window() {
     let s = Server::start(Mode::StallOnce { at: 900, ms: 300 });
-    let mut c = cfg(&s);
-    c.connections = 1;
-    c.active = 1;
-    c.requests = None;
-    c.load = Load::Open { rate: 1000.0 };
-    c.warmup = Duration::ZERO;
-    c.duration = Some(Duration::from_millis(1000));
-    let r = run(&c);
+    let r = run(&open_loop_1000(&s, 1000));
     assert_clean(&r);
     assert!(r.latency_us.max >= 250_000, "{r}");
     // Every request due in the window was measured, the late ones too.
