@@ -325,6 +325,7 @@ fn commands_no_group_serves_get_no_route() {
         c_echo_so().display()
     );
     let mut s = Server::start(&text, port);
+    s.wait_tree(3);
     assert_eq!(s.pids_titled("halfsync: worker a 0").len(), 1);
     assert_eq!(s.pids_titled("halfsync: worker b 0").len(), 1);
     let mut c = s.client();

@@ -8,6 +8,7 @@ use crate::support::*;
 fn every_process_names_its_role() {
     let port = free_port();
     let mut s = Server::start(&config(port, &echo_so(), 2, ""), port);
+    s.wait_tree(3);
     assert!(
         cmdline(s.pid).starts_with("halfsync: master"),
         "{}",
@@ -56,8 +57,7 @@ fn a_killed_worker_is_replaced_and_service_continues() {
 fn killing_the_master_takes_every_child_with_it() {
     let port = free_port();
     let mut s = Server::start(&config(port, &echo_so(), 3, ""), port);
-    let tree = s.refresh_tree();
-    assert_eq!(tree.len(), 4);
+    s.wait_tree(4);
     s.signal(libc::SIGKILL);
     let st = s.wait_exit(Duration::from_secs(10));
     assert_eq!(st.code(), None, "killed by a signal");
@@ -74,6 +74,7 @@ fn embedded_default_serves_echo_on_7878() {
     assert_eq!(so.parent(), std::path::Path::new(BIN).parent());
     let mut s = Server::spawn_with(None, 7878);
     s.wait_ready();
+    s.wait_tree(3);
     assert_eq!(s.worker_pids().len(), 2);
     many_pipelines(s.addr, 4, 50, 1000);
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));

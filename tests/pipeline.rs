@@ -10,8 +10,8 @@ fn pipeline_then_sigterm(plugin: std::path::PathBuf) {
     // all of them, so none is refused BUSY (overload has its own test).
     let text = config(port, &plugin, 2, "") + "max_queue = 10000\n";
     let mut s = Server::start(&text, port);
-    let tree = s.refresh_tree();
-    assert_eq!(tree.len(), 3, "proxy + 2 workers expected, got {tree:?}");
+    // The proxy and 2 workers.
+    s.wait_tree(3);
 
     // 50 connections x 200 pipelined requests, payloads of 0..=64 KiB.
     many_pipelines(s.addr, 50, 200, 64 << 10);

@@ -332,6 +332,28 @@ impl Server {
         d
     }
 
+    /// Waits (bounded) until the tree has exactly `n` processes and returns
+    /// them. Readiness means one worker per group answers, so the others
+    /// may still be on their way; a bare count right after `start` races
+    /// with them (and a /proc scan taken mid-exec can miss one).
+    pub fn wait_tree(&mut self, n: usize) -> Vec<i32> {
+        let got = wait_for(Duration::from_secs(10), || {
+            let t = self.refresh_tree();
+            (t.len() == n).then_some(t)
+        });
+        got.unwrap_or_else(|| {
+            let now: Vec<String> = self
+                .refresh_tree()
+                .into_iter()
+                .map(|p| format!("{p} {}", cmdline(p)))
+                .collect();
+            panic!(
+                "expected {n} processes under the master, have {now:?}; log:\n{}",
+                self.log()
+            )
+        })
+    }
+
     /// Pids of processes whose command line contains `title`.
     pub fn pids_titled(&mut self, title: &str) -> Vec<i32> {
         self.refresh_tree()
