@@ -1298,3 +1298,171 @@ fn reload_names_the_file_the_server_rereads() {
         "{err}"
     );
 }
+
+/// Two fault-plugin groups: `a` answers `a<version>:`, `b` answers
+/// `b<version>:`; command 7 belongs to `seven`; `b_extra` goes into b's
+/// plugin config.
+fn two_groups(port: u16, version: u32, seven: &str, b_extra: &str) -> String {
+    let fault = halfsync_testkit::fault_plugin();
+    let (a_cmds, b_cmds) = if seven == "a" {
+        ("[1, 7]", "[2]")
+    } else {
+        ("[1]", "[2, 7]")
+    };
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n\
+         [[group]]\nname = \"a\"\nplugin = \"{f}\"\nworkers = 2\ncommands = {a_cmds}\n\
+         [group.config]\nreply_prefix = \"a{version}:\"\n\n\
+         [[group]]\nname = \"b\"\nplugin = \"{f}\"\nworkers = 2\ncommands = {b_cmds}\n\
+         [group.config]\nreply_prefix = \"b{version}:\"\n{b_extra}\n",
+        f = fault.display()
+    )
+}
+
+/// The load threads of [`command_seven_load`]: each returns the requests
+/// it sent.
+type SevenThreads = Vec<std::thread::JoinHandle<Result<u64, String>>>;
+
+/// Six connections sending command 7, four in flight each, until `stop`
+/// (bounded to 60 s): every reply's status and first three payload bytes
+/// go to the channel; a connection fails only on a transport error or a
+/// reply that waited over 10 s.
+fn command_seven_load(
+    addr: std::net::SocketAddr,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (SevenThreads, std::sync::mpsc::Receiver<(u16, String)>) {
+    use std::sync::atomic::Ordering;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let threads = (0..6u64)
+        .map(|t| {
+            let (stop, tx) = (stop.clone(), tx.clone());
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut c = halfsync_protocol::Client::connect(addr).map_err(|e| e.to_string())?;
+                c.stream()
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(|e| e.to_string())?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                    for k in 0..4 {
+                        c.send(n + k, 7, format!("t{t}").as_bytes())
+                            .map_err(|e| e.to_string())?;
+                    }
+                    for _ in 0..4 {
+                        let r = c.recv().map_err(|e| format!("after {n} requests: {e}"))?;
+                        let head = String::from_utf8_lossy(&r.payload[..r.payload.len().min(3)]);
+                        let _ = tx.send((r.code, head.into_owned()));
+                    }
+                    n += 4;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    (threads, rx)
+}
+
+/// Stops the load; returns the requests sent and the replies by (status,
+/// version prefix).
+fn finish_seven(
+    s: &Server,
+    stop: &std::sync::atomic::AtomicBool,
+    threads: SevenThreads,
+    rx: &std::sync::mpsc::Receiver<(u16, String)>,
+) -> (u64, std::collections::BTreeMap<(u16, String), u64>) {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    for t in threads {
+        sent += t
+            .join()
+            .expect("load thread")
+            .unwrap_or_else(|e| panic!("{e}; log:\n{}", s.log()));
+    }
+    let mut by = std::collections::BTreeMap::new();
+    for r in rx.try_iter() {
+        *by.entry(r).or_default() += 1;
+    }
+    (sent, by)
+}
+
+/// A reload that moves a command to another group, under load on that
+/// command: every reply comes from the old version of the old group or
+/// the new version of the new one, never from the new group's old
+/// workers (which the new route would reach while they are replaced) or
+/// the old group's new ones; none fails.
+#[test]
+fn a_command_moved_by_a_reload_never_reaches_an_old_version() {
+    let port = free_port();
+    let mut s = Server::start(&two_groups(port, 1, "a", ""), port);
+    s.wait_tree(5);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (threads, rx) = command_seven_load(s.addr, &stop);
+    let warm = wait_for(Duration::from_secs(10), || rx.recv().ok());
+    assert_eq!(warm, Some((status::OK, "a1:".to_owned())));
+    // Command 7 moves from a to b; b's new version takes 300 ms to start,
+    // so its old workers serve (their own commands) for a while.
+    s.write_config(&two_groups(port, 2, "b", "init_delay_ms = 300"));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    // After the reload, command 7 is b's, new version.
+    let mut c = s.client();
+    for id in 0..10 {
+        let r = c.call(id, 7, b"x").unwrap();
+        assert_eq!((r.code, &r.payload[..]), (status::OK, &b"b2:x"[..]));
+    }
+    let (sent, by) = finish_seven(&s, &stop, threads, &rx);
+    println!(
+        "command 7 through a reload that moved it: {sent} requests, by (status, version) {by:?}"
+    );
+    assert!(
+        by.keys()
+            .all(|(code, v)| *code == status::OK && (v == "a1:" || v == "b2:")),
+        "{by:?}"
+    );
+    assert!(by.contains_key(&(status::OK, "b2:".to_owned())), "{by:?}");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+/// The same move, but the new group's new version fails to start: the
+/// group rolls back (without command 7, which the old group gave up), so
+/// the requests held for it get NO_ROUTE instead of waiting forever or
+/// reaching the old version.
+#[test]
+fn requests_held_for_a_group_that_rolls_back_are_answered() {
+    let port = free_port();
+    let mut s = Server::start(&two_groups(port, 1, "a", ""), port);
+    s.wait_tree(5);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (threads, rx) = command_seven_load(s.addr, &stop);
+    let warm = wait_for(Duration::from_secs(10), || rx.recv().ok());
+    assert_eq!(warm, Some((status::OK, "a1:".to_owned())));
+    let bad = "init_delay_ms = 200\nfail_init = \"no database\"";
+    s.write_config(&two_groups(port, 2, "b", bad));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("group b") && out.contains("no database"),
+        "{out}"
+    );
+    let mut c = s.client();
+    let r = c.call(1, 7, b"x").unwrap();
+    assert_eq!(r.code, status::NO_ROUTE);
+    assert_eq!(c.call(2, 2, b"x").unwrap().payload, b"b1:x");
+    assert_eq!(c.call(3, 1, b"x").unwrap().payload, b"a2:x");
+    let (sent, by) = finish_seven(&s, &stop, threads, &rx);
+    println!(
+        "command 7 through a reload that rolled back: {sent} requests, by (status, version) {by:?}"
+    );
+    assert!(
+        by.keys()
+            .all(|(code, v)| (*code == status::OK && v == "a1:") || *code == status::NO_ROUTE),
+        "{by:?}"
+    );
+    assert!(
+        by.keys().any(|(code, _)| *code == status::NO_ROUTE),
+        "{by:?}"
+    );
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::{Conn, Conns};
 use crate::control::{Channel, Received, ToMaster, ToProxy};
-use crate::slots::{Group, ReqMeta, WorkerSlot};
+use crate::slots::{Group, Queued, ReqMeta, WorkerSlot};
 use crate::stats::{Scope, Stats};
 use crate::sys::{self, Epoll, READ, WRITE};
 use crate::{ProxyError, ProxySpec, Reconfigure};
@@ -109,6 +109,11 @@ pub(crate) struct Proxy {
     pub(crate) groups: Vec<Group>,
     /// Group id per command number.
     pub(crate) routes: Vec<Option<u16>>,
+    /// Per command number: a reload is moving it to a group whose workers
+    /// it is replacing, so its requests wait in that group's `held` queue
+    /// (see [`crate::Reconfigure::hold`]). `holding` says whether any is.
+    pub(crate) held: Vec<bool>,
+    pub(crate) holding: bool,
     pub(crate) scratch: Vec<u8>,
     /// Bytes each connection may read this turn ([`read_share`]).
     pub(crate) read_share: usize,
@@ -225,6 +230,8 @@ impl Proxy {
             slots: Vec::new(),
             groups: Vec::new(),
             routes: vec![None; 1 << 16],
+            held: vec![false; 1 << 16],
+            holding: false,
             read_share: scratch.len(),
             scratch,
             turn_frames: 0,
@@ -247,7 +254,7 @@ impl Proxy {
             inline_out: Vec::new(),
         })
         .map(|mut p| {
-            p.apply_config(config_groups, &spec.group_ids);
+            p.apply_config(config_groups, &spec.group_ids, &[]);
             p
         })
         .and_then(|mut p| {
@@ -377,7 +384,7 @@ impl Proxy {
     }
 
     fn queued_total(&self) -> usize {
-        self.groups.iter().map(|g| g.queue.len()).sum()
+        self.groups.iter().map(Group::waiting).sum()
     }
 
     /// Tells every worker we are about to sleep, so it wakes us when it
@@ -416,10 +423,13 @@ impl Proxy {
             until = until.min(t);
         }
         for g in &self.groups {
-            if let Some(t) = g.queue.oldest_ns()
-                && g.queue_timeout_ns > 0
+            for t in [g.queue.oldest_ns(), g.held.oldest_ns()]
+                .into_iter()
+                .flatten()
             {
-                until = until.min(t.saturating_add(g.queue_timeout_ns).saturating_add(1));
+                if g.queue_timeout_ns > 0 {
+                    until = until.min(t.saturating_add(g.queue_timeout_ns).saturating_add(1));
+                }
             }
         }
         // Round up to whole milliseconds: epoll cannot wait for less.
@@ -497,7 +507,7 @@ impl Proxy {
     /// Applies a configuration: server settings at once; groups by stable
     /// id (new ones appear, changed ones take their new limits, missing
     /// ones stop getting requests while their workers drain); routes.
-    pub(crate) fn apply_config(&mut self, config: Config, ids: &[u32]) {
+    pub(crate) fn apply_config(&mut self, config: Config, ids: &[u32], hold: &[u32]) {
         let mut keep = vec![false; self.groups.len()];
         for (g, &id) in config.groups.iter().zip(ids) {
             let id = id as usize;
@@ -527,21 +537,102 @@ impl Proxy {
                 g.retired = true;
             }
         }
-        self.routes.iter_mut().for_each(|r| *r = None);
+        let mut routes = vec![None; 1 << 16];
         if let Some(d) = config.groups.iter().position(|g| g.is_default_route()) {
             let id = ids[d] as u16;
-            self.routes.iter_mut().for_each(|r| *r = Some(id));
+            routes.iter_mut().for_each(|r| *r = Some(id));
         }
         for (g, &id) in config.groups.iter().zip(ids) {
             for &c in &g.commands {
-                self.routes[c as usize] = Some(id as u16);
+                routes[c as usize] = Some(id as u16);
             }
         }
+        self.set_routes(routes, hold);
         let budget = config.server.read_budget.clamp(4096, 1 << 20) as usize;
         if self.scratch.len() != budget {
             self.scratch = vec![0u8; budget];
         }
         self.config = config;
+    }
+
+    /// Takes new routes. A command that moves to a group in `hold` (or
+    /// was moving there and still is) is held; requests already waiting
+    /// follow their command's new route, and held ones are released to
+    /// their group's queue once it leaves `hold`.
+    fn set_routes(&mut self, routes: Vec<Option<u16>>, hold: &[u32]) {
+        let old = std::mem::replace(&mut self.routes, routes);
+        let mut changed = false;
+        let mut holding = false;
+        for ((held, new), old) in self.held.iter_mut().zip(&self.routes).zip(&old) {
+            let now =
+                new.is_some_and(|g| hold.contains(&u32::from(g)) && (*held || *old != Some(g)));
+            changed |= now != *held || old != new;
+            holding |= now;
+            *held = now;
+        }
+        self.holding = holding;
+        if changed {
+            self.rehome_waiting();
+        }
+    }
+
+    /// Moves every waiting request whose command's route or hold changed
+    /// to where it now belongs (in arrival order per connection), or
+    /// answers NO_ROUTE if no group serves it any more. Requests already
+    /// admitted are not refused for space.
+    pub(crate) fn rehome_waiting(&mut self) {
+        let mut moving = Vec::new();
+        for g in 0..self.groups.len() {
+            for (held, q) in [
+                (false, self.groups[g].queue.take_all()),
+                (true, self.groups[g].held.take_all()),
+            ] {
+                for r in q {
+                    let c = r.req.code as usize;
+                    let here = if held {
+                        self.routes[c] == Some(g as u16) && self.held[c]
+                    } else {
+                        self.queued_here(g, r.req.code)
+                    };
+                    if here {
+                        let group = &mut self.groups[g];
+                        if held {
+                            group.held.push_back(r);
+                        } else {
+                            group.queue.push_back(r);
+                        }
+                    } else {
+                        moving.push(r);
+                    }
+                }
+            }
+        }
+        for r in moving {
+            self.rehome(r);
+        }
+        for g in 0..self.groups.len() {
+            self.stats.queued(g, self.groups[g].waiting());
+        }
+    }
+
+    /// Whether a request for command `code` waits in group `g`'s queue
+    /// (and not in its `held` one, or elsewhere) under the current routes.
+    pub(crate) fn queued_here(&self, g: usize, code: u16) -> bool {
+        self.routes[code as usize] == Some(g as u16) && !self.held[code as usize]
+    }
+
+    /// Queues a waiting request where its command is served now (the back
+    /// of that group's queue or `held` one), or answers NO_ROUTE.
+    pub(crate) fn rehome(&mut self, r: Queued) {
+        let c = r.req.code as usize;
+        match self.routes[c].map(usize::from) {
+            Some(g) if self.held[c] => self.groups[g].held.push_back(r),
+            Some(g) => self.groups[g].queue.push_back(r),
+            None => {
+                let msg = format!("no worker group serves command {c}");
+                self.answer(&r.req, status::NO_ROUTE, msg.as_bytes(), Scope::Global);
+            }
+        }
     }
 
     fn reconfigure(&mut self, len: usize, fds: Vec<OwnedFd>) {
@@ -560,12 +651,12 @@ impl Proxy {
             .and_then(|t| toml::from_str::<Reconfigure>(&t).map_err(|e| e.to_string()))
             .and_then(|r| {
                 Config::from_toml(&r.config, Origin::Text)
-                    .map(|c| (c, r.group_ids))
+                    .map(|c| (c, r.group_ids, r.hold))
                     .map_err(|e| e.to_string())
             });
         match parsed {
-            Ok((config, ids)) if ids.len() == config.groups.len() => {
-                self.apply_config(config, &ids);
+            Ok((config, ids, hold)) if ids.len() == config.groups.len() => {
+                self.apply_config(config, &ids, &hold);
                 info!("configuration reloaded");
             }
             Ok(_) => warn!("reconfigure: group ids do not match the groups; ignored"),
@@ -605,6 +696,12 @@ impl Proxy {
             "shutting down: no new connections; finishing in-flight requests"
         );
         self.draining = true;
+        // Held requests were read: they are answered too, by whichever
+        // version serves their group now.
+        if self.holding {
+            let routes = self.routes.clone();
+            self.set_routes(routes, &[]);
+        }
         for (_, l) in self.listeners.drain(..) {
             let _ = self.epoll.delete(l.as_raw_fd());
         }
@@ -901,7 +998,9 @@ impl Proxy {
             );
             return;
         }
-        let queued = !self.groups[g].queue.is_empty();
+        // A command a reload is moving here waits for the new version.
+        let held = self.holding && self.held[h.code as usize];
+        let queued = held || !self.groups[g].queue.is_empty();
         if !queued
             && let Some(si) = self.pick_slot(g, payload.len())
             && self.push_to_slot(si, req, payload)
@@ -911,9 +1010,13 @@ impl Proxy {
             return;
         }
         let group = &mut self.groups[g];
-        if group.queue.len() < group.max_queue {
-            group.queue.push_copy(req, payload);
-            self.stats.queued(g, group.queue.len());
+        if group.waiting() < group.max_queue {
+            if held {
+                group.held.push_copy(req, payload);
+            } else {
+                group.queue.push_copy(req, payload);
+            }
+            self.stats.queued(g, group.waiting());
             self.count_inflight(i, payload.len());
             return;
         }

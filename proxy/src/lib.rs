@@ -75,6 +75,14 @@ pub struct Reconfigure {
     /// configuration whose id is absent are going away: no new requests
     /// are routed to them; their workers drain.
     pub group_ids: Vec<u32>,
+    /// Groups a reload is replacing the workers of. A request for a
+    /// command the new routes give one of them, and the old routes did
+    /// not, waits (in the group's `held` queue) until the group leaves
+    /// this list, so it reaches the new version of its new group and never
+    /// the old one. Requests already queued in another group for such a
+    /// command move with it.
+    #[serde(default)]
+    pub hold: Vec<u32>,
 }
 
 impl Reconfigure {

@@ -251,6 +251,10 @@ pub(crate) struct Group {
     /// Requests waiting for a worker with room, served connection by
     /// connection in turn.
     pub(crate) queue: WaitQueue,
+    /// Requests for commands a reload is moving to this group, waiting for
+    /// its new version (see [`crate::Reconfigure::hold`]). They count
+    /// against `max_queue` with `queue`.
+    pub(crate) held: WaitQueue,
     pub(crate) max_inflight: usize,
     /// `max_inflight_time` in ns (0: off).
     pub(crate) max_inflight_time_ns: u64,
@@ -283,6 +287,12 @@ pub(crate) struct Group {
 }
 
 impl Group {
+    /// Requests waiting in this group: queued for a worker, or held for
+    /// its new version.
+    pub(crate) fn waiting(&self) -> usize {
+        self.queue.len() + self.held.len()
+    }
+
     /// A placeholder for a group id not (or no longer) configured.
     pub(crate) fn absent() -> Group {
         Group {
@@ -290,6 +300,7 @@ impl Group {
             retired: true,
             slots: Vec::new(),
             queue: WaitQueue::default(),
+            held: WaitQueue::default(),
             max_inflight: 1,
             max_inflight_time_ns: 0,
             inflight_cap: 1,
@@ -450,10 +461,28 @@ impl Proxy {
             );
         }
         let n = moved.len();
-        let q = &mut self.groups[group].queue;
-        q.push_front_all(moved);
-        self.stats.queued(group, q.len());
+        self.requeue_front(group, moved);
         n
+    }
+
+    /// Puts requests taken back from a worker of group `g` at the front
+    /// of its queue, except those whose command a reload has moved
+    /// elsewhere (or holds) since they were routed: they go where their
+    /// command is served now, never to this group's new version.
+    fn requeue_front(&mut self, g: usize, reqs: Vec<Queued>) {
+        let (stay, moving): (Vec<Queued>, Vec<Queued>) = reqs
+            .into_iter()
+            .partition(|q| self.queued_here(g, q.req.code));
+        self.groups[g].queue.push_front_all(stay);
+        for q in moving {
+            let to = self.routes[q.req.code as usize];
+            self.rehome(q);
+            if let Some(to) = to {
+                self.stats
+                    .queued(to.into(), self.groups[usize::from(to)].waiting());
+            }
+        }
+        self.stats.queued(g, self.groups[g].waiting());
     }
 
     /// Stops giving a slot's worker requests; it is retired once it holds
@@ -866,11 +895,16 @@ impl Proxy {
     /// refuses them all while the group has no worker.
     pub(crate) fn dispatch_queued(&mut self) {
         for g in 0..self.groups.len() {
+            if !self.groups[g].held.is_empty() {
+                self.expire_held(g);
+            }
             if self.groups[g].queue.is_empty() {
                 continue;
             }
             if !self.group_live(g) {
-                for r in self.groups[g].queue.take_all() {
+                let mut dead = self.groups[g].queue.take_all();
+                dead.extend(self.groups[g].held.take_all());
+                for r in dead {
                     self.answer(
                         &r.req,
                         status::BUSY,
@@ -914,7 +948,27 @@ impl Proxy {
                 }
                 self.groups[g].queue.recycle(q.payload);
             }
-            self.stats.queued(g, self.groups[g].queue.len());
+            self.stats.queued(g, self.groups[g].waiting());
+        }
+    }
+
+    /// Held requests (see [`Group::held`]) wait no longer than queued ones:
+    /// past `queue_timeout` they get TIMEOUT, and a client gone drops its
+    /// own.
+    fn expire_held(&mut self, g: usize) {
+        let qt = self.groups[g].queue_timeout_ns;
+        if qt > 0
+            && let Some(deadline) = self.now_ns.checked_sub(qt + 1)
+        {
+            for q in self.groups[g].held.take_expired(deadline) {
+                self.answer(
+                    &q.req,
+                    status::TIMEOUT,
+                    b"waited longer than queue_timeout for a worker",
+                    Scope::Group(g),
+                );
+            }
+            self.stats.queued(g, self.groups[g].waiting());
         }
     }
 
@@ -1047,7 +1101,7 @@ impl Proxy {
                 if s.stalled_on.is_none()
                     && g.run_ns.is_some()
                     && s.pending.len() > g.inflight_cap * REBALANCE_FACTOR + REBALANCE_SLACK
-                    && g.queue.len() + s.pending.len() <= g.max_queue
+                    && g.waiting() + s.pending.len() <= g.max_queue
                 {
                     return (Action::Rebalance, due);
                 }
@@ -1301,9 +1355,7 @@ impl Proxy {
             o.recycle_requested = false;
             o.recycle_not_before_ns = retry_at;
         }
-        let q = &mut self.groups[group].queue;
-        q.push_front_all(requeue);
-        self.stats.queued(group, q.len());
+        self.requeue_front(group, requeue);
         self.stats.pending(si, 0);
         let _ = self
             .control

@@ -1629,6 +1629,12 @@ impl Master {
             // The other proxies' workers may be half replaced: the reload
             // resumes once the proxy is back (without re-reading the file).
             self.reload_resume = true;
+            // Nothing would release commands held for it.
+            if !job.hold_sent.is_empty()
+                && let Err(e) = self.reconfigure_proxy()
+            {
+                error!("{e}");
+            }
             warn!("a proxy died during the reload; it resumes once the proxy is back");
             if let Some(conn) = job.reply_to {
                 self.admin.respond(
@@ -1715,9 +1721,18 @@ impl Master {
 
     /// Sends the proxy the current configuration (after a reload).
     fn reconfigure_proxy(&self) -> Result<(), String> {
+        let hold = self.reload.as_ref().map(|j| j.hold()).unwrap_or_default();
+        self.reconfigure_proxy_holding(&hold)
+    }
+
+    /// Sends the current configuration to every proxy, holding commands a
+    /// reload moves to the groups in `hold` (see
+    /// [`halfsync_proxy::Reconfigure::hold`]).
+    fn reconfigure_proxy_holding(&self, hold: &[u32]) -> Result<(), String> {
         let text = halfsync_proxy::Reconfigure {
             config: toml::to_string(&self.config).map_err(|e| e.to_string())?,
             group_ids: self.group_ids(),
+            hold: hold.to_vec(),
         }
         .to_toml();
         let fd = shm_sys::memfd_with(&text).map_err(|e| format!("reconfigure: {e}"))?;

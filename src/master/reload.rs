@@ -24,6 +24,24 @@ pub(crate) struct Job {
     generation: u64,
     groups: Vec<GroupJob>,
     errors: Vec<String>,
+    /// The groups the proxies were last told to hold moved commands for.
+    pub(crate) hold_sent: Vec<u32>,
+}
+
+impl Job {
+    /// Groups whose moved-in commands wait: those still being replaced to
+    /// the new version (not rolling back, not done).
+    pub(crate) fn hold(&self) -> Vec<u32> {
+        self.groups
+            .iter()
+            .filter(|gj| {
+                gj.old.is_some()
+                    && !gj.rolling_back
+                    && (gj.current.is_some() || !gj.todo.is_empty())
+            })
+            .map(|gj| gj.group as u32)
+            .collect()
+    }
 }
 
 struct GroupJob {
@@ -120,7 +138,11 @@ impl Master {
             self.groups[id].retired = true;
         }
         self.swap_listeners(&config, new_listeners);
-        if let Err(e) = self.reconfigure_proxy() {
+        // Until a group's workers are all replaced, commands the new routes
+        // move to it wait for its new version (the groups kept all get new
+        // workers, so all of them hold until done).
+        let hold: Vec<u32> = jobs.iter().map(|gj| gj.group as u32).collect();
+        if let Err(e) = self.reconfigure_proxy_holding(&hold) {
             error!("{e}");
         }
         for id in gone {
@@ -161,6 +183,7 @@ impl Master {
             generation,
             groups: jobs,
             errors: Vec::new(),
+            hold_sent: hold,
         });
         self.reload_advance();
         Ok(())
@@ -209,6 +232,7 @@ impl Master {
             generation: self.generation,
             groups,
             errors: Vec::new(),
+            hold_sent: Vec::new(),
         });
         self.reload_advance();
     }
@@ -337,6 +361,15 @@ impl Master {
                     }
                 }
             }
+        }
+        // A group all replaced (or rolled back): its moved-in commands go
+        // to it from now on.
+        let hold = job.hold();
+        if hold != job.hold_sent {
+            if let Err(e) = self.reconfigure_proxy_holding(&hold) {
+                error!("{e}");
+            }
+            job.hold_sent = hold;
         }
         if job
             .groups

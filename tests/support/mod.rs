@@ -247,6 +247,25 @@ impl Server {
         }
         let shm_before = dev_shm();
         let log = fs::File::create(dir.path().join("server.log")).unwrap();
+        // No core files: the fault tests crash workers on purpose, and a
+        // machine with `ulimit -c unlimited` would spend seconds writing
+        // each core (shared rings included) into the checkout.
+        // SAFETY: runs between fork and exec; setrlimit is async-signal-safe
+        // and reads only the struct on this stack.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_CORE, &mut lim) == 0 {
+                    lim.rlim_cur = 0;
+                    libc::setrlimit(libc::RLIMIT_CORE, &lim);
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .env("HALFSYNC_LOG", "info")
             // Deterministic timing: a panicking Rust plugin would otherwise
