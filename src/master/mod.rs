@@ -475,6 +475,56 @@ fn listen(
     Ok(s.into())
 }
 
+/// Times the phases of one turn of the master's loop. While a turn runs,
+/// nothing else does: a dead worker is not restarted, a proxy's message
+/// waits, `status` does not answer. A slow turn is logged with its slowest
+/// phase, so an operator (or a flaky test's log) can tell where it went.
+struct Laps {
+    start: Instant,
+    last: Instant,
+    slowest: (&'static str, Duration),
+}
+
+/// A master loop turn longer than this is logged.
+const SLOW_TURN: Duration = Duration::from_millis(500);
+
+impl Laps {
+    fn start() -> Laps {
+        let now = Instant::now();
+        Laps {
+            start: now,
+            last: now,
+            slowest: ("", Duration::ZERO),
+        }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        let took = now - self.last;
+        if took > self.slowest.1 {
+            self.slowest = (phase, took);
+        }
+        self.last = now;
+    }
+
+    /// The turn's length and its slowest phase, if it took over `limit`.
+    fn slow(&self, limit: Duration) -> Option<(Duration, &'static str, Duration)> {
+        let total = self.last - self.start;
+        (total > limit).then_some((total, self.slowest.0, self.slowest.1))
+    }
+
+    fn warn_if_slow(&self) {
+        if let Some((total, phase, took)) = self.slow(SLOW_TURN) {
+            warn!(
+                ms = total.as_millis() as u64,
+                slowest = phase,
+                slowest_ms = took.as_millis() as u64,
+                "the master's loop was busy for a long turn; worker restarts and admin commands waited"
+            );
+        }
+    }
+}
+
 impl Master {
     // ---- counters (summed over the proxy processes' pages) ----
 
@@ -1025,21 +1075,27 @@ impl Master {
             }
             self.admin.fill_pollfds(&mut fds);
             sys::poll(&mut fds, timeout).context("poll")?;
+            let mut turn = Laps::start();
             if fds[0].revents != 0 {
                 while let Some(sig) = sys::read_signal(&self.signals).context("signalfd")? {
                     self.on_signal(sig);
                 }
             }
+            turn.lap("signals (reaping and restarting workers)");
             for p in 0..n {
                 if fds[1 + p].revents != 0 {
                     self.read_control(p);
                 }
             }
+            turn.lap("proxy messages");
             for request in self.admin.on_ready(&fds[1 + n..]) {
                 self.on_admin(request);
             }
             self.admin.sweep();
+            turn.lap("admin commands (a reload test-loads its plugins here)");
             self.run_timers();
+            turn.lap("timers");
+            turn.warn_if_slow();
             // Not while any replacement is still starting (it would be
             // replaced a second time, beside it).
             if (self.reload_pending || self.reload_resume)
@@ -1747,5 +1803,24 @@ impl Master {
                 .map_err(|e| format!("control channel: {e}"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_turn_names_its_slowest_phase() {
+        let mut t = Laps::start();
+        std::thread::sleep(Duration::from_millis(5));
+        t.lap("quick");
+        std::thread::sleep(Duration::from_millis(40));
+        t.lap("slow");
+        t.lap("nothing");
+        assert_eq!(t.slow(Duration::from_secs(10)), None);
+        let (total, phase, took) = t.slow(Duration::from_millis(20)).expect("slow turn");
+        assert_eq!(phase, "slow");
+        assert!(took >= Duration::from_millis(40) && total >= took + Duration::from_millis(5));
     }
 }
