@@ -1466,3 +1466,61 @@ fn requests_held_for_a_group_that_rolls_back_are_answered() {
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// While a reload holds a moved command: a client whose connection resets
+/// takes its held requests out of the group's count at once, and a stop answers
+/// the held requests SHUTTING_DOWN (they never started, and the version
+/// they wait for will not come).
+#[test]
+fn held_requests_leave_with_their_client_and_a_stop_answers_them() {
+    let port = free_port();
+    let mut s = Server::start(&two_groups(port, 1, "a", ""), port);
+    s.wait_tree(5);
+    s.write_config(&two_groups(port, 2, "b", "init_delay_ms = 5000"));
+    s.signal(libc::SIGHUP);
+    let routed = wait_for(Duration::from_secs(10), || {
+        s.log().contains("configuration reloaded").then_some(())
+    });
+    assert!(routed.is_some(), "{}", s.log());
+    let queued = |s: &Server| s.status()["groups"][1]["queued"].as_u64();
+    let mut gone = s.client();
+    for id in 0..3 {
+        gone.send(id, 7, b"x").unwrap();
+    }
+    let mut stays = s.client();
+    for id in 0..2 {
+        stays.send(id, 7, b"y").unwrap();
+    }
+    let held = wait_for(Duration::from_secs(10), || {
+        (queued(&s) == Some(5)).then_some(())
+    });
+    assert!(held.is_some(), "queued {:?}; log:\n{}", queued(&s), s.log());
+    // A reset, not a FIN (after a FIN the proxy still owes the replies: the
+    // client may only have shut down its sending side).
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd of ours and a linger struct of the right size.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(gone.stream()),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(gone);
+    let left = wait_for(Duration::from_secs(10), || {
+        (queued(&s) == Some(2)).then_some(())
+    });
+    assert!(left.is_some(), "queued {:?}; log:\n{}", queued(&s), s.log());
+    s.signal(libc::SIGTERM);
+    for _ in 0..2 {
+        let r = stays.recv().unwrap();
+        assert_eq!(r.code, status::SHUTTING_DOWN, "{}", s.log());
+    }
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}

@@ -304,7 +304,7 @@ impl Proxy {
                 if i > 0
                     && i % MIDTURN_DISPATCH_EVERY == 0
                     && !self.tuning.no_midturn_dispatch
-                    && self.queued_total() > 0
+                    && self.groups.iter().any(|g| !g.queue.is_empty())
                 {
                     self.collect_replies();
                     self.dispatch_queued();
@@ -528,6 +528,7 @@ impl Proxy {
                 g.fresh_until_ns = self.now_ns.saturating_add(g.init_timeout_ns.max(1));
             }
             self.groups[id].queue.fifo = self.tuning.fifo_queue;
+            self.groups[id].held.fifo = self.tuning.fifo_queue;
             let g = &self.groups[id];
             self.stats.inflight(id, g.inflight_cap, g.run_ns());
         }
@@ -607,9 +608,7 @@ impl Proxy {
                 }
             }
         }
-        for r in moving {
-            self.rehome(r);
-        }
+        self.rehome(moving, false);
         for g in 0..self.groups.len() {
             self.stats.queued(g, self.groups[g].waiting());
         }
@@ -621,17 +620,39 @@ impl Proxy {
         self.routes[code as usize] == Some(g as u16) && !self.held[code as usize]
     }
 
-    /// Queues a waiting request where its command is served now (the back
-    /// of that group's queue or `held` one), or answers NO_ROUTE.
-    pub(crate) fn rehome(&mut self, r: Queued) {
-        let c = r.req.code as usize;
-        match self.routes[c].map(usize::from) {
-            Some(g) if self.held[c] => self.groups[g].held.push_back(r),
-            Some(g) => self.groups[g].queue.push_back(r),
-            None => {
+    /// Queues waiting requests where their commands are served now (that
+    /// group's queue or `held` one; at the front, in their order, for
+    /// requests taken back from a worker, which are older than any queued
+    /// request of their connection), or answers NO_ROUTE.
+    pub(crate) fn rehome(&mut self, reqs: Vec<Queued>, front: bool) {
+        // (group, held) -> requests, in order.
+        let mut to: Vec<((usize, bool), Vec<Queued>)> = Vec::new();
+        for r in reqs {
+            let c = r.req.code as usize;
+            let Some(g) = self.routes[c].map(usize::from) else {
                 let msg = format!("no worker group serves command {c}");
                 self.answer(&r.req, status::NO_ROUTE, msg.as_bytes(), Scope::Global);
+                continue;
+            };
+            let key = (g, self.held[c]);
+            match to.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(r),
+                None => to.push((key, vec![r])),
             }
+        }
+        for ((g, held), v) in to {
+            let group = &mut self.groups[g];
+            let q = if held {
+                &mut group.held
+            } else {
+                &mut group.queue
+            };
+            if front {
+                q.push_front_all(v);
+            } else {
+                v.into_iter().for_each(|r| q.push_back(r));
+            }
+            self.stats.queued(g, group.waiting());
         }
     }
 
@@ -696,11 +717,23 @@ impl Proxy {
             "shutting down: no new connections; finishing in-flight requests"
         );
         self.draining = true;
-        // Held requests were read: they are answered too, by whichever
-        // version serves their group now.
+        // Held requests wait for a version that will not come now (a stop
+        // ends the reload): they were never started, so they get
+        // SHUTTING_DOWN like requests read from now on.
         if self.holding {
-            let routes = self.routes.clone();
-            self.set_routes(routes, &[]);
+            self.holding = false;
+            self.held.iter_mut().for_each(|h| *h = false);
+            for g in 0..self.groups.len() {
+                for r in self.groups[g].held.take_all() {
+                    self.answer(
+                        &r.req,
+                        status::SHUTTING_DOWN,
+                        b"server is shutting down",
+                        Scope::Group(g),
+                    );
+                }
+                self.stats.queued(g, self.groups[g].waiting());
+            }
         }
         for (_, l) in self.listeners.drain(..) {
             let _ = self.epoll.delete(l.as_raw_fd());
@@ -1145,6 +1178,18 @@ impl Proxy {
         let Some(c) = slot.take() else { return };
         let _ = self.epoll.delete(c.stream.as_raw_fd());
         drop(c);
+        if self.holding {
+            // Held requests may wait long (a reload's length): a client
+            // gone takes its own out at once, so they do not fill
+            // `max_queue` for everyone else. (Queued ones are dropped when
+            // they reach the front.)
+            let tag = self.conns.tag(i);
+            for g in 0..self.groups.len() {
+                if self.groups[g].held.drop_conn(tag) > 0 {
+                    self.stats.queued(g, self.groups[g].waiting());
+                }
+            }
+        }
         self.conns.generations[i] = self.conns.generations[i].wrapping_add(1);
         self.conns.free.push(i);
         self.conns.live -= 1;

@@ -474,14 +474,7 @@ impl Proxy {
             .into_iter()
             .partition(|q| self.queued_here(g, q.req.code));
         self.groups[g].queue.push_front_all(stay);
-        for q in moving {
-            let to = self.routes[q.req.code as usize];
-            self.rehome(q);
-            if let Some(to) = to {
-                self.stats
-                    .queued(to.into(), self.groups[usize::from(to)].waiting());
-            }
-        }
+        self.rehome(moving, true);
         self.stats.queued(g, self.groups[g].waiting());
     }
 

@@ -229,6 +229,12 @@ impl SlotRec {
         }
     }
 
+    /// A running worker the proxy gives requests to (or will, once ready):
+    /// not draining, not asked to stop.
+    pub(crate) fn serves(&self) -> bool {
+        matches!(self.life, Life::Running { .. }) && !self.retiring && !self.draining
+    }
+
     /// A worker that counts towards its group's size: running or about to
     /// be restarted, not on its way out, not a replacement in progress.
     fn active(&self) -> bool {
@@ -318,6 +324,11 @@ pub(crate) struct Master {
     /// back, replace the workers left on an older generation
     /// (`resume_reload`).
     reload_resume: bool,
+    /// The groups the proxies were last told to hold moved commands for
+    /// (see `reload::sync_hold`).
+    hold_sent: Vec<u32>,
+    /// A reconfigure did not reach every proxy: `sync_hold` sends again.
+    proxy_config_stale: bool,
     pub(crate) started_at: Instant,
     next_pool_check: Instant,
     rng: fastrand::Rng,
@@ -372,6 +383,8 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         reload: None,
         reload_pending: false,
         reload_resume: false,
+        hold_sent: Vec::new(),
+        proxy_config_stale: false,
         started_at: Instant::now(),
         next_pool_check: Instant::now() + POOL_CHECK,
         rng: fastrand::Rng::new(),
@@ -1094,7 +1107,12 @@ impl Master {
             self.admin.sweep();
             turn.lap("admin commands (a reload test-loads its plugins here)");
             self.run_timers();
-            turn.lap("timers");
+            if self.reload.is_some() {
+                // A stale worker still starting may have become ready or died.
+                self.reload_advance();
+            }
+            self.sync_hold();
+            turn.lap("timers and reload");
             turn.warn_if_slow();
             // Not while any replacement is still starting (it would be
             // replaced a second time, beside it).
@@ -1685,12 +1703,8 @@ impl Master {
             // The other proxies' workers may be half replaced: the reload
             // resumes once the proxy is back (without re-reading the file).
             self.reload_resume = true;
-            // Nothing would release commands held for it.
-            if !job.hold_sent.is_empty()
-                && let Err(e) = self.reconfigure_proxy()
-            {
-                error!("{e}");
-            }
+            // The surviving proxies keep what they hold until the resumed
+            // reload (or the lack of one) releases it (`sync_hold`).
             warn!("a proxy died during the reload; it resumes once the proxy is back");
             if let Some(conn) = job.reply_to {
                 self.admin.respond(
@@ -1776,32 +1790,40 @@ impl Master {
     }
 
     /// Sends the proxy the current configuration (after a reload).
-    fn reconfigure_proxy(&self) -> Result<(), String> {
-        let hold = self.reload.as_ref().map(|j| j.hold()).unwrap_or_default();
-        self.reconfigure_proxy_holding(&hold)
+    fn reconfigure_proxy(&mut self) -> Result<(), String> {
+        self.reconfigure_proxy_holding(self.wanted_hold())
     }
 
     /// Sends the current configuration to every proxy, holding commands a
     /// reload moves to the groups in `hold` (see
-    /// [`halfsync_proxy::Reconfigure::hold`]).
-    fn reconfigure_proxy_holding(&self, hold: &[u32]) -> Result<(), String> {
+    /// [`halfsync_proxy::Reconfigure::hold`]); remembers `hold` once every
+    /// proxy has it.
+    fn reconfigure_proxy_holding(&mut self, hold: Vec<u32>) -> Result<(), String> {
         let text = halfsync_proxy::Reconfigure {
             config: toml::to_string(&self.config).map_err(|e| e.to_string())?,
             group_ids: self.group_ids(),
-            hold: hold.to_vec(),
+            hold: hold.clone(),
         }
         .to_toml();
+        self.proxy_config_stale = true;
         let fd = shm_sys::memfd_with(&text).map_err(|e| format!("reconfigure: {e}"))?;
+        let mut failed = None;
         for p in self.proxies.iter().flatten() {
-            p.channel
-                .send_to_proxy(
-                    ToProxy::Reconfigure {
-                        len: text.len() as u32,
-                    },
-                    &[fd.as_raw_fd()],
-                )
-                .map_err(|e| format!("control channel: {e}"))?;
+            // Every proxy gets its copy even if one channel fails.
+            if let Err(e) = p.channel.send_to_proxy(
+                ToProxy::Reconfigure {
+                    len: text.len() as u32,
+                },
+                &[fd.as_raw_fd()],
+            ) {
+                failed = Some(format!("control channel of proxy {}: {e}; retrying", p.pid));
+            }
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        self.hold_sent = hold;
+        self.proxy_config_stale = false;
         Ok(())
     }
 }

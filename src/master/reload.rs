@@ -24,24 +24,6 @@ pub(crate) struct Job {
     generation: u64,
     groups: Vec<GroupJob>,
     errors: Vec<String>,
-    /// The groups the proxies were last told to hold moved commands for.
-    pub(crate) hold_sent: Vec<u32>,
-}
-
-impl Job {
-    /// Groups whose moved-in commands wait: those still being replaced to
-    /// the new version (not rolling back, not done).
-    pub(crate) fn hold(&self) -> Vec<u32> {
-        self.groups
-            .iter()
-            .filter(|gj| {
-                gj.old.is_some()
-                    && !gj.rolling_back
-                    && (gj.current.is_some() || !gj.todo.is_empty())
-            })
-            .map(|gj| gj.group as u32)
-            .collect()
-    }
 }
 
 struct GroupJob {
@@ -53,6 +35,25 @@ struct GroupJob {
     /// The replacement being started: (new slot, old slot).
     current: Option<(usize, usize)>,
     rolling_back: bool,
+    /// Slots this job already tried to replace (a second pass over the
+    /// group's workers skips them, so a failing `replace` cannot loop).
+    tried: Vec<usize>,
+    /// The previous version failed to start again: leave the group be.
+    gave_up: bool,
+}
+
+impl GroupJob {
+    fn new(group: usize, old: Option<(halfsync_config::Group, std::path::PathBuf, u64)>) -> Self {
+        GroupJob {
+            group,
+            old,
+            todo: VecDeque::new(),
+            current: None,
+            rolling_back: false,
+            tried: Vec::new(),
+            gave_up: false,
+        }
+    }
 }
 
 impl Master {
@@ -108,13 +109,7 @@ impl Master {
                         std::mem::replace(&mut r.plugin, p.path),
                         std::mem::replace(&mut r.generation, generation),
                     );
-                    jobs.push(GroupJob {
-                        group: id,
-                        old: Some(old),
-                        todo: VecDeque::new(),
-                        current: None,
-                        rolling_back: false,
-                    });
+                    jobs.push(GroupJob::new(id, Some(old)));
                 }
                 None => {
                     self.groups
@@ -138,11 +133,10 @@ impl Master {
             self.groups[id].retired = true;
         }
         self.swap_listeners(&config, new_listeners);
-        // Until a group's workers are all replaced, commands the new routes
-        // move to it wait for its new version (the groups kept all get new
-        // workers, so all of them hold until done).
-        let hold: Vec<u32> = jobs.iter().map(|gj| gj.group as u32).collect();
-        if let Err(e) = self.reconfigure_proxy_holding(&hold) {
+        // Until a group's workers all run its new generation, commands
+        // the new routes move to it wait for that (see `wanted_hold`).
+        let hold = self.stale_groups();
+        if let Err(e) = self.reconfigure_proxy_holding(hold) {
             error!("{e}");
         }
         for id in gone {
@@ -183,7 +177,6 @@ impl Master {
             generation,
             groups: jobs,
             errors: Vec::new(),
-            hold_sent: hold,
         });
         self.reload_advance();
         Ok(())
@@ -211,13 +204,9 @@ impl Master {
                 })
                 .collect();
             if !todo.is_empty() {
-                groups.push(GroupJob {
-                    group: g,
-                    old: None,
-                    todo,
-                    current: None,
-                    rolling_back: false,
-                });
+                let mut gj = GroupJob::new(g, None);
+                gj.todo = todo;
+                groups.push(gj);
             }
         }
         if groups.is_empty() {
@@ -232,7 +221,6 @@ impl Master {
             generation: self.generation,
             groups,
             errors: Vec::new(),
-            hold_sent: Vec::new(),
         });
         self.reload_advance();
     }
@@ -274,6 +262,7 @@ impl Master {
             error!("{msg}");
             job.errors.push(msg);
             gj.todo.clear();
+            gj.gave_up = true;
         } else {
             let msg = format!(
                 "group {name}: a new worker failed to start ({how}); the group keeps running the previous version"
@@ -335,15 +324,25 @@ impl Master {
 
     /// Starts the next replacement of every group that has none going;
     /// finishes the job when every group is done.
-    fn reload_advance(&mut self) {
+    pub(crate) fn reload_advance(&mut self) {
         let Some(mut job) = self.reload.take() else {
             return;
         };
+        let mut waiting = false;
         for gj in &mut job.groups {
+            // Workers on another generation that no list had (a replacement
+            // begun before the reload, ready since): replace them too, so
+            // none serves the old version once the job is done.
+            if gj.current.is_none() && gj.todo.is_empty() && !gj.gave_up {
+                let (stale, starting) = self.stale_workers(gj.group, &gj.tried);
+                gj.todo.extend(stale);
+                waiting |= starting;
+            }
             while gj.current.is_none() {
                 let Some(old) = gj.todo.pop_front() else {
                     break;
                 };
+                gj.tried.push(old);
                 let s = &self.slots[old];
                 let wanted = self.groups[gj.group].generation;
                 // Dead or leaving meanwhile: its restart (if any) already
@@ -362,21 +361,14 @@ impl Master {
                 }
             }
         }
-        // A group all replaced (or rolled back): its moved-in commands go
-        // to it from now on.
-        let hold = job.hold();
-        if hold != job.hold_sent {
-            if let Err(e) = self.reconfigure_proxy_holding(&hold) {
-                error!("{e}");
-            }
-            job.hold_sent = hold;
-        }
-        if job
-            .groups
-            .iter()
-            .any(|gj| gj.current.is_some() || !gj.todo.is_empty())
+        if waiting
+            || job
+                .groups
+                .iter()
+                .any(|gj| gj.current.is_some() || !gj.todo.is_empty())
         {
             self.reload = Some(job);
+            self.sync_hold();
             return;
         }
         let answer = if job.errors.is_empty() {
@@ -392,6 +384,67 @@ impl Master {
         };
         if let Some(conn) = job.reply_to {
             self.admin.respond(conn, answer);
+        }
+        self.sync_hold();
+    }
+
+    /// Group `g`'s running workers that take requests on another
+    /// generation than the group's: those ready and not being replaced,
+    /// except slots in `skip`; and whether any is still starting.
+    fn stale_workers(&self, g: usize, skip: &[usize]) -> (Vec<usize>, bool) {
+        let wanted = self.groups[g].generation;
+        let mut ready = Vec::new();
+        let mut starting = false;
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.group != g || !s.serves() || s.generation == wanted {
+                continue;
+            }
+            let being_replaced = self.slots.iter().any(|r| r.replaces == Some(i));
+            if !s.ready || s.replaces.is_some() {
+                starting = true;
+            } else if !being_replaced && !skip.contains(&i) {
+                ready.push(i);
+            }
+        }
+        (ready, starting)
+    }
+
+    /// Groups with a worker that takes requests on another generation
+    /// than the group's: mid-reload (or mid-rollback), the ones whose
+    /// moved-in commands must wait (see [`halfsync_proxy::Reconfigure::hold`]).
+    pub(crate) fn stale_groups(&self) -> Vec<u32> {
+        (0..self.groups.len())
+            .filter(|&g| {
+                !self.groups[g].retired
+                    && self.slots.iter().any(|s| {
+                        s.group == g && s.serves() && s.generation != self.groups[g].generation
+                    })
+            })
+            .map(|g| g as u32)
+            .collect()
+    }
+
+    /// What the proxies should hold: the stale groups while a reload runs
+    /// or waits to resume, nothing otherwise (a replacement that could not
+    /// even be started leaves a stale worker, which must not hold its
+    /// group's moved-in commands for ever).
+    pub(crate) fn wanted_hold(&self) -> Vec<u32> {
+        if (self.reload.is_some() || self.reload_resume) && self.stopping.is_none() {
+            self.stale_groups()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Tells the proxies when what they hold changed (a group's workers
+    /// all run its generation now, a reload ended). A send that failed is
+    /// retried on the next call (every loop turn).
+    pub(crate) fn sync_hold(&mut self) {
+        let hold = self.wanted_hold();
+        if (hold != self.hold_sent || self.proxy_config_stale)
+            && let Err(e) = self.reconfigure_proxy_holding(hold)
+        {
+            error!("{e}");
         }
     }
 }
