@@ -339,7 +339,18 @@ fn stale_requests_time_out_without_running() {
         "{:?}",
         t.elapsed()
     );
-    assert_eq!(c.call(99, 1, b"fresh").unwrap().code, status::OK);
+    // The worker serves again. (On a starved machine a fresh request may
+    // itself wait past the 200 ms queue_timeout: TIMEOUT, then try again.)
+    let served = wait_for(Duration::from_secs(10), || {
+        let r = c.call(99, 1, b"fresh").unwrap();
+        assert!(
+            r.code == status::OK || r.code == status::TIMEOUT,
+            "{}",
+            r.code
+        );
+        (r.code == status::OK).then_some(())
+    });
+    assert!(served.is_some());
 }
 
 #[test]

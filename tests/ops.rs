@@ -1524,3 +1524,77 @@ fn held_requests_leave_with_their_client_and_a_stop_answers_them() {
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// A reload that replaces a worker still in its init (a crash restart of
+/// the old version, 2 s of init) and whose replacement is ready first: the
+/// old one is stopped before it ever serves, so every reply after the
+/// reload comes from the new version, and the group settles at its size.
+#[test]
+fn a_worker_replaced_during_its_init_never_serves() {
+    let port = free_port();
+    let slow = versioned(port, 1, "v1:", "", "") + "init_delay_ms = 2000\n";
+    let mut s = Server::start(&slow, port);
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"v1:x");
+    // The worker dies; its restart spends 2 s in init.
+    let r = c.call(2, halfsync_testkit::fault::SEGV, b"").unwrap();
+    assert_eq!(r.code, status::WORKER_DIED);
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_config(&versioned(port, 1, "v2:", "", ""));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    // Past the old restart's init: still only v2.
+    for id in 0..100 {
+        let r = c.call(10 + id, 1, b"x").unwrap();
+        assert_eq!(r.payload, b"v2:x", "request {id}; log:\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    settle(&mut s, 1);
+    assert!(
+        s.log().contains("worker replaced before its init finished"),
+        "{}",
+        s.log()
+    );
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+/// A worker that reaches `max_requests` while a reload is replacing it
+/// gets no second replacement: the group settles at its size, on the new
+/// version.
+#[test]
+fn a_recycle_during_a_reload_does_not_replace_a_worker_twice() {
+    let port = free_port();
+    let text = |prefix: &str, init: u32| {
+        versioned(port, 1, prefix, "max_requests = 20", "") + &format!("init_delay_ms = {init}\n")
+    };
+    let mut s = Server::start(&text("v1:", 0), port);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (flag, addr) = (stop.clone(), s.addr);
+    let load = std::thread::spawn(move || {
+        let mut c = halfsync_protocol::Client::connect(addr).expect("connect");
+        // Bounded: 2,000 requests, 5 ms apart, at most.
+        for id in 0..2000 {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let r = c.call(id, 1, b"x").expect("call");
+            assert_eq!(r.code, status::OK);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // The replacement spends 1 s in init; the old worker reaches
+    // max_requests meanwhile.
+    s.write_config(&text("v2:", 1000));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().expect("load thread");
+    let st = settle(&mut s, 1);
+    assert_eq!(st["groups"][0]["workers"][0]["generation"], 2, "{st}");
+    assert_eq!(s.client().call(1, 1, b"x").unwrap().payload, b"v2:x");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}

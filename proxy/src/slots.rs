@@ -1142,15 +1142,21 @@ impl Proxy {
                     pid,
                 });
                 if let Some(old) = replaces
-                    && let Some(o) = self.slot_mut(old)
-                    && let Phase::Ready { pid: old_pid } = o.phase
+                    && let Some(phase) = self.slot_mut(old).map(|o| o.phase)
                 {
-                    o.phase = Phase::Draining { pid: old_pid };
-                    o.since_ns = now;
                     let (name, label) = self.group_name(old);
-                    info!(group = %name, worker = label, pid = old_pid, "worker replaced; draining it");
-                    // It finishes the request it runs; the rest go elsewhere.
-                    self.revoke_unstarted(old);
+                    match phase {
+                        Phase::Ready { pid } => {
+                            info!(group = %name, worker = label, pid, "worker replaced; draining it")
+                        }
+                        // (A restart of the old version still in its init:
+                        // it must not start serving after its replacement.)
+                        Phase::Starting { pid } => {
+                            info!(group = %name, worker = label, pid, "worker replaced before its init finished; stopping it")
+                        }
+                        _ => {}
+                    }
+                    self.drain_slot(old);
                 }
             }
             Action::Kill(reason, why, pos) => {

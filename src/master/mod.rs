@@ -282,6 +282,9 @@ impl SlotRec {
 struct ProxyProc {
     pid: i32,
     channel: Channel,
+    /// The last configuration sent did not reach it (its channel was full
+    /// or broken): `sync_hold` sends it again, at most once a second.
+    config_stale: bool,
 }
 
 struct ListenerRec {
@@ -327,8 +330,9 @@ pub(crate) struct Master {
     /// The groups the proxies were last told to hold moved commands for
     /// (see `reload::sync_hold`).
     hold_sent: Vec<u32>,
-    /// A reconfigure did not reach every proxy: `sync_hold` sends again.
-    proxy_config_stale: bool,
+    /// When `sync_hold` may next resend the configuration to a proxy it
+    /// did not reach.
+    config_retry_at: Instant,
     pub(crate) started_at: Instant,
     next_pool_check: Instant,
     rng: fastrand::Rng,
@@ -384,7 +388,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         reload_pending: false,
         reload_resume: false,
         hold_sent: Vec::new(),
-        proxy_config_stale: false,
+        config_retry_at: Instant::now(),
         started_at: Instant::now(),
         next_pool_check: Instant::now() + POOL_CHECK,
         rng: fastrand::Rng::new(),
@@ -745,6 +749,7 @@ impl Master {
         self.proxies[n] = Some(ProxyProc {
             pid,
             channel: master_end,
+            config_stale: false,
         });
         for i in 0..self.slots.len() {
             if self.slots[i].proxy == n {
@@ -886,7 +891,19 @@ impl Master {
         }
     }
 
+    /// A stop ends a reload where it stands; its caller hears so.
+    pub(crate) fn abandon_reload(&mut self) {
+        if let Some(job) = self.reload.take()
+            && let Some(conn) = job.reply_to
+        {
+            self.admin
+                .respond(conn, admin::err("halfsync is stopping; reload abandoned"));
+        }
+    }
+
     fn kill_everything(&mut self) {
+        // (No replacement may start after this: see `abandon_reload`.)
+        self.abandon_reload();
         for p in self.proxies.iter().flatten() {
             sys::kill(p.pid, libc::SIGKILL);
         }
@@ -896,6 +913,13 @@ impl Master {
                 _ => s.life = Life::Stopped,
             }
         }
+    }
+
+    /// Whether a running worker is starting to take over from slot `i`.
+    pub(crate) fn being_replaced(&self, i: usize) -> bool {
+        self.slots
+            .iter()
+            .any(|r| r.replaces == Some(i) && matches!(r.life, Life::Running { .. }))
     }
 
     fn running_pid(&self, i: usize) -> Option<i32> {
@@ -926,7 +950,11 @@ impl Master {
 
     /// Starts a replacement for a worker that reached its recycling limit.
     fn recycle(&mut self, old: usize, pid: i32) {
-        if self.stopping.is_some() || self.running_pid(old) != Some(pid) || self.slots[old].draining
+        // (A reload may be replacing it already: one replacement at a time.)
+        if self.stopping.is_some()
+            || self.running_pid(old) != Some(pid)
+            || self.slots[old].draining
+            || self.being_replaced(old)
         {
             return;
         }
@@ -1357,12 +1385,7 @@ impl Master {
             "stopping: draining in-flight requests"
         );
         self.stopping = Some(Instant::now() + grace);
-        if let Some(job) = self.reload.take()
-            && let Some(conn) = job.reply_to
-        {
-            self.admin
-                .respond(conn, admin::err("halfsync is stopping; reload abandoned"));
-        }
+        self.abandon_reload();
         // A replacement still in its plugin's init (as its slot says, not
         // just as far as the master has heard) holds no request, and the
         // worker it would replace serves its group meanwhile: nothing to
@@ -1796,35 +1819,54 @@ impl Master {
 
     /// Sends the current configuration to every proxy, holding commands a
     /// reload moves to the groups in `hold` (see
-    /// [`halfsync_proxy::Reconfigure::hold`]); remembers `hold` once every
-    /// proxy has it.
+    /// [`halfsync_proxy::Reconfigure::hold`]).
     fn reconfigure_proxy_holding(&mut self, hold: Vec<u32>) -> Result<(), String> {
+        self.send_config(hold, false)
+    }
+
+    /// Whether a configuration send missed some proxy.
+    pub(crate) fn proxy_missed_config(&self) -> bool {
+        self.proxies.iter().flatten().any(|p| p.config_stale)
+    }
+
+    /// Sends the configuration with `hold` to every proxy, or only to those
+    /// the last one did not reach (`config_stale`, kept for a retry).
+    pub(crate) fn send_config(&mut self, hold: Vec<u32>, only_stale: bool) -> Result<(), String> {
         let text = halfsync_proxy::Reconfigure {
             config: toml::to_string(&self.config).map_err(|e| e.to_string())?,
             group_ids: self.group_ids(),
             hold: hold.clone(),
         }
         .to_toml();
-        self.proxy_config_stale = true;
+        self.hold_sent = hold;
         let fd = shm_sys::memfd_with(&text).map_err(|e| format!("reconfigure: {e}"))?;
         let mut failed = None;
-        for p in self.proxies.iter().flatten() {
+        for p in self.proxies.iter_mut().flatten() {
+            if only_stale && !p.config_stale {
+                continue;
+            }
             // Every proxy gets its copy even if one channel fails.
-            if let Err(e) = p.channel.send_to_proxy(
+            let sent = p.channel.send_to_proxy(
                 ToProxy::Reconfigure {
                     len: text.len() as u32,
                 },
                 &[fd.as_raw_fd()],
-            ) {
-                failed = Some(format!("control channel of proxy {}: {e}; retrying", p.pid));
+            );
+            p.config_stale = sent.is_err();
+            if let Err(e) = sent {
+                failed = Some(format!(
+                    "configuration not sent to proxy {}: {e}; retrying every second",
+                    p.pid
+                ));
             }
         }
-        if let Some(e) = failed {
-            return Err(e);
+        match failed {
+            Some(e) => {
+                self.config_retry_at = Instant::now() + Duration::from_secs(1);
+                Err(e)
+            }
+            None => Ok(()),
         }
-        self.hold_sent = hold;
-        self.proxy_config_stale = false;
-        Ok(())
     }
 }
 

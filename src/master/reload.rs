@@ -191,24 +191,13 @@ impl Master {
         if self.reload.is_some() {
             return;
         }
-        let mut groups = Vec::new();
-        for g in 0..self.groups.len() {
-            if self.groups[g].retired {
-                continue;
-            }
-            let wanted = self.groups[g].generation;
-            let todo: VecDeque<usize> = (0..self.slots.len())
-                .filter(|&i| {
-                    let s = &self.slots[i];
-                    s.group == g && s.active() && s.ready && s.generation != wanted
-                })
-                .collect();
-            if !todo.is_empty() {
-                let mut gj = GroupJob::new(g, None);
-                gj.todo = todo;
-                groups.push(gj);
-            }
-        }
+        // Every group with a worker on another generation; `reload_advance`
+        // finds them (and waits for those still starting).
+        let groups: Vec<GroupJob> = self
+            .stale_groups()
+            .into_iter()
+            .map(|g| GroupJob::new(g as usize, None))
+            .collect();
         if groups.is_empty() {
             return;
         }
@@ -325,6 +314,11 @@ impl Master {
     /// Starts the next replacement of every group that has none going;
     /// finishes the job when every group is done.
     pub(crate) fn reload_advance(&mut self) {
+        if self.stopping.is_some() {
+            // Nothing new starts during a stop.
+            self.abandon_reload();
+            return;
+        }
         let Some(mut job) = self.reload.take() else {
             return;
         };
@@ -342,6 +336,11 @@ impl Master {
                 let Some(old) = gj.todo.pop_front() else {
                     break;
                 };
+                // Already being replaced (a recycle): one replacement at a
+                // time; the rescan comes back to it (or to its successor).
+                if self.being_replaced(old) {
+                    continue;
+                }
                 gj.tried.push(old);
                 let s = &self.slots[old];
                 let wanted = self.groups[gj.group].generation;
@@ -399,10 +398,9 @@ impl Master {
             if s.group != g || !s.serves() || s.generation == wanted {
                 continue;
             }
-            let being_replaced = self.slots.iter().any(|r| r.replaces == Some(i));
-            if !s.ready || s.replaces.is_some() {
+            if !s.ready || s.replaces.is_some() || self.being_replaced(i) {
                 starting = true;
-            } else if !being_replaced && !skip.contains(&i) {
+            } else if !skip.contains(&i) {
                 ready.push(i);
             }
         }
@@ -437,13 +435,19 @@ impl Master {
     }
 
     /// Tells the proxies when what they hold changed (a group's workers
-    /// all run its generation now, a reload ended). A send that failed is
-    /// retried on the next call (every loop turn).
+    /// all run its generation now, a reload ended), and resends the
+    /// configuration to a proxy a send did not reach, at most once a second.
+    /// Runs every loop turn.
     pub(crate) fn sync_hold(&mut self) {
         let hold = self.wanted_hold();
-        if (hold != self.hold_sent || self.proxy_config_stale)
-            && let Err(e) = self.reconfigure_proxy_holding(hold)
-        {
+        let result = if hold != self.hold_sent {
+            self.send_config(hold, false)
+        } else if self.proxy_missed_config() && std::time::Instant::now() >= self.config_retry_at {
+            self.send_config(hold, true)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
             error!("{e}");
         }
     }
