@@ -113,6 +113,37 @@ fn wait_workers(s: &mut Server, n: usize) {
     );
 }
 
+/// Whether the worker running request `id` died of fault `what` itself
+/// (waits up to 20 s for the master to report it): for faults that kill
+/// their own process; false for the others.
+fn died_late(s: &Server, what: &str, id: u64) -> bool {
+    let how = match what {
+        "segv" => "killed by SIGSEGV",
+        "abort" | "escaping panic" => "killed by SIGABRT",
+        "exit(0)" => "exit code 0",
+        "sigbus" => "killed by SIGBUS",
+        // (The proxy's own kill is a SIGKILL too: the worker's line says
+        // the fault fired.)
+        "sigkill (oom)"
+            if s.log()
+                .contains(&format!("fault: SIGKILL (request id {id})")) =>
+        {
+            "killed by SIGKILL"
+        }
+        _ => return false,
+    };
+    let line = wait_for(Duration::from_secs(20), || {
+        s.log()
+            .lines()
+            .find(|l| {
+                l.contains(&format!("worker died ({how}"))
+                    && l.contains(&format!("request_id={id} "))
+            })
+            .map(str::to_owned)
+    });
+    line.is_some()
+}
+
 fn every_fault_under_load(plugin: std::path::PathBuf, lang: &str) {
     let port = free_port();
     let mut s = Server::start(&fault_config(port, &plugin, 4, ""), port);
@@ -132,6 +163,16 @@ fn every_fault_under_load(plugin: std::path::PathBuf, lang: &str) {
             let r = bad
                 .call(id, cmd, &payload)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
+            if r.code == status::TIMEOUT && died_late(&s, what, id) {
+                // This VM sometimes stalls a dying process in the kernel for
+                // seconds (seen: 4 and 6.5 s, together with an unrelated
+                // process's exec): past request_timeout, so the proxy
+                // answered TIMEOUT first. The log shows the injected fault
+                // did kill the worker while it ran this very request.
+                println!("round {round}, {what}: the worker's death outlasted request_timeout");
+                load.progress(200);
+                continue;
+            }
             assert_eq!(
                 (r.id, r.code),
                 (id, want),
