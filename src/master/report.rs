@@ -366,7 +366,7 @@ pub(crate) fn metrics(m: &Master) -> String {
     group_gauge(
         &mut o,
         "halfsync_queue_length",
-        "Requests waiting in the proxy for a worker.",
+        "Requests waiting in the proxy for a worker (or, during a reload that moved their command to this group, for its new version).",
         &groups,
         |id| Some(m.group_stats(id).queued.to_string()),
     );
