@@ -197,7 +197,7 @@ fn check_times_each_groups_init_on_its_own() {
     let so = halfsync_testkit::fault_plugin();
     let slow = |name: &str, command: u16| {
         format!(
-            "[[group]]\nname = \"{name}\"\nplugin = \"{}\"\ncommands = [{command}]\ninit_timeout = \"3s\"\n[group.config]\ninit_delay_ms = 1800\n\n",
+            "[[group]]\nname = \"{name}\"\nplugin = \"{}\"\ncommands = [{command}]\ninit_timeout = \"6s\"\n[group.config]\ninit_delay_ms = 2500\n\n",
             so.display()
         )
     };

@@ -25,6 +25,7 @@ fn every_process_names_its_role() {
 fn a_killed_worker_is_replaced_and_service_continues() {
     let port = free_port();
     let mut s = Server::start(&config(port, &echo_so(), 2, ""), port);
+    s.wait_tree(3);
     let mut c = s.client();
     for round in 0..3 {
         let before = s.worker_pids();
@@ -90,11 +91,15 @@ fn repeated_sigterm_does_not_cut_the_drain_short() {
     let text = config(port, &halfsync_testkit::fault_plugin(), 1, "");
     let mut s = Server::start(&text, port);
     let mut c = s.client();
-    c.send(1, halfsync_testkit::fault::SLOW, &600u32.to_be_bytes())
+    c.send(1, halfsync_testkit::fault::SLOW, &2000u32.to_be_bytes())
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    s.wait_busy();
     s.signal(libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(100));
+    // The second only once the first is handled (two pending would merge).
+    let stopping = wait_for(Duration::from_secs(10), || {
+        s.log().contains("stopping: draining").then_some(())
+    });
+    assert!(stopping.is_some(), "{}", s.log());
     s.signal(libc::SIGTERM);
     let r = c.recv().unwrap();
     assert_eq!((r.id, r.code), (1, status::OK));

@@ -736,9 +736,9 @@ fn stop_command_drains_and_fast_stop_kills() {
     let port = free_port();
     let mut s = Server::start(&versioned(port, 2, "", "", ""), port);
     let mut c = s.client();
-    c.send(1, halfsync_testkit::fault::SLOW, &300u32.to_be_bytes())
+    c.send(1, halfsync_testkit::fault::SLOW, &2000u32.to_be_bytes())
         .unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    s.wait_busy();
     let (code, out, err) = s.ctl(&["stop"]);
     assert_eq!(code, Some(0), "{out}{err}");
     // The slow request in flight still gets its answer.
@@ -823,7 +823,7 @@ fn a_worker_that_will_not_drain_is_killed_after_drain_timeout() {
     let mut slow = s.client();
     slow.send(1, halfsync_testkit::fault::SLOW, &5000u32.to_be_bytes())
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    s.wait_busy();
     s.write_config(&versioned(port, 1, "v2:", extra, ""));
     let (code, out) = reload(&s);
     assert_eq!(code, Some(0), "{out}");
@@ -1041,17 +1041,29 @@ fn dynamic_pool_grows_fast_under_a_burst() {
         })
         .collect();
     let t = std::time::Instant::now();
-    // One worker a second would need 11 s; doubling needs ~4 checks.
+    // One worker a second would need 11 s; doubling needs ~4 checks. (The
+    // decision is timed, from the master's log: how fast the new
+    // processes then exec is the machine's business.)
     let grew = wait_for(Duration::from_secs(7), || {
-        (s.worker_pids().len() == 12).then(|| t.elapsed())
+        pool_grew_to(&s, 12).then(|| t.elapsed())
+    });
+    let all = wait_for(Duration::from_secs(30), || {
+        (s.worker_pids().len() == 12).then_some(())
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for c in clients {
         c.join().unwrap();
     }
-    let took = grew.unwrap_or_else(|| panic!("pool did not reach 12 in 7 s: {}", s.status()));
+    let took = grew.unwrap_or_else(|| panic!("pool did not grow to 12 in 7 s: {}", s.log()));
     assert!(took < Duration::from_secs(6), "{took:?}");
-    assert!(s.log().contains("pool growing"));
+    assert!(all.is_some(), "{}", s.status());
+}
+
+/// Whether the master logged a decision to grow the pool to `n` workers.
+fn pool_grew_to(s: &Server, n: usize) -> bool {
+    s.log()
+        .lines()
+        .any(|l| l.contains("pool growing") && l.contains(&format!(" workers={n} ")))
 }
 
 /// A dynamic pool short of `min_spare` idle workers starts all the
@@ -1065,15 +1077,14 @@ fn dynamic_pool_starts_the_missing_spares_at_once() {
     // starts the 5 missing at once (one a second would take 5 s).
     let t = std::time::Instant::now();
     let grew = wait_for(Duration::from_secs(8), || {
-        (s.worker_pids().len() == 6).then(|| t.elapsed())
+        pool_grew_to(&s, 6).then(|| t.elapsed())
     });
-    let took = grew.unwrap_or_else(|| panic!("no 6 workers in 8 s: {}", s.status()));
+    let took = grew.unwrap_or_else(|| panic!("no growth to 6 in 8 s: {}", s.log()));
     assert!(took < Duration::from_millis(2500), "{took:?}");
-    let log = s.log();
-    assert!(
-        log.contains("pool growing") && log.contains("workers=6"),
-        "{log}"
-    );
+    let all = wait_for(Duration::from_secs(30), || {
+        (s.worker_pids().len() == 6).then_some(())
+    });
+    assert!(all.is_some(), "{}", s.status());
 }
 
 /// Counters in status (and so in the metrics) only grow: a proxy that
@@ -1159,7 +1170,10 @@ fn a_proxy_dying_during_a_reload_resumes_it() {
 #[test]
 fn stop_does_not_wait_for_a_worker_stuck_in_init() {
     let port = free_port();
-    let grace = "shutdown_grace = \"20s\"";
+    // A grace far above the bound below: a stop that waited it out fails
+    // clearly, and the bound leaves room for a machine that stalls a
+    // dying process for seconds.
+    let grace = "shutdown_grace = \"120s\"";
     let mut s = Server::start(&versioned(port, 1, "a:", "", grace), port);
     let hang = versioned(port, 1, "b:", "", grace)
         .replace("[group.config]\n", "[group.config]\nhang_in_init = true\n");
@@ -1178,9 +1192,9 @@ fn stop_does_not_wait_for_a_worker_stuck_in_init() {
     let t = std::time::Instant::now();
     let (code, out, err) = s.ctl(&["stop"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    assert_eq!(s.wait_exit(Duration::from_secs(25)).code(), Some(0));
+    assert_eq!(s.wait_exit(Duration::from_secs(130)).code(), Some(0));
     assert!(
-        t.elapsed() < Duration::from_secs(5),
+        t.elapsed() < Duration::from_secs(30),
         "{:?}\n{}",
         t.elapsed(),
         s.log()
@@ -1476,7 +1490,7 @@ fn held_requests_leave_with_their_client_and_a_stop_answers_them() {
     let port = free_port();
     let mut s = Server::start(&two_groups(port, 1, "a", ""), port);
     s.wait_tree(5);
-    s.write_config(&two_groups(port, 2, "b", "init_delay_ms = 5000"));
+    s.write_config(&two_groups(port, 2, "b", "init_delay_ms = 30000"));
     s.signal(libc::SIGHUP);
     let routed = wait_for(Duration::from_secs(10), || {
         s.log().contains("configuration reloaded").then_some(())

@@ -317,6 +317,21 @@ impl Server {
         serde_json::from_str(out.trim()).expect("status is JSON")
     }
 
+    /// Waits (bounded) until some worker runs a request (status `busy`):
+    /// a request sent before is in flight, not still on its way.
+    pub fn wait_busy(&self) {
+        let busy = wait_for(Duration::from_secs(10), || {
+            let st = self.status();
+            st["groups"]
+                .as_array()?
+                .iter()
+                .flat_map(|g| g["workers"].as_array().into_iter().flatten())
+                .any(|w| w["state"] == "busy")
+                .then_some(())
+        });
+        assert!(busy.is_some(), "no worker became busy: {}", self.status());
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
@@ -351,14 +366,16 @@ impl Server {
         d
     }
 
-    /// Waits (bounded) until the tree has exactly `n` processes and returns
-    /// them. Readiness means one worker per group answers, so the others
+    /// Waits (bounded) until the tree has exactly `n` processes, each past
+    /// its exec (titled), and returns them. Readiness means one worker per group answers, so the others
     /// may still be on their way; a bare count right after `start` races
     /// with them (and a /proc scan taken mid-exec can miss one).
     pub fn wait_tree(&mut self, n: usize) -> Vec<i32> {
         let got = wait_for(Duration::from_secs(10), || {
             let t = self.refresh_tree();
-            (t.len() == n).then_some(t)
+            // A child between fork and exec still shows the master's title.
+            let execd = t.iter().all(|&p| !cmdline(p).contains("halfsync: master"));
+            (t.len() == n && execd).then_some(t)
         });
         got.unwrap_or_else(|| {
             let now: Vec<String> = self
