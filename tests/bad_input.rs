@@ -288,7 +288,12 @@ fn slow_requests_go_to_a_worker_one_at_a_time() {
             assert_eq!(g["inflight_cap"], 1024, "{g}");
         }
         // 50 requests of 20 ms: a second of work.
-        let took = light_latency_beside_slow_ones(&s, 50, 20, || true);
+        let mut took = light_latency_beside_slow_ones(&s, 50, 20, || true);
+        if time_cap && took >= Duration::from_millis(300) {
+            // Once more before failing: a stalled machine can slow one
+            // try; a worker holding the whole ring slows both.
+            took = took.min(light_latency_beside_slow_ones(&s, 50, 20, || true));
+        }
         if time_cap {
             // One or two of the flooder's (40 ms); generous for a loaded box.
             assert!(

@@ -787,7 +787,21 @@ fn log_file_is_reopened_on_sigusr1_and_json_works() {
     s.signal(libc::SIGUSR1);
     let reopened = wait_for(Duration::from_secs(10), || log.exists().then_some(()));
     assert!(reopened.is_some());
-    std::thread::sleep(Duration::from_millis(300));
+    // Every process has let go of the rotated file (each reopens on its
+    // own thread once the master passes the signal on).
+    let let_go = wait_for(Duration::from_secs(10), || {
+        let mut pids = s.refresh_tree();
+        pids.push(s.pid);
+        let holds = pids.iter().any(|p| {
+            std::fs::read_dir(format!("/proc/{p}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == rotated))
+        });
+        (!holds).then_some(())
+    });
+    assert!(let_go.is_some(), "a process still holds the rotated log");
     // Make the proxy and a worker log: kill the worker.
     let mut c = s.client();
     assert_eq!(

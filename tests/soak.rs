@@ -119,13 +119,26 @@ fn a_thousand_crashes_leak_nothing() {
     let served = load.finish();
     drop(held);
 
-    let log = s.log();
-    let mut replaced: Vec<u64> = log
-        .lines()
-        .filter_map(|l| l.split("replaced_after_us=").nth(1))
-        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
-        .collect();
-    replaced.sort_unstable();
+    // Every crash is followed by a logged replacement, except the few
+    // restarts delayed by backoff (a fresh worker's first request was a
+    // crash five times in a row), which are logged as such. The proxy logs
+    // a replacement once it is ready, a moment after the worker has its
+    // title: wait (bounded) for the last ones.
+    let count = |log: &str| {
+        let mut replaced: Vec<u64> = log
+            .lines()
+            .filter_map(|l| l.split("replaced_after_us=").nth(1))
+            .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+            .collect();
+        replaced.sort_unstable();
+        let delayed = log.matches("worker keeps failing").count() as u64;
+        (replaced, delayed)
+    };
+    let _ = wait_for(Duration::from_secs(20), || {
+        let (r, d) = count(&s.log());
+        (r.len() as u64 + d >= n).then_some(())
+    });
+    let (replaced, delayed) = count(&s.log());
     println!(
         "soak: {n} crashes in {:.1} s, {served} echo requests served with 0 errors",
         elapsed.as_secs_f64()
@@ -144,10 +157,6 @@ fn a_thousand_crashes_leak_nothing() {
         "soak: master fds {m_fd0} -> {m_fd1}, private rss {m_rss0} -> {m_rss1} KiB, threads {m_thr0} -> {m_thr1}"
     );
 
-    // Every crash was followed by a logged replacement, except the few
-    // restarts delayed by backoff (a fresh worker's first request was a
-    // crash five times in a row), which are logged as such.
-    let delayed = log.matches("worker keeps failing").count() as u64;
     println!("soak: restarts delayed by backoff: {delayed}");
     assert!(
         replaced.len() as u64 + delayed >= n,

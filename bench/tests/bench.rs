@@ -704,7 +704,10 @@ fn a_doubled_interrupt_still_reports() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Running (both connections accepted, so its handler is installed),
+    // then a little more.
+    wait_accepted(&s, 2);
+    std::thread::sleep(Duration::from_millis(200));
     // Two deliveries 20 ms apart (back to back, the kernel would merge
     // them into one).
     for _ in 0..2 {
@@ -756,7 +759,8 @@ fn cpu_interrupted_in_the_warmup_says_so() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_accepted(&s, 2);
+    std::thread::sleep(Duration::from_millis(200));
     // SAFETY: kill(2) on the child this test started; no memory passed.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let out = wait_output(child, "still running 10 s after SIGINT");
@@ -781,6 +785,14 @@ fn open_loop_with_generator_stopped(duration: &str, at_ms: u64, for_ms: u64) -> 
         .spawn()
         .unwrap();
     let pid = child.id() as libc::pid_t;
+    // Timed from the run's first request, not from the spawn (a slow exec
+    // would otherwise move the stop before the run).
+    let t = Instant::now();
+    while s.frames.load(std::sync::atomic::Ordering::SeqCst) == 0
+        && t.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     std::thread::sleep(Duration::from_millis(at_ms));
     // SAFETY: kill(2) on the child this test started; no memory passed.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -790,6 +802,19 @@ fn open_loop_with_generator_stopped(duration: &str, at_ms: u64, for_ms: u64) -> 
     let out = wait_output(child, "still running 10 s after SIGCONT");
     assert_eq!(out.status.code(), Some(0));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits (at most 10 s) until the test server accepted `n` connections:
+/// the generator runs, its signal handlers installed.
+fn wait_accepted(s: &Server, n: u64) {
+    let t = Instant::now();
+    while s.accepted.load(std::sync::atomic::Ordering::SeqCst) < n as _ {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the generator never connected"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Waits (at most 10 s, in 20 ms polls) for a generator the test started
