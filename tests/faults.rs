@@ -845,7 +845,7 @@ fn requests_behind_a_slow_one_move_to_another_worker() {
 
 /// Per-worker requests served, by worker number, once the counts stop
 /// moving (a worker counts a request just after publishing its reply).
-fn served_by_worker(s: &Server) -> Vec<u64> {
+fn served_by_worker(s: &Server, at_least: u64) -> Vec<u64> {
     let read = || -> Vec<u64> {
         let st = s.status();
         let mut v: Vec<(u64, u64)> = st["groups"][0]["workers"]
@@ -859,16 +859,18 @@ fn served_by_worker(s: &Server) -> Vec<u64> {
         v.sort_unstable();
         v.into_iter().map(|(_, n)| n).collect()
     };
+    // At least the requests answered so far (a worker counts one just
+    // after publishing its reply), and unchanged for 20 ms.
     let mut last = read();
-    for _ in 0..50 {
+    for _ in 0..500 {
         std::thread::sleep(Duration::from_millis(20));
         let now = read();
-        if now == last {
+        if now == last && now.iter().sum::<u64>() >= at_least {
             return now;
         }
         last = now;
     }
-    panic!("served counts never settled: {last:?}");
+    panic!("served counts never settled at {at_least} or more: {last:?}");
 }
 
 /// Sends `n` frames in one write, so the proxy reads them as one batch,
@@ -900,14 +902,18 @@ fn cheap_batches_stay_on_one_worker_and_slow_ones_are_spread() {
     // worker can hide the cheapness for a while: a few attempts. Without
     // affinity the batch is split evenly every time.
     let mut splits = Vec::new();
+    // Answered so far: the readiness check's request(s).
+    let mut answered: u64 = served_by_worker(&s, 1).iter().sum();
     for attempt in 0..5u64 {
         let base = attempt * 1000;
         for id in 0..64 {
             assert_eq!(c.call(base + id, 1, b"warm").unwrap().code, status::OK);
         }
-        let before = served_by_worker(&s);
+        answered += 64;
+        let before = served_by_worker(&s, answered);
         one_batch(&mut c, base + 100, 1, b"cheap", 16);
-        let after = served_by_worker(&s);
+        answered += 16;
+        let after = served_by_worker(&s, answered);
         let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         assert_eq!(delta.len(), 2, "{after:?}");
         assert_eq!(delta.iter().sum::<u64>(), 16);
@@ -925,9 +931,10 @@ fn cheap_batches_stay_on_one_worker_and_slow_ones_are_spread() {
     for id in 8000..8064 {
         assert_eq!(c.call(id, fault::SLOW, &be32(1)).unwrap().code, status::OK);
     }
-    let before = served_by_worker(&s);
+    answered += 64;
+    let before = served_by_worker(&s, answered);
     one_batch(&mut c, 3000, fault::SLOW, &be32(20), 8);
-    let after = served_by_worker(&s);
+    let after = served_by_worker(&s, answered + 8);
     let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert_eq!(delta.iter().sum::<u64>(), 8);
     assert!(
