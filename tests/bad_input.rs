@@ -400,8 +400,12 @@ fn commands_no_group_serves_get_no_route() {
 fn connections_past_max_connections_are_refused_cleanly() {
     let port = free_port();
     let s = Server::start(&config(port, &echo_so(), 1, "max_connections = 5"), port);
-    // wait_ready's probe connection may still be closing; give it a moment.
-    thread::sleep(Duration::from_millis(200));
+    // wait_ready's probe connection may still be closing: wait until the
+    // proxy holds none.
+    let none = wait_for(Duration::from_secs(10), || {
+        (s.status()["proxy"]["connections"].as_u64()? == 0).then_some(())
+    });
+    assert!(none.is_some(), "{}", s.status());
     let mut held: Vec<_> = (0..5).map(|_| s.client()).collect();
     for (i, c) in held.iter_mut().enumerate() {
         assert_eq!(c.call(i as u64, 1, b"in").unwrap().code, status::OK);
