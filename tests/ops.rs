@@ -379,6 +379,16 @@ fn status_json_matches_the_processes_and_adds_up() {
         .unwrap_or_else(|| panic!("no panic line in {log}"));
     assert!(line.contains("lib.rs:"), "{line}");
     assert!(!log.contains("panicked at"), "{log}");
+    // A worker counts a request as served just after publishing its reply:
+    // wait (bounded) until the counts have caught up with the replies.
+    let caught_up = wait_for(Duration::from_secs(10), || {
+        let st = s.status();
+        let ws = st["groups"][0]["workers"].as_array()?;
+        let served: u64 = ws.iter().filter_map(|w| w["served"].as_u64()).sum();
+        let replies = &st["groups"][0]["replies"];
+        (served == replies["OK"].as_u64()? + replies["PLUGIN_ERROR"].as_u64()?).then_some(())
+    });
+    assert!(caught_up.is_some(), "{}", s.status());
     let st = settle(&mut s, 3);
     assert_eq!(st["pid"], s.pid);
     let proxy = s.pids_titled("halfsync: proxy");
