@@ -171,6 +171,15 @@ fn flood_then_light(s: &Server, attempt: u64) -> Result<(), String> {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let ok_at_call = ok(&s.status()).unwrap_or(0);
+    if ok_at_call - ok_before > 100 {
+        // Half the flood already served (a stalled test): a plain FIFO
+        // queue could pass this try.
+        drop(flood);
+        return Err(format!(
+            "inconclusive: {} of the flood answered before the light request",
+            ok_at_call - ok_before
+        ));
+    }
     assert_eq!(
         light.call(7 + attempt, 1, b"me too").unwrap().code,
         status::OK

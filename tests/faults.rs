@@ -151,6 +151,10 @@ fn every_fault_under_load(plugin: std::path::PathBuf, lang: &str) {
     load.progress(2000);
     let mut bad = s.client();
     let mut id = 1_000_000u64;
+    // Crash faults answered TIMEOUT because the death itself was late
+    // (see below): a rare stall of this machine, not the rule. A broken
+    // death detection would make every crash late.
+    let mut late = 0;
     for round in 0..3 {
         for (what, cmd, payload, want) in faults() {
             // The faults that only a request_timeout ends cost 3 s each:
@@ -170,6 +174,8 @@ fn every_fault_under_load(plugin: std::path::PathBuf, lang: &str) {
                 // answered TIMEOUT first. The log shows the injected fault
                 // did kill the worker while it ran this very request.
                 println!("round {round}, {what}: the worker's death outlasted request_timeout");
+                late += 1;
+                assert!(late <= 1, "{late} crashes answered TIMEOUT:\n{}", s.log());
                 load.progress(200);
                 continue;
             }
@@ -463,22 +469,26 @@ fn respawn_storm_backs_off_and_answers_busy() {
         let r = c.call(100, 1, b"anyone?").ok()?;
         (r.code == status::BUSY).then_some(t.elapsed())
     });
-    let mut elapsed = busy.expect("never answered BUSY while the group was down");
+    let first = busy.expect("never answered BUSY while the group was down");
     // At once: not after the (1 s or more) restart delay, and not held
-    // for a worker that is only retrying. (The quickest of a few: one can
-    // meet a stalled machine; a held request waits every time.)
+    // for a worker that is only retrying. Three of four tries (a stalled
+    // machine can slow one; a request held for a retry waits in most).
+    let mut took = vec![first];
     for id in 101..104 {
         let t = Instant::now();
-        if let Ok(r) = c.call(id, 1, b"anyone?")
-            && r.code == status::BUSY
-        {
-            elapsed = elapsed.min(t.elapsed());
-        }
+        let r = c.call(id, 1, b"anyone?").unwrap();
+        assert_eq!(
+            r.code,
+            status::BUSY,
+            "the group came back while its cause stayed"
+        );
+        took.push(t.elapsed());
     }
-    assert!(
-        elapsed < Duration::from_millis(500),
-        "BUSY took {elapsed:?}"
-    );
+    let quick = took
+        .iter()
+        .filter(|t| **t < Duration::from_millis(500))
+        .count();
+    assert!(quick >= 3, "BUSY took {took:?}");
     // The master tells the proxy before it logs: the line may trail BUSY.
     let logged = wait_for(Duration::from_secs(5), || {
         s.log()

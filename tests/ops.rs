@@ -1202,7 +1202,9 @@ fn stop_does_not_wait_for_a_worker_stuck_in_init() {
     // dying process for seconds.
     let grace = "shutdown_grace = \"120s\"";
     let mut s = Server::start(&versioned(port, 1, "a:", "", grace), port);
-    let hang = versioned(port, 1, "b:", "", grace)
+    // (And an init_timeout far above the bound too, so the proxy's own
+    // init_timeout kill cannot be what ends the wait.)
+    let hang = versioned(port, 1, "b:", "init_timeout = \"300s\"", grace)
         .replace("[group.config]\n", "[group.config]\nhang_in_init = true\n");
     s.write_config(&hang);
     s.signal(libc::SIGHUP);
@@ -1438,7 +1440,7 @@ fn a_command_moved_by_a_reload_never_reaches_an_old_version() {
     s.wait_tree(5);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (threads, rx) = command_seven_load(s.addr, &stop);
-    let warm = wait_for(Duration::from_secs(10), || rx.recv().ok());
+    let warm = rx.recv_timeout(Duration::from_secs(10)).ok();
     assert_eq!(warm, Some((status::OK, "a1:".to_owned())));
     // Command 7 moves from a to b; b's new version takes 300 ms to start,
     // so its old workers serve (their own commands) for a while.
@@ -1476,7 +1478,7 @@ fn requests_held_for_a_group_that_rolls_back_are_answered() {
     s.wait_tree(5);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (threads, rx) = command_seven_load(s.addr, &stop);
-    let warm = wait_for(Duration::from_secs(10), || rx.recv().ok());
+    let warm = rx.recv_timeout(Duration::from_secs(10)).ok();
     assert_eq!(warm, Some((status::OK, "a1:".to_owned())));
     let bad = "init_delay_ms = 200\nfail_init = \"no database\"";
     s.write_config(&two_groups(port, 2, "b", bad));
@@ -1573,22 +1575,29 @@ fn held_requests_leave_with_their_client_and_a_stop_answers_them() {
 #[test]
 fn a_worker_replaced_during_its_init_never_serves() {
     let port = free_port();
-    let slow = versioned(port, 1, "v1:", "", "") + "init_delay_ms = 2000\n";
+    let slow = versioned(port, 1, "v1:", "", "") + "init_delay_ms = 4000\n";
     let mut s = Server::start(&slow, port);
     let mut c = s.client();
     assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"v1:x");
-    // The worker dies; its restart spends 2 s in init.
+    // The worker dies; its restart spends 4 s in init.
     let r = c.call(2, halfsync_testkit::fault::SEGV, b"").unwrap();
     assert_eq!(r.code, status::WORKER_DIED);
-    std::thread::sleep(Duration::from_millis(200));
+    let starting = wait_for(Duration::from_secs(10), || {
+        s.status()["groups"][0]["workers"]
+            .as_array()?
+            .iter()
+            .any(|w| w["state"] == "starting")
+            .then_some(())
+    });
+    assert!(starting.is_some(), "{}", s.status());
     s.write_config(&versioned(port, 1, "v2:", "", ""));
     let (code, out) = reload(&s);
     assert_eq!(code, Some(0), "{out}");
-    // Past the old restart's init: still only v2.
+    // Past the old restart's init (4 s from its start): still only v2.
     for id in 0..100 {
         let r = c.call(10 + id, 1, b"x").unwrap();
         assert_eq!(r.payload, b"v2:x", "request {id}; log:\n{}", s.log());
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(Duration::from_millis(50));
     }
     settle(&mut s, 1);
     assert!(
@@ -1636,6 +1645,15 @@ fn a_recycle_during_a_reload_does_not_replace_a_worker_twice() {
     let st = settle(&mut s, 1);
     assert_eq!(st["groups"][0]["workers"][0]["generation"], 2, "{st}");
     assert_eq!(s.client().call(1, 1, b"x").unwrap().payload, b"v2:x");
+    // The overlap this is about did happen: a recycle came due during the
+    // reload (20 requests at 5 ms against a 1 s init).
+    let log = s.log();
+    let from = log.find("reloading").expect("reload logged");
+    let to = log.find("reload complete").expect("reload complete logged");
+    assert!(
+        log[from..to].contains("worker reached its recycling limit"),
+        "{log}"
+    );
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }

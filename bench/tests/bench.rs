@@ -698,7 +698,7 @@ fn a_bad_request_reply_is_read_before_the_close() {
 #[test]
 fn a_doubled_interrupt_still_reports() {
     let s = Server::start(Mode::Echo);
-    let child = Command::new(EXE)
+    let mut child = Command::new(EXE)
         .args(["--addr", &s.addr.to_string(), "-c", "2", "--warmup", "0s"])
         .args(["--duration", "30s", "--json"])
         .stdout(std::process::Stdio::piped())
@@ -706,7 +706,7 @@ fn a_doubled_interrupt_still_reports() {
         .unwrap();
     // Running (both connections accepted, so its handler is installed),
     // then a little more.
-    wait_accepted(&s, 2);
+    wait_accepted(&s, 2, &mut child);
     std::thread::sleep(Duration::from_millis(200));
     // Two deliveries 20 ms apart (back to back, the kernel would merge
     // them into one).
@@ -752,14 +752,14 @@ fn a_foreign_source_address_is_named_in_the_error() {
 fn cpu_interrupted_in_the_warmup_says_so() {
     let s = Server::start(Mode::Echo);
     let me = std::process::id().to_string();
-    let child = Command::new(EXE)
+    let mut child = Command::new(EXE)
         .args(["--addr", &s.addr.to_string(), "-c", "2", "--warmup", "30s"])
         .args(["--duration", "1s", "--cpu", &me])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_accepted(&s, 2);
+    wait_accepted(&s, 2, &mut child);
     std::thread::sleep(Duration::from_millis(200));
     // SAFETY: kill(2) on the child this test started; no memory passed.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
@@ -778,7 +778,7 @@ fn cpu_interrupted_in_the_warmup_says_so() {
 /// stopped with SIGSTOP `at_ms` into it for `for_ms`; its JSON report.
 fn open_loop_with_generator_stopped(duration: &str, at_ms: u64, for_ms: u64) -> serde_json::Value {
     let s = Server::start(Mode::Echo);
-    let child = Command::new(EXE)
+    let mut child = Command::new(EXE)
         .args(["--addr", &s.addr.to_string(), "-c", "1", "--rate", "1000"])
         .args(["--warmup", "0s", "--duration", duration, "--json"])
         .stdout(std::process::Stdio::piped())
@@ -788,9 +788,12 @@ fn open_loop_with_generator_stopped(duration: &str, at_ms: u64, for_ms: u64) -> 
     // Timed from the run's first request, not from the spawn (a slow exec
     // would otherwise move the stop before the run).
     let t = Instant::now();
-    while s.frames.load(std::sync::atomic::Ordering::SeqCst) == 0
-        && t.elapsed() < Duration::from_secs(10)
-    {
+    while s.frames.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the generator sent nothing in 10 s");
+        }
         std::thread::sleep(Duration::from_millis(1));
     }
     std::thread::sleep(Duration::from_millis(at_ms));
@@ -806,13 +809,14 @@ fn open_loop_with_generator_stopped(duration: &str, at_ms: u64, for_ms: u64) -> 
 
 /// Waits (at most 10 s) until the test server accepted `n` connections:
 /// the generator runs, its signal handlers installed.
-fn wait_accepted(s: &Server, n: u64) {
+fn wait_accepted(s: &Server, n: u64, child: &mut std::process::Child) {
     let t = Instant::now();
     while s.accepted.load(std::sync::atomic::Ordering::SeqCst) < n as _ {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the generator never connected"
-        );
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the generator never connected");
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
