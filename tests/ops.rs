@@ -1405,6 +1405,25 @@ fn command_seven_load(
     (threads, rx)
 }
 
+/// The two groups (command 7 on `a`, version 1), with `command_seven_load`
+/// running and answered by `a1:`.
+fn seven_on_a_under_load(
+    port: u16,
+) -> (
+    Server,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    SevenThreads,
+    std::sync::mpsc::Receiver<(u16, String)>,
+) {
+    let mut s = Server::start(&two_groups(port, 1, "a", ""), port);
+    s.wait_tree(5);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (threads, rx) = command_seven_load(s.addr, &stop);
+    let warm = rx.recv_timeout(Duration::from_secs(10)).ok();
+    assert_eq!(warm, Some((status::OK, "a1:".to_owned())));
+    (s, stop, threads, rx)
+}
+
 /// Stops the load; returns the requests sent and the replies by (status,
 /// version prefix).
 fn finish_seven(
@@ -1436,12 +1455,7 @@ fn finish_seven(
 #[test]
 fn a_command_moved_by_a_reload_never_reaches_an_old_version() {
     let port = free_port();
-    let mut s = Server::start(&two_groups(port, 1, "a", ""), port);
-    s.wait_tree(5);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (threads, rx) = command_seven_load(s.addr, &stop);
-    let warm = rx.recv_timeout(Duration::from_secs(10)).ok();
-    assert_eq!(warm, Some((status::OK, "a1:".to_owned())));
+    let (mut s, stop, threads, rx) = seven_on_a_under_load(port);
     // Command 7 moves from a to b; b's new version takes 300 ms to start,
     // so its old workers serve (their own commands) for a while.
     s.write_config(&two_groups(port, 2, "b", "init_delay_ms = 300"));
@@ -1474,12 +1488,7 @@ fn a_command_moved_by_a_reload_never_reaches_an_old_version() {
 #[test]
 fn requests_held_for_a_group_that_rolls_back_are_answered() {
     let port = free_port();
-    let mut s = Server::start(&two_groups(port, 1, "a", ""), port);
-    s.wait_tree(5);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (threads, rx) = command_seven_load(s.addr, &stop);
-    let warm = rx.recv_timeout(Duration::from_secs(10)).ok();
-    assert_eq!(warm, Some((status::OK, "a1:".to_owned())));
+    let (mut s, stop, threads, rx) = seven_on_a_under_load(port);
     let bad = "init_delay_ms = 200\nfail_init = \"no database\"";
     s.write_config(&two_groups(port, 2, "b", bad));
     let (code, out) = reload(&s);

@@ -889,7 +889,7 @@ impl Proxy {
     pub(crate) fn dispatch_queued(&mut self) {
         for g in 0..self.groups.len() {
             if !self.groups[g].held.is_empty() {
-                self.expire_held(g);
+                self.expire_waiting(g, true);
             }
             if self.groups[g].queue.is_empty() {
                 continue;
@@ -908,19 +908,7 @@ impl Proxy {
                 self.stats.queued(g, 0);
                 continue;
             }
-            let qt = self.groups[g].queue_timeout_ns;
-            if qt > 0
-                && let Some(deadline) = self.now_ns.checked_sub(qt + 1)
-            {
-                for q in self.groups[g].queue.take_expired(deadline) {
-                    self.answer(
-                        &q.req,
-                        status::TIMEOUT,
-                        b"waited longer than queue_timeout for a worker",
-                        Scope::Group(g),
-                    );
-                }
-            }
+            self.expire_waiting(g, false);
             while let Some(q) = self.groups[g].queue.front() {
                 let tag = q.req.tag;
                 if self.conns.get(tag).is_none() {
@@ -945,15 +933,21 @@ impl Proxy {
         }
     }
 
-    /// Held requests (see [`Group::held`]) wait no longer than queued ones:
-    /// past `queue_timeout` they get TIMEOUT, and a client gone drops its
-    /// own.
-    fn expire_held(&mut self, g: usize) {
+    /// Answers TIMEOUT to group `g`'s requests that waited past its
+    /// `queue_timeout`: in its queue, or (`held`) in its held queue, where
+    /// requests wait no longer than queued ones (see [`Group::held`]).
+    fn expire_waiting(&mut self, g: usize, held: bool) {
         let qt = self.groups[g].queue_timeout_ns;
         if qt > 0
             && let Some(deadline) = self.now_ns.checked_sub(qt + 1)
         {
-            for q in self.groups[g].held.take_expired(deadline) {
+            let group = &mut self.groups[g];
+            let q = if held {
+                &mut group.held
+            } else {
+                &mut group.queue
+            };
+            for q in q.take_expired(deadline) {
                 self.answer(
                     &q.req,
                     status::TIMEOUT,
