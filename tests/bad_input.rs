@@ -335,10 +335,11 @@ fn a_plugin_that_gets_slower_has_its_ring_emptied() {
     );
     let took =
         light_latency_beside_slow_ones(&s, 80, 20, || s.log().contains("moved back to the queue"));
-    // One or two of the flooder's 20 ms requests, not the ~45 left in the
-    // ring when the cap came down.
+    // One or two of the flooder's 20 ms requests (40 ms), not the ~45 left
+    // in the ring when the cap came down (900 ms); the bound leaves room
+    // for a stalled machine.
     assert!(
-        took < Duration::from_millis(300),
+        took < Duration::from_millis(600),
         "the light request took {took:?}\n{}",
         s.log()
     );

@@ -969,9 +969,21 @@ fn cheap_batches_stay_on_one_worker_and_slow_ones_are_spread() {
 /// it, and status reported tens of µs for a plugin taking 200 ms.)
 #[test]
 fn slow_requests_go_to_idle_workers_from_the_start() {
+    // The whole experiment once more, on a fresh server (a cold estimate
+    // is the point), before failing: a stalled machine can slow a round;
+    // requests piling up on a busy worker slow every try.
+    if let Err(first) = slow_requests_on_a_fresh_server() {
+        println!("first try: {first}; once more");
+        if let Err(second) = slow_requests_on_a_fresh_server() {
+            panic!("{first}; then {second}");
+        }
+    }
+}
+
+fn slow_requests_on_a_fresh_server() -> Result<(), String> {
     let port = free_port();
     // requeue_after off, so only the choice of worker is measured.
-    let s = Server::start(
+    let mut s = Server::start(
         &fault_config(port, &fault_plugin_so(), 4, "requeue_after = \"0s\""),
         port,
     );
@@ -997,14 +1009,19 @@ fn slow_requests_go_to_idle_workers_from_the_start() {
         latest
     };
     // Four 300 ms requests 20 ms apart on four workers: all done in about
-    // 360 ms; on one worker they would take 1.2 s.
+    // 360 ms; two on one worker take over 600 ms, all on one 1.2 s.
     for round in 0..3 {
         let took = run(round);
-        assert!(took < Duration::from_millis(600), "round {round}: {took:?}");
+        if took >= Duration::from_millis(600) {
+            return Err(format!("round {round}: {took:?}"));
+        }
     }
     // By now each worker has sampled a run time: the estimate is the
     // plugin's 300 ms, not a cold start's clamp (nor a saturated 65 ms).
     let st = s.status();
     let mean = st["groups"][0]["mean_run_us"].as_f64().unwrap_or(0.0);
     assert!((250_000.0..400_000.0).contains(&mean), "{st}");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+    Ok(())
 }
