@@ -1208,16 +1208,8 @@ fn stop_does_not_wait_for_a_worker_stuck_in_init() {
         .replace("[group.config]\n", "[group.config]\nhang_in_init = true\n");
     s.write_config(&hang);
     s.signal(libc::SIGHUP);
-    // The replacement is in its init (bounded: 10 s of polls).
-    let stuck = wait_for(Duration::from_secs(10), || {
-        let st = s.status();
-        st["groups"][0]["workers"]
-            .as_array()?
-            .iter()
-            .any(|w| w["state"] == "starting")
-            .then_some(())
-    });
-    assert!(stuck.is_some(), "{}", s.status());
+    // The replacement is in its init.
+    s.wait_worker_state("starting");
     let t = std::time::Instant::now();
     let (code, out, err) = s.ctl(&["stop"]);
     assert_eq!(code, Some(0), "{out}{err}");
@@ -1591,14 +1583,7 @@ fn a_worker_replaced_during_its_init_never_serves() {
     // The worker dies; its restart spends 4 s in init.
     let r = c.call(2, halfsync_testkit::fault::SEGV, b"").unwrap();
     assert_eq!(r.code, status::WORKER_DIED);
-    let starting = wait_for(Duration::from_secs(10), || {
-        s.status()["groups"][0]["workers"]
-            .as_array()?
-            .iter()
-            .any(|w| w["state"] == "starting")
-            .then_some(())
-    });
-    assert!(starting.is_some(), "{}", s.status());
+    s.wait_worker_state("starting");
     s.write_config(&versioned(port, 1, "v2:", "", ""));
     let (code, out) = reload(&s);
     assert_eq!(code, Some(0), "{out}");

@@ -589,13 +589,7 @@ impl Proxy {
                 (true, self.groups[g].held.take_all()),
             ] {
                 for r in q {
-                    let c = r.req.code as usize;
-                    let here = if held {
-                        self.routes[c] == Some(g as u16) && self.held[c]
-                    } else {
-                        self.queued_here(g, r.req.code)
-                    };
-                    if here {
+                    if self.waits_in(g, r.req.code, held) {
                         let group = &mut self.groups[g];
                         if held {
                             group.held.push_back(r);
@@ -615,9 +609,10 @@ impl Proxy {
     }
 
     /// Whether a request for command `code` waits in group `g`'s queue
-    /// (and not in its `held` one, or elsewhere) under the current routes.
-    pub(crate) fn queued_here(&self, g: usize, code: u16) -> bool {
-        self.routes[code as usize] == Some(g as u16) && !self.held[code as usize]
+    /// (`held` false) or its held queue (`held` true) under the current
+    /// routes.
+    pub(crate) fn waits_in(&self, g: usize, code: u16, held: bool) -> bool {
+        self.routes[code as usize] == Some(g as u16) && self.held[code as usize] == held
     }
 
     /// Queues waiting requests where their commands are served now (that

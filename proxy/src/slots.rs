@@ -472,7 +472,7 @@ impl Proxy {
     fn requeue_front(&mut self, g: usize, reqs: Vec<Queued>) {
         let (stay, moving): (Vec<Queued>, Vec<Queued>) = reqs
             .into_iter()
-            .partition(|q| self.queued_here(g, q.req.code));
+            .partition(|q| self.waits_in(g, q.req.code, false));
         self.groups[g].queue.push_front_all(stay);
         self.rehome(moving, true);
         self.stats.queued(g, self.groups[g].waiting());

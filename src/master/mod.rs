@@ -1814,14 +1814,7 @@ impl Master {
 
     /// Sends the proxy the current configuration (after a reload).
     fn reconfigure_proxy(&mut self) -> Result<(), String> {
-        self.reconfigure_proxy_holding(self.wanted_hold())
-    }
-
-    /// Sends the current configuration to every proxy, holding commands a
-    /// reload moves to the groups in `hold` (see
-    /// [`halfsync_proxy::Reconfigure::hold`]).
-    fn reconfigure_proxy_holding(&mut self, hold: Vec<u32>) -> Result<(), String> {
-        self.send_config(hold, false)
+        self.send_config(self.wanted_hold(), false)
     }
 
     /// Whether a configuration send missed some proxy.

@@ -136,7 +136,7 @@ impl Master {
         // Until a group's workers all run its new generation, commands
         // the new routes move to it wait for that (see `wanted_hold`).
         let hold = self.stale_groups();
-        if let Err(e) = self.reconfigure_proxy_holding(hold) {
+        if let Err(e) = self.send_config(hold, false) {
             error!("{e}");
         }
         for id in gone {

@@ -320,16 +320,26 @@ impl Server {
     /// Waits (bounded) until some worker runs a request (status `busy`):
     /// a request sent before is in flight, not still on its way.
     pub fn wait_busy(&self) {
-        let busy = wait_for(Duration::from_secs(10), || {
+        self.wait_worker_state("busy");
+    }
+
+    /// Waits (at most 10 s) until some worker of any group is in `state`
+    /// (as status reports it: `starting`, `busy`, ...).
+    pub fn wait_worker_state(&self, state: &str) {
+        let seen = wait_for(Duration::from_secs(10), || {
             let st = self.status();
             st["groups"]
                 .as_array()?
                 .iter()
                 .flat_map(|g| g["workers"].as_array().into_iter().flatten())
-                .any(|w| w["state"] == "busy")
+                .any(|w| w["state"] == state)
                 .then_some(())
         });
-        assert!(busy.is_some(), "no worker became busy: {}", self.status());
+        assert!(
+            seen.is_some(),
+            "no worker became {state}: {}",
+            self.status()
+        );
     }
 
     /// The server's log so far.
