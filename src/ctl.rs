@@ -138,10 +138,10 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         v["pid"],
         v["generation"],
         v["uptime_s"],
-        if v["reloading"] == Value::Bool(true) {
-            ", reloading"
-        } else {
-            ""
+        match v["reload_phase"].as_str() {
+            Some("plugins") => ", reloading (test-loading plugins)",
+            Some(_) => ", reloading",
+            None => "",
         }
     );
     let p = &v["proxy"];

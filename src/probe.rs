@@ -11,6 +11,7 @@ use std::io::{BufRead, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -40,6 +41,7 @@ struct Target {
 }
 
 /// What the probe found out about one group's plugin.
+#[derive(Clone)]
 pub struct Probed {
     /// Group name.
     pub group: String,
@@ -52,140 +54,256 @@ pub struct Probed {
 }
 
 /// Loads (and with `init`, initialises) every group's plugin in a child
-/// process. The error is one line naming the group, the file and the cause.
+/// process, waiting for the outcome. The error is one line naming the
+/// group, the file and the cause.
 pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
-    let exe_dir = exe.parent().unwrap_or(Path::new("."));
-    let spec = Spec {
-        init,
-        plugins: config
-            .groups
-            .iter()
-            .map(|g| Target {
-                group: g.name.clone(),
-                path: config.plugin_path(g, exe_dir),
-                config: g.plugin_config_toml(),
-            })
-            .collect(),
-    };
-    // Each step has its own deadline, from when the child announces it:
-    // a group's `init` and `fini` its `init_timeout`, loading its file
-    // that or LOAD_TIMEOUT if longer (a worker allows its whole load and
-    // init `init_timeout`), exiting after the last plugin LOAD_TIMEOUT.
-    // (One deadline for the whole probe would fail valid configs whose
-    // inits together take longer than any one timeout.)
-    let step_limit = |step: &str, group: &str| {
-        let timeout = config
-            .groups
-            .iter()
-            .find(|g| g.name == group)
-            .map(|g| g.init_timeout);
-        match (step, timeout) {
-            ("init" | "fini", Some(t)) => t,
-            ("load", Some(t)) => t.max(LOAD_TIMEOUT),
-            _ => LOAD_TIMEOUT,
+    let mut probe = Probe::start(exe, config, init)?;
+    loop {
+        if let Some(outcome) = probe.poll() {
+            return outcome;
         }
-    };
-    let mut child = Command::new(exe)
-        .arg0("halfsync: plugin probe")
-        .env(ROLE_ENV, "probe")
-        .env(SPEC_ENV, toml::to_string(&spec).context("probe spec")?)
-        .env("HALFSYNC_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting the plugin probe")?;
-    // Read on threads that are never joined: a plugin may have started a
-    // process that inherited the pipes and keeps them open after the
-    // probe exits; the output up to then is collected with a deadline.
-    let out = child.stdout.take().context("probe stdout")?;
-    let mut err = child.stderr.take().context("probe stderr")?;
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let (etx, errors) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut e = Vec::new();
-        let _ = (&mut err).take(64 << 10).read_to_end(&mut e);
-        let _ = etx.send(String::from_utf8_lossy(&e).into_owned());
-    });
-    // The child announces each step on stdout before taking it.
-    let mut progress = Progress {
-        probed: Vec::new(),
-        current: None,
-        limit: LOAD_TIMEOUT,
-        deadline: Instant::now() + LOAD_TIMEOUT,
-    };
-    let status = loop {
-        while let Ok(line) = lines.try_recv() {
-            progress.take(&line, &step_limit);
-        }
-        if let Some(st) = child.try_wait().context("waiting for the plugin probe")? {
-            break Some(st);
-        }
-        if Instant::now() >= progress.deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let collect_until = Instant::now() + Duration::from_millis(500);
-    let left = || collect_until.saturating_duration_since(Instant::now());
-    while let Ok(line) = lines.recv_timeout(left()) {
-        progress.take(&line, &step_limit);
+        std::thread::sleep(Probe::POLL_EVERY);
     }
-    let stderr = errors.recv_timeout(left()).unwrap_or_default();
-    let Progress {
-        probed,
-        current,
-        limit,
-        ..
-    } = progress;
-    let culprit = match &current {
-        Some((step, group)) => {
-            let path = spec
-                .plugins
+}
+
+/// A plugin probe under way. [`probe`] waits for one; the master starts
+/// one for a reload and polls it from its loop, so that it goes on
+/// supervising (and answering `status`) while a plugin takes seconds to
+/// load.
+pub struct Probe {
+    child: std::process::Child,
+    spec: Spec,
+    /// Each group's `init_timeout`, for its steps' deadlines.
+    timeouts: Vec<(String, Duration)>,
+    lines: Receiver<String>,
+    errors: Receiver<String>,
+    progress: Progress,
+    /// Set once the child is gone.
+    ended: Option<Ended>,
+    /// How it exited, when the master's `waitpid(-1)` reaped it first.
+    reaped: Option<i32>,
+    stdout_done: bool,
+    stderr: Option<String>,
+}
+
+/// How a probe child ended, and until when its output is still collected.
+struct Ended {
+    /// Its exit code, or minus the signal that killed it; `None` if it was
+    /// killed for missing a deadline.
+    how: Option<i32>,
+    collect_until: Instant,
+}
+
+impl Probe {
+    /// How often [`probe`] polls, and how soon a poller should come back.
+    pub const POLL_EVERY: Duration = Duration::from_millis(5);
+
+    /// Starts the probe child.
+    pub fn start(exe: &Path, config: &Config, init: bool) -> Result<Probe> {
+        let exe_dir = exe.parent().unwrap_or(Path::new("."));
+        let spec = Spec {
+            init,
+            plugins: config
+                .groups
                 .iter()
-                .find(|t| &t.group == group)
-                .map(|t| t.path.display().to_string());
-            format!(
-                "group {group}: plugin {} ({step})",
-                path.unwrap_or_default()
-            )
+                .map(|g| Target {
+                    group: g.name.clone(),
+                    path: config.plugin_path(g, exe_dir),
+                    config: g.plugin_config_toml(),
+                })
+                .collect(),
+        };
+        let mut child = Command::new(exe)
+            .arg0("halfsync: plugin probe")
+            .env(ROLE_ENV, "probe")
+            .env(SPEC_ENV, toml::to_string(&spec).context("probe spec")?)
+            .env("HALFSYNC_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the plugin probe")?;
+        // Read on threads that are never joined: a plugin may have started
+        // a process that inherited the pipes and keeps them open after the
+        // probe exits; the output up to then is collected with a deadline.
+        let out = child.stdout.take().context("probe stdout")?;
+        let mut err = child.stderr.take().context("probe stderr")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let (etx, errors) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut e = Vec::new();
+            let _ = (&mut err).take(64 << 10).read_to_end(&mut e);
+            let _ = etx.send(String::from_utf8_lossy(&e).into_owned());
+        });
+        Ok(Probe {
+            child,
+            spec,
+            timeouts: config
+                .groups
+                .iter()
+                .map(|g| (g.name.clone(), g.init_timeout))
+                .collect(),
+            lines,
+            errors,
+            // The child announces each step on stdout before taking it.
+            progress: Progress {
+                probed: Vec::new(),
+                current: None,
+                limit: LOAD_TIMEOUT,
+                deadline: Instant::now() + LOAD_TIMEOUT,
+            },
+            ended: None,
+            reaped: None,
+            stdout_done: false,
+            stderr: None,
+        })
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// For a parent that reaps with `waitpid(-1)`: the child exited with
+    /// `how` (exit code, or minus the signal).
+    pub fn reaped(&mut self, how: i32) {
+        self.reaped = Some(how);
+    }
+
+    /// Takes what the child said and whether it ended, without blocking;
+    /// the outcome once it has ended and its output is in.
+    pub fn poll(&mut self) -> Option<Result<Vec<Probed>>> {
+        self.take_output();
+        if self.ended.is_none() {
+            let how = match self.child.try_wait() {
+                Ok(Some(st)) => Some(st.signal().map_or(st.code().unwrap_or(1), |s| -s)),
+                Ok(None) => None,
+                // Reaped by the parent's `waitpid(-1)`: `reaped` says how.
+                Err(_) => self.reaped,
+            };
+            let how = match how {
+                Some(how) => Some(how),
+                // Each step has its own deadline, from when the child
+                // announces it (see `step_limit`).
+                None if Instant::now() >= self.progress.deadline => {
+                    let _ = self.child.kill();
+                    None
+                }
+                None => return None,
+            };
+            self.ended = Some(Ended {
+                how,
+                collect_until: Instant::now() + Duration::from_millis(500),
+            });
+            self.take_output();
         }
-        None if probed.len() == spec.plugins.len() => "plugin probe, exiting after the last \
-             plugin (a plugin's destructors or atexit handlers)"
-            .to_owned(),
-        None => "plugin probe".to_owned(),
-    };
-    match status {
-        None => match current.as_ref().map(|(step, _)| step.as_str()) {
-            Some("init" | "fini") => bail!(
-                "{culprit}: did not finish within {} ms (the group's init_timeout)",
-                limit.as_millis()
-            ),
-            _ => bail!(
-                "{culprit}: did not finish loading within {} s",
-                limit.as_secs()
-            ),
-        },
-        Some(st) if st.success() => Ok(probed),
-        Some(st) => {
-            let first = stderr.lines().map(str::trim).find(|l| !l.is_empty());
-            match (st.signal(), first) {
-                (None, Some(msg)) => bail!("{msg}"),
-                (sig, _) => bail!(
-                    "{culprit}: the plugin crashed ({})",
-                    describe_exit(sig.map_or(st.code().unwrap_or(1), |s| -s))
-                ),
+        let ended = self.ended.as_ref()?;
+        if !(self.stdout_done && self.stderr.is_some()) && Instant::now() < ended.collect_until {
+            return None;
+        }
+        Some(self.outcome(ended.how))
+    }
+
+    fn take_output(&mut self) {
+        loop {
+            match self.lines.try_recv() {
+                Ok(line) => self.progress.take(&line, &|step, group| {
+                    step_limit(&self.timeouts, step, group)
+                }),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.stdout_done = true;
+                    break;
+                }
             }
         }
+        if self.stderr.is_none()
+            && let Ok(text) = self.errors.try_recv()
+        {
+            self.stderr = Some(text);
+        }
+    }
+
+    fn outcome(&self, how: Option<i32>) -> Result<Vec<Probed>> {
+        let Progress {
+            probed,
+            current,
+            limit,
+            ..
+        } = &self.progress;
+        let culprit = match current {
+            Some((step, group)) => {
+                let path = self
+                    .spec
+                    .plugins
+                    .iter()
+                    .find(|t| &t.group == group)
+                    .map(|t| t.path.display().to_string());
+                format!(
+                    "group {group}: plugin {} ({step})",
+                    path.unwrap_or_default()
+                )
+            }
+            None if probed.len() == self.spec.plugins.len() => "plugin probe, exiting after the \
+                 last plugin (a plugin's destructors or atexit handlers)"
+                .to_owned(),
+            None => "plugin probe".to_owned(),
+        };
+        match how {
+            None => match current.as_ref().map(|(step, _)| step.as_str()) {
+                Some("init" | "fini") => bail!(
+                    "{culprit}: did not finish within {} ms (the group's init_timeout)",
+                    limit.as_millis()
+                ),
+                _ => bail!(
+                    "{culprit}: did not finish loading within {} s",
+                    limit.as_secs()
+                ),
+            },
+            Some(0) => Ok(probed.clone()),
+            Some(how) => {
+                let stderr = self.stderr.as_deref().unwrap_or_default();
+                let first = stderr.lines().map(str::trim).find(|l| !l.is_empty());
+                match (how > 0, first) {
+                    (true, Some(msg)) => bail!("{msg}"),
+                    _ => bail!("{culprit}: the plugin crashed ({})", describe_exit(how)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Probe {
+    /// A probe given up on (a stop during a reload) is killed; its parent
+    /// reaps it (the master with `waitpid(-1)`; [`probe`] already has).
+    fn drop(&mut self) {
+        if self.ended.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.try_wait();
+        }
+    }
+}
+
+/// How long a step of the probe may take. Each step has its own
+/// deadline, from when the child announces it: a group's `init` and
+/// `fini` its `init_timeout`, loading its file that or LOAD_TIMEOUT if
+/// longer (a worker allows its whole load and init `init_timeout`),
+/// exiting after the last plugin LOAD_TIMEOUT. (One deadline for the
+/// whole probe would fail valid configs whose inits together take longer
+/// than any one timeout.)
+fn step_limit(timeouts: &[(String, Duration)], step: &str, group: &str) -> Duration {
+    let timeout = timeouts.iter().find(|(g, _)| g == group).map(|(_, t)| *t);
+    match (step, timeout) {
+        ("init" | "fini", Some(t)) => t,
+        ("load", Some(t)) => t.max(LOAD_TIMEOUT),
+        _ => LOAD_TIMEOUT,
     }
 }
 

@@ -39,10 +39,11 @@ fn settle(s: &mut Server, n: usize) -> Value {
     done.unwrap_or_else(|| panic!("did not settle at {n} workers: {}\n{}", s.status(), s.log()))
 }
 
-/// Waits (at most 10 s) until status says a reload is running.
+/// Waits (at most 10 s) until status says a reload is replacing workers
+/// (its plugins loaded in the probe).
 fn wait_reloading(s: &Server) {
     let running = wait_for(Duration::from_secs(10), || {
-        (s.status()["reloading"] == true).then_some(())
+        (s.status()["reload_phase"] == "workers").then_some(())
     });
     assert!(running.is_some(), "{}", s.log());
 }
@@ -1649,5 +1650,131 @@ fn a_recycle_during_a_reload_does_not_replace_a_worker_twice() {
         "{log}"
     );
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+/// A server whose reload will add group `slow` (command 9), whose plugin's
+/// constructor sleeps `LOAD_DELAY` in the plugin probe; and the config
+/// text that adds it.
+fn slow_probe_server() -> (Server, String) {
+    let port = free_port();
+    let slow_so = halfsync_testkit::c_plugin("plugins/c/test/slow_load.c");
+    let one = config(port, &echo_so(), 2, "");
+    let two = format!(
+        "{one}commands = [1]\n\n[[group]]\nname = \"slow\"\nplugin = \"{}\"\nworkers = 1\ncommands = [9]\ninit_timeout = \"60s\"\n",
+        slow_so.display()
+    );
+    let s = Server::start_env(
+        &one,
+        port,
+        &[(
+            "HALFSYNC_TEST_LOAD_DELAY_MS",
+            &LOAD_DELAY.as_millis().to_string(),
+        )],
+    );
+    s.write_config(&two);
+    (s, two)
+}
+
+/// How long the slow plugin takes to load in the probe (its group's
+/// `init_timeout` allows it).
+const LOAD_DELAY: Duration = Duration::from_secs(8);
+
+/// Runs `halfsync reload` on a thread; its (exit code, output).
+fn reload_in_background(s: &Server) -> std::thread::JoinHandle<(Option<i32>, String)> {
+    let path = s.config_path();
+    std::thread::spawn(move || {
+        let (st, out, err) = run_cmd(
+            std::process::Command::new(BIN)
+                .arg("reload")
+                .arg("--config")
+                .arg(path),
+            Duration::from_secs(120),
+        );
+        (st.code(), format!("{out}{err}"))
+    })
+}
+
+/// Waits (at most 10 s) for the reload's plugin probe; its pid.
+fn wait_probe(s: &mut Server) -> i32 {
+    let probe = wait_for(Duration::from_secs(10), || {
+        s.pids_titled("halfsync: plugin probe").first().copied()
+    });
+    probe.unwrap_or_else(|| panic!("no plugin probe; log:\n{}", s.log()))
+}
+
+/// While a reload test-loads a plugin that takes seconds to load, the
+/// master goes on supervising: `status` answers (saying so), a worker that
+/// dies is replaced, a second reload is refused; then the reload applies.
+#[test]
+fn the_master_supervises_while_a_reload_test_loads_its_plugins() {
+    let (mut s, _) = slow_probe_server();
+    let reload = reload_in_background(&s);
+    let probe = wait_probe(&mut s);
+
+    let st = s.status();
+    assert!(alive(probe), "status waited for the probe: {st}");
+    assert_eq!(st["reload_phase"], "plugins", "{st}");
+    assert_eq!(st["reloading"], true, "{st}");
+
+    let before = s.pids_titled("halfsync: worker echo");
+    assert_eq!(before.len(), 2, "{}", s.log());
+    // SAFETY: kill(2) on a process this test's server started.
+    unsafe { libc::kill(before[0], libc::SIGKILL) };
+    let replaced = wait_for(Duration::from_secs(10), || {
+        let now = s.pids_titled("halfsync: worker echo");
+        let st = s.status();
+        let ready = st["groups"][0]["workers"]
+            .as_array()?
+            .iter()
+            .filter(|w| w["state"] != "starting" && w["pid"].is_number())
+            .count();
+        (now.len() == 2 && !now.contains(&before[0]) && ready == 2).then_some(())
+    });
+    assert!(replaced.is_some(), "{}", s.log());
+    assert!(
+        alive(probe),
+        "the dead worker was replaced only after the probe; log:\n{}",
+        s.log()
+    );
+    let (code, out) = self::reload(&s);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("a reload is already in progress"), "{out}");
+
+    let (code, out) = reload.join().expect("reload thread");
+    assert_eq!(code, Some(0), "{out}\n{}", s.log());
+    let mut c = s.client();
+    assert_eq!(c.call(1, 9, b"slow").unwrap().payload, b"slow");
+    assert_eq!(c.call(2, 1, b"echo").unwrap().payload, b"echo");
+    let st = s.status();
+    assert_eq!(st["reloading"], false, "{st}");
+    assert!(st["reload_phase"].is_null(), "{st}");
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}
+
+/// A stop during a reload's plugin probe kills the probe (it does not wait
+/// for the plugin to finish loading), and the reload command hears that
+/// it was abandoned; nothing changed.
+#[test]
+fn a_stop_during_the_plugin_probe_kills_it() {
+    let (mut s, _) = slow_probe_server();
+    let reload = reload_in_background(&s);
+    let probe = wait_probe(&mut s);
+    let t = std::time::Instant::now();
+    s.stop(Duration::from_secs(30));
+    // Killed, not left to finish loading (which ends LOAD_DELAY after it
+    // started, before `t`).
+    let gone = wait_for(Duration::from_secs(2), || (!alive(probe)).then_some(()));
+    assert!(gone.is_some(), "the probe survived the stop");
+    assert!(t.elapsed() < LOAD_DELAY, "{:?}\n{}", t.elapsed(), s.log());
+    let (code, out) = reload.join().expect("reload thread");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("halfsync is stopping; reload abandoned"),
+        "{out}"
+    );
+    let log = s.log();
+    assert!(!log.contains("reloading"), "the reload went on: {log}");
     s.assert_clean();
 }

@@ -319,6 +319,8 @@ pub(crate) struct Master {
     /// nothing but BUSY (like nginx refusing to start).
     starting: bool,
     reload: Option<reload::Job>,
+    /// A reload whose plugins are being test-loaded (before `reload`).
+    probing: Option<reload::Probing>,
     /// A SIGHUP came during a reload: reload again, with the config file
     /// as it is then, once it is over, as nginx applies the latest
     /// configuration.
@@ -385,6 +387,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
         stopping: None,
         starting: true,
         reload: None,
+        probing: None,
         reload_pending: false,
         reload_resume: false,
         hold_sent: Vec::new(),
@@ -893,9 +896,13 @@ impl Master {
 
     /// A stop ends a reload where it stands; its caller hears so.
     pub(crate) fn abandon_reload(&mut self) {
-        if let Some(job) = self.reload.take()
-            && let Some(conn) = job.reply_to
-        {
+        // A probe under way is killed as it is dropped.
+        let reply_to = match (self.reload.take(), self.probing.take()) {
+            (Some(job), _) => job.reply_to,
+            (None, Some(probing)) => probing.reply_to,
+            (None, None) => None,
+        };
+        if let Some(conn) = reply_to {
             self.admin
                 .respond(conn, admin::err("halfsync is stopping; reload abandoned"));
         }
@@ -1133,8 +1140,11 @@ impl Master {
                 self.on_admin(request);
             }
             self.admin.sweep();
-            turn.lap("admin commands (a reload test-loads its plugins here)");
+            turn.lap("admin commands");
             self.run_timers();
+            if self.probing.is_some() {
+                self.poll_reload_probe();
+            }
             if self.reload.is_some() {
                 // A stale worker still starting may have become ready or died.
                 self.reload_advance();
@@ -1146,6 +1156,7 @@ impl Master {
             // replaced a second time, beside it).
             if (self.reload_pending || self.reload_resume)
                 && self.reload.is_none()
+                && self.probing.is_none()
                 && self.stopping.is_none()
                 && !self.starting
                 && self.proxies.iter().all(Option::is_some)
@@ -1323,6 +1334,9 @@ impl Master {
         if let Some(deadline) = self.stopping {
             next = next.min(deadline);
         }
+        if self.probing.is_some() {
+            next = next.min(now + crate::probe::Probe::POLL_EVERY);
+        }
         next = next
             .min(self.next_pool_check)
             .min(self.admin.next_deadline());
@@ -1348,6 +1362,7 @@ impl Master {
             libc::SIGHUP
                 if self.stopping.is_none()
                     && (self.reload.is_some()
+                        || self.probing.is_some()
                         || self.slots.iter().any(|s| s.replaces.is_some())) =>
             {
                 self.reload_pending = true;
@@ -1450,7 +1465,13 @@ impl Master {
             return;
         }
         let Some(i) = self.slots.iter().position(|s| s.pid() == Some(pid)) else {
-            return; // the plugin probe
+            // A reload's plugin probe (one given up on is gone already).
+            if let Some(p) = &mut self.probing
+                && p.probe.pid() == pid
+            {
+                p.probe.reaped(how);
+            }
+            return;
         };
         let stopping = self.stopping.is_some();
         let s = &mut self.slots[i];

@@ -56,11 +56,22 @@ impl GroupJob {
     }
 }
 
+/// A reload whose new configuration's plugins are being test-loaded:
+/// nothing has changed yet, and the master goes on supervising meanwhile.
+pub(crate) struct Probing {
+    pub(crate) probe: crate::probe::Probe,
+    config: Config,
+    /// The admin client waiting for the outcome.
+    pub(crate) reply_to: Option<u64>,
+}
+
 impl Master {
-    /// Starts a reload. Errors (bad config, plugin that does not load, a
-    /// port that cannot be bound, a reload already running) change nothing.
+    /// Starts a reload: reads the configuration and starts test-loading
+    /// its plugins in a child process ([`Master::poll_reload_probe`] goes
+    /// on when that is done). Errors (bad config, a reload already
+    /// running) change nothing.
     pub(crate) fn start_reload(&mut self, reply_to: Option<u64>) -> Result<(), String> {
-        if self.reload.is_some() {
+        if self.reload.is_some() || self.probing.is_some() {
             return Err("a reload is already in progress".into());
         }
         // This one covers a SIGHUP that was waiting for the last one.
@@ -81,8 +92,50 @@ impl Master {
                 self.config.server.proxy_processes, config.server.proxy_processes
             ));
         }
-        let probed =
-            crate::probe::probe(&self.exe, &config, false).map_err(|e| format!("{e:#}"))?;
+        let probe =
+            crate::probe::Probe::start(&self.exe, &config, false).map_err(|e| format!("{e:#}"))?;
+        info!(pid = probe.pid(), "reload: test-loading the plugins");
+        self.probing = Some(Probing {
+            probe,
+            config,
+            reply_to,
+        });
+        Ok(())
+    }
+
+    /// Once the reload's probe has ended: applies the configuration if
+    /// every plugin loaded, or refuses the reload (changing nothing).
+    pub(crate) fn poll_reload_probe(&mut self) {
+        let Some(p) = &mut self.probing else { return };
+        let Some(outcome) = p.probe.poll() else {
+            return;
+        };
+        let Some(Probing {
+            config, reply_to, ..
+        }) = self.probing.take()
+        else {
+            return;
+        };
+        let applied = outcome
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|probed| self.apply_reload(config, probed, reply_to));
+        if let Err(e) = applied {
+            error!("reload refused: {e}");
+            if let Some(conn) = reply_to {
+                self.admin.respond(conn, admin::err(&e));
+            }
+        }
+    }
+
+    /// Applies a configuration whose plugins loaded in the probe. Errors
+    /// (a port that cannot be bound) change nothing; after that the
+    /// reload is committed and answers `reply_to` when it ends.
+    fn apply_reload(
+        &mut self,
+        config: Config,
+        probed: Vec<crate::probe::Probed>,
+        reply_to: Option<u64>,
+    ) -> Result<(), String> {
         let new_listeners = self.bind_new_listeners(&config)?;
         if config.server.admin_socket != self.config.server.admin_socket
             || config.server.metrics_listen != self.config.server.metrics_listen

@@ -199,7 +199,16 @@ pub(crate) fn status(m: &Master) -> String {
         "config": m.config_path.as_ref().map(|p| p.display().to_string()),
         "generation": m.generation,
         "uptime_s": m.started_at.elapsed().as_secs(),
-        "reloading": m.reload.is_some(),
+        "reloading": m.reload.is_some() || m.probing.is_some(),
+        // "plugins": test-loading the new configuration's plugins (nothing
+        // changed yet); "workers": replacing workers group by group.
+        "reload_phase": if m.probing.is_some() {
+            Some("plugins")
+        } else if m.reload.is_some() {
+            Some("workers")
+        } else {
+            None
+        },
         "proxy": {
             "pid": m.proxies.first().and_then(|p| p.as_ref()).map(|p| p.pid),
             "pids": m.proxies.iter().map(|p| p.as_ref().map(|p| p.pid)).collect::<Vec<_>>(),
