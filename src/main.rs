@@ -293,12 +293,16 @@ fn check(path: Option<&Path>) -> Result<()> {
     logging::init(None, LogFormat::Text)?;
     for p in probe::probe(&exe_path()?, &config, true)? {
         println!(
-            "group {}: plugin {} {} ({}): loaded and initialised",
+            "group {}: plugin {} {} ({}): loaded and initialised{}",
             p.group,
             p.name,
             p.version,
-            p.path.display()
+            p.path.display(),
+            if p.log.is_empty() { "" } else { "; it logged:" }
         );
+        for line in &p.log {
+            println!("    {line}");
+        }
     }
     println!("halfsync: configuration {} is ok", config.origin);
     Ok(())
@@ -342,6 +346,6 @@ fn run_worker() -> ExitCode {
 }
 
 fn run_probe() -> ExitCode {
-    logging::init_from_env();
+    // It sets up its own logging (see `probe::child_main`).
     probe::child_main()
 }

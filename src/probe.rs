@@ -51,6 +51,9 @@ pub struct Probed {
     pub name: String,
     /// Its version string.
     pub version: String,
+    /// What it logged at warning level or above while being loaded and
+    /// initialised (`check` only), e.g. `WARN config key x is deprecated`.
+    pub log: Vec<String>,
 }
 
 /// Loads (and with `init`, initialises) every group's plugin in a child
@@ -156,6 +159,7 @@ impl Probe {
             progress: Progress {
                 probed: Vec::new(),
                 current: None,
+                log: Vec::new(),
                 limit: LOAD_TIMEOUT,
                 deadline: Instant::now() + LOAD_TIMEOUT,
             },
@@ -231,7 +235,23 @@ impl Probe {
         }
     }
 
+    /// The probe's result; a failure also quotes what the failing plugin
+    /// logged (`check` only).
     fn outcome(&self, how: Option<i32>) -> Result<Vec<Probed>> {
+        let log = &self.progress.log;
+        self.verdict(how).map_err(|e| {
+            if log.is_empty() {
+                e
+            } else {
+                anyhow::anyhow!(
+                    "{e}\n  the plugin logged before that:\n    {}",
+                    log.join("\n    ")
+                )
+            }
+        })
+    }
+
+    fn verdict(&self, how: Option<i32>) -> Result<Vec<Probed>> {
         let Progress {
             probed,
             current,
@@ -313,6 +333,8 @@ struct Progress {
     probed: Vec<Probed>,
     /// (step, group) under way; `None` between groups and at the end.
     current: Option<(String, String)>,
+    /// Lines logged since the last group was done.
+    log: Vec<String>,
     limit: Duration,
     deadline: Instant,
 }
@@ -327,12 +349,14 @@ impl Progress {
                 self.start(step_limit(step, group));
                 self.current = Some((step.to_string(), group.to_string()));
             }
+            ["log", level, message] => self.log.push(format!("{level} {message}")),
             ["ok", group, name, version, path] => {
                 self.probed.push(Probed {
                     group: group.to_string(),
                     path: PathBuf::from(path),
                     name: name.to_string(),
                     version: version.to_string(),
+                    log: std::mem::take(&mut self.log),
                 });
                 // Done with that group; what follows is the next step, or
                 // the probe exiting.
@@ -349,6 +373,42 @@ impl Progress {
     }
 }
 
+/// In the probe child of `check`: every event at warning level or above
+/// (a plugin's `host.warn` and `host.error` among them) goes to the parent
+/// as a `log` line on stdout, attributed to the step under way.
+struct ToParent;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ToParent {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let level = *event.metadata().level();
+        // More verbose levels compare greater.
+        if level > tracing::Level::WARN {
+            return;
+        }
+        let mut message = String::new();
+        event.record(
+            &mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
+                if field.name() == "message" {
+                    message = format!("{value:?}");
+                }
+            },
+        );
+        // One line, and no tab to split on.
+        let message: String = message
+            .chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect();
+        println!("log\t{level}\t{message}");
+    }
+}
+
 /// The probe child: loads (and maybe initialises) each plugin in turn.
 pub fn child_main() -> std::process::ExitCode {
     use std::process::ExitCode;
@@ -362,6 +422,13 @@ pub fn child_main() -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if spec.init {
+        use tracing_subscriber::layer::SubscriberExt;
+        let _ =
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(ToParent));
+    } else {
+        crate::logging::init_from_env();
+    }
     for t in &spec.plugins {
         println!("step\tload\t{}", t.group);
         let plugin = match halfsync_worker::Plugin::load(&t.path) {

@@ -176,6 +176,11 @@ fn check_reports_a_plugin_that_crashes_or_hangs_in_init() {
         err.contains("group g") && err.contains("(init)") && err.contains("killed by SIGSEGV"),
         "{err}"
     );
+    // What the plugin logged before it crashed is quoted.
+    assert!(
+        err.contains("the plugin logged before that:\n    WARN fault: crashing in init"),
+        "{err}"
+    );
     let (code, err) = halfsync(
         "check",
         &format!(
@@ -267,4 +272,49 @@ fn metrics_listen_needs_a_port_of_its_own() {
     );
     let sock = &_cleanup.0;
     assert!(!sock.exists(), "{} was left behind", sock.display());
+}
+
+/// `check` shows what each plugin logged at warning level or above while
+/// it was loaded and initialised (as `nginx -t` shows warnings), under
+/// its group; info lines stay out.
+#[test]
+fn check_shows_what_plugins_warn_about_in_init() {
+    let so = halfsync_testkit::fault_plugin();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\n\n{}[group.config]\nwarn_in_init = \"key `db` is deprecated\"\n\n\
+         [[group]]\nname = \"quiet\"\nplugin = \"{}\"\ncommands = [2]\n",
+        free_port(),
+        group(&so),
+        so.display()
+    );
+    let path = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let file = path.path().join("warn.toml");
+    std::fs::write(&file, &text).unwrap();
+    let (st, out, err) = run_cmd(
+        Command::new(BIN).arg("check").arg("--config").arg(&file),
+        Duration::from_secs(20),
+    );
+    assert_eq!(st.code(), Some(0), "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let g = lines
+        .iter()
+        .position(|l| l.starts_with("group g: plugin fault"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        lines[g].ends_with("loaded and initialised; it logged:"),
+        "{out}"
+    );
+    assert_eq!(lines[g + 1], "    WARN key `db` is deprecated", "{out}");
+    let quiet = lines
+        .iter()
+        .find(|l| l.starts_with("group quiet: plugin fault"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(quiet.ends_with("loaded and initialised"), "{out}");
+    assert!(
+        !out.contains("fault plugin ready"),
+        "info lines shown: {out}"
+    );
 }

@@ -67,7 +67,8 @@
 //! The plugin's config section (TOML text) is read line by line for these
 //! `key = value` lines only; every other line is ignored (no TOML parser):
 //!
-//! - `init_delay_ms = N`: sleep N ms first (slow start);
+//! - `warn_in_init = "message"`: log that message as a warning first;
+//! - `init_delay_ms = N`: sleep N ms (slow start);
 //! - `crash_in_init = true`: then die of SIGSEGV inside init;
 //! - `crash_in_init_if_exists = "path"`: the same, but only while that file
 //!   exists (a plugin that starts failing after the server started);
@@ -169,6 +170,7 @@ struct InitConfig {
     fail: Option<String>,
     crash_if_exists: Option<String>,
     prefix: Option<String>,
+    warn: Option<String>,
 }
 
 impl InitConfig {
@@ -191,6 +193,7 @@ impl InitConfig {
                 "fail_init" => out.fail = Some(parse_string(value)),
                 "crash_in_init_if_exists" => out.crash_if_exists = Some(parse_string(value)),
                 "reply_prefix" => out.prefix = Some(parse_string(value)),
+                "warn_in_init" => out.warn = Some(parse_string(value)),
                 _ => {}
             }
         }
@@ -466,6 +469,9 @@ impl Fault {
 impl Plugin for Fault {
     fn init(host: &Host, config: &str) -> Result<Self, Error> {
         let config = InitConfig::parse(config)?;
+        if let Some(msg) = &config.warn {
+            host.warn(msg);
+        }
         if config.delay_ms > 0 {
             host.info(&format!("fault: init sleeps {} ms", config.delay_ms));
             std::thread::sleep(Duration::from_millis(config.delay_ms));
@@ -777,7 +783,7 @@ mod tests {
     fn config_parsing() {
         let parsed = InitConfig::parse(
             "# comment\n  init_delay_ms = 250  # ms\ncrash_in_init = false\nhang_in_init=true\n\
-             fail_init = \"a = b\"\nname = \"x\"\n",
+             fail_init = \"a = b\"\nname = \"x\"\nwarn_in_init = \"careful\"\n",
         )
         .unwrap();
         assert_eq!(
@@ -789,6 +795,7 @@ mod tests {
                 fail: Some("a = b".to_owned()),
                 crash_if_exists: None,
                 prefix: None,
+                warn: Some("careful".to_owned()),
             }
         );
         assert_eq!(InitConfig::parse("").unwrap(), InitConfig::default());
