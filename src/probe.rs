@@ -394,17 +394,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ToParent {
             },
         );
         // One line, and no tab to split on.
-        let message: String = message
-            .chars()
-            .flat_map(|c| {
-                let escaped: Vec<char> = if c.is_control() {
-                    c.escape_default().collect()
-                } else {
-                    vec![c]
-                };
-                escaped
-            })
-            .collect();
+        let message = halfsync_config::one_line(&message);
         println!("log\t{level}\t{message}");
     }
 }

@@ -103,8 +103,11 @@ impl Error {
     }
 }
 
-/// Escapes control characters (newlines included) so `s` fits on one line.
-pub(crate) fn one_line(s: &str) -> String {
+/// Escapes control characters (newlines included, as `\n`, `\t`,
+/// `\u{1b}`) so `s` fits on one line: for any text from outside (a path,
+/// a parser's message, a plugin's log line) that goes into a log line or
+/// an error, which it then cannot break up or forge another of.
+pub fn one_line(s: &str) -> String {
     if !s.chars().any(char::is_control) {
         return s.to_owned();
     }

@@ -81,10 +81,10 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
-pub use error::{Error, Location};
+pub use error::{Error, Location, one_line};
 pub use units::{ByteSize, HumanDuration, UnitError};
 
-use error::{line_col, one_line};
+use error::line_col;
 
 /// The embedded default configuration, used when no file is given: one
 /// listener on `127.0.0.1:7878` and one group `"echo"` running the `echo`

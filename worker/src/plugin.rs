@@ -511,7 +511,8 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
     // SAFETY: `ctx` is the leaked, immutable `HostCtx` (fn contract).
     let plugin = unsafe { &*ctx.cast::<HostCtx>() }.plugin.as_str();
     let raw = String::from_utf8_lossy(bytes);
-    let text = one_line(&raw);
+    // One line: a plugin's message cannot forge other log lines.
+    let text = halfsync_config::one_line(&raw);
     // A panicking subscriber must not unwind into C (that would abort).
     let _ = catch_unwind(AssertUnwindSafe(|| match level {
         i32::MIN..=abi::LOG_ERROR => tracing::error!(target: "plugin", plugin, "{text}"),
@@ -520,23 +521,6 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
         abi::LOG_DEBUG => tracing::debug!(target: "plugin", plugin, "{text}"),
         _ => tracing::trace!(target: "plugin", plugin, "{text}"),
     }));
-}
-
-/// `text` with its control characters escaped (`\n`, `\t`, `\u{1b}`):
-/// a plugin's message stays one log line, and cannot forge others.
-fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return text.into();
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out.into()
 }
 
 /// What `hs_reply.ctx` points to during one `Instance::handle_split`.
@@ -812,7 +796,7 @@ impl Instance {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use halfsync_config::one_line;
 
     #[test]
     fn plugin_messages_stay_on_one_line() {
