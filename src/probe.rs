@@ -63,6 +63,11 @@ pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
     let mut probe = Probe::start(exe, config, init)?;
     loop {
         if let Some(outcome) = probe.poll() {
+            // A child killed for missing its deadline is reaped here (the
+            // master polls without blocking and reaps it on SIGCHLD).
+            if probe.ended.as_ref().is_some_and(|e| e.how.is_none()) {
+                let _ = probe.child.wait();
+            }
             return outcome;
         }
         std::thread::sleep(Probe::POLL_EVERY);
@@ -186,11 +191,16 @@ impl Probe {
     pub fn poll(&mut self) -> Option<Result<Vec<Probed>>> {
         self.take_output();
         if self.ended.is_none() {
-            let how = match self.child.try_wait() {
-                Ok(Some(st)) => Some(st.signal().map_or(st.code().unwrap_or(1), |s| -s)),
-                Ok(None) => None,
-                // Reaped by the parent's `waitpid(-1)`: `reaped` says how.
-                Err(_) => self.reaped,
+            // Once the parent's `waitpid(-1)` reaped the child, its pid may
+            // belong to another process: never wait for or signal it again.
+            let how = match self.reaped {
+                Some(how) => Some(how),
+                None => match self.child.try_wait() {
+                    Ok(Some(st)) => Some(st.signal().map_or(st.code().unwrap_or(1), |s| -s)),
+                    Ok(None) => None,
+                    // Reaped by someone who did not say how.
+                    Err(_) => Some(1),
+                },
             };
             let how = match how {
                 Some(how) => Some(how),
@@ -304,7 +314,7 @@ impl Drop for Probe {
     /// A probe given up on (a stop during a reload) is killed; its parent
     /// reaps it (the master with `waitpid(-1)`; [`probe`] already has).
     fn drop(&mut self) {
-        if self.ended.is_none() {
+        if self.ended.is_none() && self.reaped.is_none() {
             let _ = self.child.kill();
             let _ = self.child.try_wait();
         }
