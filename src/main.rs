@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use halfsync_config::{Config, LogFormat};
 use tracing::error;
@@ -115,39 +115,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run { config, inline } => run(config.as_deref(), inline),
         Cmd::Check { config } => check(config.as_deref()),
-        Cmd::Status { target, json } => socket(&target).and_then(|s| ctl::status(&s, json)),
-        Cmd::Reload { target, timeout } => socket(&target).and_then(|s| {
-            // The server re-reads the file it was started with: say so if
-            // --config names another.
-            if let Some(given) = target
-                .config
-                .as_deref()
-                .and_then(|p| std::fs::canonicalize(p).ok())
-                && let Some(runs) = ctl::config_of(&s)
-                && runs.as_ref() != Some(&given)
-            {
-                match runs {
-                    Some(runs) => eprintln!(
-                        "halfsync: note: the server on {} runs {}, not {}; a reload re-reads {}",
-                        s.display(),
-                        runs.display(),
-                        given.display(),
-                        runs.display()
-                    ),
-                    None => eprintln!(
-                        "halfsync: note: the server on {} runs the embedded default config, not {}; a reload keeps the default",
-                        s.display(),
-                        given.display()
-                    ),
-                }
-            }
-            ctl::simple(&s, r#"{"cmd":"reload"}"#, Duration::from_secs(timeout))
-        }),
+        Cmd::Status { target, json } => {
+            server_of(&target, false, false).and_then(|s| ctl::status(&s, json))
+        }
+        Cmd::Reload { target, timeout } => server_of(&target, true, true)
+            .and_then(|s| ctl::simple(&s, r#"{"cmd":"reload"}"#, Duration::from_secs(timeout))),
         Cmd::Stop {
             target,
             fast,
             timeout,
-        } => socket(&target).and_then(|s| {
+        } => server_of(&target, true, false).and_then(|s| {
             let line = serde_json::json!({"cmd": "stop", "fast": fast}).to_string();
             ctl::stop(&s, &line, Duration::from_secs(timeout))
         }),
@@ -155,7 +132,7 @@ fn main() -> ExitCode {
             target,
             group,
             workers,
-        } => socket(&target).and_then(|s| {
+        } => server_of(&target, true, false).and_then(|s| {
             let line =
                 serde_json::json!({"cmd": "scale", "group": group, "workers": workers}).to_string();
             ctl::simple(&s, &line, Duration::from_secs(10))
@@ -169,6 +146,65 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The admin socket of the server a command is for, checked against the
+/// configuration the operator named: two configs can name one socket (the
+/// default is named after the first listen port only, so `127.0.0.1:8000`
+/// and `127.0.0.2:8000` share it), and a command must not stop, reload or
+/// scale a server that runs another file. A command that `acts` refuses
+/// then (saying how to address that server anyway); `status` only notes
+/// it. With `--socket` the operator chose the server: a note at most
+/// (none without `--config`). `reloads`: the note says which file a
+/// reload re-reads.
+fn server_of(t: &Target, acts: bool, reloads: bool) -> Result<PathBuf> {
+    let sock = socket(t)?;
+    if t.socket.is_some() && t.config.is_none() {
+        return Ok(sock);
+    }
+    let wanted = match &t.config {
+        Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("{}", p.display()))?),
+        None => None,
+    };
+    let Some(runs) = ctl::config_of(&sock) else {
+        // Not answering: the command itself says so.
+        return Ok(sock);
+    };
+    if runs == wanted {
+        return Ok(sock);
+    }
+    let name = |c: &Option<PathBuf>| match c {
+        Some(p) => p.display().to_string(),
+        None => "the embedded default config".to_owned(),
+    };
+    let what = format!(
+        "the server on {} runs {}, not {}",
+        sock.display(),
+        name(&runs),
+        name(&wanted)
+    );
+    if t.socket.is_some() || !acts {
+        let reload = if reloads {
+            match &runs {
+                Some(p) => format!("; a reload re-reads {}", p.display()),
+                None => "; a reload keeps the default".to_owned(),
+            }
+        } else {
+            String::new()
+        };
+        eprintln!("halfsync: note: {what}{reload}");
+        return Ok(sock);
+    }
+    let config = match &runs {
+        Some(p) => format!("--config {}", p.display()),
+        None => "no --config".to_owned(),
+    };
+    bail!(
+        "{what}, so nothing was done (two configurations name the same admin socket: give each \
+         its own admin_socket, or its own first listen port); to address that server anyway: \
+         {config}, or --socket {}",
+        sock.display()
+    )
 }
 
 /// The admin socket of the server an operator command targets. Only
@@ -212,11 +248,23 @@ fn socket_named(t: &Target) -> Result<(PathBuf, bool)> {
     };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let Ok(table) = text.parse::<toml::Table>() else {
-        // Not even TOML: the full loader says where.
-        return Ok((load_config(Some(path))?.admin_socket(), false));
+    let server = match text.parse::<toml::Table>() {
+        Ok(mut table) => table.remove("server").and_then(|s| s.try_into().ok()),
+        // A syntax error: the `[server]` section alone may still parse.
+        Err(e) => match server_section(&text) {
+            Some(server) => Some(server),
+            None => {
+                let err = load_config(Some(path))
+                    .err()
+                    .map_or_else(|| e.to_string(), |e| format!("{e:#}"));
+                bail!(
+                    "{err} (its [server] section cannot be read either; --socket names the \
+                     server's admin socket without the file)"
+                )
+            }
+        },
     };
-    let server = table.get("server").and_then(|s| s.as_table());
+    let server = server.as_ref();
     let explicit = server
         .and_then(|s| s.get("admin_socket"))
         .and_then(|v| v.as_str())
@@ -236,6 +284,21 @@ fn socket_named(t: &Target) -> Result<(PathBuf, bool)> {
         .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
         .map_or(7878, |a| a.port());
     Ok((PathBuf::from(format!("/tmp/halfsync-{port}.sock")), true))
+}
+
+/// The `[server]` table of a file that does not parse as a whole (a
+/// mistake in another section): the lines from its header to the next
+/// header, parsed alone.
+fn server_section(text: &str) -> Option<toml::Table> {
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.trim().starts_with("[server]"))
+        .skip(1);
+    let body: Vec<&str> = lines
+        .by_ref()
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .collect();
+    body.join("\n").parse::<toml::Table>().ok()
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config> {

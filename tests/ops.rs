@@ -1778,3 +1778,95 @@ fn a_stop_during_the_plugin_probe_kills_it() {
     assert!(!log.contains("reloading"), "the reload went on: {log}");
     s.assert_clean();
 }
+
+/// Two configuration files that name the same admin socket (here
+/// explicitly; by default, two listen addresses with one port do): a
+/// command given the file the server does not run refuses to stop,
+/// reload or scale it, saying which file it runs and how to address it
+/// anyway; `status` shows it with a note; `--socket` acts.
+#[test]
+fn commands_refuse_a_server_that_runs_another_config() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 1, ""), port);
+    let other = s.dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        with_admin_socket(&config(free_port(), &echo_so(), 2, ""), s.dir.path()),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let (st, out, err) = run_cmd(
+            std::process::Command::new(BIN)
+                .args(args)
+                .arg("--config")
+                .arg(&other),
+            Duration::from_secs(60),
+        );
+        (st.code(), format!("{out}{err}"))
+    };
+    for args in [&["stop"][..], &["reload"], &["scale", "echo", "3"]] {
+        let (code, out) = run(args);
+        assert_eq!(code, Some(1), "{args:?}: {out}");
+        assert!(
+            out.contains("runs") && out.contains("halfsync.toml") && out.contains("other.toml"),
+            "{args:?}: {out}"
+        );
+        assert!(
+            out.contains("nothing was done") && out.contains("--socket"),
+            "{args:?}: {out}"
+        );
+    }
+    let st = s.status();
+    assert_eq!(st["generation"], 1, "{st}");
+    assert_eq!(st["groups"][0]["workers_target"], 1, "{st}");
+    let (code, out) = run(&["status"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("note: the server on") && out.contains("group echo"),
+        "{out}"
+    );
+    let sock = s.dir.path().join("admin.sock");
+    let (st, out, err) = run_cmd(
+        std::process::Command::new(BIN)
+            .args(["stop", "--socket"])
+            .arg(&sock),
+        Duration::from_secs(60),
+    );
+    assert_eq!(st.code(), Some(0), "{out}{err}");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+/// A TOML syntax error in the config file (an unclosed string in a
+/// group) does not lock the operator out: status and stop still find the
+/// server from the `[server]` section, and reload refuses, quoting the
+/// error. A syntax error in `[server]` itself is reported with a pointer
+/// to `--socket`.
+#[test]
+fn status_and_stop_work_despite_a_syntax_error() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 1, ""), port);
+    let good = std::fs::read_to_string(s.config_path()).unwrap();
+    std::fs::write(s.config_path(), format!("{good}\nworkers = \"two\n")).unwrap();
+    let (code, out, err) = s.ctl(&["status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("group echo"), "{out}");
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("halfsync.toml:"),
+        "the syntax error's place: {out}"
+    );
+
+    let broken_server = good.replacen("[server]\n", "[server]\nlisten = [\n", 1);
+    std::fs::write(s.config_path(), broken_server).unwrap();
+    let (code, out, err) = s.ctl(&["status"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("--socket"), "{err}");
+
+    std::fs::write(s.config_path(), format!("{good}\nworkers = \"two\n")).unwrap();
+    let (code, out, err) = s.ctl(&["stop"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
