@@ -354,6 +354,22 @@ fn retitle_master() {
 fn check(path: Option<&Path>) -> Result<()> {
     let config = load_config(path)?;
     logging::init(None, LogFormat::Text)?;
+    // What `run` would refuse beyond the file itself: a log file it cannot
+    // open (created if missing, as `nginx -t` does), an address this
+    // machine does not have.
+    if let Some(log) = config.log_file() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log)
+            .with_context(|| format!("cannot open log file {}", log.display()))?;
+    }
+    for addr in &config.server.listen {
+        master::check_address(*addr, "server.listen").map_err(|e| anyhow::anyhow!(e))?;
+    }
+    if let Some(addr) = config.server.metrics_listen {
+        master::check_address(addr, "server.metrics_listen").map_err(|e| anyhow::anyhow!(e))?;
+    }
     for p in probe::probe(&exe_path()?, &config, true)? {
         println!(
             "group {}: plugin {} {} ({}): loaded and initialised{}",

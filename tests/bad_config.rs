@@ -265,9 +265,8 @@ fn metrics_listen_needs_a_port_of_its_own() {
     let (code, err) = halfsync("run", &text);
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains(&format!(
-            "cannot listen on 127.0.0.1:{mport} (metrics_listen)"
-        )),
+        err.contains(&format!("cannot listen on 127.0.0.1:{mport}"))
+            && err.contains("change `server.metrics_listen`"),
         "{err}"
     );
     let sock = &_cleanup.0;
@@ -317,4 +316,34 @@ fn check_shows_what_plugins_warn_about_in_init() {
         !out.contains("fault plugin ready"),
         "info lines shown: {out}"
     );
+}
+
+/// `check` refuses what `run` would: a listen (or metrics) address no
+/// interface of this machine has, and a log file that cannot be opened;
+/// both with run's message and fix.
+#[test]
+fn check_refuses_an_address_or_log_file_run_cannot_use() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"192.0.2.1:{port}\"]\n\n{}",
+        group(&echo_so())
+    );
+    refused(
+        &text,
+        &[
+            &format!("cannot listen on 192.0.2.1:{port}"),
+            "no interface of this machine has that address",
+        ],
+    );
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"192.0.2.1:{}\"\n\n{}",
+        free_port(),
+        group(&echo_so())
+    );
+    refused(&text, &["no interface of this machine has that address"]);
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nlog_file = \"no-such-dir/halfsync.log\"\n\n{}",
+        group(&echo_so())
+    );
+    refused(&text, &["cannot open log file", "no-such-dir/halfsync.log"]);
 }

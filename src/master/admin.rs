@@ -124,8 +124,9 @@ impl Admin {
         let metrics = match metrics {
             None => None,
             Some(addr) => {
-                let l = TcpListener::bind(addr)
-                    .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?;
+                let l = TcpListener::bind(addr).map_err(|e| {
+                    anyhow::anyhow!(super::listen_error(addr, &e, "server.metrics_listen"))
+                })?;
                 l.set_nonblocking(true)?;
                 Some(l)
             }

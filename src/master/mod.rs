@@ -355,7 +355,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
             id: i as u32,
             addr: *addr,
             sockets: listen_all(*addr, &config, n)
-                .map_err(|e| anyhow::anyhow!(listen_error(*addr, &e)))?,
+                .map_err(|e| anyhow::anyhow!(listen_error(*addr, &e, "server.listen")))?,
         });
     }
     let admin = admin::Admin::bind(&config.admin_socket(), config.server.metrics_listen)?;
@@ -432,18 +432,33 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
 }
 
 /// "cannot listen on ADDR: ERROR", with the fix for the usual causes.
-fn listen_error(addr: SocketAddr, e: &std::io::Error) -> String {
+/// For `check`: whether this machine has `addr`'s IP address to listen
+/// on (bound on port 0, so a server already listening on the port does
+/// not make a valid config fail). The error is `run`'s, with its fix.
+pub fn check_address(addr: SocketAddr, key: &str) -> Result<(), String> {
+    match TcpListener::bind(SocketAddr::new(addr.ip(), 0)) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            Err(listen_error(addr, &e, key))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Why `addr` (from config key `key`) cannot be listened on, and the fix.
+pub(crate) fn listen_error(addr: SocketAddr, e: &std::io::Error, key: &str) -> String {
     let fix = match e.kind() {
         std::io::ErrorKind::AddrInUse => {
-            "; another process (another halfsync?) listens there: stop it, or change `server.listen`"
+            format!(
+                "; another process (another halfsync?) listens there: stop it, or change `{key}`"
+            )
         }
         std::io::ErrorKind::AddrNotAvailable => {
-            "; no interface of this machine has that address: fix `server.listen`"
+            format!("; no interface of this machine has that address: fix `{key}`")
         }
-        std::io::ErrorKind::PermissionDenied => {
-            "; ports below 1024 need root or CAP_NET_BIND_SERVICE: use a higher port or grant the capability"
-        }
-        _ => "",
+        std::io::ErrorKind::PermissionDenied => "; ports below 1024 need root or \
+            CAP_NET_BIND_SERVICE: use a higher port or grant the capability"
+            .to_owned(),
+        _ => String::new(),
     };
     format!("cannot listen on {addr}: {e}{fix}")
 }
@@ -1795,7 +1810,7 @@ impl Master {
                 continue;
             }
             let sockets = listen_all(*addr, config, self.proxies.len())
-                .map_err(|e| listen_error(*addr, &e))?;
+                .map_err(|e| listen_error(*addr, &e, "server.listen"))?;
             out.push((*addr, sockets));
         }
         Ok(out)
