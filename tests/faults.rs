@@ -1025,3 +1025,40 @@ fn slow_requests_on_a_fresh_server() -> Result<(), String> {
     s.assert_clean();
     Ok(())
 }
+
+/// A plugin `.so` overwritten in place while workers have it loaded (`cp`
+/// onto it) crashes them: the log says that the file changed under them
+/// and how to install a new version instead.
+#[test]
+fn a_plugin_file_overwritten_in_place_is_named_as_the_cause() {
+    let port = free_port();
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let so = dir.path().join("libecho_copy.so");
+    std::fs::copy(echo_so(), &so).unwrap();
+    let mut s = Server::start(&config(port, &so, 1, ""), port);
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"before").unwrap().payload, b"before");
+    // In place (same inode), and shorter: the worker's mapped code pages
+    // past the new end of file are gone, so running them faults (SIGBUS).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&so)
+        .unwrap();
+    drop(f);
+    // The next request runs the plugin's code and the worker dies.
+    let reply = c.call(2, 1, b"after").unwrap();
+    assert_eq!(reply.code, status::WORKER_DIED, "{}", s.log());
+    let said = wait_for(Duration::from_secs(10), || {
+        s.log()
+            .contains("changed on disk after this worker loaded it")
+            .then_some(())
+    });
+    assert!(said.is_some(), "{}", s.log());
+    assert!(s.log().contains("libecho_copy.so"), "{}", s.log());
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}

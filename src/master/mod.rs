@@ -23,7 +23,7 @@ pub(crate) mod sys;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -219,6 +219,30 @@ pub(crate) struct SlotRec {
     pub(crate) last_failure: Option<String>,
     /// Configuration generation of the running worker.
     pub(crate) generation: u64,
+    /// The plugin file as it was when the running worker was started (see
+    /// [`FileStamp`]).
+    plugin_file: Option<FileStamp>,
+}
+
+/// What tells one version of a file from another: device, inode, size and
+/// modification time. A worker that crashes after its plugin's stamp
+/// changed was most likely killed by the file being overwritten in place
+/// (`cp` onto a loaded `.so` rewrites the pages the worker runs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp(u64, u64, u64, i64, i64);
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp(
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+        ))
+    }
 }
 
 impl SlotRec {
@@ -612,6 +636,7 @@ impl Master {
             ever_ready: false,
             last_exit: None,
             last_failure: None,
+            plugin_file: None,
             generation: 0,
         });
         let i = self.slots.len() - 1;
@@ -818,12 +843,14 @@ impl Master {
         let env = self.child_env(halfsync_worker::SPEC_ENV, spec.to_env());
         let pid = sys::spawn(&self.exe, &title, "worker", &env, &[memfd, eventfd])
             .with_context(|| format!("starting worker {title}"))?;
+        let plugin_file = FileStamp::of(&self.groups[self.slots[i].group].plugin);
         let s = &mut self.slots[i];
         s.life = Life::Running {
             pid,
             since: Instant::now(),
             kill_at: None,
         };
+        s.plugin_file = plugin_file;
         s.replaces = replaces;
         s.retiring = false;
         s.draining = false;
@@ -1537,6 +1564,19 @@ impl Master {
             info!(group = %name, worker = s.label, pid, "worker exited ({})", describe_exit(how));
         } else {
             warn!(group = %name, worker = s.label, pid, "worker died ({})", describe_exit(how));
+            let plugin = &self.groups[s.group].plugin;
+            if cause == Cause::Crash
+                && s.plugin_file.is_some()
+                && FileStamp::of(plugin) != s.plugin_file
+            {
+                error!(
+                    group = %name,
+                    "the plugin file {} changed on disk after this worker loaded it; if it was \
+                     overwritten in place (cp), that is what crashed it: install a new version \
+                     under a new name or with mv (a new file), then halfsync reload",
+                    plugin.display()
+                );
+            }
         }
         s.life = Life::Resetting { next };
         s.last_exit = Some(how);
