@@ -121,7 +121,10 @@ impl Probe {
                 })
                 .collect(),
         };
-        let mut child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        // A probe stuck in a plugin must not outlive a killed parent.
+        crate::master::sys::dies_with_this_process(&mut cmd);
+        let mut child = cmd
             .arg0("halfsync: plugin probe")
             .env(ROLE_ENV, "probe")
             .env(SPEC_ENV, toml::to_string(&spec).context("probe spec")?)
@@ -165,6 +168,7 @@ impl Probe {
                 probed: Vec::new(),
                 current: None,
                 log: Vec::new(),
+                error: None,
                 limit: LOAD_TIMEOUT,
                 deadline: Instant::now() + LOAD_TIMEOUT,
             },
@@ -297,10 +301,41 @@ impl Probe {
                     limit.as_secs()
                 ),
             },
-            Some(0) => Ok(probed.clone()),
+            Some(0) => {
+                // One report per group, in the configuration's order (the
+                // callers pair them up by position).
+                let complete = probed.len() == self.spec.plugins.len()
+                    && probed
+                        .iter()
+                        .zip(&self.spec.plugins)
+                        .all(|(p, t)| p.group == halfsync_config::one_line(&t.group));
+                if !complete {
+                    bail!(
+                        "plugin probe: it exited 0 but reported {} of {} groups; its report \
+                         was cut short",
+                        probed.len(),
+                        self.spec.plugins.len()
+                    );
+                }
+                Ok(probed
+                    .iter()
+                    .zip(&self.spec.plugins)
+                    .map(|(p, t)| Probed {
+                        group: t.group.clone(),
+                        path: t.path.clone(),
+                        ..p.clone()
+                    })
+                    .collect())
+            }
             Some(how) => {
                 let stderr = self.stderr.as_deref().unwrap_or_default();
-                let first = stderr.lines().map(str::trim).find(|l| !l.is_empty());
+                // Its own account first; else what it (or a plugin) wrote
+                // to stderr before dying.
+                let first = self
+                    .progress
+                    .error
+                    .as_deref()
+                    .or_else(|| stderr.lines().map(str::trim).find(|l| !l.is_empty()));
                 match (how > 0, first) {
                     (true, Some(msg)) => bail!("{msg}"),
                     _ => bail!("{culprit}: the plugin crashed ({})", describe_exit(how)),
@@ -345,6 +380,8 @@ struct Progress {
     current: Option<(String, String)>,
     /// Lines logged since the last group was done.
     log: Vec<String>,
+    /// The child's own account of why it failed.
+    error: Option<String>,
     limit: Duration,
     deadline: Instant,
 }
@@ -360,10 +397,12 @@ impl Progress {
                 self.current = Some((step.to_string(), group.to_string()));
             }
             ["log", level, message] => self.log.push(format!("{level} {message}")),
-            ["ok", group, name, version, path] => {
+            ["error", message] => self.error = Some(message.to_string()),
+            ["ok", group, name, version] => {
                 self.probed.push(Probed {
                     group: group.to_string(),
-                    path: PathBuf::from(path),
+                    // The parent knows the path (`Probe::verdict`).
+                    path: PathBuf::new(),
                     name: name.to_string(),
                     version: version.to_string(),
                     log: std::mem::take(&mut self.log),
@@ -405,22 +444,47 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ToParent {
         );
         // One line, and no tab to split on.
         let message = halfsync_config::one_line(&message);
-        println!("log\t{level}\t{message}");
+        say(&format!("log\t{level}\t{message}"));
     }
 }
 
-/// The probe child: loads (and maybe initialises) each plugin in turn.
+/// Where the probe child reports to its parent: its original stdout,
+/// which plugins can no longer write to (see `sys::private_stdout`).
+static REPORT: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// One line to the parent (a single write, so lines never interleave).
+fn say(line: &str) {
+    use std::io::Write;
+    if let Some(mut f) = REPORT.get() {
+        let _ = f.write_all(format!("{line}\n").as_bytes());
+    }
+}
+
+/// The probe child: loads (and maybe initialises) each plugin in turn,
+/// reporting each step, its errors and (for `check`) what the plugins log
+/// as tab-separated lines; every field from outside is one-lined.
 pub fn child_main() -> std::process::ExitCode {
+    use halfsync_config::one_line;
     use std::process::ExitCode;
+    match crate::master::sys::private_stdout() {
+        Ok(f) => {
+            let _ = REPORT.set(f);
+        }
+        Err(e) => {
+            eprintln!("plugin probe: cannot set up its report: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let fail = |msg: String| {
+        say(&format!("error\t{}", one_line(&msg)));
+        ExitCode::FAILURE
+    };
     let spec: Spec = match std::env::var(SPEC_ENV)
         .map_err(|e| e.to_string())
         .and_then(|t| toml::from_str(&t).map_err(|e| e.to_string()))
     {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("plugin probe: bad spec: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(format!("plugin probe: bad spec: {e}")),
     };
     if spec.init {
         use tracing_subscriber::layer::SubscriberExt;
@@ -430,34 +494,27 @@ pub fn child_main() -> std::process::ExitCode {
         crate::logging::init_from_env();
     }
     for t in &spec.plugins {
-        println!("step\tload\t{}", t.group);
+        let group = one_line(&t.group);
+        say(&format!("step\tload\t{group}"));
         let plugin = match halfsync_worker::Plugin::load(&t.path) {
             Ok(p) => p,
-            Err(e) => {
-                eprintln!("group {}: {e}", t.group);
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return fail(format!("group {}: {e}", t.group)),
         };
         if spec.init {
-            println!("step\tinit\t{}", t.group);
+            say(&format!("step\tinit\t{group}"));
             match plugin.init(&t.config) {
                 Ok(instance) => {
-                    println!("step\tfini\t{}", t.group);
+                    say(&format!("step\tfini\t{group}"));
                     instance.fini();
                 }
-                Err(e) => {
-                    eprintln!("group {}: {e}", t.group);
-                    return ExitCode::FAILURE;
-                }
+                Err(e) => return fail(format!("group {}: {e}", t.group)),
             }
         }
-        println!(
-            "ok\t{}\t{}\t{}\t{}",
-            t.group,
-            plugin.name(),
-            plugin.version(),
-            t.path.display()
-        );
+        say(&format!(
+            "ok\t{group}\t{}\t{}",
+            one_line(plugin.name()),
+            one_line(plugin.version())
+        ));
     }
     ExitCode::SUCCESS
 }

@@ -347,3 +347,71 @@ fn check_refuses_an_address_or_log_file_run_cannot_use() {
     );
     refused(&text, &["cannot open log file", "no-such-dir/halfsync.log"]);
 }
+
+/// A plugin that writes to stdout while it loads (no newline, unbuffered)
+/// and has a tab and a newline in its name and version: `check` and `run`
+/// still see every group with its own plugin (the probe's report to its
+/// parent used to be stdout, and such output made a group's result go
+/// missing, so the next group was paired with the wrong plugin).
+#[test]
+fn a_plugin_printing_to_stdout_does_not_garble_the_probe() {
+    let chatty = halfsync_testkit::c_plugin("plugins/c/test/chatty_load.c");
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"a\"\nplugin = \"{}\"\ncommands = [1]\n\n\
+         [[group]]\nname = \"b\"\nplugin = \"{}\"\ncommands = [2]\n",
+        chatty.display(),
+        echo_so().display()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join("chatty.toml");
+    std::fs::write(&file, &text).unwrap();
+    let (st, out, err) = run_cmd(
+        Command::new(BIN).arg("check").arg("--config").arg(&file),
+        Duration::from_secs(20),
+    );
+    assert_eq!(st.code(), Some(0), "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "group a: plugin chatty\\tname 1\\n2 ({})",
+            chatty.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "group b: plugin echo 0.1.0 ({})",
+            echo_so().display()
+        )),
+        "{out}"
+    );
+
+    let mut s = Server::start(&text, port);
+    let st = s.status();
+    let plugins: Vec<(String, String)> = st["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["name"].as_str().unwrap_or_default().to_owned(),
+                g["plugin"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        plugins,
+        vec![
+            ("a".to_owned(), chatty.display().to_string()),
+            ("b".to_owned(), echo_so().display().to_string())
+        ],
+        "{st}"
+    );
+    let mut c = s.client();
+    assert_eq!(c.call(1, 2, b"to b").unwrap().payload, b"to b");
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}

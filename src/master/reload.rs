@@ -106,6 +106,11 @@ impl Master {
     /// Once the reload's probe has ended: applies the configuration if
     /// every plugin loaded, or refuses the reload (changing nothing).
     pub(crate) fn poll_reload_probe(&mut self) {
+        if self.stopping.is_some() {
+            // (A stop that did not go through `begin_stop`.)
+            self.abandon_reload();
+            return;
+        }
         let Some(p) = &mut self.probing else { return };
         let Some(outcome) = p.probe.poll() else {
             return;

@@ -185,6 +185,30 @@ pub fn kill(pid: i32, sig: i32) {
     }
 }
 
+/// For the plugin probe child: moves its stdout to a private descriptor
+/// (returned, close-on-exec) and points fd 1 at /dev/null, so that
+/// nothing a plugin prints can mix into the lines the probe reports to
+/// its parent.
+pub fn private_stdout() -> io::Result<std::fs::File> {
+    let fd = syscall!(fcntl(1, libc::F_DUPFD_CLOEXEC, 3))?;
+    // SAFETY: fcntl just created `fd`; nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    syscall!(dup2(null.as_raw_fd(), 1))?;
+    Ok(file)
+}
+
+/// Makes the process `cmd` starts die with this one (see
+/// [`die_with_parent`]), for children started without [`spawn`].
+pub fn dies_with_this_process(cmd: &mut Command) {
+    let parent = std::process::id() as i32;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes async-signal-safe calls (sigprocmask, prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || die_with_parent(parent));
+    }
+}
+
 /// Between fork and exec: unblock every signal (the master blocks the ones
 /// it reads from its signalfd, and a child would inherit that mask), make
 /// the child die with the master, and bail out if the master is already

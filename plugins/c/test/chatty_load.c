@@ -1,0 +1,37 @@
+/*
+ * An echo plugin that writes to stdout while it loads and initialises,
+ * without a newline and unbuffered: the plugin probe's report to its
+ * parent must not be garbled by it (it once was: a group's result went
+ * missing and the groups after it got each other's plugins).
+ */
+#include <stdio.h>
+
+#include "_common.h"
+
+__attribute__((constructor)) static void chatty_load(void)
+{
+    setvbuf(stdout, 0, _IONBF, 0);
+    fputs("loading...", stdout);
+}
+
+static int32_t chatty_init(const hs_host *host, const char *config, size_t config_len,
+                           void **state, char *err, size_t err_cap)
+{
+    fputs("init\tok\t", stdout);
+    return test_init(host, config, config_len, state, err, err_cap);
+}
+
+static const hs_plugin table = {
+    .abi_version = HALFSYNC_ABI_VERSION,
+    .struct_size = sizeof(hs_plugin),
+    .name = "chatty\tname",
+    .version = "1\n2",
+    .init = chatty_init,
+    .handle = test_handle,
+    .fini = 0,
+};
+
+const hs_plugin *halfsync_plugin_v1(void)
+{
+    return &table;
+}
