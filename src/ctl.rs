@@ -188,7 +188,11 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             g["pool"].as_str().unwrap_or("?"),
             g["workers_running"],
             if g["workers_running"] == 1 { "" } else { "s" },
-            g["workers_target"],
+            if g["pool"] == "dynamic" {
+                format!("{} to {}", g["workers_target"], g["workers_max"])
+            } else {
+                g["workers_target"].to_string()
+            },
             g["generation"],
             if g["retired"] == Value::Bool(true) {
                 ", removed"

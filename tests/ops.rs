@@ -1870,3 +1870,28 @@ fn status_and_stop_work_despite_a_syntax_error() {
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// A dynamic pool's range shows in `status`, and scaling it past its
+/// maximum says that the maximum followed.
+#[test]
+fn scaling_a_dynamic_pool_says_what_it_changed() {
+    let port = free_port();
+    let extra = "pool = \"dynamic\"\nmax_workers = 2\nmin_spare = 0\nmax_spare = 2\n";
+    let mut s = Server::start(&versioned(port, 1, "", extra, ""), port);
+    let (code, out, err) = s.ctl(&["status"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("(dynamic pool, 1 worker, 1 to 2 wanted"),
+        "{out}"
+    );
+    let (code, out, err) = s.ctl(&["scale", "game", "3"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("group game: 1 -> 3 workers at least (its max_workers too, from 2); until the next reload"),
+        "{out}"
+    );
+    let st = s.status();
+    assert_eq!(st["groups"][0]["workers_max"], 3, "{st}");
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}

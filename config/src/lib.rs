@@ -865,6 +865,18 @@ impl Config {
                     ),
                 ));
             }
+            if group.pool == Pool::Dynamic && group.max_workers.is_none() {
+                // As PHP-FPM refuses pm = dynamic without pm.max_children.
+                return Err(invalid(
+                    &here(&[Step::Key("pool")]),
+                    format!("group[{i}].pool"),
+                    format!(
+                        "a dynamic pool needs max_workers, the most workers it grows to \
+                         (above workers = {}); without it the pool never grows",
+                        group.workers
+                    ),
+                ));
+            }
             if group.min_spare > group.max_spare {
                 return Err(invalid(
                     &here(&[Step::Key("min_spare")]),

@@ -874,3 +874,20 @@ fn cross_key_checks_for_backoff_and_metrics() {
         );
     }
 }
+
+/// `pool = "dynamic"` needs `max_workers` (as PHP-FPM's pm = dynamic needs
+/// pm.max_children): without it the pool could never grow.
+#[test]
+fn a_dynamic_pool_needs_max_workers() {
+    let group =
+        |extra: &str| format!("[[group]]\nname = \"a\"\nplugin = \"a\"\nworkers = 2\n{extra}");
+    let e = err_text(&group("pool = \"dynamic\"\n"));
+    assert!(
+        e.starts_with("halfsync.toml:5:8: group[0].pool: a dynamic pool needs max_workers"),
+        "{e}"
+    );
+    assert!(e.contains("above workers = 2"), "{e}");
+    let cfg = ok(&group("pool = \"dynamic\"\nmax_workers = 4\n"));
+    assert_eq!(cfg.groups[0].max_workers, Some(4));
+    ok(&group("pool = \"static\"\n"));
+}

@@ -1067,16 +1067,26 @@ impl Master {
         let group = &mut self.groups[g].config;
         let before = group.workers;
         group.workers = n;
+        // A dynamic pool's `workers` is its minimum: the maximum follows
+        // it up if need be, and says so.
+        let mut raised = String::new();
         if let Some(max) = group.max_workers
             && max < n
         {
             group.max_workers = Some(n);
+            raised = format!(" (its max_workers too, from {max})");
         }
+        let dynamic = group.pool == Pool::Dynamic;
         info!(group = %name, from = before, to = n, "scaling");
         self.resize(g, n).map_err(|e| format!("{e:#}"))?;
         Ok(format!(
-            "group {name}: {before} -> {n} worker{}",
-            if n == 1 { "" } else { "s" }
+            "group {name}: {before} -> {n} worker{}{}",
+            if n == 1 { "" } else { "s" },
+            if dynamic {
+                format!(" at least{raised}; until the next reload")
+            } else {
+                "; until the next reload".to_owned()
+            }
         ))
     }
 

@@ -179,6 +179,8 @@ pub(crate) fn status(m: &Master) -> String {
             "generation": g.generation,
             "pool": if g.config.pool == halfsync_config::Pool::Dynamic { "dynamic" } else { "static" },
             "workers_target": g.config.workers,
+            // The most a dynamic pool grows to (for a static one, workers).
+            "workers_max": g.config.worker_limit(),
             "workers_running": m.slots.iter().filter(|s| s.group == id && s.pid().is_some()).count(),
             "queued": gs.queued,
             "inflight_cap": gs.inflight_cap,
