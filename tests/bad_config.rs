@@ -415,3 +415,23 @@ fn a_plugin_printing_to_stdout_does_not_garble_the_probe() {
     s.stop(Duration::from_secs(30));
     s.assert_clean();
 }
+
+/// `run` with a plugin that crashes in init gives up, and says the
+/// workers died while loading or initialising it (not just the signal).
+#[test]
+fn run_says_where_workers_died_when_none_could_start() {
+    let so = halfsync_testkit::fault_plugin();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\n\n{}[group.config]\ncrash_in_init = true\n",
+        free_port(),
+        group(&so)
+    );
+    let (code, err) = halfsync("run", &text);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "group g: no worker could start: a worker died while loading or initialising its plugin (killed by SIGSEGV"
+        ),
+        "{err}"
+    );
+}

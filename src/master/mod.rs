@@ -1323,9 +1323,15 @@ impl Master {
             let mut reasons: Vec<String> = mine
                 .iter()
                 .filter_map(|s| {
-                    s.last_failure
-                        .clone()
-                        .or_else(|| s.last_exit.map(describe_exit))
+                    s.last_failure.clone().or_else(|| {
+                        // None was ever ready: it died loading or in init.
+                        s.last_exit.map(|how| {
+                            format!(
+                                "a worker died while loading or initialising its plugin ({})",
+                                describe_exit(how)
+                            )
+                        })
+                    })
                 })
                 .collect();
             reasons.dedup();
