@@ -376,7 +376,9 @@ fn status_json_matches_the_processes_and_adds_up() {
     let log = s.log();
     let line = log
         .lines()
-        .find(|l| l.contains("plugin panicked: fault: requested panic (request id 1000) at "))
+        .find(|l| {
+            l.contains("plugin panicked: fault: requested panic (request id 1000, command 12) at ")
+        })
         .unwrap_or_else(|| panic!("no panic line in {log}"));
     assert!(line.contains("lib.rs:"), "{line}");
     assert!(!log.contains("panicked at"), "{log}");

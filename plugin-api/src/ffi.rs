@@ -570,9 +570,12 @@ unsafe extern "C" fn handle<T: Plugin>(
         Err(p) => {
             // The client gets the message; the log also gets the place.
             let msg = format!("plugin panicked: {}", p.message);
-            state
-                .host
-                .error(&format!("{msg} (request id {}){}", request.id(), p.at()));
+            state.host.error(&format!(
+                "{msg} (request id {}, command {}){}",
+                request.id(),
+                request.command(),
+                p.at()
+            ));
             reply.replace_with_message(&msg);
             plugin_error
         }
