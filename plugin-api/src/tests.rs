@@ -240,7 +240,7 @@ fn panic_in_handle_is_a_plugin_error_reply_and_the_plugin_goes_on() {
         .collect();
     assert_eq!(
         logged.iter().map(|l| at_this_file(l)).collect::<Vec<_>>(),
-        ["plugin panicked: boom 5 (request id 5)"],
+        ["plugin panicked: boom 5 (request id 5, command 2)"],
         "{logged:?}"
     );
     // The reply is cleared before the message is written.
