@@ -107,3 +107,33 @@ fn repeated_sigterm_does_not_cut_the_drain_short() {
     assert!(s.log().contains("already stopping"));
     s.assert_clean();
 }
+
+/// A request still running when the shutdown grace ends is abandoned: its
+/// client sees the connection close without a reply, the stop still ends
+/// with exit 0, and the log names the request (id, command, how long it
+/// ran).
+#[test]
+fn a_request_running_past_the_grace_is_abandoned_and_named() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nshutdown_grace = \"1s\"\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\nworkers = 1\nrequest_timeout = \"60s\"\n",
+        halfsync_testkit::fault_plugin().display()
+    );
+    let mut s = Server::start(&text, port);
+    let mut c = s.client();
+    c.send(77, halfsync_testkit::fault::HANG, b"").unwrap();
+    s.wait_busy();
+    assert_eq!(
+        s.stop(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        s.log()
+    );
+    assert!(c.recv().is_err(), "a reply came for the abandoned request");
+    let log = s.log();
+    assert!(
+        log.contains("abandoning request id 77 (command 15), running for "),
+        "{log}"
+    );
+    s.assert_clean();
+}

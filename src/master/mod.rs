@@ -1743,6 +1743,26 @@ impl Master {
                     processes = left,
                     "shutdown grace period over; killing what is left"
                 );
+                // Name the requests abandoned (their clients see the
+                // connection close without a reply).
+                let now_ns = halfsync_shm::sys::monotonic_ns();
+                for s in &self.slots {
+                    let ctl = s.slot.control();
+                    if let Some(pid) = s.pid()
+                        && ctl.pid() == pid as u32
+                        && let Some(b) = ctl.busy()
+                    {
+                        warn!(
+                            group = %self.groups[s.group].config.name,
+                            worker = s.label,
+                            pid,
+                            "abandoning request id {} (command {}), running for {} ms",
+                            b.id,
+                            b.code,
+                            now_ns.saturating_sub(b.since_ns) / 1_000_000
+                        );
+                    }
+                }
                 self.kill_everything();
             }
             // Reaped on SIGCHLD; do not kill again.
