@@ -355,14 +355,25 @@ fn check(path: Option<&Path>) -> Result<()> {
     let config = load_config(path)?;
     logging::init(None, LogFormat::Text)?;
     // What `run` would refuse beyond the file itself: a log file it cannot
-    // open (created if missing, as `nginx -t` does), an address this
-    // machine does not have.
+    // open (created if missing, as `nginx -t` does), an admin socket in a
+    // directory that does not exist, an address this machine does not have.
     if let Some(log) = config.log_file() {
         std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .open(&log)
             .with_context(|| format!("cannot open log file {}", log.display()))?;
+    }
+    let socket = config.admin_socket();
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        anyhow::bail!(
+            "cannot create admin socket {}: its directory {} does not exist (fix \
+             `server.admin_socket`, or create the directory)",
+            socket.display(),
+            dir.display()
+        );
     }
     for addr in &config.server.listen {
         master::check_address(*addr, "server.listen").map_err(|e| anyhow::anyhow!(e))?;

@@ -319,8 +319,8 @@ fn check_shows_what_plugins_warn_about_in_init() {
 }
 
 /// `check` refuses what `run` would: a listen (or metrics) address no
-/// interface of this machine has, and a log file that cannot be opened;
-/// both with run's message and fix.
+/// interface of this machine has, a log file that cannot be opened, an
+/// admin socket in a missing directory; with run's message.
 #[test]
 fn check_refuses_an_address_or_log_file_run_cannot_use() {
     let port = free_port();
@@ -346,6 +346,14 @@ fn check_refuses_an_address_or_log_file_run_cannot_use() {
         group(&echo_so())
     );
     refused(&text, &["cannot open log file", "no-such-dir/halfsync.log"]);
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_socket = \"/nonexistent-halfsync-dir/a.sock\"\n\n{}",
+        group(&echo_so())
+    );
+    refused(
+        &text,
+        &["cannot create admin socket /nonexistent-halfsync-dir/a.sock"],
+    );
 }
 
 /// A plugin that writes to stdout while it loads (no newline, unbuffered)
