@@ -7,17 +7,23 @@ use crate::support::*;
 /// Runs `halfsync <sub> --config <file>` on this config text; returns
 /// (exit code, stderr).
 fn halfsync(sub: &str, text: &str) -> (Option<i32>, String) {
+    let (code, _out, err) = halfsync_out(sub, text);
+    (code, err)
+}
+
+/// The same; returns (exit code, stdout, stderr).
+fn halfsync_out(sub: &str, text: &str) -> (Option<i32>, String, String) {
     let dir = tempfile::Builder::new()
         .prefix("halfsync-test-")
         .tempdir()
         .unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, text).unwrap();
-    let (st, _out, err) = run_cmd(
+    let (st, out, err) = run_cmd(
         Command::new(BIN).arg(sub).arg("--config").arg(&path),
         Duration::from_secs(20),
     );
-    (st.code(), err)
+    (st.code(), out, err)
 }
 
 /// Both `check` and `run` refuse the config with one line containing
@@ -286,17 +292,8 @@ fn check_shows_what_plugins_warn_about_in_init() {
         group(&so),
         so.display()
     );
-    let path = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
-    let file = path.path().join("warn.toml");
-    std::fs::write(&file, &text).unwrap();
-    let (st, out, err) = run_cmd(
-        Command::new(BIN).arg("check").arg("--config").arg(&file),
-        Duration::from_secs(20),
-    );
-    assert_eq!(st.code(), Some(0), "{out}{err}");
+    let (code, out, err) = halfsync_out("check", &text);
+    assert_eq!(code, Some(0), "{out}{err}");
     let lines: Vec<&str> = out.lines().collect();
     let g = lines
         .iter()
@@ -371,17 +368,8 @@ fn a_plugin_printing_to_stdout_does_not_garble_the_probe() {
         chatty.display(),
         echo_so().display()
     );
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
-    let file = dir.path().join("chatty.toml");
-    std::fs::write(&file, &text).unwrap();
-    let (st, out, err) = run_cmd(
-        Command::new(BIN).arg("check").arg("--config").arg(&file),
-        Duration::from_secs(20),
-    );
-    assert_eq!(st.code(), Some(0), "{out}{err}");
+    let (code, out, err) = halfsync_out("check", &text);
+    assert_eq!(code, Some(0), "{out}{err}");
     assert!(
         out.contains(&format!(
             "group a: plugin chatty\\tname 1\\n2 ({})",
