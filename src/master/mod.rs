@@ -455,7 +455,6 @@ pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: b
     result
 }
 
-/// "cannot listen on ADDR: ERROR", with the fix for the usual causes.
 /// For `check`: whether this machine has `addr`'s IP address to listen
 /// on (bound on port 0, so a server already listening on the port does
 /// not make a valid config fail). The error is `run`'s, with its fix.
@@ -468,7 +467,8 @@ pub fn check_address(addr: SocketAddr, key: &str) -> Result<(), String> {
     }
 }
 
-/// Why `addr` (from config key `key`) cannot be listened on, and the fix.
+/// "cannot listen on ADDR: ERROR", with the fix for the usual causes
+/// (`key`: the config key that named `addr`).
 pub(crate) fn listen_error(addr: SocketAddr, e: &std::io::Error, key: &str) -> String {
     let fix = match e.kind() {
         std::io::ErrorKind::AddrInUse => {
