@@ -3,6 +3,7 @@
 //! `HALFSYNC_ROLE` in the environment says which role a process plays.
 
 mod ctl;
+mod exe;
 mod logging;
 mod master;
 mod probe;
@@ -308,10 +309,6 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
     }
 }
 
-fn exe_path() -> Result<PathBuf> {
-    std::env::current_exe().context("cannot find the halfsync executable")
-}
-
 fn run(path: Option<&Path>, inline: bool) -> Result<()> {
     let config = load_config(path)?;
     let log_file = config.log_file();
@@ -325,7 +322,7 @@ fn run(path: Option<&Path>, inline: bool) -> Result<()> {
     retitle_master();
     // Reloads re-read this file even if the working directory changes.
     let path = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
-    master::run(config, path, exe_path()?, inline)
+    master::run(config, path, exe::Exe::current()?, inline)
 }
 
 /// Re-executes the master once with `argv[0] = "halfsync: master"`, so `ps`
@@ -381,7 +378,7 @@ fn check(path: Option<&Path>) -> Result<()> {
     if let Some(addr) = config.server.metrics_listen {
         master::check_address(addr, "server.metrics_listen").map_err(|e| anyhow::anyhow!(e))?;
     }
-    for p in probe::probe(&exe_path()?, &config, true)? {
+    for p in probe::probe(&exe::Exe::current()?, &config, true)? {
         println!(
             "group {}: plugin {} {} ({}): loaded and initialised{}",
             p.group,

@@ -9,7 +9,7 @@
 
 use std::io::{BufRead, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
@@ -59,7 +59,7 @@ pub struct Probed {
 /// Loads (and with `init`, initialises) every group's plugin in a child
 /// process, waiting for the outcome. The error is one line naming the
 /// group, the file and the cause.
-pub fn probe(exe: &Path, config: &Config, init: bool) -> Result<Vec<Probed>> {
+pub fn probe(exe: &crate::exe::Exe, config: &Config, init: bool) -> Result<Vec<Probed>> {
     let mut probe = Probe::start(exe, config, init)?;
     loop {
         if let Some(outcome) = probe.poll() {
@@ -107,8 +107,8 @@ impl Probe {
     pub const POLL_EVERY: Duration = Duration::from_millis(5);
 
     /// Starts the probe child.
-    pub fn start(exe: &Path, config: &Config, init: bool) -> Result<Probe> {
-        let exe_dir = exe.parent().unwrap_or(Path::new("."));
+    pub fn start(exe: &crate::exe::Exe, config: &Config, init: bool) -> Result<Probe> {
+        let exe_dir = exe.dir();
         let spec = Spec {
             init,
             plugins: config
@@ -121,7 +121,7 @@ impl Probe {
                 })
                 .collect(),
         };
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(exe.program());
         // A probe stuck in a plugin must not outlive a killed parent.
         crate::master::sys::dies_with_this_process(&mut cmd);
         let mut child = cmd

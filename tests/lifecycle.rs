@@ -137,3 +137,58 @@ fn a_request_running_past_the_grace_is_abandoned_and_named() {
     );
     s.assert_clean();
 }
+
+/// A binary replaced under a running server (a package upgrade moves a new
+/// file onto its path) changes nothing until a restart: a worker restarted
+/// after a crash runs the master's own build, not the new file.
+#[test]
+fn children_run_the_masters_build_after_the_binary_is_replaced() {
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let bin = dir.path().join("halfsync");
+    std::fs::copy(BIN, &bin).unwrap();
+    let port = free_port();
+    let mut s = Server::start_bin(&bin, &config(port, &echo_so(), 2, ""), port);
+    let before = s.wait_tree(3);
+
+    // The "new version": a script that leaves a mark if anything runs it.
+    let marker = dir.path().join("the new file ran");
+    let new = dir.path().join("halfsync.new");
+    std::fs::write(
+        &new,
+        format!("#!/bin/sh\necho ran > '{}'\nexit 3\n", marker.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&new, &bin).unwrap();
+
+    let workers = s.pids_titled("halfsync: worker");
+    assert_eq!(workers.len(), 2, "{before:?}\n{}", s.log());
+    // SAFETY: kill(2) on a process this test's server started.
+    unsafe { libc::kill(workers[0], libc::SIGKILL) };
+    let replaced = wait_for(Duration::from_secs(10), || {
+        let now = s.pids_titled("halfsync: worker");
+        let st = s.status();
+        let ready = st["groups"][0]["workers"]
+            .as_array()?
+            .iter()
+            .filter(|w| w["state"] != "starting" && w["pid"].is_number())
+            .count();
+        (now.len() == 2 && !now.contains(&workers[0]) && ready == 2).then_some(())
+    });
+    assert!(
+        !marker.exists(),
+        "a child ran the new file; log:\n{}",
+        s.log()
+    );
+    assert!(replaced.is_some(), "{}", s.log());
+    let mut c = s.client();
+    for id in 0..10 {
+        assert_eq!(c.call(id, 1, b"same build").unwrap().payload, b"same build");
+    }
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}

@@ -136,8 +136,9 @@ pub struct Meta {
 /// Encodes a sampled run time of `us` microseconds for a reply's
 /// [`Meta::flags`] (0 stays "not sampled"): 1 + µs below 32,768 µs, then
 /// milliseconds (rounded up, so decoded values only grow) from 33 ms up
-/// to ~32.8 s, where it saturates. A proxy and workers of different
-/// builds (a binary replaced under a running server) agree below 32 ms.
+/// to ~32.8 s, where it saturates. (Proxy and workers are always one
+/// build: children are exec'd from the master's own file, see the root
+/// crate's `exe.rs`.)
 pub fn run_time_flags(us: u64) -> u16 {
     if us < 0x8000 {
         1 + us as u16

@@ -319,7 +319,7 @@ struct ListenerRec {
 }
 
 pub(crate) struct Master {
-    exe: PathBuf,
+    exe: crate::exe::Exe,
     /// The file the configuration came from (reload re-reads it).
     config_path: Option<PathBuf>,
     pub(crate) config: Config,
@@ -370,7 +370,12 @@ pub(crate) struct Master {
 
 /// Runs the server until it is stopped. Errors before the first child
 /// starts (bad plugin, port in use) are returned; the caller prints them.
-pub fn run(config: Config, config_path: Option<PathBuf>, exe: PathBuf, inline: bool) -> Result<()> {
+pub fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    exe: crate::exe::Exe,
+    inline: bool,
+) -> Result<()> {
     let probed = crate::probe::probe(&exe, &config, false)?;
     let n = config.server.proxy_processes as usize;
     let mut listeners = Vec::new();
@@ -780,7 +785,7 @@ impl Master {
             "halfsync: proxy".to_owned()
         };
         let pid = sys::spawn(
-            &self.exe,
+            &self.exe.program(),
             &title,
             "proxy",
             &self.child_env(halfsync_proxy::SPEC_ENV, spec.to_env()),
@@ -841,8 +846,14 @@ impl Master {
         let title = format!("halfsync: worker {} {}", g.config.name, s.label);
         let (memfd, eventfd) = (spec.memfd, spec.eventfd);
         let env = self.child_env(halfsync_worker::SPEC_ENV, spec.to_env());
-        let pid = sys::spawn(&self.exe, &title, "worker", &env, &[memfd, eventfd])
-            .with_context(|| format!("starting worker {title}"))?;
+        let pid = sys::spawn(
+            &self.exe.program(),
+            &title,
+            "worker",
+            &env,
+            &[memfd, eventfd],
+        )
+        .with_context(|| format!("starting worker {title}"))?;
         let plugin_file = FileStamp::of(&self.groups[self.slots[i].group].plugin);
         let s = &mut self.slots[i];
         s.life = Life::Running {

@@ -201,13 +201,13 @@ impl Server {
     /// Starts `halfsync run` with this config, or with none (the embedded
     /// default), without waiting.
     pub fn spawn_with(config_text: Option<&str>, port: u16) -> Server {
-        Server::spawn_full(config_text, port, None, &[])
+        Server::spawn_full(Path::new(BIN), config_text, port, None, &[])
     }
 
     /// Starts `halfsync run` with extra environment variables and waits
     /// until it answers.
     pub fn start_env(config_text: &str, port: u16, env: &[(&str, &str)]) -> Server {
-        let mut s = Server::spawn_full(Some(config_text), port, None, env);
+        let mut s = Server::spawn_full(Path::new(BIN), Some(config_text), port, None, env);
         s.wait_ready();
         s
     }
@@ -215,10 +215,25 @@ impl Server {
     /// Starts `halfsync run` with the open-file limit set to `soft` (and
     /// the hard one to `hard`), without waiting.
     pub fn spawn_nofile(config_text: &str, port: u16, soft: u32, hard: u32) -> Server {
-        Server::spawn_full(Some(config_text), port, Some((soft, hard)), &[])
+        Server::spawn_full(
+            Path::new(BIN),
+            Some(config_text),
+            port,
+            Some((soft, hard)),
+            &[],
+        )
+    }
+
+    /// Starts `halfsync run` from another copy of the binary, `bin`, and
+    /// waits until it answers.
+    pub fn start_bin(bin: &Path, config_text: &str, port: u16) -> Server {
+        let mut s = Server::spawn_full(bin, Some(config_text), port, None, &[]);
+        s.wait_ready();
+        s
     }
 
     fn spawn_full(
+        bin: &Path,
         config_text: Option<&str>,
         port: u16,
         nofile: Option<(u32, u32)>,
@@ -233,10 +248,11 @@ impl Server {
             Some((soft, hard)) => {
                 let mut c = Command::new("sh");
                 let limits = format!("ulimit -Sn {soft} && ulimit -Hn {hard}");
-                c.args(["-c", &format!("{limits} && exec \"$0\" \"$@\""), BIN]);
+                c.args(["-c", &format!("{limits} && exec \"$0\" \"$@\"")]);
+                c.arg(bin);
                 c
             }
-            None => Command::new(BIN),
+            None => Command::new(bin),
         };
         cmd.arg("run");
         cmd.envs(env.iter().copied());
