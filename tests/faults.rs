@@ -773,7 +773,9 @@ fn hung_worker_gets_sigabrt_first_with_a_kill_grace() {
     assert_eq!(r.code, status::TIMEOUT);
     assert_eq!(c.call(2, 1, b"next").unwrap().code, status::OK);
     assert!(
-        s.log().contains("worker died (killed by SIGABRT (6))"),
+        s.log().contains(
+            "worker died (killed by SIGABRT (6)) after its request ran past request_timeout"
+        ),
         "{}",
         s.log()
     );

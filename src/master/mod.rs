@@ -1590,7 +1590,15 @@ impl Master {
         if stopping || s.retiring {
             info!(group = %name, worker = s.label, pid, "worker exited ({})", describe_exit(how));
         } else {
-            warn!(group = %name, worker = s.label, pid, "worker died ({})", describe_exit(how));
+            // When the master killed it, why (a SIGKILL alone reads like
+            // the OOM killer's).
+            let why = match cause {
+                Cause::Timeout => " after its request ran past request_timeout",
+                Cause::InitTimeout => " after its plugin's init ran past init_timeout",
+                Cause::Corrupt => " after it broke the shared-memory protocol",
+                _ => "",
+            };
+            warn!(group = %name, worker = s.label, pid, "worker died ({}){why}", describe_exit(how));
             let plugin = &self.groups[s.group].plugin;
             if cause == Cause::Crash
                 && s.plugin_file.is_some()

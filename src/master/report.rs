@@ -317,7 +317,7 @@ pub(crate) fn metrics(m: &Master) -> String {
         }
     }
 
-    o.push_str("# HELP halfsync_request_duration_seconds Time from a request's arrival at the proxy to its reply.\n");
+    o.push_str("# HELP halfsync_request_duration_seconds Time from a request's arrival at the proxy to a worker's reply (answers the proxy gives itself, BUSY, TIMEOUT, WORKER_DIED, NO_ROUTE, ..., are counted in halfsync_requests_total only).\n");
     o.push_str("# TYPE halfsync_request_duration_seconds histogram\n");
     for (id, gname) in &groups {
         histogram(
@@ -327,7 +327,7 @@ pub(crate) fn metrics(m: &Master) -> String {
             &m.group_stats(*id).latency,
         );
     }
-    o.push_str("# HELP halfsync_queue_wait_seconds Time from a request's arrival to a worker starting it.\n");
+    o.push_str("# HELP halfsync_queue_wait_seconds Time from a request's arrival to a worker starting it (of the requests a worker answered).\n");
     o.push_str("# TYPE halfsync_queue_wait_seconds histogram\n");
     for (id, gname) in &groups {
         histogram(
