@@ -380,6 +380,12 @@ fn stale_requests_time_out_without_running() {
     for id in 2..12 {
         assert_eq!(codes[&id], status::TIMEOUT, "request {id}");
     }
+    let log = s.log();
+    assert!(
+        log.contains("overloaded: 0 answered BUSY")
+            && log.contains("TIMEOUT (waited past queue_timeout) so far"),
+        "{log}"
+    );
     // Had any of them run, the worker would have spent 100 ms on it.
     assert!(
         t.elapsed() < Duration::from_millis(400 + 800),
@@ -440,6 +446,14 @@ fn overload_is_answered_busy_at_once() {
         .map(|o| o.0)
         .collect();
     assert_eq!(ok.len(), 3, "{order:?}");
+    // The log says so once (the next warning would come 10 s later).
+    let log = s.log();
+    assert_eq!(
+        log.matches("overloaded: 1 answered BUSY (wait queue full, max_queue = 2), 0 TIMEOUT")
+            .count(),
+        1,
+        "{log}"
+    );
 }
 
 /// A plugin that starts crashing in init is restarted with backoff; while

@@ -1055,6 +1055,7 @@ impl Proxy {
             b"all workers busy and the wait queue is full",
             Scope::Group(g),
         );
+        self.overloaded(g, 1, 0);
     }
 
     fn count_inflight(&mut self, i: usize, len: usize) {

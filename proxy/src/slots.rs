@@ -284,7 +284,22 @@ pub(crate) struct Group {
     /// registered yet (the master sends the new routes first, then starts
     /// the workers, and under load the fork takes a while).
     pub(crate) fresh_until_ns: u64,
+    /// Overload answers since the last warning about them.
+    overload: Overload,
 }
+
+/// A group's BUSY (wait queue full) and TIMEOUT (waited past
+/// `queue_timeout`) answers since its last overload warning, and when
+/// that was (see `Proxy::overloaded`).
+#[derive(Default)]
+struct Overload {
+    busy: u64,
+    timed_out: u64,
+    warned_ns: Option<u64>,
+}
+
+/// At most one overload warning per group this often.
+const OVERLOAD_WARN_EVERY_NS: u64 = 10_000 * NS_PER_MS;
 
 impl Group {
     /// Requests waiting in this group: queued for a worker, or held for
@@ -314,6 +329,7 @@ impl Group {
             run_ns: None,
             trusted: false,
             fresh_until_ns: 0,
+            overload: Overload::default(),
         }
     }
 
@@ -947,7 +963,9 @@ impl Proxy {
             } else {
                 &mut group.queue
             };
-            for q in q.take_expired(deadline) {
+            let expired = q.take_expired(deadline);
+            let n = expired.len() as u64;
+            for q in expired {
                 self.answer(
                     &q.req,
                     status::TIMEOUT,
@@ -955,8 +973,50 @@ impl Proxy {
                     Scope::Group(g),
                 );
             }
+            if n > 0 {
+                self.overloaded(g, 0, n);
+            }
             self.stats.queued(g, self.groups[g].waiting());
         }
+    }
+
+    /// Group `g` answered `busy` requests BUSY because its wait queue was
+    /// full and `timed_out` TIMEOUT because they waited past
+    /// `queue_timeout`: a warning, at most every
+    /// [`OVERLOAD_WARN_EVERY_NS`] per group, with the counts since the
+    /// last one (as PHP-FPM warns when a pool reaches pm.max_children; the
+    /// metrics have every answer).
+    pub(crate) fn overloaded(&mut self, g: usize, busy: u64, timed_out: u64) {
+        let now = self.now_ns;
+        let Some(group) = self.groups.get_mut(g) else {
+            return;
+        };
+        let o = &mut group.overload;
+        o.busy += busy;
+        o.timed_out += timed_out;
+        if o.warned_ns
+            .is_some_and(|t| now < t + OVERLOAD_WARN_EVERY_NS)
+        {
+            return;
+        }
+        let since = match o.warned_ns {
+            Some(t) => format!("in the last {} s", (now - t) / (1000 * NS_PER_MS)),
+            None => "so far".to_owned(),
+        };
+        warn!(
+            group = %group.name,
+            busy = o.busy,
+            timed_out = o.timed_out,
+            "overloaded: {} answered BUSY (wait queue full, max_queue = {}), {} TIMEOUT (waited \
+             past queue_timeout) {since}; more workers (halfsync scale, or a dynamic pool) or a \
+             larger max_queue",
+            o.busy,
+            group.max_queue,
+            o.timed_out
+        );
+        o.busy = 0;
+        o.timed_out = 0;
+        o.warned_ns = Some(now);
     }
 
     /// Per-turn checks of every worker: started ones becoming ready,
