@@ -1897,3 +1897,54 @@ fn scaling_a_dynamic_pool_says_what_it_changed() {
     s.stop(Duration::from_secs(30));
     s.assert_clean();
 }
+
+/// How reloads ended is in status and the metrics: one that applied, one
+/// refused (a config error: nothing changed), one that failed (a group's
+/// new workers failed init and it rolled back).
+#[test]
+fn reload_outcomes_are_counted() {
+    let port = free_port();
+    let mport = free_port();
+    let server = format!("metrics_listen = \"127.0.0.1:{mport}\"");
+    let mut s = Server::start(&versioned(port, 1, "v1:", "", &server), port);
+    let text = scrape(mport);
+    assert_eq!(metric(&text, "halfsync_reload_last_success"), 1, "{text}");
+    assert_eq!(
+        metric(&text, "halfsync_reloads_total{result=\"ok\"}"),
+        0,
+        "{text}"
+    );
+
+    s.write_config(&versioned(port, 1, "v2:", "", &server));
+    assert_eq!(reload(&s).0, Some(0));
+    s.write_config(&versioned(port, 1, "v3:", "", &server).replace("workers = 1", "workers = -1"));
+    assert_eq!(reload(&s).0, Some(1));
+    let st = s.status();
+    assert_eq!(st["reloads"]["last"], "refused", "{st}");
+    assert_eq!(metric(&scrape(mport), "halfsync_reload_last_success"), 0);
+    s.write_config(&versioned(port, 1, "v4:", "", &server).replace(
+        "[group.config]\n",
+        "[group.config]\nfail_init = \"no database\"\n",
+    ));
+    assert_eq!(reload(&s).0, Some(1));
+
+    let st = s.status();
+    assert_eq!(st["reloads"]["ok"], 1, "{st}");
+    assert_eq!(st["reloads"]["refused"], 1, "{st}");
+    assert_eq!(st["reloads"]["failed"], 1, "{st}");
+    assert_eq!(st["reloads"]["last"], "failed", "{st}");
+    let text = scrape(mport);
+    for (result, n) in [("ok", 1), ("failed", 1), ("refused", 1)] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!("halfsync_reloads_total{{result=\"{result}\"}}")
+            ),
+            n,
+            "{text}"
+        );
+    }
+    assert_eq!(metric(&text, "halfsync_reload_last_success"), 0, "{text}");
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}

@@ -345,6 +345,8 @@ pub(crate) struct Master {
     reload: Option<reload::Job>,
     /// A reload whose plugins are being test-loaded (before `reload`).
     probing: Option<reload::Probing>,
+    /// How reloads ended.
+    pub(crate) reloads: reload::Outcomes,
     /// A SIGHUP came during a reload: reload again, with the config file
     /// as it is then, once it is over, as nginx applies the latest
     /// configuration.
@@ -417,6 +419,7 @@ pub fn run(
         starting: true,
         reload: None,
         probing: None,
+        reloads: reload::Outcomes::default(),
         reload_pending: false,
         reload_resume: false,
         hold_sent: Vec::new(),

@@ -65,6 +65,32 @@ pub(crate) struct Probing {
     pub(crate) reply_to: Option<u64>,
 }
 
+/// How reloads ended, for status and metrics (as Prometheus's own
+/// `config_last_reload_successful`).
+#[derive(Default)]
+pub(crate) struct Outcomes {
+    /// Every group runs the new configuration.
+    pub(crate) ok: u64,
+    /// Applied, but some group went back to its previous version.
+    pub(crate) failed: u64,
+    /// Nothing changed: the configuration or a plugin was refused.
+    pub(crate) refused: u64,
+    /// How the last one ended: "ok", "failed", "refused"; `None` before
+    /// the first.
+    pub(crate) last: Option<&'static str>,
+}
+
+impl Outcomes {
+    fn count(&mut self, last: &'static str) {
+        match last {
+            "ok" => self.ok += 1,
+            "failed" => self.failed += 1,
+            _ => self.refused += 1,
+        }
+        self.last = Some(last);
+    }
+}
+
 impl Master {
     /// Starts a reload: reads the configuration and starts test-loading
     /// its plugins in a child process ([`Master::poll_reload_probe`] goes
@@ -82,6 +108,20 @@ impl Master {
         if self.stopping.is_some() {
             return Err("halfsync is stopping".into());
         }
+        let (probe, config) = self
+            .read_and_probe()
+            .inspect_err(|_| self.reloads.count("refused"))?;
+        info!(pid = probe.pid(), "reload: test-loading the plugins");
+        self.probing = Some(Probing {
+            probe,
+            config,
+            reply_to,
+        });
+        Ok(())
+    }
+
+    /// The configuration file, and its plugins' probe started.
+    fn read_and_probe(&self) -> Result<(crate::probe::Probe, Config), String> {
         let config = match &self.config_path {
             Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
             None => Config::embedded_default(),
@@ -94,13 +134,7 @@ impl Master {
         }
         let probe =
             crate::probe::Probe::start(&self.exe, &config, false).map_err(|e| format!("{e:#}"))?;
-        info!(pid = probe.pid(), "reload: test-loading the plugins");
-        self.probing = Some(Probing {
-            probe,
-            config,
-            reply_to,
-        });
-        Ok(())
+        Ok((probe, config))
     }
 
     /// Once the reload's probe has ended: applies the configuration if
@@ -125,6 +159,7 @@ impl Master {
             .map_err(|e| format!("{e:#}"))
             .and_then(|probed| self.apply_reload(config, probed, reply_to));
         if let Err(e) = applied {
+            self.reloads.count("refused");
             error!("reload refused: {e}");
             if let Some(conn) = reply_to {
                 self.admin.respond(conn, admin::err(&e));
@@ -428,6 +463,11 @@ impl Master {
             self.sync_hold();
             return;
         }
+        self.reloads.count(if job.errors.is_empty() {
+            "ok"
+        } else {
+            "failed"
+        });
         let answer = if job.errors.is_empty() {
             info!(generation = job.generation, "reload complete");
             admin::ok(&format!("reloaded: generation {}", job.generation))

@@ -202,6 +202,13 @@ pub(crate) fn status(m: &Master) -> String {
         "generation": m.generation,
         "uptime_s": m.started_at.elapsed().as_secs(),
         "reloading": m.reload.is_some() || m.probing.is_some(),
+        // How reloads ended; `last` is null before the first.
+        "reloads": {
+            "ok": m.reloads.ok,
+            "failed": m.reloads.failed,
+            "refused": m.reloads.refused,
+            "last": m.reloads.last,
+        },
         // "plugins": test-loading the new configuration's plugins (nothing
         // changed yet); "workers": replacing workers group by group.
         "reload_phase": if m.probing.is_some() {
@@ -447,5 +454,19 @@ pub(crate) fn metrics(m: &Master) -> String {
     let _ = writeln!(o, "halfsync_connections_refused_total {}", global.refused);
     o.push_str("# HELP halfsync_config_generation Configuration generation (1 at start, +1 per reload).\n# TYPE halfsync_config_generation gauge\n");
     let _ = writeln!(o, "halfsync_config_generation {}", m.generation);
+    o.push_str("# HELP halfsync_reloads_total Reloads by how they ended: ok (every group on the new configuration), failed (some group rolled back), refused (nothing changed).\n# TYPE halfsync_reloads_total counter\n");
+    for (result, n) in [
+        ("ok", m.reloads.ok),
+        ("failed", m.reloads.failed),
+        ("refused", m.reloads.refused),
+    ] {
+        let _ = writeln!(o, "halfsync_reloads_total{{result=\"{result}\"}} {n}");
+    }
+    o.push_str("# HELP halfsync_reload_last_success Whether the last reload ended ok (1 before the first).\n# TYPE halfsync_reload_last_success gauge\n");
+    let _ = writeln!(
+        o,
+        "halfsync_reload_last_success {}",
+        u8::from(m.reloads.last.is_none_or(|l| l == "ok"))
+    );
     o
 }
