@@ -127,6 +127,7 @@ impl Probe {
         let mut child = cmd
             .arg0("halfsync: plugin probe")
             .env(ROLE_ENV, "probe")
+            .env_remove("NOTIFY_SOCKET")
             .env(SPEC_ENV, toml::to_string(&spec).context("probe spec")?)
             .env("HALFSYNC_LOG", "error")
             .stdin(Stdio::null())

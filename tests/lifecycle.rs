@@ -192,3 +192,42 @@ fn children_run_the_masters_build_after_the_binary_is_replaced() {
     s.stop(Duration::from_secs(30));
     s.assert_clean();
 }
+
+/// Under systemd's `Type=notify` (`NOTIFY_SOCKET` set), the master sends
+/// READY=1 once every group has a worker serving and STOPPING=1 when a
+/// stop begins; its children do not get the variable.
+#[test]
+fn systemd_hears_ready_and_stopping() {
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let port = free_port();
+    let mut s = Server::start_env(
+        &config(port, &echo_so(), 2, ""),
+        port,
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("READY=1 within 10 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.starts_with("READY=1\nSTATUS=serving"), "{msg}");
+    for pid in s.wait_tree(3) {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&env).contains("NOTIFY_SOCKET="),
+            "{pid} ({}) has NOTIFY_SOCKET",
+            cmdline(pid)
+        );
+    }
+    s.signal(libc::SIGTERM);
+    let n = sock.recv(&mut buf).expect("STOPPING=1 within 10 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.starts_with("STOPPING=1"), "{msg}");
+    assert_eq!(s.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    s.assert_clean();
+}

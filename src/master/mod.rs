@@ -17,6 +17,7 @@
 //! so the proxy can tell a changed group from a new one across reloads.
 
 mod admin;
+mod notify;
 mod reload;
 mod report;
 pub(crate) mod sys;
@@ -347,6 +348,8 @@ pub(crate) struct Master {
     probing: Option<reload::Probing>,
     /// How reloads ended.
     pub(crate) reloads: reload::Outcomes,
+    /// systemd's readiness notifications, under `Type=notify`.
+    notifier: Option<notify::Notifier>,
     /// A SIGHUP came during a reload: reload again, with the config file
     /// as it is then, once it is over, as nginx applies the latest
     /// configuration.
@@ -420,6 +423,7 @@ pub fn run(
         reload: None,
         probing: None,
         reloads: reload::Outcomes::default(),
+        notifier: notify::Notifier::from_env(),
         reload_pending: false,
         reload_resume: false,
         hold_sent: Vec::new(),
@@ -965,6 +969,7 @@ impl Master {
     }
 
     fn kill_everything(&mut self) {
+        self.notify("STOPPING=1");
         // (No replacement may start after this: see `abandon_reload`.)
         self.abandon_reload();
         for p in self.proxies.iter().flatten() {
@@ -1326,6 +1331,10 @@ impl Master {
             } else {
                 info!(workers_ready = ready, workers, "halfsync ready");
             }
+            self.notify(&format!(
+                "READY=1\nSTATUS=serving: {workers} workers, generation {}",
+                self.generation
+            ));
             return Ok(());
         }
         for &g in &live {
@@ -1465,7 +1474,14 @@ impl Master {
         }
     }
 
+    fn notify(&self, state: &str) {
+        if let Some(n) = &self.notifier {
+            n.send(state);
+        }
+    }
+
     fn begin_stop(&mut self) {
+        self.notify("STOPPING=1\nSTATUS=stopping: draining in-flight requests");
         let grace = self.config.server.shutdown_grace;
         info!(
             grace_ms = grace.as_millis() as u64,

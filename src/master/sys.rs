@@ -283,6 +283,7 @@ pub fn spawn(
     let mut cmd = Command::new(exe);
     cmd.arg0(title)
         .env(super::ROLE_ENV, role)
+        .env_remove(super::notify::ENV)
         .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
