@@ -17,9 +17,15 @@ use tracing_subscriber::fmt::MakeWriter;
 
 const FILE_ENV: &str = "HALFSYNC_LOG_FILE";
 const FORMAT_ENV: &str = "HALFSYNC_LOG_FORMAT";
+/// A worker's copy of the master's stderr, for its own log lines: its fd
+/// 2 is a pipe the master reads (see `master::Captured`).
+pub const FD_ENV: &str = "HALFSYNC_LOG_FD";
 
 /// Where log lines go: the file (and its path, to reopen it), or stderr.
 static TARGET: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+
+/// Instead of stderr, when the master passed its own ([`FD_ENV`]).
+static STDERR: std::sync::OnceLock<File> = std::sync::OnceLock::new();
 
 fn open(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
@@ -33,9 +39,10 @@ struct Line;
 impl Write for Line {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut target = TARGET.lock().unwrap_or_else(|p| p.into_inner());
-        match target.as_mut() {
-            Some((_, file)) => file.write_all(buf)?,
-            None => io::stderr().write_all(buf)?,
+        match (target.as_mut(), STDERR.get()) {
+            (Some((_, file)), _) => file.write_all(buf)?,
+            (None, Some(mut stderr)) => stderr.write_all(buf)?,
+            (None, None) => io::stderr().write_all(buf)?,
         }
         Ok(buf.len())
     }
@@ -60,7 +67,10 @@ pub fn init(file: Option<&Path>, format: LogFormat) -> io::Result<()> {
             *TARGET.lock().unwrap_or_else(|p| p.into_inner()) = Some((path.to_path_buf(), f));
             false
         }
-        None => io::stderr().is_terminal(),
+        None => match STDERR.get() {
+            Some(f) => f.is_terminal(),
+            None => io::stderr().is_terminal(),
+        },
     };
     let filter = EnvFilter::try_from_env("HALFSYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -76,6 +86,13 @@ pub fn init(file: Option<&Path>, format: LogFormat) -> io::Result<()> {
 
 /// Installs a child's logger from the environment its master set.
 pub fn init_from_env() {
+    if let Some(f) = std::env::var(FD_ENV)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .and_then(crate::master::sys::inherited_fd)
+    {
+        let _ = STDERR.set(f);
+    }
     let file = std::env::var_os(FILE_ENV).map(PathBuf::from);
     let format = match std::env::var(FORMAT_ENV).as_deref() {
         Ok("json") => LogFormat::Json,

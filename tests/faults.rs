@@ -1078,3 +1078,48 @@ fn a_plugin_file_overwritten_in_place_is_named_as_the_cause() {
     s.stop(Duration::from_secs(30));
     s.assert_clean();
 }
+
+/// What a worker writes to its stderr (here a Rust plugin's panic that
+/// cannot unwind, printed by the panic hook as the worker aborts) is
+/// logged by the master as the worker's, in the log's format: with
+/// `log_format = "json"` every line stays a JSON object, and the worker's
+/// last words come before the line saying it died.
+#[test]
+fn a_workers_stderr_is_logged_as_its_own_lines() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nlog_format = \"json\"\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\nworkers = 1\n",
+        fault_plugin_so().display()
+    );
+    let mut s = Server::start(&text, port);
+    let mut c = s.client();
+    let r = c.call(1, fault::ESCAPING_PANIC, b"").unwrap();
+    assert_eq!(r.code, status::WORKER_DIED);
+    let died = wait_for(Duration::from_secs(10), || {
+        s.log().contains("worker died").then_some(())
+    });
+    assert!(died.is_some(), "{}", s.log());
+    s.stop(Duration::from_secs(30));
+    let log = s.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}\n{log}")))
+        .collect();
+    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let said = lines
+        .iter()
+        .position(|v| message(v).starts_with("worker stderr: ") && message(v).contains("panic"))
+        .unwrap_or_else(|| panic!("no stderr line of the worker's panic:\n{log}"));
+    assert_eq!(lines[said]["fields"]["group"], "g", "{}", lines[said]);
+    assert!(lines[said]["fields"]["pid"].is_number(), "{}", lines[said]);
+    let died = lines
+        .iter()
+        .position(|v| message(v).starts_with("worker died"))
+        .unwrap();
+    assert!(
+        said < died,
+        "the worker's last words after its death:\n{log}"
+    );
+    s.assert_clean();
+}

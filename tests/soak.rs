@@ -12,9 +12,18 @@ use crate::support::*;
 /// Open fds, private resident KiB (heap and stacks: `RssAnon`, not the
 /// shared ring pages, which become resident as rings are used) and
 /// threads of a process.
+/// A process's descriptors (pipes left out: the master holds one per
+/// running worker, its stderr, so their number follows the pool; see
+/// `pipes`), anonymous RSS (KiB) and threads.
 fn footprint(pid: i32) -> (usize, u64, u64) {
     let fds = fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    !fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:"))
+                })
+                .count()
+        })
         .unwrap_or(0);
     let st = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| -> u64 {
@@ -25,6 +34,19 @@ fn footprint(pid: i32) -> (usize, u64, u64) {
             .unwrap_or(0)
     };
     (fds, field("RssAnon:"), field("Threads:"))
+}
+
+/// How many pipes process `pid` holds open.
+fn pipes(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -54,6 +76,10 @@ fn a_thousand_crashes_leak_nothing() {
     let mut s = Server::start(&text, port);
     let proxy = s.pids_titled("halfsync: proxy")[0];
     let master = s.pid;
+    // With all 4 workers up: one stderr pipe each, and whatever pipes the
+    // master inherited (cargo's jobserver).
+    s.wait_tree(5);
+    let pipes0 = pipes(master);
     let load = Load::start(s.addr, 20, 4, 1000);
     load.progress(1000);
 
@@ -164,6 +190,8 @@ fn a_thousand_crashes_leak_nothing() {
         replaced.len()
     );
     assert!(p_fd1 <= p_fd0 && m_fd1 <= m_fd0, "fd growth");
+    // One stderr pipe per running worker, none left of the 1,000 dead.
+    assert_eq!(pipes(master), pipes0, "the master's pipes");
     assert!(p_thr1 == p_thr0 && m_thr1 == m_thr0, "thread growth");
     // Allocator noise, not growth: a leak per crash would show 1000x.
     assert!(

@@ -23,7 +23,7 @@ mod report;
 pub(crate) mod sys;
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -225,6 +225,76 @@ pub(crate) struct SlotRec {
     plugin_file: Option<FileStamp>,
 }
 
+/// A worker's stderr, read by the master and logged line by line, as
+/// PHP-FPM's `catch_workers_output`: what a plugin prints and what a dying
+/// Rust plugin's panic hook writes land in the log with the worker's
+/// group, number and pid, in the log's own format (one JSON object per
+/// line with `log_format = "json"`), instead of raw on the master's
+/// stderr beside it. Read before the master handles a worker's death, so
+/// its last words come before the line saying it died.
+struct Captured {
+    /// The pipe's read end (non-blocking).
+    fd: OwnedFd,
+    group: String,
+    label: u32,
+    pid: i32,
+    /// The start of a line not yet ended.
+    partial: Vec<u8>,
+}
+
+/// A line of a worker's stderr longer than this is logged in pieces.
+const CAPTURED_LINE_MAX: usize = 4096;
+
+impl Captured {
+    /// Logs every whole line there is now (and, at end of file, the rest);
+    /// returns false once the pipe is closed (every writer gone).
+    fn drain(&mut self) -> bool {
+        let mut open = true;
+        loop {
+            match sys::read_some(&self.fd, &mut self.partial, 16 << 10) {
+                Ok(0) => {
+                    open = false;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+            if self.partial.len() > 256 << 10 {
+                break; // the rest next turn
+            }
+        }
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            self.log(&line[..end]);
+        }
+        while self.partial.len() > CAPTURED_LINE_MAX {
+            let piece: Vec<u8> = self.partial.drain(..CAPTURED_LINE_MAX).collect();
+            self.log(&piece);
+        }
+        if !open && !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.log(&rest);
+        }
+        open
+    }
+
+    fn log(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches('\r');
+        if text.is_empty() {
+            return;
+        }
+        warn!(
+            group = %self.group,
+            worker = self.label,
+            pid = self.pid,
+            "worker stderr: {}",
+            halfsync_config::one_line(text)
+        );
+    }
+}
+
 /// What tells one version of a file from another: device, inode, size and
 /// modification time. A worker that crashes after its plugin's stamp
 /// changed was most likely killed by the file being overwritten in place
@@ -350,6 +420,11 @@ pub(crate) struct Master {
     pub(crate) reloads: reload::Outcomes,
     /// systemd's readiness notifications, under `Type=notify`.
     notifier: Option<notify::Notifier>,
+    /// The workers' stderr pipes still open.
+    captured: Vec<Captured>,
+    /// A copy of the master's stderr, where workers write their own log
+    /// lines when there is no log file.
+    stderr_copy: OwnedFd,
     /// A SIGHUP came during a reload: reload again, with the config file
     /// as it is then, once it is over, as nginx applies the latest
     /// configuration.
@@ -424,6 +499,11 @@ pub fn run(
         probing: None,
         reloads: reload::Outcomes::default(),
         notifier: notify::Notifier::from_env(),
+        captured: Vec::new(),
+        stderr_copy: std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating stderr")?,
         reload_pending: false,
         reload_resume: false,
         hold_sent: Vec::new(),
@@ -797,6 +877,7 @@ impl Master {
             "proxy",
             &self.child_env(halfsync_proxy::SPEC_ENV, spec.to_env()),
             &keep,
+            None,
         )
         .context("starting the proxy")?;
         drop(proxy_end);
@@ -852,15 +933,28 @@ impl Master {
         ctl.set_generation(ctl.generation().wrapping_add(1));
         let title = format!("halfsync: worker {} {}", g.config.name, s.label);
         let (memfd, eventfd) = (spec.memfd, spec.eventfd);
-        let env = self.child_env(halfsync_worker::SPEC_ENV, spec.to_env());
+        let mut env = self.child_env(halfsync_worker::SPEC_ENV, spec.to_env());
+        // Its fd 2 is a pipe the master logs line by line (`Captured`); its
+        // own log lines go to a copy of the master's stderr.
+        let (capture, stderr) = sys::pipe().context("a pipe for a worker's stderr")?;
+        let log_fd = self.stderr_copy.as_raw_fd();
+        env.push((crate::logging::FD_ENV, log_fd.to_string()));
         let pid = sys::spawn(
             &self.exe.program(),
             &title,
             "worker",
             &env,
-            &[memfd, eventfd],
+            &[memfd, eventfd, log_fd],
+            Some(stderr),
         )
         .with_context(|| format!("starting worker {title}"))?;
+        self.captured.push(Captured {
+            fd: capture,
+            group: g.config.name.clone(),
+            label: s.label,
+            pid,
+            partial: Vec::new(),
+        });
         let plugin_file = FileStamp::of(&self.groups[self.slots[i].group].plugin);
         let s = &mut self.slots[i];
         s.life = Life::Running {
@@ -1192,9 +1286,20 @@ impl Master {
                     false,
                 ));
             }
+            let c = self.captured.len();
+            for cap in &self.captured {
+                fds.push(sys::pollfd(cap.fd.as_raw_fd(), false));
+            }
             self.admin.fill_pollfds(&mut fds);
             sys::poll(&mut fds, timeout).context("poll")?;
             let mut turn = Laps::start();
+            // Workers' stderr first: a dying worker's last words come
+            // before the line saying it died.
+            let ready: Vec<bool> = fds[1 + n..1 + n + c]
+                .iter()
+                .map(|p| p.revents != 0)
+                .collect();
+            self.drain_captured(|k| ready[k]);
             if fds[0].revents != 0 {
                 while let Some(sig) = sys::read_signal(&self.signals).context("signalfd")? {
                     self.on_signal(sig);
@@ -1207,7 +1312,7 @@ impl Master {
                 }
             }
             turn.lap("proxy messages");
-            for request in self.admin.on_ready(&fds[1 + n..]) {
+            for request in self.admin.on_ready(&fds[1 + n + c..]) {
                 self.on_admin(request);
             }
             self.admin.sweep();
@@ -1253,6 +1358,7 @@ impl Master {
                     .iter()
                     .all(|s| !matches!(s.life, Life::Running { .. }))
             {
+                self.drain_captured(|_| true);
                 info!("halfsync stopped");
                 return Ok(());
             }
@@ -1474,6 +1580,17 @@ impl Master {
         }
     }
 
+    /// Logs what the workers' stderr pipes hold (those `which` picks),
+    /// and forgets the ones closed.
+    fn drain_captured(&mut self, which: impl Fn(usize) -> bool) {
+        let mut k = 0;
+        self.captured.retain_mut(|cap| {
+            let keep = !which(k) || cap.drain();
+            k += 1;
+            keep
+        });
+    }
+
     fn notify(&self, state: &str) {
         if let Some(n) = &self.notifier {
             n.send(state);
@@ -1561,6 +1678,9 @@ impl Master {
             }
             return;
         };
+        // Its last words first (a panic message, a plugin's last print);
+        // its pipe is closed now, unless a process it started holds it.
+        self.captured.retain_mut(|c| c.pid != pid || c.drain());
         let stopping = self.stopping.is_some();
         let s = &mut self.slots[i];
         let Life::Running { since, .. } = s.life else {

@@ -272,12 +272,14 @@ pub fn set_thread_name(name: &str) {
 
 /// Starts `exe` in a role with the given fds inherited (everything else the
 /// master holds is close-on-exec) and returns its pid.
+/// With `stderr`, the child's fd 2 is that instead of the master's.
 pub fn spawn(
     exe: &Path,
     title: &str,
     role: &str,
     env: &[(&str, String)],
     keep: &[RawFd],
+    stderr: Option<OwnedFd>,
 ) -> std::io::Result<i32> {
     let master_pid = std::process::id() as i32;
     let mut cmd = Command::new(exe);
@@ -285,6 +287,9 @@ pub fn spawn(
         .env(super::ROLE_ENV, role)
         .env_remove(super::notify::ENV)
         .stdin(Stdio::null());
+    if let Some(fd) = stderr {
+        cmd.stderr(Stdio::from(fd));
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -303,6 +308,51 @@ pub fn spawn(
     // The master reaps children itself with waitpid(-1); std's Child is
     // dropped without waiting, which neither kills nor reaps.
     Ok(child.id() as i32)
+}
+
+/// A pipe (both ends close-on-exec): (read end, non-blocking; write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    syscall!(pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK))?;
+    // SAFETY: pipe2 just created both descriptors; nothing else owns them.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The write end blocks: a child writing to its stderr waits for the
+    // master rather than losing lines (std's own writes expect that).
+    let flags = syscall!(fcntl(w.as_raw_fd(), libc::F_GETFL))?;
+    syscall!(fcntl(
+        w.as_raw_fd(),
+        libc::F_SETFL,
+        flags & !libc::O_NONBLOCK
+    ))?;
+    Ok((r, w))
+}
+
+/// Reads what is there now from a non-blocking `fd` into `buf` (at most
+/// `max` bytes); `Ok(0)` at end of file, `Err(WouldBlock)` when empty.
+pub fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + max, 0);
+    // SAFETY: `buf[start..]` is `max` writable bytes owned by `buf`.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf[start..].as_mut_ptr().cast(), max) };
+    let n = if n < 0 {
+        buf.truncate(start);
+        return Err(io::Error::last_os_error());
+    } else {
+        n as usize
+    };
+    buf.truncate(start + n);
+    Ok(n)
+}
+
+/// An inherited descriptor named by the environment (`HALFSYNC_LOG_FD`),
+/// if it is open.
+pub fn inherited_fd(fd: RawFd) -> Option<std::fs::File> {
+    if fd < 3 || syscall!(fcntl(fd, libc::F_GETFD)).is_err() {
+        return None;
+    }
+    // SAFETY: the parent passed this open descriptor to this process for
+    // this one use; nothing else here owns it.
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
 /// Clock ticks per second, the unit of `/proc/<pid>/stat` times (100
