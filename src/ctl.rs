@@ -72,11 +72,24 @@ pub fn find_server_running(config: &Path) -> Option<PathBuf> {
         })
         .collect();
     socks.sort();
-    let want = config.to_str()?;
     socks.into_iter().find(|sock| {
-        request(sock, r#"{"cmd":"status"}"#, Duration::from_secs(2))
-            .is_ok_and(|v| v["config"].as_str() == Some(want))
+        request(sock, r#"{"cmd":"status"}"#, Duration::from_secs(2)).is_ok_and(|v| {
+            v["config"]
+                .as_str()
+                .is_some_and(|runs| same_config(Path::new(runs), config))
+        })
     })
+}
+
+/// Whether two absolute config paths name the server's file: the same
+/// path (a symlink flipped to a new file since is still the same config),
+/// or the same file however spelt (`a/../b.toml`, another link to it).
+pub fn same_config(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
 }
 
 /// The config the server on `socket` runs (from its status), if it

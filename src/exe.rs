@@ -27,7 +27,16 @@ impl Exe {
     /// The running executable.
     pub fn current() -> Result<Exe> {
         let path = std::env::current_exe().context("cannot find the halfsync executable")?;
-        let file = std::fs::File::open("/proc/self/exe").context("cannot open /proc/self/exe")?;
+        // O_PATH: no read permission needed (a binary installed mode 0711
+        // runs for users who cannot read it); exec needs only execute.
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open("/proc/self/exe")
+                .context("cannot open /proc/self/exe")?
+        };
         Ok(Exe { path, file })
     }
 

@@ -164,14 +164,19 @@ fn server_of(t: &Target, acts: bool, reloads: bool) -> Result<PathBuf> {
         return Ok(sock);
     }
     let wanted = match &t.config {
-        Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("{}", p.display()))?),
+        Some(p) => Some(std::path::absolute(p).with_context(|| format!("{}", p.display()))?),
         None => None,
     };
     let Some(runs) = ctl::config_of(&sock) else {
         // Not answering: the command itself says so.
         return Ok(sock);
     };
-    if runs == wanted {
+    let same = match (&runs, &wanted) {
+        (Some(a), Some(b)) => ctl::same_config(a, b),
+        (None, None) => true,
+        _ => false,
+    };
+    if same {
         return Ok(sock);
     }
     let name = |c: &Option<PathBuf>| match c {
@@ -225,7 +230,7 @@ fn socket(t: &Target) -> Result<PathBuf> {
         let config = t
             .config
             .as_deref()
-            .and_then(|p| std::fs::canonicalize(p).ok());
+            .and_then(|p| std::path::absolute(p).ok());
         if let Some(found) = config.and_then(|c| ctl::find_server_running(&c)) {
             eprintln!(
                 "halfsync: the server running this file is on {} (its first listen address \
@@ -321,7 +326,9 @@ fn run(path: Option<&Path>, inline: bool) -> Result<()> {
     master::set_thread_name("halfsync-master");
     retitle_master();
     // Reloads re-read this file even if the working directory changes.
-    let path = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+    // Absolute, but through its symlinks: a deploy that flips a symlink
+    // to a new file has the next reload read the new one.
+    let path = path.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     master::run(config, path, exe::Exe::current()?, inline)
 }
 
@@ -433,6 +440,9 @@ fn run_worker() -> ExitCode {
 }
 
 fn run_probe() -> ExitCode {
+    // Exec'd from /proc/self/fd/N, its name would be "N" (in ps -C, the
+    // kernel's segfault lines, core names).
+    master::set_thread_name("halfsync-probe");
     // It sets up its own logging (see `probe::child_main`).
     probe::child_main()
 }

@@ -741,3 +741,27 @@ fn random_byte_streams_break_nothing() {
     );
     assert!(!s.log().contains("panicked"), "seed {seed}: {}", s.log());
 }
+
+/// The master holds three descriptors per worker (its slot, its eventfd,
+/// its output pipe): under a low soft open-file limit it raises its own as
+/// far as its pools need (not further: children inherit it), and every
+/// worker starts.
+#[test]
+fn the_master_raises_its_open_file_limit_for_its_pool() {
+    let port = free_port();
+    let mut s = Server::spawn_nofile(&config(port, &echo_so(), 16, ""), port, 64, 1024);
+    s.wait_ready();
+    s.wait_tree(17);
+    let log = s.log();
+    assert!(
+        log.contains("raised the open-file limit for the worker pool old=64 new=144"),
+        "{log}"
+    );
+    let st = s.status();
+    let ready = st["groups"][0]["workers"]
+        .as_array()
+        .map_or(0, |w| w.iter().filter(|w| w["pid"].is_number()).count());
+    assert_eq!(ready, 16, "{st}");
+    assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
+    s.assert_clean();
+}

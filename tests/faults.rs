@@ -1109,8 +1109,8 @@ fn a_workers_stderr_is_logged_as_its_own_lines() {
     let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
     let said = lines
         .iter()
-        .position(|v| message(v).starts_with("worker stderr: ") && message(v).contains("panic"))
-        .unwrap_or_else(|| panic!("no stderr line of the worker's panic:\n{log}"));
+        .position(|v| message(v).starts_with("worker output: ") && message(v).contains("panic"))
+        .unwrap_or_else(|| panic!("no output line of the worker's panic:\n{log}"));
     assert_eq!(lines[said]["fields"]["group"], "g", "{}", lines[said]);
     assert!(lines[said]["fields"]["pid"].is_number(), "{}", lines[said]);
     let died = lines

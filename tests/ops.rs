@@ -1948,3 +1948,38 @@ fn reload_outcomes_are_counted() {
     s.stop(Duration::from_secs(30));
     s.assert_clean();
 }
+
+/// A deploy that flips a symlink to a new config file and reloads gets the
+/// new file: the command finds the server (the path is the same, the file
+/// behind it new) and the server re-reads the path, through the link.
+#[test]
+fn a_reload_after_a_config_symlink_flip_reads_the_new_file() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 1, "v1:", "", ""), port);
+    let link = s.config_path();
+    let release = |name: &str, prefix: &str| {
+        let p = s.dir.path().join(name);
+        std::fs::write(
+            &p,
+            with_admin_socket(&versioned(port, 1, prefix, "", ""), s.dir.path()),
+        )
+        .unwrap();
+        p
+    };
+    let flip = |to: &std::path::Path| {
+        let tmp = s.dir.path().join("link.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(to, &tmp).unwrap();
+        std::fs::rename(&tmp, &link).unwrap();
+    };
+    flip(&release("r1.toml", "v1:"));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    flip(&release("r2.toml", "v2:"));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"v2:x", "{}", s.log());
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}

@@ -973,7 +973,8 @@ impl Proxy {
                     Scope::Group(g),
                 );
             }
-            if n > 0 {
+            // (Held requests waited for a reload, not for lack of workers.)
+            if n > 0 && !held {
                 self.overloaded(g, 0, n);
             }
             self.stats.queued(g, self.groups[g].waiting());
@@ -1000,7 +1001,10 @@ impl Proxy {
             return;
         }
         let since = match o.warned_ns {
-            Some(t) => format!("in the last {} s", (now - t) / (1000 * NS_PER_MS)),
+            Some(t) => format!(
+                "since the last such warning, {} s ago",
+                (now - t) / (1000 * NS_PER_MS)
+            ),
             None => "so far".to_owned(),
         };
         warn!(

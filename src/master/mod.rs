@@ -225,8 +225,9 @@ pub(crate) struct SlotRec {
     plugin_file: Option<FileStamp>,
 }
 
-/// A worker's stderr, read by the master and logged line by line, as
-/// PHP-FPM's `catch_workers_output`: what a plugin prints and what a dying
+/// A worker's stdout and stderr (one pipe), read by the master and logged
+/// line by line, as PHP-FPM's `catch_workers_output`: what a plugin prints
+/// and what a dying
 /// Rust plugin's panic hook writes land in the log with the worker's
 /// group, number and pid, in the log's own format (one JSON object per
 /// line with `log_format = "json"`), instead of raw on the master's
@@ -242,7 +243,7 @@ struct Captured {
     partial: Vec<u8>,
 }
 
-/// A line of a worker's stderr longer than this is logged in pieces.
+/// A line of a worker's output longer than this is logged in pieces.
 const CAPTURED_LINE_MAX: usize = 4096;
 
 impl Captured {
@@ -289,7 +290,7 @@ impl Captured {
             group = %self.group,
             worker = self.label,
             pid = self.pid,
-            "worker stderr: {}",
+            "worker output: {}",
             halfsync_config::one_line(text)
         );
     }
@@ -420,7 +421,7 @@ pub(crate) struct Master {
     pub(crate) reloads: reload::Outcomes,
     /// systemd's readiness notifications, under `Type=notify`.
     notifier: Option<notify::Notifier>,
-    /// The workers' stderr pipes still open.
+    /// The workers' output pipes still open.
     captured: Vec<Captured>,
     /// A copy of the master's stderr, where workers write their own log
     /// lines when there is no log file.
@@ -458,6 +459,22 @@ pub fn run(
 ) -> Result<()> {
     let probed = crate::probe::probe(&exe, &config, false)?;
     let n = config.server.proxy_processes as usize;
+    // The master holds 3 descriptors per worker (slot memfd, eventfd,
+    // output pipe), and a replacement runs beside each worker it replaces:
+    // room for twice the largest pools, plus its own. Only as much as that
+    // (children inherit the limit, and a plugin using select() must not
+    // see descriptors past 1024 it did not ask for); the proxies raise
+    // their own.
+    let workers: u64 = config
+        .groups
+        .iter()
+        .map(|g| u64::from(g.worker_limit()))
+        .sum();
+    match sys::raise_nofile_to(2 * 3 * workers + 48) {
+        Ok(Some((old, new))) => info!(old, new, "raised the open-file limit for the worker pool"),
+        Ok(None) => {}
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
     let mut listeners = Vec::new();
     for (i, addr) in config.server.listen.iter().enumerate() {
         listeners.push(ListenerRec {
@@ -531,6 +548,7 @@ pub fn run(
             "--inline: a benchmark baseline; plugins run inside the proxy, no workers, no isolation"
         );
         m.starting = false;
+        m.notify("READY=1\nSTATUS=serving (--inline benchmark baseline)");
     } else {
         for g in 0..m.groups.len() {
             for _ in 0..m.groups[g].config.workers {
@@ -934,9 +952,10 @@ impl Master {
         let title = format!("halfsync: worker {} {}", g.config.name, s.label);
         let (memfd, eventfd) = (spec.memfd, spec.eventfd);
         let mut env = self.child_env(halfsync_worker::SPEC_ENV, spec.to_env());
-        // Its fd 2 is a pipe the master logs line by line (`Captured`); its
-        // own log lines go to a copy of the master's stderr.
-        let (capture, stderr) = sys::pipe().context("a pipe for a worker's stderr")?;
+        // Its stdout and stderr are a pipe the master logs line by line
+        // (`Captured`); its own log lines go to a copy of the master's
+        // stderr.
+        let (capture, output) = sys::pipe().context("a pipe for a worker's output")?;
         let log_fd = self.stderr_copy.as_raw_fd();
         env.push((crate::logging::FD_ENV, log_fd.to_string()));
         let pid = sys::spawn(
@@ -945,7 +964,7 @@ impl Master {
             "worker",
             &env,
             &[memfd, eventfd, log_fd],
-            Some(stderr),
+            Some(output),
         )
         .with_context(|| format!("starting worker {title}"))?;
         self.captured.push(Captured {
@@ -1293,7 +1312,7 @@ impl Master {
             self.admin.fill_pollfds(&mut fds);
             sys::poll(&mut fds, timeout).context("poll")?;
             let mut turn = Laps::start();
-            // Workers' stderr first: a dying worker's last words come
+            // Workers' output first: a dying worker's last words come
             // before the line saying it died.
             let ready: Vec<bool> = fds[1 + n..1 + n + c]
                 .iter()
@@ -1358,7 +1377,14 @@ impl Master {
                     .iter()
                     .all(|s| !matches!(s.life, Life::Running { .. }))
             {
-                self.drain_captured(|_| true);
+                // Everything the workers wrote (each pass reads up to 256
+                // KiB of each pipe).
+                for _ in 0..16 {
+                    if self.captured.is_empty() {
+                        break;
+                    }
+                    self.drain_captured(|_| true);
+                }
                 info!("halfsync stopped");
                 return Ok(());
             }
@@ -1471,6 +1497,7 @@ impl Master {
             );
             self.kill_everything();
             self.reap_all(Duration::from_secs(5));
+            self.drain_captured(|_| true);
             return Err(anyhow!(msg));
         }
         Ok(())
@@ -1580,7 +1607,7 @@ impl Master {
         }
     }
 
-    /// Logs what the workers' stderr pipes hold (those `which` picks),
+    /// Logs what the workers' output pipes hold (those `which` picks),
     /// and forgets the ones closed.
     fn drain_captured(&mut self, which: impl Fn(usize) -> bool) {
         let mut k = 0;
@@ -2020,7 +2047,9 @@ impl Master {
         }
         if let Err(e) = self.start_proxy(p) {
             error!("{e:#}; stopping");
+            self.notify("STOPPING=1\nSTATUS=stopping: a proxy could not be restarted");
             self.stopping = Some(Instant::now());
+            self.abandon_reload();
             return;
         }
         for i in wanted {

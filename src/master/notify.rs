@@ -26,12 +26,24 @@ impl Notifier {
         let addr = match bytes.strip_prefix(b"@") {
             Some(abs) => {
                 use std::os::linux::net::SocketAddrExt;
-                SocketAddr::from_abstract_name(abs).ok()?
+                SocketAddr::from_abstract_name(abs)
             }
-            None => SocketAddr::from_pathname(std::path::Path::new(&name)).ok()?,
+            None => SocketAddr::from_pathname(std::path::Path::new(&name)),
         };
-        let sock = UnixDatagram::unbound().ok()?;
-        Some(Notifier { sock, addr })
+        match addr.and_then(|addr| {
+            Ok(Notifier {
+                sock: UnixDatagram::unbound()?,
+                addr,
+            })
+        }) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(
+                    "{ENV}={name:?} cannot be used ({e}): systemd will not hear READY=1"
+                );
+                None
+            }
+        }
     }
 
     /// Sends `state` (newline-separated `KEY=value` lines). A failure is

@@ -272,14 +272,15 @@ pub fn set_thread_name(name: &str) {
 
 /// Starts `exe` in a role with the given fds inherited (everything else the
 /// master holds is close-on-exec) and returns its pid.
-/// With `stderr`, the child's fd 2 is that instead of the master's.
+/// With `output`, the child's stdout and stderr are that instead of the
+/// master's.
 pub fn spawn(
     exe: &Path,
     title: &str,
     role: &str,
     env: &[(&str, String)],
     keep: &[RawFd],
-    stderr: Option<OwnedFd>,
+    output: Option<OwnedFd>,
 ) -> std::io::Result<i32> {
     let master_pid = std::process::id() as i32;
     let mut cmd = Command::new(exe);
@@ -287,7 +288,8 @@ pub fn spawn(
         .env(super::ROLE_ENV, role)
         .env_remove(super::notify::ENV)
         .stdin(Stdio::null());
-    if let Some(fd) = stderr {
+    if let Some(fd) = output {
+        cmd.stdout(Stdio::from(fd.try_clone()?));
         cmd.stderr(Stdio::from(fd));
     }
     for (k, v) in env {
@@ -353,6 +355,24 @@ pub fn inherited_fd(fd: RawFd) -> Option<std::fs::File> {
     // SAFETY: the parent passed this open descriptor to this process for
     // this one use; nothing else here owns it.
     Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Raises the soft open-file limit to at least `want` (within the hard
+/// one); returns (old, new) if it changed it.
+pub fn raise_nofile_to(want: u64) -> io::Result<Option<(u64, u64)>> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
+    let old = lim.rlim_cur;
+    let new = want.min(lim.rlim_max);
+    if new <= old {
+        return Ok(None);
+    }
+    lim.rlim_cur = new;
+    syscall!(setrlimit(libc::RLIMIT_NOFILE, &lim))?;
+    Ok(Some((old, new)))
 }
 
 /// Clock ticks per second, the unit of `/proc/<pid>/stat` times (100
