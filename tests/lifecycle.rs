@@ -165,26 +165,13 @@ fn children_run_the_masters_build_after_the_binary_is_replaced() {
     std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::rename(&new, &bin).unwrap();
 
-    let workers = s.pids_titled("halfsync: worker");
-    assert_eq!(workers.len(), 2, "{before:?}\n{}", s.log());
-    // SAFETY: kill(2) on a process this test's server started.
-    unsafe { libc::kill(workers[0], libc::SIGKILL) };
-    let replaced = wait_for(Duration::from_secs(10), || {
-        let now = s.pids_titled("halfsync: worker");
-        let st = s.status();
-        let ready = st["groups"][0]["workers"]
-            .as_array()?
-            .iter()
-            .filter(|w| w["state"] != "starting" && w["pid"].is_number())
-            .count();
-        (now.len() == 2 && !now.contains(&workers[0]) && ready == 2).then_some(())
-    });
+    let replaced = s.kill_one_of_two_workers("halfsync: worker");
     assert!(
         !marker.exists(),
         "a child ran the new file; log:\n{}",
         s.log()
     );
-    assert!(replaced.is_some(), "{}", s.log());
+    assert!(replaced, "{before:?}\n{}", s.log());
     let mut c = s.client();
     for id in 0..10 {
         assert_eq!(c.call(id, 1, b"same build").unwrap().payload, b"same build");

@@ -1719,21 +1719,8 @@ fn the_master_supervises_while_a_reload_test_loads_its_plugins() {
     assert_eq!(st["reload_phase"], "plugins", "{st}");
     assert_eq!(st["reloading"], true, "{st}");
 
-    let before = s.pids_titled("halfsync: worker echo");
-    assert_eq!(before.len(), 2, "{}", s.log());
-    // SAFETY: kill(2) on a process this test's server started.
-    unsafe { libc::kill(before[0], libc::SIGKILL) };
-    let replaced = wait_for(Duration::from_secs(10), || {
-        let now = s.pids_titled("halfsync: worker echo");
-        let st = s.status();
-        let ready = st["groups"][0]["workers"]
-            .as_array()?
-            .iter()
-            .filter(|w| w["state"] != "starting" && w["pid"].is_number())
-            .count();
-        (now.len() == 2 && !now.contains(&before[0]) && ready == 2).then_some(())
-    });
-    assert!(replaced.is_some(), "{}", s.log());
+    let replaced = s.kill_one_of_two_workers("halfsync: worker echo");
+    assert!(replaced, "{}", s.log());
     assert!(
         alive(probe),
         "the dead worker was replaced only after the probe; log:\n{}",

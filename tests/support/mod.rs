@@ -424,6 +424,26 @@ impl Server {
             .collect()
     }
 
+    /// SIGKILLs the first of the 2 workers of group 0 titled `title` and
+    /// waits (at most 10 s) until 2 are running again, the killed one not
+    /// among them and none still starting; whether that happened.
+    pub fn kill_one_of_two_workers(&mut self, title: &str) -> bool {
+        let before = self.pids_titled(title);
+        assert_eq!(before.len(), 2, "{}", self.log());
+        kill(before[0], libc::SIGKILL);
+        wait_for(Duration::from_secs(10), || {
+            let now = self.pids_titled(title);
+            let st = self.status();
+            let ready = st["groups"][0]["workers"]
+                .as_array()?
+                .iter()
+                .filter(|w| w["state"] != "starting" && w["pid"].is_number())
+                .count();
+            (now.len() == 2 && !now.contains(&before[0]) && ready == 2).then_some(())
+        })
+        .is_some()
+    }
+
     pub fn worker_pids(&mut self) -> Vec<i32> {
         self.pids_titled("halfsync: worker")
     }
