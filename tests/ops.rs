@@ -1119,7 +1119,8 @@ fn dynamic_pool_starts_the_missing_spares_at_once() {
 
 /// Counters in status (and so in the metrics) only grow: a proxy that
 /// dies and is restarted carries on from its predecessor's counts instead
-/// of starting at 0, which Prometheus would read as a reset.
+/// of starting at 0, which Prometheus would read as a reset; and the
+/// restart itself is counted.
 #[test]
 fn counters_survive_a_proxy_restart() {
     let port = free_port();
@@ -1147,6 +1148,8 @@ fn counters_survive_a_proxy_restart() {
     let after = s.status();
     assert!(ok(&after) > ok(&before), "{before}\n{after}");
     assert!(accepted(&after) > accepted(&before), "{before}\n{after}");
+    assert_eq!(before["proxy"]["restarts"], 0, "{before}");
+    assert_eq!(after["proxy"]["restarts"], 1, "{after}");
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
 }
 

@@ -419,6 +419,8 @@ pub(crate) struct Master {
     probing: Option<reload::Probing>,
     /// How reloads ended.
     pub(crate) reloads: reload::Outcomes,
+    /// Proxy processes that died while serving and were restarted.
+    pub(crate) proxy_restarts: u64,
     /// systemd's readiness notifications, under `Type=notify`.
     notifier: Option<notify::Notifier>,
     /// The workers' output pipes still open.
@@ -515,6 +517,7 @@ pub fn run(
         reload: None,
         probing: None,
         reloads: reload::Outcomes::default(),
+        proxy_restarts: 0,
         notifier: notify::Notifier::from_env(),
         captured: Vec::new(),
         stderr_copy: std::io::stderr()
@@ -1989,6 +1992,7 @@ impl Master {
     /// is gone, so its workers are replaced along with it. The other proxy
     /// processes and their workers carry on.
     fn restart_proxy(&mut self, p: usize) {
+        self.proxy_restarts += 1;
         let mine: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].proxy == p)
             .collect();

@@ -227,6 +227,8 @@ pub(crate) fn status(m: &Master) -> String {
             "inflight": inflight,
             "accepted": global.accepted,
             "refused": global.refused,
+            // Proxies that died while serving and were restarted.
+            "restarts": m.proxy_restarts,
             "replies_without_group": by_status(&global.replies),
         },
         "groups": groups,
@@ -452,6 +454,8 @@ pub(crate) fn metrics(m: &Master) -> String {
     let _ = writeln!(o, "halfsync_connections_accepted_total {}", global.accepted);
     o.push_str("# HELP halfsync_connections_refused_total Client connections refused (limits).\n# TYPE halfsync_connections_refused_total counter\n");
     let _ = writeln!(o, "halfsync_connections_refused_total {}", global.refused);
+    o.push_str("# HELP halfsync_proxy_restarts_total Proxy processes that died while serving and were restarted (their clients' connections were lost).\n# TYPE halfsync_proxy_restarts_total counter\n");
+    let _ = writeln!(o, "halfsync_proxy_restarts_total {}", m.proxy_restarts);
     o.push_str("# HELP halfsync_config_generation Configuration generation (1 at start, +1 per reload).\n# TYPE halfsync_config_generation gauge\n");
     let _ = writeln!(o, "halfsync_config_generation {}", m.generation);
     o.push_str("# HELP halfsync_reloads_total Reloads by how they ended: ok (every group on the new configuration), failed (some group rolled back), refused (nothing changed).\n# TYPE halfsync_reloads_total counter\n");
