@@ -227,12 +227,11 @@ pub(crate) struct SlotRec {
 
 /// A worker's stdout and stderr (one pipe), read by the master and logged
 /// line by line, as PHP-FPM's `catch_workers_output`: what a plugin prints
-/// and what a dying
-/// Rust plugin's panic hook writes land in the log with the worker's
-/// group, number and pid, in the log's own format (one JSON object per
-/// line with `log_format = "json"`), instead of raw on the master's
-/// stderr beside it. Read before the master handles a worker's death, so
-/// its last words come before the line saying it died.
+/// and what a dying Rust plugin's panic hook writes land in the log with
+/// the worker's group, number and pid, in the log's own format (one JSON
+/// object per line with `log_format = "json"`), instead of raw on the
+/// master's stderr beside it. Read before the master handles a worker's
+/// death, so its last words come before the line saying it died.
 struct Captured {
     /// The pipe's read end (non-blocking).
     fd: OwnedFd,
@@ -323,6 +322,14 @@ impl SlotRec {
             Life::Running { pid, .. } => Some(pid),
             _ => None,
         }
+    }
+
+    /// The request the running worker of this slot is on, as its control
+    /// block says (a block still naming a dead predecessor does not count).
+    pub(crate) fn current_request(&self) -> Option<halfsync_shm::BusyInfo> {
+        let ctl = self.slot.control();
+        let pid = self.pid()?;
+        (ctl.pid() == pid as u32).then(|| ctl.busy()).flatten()
     }
 
     /// A running worker the proxy gives requests to (or will, once ready):
@@ -1935,15 +1942,11 @@ impl Master {
                 // connection close without a reply).
                 let now_ns = halfsync_shm::sys::monotonic_ns();
                 for s in &self.slots {
-                    let ctl = s.slot.control();
-                    if let Some(pid) = s.pid()
-                        && ctl.pid() == pid as u32
-                        && let Some(b) = ctl.busy()
-                    {
+                    if let Some(b) = s.current_request() {
                         warn!(
                             group = %self.groups[s.group].config.name,
                             worker = s.label,
-                            pid,
+                            pid = s.pid(),
                             "abandoning request id {} (command {}), running for {} ms",
                             b.id,
                             b.code,

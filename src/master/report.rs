@@ -145,7 +145,7 @@ pub(crate) fn status(m: &Master) -> String {
             }
             let ctl = s.slot.control();
             let pid = s.pid();
-            let current = ctl.busy().filter(|_| pid.is_some_and(|p| ctl.pid() == p as u32)).map(|b| {
+            let current = s.current_request().map(|b| {
                 json!({"id": b.id, "command": b.code, "age_ms": now.saturating_sub(b.since_ns) / 1_000_000})
             });
             workers.push(json!({
