@@ -512,6 +512,93 @@ fn scrape(port: u16) -> String {
     s
 }
 
+/// One HTTP/1.1 request to the metrics listener: the whole answer.
+fn http(port: u16, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    t.write_all(request.as_bytes()).unwrap();
+    let mut s = String::new();
+    t.read_to_string(&mut s).unwrap();
+    s
+}
+
+/// The metrics listener answers HEAD like GET without the body, refuses
+/// other methods with 405, and `/ping` is a health check: 200 `pong` while
+/// every group has a worker ready, 503 and the reason while one has none
+/// (its plugin crashing in init), 200 again once it is back.
+#[test]
+fn ping_is_a_health_check_and_head_is_answered() {
+    let port = free_port();
+    let mport = free_port();
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let flag = dir.path().join("crash");
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
+         [[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n\
+         restart_delay = \"100ms\"\nrestart_delay_max = \"200ms\"\n\
+         [group.config]\ncrash_in_init_if_exists = \"{}\"\n",
+        halfsync_testkit::fault_plugin().display(),
+        flag.display()
+    );
+    let s = Server::start(&text, port);
+    let ping = http(mport, "GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(ping.starts_with("HTTP/1.1 200 OK\r\n"), "{ping}");
+    assert!(ping.ends_with("\r\n\r\npong\n"), "{ping}");
+
+    let get = http(mport, "GET /metrics HTTP/1.1\r\n\r\n");
+    let head = http(mport, "HEAD /metrics HTTP/1.1\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "HEAD got a body: {head}");
+    let length = |answer: &str| -> usize {
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no Content-Length in {answer}"))
+    };
+    let get_body = get.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    assert_eq!(length(&get), get_body.len());
+    assert!(length(&head) > 0, "{head}");
+    let post = http(mport, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert!(
+        post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+        "{post}"
+    );
+    assert!(post.contains("\r\nAllow: GET, HEAD\r\n"), "{post}");
+    let other = http(mport, "GET /status HTTP/1.1\r\n\r\n");
+    assert!(other.starts_with("HTTP/1.1 404 Not Found\r\n"), "{other}");
+    assert!(
+        other.contains("/metrics") && other.contains("/ping"),
+        "{other}"
+    );
+
+    // The only worker dies and its replacements crash in init.
+    std::fs::write(&flag, b"").unwrap();
+    let mut c = s.client();
+    let _ = c.call(1, halfsync_testkit::fault::SIGKILL, b"");
+    let down = wait_for(Duration::from_secs(20), || {
+        let a = http(mport, "GET /ping HTTP/1.0\r\n\r\n");
+        a.starts_with("HTTP/1.1 503 ").then_some(a)
+    });
+    let down = down.unwrap_or_else(|| panic!("ping never said 503\n{}", s.log()));
+    assert!(
+        down.ends_with("not serving: group \"game\" has no worker ready\n"),
+        "{down}"
+    );
+    std::fs::remove_file(&flag).unwrap();
+    let up = wait_for(Duration::from_secs(20), || {
+        let a = http(mport, "HEAD /ping HTTP/1.1\r\n\r\n");
+        a.starts_with("HTTP/1.1 200 OK\r\n").then_some(a)
+    });
+    let up = up.unwrap_or_else(|| panic!("ping never came back\n{}", s.log()));
+    assert!(up.ends_with("\r\n\r\n"), "{up}");
+    assert_eq!(c.call(2, 1, b"back").unwrap().code, status::OK);
+}
+
 #[test]
 fn metrics_endpoint_counts_what_was_sent() {
     let port = free_port();
@@ -523,8 +610,28 @@ fn metrics_endpoint_counts_what_was_sent() {
         "",
         &format!("metrics_listen = \"127.0.0.1:{mport}\""),
     );
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     let mut s = Server::start(&text, port);
     let before = scrape(mport);
+    assert_eq!(
+        metric(
+            &before,
+            &format!(
+                "halfsync_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1
+    );
+    let started = metric_f64(&before, "halfsync_start_time_seconds").expect("start time");
+    assert!(
+        (t0 - 1.0..t0 + 60.0).contains(&started),
+        "started {started}, test began {t0}"
+    );
+    assert_eq!(s.status()["version"], env!("CARGO_PKG_VERSION"));
     let mut c = s.client();
     for id in 0..250 {
         assert_eq!(c.call(id, 1, b"m").unwrap().code, status::OK);

@@ -240,7 +240,8 @@ pub struct Server {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub admin_socket: String,
     /// `metrics_listen`: `"ip:port"` of an HTTP listener serving Prometheus
-    /// metrics at `/metrics`. Off unless set; bind it to 127.0.0.1.
+    /// metrics at `/metrics` and a health check at `/ping`. Off unless set;
+    /// bind it to 127.0.0.1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
     /// `log_file`: append logs to this file instead of stderr; SIGUSR1 to

@@ -9,7 +9,10 @@
 //!   back, with `"ok"` true or false. A reload is answered when it
 //!   finishes.
 //! - Metrics: if `server.metrics_listen` is set, an HTTP/1.x listener
-//!   answering `GET /metrics` in the Prometheus text format, then closing.
+//!   answering `GET /metrics` in the Prometheus text format and `GET
+//!   /ping` with 200 `pong` while every group serves (503 and the reason
+//!   otherwise: a health check for load balancers, as PHP-FPM's
+//!   `ping.path`), then closing. `HEAD` gets the same status and headers.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -48,8 +51,23 @@ pub(crate) enum Command {
 
 /// A request to act on.
 pub(crate) enum Request {
-    Admin { conn: u64, command: Command },
-    Metrics { conn: u64 },
+    Admin {
+        conn: u64,
+        command: Command,
+    },
+    /// An HTTP request for `what`; `head`: answer without the body.
+    Http {
+        conn: u64,
+        what: Http,
+        head: bool,
+    },
+}
+
+/// What an HTTP client asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Http {
+    Metrics,
+    Ping,
 }
 
 /// A JSON success answer with a message.
@@ -267,14 +285,15 @@ impl Admin {
         self.send(conn, body.into_bytes());
     }
 
-    /// Sends a Prometheus text answer and closes the connection.
-    pub(crate) fn respond_http(&mut self, conn: u64, body: &str) {
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        let mut bytes = head.into_bytes();
-        bytes.extend_from_slice(body.as_bytes());
+    /// Sends an HTTP answer (`status` such as `200 OK`; `head`: headers
+    /// only) and closes the connection.
+    pub(crate) fn respond_http(&mut self, conn: u64, status: &str, body: &str, head: bool) {
+        let content_type = if body.starts_with('#') {
+            "text/plain; version=0.0.4; charset=utf-8"
+        } else {
+            "text/plain; charset=utf-8"
+        };
+        let bytes = http_answer(status, &[("Content-Type", content_type)], body, head);
         self.send(conn, bytes);
     }
 
@@ -364,16 +383,39 @@ fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
         let line = head.lines().next().unwrap_or_default().to_owned();
         let mut parts = line.split_whitespace();
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        if method == "GET" && (target == "/metrics" || target.starts_with("/metrics?")) {
-            c.phase = Phase::Waiting;
-            return Ok(Some(Request::Metrics { conn: c.id }));
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
+        let what = match path {
+            "/metrics" => Some(Http::Metrics),
+            "/ping" => Some(Http::Ping),
+            _ => None,
+        };
+        let head = method == "HEAD";
+        match what {
+            Some(what) if method == "GET" || head => {
+                c.phase = Phase::Waiting;
+                return Ok(Some(Request::Http {
+                    conn: c.id,
+                    what,
+                    head,
+                }));
+            }
+            Some(_) => {
+                c.out = http_answer(
+                    "405 Method Not Allowed",
+                    &[("Allow", "GET, HEAD"), ("Content-Type", "text/plain")],
+                    &format!("method not allowed: {path} answers GET and HEAD\n"),
+                    false,
+                );
+            }
+            None => {
+                c.out = http_answer(
+                    "404 Not Found",
+                    &[("Content-Type", "text/plain")],
+                    "not found: metrics are at /metrics, the health check at /ping\n",
+                    head,
+                );
+            }
         }
-        let body = "not found: metrics are at /metrics\n";
-        c.out = format!(
-            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes();
         c.phase = Phase::Writing;
         return Ok(None);
     }
@@ -397,6 +439,23 @@ fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
             Ok(None)
         }
     }
+}
+
+/// An HTTP/1.1 answer that closes the connection; `head`: without the
+/// body (Content-Length still gives its size, as HEAD requires).
+fn http_answer(status: &str, headers: &[(&str, &str)], body: &str, head: bool) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status}\r\n");
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    if !head {
+        out.push_str(body);
+    }
+    out.into_bytes()
 }
 
 /// Writes what it can; true when done (or failed) and the client can go.

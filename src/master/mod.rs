@@ -450,6 +450,8 @@ pub(crate) struct Master {
     /// did not reach.
     config_retry_at: Instant,
     pub(crate) started_at: Instant,
+    /// The same moment by the wall clock (`halfsync_start_time_seconds`).
+    pub(crate) started_wall: std::time::SystemTime,
     next_pool_check: Instant,
     rng: fastrand::Rng,
     /// Benchmark baseline: plugins run inside the proxy; no workers.
@@ -536,6 +538,7 @@ pub fn run(
         hold_sent: Vec::new(),
         config_retry_at: Instant::now(),
         started_at: Instant::now(),
+        started_wall: std::time::SystemTime::now(),
         next_pool_check: Instant::now() + POOL_CHECK,
         rng: fastrand::Rng::new(),
         inline,
@@ -1404,9 +1407,15 @@ impl Master {
     fn on_admin(&mut self, request: admin::Request) {
         use admin::{Command, Request};
         match request {
-            Request::Metrics { conn } => {
-                let body = report::metrics(self);
-                self.admin.respond_http(conn, &body);
+            Request::Http { conn, what, head } => {
+                let (status, body) = match what {
+                    admin::Http::Metrics => ("200 OK", report::metrics(self)),
+                    admin::Http::Ping => match self.not_serving() {
+                        None => ("200 OK", "pong\n".to_owned()),
+                        Some(why) => ("503 Service Unavailable", format!("not serving: {why}\n")),
+                    },
+                };
+                self.admin.respond_http(conn, status, &body, head);
             }
             Request::Admin { conn, command } => {
                 let answer = match command {
@@ -1440,6 +1449,45 @@ impl Master {
                 self.admin.respond(conn, body);
             }
         }
+    }
+
+    /// Why the server cannot answer every command now, for the health
+    /// check (`GET /ping`): starting, stopping, a proxy down, or a group
+    /// with no ready worker for some proxy (all crashed and backing off,
+    /// say). `None` when it serves.
+    fn not_serving(&self) -> Option<String> {
+        if self.stopping.is_some() {
+            return Some("stopping".to_owned());
+        }
+        if self.starting {
+            return Some("starting".to_owned());
+        }
+        if let Some(p) = self.proxies.iter().position(Option::is_none) {
+            return Some(format!("proxy {p} is restarting"));
+        }
+        if self.inline {
+            return None;
+        }
+        for (g, group) in self.groups.iter().enumerate().filter(|(_, g)| !g.retired) {
+            for p in 0..self.proxies.len() {
+                let serving = self
+                    .slots
+                    .iter()
+                    .any(|s| s.group == g && s.proxy == p && s.ready && s.serves());
+                if !serving {
+                    let of_proxy = if self.proxies.len() > 1 {
+                        format!(" of proxy {p}")
+                    } else {
+                        String::new()
+                    };
+                    return Some(format!(
+                        "group {:?} has no worker{of_proxy} ready",
+                        group.config.name
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// While starting: fails if a group has no worker ready and all its

@@ -197,6 +197,7 @@ pub(crate) fn status(m: &Master) -> String {
     json!({
         "ok": true,
         "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
         // The config file it runs (absolute), null on the embedded default.
         "config": m.config_path.as_ref().map(|p| p.display().to_string()),
         "generation": m.generation,
@@ -456,6 +457,22 @@ pub(crate) fn metrics(m: &Master) -> String {
     let _ = writeln!(o, "halfsync_connections_refused_total {}", global.refused);
     o.push_str("# HELP halfsync_proxy_restarts_total Proxy processes that died while serving and were restarted (their clients' connections were lost).\n# TYPE halfsync_proxy_restarts_total counter\n");
     let _ = writeln!(o, "halfsync_proxy_restarts_total {}", m.proxy_restarts);
+    o.push_str("# HELP halfsync_build_info The halfsync version running (always 1).\n# TYPE halfsync_build_info gauge\n");
+    let _ = writeln!(
+        o,
+        "halfsync_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    o.push_str("# HELP halfsync_start_time_seconds When the master started, in seconds since the Unix epoch.\n# TYPE halfsync_start_time_seconds gauge\n");
+    let since_epoch = m
+        .started_wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "halfsync_start_time_seconds {}",
+        since_epoch.as_secs_f64()
+    );
     o.push_str("# HELP halfsync_config_generation Configuration generation (1 at start, +1 per reload).\n# TYPE halfsync_config_generation gauge\n");
     let _ = writeln!(o, "halfsync_config_generation {}", m.generation);
     o.push_str("# HELP halfsync_reloads_total Reloads by how they ended: ok (every group on the new configuration), failed (some group rolled back), refused (nothing changed).\n# TYPE halfsync_reloads_total counter\n");
