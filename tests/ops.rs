@@ -1758,7 +1758,7 @@ fn a_recycle_during_a_reload_does_not_replace_a_worker_twice() {
     let from = log.find("reloading").expect("reload logged");
     let to = log.find("reload complete").expect("reload complete logged");
     assert!(
-        log[from..to].contains("worker reached its recycling limit"),
+        log[from..to].contains("recycling limit reached: max_requests"),
         "{log}"
     );
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));

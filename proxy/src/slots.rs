@@ -1194,7 +1194,15 @@ impl Proxy {
                     s.down_since_ns.take().map(|d| now.saturating_sub(d) / 1000);
                 let replaces = s.replaces.take();
                 let (name, label) = self.group_name(si);
-                info!(group = %name, worker = label, pid, replaced_after_us, "worker ready");
+                // The worker logs its own "worker ready" (with its plugin's
+                // version); the proxy adds a line only after a death, with
+                // how long the group was a worker short.
+                match replaced_after_us {
+                    Some(replaced_after_us) => {
+                        info!(group = %name, worker = label, pid, replaced_after_us, "worker back after a death")
+                    }
+                    None => debug!(group = %name, worker = label, pid, "worker ready"),
+                }
                 let _ = self.control.send_to_master(ToMaster::WorkerReady {
                     slot: si as u32,
                     pid,
@@ -1205,7 +1213,7 @@ impl Proxy {
                     let (name, label) = self.group_name(old);
                     match phase {
                         Phase::Ready { pid } => {
-                            info!(group = %name, worker = label, pid, "worker replaced; draining it")
+                            debug!(group = %name, worker = label, pid, "worker replaced; draining it")
                         }
                         // (A restart of the old version still in its init:
                         // it must not start serving after its replacement.)
@@ -1281,7 +1289,8 @@ impl Proxy {
                     s.recycle_requested = true;
                 }
                 let (name, label) = self.group_name(si);
-                info!(group = %name, worker = label, pid, "worker reached its recycling limit; starting a replacement");
+                // The worker logged why (max_requests or max_rss).
+                debug!(group = %name, worker = label, pid, "worker reached its recycling limit; starting a replacement");
                 let _ = self.control.send_to_master(ToMaster::Recycle {
                     slot: si as u32,
                     pid,

@@ -1811,8 +1811,11 @@ impl Master {
                 Restart::Now
             }
         };
-        if stopping || s.retiring {
+        if stopping {
             info!(group = %name, worker = s.label, pid, "worker exited ({})", describe_exit(how));
+        } else if s.retiring {
+            // Planned: recycled, replaced by a reload, scaled down.
+            info!(group = %name, worker = s.label, pid, cause = cause.name(), "worker exited ({})", describe_exit(how));
         } else {
             // When the master killed it, why (a SIGKILL alone reads like
             // the OOM killer's).

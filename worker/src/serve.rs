@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use halfsync_shm::{Consumer, Meta, Notify, Producer, Slot, WorkerState, sys};
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use crate::{EXIT_PLUGIN_FAILED, EXIT_SLOT_FAILED, Plugin, WorkerSpec, Written, sys as wsys};
 
@@ -322,7 +322,8 @@ pub fn run(spec: WorkerSpec) -> i32 {
     }
     if code == 0 {
         instance.fini();
-        info!("worker stopped");
+        // The master logs the exit ("worker exited", with the cause).
+        debug!("worker stopped");
     }
     code
 }
