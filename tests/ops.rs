@@ -96,6 +96,117 @@ fn reload_under_load_switches_versions_without_a_failed_request() {
     s.assert_clean();
 }
 
+/// A reload that grows a group (the file says more workers than a `scale`
+/// left) and fails: the rollback restores the size too, so the group
+/// settles at what it ran before, and no worker of an older version is
+/// left over to answer after the next good reload (the extra worker the
+/// failed reload started used to be rolled back into a second old
+/// worker, beside the size the group had).
+#[test]
+fn a_failed_reload_after_a_scale_down_keeps_the_scaled_size() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 2, "v1:", "", ""), port);
+    let fails = |prefix: &str| {
+        versioned(port, 2, prefix, "", "").replace(
+            "[group.config]\n",
+            "[group.config]\nfail_init = \"no database\"\n",
+        )
+    };
+    let mut c = s.client();
+    for round in 2..4 {
+        let (code, out, err) = s.ctl(&["scale", "game", "1"]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        settle(&mut s, 1);
+        s.write_config(&fails("bad:"));
+        let (code, out) = reload(&s);
+        assert_eq!(code, Some(1), "{out}");
+        let st = settle(&mut s, 1);
+        assert_eq!(st["groups"][0]["workers_target"], 1, "{st}");
+        assert_eq!(st["groups"][0]["workers_running"], 1, "{st}");
+        // A good reload back to the file's two workers, a new version.
+        let prefix = format!("v{round}:");
+        s.write_config(&versioned(port, 2, &prefix, "", ""));
+        let (code, out) = reload(&s);
+        assert_eq!(code, Some(0), "{out}");
+        settle(&mut s, 2);
+        for id in 0..40 {
+            let r = c.call(id, 1, b"x").unwrap();
+            assert_eq!(
+                r.payload,
+                format!("{prefix}x").as_bytes(),
+                "request {id} after reload {round}: {}\n{}",
+                s.status(),
+                s.log()
+            );
+        }
+    }
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+/// A worker that keeps dying while a reload's replacement for it starts
+/// (it crashes in init each time it is restarted, so it ends up waiting
+/// out a restart delay) is not restarted once its replacement took over:
+/// the group keeps its size.
+#[test]
+fn a_worker_backing_off_during_its_replacement_is_not_restarted_after() {
+    let port = free_port();
+    let text = |prefix: &str, init_ms: u32| {
+        versioned(
+            port,
+            1,
+            prefix,
+            "restart_delay = \"5s\"\nrestart_delay_max = \"5s\"\n",
+            "",
+        ) + &format!("init_delay_ms = {init_ms}\n")
+    };
+    let mut s = Server::start(&text("v1:", 0), port);
+    let old = s.worker_pids();
+    assert_eq!(old.len(), 1);
+    // The replacement spends 1.5 s in init.
+    s.write_config(&text("v2:", 1500));
+    s.signal(libc::SIGHUP);
+    wait_reloading(&s);
+    // Meanwhile the old worker (slot 0) dies, and so does each restart
+    // of it, in its init, until it waits out restart_delay.
+    let mut kills = 0;
+    let backing_off = wait_for(Duration::from_millis(1200), || {
+        let st = s.status();
+        let w = st["groups"][0]["workers"]
+            .as_array()?
+            .iter()
+            .find(|w| w["slot"] == 0)?
+            .clone();
+        if w["state"] == "backoff" {
+            return Some(());
+        }
+        if let Some(pid) = w["pid"].as_i64() {
+            kill(pid as i32, libc::SIGKILL);
+            kills += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        None
+    });
+    assert!(
+        backing_off.is_some(),
+        "slot 0 never backed off after {kills} kills: {}\n{}",
+        s.status(),
+        s.log()
+    );
+    let done = wait_for(Duration::from_secs(20), || {
+        s.status()["reloads"]["last"].as_str().map(str::to_owned)
+    });
+    assert_eq!(done.as_deref(), Some("ok"), "{}", s.log());
+    // Past the restart delay: still one worker, the replacement.
+    std::thread::sleep(Duration::from_millis(5000));
+    let st = settle(&mut s, 1);
+    assert_eq!(st["groups"][0]["workers_running"], 1, "{st}");
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"v2:x");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A reload whose new workers fail init: the old version keeps serving,
 /// no request fails, and the command reports the failure.
 #[test]

@@ -1956,8 +1956,10 @@ impl Master {
         }
     }
 
-    /// A worker finished init. If it replaces another, that one is
-    /// draining now (the proxy saw to it) and this one is a regular worker.
+    /// A worker finished init. If it replaces another, that one leaves
+    /// (the proxy drained it already if it was serving; a restart of it
+    /// still in init, or waiting out a restart delay, ends too) and this
+    /// one is a regular worker.
     fn worker_ready(&mut self, i: usize, pid: i32) {
         if self.running_pid(i) != Some(pid) {
             return;
@@ -1968,10 +1970,11 @@ impl Master {
         if let Some(old) = s.replaces.take() {
             let restarts = self.slots.get(old).map_or(0, |o| o.restarts);
             self.slots[i].restarts = restarts;
-            if let Some(o) = self.slots.get_mut(old)
-                && o.pid().is_some()
-            {
-                o.draining = true;
+            if old < self.slots.len() {
+                // Died and restarted since `replace` named the cause: the
+                // replacements that are not a recycle are a reload's.
+                let cause = self.slots[old].end_cause.unwrap_or(Cause::Reload);
+                self.drain(old, cause);
             }
         }
         self.reload_progress(i);

@@ -337,6 +337,7 @@ impl Master {
             Some(reason) => reason.clone(),
             None => halfsync_proxy::control::describe_exit(how),
         };
+        let mut rollback = None;
         if gj.rolling_back {
             let msg = format!(
                 "group {name}: the previous version failed to start again ({how}); giving up on this group"
@@ -352,25 +353,43 @@ impl Master {
             error!("{msg}");
             job.errors.push(msg);
             gj.rolling_back = true;
-            let mut restored = None;
             if let Some((config, plugin, generation)) = gj.old.take() {
                 let r = &mut self.groups[g];
                 let new_generation = r.generation;
-                restored = Some(config.clone());
+                let target = config.workers as usize;
+                rollback = Some(config.clone());
                 r.config = config;
                 r.plugin = plugin;
                 r.generation = generation;
-                // Workers already on the new generation go back, chain-wise.
-                gj.todo = (0..self.slots.len())
-                    .filter(|&i| {
-                        let s = &self.slots[i];
-                        s.group == g && s.active() && s.generation == new_generation
-                    })
+                // Back to the previous size too: workers the reload added
+                // (it raised `workers`) leave, the new generation's first;
+                // those it drained (it lowered `workers`) come back. The
+                // new generation's workers that stay go back, chain-wise.
+                let mut active: Vec<usize> = (0..self.slots.len())
+                    .filter(|&i| self.slots[i].group == g && self.slots[i].active())
                     .collect();
+                active.sort_by_key(|&i| {
+                    let s = &self.slots[i];
+                    (s.generation == new_generation, s.label)
+                });
+                let extra = active.split_off(target.min(active.len()));
+                let missing = target - active.len();
+                gj.todo = active
+                    .into_iter()
+                    .filter(|&i| self.slots[i].generation == new_generation)
+                    .collect();
+                for i in extra {
+                    self.drain(i, Cause::Scale);
+                }
+                for _ in 0..missing {
+                    if let Err(e) = self.add_worker(g) {
+                        error!("{e:#}");
+                    }
+                }
             }
-            if let Some(old) = restored {
-                self.restore_proxy_group(old);
-            }
+        }
+        if let Some(old) = rollback {
+            self.restore_proxy_group(old);
         }
         self.reload_advance();
     }

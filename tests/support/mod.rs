@@ -153,7 +153,8 @@ pub fn cmdline(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-fn kill(pid: i32, sig: i32) {
+/// Sends `sig` to `pid` (a process the test started).
+pub fn kill(pid: i32, sig: i32) {
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(pid, sig) };
 }
