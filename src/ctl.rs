@@ -196,7 +196,7 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             continue;
         }
         out!(
-            "group {} ({} pool, {} worker{}, {} wanted, generation {}{}): {} queued; up to {} in flight per worker ({}); replies {}; workers' cpu {}",
+            "group {} ({} pool, {} worker{}, {} wanted, generation {}{}{}): {} queued; up to {} in flight per worker ({}); replies {}; workers' cpu {}",
             g["name"].as_str().unwrap_or("?"),
             g["pool"].as_str().unwrap_or("?"),
             g["workers_running"],
@@ -207,6 +207,10 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
                 g["workers_target"].to_string()
             },
             g["generation"],
+            match g["plugin_version"].as_str() {
+                Some(v) if !v.is_empty() => format!(", plugin {v}"),
+                _ => String::new(),
+            },
             if g["retired"] == Value::Bool(true) {
                 ", removed"
             } else {

@@ -6,6 +6,7 @@ mod ctl;
 mod exe;
 mod logging;
 mod master;
+mod plugin_file;
 mod probe;
 
 use std::path::{Path, PathBuf};
@@ -385,7 +386,9 @@ fn check(path: Option<&Path>) -> Result<()> {
     if let Some(addr) = config.server.metrics_listen {
         master::check_address(addr, "server.metrics_listen").map_err(|e| anyhow::anyhow!(e))?;
     }
-    for p in probe::probe(&exe::Exe::current()?, &config, true)? {
+    let exe = exe::Exe::current()?;
+    let files = probe::open_plugins(&exe, &config);
+    for p in probe::probe(&exe, &config, &files, true)? {
         println!(
             "group {}: plugin {} {} ({}): loaded and initialised{}",
             p.group,

@@ -20,6 +20,7 @@ use halfsync_proxy::control::describe_exit;
 use serde::{Deserialize, Serialize};
 
 use crate::master::ROLE_ENV;
+use crate::plugin_file::PluginFile;
 
 const SPEC_ENV: &str = "HALFSYNC_PROBE_SPEC";
 
@@ -37,6 +38,9 @@ struct Spec {
 struct Target {
     group: String,
     path: PathBuf,
+    /// The master's descriptor of the file, inherited: what is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fd: Option<i32>,
     config: String,
 }
 
@@ -56,11 +60,26 @@ pub struct Probed {
     pub log: Vec<String>,
 }
 
+/// Each group's plugin file of `config`, opened (see [`PluginFile`]).
+pub fn open_plugins(exe: &crate::exe::Exe, config: &Config) -> Vec<PluginFile> {
+    config
+        .groups
+        .iter()
+        .map(|g| PluginFile::open(config.plugin_path(g, exe.dir())))
+        .collect()
+}
+
 /// Loads (and with `init`, initialises) every group's plugin in a child
-/// process, waiting for the outcome. The error is one line naming the
-/// group, the file and the cause.
-pub fn probe(exe: &crate::exe::Exe, config: &Config, init: bool) -> Result<Vec<Probed>> {
-    let mut probe = Probe::start(exe, config, init)?;
+/// process, waiting for the outcome; `files` are the groups' plugin files
+/// ([`open_plugins`]). The error is one line naming the group, the file
+/// and the cause.
+pub fn probe(
+    exe: &crate::exe::Exe,
+    config: &Config,
+    files: &[PluginFile],
+    init: bool,
+) -> Result<Vec<Probed>> {
+    let mut probe = Probe::start(exe, config, files, init)?;
     loop {
         if let Some(outcome) = probe.poll() {
             // A child killed for missing its deadline is reaped here (the
@@ -106,24 +125,40 @@ impl Probe {
     /// How often [`probe`] polls, and how soon a poller should come back.
     pub const POLL_EVERY: Duration = Duration::from_millis(5);
 
-    /// Starts the probe child.
-    pub fn start(exe: &crate::exe::Exe, config: &Config, init: bool) -> Result<Probe> {
-        let exe_dir = exe.dir();
+    /// Starts the probe child, which loads each group's plugin from its
+    /// file in `files` (in the order of `config.groups`).
+    pub fn start(
+        exe: &crate::exe::Exe,
+        config: &Config,
+        files: &[PluginFile],
+        init: bool,
+    ) -> Result<Probe> {
+        if files.len() != config.groups.len() {
+            bail!(
+                "plugin probe: {} files for {} groups",
+                files.len(),
+                config.groups.len()
+            );
+        }
         let spec = Spec {
             init,
             plugins: config
                 .groups
                 .iter()
-                .map(|g| Target {
+                .zip(files)
+                .map(|(g, f)| Target {
                     group: g.name.clone(),
-                    path: config.plugin_path(g, exe_dir),
+                    path: f.path.clone(),
+                    fd: f.fd(),
                     config: g.plugin_config_toml(),
                 })
                 .collect(),
         };
         let mut cmd = Command::new(exe.program());
-        // A probe stuck in a plugin must not outlive a killed parent.
-        crate::master::sys::dies_with_this_process(&mut cmd);
+        // A probe stuck in a plugin must not outlive a killed parent; it
+        // inherits the plugin files' descriptors.
+        let keep: Vec<i32> = files.iter().filter_map(PluginFile::fd).collect();
+        crate::master::sys::dies_with_this_process(&mut cmd, keep);
         let mut child = cmd
             .arg0("halfsync: plugin probe")
             .env(ROLE_ENV, "probe")
@@ -497,7 +532,11 @@ pub fn child_main() -> std::process::ExitCode {
     for t in &spec.plugins {
         let group = one_line(&t.group);
         say(&format!("step\tload\t{group}"));
-        let plugin = match halfsync_worker::Plugin::load(&t.path) {
+        let loaded = match t.fd {
+            Some(fd) => halfsync_worker::Plugin::load_open(&t.path, fd),
+            None => halfsync_worker::Plugin::load(&t.path),
+        };
+        let plugin = match loaded {
             Ok(p) => p,
             Err(e) => return fail(format!("group {}: {e}", t.group)),
         };

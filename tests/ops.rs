@@ -207,6 +207,66 @@ fn a_worker_backing_off_during_its_replacement_is_not_restarted_after() {
     s.assert_clean();
 }
 
+/// A new build installed at the plugin's path with `mv` (a new file) is not
+/// picked up by workers started before the reload: a crashed worker's
+/// replacement and a scale-up run the build the configuration was loaded
+/// with, the crash is not blamed on the new file, and status names the
+/// running build; `reload` switches to the new one.
+#[test]
+fn a_plugin_installed_with_mv_waits_for_the_reload() {
+    use halfsync_testkit::fault;
+    let port = free_port();
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let so = dir.path().join("libgame.so");
+    std::fs::copy(halfsync_testkit::fault_plugin(), &so).unwrap();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
+        so.display()
+    );
+    let mut s = Server::start(&text, port);
+    let plugin = |s: &Server| s.status()["groups"][0]["plugin_version"].clone();
+    assert_eq!(plugin(&s), "fault 0.1.0");
+    // The echo plugin is installed over it the right way: a new file
+    // renamed onto the path.
+    let staged = dir.path().join("libgame.so.new");
+    std::fs::copy(halfsync_testkit::echo_plugin(), &staged).unwrap();
+    std::fs::rename(&staged, &so).unwrap();
+
+    let mut c = s.client();
+    assert_eq!(
+        c.call(1, fault::SEGV, b"").unwrap().code,
+        status::WORKER_DIED
+    );
+    settle(&mut s, 1);
+    let (code, out, err) = s.ctl(&["scale", "game", "2"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    settle(&mut s, 2);
+    // Both workers, the replacement and the new one, run the fault
+    // plugin still (the echo plugin echoes this command).
+    for id in 0..8 {
+        let r = c.call(10 + id, fault::CUSTOM, b"").unwrap();
+        assert_eq!(r.code, fault::CUSTOM_STATUS, "{}", s.log());
+    }
+    assert_eq!(plugin(&s), "fault 0.1.0");
+    let log = s.log();
+    assert!(!log.contains("rewritten in place"), "{log}");
+    assert!(!log.contains("plugin=\"echo\""), "{log}");
+
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(plugin(&s), "echo 0.1.0");
+    let r = c.call(30, fault::CUSTOM, b"hi").unwrap();
+    assert_eq!((r.code, &r.payload[..]), (status::OK, &b"hi"[..]));
+    let (code, out, _) = s.ctl(&["status"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(", plugin echo 0.1.0)"), "{out}");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A reload whose new workers fail init: the old version keeps serving,
 /// no request fails, and the command reports the failure.
 #[test]
@@ -429,7 +489,10 @@ fn scale_up_and_down_under_load() {
     load.finish();
     let (code, _, err) = s.ctl(&["scale", "nosuch", "2"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("no group named"), "{err}");
+    assert!(
+        err.contains("no group named \"nosuch\"; the groups are \"game\""),
+        "{err}"
+    );
     let (code, _, err) = s.ctl(&["scale", "game", "0"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("between 1 and 256"), "{err}");

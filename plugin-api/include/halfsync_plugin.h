@@ -37,7 +37,8 @@ extern "C" {
 #define HS_STATUS_PLUGIN_ERROR 1
 #define HS_STATUS_FIRST_PLUGIN_CODE 100
 
-/* Log levels for hs_host.log. */
+/* Log levels for hs_host.log. Below HS_LOG_ERROR counts as an error;
+ * above HS_LOG_DEBUG is trace, shown only with HALFSYNC_LOG=trace. */
 #define HS_LOG_ERROR 1
 #define HS_LOG_WARN 2
 #define HS_LOG_INFO 3

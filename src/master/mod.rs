@@ -24,7 +24,8 @@ pub(crate) mod sys;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -35,6 +36,8 @@ use halfsync_proxy::control::{
 };
 use halfsync_proxy::stats::Stats;
 use halfsync_shm::{Slot, WorkerState, sys as shm_sys};
+
+use crate::plugin_file::PluginFile;
 use halfsync_worker::{EXIT_PLUGIN_FAILED, WorkerSpec};
 use tracing::{error, info, warn};
 
@@ -148,8 +151,11 @@ impl Cause {
 /// One `[[group]]`, by stable id (its index in `Master::groups`).
 pub(crate) struct GroupRec {
     pub(crate) config: halfsync_config::Group,
-    /// The plugin file, resolved.
-    pub(crate) plugin: PathBuf,
+    /// The plugin file its workers load (held open, see
+    /// [`crate::plugin_file`]).
+    pub(crate) plugin: Rc<PluginFile>,
+    /// The plugin's name and version, as the probe read them from its table.
+    pub(crate) plugin_version: String,
     /// The configuration generation its workers should run.
     pub(crate) generation: u64,
     /// Gone from the configuration; its workers drain and are not replaced.
@@ -170,12 +176,14 @@ impl GroupRec {
     /// A group of configuration generation `generation`, nothing ended yet.
     pub(crate) fn new(
         config: halfsync_config::Group,
-        plugin: PathBuf,
+        plugin: PluginFile,
+        probed: &crate::probe::Probed,
         generation: u64,
     ) -> GroupRec {
         GroupRec {
             config,
-            plugin,
+            plugin: Rc::new(plugin),
+            plugin_version: plugin_version(probed),
             generation,
             retired: false,
             ended: [0; Cause::ALL.len()],
@@ -183,6 +191,15 @@ impl GroupRec {
             idle_checks: 0,
             spawn_rate: 1,
         }
+    }
+}
+
+/// "name version" of a probed plugin, for status.
+pub(crate) fn plugin_version(p: &crate::probe::Probed) -> String {
+    if p.version.is_empty() {
+        p.name.clone()
+    } else {
+        format!("{} {}", p.name, p.version)
     }
 }
 
@@ -220,9 +237,8 @@ pub(crate) struct SlotRec {
     pub(crate) last_failure: Option<String>,
     /// Configuration generation of the running worker.
     pub(crate) generation: u64,
-    /// The plugin file as it was when the running worker was started (see
-    /// [`FileStamp`]).
-    plugin_file: Option<FileStamp>,
+    /// The plugin file the running worker was started with.
+    plugin_file: Option<Rc<PluginFile>>,
 }
 
 /// A worker's stdout and stderr (one pipe), read by the master and logged
@@ -292,27 +308,6 @@ impl Captured {
             "worker output: {}",
             halfsync_config::one_line(text)
         );
-    }
-}
-
-/// What tells one version of a file from another: device, inode, size and
-/// modification time. A worker that crashes after its plugin's stamp
-/// changed was most likely killed by the file being overwritten in place
-/// (`cp` onto a loaded `.so` rewrites the pages the worker runs).
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct FileStamp(u64, u64, u64, i64, i64);
-
-impl FileStamp {
-    fn of(path: &Path) -> Option<FileStamp> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
-        Some(FileStamp(
-            m.dev(),
-            m.ino(),
-            m.size(),
-            m.mtime(),
-            m.mtime_nsec(),
-        ))
     }
 }
 
@@ -468,7 +463,8 @@ pub fn run(
     exe: crate::exe::Exe,
     inline: bool,
 ) -> Result<()> {
-    let probed = crate::probe::probe(&exe, &config, false)?;
+    let files = crate::probe::open_plugins(&exe, &config);
+    let probed = crate::probe::probe(&exe, &config, &files, false)?;
     let n = config.server.proxy_processes as usize;
     // The master holds 3 descriptors per worker (slot memfd, eventfd,
     // output pipe), and a replacement runs beside each worker it replaces:
@@ -504,8 +500,8 @@ pub fn run(
     let groups = config
         .groups
         .iter()
-        .zip(probed)
-        .map(|(g, p)| GroupRec::new(g.clone(), p.path, 1))
+        .zip(files.into_iter().zip(probed))
+        .map(|(g, (file, p))| GroupRec::new(g.clone(), file, &p, 1))
         .collect();
     let mut m = Master {
         exe,
@@ -889,7 +885,13 @@ impl Master {
                     .iter()
                     .enumerate()
                     .filter(|(_, g)| !g.retired)
-                    .map(|(id, g)| (id as u32, g.plugin.clone(), g.config.plugin_config_toml()))
+                    .map(|(id, g)| {
+                        (
+                            id as u32,
+                            g.plugin.path.clone(),
+                            g.config.plugin_config_toml(),
+                        )
+                    })
                     .collect()
             } else {
                 Vec::new()
@@ -946,7 +948,8 @@ impl Master {
         let spec = WorkerSpec {
             group: g.config.name.clone(),
             index: s.label,
-            plugin: g.plugin.clone(),
+            plugin: g.plugin.path.clone(),
+            plugin_fd: g.plugin.fd(),
             plugin_config: g.config.plugin_config_toml(),
             memfd: s.slot.fd().as_raw_fd(),
             eventfd: s.eventfd.as_raw_fd(),
@@ -964,6 +967,7 @@ impl Master {
         ctl.set_generation(ctl.generation().wrapping_add(1));
         let title = format!("halfsync: worker {} {}", g.config.name, s.label);
         let (memfd, eventfd) = (spec.memfd, spec.eventfd);
+        let plugin = Rc::clone(&g.plugin);
         let mut env = self.child_env(halfsync_worker::SPEC_ENV, spec.to_env());
         // Its stdout and stderr are a pipe the master logs line by line
         // (`Captured`); its own log lines go to a copy of the master's
@@ -976,7 +980,10 @@ impl Master {
             &title,
             "worker",
             &env,
-            &[memfd, eventfd, log_fd],
+            &[memfd, eventfd, log_fd]
+                .into_iter()
+                .chain(plugin.fd())
+                .collect::<Vec<_>>(),
             Some(output),
         )
         .with_context(|| format!("starting worker {title}"))?;
@@ -987,14 +994,13 @@ impl Master {
             pid,
             partial: Vec::new(),
         });
-        let plugin_file = FileStamp::of(&self.groups[self.slots[i].group].plugin);
         let s = &mut self.slots[i];
         s.life = Life::Running {
             pid,
             since: Instant::now(),
             kill_at: None,
         };
-        s.plugin_file = plugin_file;
+        s.plugin_file = Some(plugin);
         s.replaces = replaces;
         s.retiring = false;
         s.draining = false;
@@ -1195,7 +1201,16 @@ impl Master {
             .iter()
             .position(|r| !r.retired && r.config.name == name)
         else {
-            return Err(format!("no group named {name:?}"));
+            let names: Vec<String> = self
+                .groups
+                .iter()
+                .filter(|r| !r.retired)
+                .map(|r| format!("{:?}", r.config.name))
+                .collect();
+            return Err(format!(
+                "no group named {name:?}; the groups are {}",
+                names.join(", ")
+            ));
         };
         if !(1..=256).contains(&n) {
             return Err(format!("workers must be between 1 and 256, got {n}"));
@@ -1826,17 +1841,19 @@ impl Master {
                 _ => "",
             };
             warn!(group = %name, worker = s.label, pid, "worker died ({}){why}", describe_exit(how));
-            let plugin = &self.groups[s.group].plugin;
+            // Killed by a signal (not a clean exit) after its plugin file
+            // was rewritten in place: most likely what killed it.
             if cause == Cause::Crash
-                && s.plugin_file.is_some()
-                && FileStamp::of(plugin) != s.plugin_file
+                && how < 0
+                && let Some(plugin) = s.plugin_file.as_ref().filter(|p| p.changed_in_place())
             {
                 error!(
                     group = %name,
-                    "the plugin file {} changed on disk after this worker loaded it; if it was \
-                     overwritten in place (cp), that is what crashed it: install a new version \
-                     under a new name or with mv (a new file), then halfsync reload",
-                    plugin.display()
+                    "the plugin file {} was rewritten in place after this worker loaded it \
+                     (cp onto a loaded .so changes the code the workers run), which most likely \
+                     crashed it: install a new version with mv or install(1) (a new file), then \
+                     halfsync reload",
+                    plugin.path.display()
                 );
             }
         }

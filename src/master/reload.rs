@@ -11,11 +11,13 @@
 //! the old generation (rollback), and the reload reports the failure.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 
 use halfsync_config::Config;
 use tracing::{error, info, warn};
 
 use super::{Cause, GroupRec, Life, Master, admin};
+use crate::plugin_file::PluginFile;
 
 /// A reload in progress.
 pub(crate) struct Job {
@@ -29,7 +31,7 @@ pub(crate) struct Job {
 struct GroupJob {
     group: usize,
     /// The group's previous settings, for a rollback.
-    old: Option<(halfsync_config::Group, std::path::PathBuf, u64)>,
+    old: Option<Previous>,
     /// Slots whose workers still run the wrong generation.
     todo: VecDeque<usize>,
     /// The replacement being started: (new slot, old slot).
@@ -42,8 +44,16 @@ struct GroupJob {
     gave_up: bool,
 }
 
+/// What a reload changed in a group, for a rollback.
+struct Previous {
+    config: halfsync_config::Group,
+    plugin: Rc<PluginFile>,
+    plugin_version: String,
+    generation: u64,
+}
+
 impl GroupJob {
-    fn new(group: usize, old: Option<(halfsync_config::Group, std::path::PathBuf, u64)>) -> Self {
+    fn new(group: usize, old: Option<Previous>) -> Self {
         GroupJob {
             group,
             old,
@@ -61,6 +71,9 @@ impl GroupJob {
 pub(crate) struct Probing {
     pub(crate) probe: crate::probe::Probe,
     config: Config,
+    /// Its groups' plugin files, which the probe loads and the new
+    /// workers will.
+    files: Vec<PluginFile>,
     /// The admin client waiting for the outcome.
     pub(crate) reply_to: Option<u64>,
 }
@@ -108,20 +121,22 @@ impl Master {
         if self.stopping.is_some() {
             return Err("halfsync is stopping".into());
         }
-        let (probe, config) = self
+        let (probe, config, files) = self
             .read_and_probe()
             .inspect_err(|_| self.reloads.count("refused"))?;
         info!(pid = probe.pid(), "reload: test-loading the plugins");
         self.probing = Some(Probing {
             probe,
             config,
+            files,
             reply_to,
         });
         Ok(())
     }
 
-    /// The configuration file, and its plugins' probe started.
-    fn read_and_probe(&self) -> Result<(crate::probe::Probe, Config), String> {
+    /// The configuration file, its plugin files opened, and their probe
+    /// started.
+    fn read_and_probe(&self) -> Result<(crate::probe::Probe, Config, Vec<PluginFile>), String> {
         let config = match &self.config_path {
             Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
             None => Config::embedded_default(),
@@ -132,9 +147,10 @@ impl Master {
                 self.config.server.proxy_processes, config.server.proxy_processes
             ));
         }
-        let probe =
-            crate::probe::Probe::start(&self.exe, &config, false).map_err(|e| format!("{e:#}"))?;
-        Ok((probe, config))
+        let files = crate::probe::open_plugins(&self.exe, &config);
+        let probe = crate::probe::Probe::start(&self.exe, &config, &files, false)
+            .map_err(|e| format!("{e:#}"))?;
+        Ok((probe, config, files))
     }
 
     /// Once the reload's probe has ended: applies the configuration if
@@ -150,14 +166,17 @@ impl Master {
             return;
         };
         let Some(Probing {
-            config, reply_to, ..
+            config,
+            files,
+            reply_to,
+            ..
         }) = self.probing.take()
         else {
             return;
         };
         let applied = outcome
             .map_err(|e| format!("{e:#}"))
-            .and_then(|probed| self.apply_reload(config, probed, reply_to));
+            .and_then(|probed| self.apply_reload(config, files, probed, reply_to));
         if let Err(e) = applied {
             self.reloads.count("refused");
             error!("reload refused: {e}");
@@ -173,6 +192,7 @@ impl Master {
     fn apply_reload(
         &mut self,
         config: Config,
+        files: Vec<PluginFile>,
         probed: Vec<crate::probe::Probed>,
         reply_to: Option<u64>,
     ) -> Result<(), String> {
@@ -189,7 +209,7 @@ impl Master {
         info!(generation, "reloading");
         let mut jobs = Vec::new();
         let mut fresh = Vec::new();
-        for (g, p) in config.groups.iter().zip(probed) {
+        for (g, (file, p)) in config.groups.iter().zip(files.into_iter().zip(probed)) {
             match self
                 .groups
                 .iter()
@@ -197,16 +217,20 @@ impl Master {
             {
                 Some(id) => {
                     let r = &mut self.groups[id];
-                    let old = (
-                        std::mem::replace(&mut r.config, g.clone()),
-                        std::mem::replace(&mut r.plugin, p.path),
-                        std::mem::replace(&mut r.generation, generation),
-                    );
+                    let old = Previous {
+                        config: std::mem::replace(&mut r.config, g.clone()),
+                        plugin: std::mem::replace(&mut r.plugin, Rc::new(file)),
+                        plugin_version: std::mem::replace(
+                            &mut r.plugin_version,
+                            super::plugin_version(&p),
+                        ),
+                        generation: std::mem::replace(&mut r.generation, generation),
+                    };
                     jobs.push(GroupJob::new(id, Some(old)));
                 }
                 None => {
                     self.groups
-                        .push(GroupRec::new(g.clone(), p.path, generation));
+                        .push(GroupRec::new(g.clone(), file, &p, generation));
                     fresh.push(self.groups.len() - 1);
                 }
             }
@@ -353,14 +377,15 @@ impl Master {
             error!("{msg}");
             job.errors.push(msg);
             gj.rolling_back = true;
-            if let Some((config, plugin, generation)) = gj.old.take() {
+            if let Some(old) = gj.old.take() {
                 let r = &mut self.groups[g];
                 let new_generation = r.generation;
-                let target = config.workers as usize;
-                rollback = Some(config.clone());
-                r.config = config;
-                r.plugin = plugin;
-                r.generation = generation;
+                let target = old.config.workers as usize;
+                rollback = Some(old.config.clone());
+                r.config = old.config;
+                r.plugin = old.plugin;
+                r.plugin_version = old.plugin_version;
+                r.generation = old.generation;
                 // Back to the previous size too: workers the reload added
                 // (it raised `workers`) leave, the new generation's first;
                 // those it drained (it lowered `workers`) come back. The

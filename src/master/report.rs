@@ -175,7 +175,10 @@ pub(crate) fn status(m: &Master) -> String {
             "id": id,
             "name": g.config.name,
             "retired": g.retired,
-            "plugin": g.plugin.display().to_string(),
+            "plugin": g.plugin.path.display().to_string(),
+            // Name and version from the plugin's table, as loaded at start
+            // or by the last reload that applied to the group.
+            "plugin_version": g.plugin_version,
             "generation": g.generation,
             "pool": if g.config.pool == halfsync_config::Pool::Dynamic { "dynamic" } else { "static" },
             "workers_target": g.config.workers,

@@ -199,13 +199,20 @@ pub fn private_stdout() -> io::Result<std::fs::File> {
 }
 
 /// Makes the process `cmd` starts die with this one (see
-/// [`die_with_parent`]), for children started without [`spawn`].
-pub fn dies_with_this_process(cmd: &mut Command) {
+/// [`die_with_parent`]), for children started without [`spawn`]; it
+/// inherits the descriptors in `keep`.
+pub fn dies_with_this_process(cmd: &mut Command, keep: Vec<RawFd>) {
     let parent = std::process::id() as i32;
     // SAFETY: the closure runs in the forked child before exec and only
-    // makes async-signal-safe calls (sigprocmask, prctl, getppid).
+    // makes async-signal-safe calls (fcntl, sigprocmask, prctl, getppid);
+    // it allocates nothing.
     unsafe {
-        cmd.pre_exec(move || die_with_parent(parent));
+        cmd.pre_exec(move || {
+            for &fd in &keep {
+                halfsync_shm::sys::clear_cloexec(fd)?;
+            }
+            die_with_parent(parent)
+        });
     }
 }
 

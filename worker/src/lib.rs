@@ -49,6 +49,10 @@ pub struct WorkerSpec {
     pub index: u32,
     /// The plugin file, already resolved.
     pub plugin: PathBuf,
+    /// A descriptor open on that file, inherited from the master, to load
+    /// it from (the path is then only for messages); `None`: by path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_fd: Option<i32>,
     /// The group's `[group.config]` table as TOML text.
     pub plugin_config: String,
     /// The slot's memfd.

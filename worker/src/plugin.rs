@@ -271,15 +271,16 @@ impl Plugin {
     /// check: a plugin whose constructors crash takes the process with it,
     /// which is why only workers (and `check` in a child) load plugins.
     pub fn load(path: &Path) -> Result<Plugin, LoadError> {
-        let owned = || path.to_path_buf();
         match std::fs::metadata(path) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(LoadError::NotFound { path: owned() });
+                return Err(LoadError::NotFound {
+                    path: path.to_path_buf(),
+                });
             }
             Err(source) => {
                 return Err(LoadError::Unreadable {
-                    path: owned(),
+                    path: path.to_path_buf(),
                     source,
                 });
             }
@@ -290,6 +291,21 @@ impl Plugin {
         } else {
             path.to_path_buf()
         };
+        Self::open(path, &open_path)
+    }
+
+    /// Loads the plugin file open on descriptor `fd`, which the master
+    /// opened at `path` when the configuration was loaded: every worker of
+    /// a configuration runs the same file, whatever was installed at the
+    /// path since (until the next reload). Messages name `path`.
+    pub fn load_open(path: &Path, fd: std::os::fd::RawFd) -> Result<Plugin, LoadError> {
+        Self::open(path, Path::new(&format!("/proc/self/fd/{fd}")))
+    }
+
+    /// dlopens `open_path` (the file, or a name for it) and checks its
+    /// table; errors name `path`.
+    fn open(path: &Path, open_path: &Path) -> Result<Plugin, LoadError> {
+        let owned = || path.to_path_buf();
         // SAFETY: loading runs the library's initialisers, which is the
         // point of a plugin: we trust the file the operator configured. The
         // library is never closed (`ManuallyDrop`), so its code and data,
@@ -300,7 +316,7 @@ impl Plugin {
             Err(e) => {
                 return Err(LoadError::Open {
                     path: owned(),
-                    reason: dlerror_text(&e, &open_path),
+                    reason: dlerror_text(&e, open_path),
                 });
             }
         };

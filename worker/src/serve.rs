@@ -125,7 +125,16 @@ pub fn run(spec: WorkerSpec) -> i32 {
     ctl.set_pid(std::process::id());
     ctl.set_state(WorkerState::Starting);
 
-    let plugin = match Plugin::load(&spec.plugin) {
+    wsys::line_buffer_stdout();
+    // The file the master holds open for this configuration (it may have
+    // been replaced at its path since); kept open, so that a backtrace can
+    // still read the plugin's symbols, but not handed to the plugin's own
+    // children.
+    let loaded = match spec.plugin_fd {
+        Some(fd) if wsys::keep_private(fd).is_ok() => Plugin::load_open(&spec.plugin, fd),
+        _ => Plugin::load(&spec.plugin),
+    };
+    let plugin = match loaded {
         Ok(p) => p,
         Err(e) => {
             error!("{e}");
