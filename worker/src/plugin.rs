@@ -187,8 +187,9 @@ impl fmt::Display for NoEntryReason {
             ),
             None => write!(
                 f,
-                "no entry symbol `{ENTRY_NAME}`: not a halfsync plugin (export it with \
-                 halfsync_plugin_api::export_plugin! or see halfsync_plugin.h)"
+                "no entry symbol `{ENTRY_NAME}`: not a halfsync plugin (in C, define \
+                 `const hs_plugin *{ENTRY_NAME}(void)` from halfsync_plugin.h; in Rust, use \
+                 halfsync_plugin_api::export_plugin!)"
             ),
         }
     }

@@ -214,8 +214,9 @@ fn not_a_plugin() {
     assert_eq!(
         e.to_string(),
         format!(
-            "plugin {}: no entry symbol `halfsync_plugin_v1`: not a halfsync plugin (export it \
-             with halfsync_plugin_api::export_plugin! or see halfsync_plugin.h)",
+            "plugin {}: no entry symbol `halfsync_plugin_v1`: not a halfsync plugin (in C, \
+             define `const hs_plugin *halfsync_plugin_v1(void)` from halfsync_plugin.h; in \
+             Rust, use halfsync_plugin_api::export_plugin!)",
             path.display()
         )
     );
