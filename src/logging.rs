@@ -128,8 +128,13 @@ pub fn reopen() -> io::Result<()> {
 }
 
 /// In a child: reopen the log file whenever SIGUSR1 arrives, on a thread
-/// of its own (the child's main loop never blocks on it).
+/// of its own (the child's main loop never blocks on it). SIGUSR2, which
+/// the master ignores, is caught and ignored too: a stray `kill -USR2` to
+/// the process tree must not kill a proxy or a worker (by their default
+/// disposition). Caught, not `SIG_IGN`, which would pass to processes a
+/// plugin starts.
 pub fn reopen_on_sigusr1() {
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGUSR2, Default::default());
     if TARGET.lock().map(|t| t.is_none()).unwrap_or(true) {
         // Not logging to a file; SIGUSR1 is still caught so it cannot kill us.
         let _ = signal_hook::flag::register(signal_hook::consts::SIGUSR1, Default::default());

@@ -1091,6 +1091,33 @@ fn a_plugin_file_overwritten_in_place_is_named_as_the_cause() {
     s.assert_clean();
 }
 
+/// A stray SIGUSR2 (or SIGUSR1 without a log file) sent to the whole
+/// process tree kills nobody: the proxy and the workers catch them as the
+/// master does.
+#[test]
+fn stray_user_signals_kill_no_process() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &fault_plugin_so(), 2, ""), port);
+    let proxy = s.pids_titled("halfsync: proxy");
+    let workers = s.worker_pids();
+    for sig in [libc::SIGUSR2, libc::SIGUSR1] {
+        for &pid in proxy.iter().chain(&workers) {
+            kill(pid, sig);
+        }
+        s.signal(sig);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = s.client();
+    for id in 0..10 {
+        assert_eq!(c.call(id, 1, b"x").unwrap().payload, b"x");
+    }
+    assert_eq!(s.pids_titled("halfsync: proxy"), proxy, "{}", s.log());
+    assert_eq!(s.worker_pids(), workers, "{}", s.log());
+    assert!(!s.log().contains("died"), "{}", s.log());
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A C plugin's `printf` to stdout (a pipe, which C stdio would buffer in
 /// 4 KiB blocks until exit) reaches the log line by line while the worker
 /// runs: the worker makes its stdout line-buffered before loading the
