@@ -111,6 +111,9 @@ pub const MAX_FRAME_LIMIT: u32 = 64 << 20;
 pub const MIN_FRAME: u32 = 12;
 /// Largest accepted `server.ring_size` (after rounding): 1 GiB.
 pub const MAX_RING_SIZE: u64 = 1 << 30;
+/// Smallest `server.ring_size`: one page (smaller values are rounded up
+/// to it, as every value is rounded up to a power of two).
+pub const MIN_RING_SIZE: u64 = 4096;
 /// Per-record overhead assumed when checking that two largest frames fit in
 /// a ring: `ring_size >= 2 * (max_frame + RING_RECORD_OVERHEAD)`.
 pub const RING_RECORD_OVERHEAD: u64 = 64;
@@ -195,8 +198,8 @@ pub struct Server {
     pub shutdown_grace: Duration,
     /// `ring_size`: bytes of each shared-memory ring (every worker has one
     /// request ring and one reply ring). A size, rounded up to a power of two
-    /// (the value here is already rounded), at most 1GiB, and at least
-    /// `2 * (max_frame + 64)`. Default `"4MiB"`.
+    /// and to at least 4KiB, a page (the value here is already rounded), at
+    /// most 1GiB, and at least `2 * (max_frame + 64)`. Default `"4MiB"`.
     #[serde(
         serialize_with = "units::serialize_size",
         deserialize_with = "de_ring_size"
@@ -1012,7 +1015,7 @@ fn de_size_any<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 fn de_ring_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let v = units::size_in(d, 0, MAX_RING_SIZE)?;
-    Ok(v.max(1).next_power_of_two())
+    Ok(v.max(MIN_RING_SIZE).next_power_of_two())
 }
 
 fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {

@@ -359,6 +359,11 @@ fn ring_size_is_rounded_up_to_a_power_of_two() {
     assert_eq!(cfg.server.ring_size, 131_072);
     let cfg = ok(&with_server("max_frame = \"1MiB\"\nring_size = 2097280"));
     assert_eq!(cfg.server.ring_size, 4 * MIB);
+    // And up to a page at least: a shared-memory ring is whole pages.
+    for small in ["0", "1", "152", "2048"] {
+        let cfg = ok(&with_server(&format!("max_frame = 12\nring_size = {small}")));
+        assert_eq!(cfg.server.ring_size, 4096, "{small}");
+    }
 }
 
 #[test]
@@ -376,7 +381,7 @@ fn ring_size_too_small() {
         "halfsync.toml:3:13: server.ring_size: 4MiB is too small for server.max_frame 4MiB: \
          must be at least 2 * (max_frame + 64) = 8388736 bytes; raise ring_size or lower max_frame"
     );
-    assert!(err_text(&with_server("ring_size = 0")).contains("1B is too small"));
+    assert!(err_text(&with_server("ring_size = 0")).contains("4KiB is too small"));
 }
 
 #[test]
