@@ -896,3 +896,29 @@ fn a_dynamic_pool_needs_max_workers() {
     assert_eq!(cfg.groups[0].max_workers, Some(4));
     ok(&group("pool = \"static\"\n"));
 }
+
+#[test]
+fn admin_socket_and_log_file_must_be_usable_paths() {
+    let long = format!("/tmp/{}.sock", "s".repeat(100));
+    assert_eq!(
+        err_text(&with_server(&format!("admin_socket = \"{long}\""))),
+        format!(
+            "halfsync.toml:2:16: server.admin_socket: {long} is 110 bytes long; a Unix socket's \
+             path can have at most 107: choose a shorter one"
+        )
+    );
+    let fits = format!("/tmp/{}.sock", "s".repeat(97));
+    assert_eq!(
+        ok(&with_server(&format!("admin_socket = \"{fits}\""))).admin_socket(),
+        std::path::PathBuf::from(&fits)
+    );
+    assert!(
+        err_text(&with_server("admin_socket = \"a\\u0000b.sock\""))
+            .contains("server.admin_socket: has a NUL byte"),
+    );
+    assert_eq!(
+        err_text(&with_server("log_file = \"\"")),
+        "halfsync.toml:2:12: server.log_file: must be a file path (not empty, no NUL byte); \
+         leave the key out to log to stderr"
+    );
+}
