@@ -267,6 +267,43 @@ fn a_plugin_installed_with_mv_waits_for_the_reload() {
     s.assert_clean();
 }
 
+/// A worker asked to exit that does not (here: stopped with SIGSTOP, as a
+/// debugger or a stuck `fini` would leave it) is killed drain_timeout
+/// later, not left "exiting" for ever beside its group's new size.
+#[test]
+fn a_retired_worker_that_does_not_exit_is_killed() {
+    let port = free_port();
+    let mut s = Server::start(
+        &versioned(port, 2, "v1:", "drain_timeout = \"1s\"\n", ""),
+        port,
+    );
+    let st = s.status();
+    let stopped = st["groups"][0]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["worker"] == 1)
+        .and_then(|w| w["pid"].as_i64())
+        .unwrap_or_else(|| panic!("no worker 1: {st}")) as i32;
+    kill(stopped, libc::SIGSTOP);
+    let (code, out, err) = s.ctl(&["scale", "game", "1"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let gone = wait_for(Duration::from_secs(10), || {
+        (!s.worker_pids().contains(&stopped)).then_some(())
+    });
+    assert!(gone.is_some(), "{}\n{}", s.status(), s.log());
+    settle(&mut s, 1);
+    assert!(
+        s.log()
+            .contains("worker still running drain_timeout after it was asked to exit; killing it"),
+        "{}",
+        s.log()
+    );
+    assert_eq!(s.client().call(1, 1, b"x").unwrap().payload, b"v1:x");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A reload whose new workers fail init: the old version keeps serving,
 /// no request fails, and the command reports the failure.
 #[test]

@@ -361,7 +361,9 @@ fn ring_size_is_rounded_up_to_a_power_of_two() {
     assert_eq!(cfg.server.ring_size, 4 * MIB);
     // And up to a page at least: a shared-memory ring is whole pages.
     for small in ["0", "1", "152", "2048"] {
-        let cfg = ok(&with_server(&format!("max_frame = 12\nring_size = {small}")));
+        let cfg = ok(&with_server(&format!(
+            "max_frame = 12\nring_size = {small}"
+        )));
         assert_eq!(cfg.server.ring_size, 4096, "{small}");
     }
 }

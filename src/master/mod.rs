@@ -1059,14 +1059,25 @@ impl Master {
         }
     }
 
-    /// Asks a worker to finish its current request and exit.
+    /// Asks a worker to finish its current request and exit; one that has
+    /// not exited `drain_timeout` later (stopped, or stuck in its plugin's
+    /// `fini`) is killed. (The stop of the whole server has its own bound,
+    /// `shutdown_grace`.)
     fn stop_worker(&mut self, i: usize) {
+        let grace = match self.stopping {
+            None => self.groups[self.slots[i].group].config.drain_timeout,
+            Some(_) => Duration::ZERO,
+        };
         let s = &mut self.slots[i];
-        if let Life::Running { pid, .. } = s.life {
+        if let Life::Running { pid, kill_at, .. } = &mut s.life {
             s.retiring = true;
             s.slot.control().request_stop();
             s.slot.requests().wake_consumer();
-            sys::kill(pid, libc::SIGTERM);
+            sys::kill(*pid, libc::SIGTERM);
+            if !grace.is_zero() {
+                let at = Instant::now() + grace;
+                *kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
+            }
         }
     }
 
@@ -2037,7 +2048,19 @@ impl Master {
                     kill_at: Some(at),
                     ..
                 } if now >= at => {
+                    let s = &self.slots[i];
+                    if s.retiring {
+                        warn!(
+                            group = %self.groups[s.group].config.name,
+                            worker = s.label,
+                            pid,
+                            "worker still running drain_timeout after it was asked to exit; killing it"
+                        );
+                    }
                     sys::kill(pid, libc::SIGKILL);
+                    if let Life::Running { kill_at, .. } = &mut self.slots[i].life {
+                        *kill_at = None;
+                    }
                 }
                 Life::Backoff { at } if now >= at => {
                     self.slots[i].restarts += 1;
