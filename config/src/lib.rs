@@ -418,8 +418,9 @@ pub struct Group {
     pub requeue_after: Duration,
     /// `drain_timeout`: a worker being replaced (reload, recycling) or
     /// retired (scaling down) that still runs a request this long after it
-    /// stopped getting new ones is killed; that request gets TIMEOUT.
-    /// Default `"30s"`.
+    /// stopped getting new ones is killed; that request gets TIMEOUT. So is
+    /// one that has not exited this long after it was asked to. Default
+    /// `"30s"`; `"0s"`: never killed.
     #[serde(default = "default_drain_timeout", with = "units::duration")]
     pub drain_timeout: Duration,
     /// `pool`: `"static"` (default: always `workers`) or `"dynamic"`
