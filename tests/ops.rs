@@ -810,6 +810,56 @@ fn ping_is_a_health_check_and_head_is_answered() {
     assert_eq!(c.call(2, 1, b"back").unwrap().code, status::OK);
 }
 
+/// Clients holding metrics connections open take at most a few of the
+/// master's descriptors: beyond the limit a connection is closed at once
+/// (and the refusals logged), so the master can still start workers and
+/// answer its admin socket; once they are gone, scrapes work again.
+#[test]
+fn held_metrics_connections_cannot_take_the_masters_descriptors() {
+    let port = free_port();
+    let mport = free_port();
+    let text = versioned(
+        port,
+        1,
+        "",
+        "",
+        &format!("metrics_listen = \"127.0.0.1:{mport}\""),
+    );
+    let mut s = Server::start(&text, port);
+    let fds = |pid: i32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let before = fds(s.pid);
+    let held: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", mport)).ok())
+        .collect();
+    assert_eq!(held.len(), 200);
+    // Give the master time to accept (and close) them all.
+    let logged = wait_for(Duration::from_secs(10), || {
+        s.log()
+            .contains("admin or metrics connections closed unanswered")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", s.log());
+    let during = fds(s.pid);
+    assert!(during <= before + 16, "{before} -> {during} descriptors");
+    // Supervision goes on: status answers, a killed worker is replaced.
+    let worker = s.worker_pids();
+    kill(worker[0], libc::SIGKILL);
+    let replaced = wait_for(Duration::from_secs(10), || {
+        let now = s.worker_pids();
+        (now.len() == 1 && now != worker).then_some(())
+    });
+    assert!(replaced.is_some(), "{}", s.log());
+    assert_eq!(s.client().call(1, 1, b"x").unwrap().payload, b"x");
+    drop(held);
+    let scraped = wait_for(Duration::from_secs(10), || {
+        let a = http(mport, "GET /metrics HTTP/1.1\r\n\r\n");
+        a.starts_with("HTTP/1.1 200 OK").then_some(())
+    });
+    assert!(scraped.is_some(), "{}", s.log());
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 #[test]
 fn metrics_endpoint_counts_what_was_sent() {
     let port = free_port();

@@ -31,6 +31,20 @@ use super::sys;
 /// How long a client may take to send its request or read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REQUEST: usize = 64 << 10;
+/// Most admin-socket clients open at once (only the server's user can
+/// connect; a reload or stop keeps its client until it ends).
+pub(crate) const MAX_ADMIN_CLIENTS: usize = 64;
+/// Most metrics clients open at once: the listener is TCP, so anyone who
+/// can reach it could otherwise take every descriptor the master has
+/// and leave it unable to start a worker. Beyond it a connection is
+/// closed at once.
+pub(crate) const MAX_HTTP_CLIENTS: usize = 16;
+/// After an accept failed for want of descriptors, how long the
+/// listeners are left alone (instead of being polled, readable, in a
+/// loop).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// How often a refusal is logged at most.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// An admin command.
 #[derive(Debug, Deserialize)]
@@ -131,6 +145,12 @@ pub(crate) struct Admin {
     metrics: Option<TcpListener>,
     conns: Vec<Conn>,
     next_id: u64,
+    /// Listeners are not polled until then (out of descriptors).
+    paused_until: Option<Instant>,
+    /// Connections closed unanswered (over a limit, or out of
+    /// descriptors) since the last warning, and when that was.
+    refused: u64,
+    refused_logged: Option<Instant>,
 }
 
 impl Admin {
@@ -180,6 +200,9 @@ impl Admin {
             metrics,
             conns: Vec::new(),
             next_id: 1,
+            paused_until: None,
+            refused: 0,
+            refused_logged: None,
         })
     }
 
@@ -190,12 +213,14 @@ impl Admin {
     /// Appends pollfds: the admin socket, the metrics listener, then each
     /// client, in the order `on_ready` expects.
     pub(crate) fn fill_pollfds(&self, fds: &mut Vec<libc::pollfd>) {
+        let paused = self.paused_until.is_some_and(|t| Instant::now() < t);
+        let listener = |fd: Option<i32>| if paused { -1 } else { fd.unwrap_or(-1) };
         fds.push(sys::pollfd(
-            self.unix.as_ref().map_or(-1, |l| l.as_raw_fd()),
+            listener(self.unix.as_ref().map(|l| l.as_raw_fd())),
             false,
         ));
         fds.push(sys::pollfd(
-            self.metrics.as_ref().map_or(-1, |l| l.as_raw_fd()),
+            listener(self.metrics.as_ref().map(|l| l.as_raw_fd())),
             false,
         ));
         for c in &self.conns {
@@ -240,28 +265,73 @@ impl Admin {
         }
         self.conns.retain(|c| !closed.contains(&c.id));
         let mut accepted = Vec::new();
+        let mut out_of_fds = false;
         if ready[0]
             && let Some(l) = &self.unix
         {
-            while let Ok((s, _)) = l.accept() {
-                if s.set_nonblocking(true).is_ok() {
-                    accepted.push((Stream::Unix(s), false));
+            let mut room = MAX_ADMIN_CLIENTS.saturating_sub(self.clients(false));
+            loop {
+                match l.accept() {
+                    Ok((s, _)) if room > 0 && s.set_nonblocking(true).is_ok() => {
+                        room -= 1;
+                        accepted.push((Stream::Unix(s), false));
+                    }
+                    Ok(_) => self.refused += 1, // closed at once
+                    Err(e) => {
+                        out_of_fds |= is_out_of_fds(&e);
+                        break;
+                    }
                 }
             }
         }
         if ready[1]
             && let Some(l) = &self.metrics
         {
-            while let Ok((s, _)) = l.accept() {
-                if s.set_nonblocking(true).is_ok() {
-                    accepted.push((Stream::Tcp(s), true));
+            let mut room = MAX_HTTP_CLIENTS.saturating_sub(self.clients(true));
+            loop {
+                match l.accept() {
+                    Ok((s, _)) if room > 0 && s.set_nonblocking(true).is_ok() => {
+                        room -= 1;
+                        accepted.push((Stream::Tcp(s), true));
+                    }
+                    Ok(_) => self.refused += 1,
+                    Err(e) => {
+                        out_of_fds |= is_out_of_fds(&e);
+                        break;
+                    }
                 }
             }
+        }
+        if out_of_fds {
+            self.refused += 1;
+            self.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+        }
+        if self.refused > 0
+            && self
+                .refused_logged
+                .is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY)
+        {
+            warn!(
+                refused = self.refused,
+                admin_clients = self.clients(false),
+                metrics_clients = self.clients(true),
+                out_of_fds,
+                "admin or metrics connections closed unanswered: at most {MAX_ADMIN_CLIENTS} admin and \
+                 {MAX_HTTP_CLIENTS} metrics clients are served at once, each for at most 5 s"
+            );
+            self.refused = 0;
+            self.refused_logged = Some(Instant::now());
         }
         for (s, http) in accepted {
             self.push(s, http);
         }
         out
+    }
+
+    /// Clients open now, of the metrics listener (`http`) or the admin
+    /// socket.
+    fn clients(&self, http: bool) -> usize {
+        self.conns.iter().filter(|c| c.http == http).count()
     }
 
     fn push(&mut self, stream: Stream, http: bool) {
@@ -325,6 +395,7 @@ impl Admin {
             .iter()
             .filter(|c| c.phase != Phase::Waiting)
             .map(|c| c.deadline)
+            .chain(self.paused_until.filter(|&t| t > Instant::now()))
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
     }
@@ -456,6 +527,15 @@ fn http_answer(status: &str, headers: &[(&str, &str)], body: &str, head: bool) -
         out.push_str(body);
     }
     out.into_bytes()
+}
+
+/// Whether an accept failed for want of descriptors (the connection
+/// stays in the backlog; polling the listener again at once would spin).
+fn is_out_of_fds(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Writes what it can; true when done (or failed) and the client can go.

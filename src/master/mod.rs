@@ -468,7 +468,8 @@ pub fn run(
     let n = config.server.proxy_processes as usize;
     // The master holds 3 descriptors per worker (slot memfd, eventfd,
     // output pipe), and a replacement runs beside each worker it replaces:
-    // room for twice the largest pools, plus its own. Only as much as that
+    // room for twice the largest pools, plus its own and its admin and
+    // metrics clients'. Only as much as that
     // (children inherit the limit, and a plugin using select() must not
     // see descriptors past 1024 it did not ask for); the proxies raise
     // their own.
@@ -477,7 +478,8 @@ pub fn run(
         .iter()
         .map(|g| u64::from(g.worker_limit()))
         .sum();
-    match sys::raise_nofile_to(2 * 3 * workers + 48) {
+    let admin_clients = (admin::MAX_ADMIN_CLIENTS + admin::MAX_HTTP_CLIENTS) as u64;
+    match sys::raise_nofile_to(2 * 3 * workers + admin_clients + 48) {
         Ok(Some((old, new))) => info!(old, new, "raised the open-file limit for the worker pool"),
         Ok(None) => {}
         Err(e) => warn!("cannot raise the open-file limit: {e}"),
