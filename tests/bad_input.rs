@@ -452,23 +452,27 @@ fn rss_kib(pid: i32) -> u64 {
 }
 
 /// Clients that pipeline without ever reading replies: the proxy stops
-/// reading from them (bounded in-flight requests and unsent output per
-/// connection) instead of buffering without limit, and serves others.
+/// reading from them (at most 1 MiB of requests in flight and unsent
+/// replies per connection, plus what one read and those requests' replies
+/// add) instead of buffering without limit, serves others meanwhile, and
+/// closes them once they have read nothing for `idle_timeout`, as nginx's
+/// `send_timeout` (they used to hold their buffers for ever).
 #[test]
 fn clients_that_never_read_cannot_grow_the_proxy() {
+    const WRITERS: usize = 16;
     let port = free_port();
-    let mut s = Server::start(&config(port, &echo_so(), 2, ""), port);
+    let mut s = Server::start(&config(port, &echo_so(), 2, "idle_timeout = \"3s\""), port);
     let proxy = s.pids_titled("halfsync: proxy")[0];
     let before = rss_kib(proxy);
     let by = Load::start(s.addr, 1, 1, 300);
-    let writers: Vec<_> = (0..4)
+    let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
             let mut t = TcpStream::connect(s.addr).unwrap();
             t.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
             thread::spawn(move || {
                 let mut batch = Vec::new();
-                for id in 0..64 {
-                    halfsync_protocol::write_frame(&mut batch, id, 1, &[w as u8; 16 << 10]);
+                for id in 0..16 {
+                    halfsync_protocol::write_frame(&mut batch, id, 1, &[w as u8; 60_000]);
                 }
                 // Bounded: at most 1 GiB per writer; in practice the
                 // server stops reading long before and the write times out.
@@ -488,16 +492,31 @@ fn clients_that_never_read_cannot_grow_the_proxy() {
     by.progress(20);
     let sent: usize = held.iter().map(|h| h.1).sum();
     println!(
-        "4 non-reading clients wrote {} MiB; proxy RSS {before} -> {during} KiB",
+        "{WRITERS} non-reading clients wrote {} MiB; proxy RSS {before} -> {during} KiB",
         sent >> 20
     );
     assert!(sent < 1 << 30, "the server read everything it was sent");
-    // Per connection at most ~4 MiB of requests in flight and ~4 MiB of
-    // unsent replies: 4 connections stay well under 64 MiB.
+    // Per connection: 1 MiB buffered, one read past it (64 KiB), and the
+    // replies of up to 1 MiB of requests: 16 connections stay under
+    // 48 MiB (at 4 MiB each for requests and replies, the earlier limits,
+    // they took ~6 MiB each).
     assert!(
-        during < before + 64 * 1024,
-        "proxy RSS {before} -> {during} KiB"
+        during < before + 48 * 1024,
+        "proxy RSS {before} -> {during} KiB for {WRITERS} connections"
     );
+    // They read nothing: closed after idle_timeout, the loaded client not.
+    let closed = wait_for(Duration::from_secs(15), || {
+        (s.status()["proxy"]["connections"].as_u64()? == 1).then_some(())
+    });
+    assert!(closed.is_some(), "{}\n{}", s.status(), s.log());
+    assert!(
+        s.log().contains(
+            "closed connections whose clients read none of their replies for idle_timeout"
+        ),
+        "{}",
+        s.log()
+    );
+    by.progress(20);
     drop(held);
     by.finish();
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
@@ -754,7 +773,7 @@ fn the_master_raises_its_open_file_limit_for_its_pool() {
     s.wait_tree(17);
     let log = s.log();
     assert!(
-        log.contains("raised the open-file limit for the worker pool old=64 new=144"),
+        log.contains("raised the open-file limit for the worker pool old=64 new=148"),
         "{log}"
     );
     let st = s.status();

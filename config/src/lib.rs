@@ -184,7 +184,8 @@ pub struct Server {
     #[serde(deserialize_with = "de_max_connections")]
     pub max_connections: u32,
     /// `idle_timeout`: close connections that sent no bytes and have nothing
-    /// in flight for this long; `"0s"` means never. Default `"60s"`.
+    /// in flight for this long, or whose client read none of its replies
+    /// for this long; `"0s"` means never. Default `"60s"`.
     #[serde(with = "units::duration")]
     pub idle_timeout: Duration,
     /// `max_frame`: largest HSP/1 frame accepted, as the value of the

@@ -10,13 +10,14 @@ use crate::sys::{READ, WRITE};
 /// Most requests one connection may have in flight before the proxy stops
 /// reading from it (back-pressure instead of unbounded memory).
 pub(crate) const MAX_CONN_INFLIGHT: u32 = 4096;
-/// Most unsent reply bytes one connection may hold before the proxy stops
-/// reading from it.
-pub(crate) const MAX_CONN_OUTPUT: usize = 4 << 20;
-/// Most payload bytes of unanswered requests one connection may have
-/// before the proxy stops reading from it (their copies sit in the wait
-/// queue or the rings).
-pub(crate) const MAX_CONN_INFLIGHT_BYTES: u64 = 4 << 20;
+/// Most bytes one connection may have buffered in the proxy, unsent reply
+/// bytes plus the payloads of its unanswered requests (whose copies sit in
+/// the wait queue or the rings), before the proxy stops reading from it.
+/// With what is read past it (one read) and the replies still to come for
+/// those requests, a connection that never reads holds a few MiB at most,
+/// and for `idle_timeout` at most (see `Conn::stalled_since_ns`). Deep
+/// pipelines of large payloads fit: 16 × 16 KiB is a quarter of it.
+pub(crate) const MAX_CONN_BUFFERED: u64 = 1 << 20;
 
 /// Identifies one incarnation of a connection: slab index and generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +46,10 @@ pub(crate) struct Conn {
     /// Payload bytes of those requests.
     pub(crate) inflight_bytes: u64,
     pub(crate) last_active_ns: u64,
+    /// Since when its replies wait for a peer that does not read them (a
+    /// send made no progress since then); 0 while it reads. Past
+    /// `idle_timeout` the connection is closed.
+    pub(crate) stalled_since_ns: u64,
     /// What epoll watches for this connection.
     pub(crate) interest: u32,
     /// The peer finished sending.
@@ -71,8 +76,7 @@ impl Conn {
         if !self.eof
             && !self.closing
             && self.inflight < MAX_CONN_INFLIGHT
-            && self.inflight_bytes < MAX_CONN_INFLIGHT_BYTES
-            && self.out.len() - self.out_pos < MAX_CONN_OUTPUT
+            && self.inflight_bytes + ((self.out.len() - self.out_pos) as u64) < MAX_CONN_BUFFERED
         {
             i |= READ;
         }

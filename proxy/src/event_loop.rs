@@ -766,6 +766,7 @@ impl Proxy {
                         inflight: 0,
                         inflight_bytes: 0,
                         last_active_ns: self.now_ns,
+                        stalled_since_ns: 0,
                         interest: READ,
                         eof: false,
                         closing: false,
@@ -1119,9 +1120,13 @@ impl Proxy {
             return;
         };
         let mut failed = false;
+        let mut sent = false;
         while c.has_output() {
             match sys::send(c.stream.as_raw_fd(), &c.out[c.out_pos..]) {
-                Ok(n) => c.out_pos += n,
+                Ok(n) => {
+                    c.out_pos += n;
+                    sent |= n > 0;
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     c.interest |= WRITE;
                     let fd = c.stream.as_raw_fd();
@@ -1151,6 +1156,11 @@ impl Proxy {
                 c.out = Vec::new();
             }
             c.interest &= !WRITE;
+            c.stalled_since_ns = 0;
+        } else if sent || c.stalled_since_ns == 0 {
+            // Blocked: the peer's window is full. The clock runs from the
+            // last send that made progress.
+            c.stalled_since_ns = self.now_ns.max(1);
         }
         self.maybe_close(i);
         self.update_interest(i);
@@ -1214,6 +1224,7 @@ impl Proxy {
             return;
         }
         // A full scan once a second; a timer wheel is not needed so far.
+        let mut stalled = 0u64;
         for i in 0..self.conns.slab.len() {
             let Some(Some(c)) = self.conns.slab.get(i) else {
                 continue;
@@ -1224,7 +1235,20 @@ impl Proxy {
             {
                 debug!(conn = i, "closing idle connection");
                 self.close(i);
+            } else if c.has_output()
+                && c.stalled_since_ns != 0
+                && self.now_ns.saturating_sub(c.stalled_since_ns) > idle
+            {
+                // As nginx's send_timeout: what it holds is given up.
+                stalled += 1;
+                self.close(i);
             }
+        }
+        if stalled > 0 {
+            info!(
+                connections = stalled,
+                "closed connections whose clients read none of their replies for idle_timeout"
+            );
         }
     }
 }

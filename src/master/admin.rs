@@ -33,7 +33,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REQUEST: usize = 64 << 10;
 /// Most admin-socket clients open at once (only the server's user can
 /// connect; a reload or stop keeps its client until it ends).
-pub(crate) const MAX_ADMIN_CLIENTS: usize = 64;
+pub(crate) const MAX_ADMIN_CLIENTS: usize = 16;
 /// Most metrics clients open at once: the listener is TCP, so anyone who
 /// can reach it could otherwise take every descriptor the master has
 /// and leave it unable to start a worker. Beyond it a connection is

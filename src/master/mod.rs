@@ -468,18 +468,25 @@ pub fn run(
     let n = config.server.proxy_processes as usize;
     // The master holds 3 descriptors per worker (slot memfd, eventfd,
     // output pipe), and a replacement runs beside each worker it replaces:
-    // room for twice the largest pools, plus its own and its admin and
-    // metrics clients'. Only as much as that
-    // (children inherit the limit, and a plugin using select() must not
-    // see descriptors past 1024 it did not ask for); the proxies raise
-    // their own.
+    // room for twice the largest pools, plus the proxies', its admin and
+    // metrics clients' and its own. Only as much as that (children inherit
+    // the limit, and a plugin using select() must not see descriptors past
+    // 1024 it did not ask for); the proxies raise their own.
     let workers: u64 = config
         .groups
         .iter()
         .map(|g| u64::from(g.worker_limit()))
         .sum();
-    let admin_clients = (admin::MAX_ADMIN_CLIENTS + admin::MAX_HTTP_CLIENTS) as u64;
-    match sys::raise_nofile_to(2 * 3 * workers + admin_clients + 48) {
+    // Per proxy: its listening sockets, control channel and stats page.
+    let proxies =
+        u64::from(config.server.proxy_processes) * (config.server.listen.len() as u64 + 3);
+    let admin_clients = admin::MAX_ADMIN_CLIENTS as u64
+        + if config.server.metrics_listen.is_some() {
+            admin::MAX_HTTP_CLIENTS as u64
+        } else {
+            0
+        };
+    match sys::raise_nofile_to(2 * 3 * workers + proxies + admin_clients + 32) {
         Ok(Some((old, new))) => info!(old, new, "raised the open-file limit for the worker pool"),
         Ok(None) => {}
         Err(e) => warn!("cannot raise the open-file limit: {e}"),
