@@ -8,6 +8,7 @@
 //! config, then `fini`), like `nginx -t`.
 
 use std::io::{BufRead, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -157,13 +158,16 @@ impl Probe {
         let mut cmd = Command::new(exe.program());
         // A probe stuck in a plugin must not outlive a killed parent; it
         // inherits the plugin files' descriptors.
-        let keep: Vec<i32> = files.iter().filter_map(PluginFile::fd).collect();
+        let text = toml::to_string(&spec).context("probe spec")?;
+        let blob = halfsync_shm::sys::memfd_with(&text).context("probe spec")?;
+        let mut keep: Vec<i32> = files.iter().filter_map(PluginFile::fd).collect();
+        keep.push(blob.as_raw_fd());
         crate::master::sys::dies_with_this_process(&mut cmd, keep);
         let mut child = cmd
             .arg0("halfsync: plugin probe")
             .env(ROLE_ENV, "probe")
             .env_remove("NOTIFY_SOCKET")
-            .env(SPEC_ENV, toml::to_string(&spec).context("probe spec")?)
+            .env(SPEC_ENV, halfsync_shm::sys::blob_env(&blob))
             .env("HALFSYNC_LOG", "error")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -515,8 +519,7 @@ pub fn child_main() -> std::process::ExitCode {
         say(&format!("error\t{}", one_line(&msg)));
         ExitCode::FAILURE
     };
-    let spec: Spec = match std::env::var(SPEC_ENV)
-        .map_err(|e| e.to_string())
+    let spec: Spec = match halfsync_shm::sys::env_text(SPEC_ENV)
         .and_then(|t| toml::from_str(&t).map_err(|e| e.to_string()))
     {
         Ok(s) => s,

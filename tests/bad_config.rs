@@ -431,3 +431,33 @@ fn run_says_where_workers_died_when_none_could_start() {
         "{err}"
     );
 }
+
+/// A configuration larger than the environment can carry (one variable
+/// holds at most 128 KiB): a group serving all 65,536 commands and a
+/// 300 KB `[group.config]`. Its children get their specs through an
+/// inherited memory file, so check, run, serving and reload work (they
+/// failed with "Argument list too long").
+#[test]
+fn a_configuration_larger_than_the_environment_holds_runs() {
+    let port = free_port();
+    let commands: Vec<String> = (0..=u16::MAX).map(|c| c.to_string()).collect();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"all\"\nplugin = \"{}\"\nworkers = 1\ncommands = [{}]\n[group.config]\ncatalog = \"{}\"\n",
+        echo_so().display(),
+        commands.join(","),
+        "x".repeat(300_000)
+    );
+    assert!(text.len() > 600_000);
+    let (code, out, err) = halfsync_out("check", &text);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let mut s = Server::start(&text, port);
+    let mut c = s.client();
+    for (id, cmd) in [(1, 0), (2, 7), (3, u16::MAX)] {
+        assert_eq!(c.call(id, cmd, b"big").unwrap().payload, b"big");
+    }
+    let (code, out, err) = s.ctl(&["reload"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(c.call(4, 9, b"again").unwrap().payload, b"again");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}

@@ -123,8 +123,7 @@ pub enum ProxyError {
 impl ProxySpec {
     /// Reads the spec from [`SPEC_ENV`].
     pub fn from_env() -> Result<ProxySpec, ProxyError> {
-        let text = std::env::var(SPEC_ENV)
-            .map_err(|_| ProxyError::Spec(format!("{SPEC_ENV} is not set")))?;
+        let text = halfsync_shm::sys::env_text(SPEC_ENV).map_err(ProxyError::Spec)?;
         toml::from_str(&text).map_err(|e| ProxyError::Spec(e.message().to_string()))
     }
 

@@ -38,6 +38,39 @@ pub fn memfd_with(text: &str) -> io::Result<File> {
     Ok(file)
 }
 
+/// What a child is told in its environment when its parent passes it a
+/// text through [`memfd_with`]: the environment holds at most 128 KiB per
+/// variable (`MAX_ARG_STRLEN`), less than a configuration may be.
+pub fn blob_env(file: &File) -> String {
+    format!("fd:{}", file.as_raw_fd())
+}
+
+/// The text a parent passed in environment variable `var`: the text itself,
+/// or `fd:N` ([`blob_env`]), an inherited memory file holding it, which is
+/// read from offset 0 and closed.
+pub fn env_text(var: &str) -> Result<String, String> {
+    use std::os::unix::fs::FileExt;
+    let value = std::env::var(var).map_err(|_| format!("{var} is not set"))?;
+    let Some(n) = value.strip_prefix("fd:") else {
+        return Ok(value);
+    };
+    let fd: RawFd = n
+        .parse()
+        .map_err(|_| format!("{var}: bad descriptor {n:?}"))?;
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(format!("{var}: descriptor {fd} is not open"));
+    }
+    // SAFETY: the parent passed this descriptor for this text alone, and
+    // it is taken here once (the variable is read once, at start).
+    let file = unsafe { File::from_raw_fd(fd) };
+    let len = fd_size(&file).map_err(|e| format!("{var}: {e}"))?;
+    let mut buf = vec![0u8; usize::try_from(len).map_err(|_| format!("{var}: too large"))?];
+    file.read_exact_at(&mut buf, 0)
+        .map_err(|e| format!("{var}: {e}"))?;
+    String::from_utf8(buf).map_err(|_| format!("{var}: not UTF-8"))
+}
+
 fn memfd_sealed_len(name: &str, len: u64, seal: bool) -> io::Result<File> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
     let fd = syscall!(memfd_create(

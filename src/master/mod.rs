@@ -906,7 +906,8 @@ impl Master {
                 Vec::new()
             },
         };
-        let mut keep = vec![spec.control_fd, spec.stats_fd];
+        let blob = shm_sys::memfd_with(&spec.to_env()).context("the proxy's spec")?;
+        let mut keep = vec![spec.control_fd, spec.stats_fd, blob.as_raw_fd()];
         keep.extend(spec.listeners.iter().map(|l| l.1));
         let title = if self.proxies.len() > 1 {
             format!("halfsync: proxy {n}")
@@ -917,7 +918,7 @@ impl Master {
             &self.exe.program(),
             &title,
             "proxy",
-            &self.child_env(halfsync_proxy::SPEC_ENV, spec.to_env()),
+            &self.child_env(halfsync_proxy::SPEC_ENV, shm_sys::blob_env(&blob)),
             &keep,
             None,
         )
@@ -938,6 +939,8 @@ impl Master {
     }
 
     /// Environment for a child: its spec plus the logging settings.
+    /// A child's environment: `key` (its spec, passed as [`shm_sys::blob_env`])
+    /// and the logging settings.
     fn child_env(&self, key: &'static str, value: String) -> Vec<(&'static str, String)> {
         let mut env = vec![(key, value)];
         env.extend(crate::logging::child_env(
@@ -977,7 +980,8 @@ impl Master {
         let title = format!("halfsync: worker {} {}", g.config.name, s.label);
         let (memfd, eventfd) = (spec.memfd, spec.eventfd);
         let plugin = Rc::clone(&g.plugin);
-        let mut env = self.child_env(halfsync_worker::SPEC_ENV, spec.to_env());
+        let blob = shm_sys::memfd_with(&spec.to_env()).context("a worker's spec")?;
+        let mut env = self.child_env(halfsync_worker::SPEC_ENV, shm_sys::blob_env(&blob));
         // Its stdout and stderr are a pipe the master logs line by line
         // (`Captured`); its own log lines go to a copy of the master's
         // stderr.
@@ -989,7 +993,7 @@ impl Master {
             &title,
             "worker",
             &env,
-            &[memfd, eventfd, log_fd]
+            &[memfd, eventfd, log_fd, blob.as_raw_fd()]
                 .into_iter()
                 .chain(plugin.fd())
                 .collect::<Vec<_>>(),

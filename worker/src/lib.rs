@@ -75,7 +75,7 @@ pub struct WorkerSpec {
 impl WorkerSpec {
     /// Reads the spec from [`SPEC_ENV`].
     pub fn from_env() -> Result<WorkerSpec, String> {
-        let text = std::env::var(SPEC_ENV).map_err(|_| format!("{SPEC_ENV} is not set"))?;
+        let text = halfsync_shm::sys::env_text(SPEC_ENV)?;
         toml::from_str(&text).map_err(|e| format!("{SPEC_ENV}: {}", e.message()))
     }
 
