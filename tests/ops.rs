@@ -723,6 +723,76 @@ fn scrape(port: u16) -> String {
     s
 }
 
+/// The admin socket and the metrics listener answer what they used to drop:
+/// a command without its newline before the client shuts its side, an
+/// over-long command or request head (said, then closed), bare-LF and
+/// absolute-URI HTTP requests; and a reload's client that hangs up while
+/// the reload runs does not make the master spin until it ends.
+#[test]
+fn admin_and_metrics_edge_cases_are_answered() {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let mport = free_port();
+    let text = versioned(
+        port,
+        1,
+        "v1:",
+        "",
+        &format!("metrics_listen = \"127.0.0.1:{mport}\""),
+    );
+    let mut s = Server::start(&text, port);
+    let sock = s.config_path().with_file_name("admin.sock");
+    let admin = |bytes: &[u8], shut: bool| {
+        let mut u = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = u.write_all(bytes);
+        if shut {
+            u.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let mut out = String::new();
+        let _ = u.read_to_string(&mut out);
+        out
+    };
+    let st = admin(b"{\"cmd\":\"status\"}", true);
+    assert!(st.starts_with("{") && st.contains("\"ok\":true"), "{st}");
+    let long = admin(&vec![b' '; 70 << 10], false);
+    assert!(long.contains("admin command over 64 KiB"), "{long}");
+    let bare = http(mport, "GET /ping HTTP/1.1\n\n");
+    assert!(bare.starts_with("HTTP/1.1 200 OK"), "{bare}");
+    let absolute = http(mport, "GET http://127.0.0.1/metrics HTTP/1.1\r\n\r\n");
+    assert!(absolute.starts_with("HTTP/1.1 200 OK"), "{absolute}");
+    let huge = http(
+        mport,
+        &format!(
+            "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+            "y".repeat(70 << 10)
+        ),
+    );
+    assert!(huge.starts_with("HTTP/1.1 431 "), "{huge}");
+
+    // A reload whose client hangs up at once; the new worker takes 2 s.
+    s.write_config(&(versioned(port, 1, "v2:", "", "") + "init_delay_ms = 2000\n"));
+    {
+        let mut u = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        u.write_all(b"{\"cmd\":\"reload\"}\n").unwrap();
+    }
+    wait_reloading(&s);
+    let before = cpu_ticks(s.pid);
+    std::thread::sleep(Duration::from_millis(1000));
+    let spent = cpu_ticks(s.pid) - before;
+    assert!(
+        spent < 30,
+        "the master used {spent} ticks in 1 s of a reload"
+    );
+    let done = wait_for(Duration::from_secs(20), || {
+        s.status()["reloads"]["last"].as_str().map(str::to_owned)
+    });
+    assert_eq!(done.as_deref(), Some("ok"), "{}", s.log());
+    assert_eq!(s.client().call(1, 1, b"x").unwrap().payload, b"v2:x");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// One HTTP/1.1 request to the metrics listener: the whole answer.
 fn http(port: u16, request: &str) -> String {
     use std::io::{Read, Write};

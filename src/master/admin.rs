@@ -118,6 +118,15 @@ impl Stream {
             Stream::Tcp(s) => s.write(buf),
         }
     }
+    /// Shuts the sending side (the client sees the end of the answer);
+    /// false if that failed.
+    fn shutdown_write(&self) -> bool {
+        let how = std::net::Shutdown::Write;
+        match self {
+            Stream::Unix(s) => s.shutdown(how).is_ok(),
+            Stream::Tcp(s) => s.shutdown(how).is_ok(),
+        }
+    }
 }
 
 #[derive(PartialEq, Eq)]
@@ -126,7 +135,15 @@ enum Phase {
     /// Request handed to the master; the answer comes later (reload).
     Waiting,
     Writing,
+    /// Answered a request it had not finished sending (too long): what
+    /// still comes is read and dropped until the client closes (or
+    /// `LINGER`), so that closing does not reset the connection before
+    /// the client reads the answer (nginx's lingering close).
+    Lingering,
 }
+
+/// How long a lingering close waits for the client to finish.
+const LINGER: Duration = Duration::from_secs(2);
 
 struct Conn {
     id: u64,
@@ -137,6 +154,8 @@ struct Conn {
     out_pos: usize,
     phase: Phase,
     deadline: Instant,
+    /// Linger once the answer is out (see `Phase::Lingering`).
+    linger: bool,
 }
 
 pub(crate) struct Admin {
@@ -225,7 +244,7 @@ impl Admin {
         ));
         for c in &self.conns {
             let mut p = sys::pollfd(c.stream.raw(), c.phase == Phase::Writing);
-            if c.phase != Phase::Reading {
+            if !matches!(c.phase, Phase::Reading | Phase::Lingering) {
                 p.events &= !libc::POLLIN;
             }
             fds.push(p);
@@ -257,10 +276,28 @@ impl Admin {
                 },
                 Phase::Writing => {
                     if flush(c) {
+                        if c.linger && c.stream.shutdown_write() {
+                            c.phase = Phase::Lingering;
+                            c.deadline = Instant::now() + LINGER;
+                        } else {
+                            closed.push(c.id);
+                        }
+                    }
+                }
+                Phase::Lingering => {
+                    if !discard_input(c) {
                         closed.push(c.id);
                     }
                 }
-                Phase::Waiting => {}
+                // Hung up while its answer is pending (a reload's client
+                // interrupted): forget it, or poll would report the hangup
+                // on every turn until the answer.
+                Phase::Waiting => {
+                    let revents = fds.get(k + 2).map_or(0, |p| p.revents);
+                    if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                        closed.push(c.id);
+                    }
+                }
             }
         }
         self.conns.retain(|c| !closed.contains(&c.id));
@@ -346,6 +383,7 @@ impl Admin {
             out_pos: 0,
             phase: Phase::Reading,
             deadline: Instant::now() + CLIENT_TIMEOUT,
+            linger: false,
         });
     }
 
@@ -434,8 +472,15 @@ impl Drop for Admin {
 /// Reads what is available; returns a request once one is complete.
 fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
     let mut buf = [0u8; 4096];
+    let mut eof = false;
     loop {
         match c.stream.read(&mut buf) {
+            // An admin command without its newline, then the write side
+            // shut: the command is what came.
+            Ok(0) if !c.http && !c.inbuf.is_empty() => {
+                eof = true;
+                break;
+            }
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed")),
             Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -443,17 +488,45 @@ fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
             Err(e) => return Err(e),
         }
         if c.inbuf.len() > MAX_REQUEST {
-            return Err(io::Error::other("request too large"));
+            // Said, not just dropped; then a lingering close.
+            c.out = if c.http {
+                http_answer(
+                    "431 Request Header Fields Too Large",
+                    &[("Content-Type", "text/plain")],
+                    "request head over 64 KiB\n",
+                    false,
+                )
+            } else {
+                let mut line = err("admin command over 64 KiB (one JSON object on one line)");
+                line.push('\n');
+                line.into_bytes()
+            };
+            c.inbuf = Vec::new();
+            c.phase = Phase::Writing;
+            c.linger = true;
+            return Ok(None);
         }
     }
     if c.http {
-        let Some(end) = c.inbuf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        // The head ends at an empty line (CRLF, or bare LF as RFC 9112
+        // allows a recipient to accept).
+        let end = c
+            .inbuf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .or_else(|| c.inbuf.windows(2).position(|w| w == b"\n\n"));
+        let Some(end) = end else {
             return Ok(None);
         };
         let head = String::from_utf8_lossy(&c.inbuf[..end]).into_owned();
         let line = head.lines().next().unwrap_or_default().to_owned();
         let mut parts = line.split_whitespace();
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        // An absolute URI (as sent to a proxy) names the path after the host.
+        let target = ["http://", "https://"]
+            .iter()
+            .find_map(|scheme| target.strip_prefix(scheme))
+            .map_or(target, |rest| rest.find('/').map_or("/", |i| &rest[i..]));
         let path = target.split_once('?').map_or(target, |(p, _)| p);
         let what = match path {
             "/metrics" => Some(Http::Metrics),
@@ -490,7 +563,12 @@ fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
         c.phase = Phase::Writing;
         return Ok(None);
     }
-    let Some(end) = c.inbuf.iter().position(|&b| b == b'\n') else {
+    let Some(end) = c
+        .inbuf
+        .iter()
+        .position(|&b| b == b'\n')
+        .or(eof.then_some(c.inbuf.len()))
+    else {
         return Ok(None);
     };
     let line = String::from_utf8_lossy(&c.inbuf[..end]).into_owned();
@@ -536,6 +614,21 @@ fn is_out_of_fds(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// Reads and drops what a lingering client sends; false once it closed
+/// (or failed).
+fn discard_input(c: &mut Conn) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.stream.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 /// Writes what it can; true when done (or failed) and the client can go.
