@@ -58,6 +58,16 @@ fn bad_clients_do_not_disturb_a_good_one() {
     t.write_all(&h).unwrap();
     let msg = expect_bad_request_then_close(t, 78);
     assert!(msg.contains("below the minimum"), "{msg}");
+
+    // 2b. Another protocol on this port: said so.
+    let mut t = connect(&s);
+    t.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let msg = expect_bad_request_then_close(t, 0);
+    assert!(
+        msg.contains("this looks like an HTTP request, but this port speaks HSP/1"),
+        "{msg}"
+    );
     by.progress(10);
 
     // 3. Good requests, then a bad frame on the same connection: the good

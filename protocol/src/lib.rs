@@ -103,6 +103,29 @@ pub enum FrameError {
         /// Configured maximum.
         max: u32,
     },
+    /// The stream starts with another protocol (its name): an HTTP
+    /// request or a TLS handshake sent to an HSP/1 port, whose first four
+    /// bytes read as a length far over any `max_frame`.
+    #[error(
+        "this looks like {0}, but this port speaks HSP/1 (each frame: a 4-byte big-endian \
+         length, then an 8-byte id, a 2-byte command, 2 bytes of flags and the payload)"
+    )]
+    OtherProtocol(&'static str),
+}
+
+/// The protocol a stream that does not start with an HSP/1 frame seems to
+/// speak, from its first four bytes.
+fn other_protocol(first: &[u8]) -> Option<&'static str> {
+    const HTTP: [&[u8; 4]; 9] = [
+        b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC", b"CONN", b"PRI ",
+    ];
+    if HTTP.iter().any(|m| first.starts_with(&m[..])) {
+        Some("an HTTP request")
+    } else if first.starts_with(&[0x16, 0x03]) {
+        Some("a TLS handshake")
+    } else {
+        None
+    }
 }
 
 /// The result of looking for a frame at the start of a buffer.
@@ -138,13 +161,16 @@ pub fn parse(buf: &[u8], max_frame: u32) -> Parsed {
         return Parsed::Bad(FrameError::TooShort(length), id);
     }
     if length > max_frame {
-        return Parsed::Bad(
-            FrameError::TooLong {
+        let e = match other_protocol(buf) {
+            Some(what) => FrameError::OtherProtocol(what),
+            None => FrameError::TooLong {
                 length,
                 max: max_frame,
             },
-            id,
-        );
+        };
+        // (The "id" of another protocol's bytes means nothing.)
+        let id = id.filter(|_| !matches!(e, FrameError::OtherProtocol(_)));
+        return Parsed::Bad(e, id);
     }
     let total = 4 + length as usize;
     if buf.len() < total {
@@ -221,6 +247,14 @@ mod tests {
     fn bad_lengths_reported_early() {
         let mut b = 11u32.to_be_bytes().to_vec();
         assert_eq!(parse(&b, 100), Parsed::Bad(FrameError::TooShort(11), None));
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\n", 1 << 20),
+            Parsed::Bad(FrameError::OtherProtocol("an HTTP request"), None)
+        );
+        assert_eq!(
+            parse(&[0x16, 0x03, 0x01, 0x02, 0x00], 64 << 20),
+            Parsed::Bad(FrameError::OtherProtocol("a TLS handshake"), None)
+        );
         b.extend_from_slice(&5u64.to_be_bytes());
         assert_eq!(
             parse(&b, 100),
