@@ -147,8 +147,18 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
     }
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     out!(
-        "halfsync pid {}, configuration generation {}, up {} s{}",
+        "halfsync pid {}{}, configuration generation {}, up {} s{}",
         v["pid"],
+        match v["listen"].as_array() {
+            Some(a) if !a.is_empty() => format!(
+                ", listening on {}",
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => String::new(),
+        },
         v["generation"],
         v["uptime_s"],
         match v["reload_phase"].as_str() {

@@ -793,6 +793,44 @@ fn admin_and_metrics_edge_cases_are_answered() {
     s.assert_clean();
 }
 
+/// A listen address with port 0 gets a port from the kernel: status and
+/// the start line name it, and clients reach the server there.
+#[test]
+fn a_port_chosen_by_the_kernel_is_shown() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\", \"127.0.0.1:0\"]\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
+        halfsync_testkit::echo_plugin().display()
+    );
+    let s = Server::start(&text, port);
+    let st = s.status();
+    let listen: Vec<String> = st["listen"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no listen in {st}"))
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(listen.len(), 2, "{st}");
+    assert_eq!(listen[0], format!("127.0.0.1:{port}"));
+    let chosen: std::net::SocketAddr = listen[1].parse().unwrap();
+    assert_ne!(chosen.port(), 0, "{st}");
+    let mut c = halfsync_protocol::Client::connect(chosen).unwrap();
+    assert_eq!(c.call(1, 1, b"there").unwrap().payload, b"there");
+    assert!(
+        s.log()
+            .contains(&format!("listen=127.0.0.1:{port},{chosen}")),
+        "{}",
+        s.log()
+    );
+    let (_, out, _) = s.ctl(&["status"]);
+    assert!(
+        out.contains(&format!("listening on 127.0.0.1:{port}, {chosen}")),
+        "{out}"
+    );
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// One HTTP/1.1 request to the metrics listener: the whole answer.
 fn http(port: u16, request: &str) -> String {
     use std::io::{Read, Write};

@@ -392,6 +392,17 @@ struct ListenerRec {
     sockets: Vec<TcpListener>,
 }
 
+impl ListenerRec {
+    /// The address it listens on: `addr` with the port the kernel chose
+    /// for port 0.
+    fn bound(&self) -> SocketAddr {
+        self.sockets
+            .first()
+            .and_then(|s| s.local_addr().ok())
+            .unwrap_or(self.addr)
+    }
+}
+
 pub(crate) struct Master {
     exe: crate::exe::Exe,
     /// The file the configuration came from (reload re-reads it).
@@ -549,7 +560,7 @@ pub fn run(
         inline,
         stop_waiters: Vec::new(),
     };
-    let addrs: Vec<String> = m.listeners.iter().map(|l| l.addr.to_string()).collect();
+    let addrs: Vec<String> = m.listeners.iter().map(|l| l.bound().to_string()).collect();
     let workers: u32 = m.groups.iter().map(|g| g.config.workers).sum();
     info!(
         listen = %addrs.join(","),
@@ -862,6 +873,15 @@ impl Master {
     }
 
     /// Ids of the configured (not retired) groups, in config order.
+    /// The client addresses it listens on (ports chosen for port 0 filled
+    /// in), for status.
+    pub(crate) fn listening(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .map(|l| l.bound().to_string())
+            .collect()
+    }
+
     fn group_ids(&self) -> Vec<u32> {
         self.config
             .groups

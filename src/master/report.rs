@@ -204,6 +204,8 @@ pub(crate) fn status(m: &Master) -> String {
         // The config file it runs (absolute), null on the embedded default.
         "config": m.config_path.as_ref().map(|p| p.display().to_string()),
         "generation": m.generation,
+        // Client listen addresses, with the port chosen for a port 0.
+        "listen": m.listening(),
         "uptime_s": m.started_at.elapsed().as_secs(),
         "reloading": m.reload.is_some() || m.probing.is_some(),
         // How reloads ended; `last` is null before the first.
