@@ -802,7 +802,7 @@ fn a_port_chosen_by_the_kernel_is_shown() {
         "[server]\nlisten = [\"127.0.0.1:{port}\", \"127.0.0.1:0\"]\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
         halfsync_testkit::echo_plugin().display()
     );
-    let s = Server::start(&text, port);
+    let mut s = Server::start(&text, port);
     let st = s.status();
     let listen: Vec<String> = st["listen"]
         .as_array()
