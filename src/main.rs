@@ -272,10 +272,16 @@ fn socket_named(t: &Target) -> Result<(PathBuf, bool)> {
         },
     };
     let server = server.as_ref();
-    let explicit = server
-        .and_then(|s| s.get("admin_socket"))
-        .and_then(|v| v.as_str())
-        .filter(|s| !s.is_empty());
+    let explicit = match server.and_then(|s| s.get("admin_socket")) {
+        None => None,
+        Some(toml::Value::String(s)) => Some(s.as_str()).filter(|s| !s.is_empty()),
+        Some(other) => bail!(
+            "{}: server.admin_socket is {} {other}, not a path string; fix it, or name the \
+             socket with --socket",
+            path.display(),
+            other.type_str()
+        ),
+    };
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -283,13 +289,22 @@ fn socket_named(t: &Target) -> Result<(PathBuf, bool)> {
     if let Some(sock) = explicit {
         return Ok((dir.join(sock), false));
     }
-    let port = server
-        .and_then(|s| s.get("listen"))
-        .and_then(|l| l.as_array())
-        .and_then(|l| l.first())
-        .and_then(|a| a.as_str())
-        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-        .map_or(7878, |a| a.port());
+    let port = match server.and_then(|s| s.get("listen")) {
+        None => 7878,
+        Some(listen) => listen
+            .as_array()
+            .and_then(|l| l.first())
+            .and_then(|a| a.as_str())
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port())
+            .with_context(|| {
+                format!(
+                    "{}: server.listen does not start with an \"ip:port\" string, which names \
+                     the default admin socket; fix it, or name the socket with --socket",
+                    path.display()
+                )
+            })?,
+    };
     Ok((PathBuf::from(format!("/tmp/halfsync-{port}.sock")), true))
 }
 

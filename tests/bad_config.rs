@@ -461,3 +461,23 @@ fn a_configuration_larger_than_the_environment_holds_runs() {
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// Operator commands read `server.admin_socket` and `server.listen`
+/// leniently, but a value of the wrong type is an error naming the key,
+/// not a silent fall back to the default socket (of another server,
+/// maybe).
+#[test]
+fn operator_commands_refuse_an_unusable_admin_socket_setting() {
+    let (code, _, err) = halfsync_out("status", "[server]\nadmin_socket = 5\n");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("server.admin_socket is integer 5, not a path string"),
+        "{err}"
+    );
+    let (code, _, err) = halfsync_out("stop", "[server]\nlisten = [\"nowhere\"]\n");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("server.listen does not start with an \"ip:port\" string"),
+        "{err}"
+    );
+}
