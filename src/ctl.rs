@@ -33,15 +33,29 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
     s.write_all(b"\n")?;
     let mut answer = String::new();
     // Bounded: a status of thousands of workers is well under this.
-    BufReader::new((&s).take(64 << 20))
-        .read_line(&mut answer)
-        .with_context(|| {
-            format!(
-                "no answer from {} within {} s",
+    if let Err(e) = BufReader::new((&s).take(64 << 20)).read_line(&mut answer) {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            bail!(
+                "no answer from {} within {} s: is the master stopped (SIGSTOP, a debugger) or \
+                 stuck?",
                 socket.display(),
                 timeout.as_secs()
-            )
-        })?;
+            );
+        }
+        bail!(
+            "cannot read the answer from {}: {e} (is a halfsync master listening there?)",
+            socket.display()
+        );
+    }
+    if answer.is_empty() {
+        bail!(
+            "{} closed the connection without answering",
+            socket.display()
+        );
+    }
     let v: Value = serde_json::from_str(answer.trim()).with_context(|| {
         let head: String = answer.chars().take(200).collect();
         format!("bad answer ({} bytes): {head:?}", answer.len())
@@ -92,11 +106,23 @@ pub fn same_config(a: &Path, b: &Path) -> bool {
         )
 }
 
-/// The config the server on `socket` runs (from its status), if it
-/// answers: `Some(None)` for the embedded default.
-pub fn config_of(socket: &Path) -> Option<Option<PathBuf>> {
-    let v = request(socket, r#"{"cmd":"status"}"#, Duration::from_secs(5)).ok()?;
-    Some(v["config"].as_str().map(PathBuf::from))
+/// The config the server on `socket` runs (from its status): `Ok(None)`
+/// when nothing listens there (the command itself then says so),
+/// `Ok(Some(None))` for the embedded default; an error when something
+/// accepted the connection but gave no proper answer.
+pub fn config_of(socket: &Path) -> Result<Option<Option<PathBuf>>> {
+    if UnixStream::connect(socket).is_err() {
+        return Ok(None);
+    }
+    let v = request(socket, r#"{"cmd":"status"}"#, Duration::from_secs(5))?;
+    if !v["generation"].is_u64() {
+        bail!(
+            "{} answered, but not as a halfsync master: {}",
+            socket.display(),
+            halfsync_config::one_line(&v.to_string().chars().take(200).collect::<String>())
+        );
+    }
+    Ok(Some(v["config"].as_str().map(PathBuf::from)))
 }
 
 /// A command whose answer is a message.

@@ -168,8 +168,8 @@ fn server_of(t: &Target, acts: bool, reloads: bool) -> Result<PathBuf> {
         Some(p) => Some(std::path::absolute(p).with_context(|| format!("{}", p.display()))?),
         None => None,
     };
-    let Some(runs) = ctl::config_of(&sock) else {
-        // Not answering: the command itself says so.
+    let Some(runs) = ctl::config_of(&sock)? else {
+        // Nothing listens: the command itself says so.
         return Ok(sock);
     };
     let same = match (&runs, &wanted) {

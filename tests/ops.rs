@@ -831,6 +831,29 @@ fn a_port_chosen_by_the_kernel_is_shown() {
     s.assert_clean();
 }
 
+/// `status` against a master that cannot answer (stopped, as a debugger
+/// leaves it) says so after its own timeout, not after two in a row, and
+/// names the likely cause; the server serves again once continued.
+#[test]
+fn status_of_a_stopped_master_says_it_got_no_answer() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 1, "", "", ""), port);
+    kill(s.pid, libc::SIGSTOP);
+    let t = std::time::Instant::now();
+    let (code, _, err) = s.ctl(&["status"]);
+    let took = t.elapsed();
+    kill(s.pid, libc::SIGCONT);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("within 5 s: is the master stopped (SIGSTOP, a debugger) or stuck?"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(9), "{took:?}");
+    assert_eq!(s.status()["ok"], true);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// One HTTP/1.1 request to the metrics listener: the whole answer.
 fn http(port: u16, request: &str) -> String {
     use std::io::{Read, Write};
