@@ -37,13 +37,18 @@ struct Target;
 struct Line;
 
 impl Write for Line {
+    /// Never fails: a line that cannot be written (stderr a pipe whose
+    /// reader is gone, a full disk) is dropped. Reporting the error would
+    /// make tracing print a complaint to that same stderr with
+    /// `eprintln!`, which panics when it fails, so a closed stderr
+    /// (`halfsync run | head`) killed the server.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut target = TARGET.lock().unwrap_or_else(|p| p.into_inner());
-        match (target.as_mut(), STDERR.get()) {
-            (Some((_, file)), _) => file.write_all(buf)?,
-            (None, Some(mut stderr)) => stderr.write_all(buf)?,
-            (None, None) => io::stderr().write_all(buf)?,
-        }
+        let _ = match (target.as_mut(), STDERR.get()) {
+            (Some((_, file)), _) => file.write_all(buf),
+            (None, Some(mut stderr)) => stderr.write_all(buf),
+            (None, None) => io::stderr().write_all(buf),
+        };
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {

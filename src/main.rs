@@ -9,6 +9,7 @@ mod master;
 mod plugin_file;
 mod probe;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -143,8 +144,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the error and its causes, joined.
-            eprintln!("halfsync: {e:#}");
+            // One line: the error and its causes, joined. (Not eprintln!,
+            // which panics if stderr is gone.)
+            let _ = writeln!(std::io::stderr(), "halfsync: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -403,8 +405,12 @@ fn check(path: Option<&Path>) -> Result<()> {
     }
     let exe = exe::Exe::current()?;
     let files = probe::open_plugins(&exe, &config);
+    // A closed stdout (`halfsync check | head -1`) ends the report quietly;
+    // the verdict is the exit code.
+    let mut out = std::io::stdout().lock();
     for p in probe::probe(&exe, &config, &files, true)? {
-        println!(
+        let _ = writeln!(
+            out,
             "group {}: plugin {} {} ({}): loaded and initialised{}",
             p.group,
             p.name,
@@ -413,10 +419,10 @@ fn check(path: Option<&Path>) -> Result<()> {
             if p.log.is_empty() { "" } else { "; it logged:" }
         );
         for line in &p.log {
-            println!("    {line}");
+            let _ = writeln!(out, "    {line}");
         }
     }
-    println!("halfsync: configuration {} is ok", config.origin);
+    let _ = writeln!(out, "halfsync: configuration {} is ok", config.origin);
     Ok(())
 }
 

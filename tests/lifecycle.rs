@@ -218,3 +218,28 @@ fn systemd_hears_ready_and_stopping() {
     assert_eq!(s.wait_exit(Duration::from_secs(30)).code(), Some(0));
     s.assert_clean();
 }
+
+/// A server whose stderr reader goes away (`halfsync run | head`, a log
+/// collector restarting) keeps serving: log lines that cannot be written
+/// are dropped. (tracing's complaint about the failed write went to the
+/// same stderr with `eprintln!`, which panicked the master.)
+#[test]
+fn a_closed_stderr_does_not_stop_the_server() {
+    let port = free_port();
+    let mut s = Server::start_stderr_closing(&config(port, &echo_so(), 2, ""), port);
+    let mut c = s.client();
+    for id in 0..20 {
+        assert_eq!(c.call(id, 1, b"x").unwrap().payload, b"x");
+    }
+    // Lines are logged on the way (a worker killed and replaced).
+    let worker = s.worker_pids();
+    kill(worker[0], libc::SIGKILL);
+    let replaced = wait_for(Duration::from_secs(10), || {
+        let now = s.worker_pids();
+        (now.len() == 2 && !now.contains(&worker[0])).then_some(())
+    });
+    assert!(replaced.is_some(), "{}", s.status());
+    assert_eq!(s.status()["ok"], true);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}

@@ -233,12 +233,42 @@ impl Server {
         s
     }
 
+    /// Starts `halfsync run` with its stderr a pipe whose reader goes away
+    /// after the first line, and waits until it answers.
+    pub fn start_stderr_closing(config_text: &str, port: u16) -> Server {
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let mut s = Server::spawn_inner(
+            Path::new(BIN),
+            Some(config_text),
+            port,
+            None,
+            &[],
+            Some(writer),
+        );
+        let mut first = [0u8; 1];
+        let _ = std::io::Read::read(&mut reader, &mut first);
+        drop(reader);
+        s.wait_ready();
+        s
+    }
+
     fn spawn_full(
         bin: &Path,
         config_text: Option<&str>,
         port: u16,
         nofile: Option<(u32, u32)>,
         env: &[(&str, &str)],
+    ) -> Server {
+        Server::spawn_inner(bin, config_text, port, nofile, env, None)
+    }
+
+    fn spawn_inner(
+        bin: &Path,
+        config_text: Option<&str>,
+        port: u16,
+        nofile: Option<(u32, u32)>,
+        env: &[(&str, &str)],
+        stderr: Option<std::io::PipeWriter>,
     ) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("halfsync-test-")
@@ -290,7 +320,10 @@ impl Server {
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .stderr(match stderr {
+                Some(pipe) => Stdio::from(pipe),
+                None => Stdio::from(log),
+            })
             .spawn()
             .expect("start halfsync");
         let pid = child.id() as i32;
