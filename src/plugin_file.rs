@@ -13,6 +13,12 @@
 //! runs. A file that cannot be opened is loaded by path, and the loader's
 //! error says what is wrong with it.
 //!
+//! While the path still names the held file, workers load it by the path
+//! (so `$ORIGIN` in its RUNPATH is its directory); after another file was
+//! installed there, through the descriptor, where `$ORIGIN` is
+//! `/proc/self/fd`: a plugin that loads libraries shipped beside it
+//! should get a directory per build (README, deploying).
+//!
 //! What a descriptor cannot pin is the file's content: `cp` onto the path
 //! rewrites the same file in place, under the workers that run it.
 //! [`PluginFile::changed_in_place`] tells the master that this happened,

@@ -207,6 +207,86 @@ fn a_worker_backing_off_during_its_replacement_is_not_restarted_after() {
     s.assert_clean();
 }
 
+/// A plugin that ships a library beside itself and finds it through
+/// `RUNPATH=$ORIGIN` loads in `check` and in the workers (while its path
+/// names the file the configuration was loaded with, workers load it by
+/// that path, so `$ORIGIN` is its directory).
+#[test]
+fn a_plugin_finds_libraries_beside_it_through_origin() {
+    let root = halfsync_testkit::workspace_root();
+    let src = root.join("plugins/c/test/origin");
+    let dir = tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .unwrap();
+    let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
+    let build = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(&cc).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let dep = dir.path().join("libdep.so");
+    build(&[
+        "-shared".as_ref(),
+        "-fPIC".as_ref(),
+        src.join("dep.c").as_os_str(),
+        "-o".as_ref(),
+        dep.as_os_str(),
+    ]);
+    let so = dir.path().join("liborigin.so");
+    let include = root.join("plugin-api/include");
+    build(&[
+        "-shared".as_ref(),
+        "-fPIC".as_ref(),
+        "-I".as_ref(),
+        include.as_os_str(),
+        src.join("plugin.c").as_os_str(),
+        "-o".as_ref(),
+        so.as_os_str(),
+        "-L".as_ref(),
+        dir.path().as_os_str(),
+        "-ldep".as_ref(),
+        "-Wl,-rpath,$ORIGIN".as_ref(),
+    ]);
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
+        so.display()
+    );
+    let check = std::process::Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg({
+            let p = dir.path().join("check.toml");
+            std::fs::write(&p, &text).unwrap();
+            p
+        })
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // The server waits for an echo to be ready; this plugin prefixes it.
+    let mut s = Server::start(&text, port);
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"hi").unwrap().payload, b"from libdep: hi");
+    // A restarted worker loads it the same way.
+    kill(s.worker_pids()[0], libc::SIGKILL);
+    settle(&mut s, 1);
+    assert_eq!(
+        c.call(2, 1, b"again").unwrap().payload,
+        b"from libdep: again"
+    );
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A new build installed at the plugin's path with `mv` (a new file) is not
 /// picked up by workers started before the reload: a crashed worker's
 /// replacement and a scale-up run the build the configuration was loaded

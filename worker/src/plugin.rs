@@ -299,8 +299,24 @@ impl Plugin {
     /// opened at `path` when the configuration was loaded: every worker of
     /// a configuration runs the same file, whatever was installed at the
     /// path since (until the next reload). Messages name `path`.
+    ///
+    /// While `path` still names that very file (same device and inode) it
+    /// is loaded by `path`, so that `$ORIGIN` in its RUNPATH is its
+    /// directory and libraries it ships beside it are found; once another
+    /// file was installed there, through the descriptor
+    /// (`/proc/self/fd/N`), where `$ORIGIN` is `/proc/self/fd`.
     pub fn load_open(path: &Path, fd: std::os::fd::RawFd) -> Result<Plugin, LoadError> {
-        Self::open(path, Path::new(&format!("/proc/self/fd/{fd}")))
+        use std::os::unix::fs::MetadataExt;
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{fd}"));
+        let same = match (std::fs::metadata(path), std::fs::metadata(&by_fd)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        if same {
+            Self::load(path)
+        } else {
+            Self::open(path, &by_fd)
+        }
     }
 
     /// dlopens `open_path` (the file, or a name for it) and checks its
