@@ -387,6 +387,7 @@ fn check(path: Option<&Path>) -> Result<()> {
             .with_context(|| format!("cannot open log file {}", log.display()))?;
     }
     let socket = config.admin_socket();
+    master::check_socket_path(&socket).map_err(|e| anyhow::anyhow!(e))?;
     if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
     {

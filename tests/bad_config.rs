@@ -481,3 +481,23 @@ fn operator_commands_refuse_an_unusable_admin_socket_setting() {
         "{err}"
     );
 }
+
+/// An admin socket path longer than a Unix socket address holds is
+/// refused by `check` and `run` alike, naming the key and the limit.
+#[test]
+fn an_admin_socket_path_too_long_is_refused() {
+    let long = format!("/tmp/{}.sock", "s".repeat(100));
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\nadmin_socket = \"{long}\"\n\n{}",
+        free_port(),
+        group(&echo_so())
+    );
+    refused(
+        &text,
+        &[
+            "server.admin_socket",
+            &format!("{long} is 110 bytes long"),
+            "at most 107",
+        ],
+    );
+}

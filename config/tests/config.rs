@@ -901,18 +901,12 @@ fn a_dynamic_pool_needs_max_workers() {
 
 #[test]
 fn admin_socket_and_log_file_must_be_usable_paths() {
-    let long = format!("/tmp/{}.sock", "s".repeat(100));
+    // (A path too long for a Unix socket is refused where it is bound:
+    // bad_config::an_admin_socket_path_too_long_is_refused.)
+    let long = format!("/tmp/{}.sock", "s".repeat(200));
     assert_eq!(
-        err_text(&with_server(&format!("admin_socket = \"{long}\""))),
-        format!(
-            "halfsync.toml:2:16: server.admin_socket: {long} is 110 bytes long; a Unix socket's \
-             path can have at most 107: choose a shorter one"
-        )
-    );
-    let fits = format!("/tmp/{}.sock", "s".repeat(97));
-    assert_eq!(
-        ok(&with_server(&format!("admin_socket = \"{fits}\""))).admin_socket(),
-        std::path::PathBuf::from(&fits)
+        ok(&with_server(&format!("admin_socket = \"{long}\""))).admin_socket(),
+        std::path::PathBuf::from(&long)
     );
     assert!(
         err_text(&with_server("admin_socket = \"a\\u0000b.sock\""))

@@ -188,6 +188,7 @@ impl Admin {
                 Some(l)
             }
         };
+        super::check_socket_path(path).map_err(|e| anyhow::anyhow!(e))?;
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if UnixStream::connect(path).is_ok() {
                 bail!(

@@ -594,6 +594,21 @@ pub fn run(
     result
 }
 
+/// Whether `path` fits a Unix socket's address (`sun_path`: 108 bytes
+/// with the terminating NUL); the error names the key and the fix.
+pub fn check_socket_path(path: &std::path::Path) -> Result<(), String> {
+    const MAX: usize = 107;
+    let len = path.as_os_str().len();
+    if len > MAX {
+        return Err(format!(
+            "server.admin_socket: {} is {len} bytes long; a Unix socket's path can have at most \
+             {MAX}: choose a shorter one (a relative path is relative to the config file)",
+            halfsync_config::one_line(&path.display().to_string())
+        ));
+    }
+    Ok(())
+}
+
 /// For `check`: whether this machine has `addr`'s IP address to listen
 /// on (bound on port 0, so a server already listening on the port does
 /// not make a valid config fail). The error is `run`'s, with its fix.
