@@ -532,10 +532,19 @@ pub fn child_main() -> std::process::ExitCode {
     } else {
         crate::logging::init_from_env();
     }
-    for t in &spec.plugins {
+    // The plugin files' descriptors, inherited with FD_CLOEXEC cleared: not
+    // passed on to processes a plugin starts (any group's, in its init).
+    let fds: Vec<Option<i32>> = spec
+        .plugins
+        .iter()
+        .map(|t| {
+            t.fd.filter(|&fd| halfsync_shm::sys::set_cloexec(fd).is_ok())
+        })
+        .collect();
+    for (t, &fd) in spec.plugins.iter().zip(&fds) {
         let group = one_line(&t.group);
         say(&format!("step\tload\t{group}"));
-        let loaded = match t.fd {
+        let loaded = match fd {
             Some(fd) => halfsync_worker::Plugin::load_open(&t.path, fd),
             None => halfsync_worker::Plugin::load(&t.path),
         };

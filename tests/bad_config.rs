@@ -501,3 +501,26 @@ fn an_admin_socket_path_too_long_is_refused() {
         ],
     );
 }
+
+/// The plugin files the master holds open reach the probe and the workers
+/// with close-on-exec set before any plugin code runs, so processes a
+/// plugin starts do not inherit them: a plugin that fails its init on
+/// seeing one passes `check` (two groups: the probe holds both files) and
+/// starts in `run`.
+#[test]
+fn plugins_cannot_pass_on_the_plugin_files_descriptors() {
+    let checker = halfsync_testkit::c_plugin("plugins/c/test/fd_check.c");
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"a\"\nplugin = \"{}\"\ncommands = [2]\n\n\
+         [[group]]\nname = \"b\"\nplugin = \"{}\"\n",
+        echo_so().display(),
+        checker.display()
+    );
+    let (code, out, err) = halfsync_out("check", &text);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let mut s = Server::start(&text, port);
+    assert_eq!(s.client().call(1, 2, b"a").unwrap().payload, b"a");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}

@@ -180,6 +180,12 @@ pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     syscall!(fcntl(fd, libc::F_SETFD, 0)).map(|_| ())
 }
 
+/// Sets FD_CLOEXEC on an inherited `fd`, so processes this one starts do
+/// not get it; fails if it is not open.
+pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    syscall!(fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC)).map(|_| ())
+}
+
 /// Makes `len` bytes at `addr` (page-aligned) read-only in this process.
 ///
 /// # Safety

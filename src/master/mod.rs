@@ -497,7 +497,10 @@ pub fn run(
         } else {
             0
         };
-    match sys::raise_nofile_to(2 * 3 * workers + proxies + admin_clients + 32) {
+    // Each group's plugin file is held open, twice during a reload (the
+    // old generation's and the new one's).
+    let plugins = 2 * config.groups.len() as u64;
+    match sys::raise_nofile_to(2 * 3 * workers + proxies + admin_clients + plugins + 32) {
         Ok(Some((old, new))) => info!(old, new, "raised the open-file limit for the worker pool"),
         Ok(None) => {}
         Err(e) => warn!("cannot raise the open-file limit: {e}"),

@@ -131,7 +131,9 @@ pub fn run(spec: WorkerSpec) -> i32 {
     // still read the plugin's symbols, but not handed to the plugin's own
     // children.
     let loaded = match spec.plugin_fd {
-        Some(fd) if wsys::keep_private(fd).is_ok() => Plugin::load_open(&spec.plugin, fd),
+        Some(fd) if halfsync_shm::sys::set_cloexec(fd).is_ok() => {
+            Plugin::load_open(&spec.plugin, fd)
+        }
         _ => Plugin::load(&spec.plugin),
     };
     let plugin = match loaded {

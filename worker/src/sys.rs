@@ -28,21 +28,6 @@ pub fn peak_rss_bytes() -> u64 {
     (ru.ru_maxrss.max(0) as u64) * 1024
 }
 
-/// Marks an inherited descriptor close-on-exec (so processes the plugin
-/// starts do not get it); fails if it is not open.
-pub fn keep_private(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFD/F_SETFD only read and set the descriptor's flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 unsafe extern "C" {
     /// C stdio's standard output stream (glibc and musl export it).
     static mut stdout: *mut libc::FILE;
@@ -54,9 +39,11 @@ unsafe extern "C" {
 /// the worker exited, and never if it crashed. Call before the plugin is
 /// loaded (before anything is written to the stream).
 pub fn line_buffer_stdout() {
-    // SAFETY: `stdout` is initialised by the C runtime before main; reading
-    // the pointer races with nothing (no other thread exists yet), and
-    // setvbuf with a NULL buffer lets stdio allocate its own.
+    // SAFETY: `stdout` is initialised by the C runtime before main and
+    // never reassigned by this program; no other thread uses C stdio (the
+    // only other one, reopening the log file, writes through Rust's std,
+    // not stdio; the plugin is not loaded yet), and setvbuf with a NULL
+    // buffer lets stdio allocate its own.
     unsafe {
         let out = std::ptr::addr_of!(stdout).read();
         if !out.is_null() {
