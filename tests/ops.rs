@@ -849,6 +849,32 @@ fn admin_and_metrics_edge_cases_are_answered() {
         ),
     );
     assert!(huge.starts_with("HTTP/1.1 431 "), "{huge}");
+    // A body is not the head: answered as the method and path say.
+    let body = "z".repeat(200 << 10);
+    let post = http(
+        mport,
+        &format!(
+            "POST /metrics HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(
+        post.starts_with("HTTP/1.1 405 "),
+        "{}",
+        &post[..post.len().min(200)]
+    );
+    let get = http(
+        mport,
+        &format!(
+            "GET /ping HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(
+        get.starts_with("HTTP/1.1 200 OK"),
+        "{}",
+        &get[..get.len().min(200)]
+    );
 
     // A reload whose client hangs up at once; the new worker takes 2 s.
     s.write_config(&(versioned(port, 1, "v2:", "", "") + "init_delay_ms = 2000\n"));
@@ -1052,6 +1078,11 @@ fn held_metrics_connections_cannot_take_the_masters_descriptors() {
     assert!(logged.is_some(), "{}", s.log());
     let during = fds(s.pid);
     assert!(during <= before + 16, "{before} -> {during} descriptors");
+    // A health check still gets in: a client silent for a second gives
+    // way to a new one.
+    std::thread::sleep(Duration::from_millis(1100));
+    let ping = http(mport, "GET /ping HTTP/1.1\r\n\r\n");
+    assert!(ping.starts_with("HTTP/1.1 200 OK"), "{ping:?}\n{}", s.log());
     // Supervision goes on: status answers, a killed worker is replaced.
     let worker = s.worker_pids();
     kill(worker[0], libc::SIGKILL);

@@ -43,6 +43,9 @@ pub(crate) const MAX_HTTP_CLIENTS: usize = 16;
 /// listeners are left alone (instead of being polled, readable, in a
 /// loop).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// A metrics client that has not sent its whole request after this long
+/// gives way to a new one when every place is taken.
+const IDLE_HTTP: Duration = Duration::from_secs(1);
 /// How often a refusal is logged at most.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -156,6 +159,8 @@ struct Conn {
     deadline: Instant,
     /// Linger once the answer is out (see `Phase::Lingering`).
     linger: bool,
+    /// When it was accepted.
+    since: Instant,
 }
 
 pub(crate) struct Admin {
@@ -276,13 +281,8 @@ impl Admin {
                     }
                 },
                 Phase::Writing => {
-                    if flush(c) {
-                        if c.linger && c.stream.shutdown_write() {
-                            c.phase = Phase::Lingering;
-                            c.deadline = Instant::now() + LINGER;
-                        } else {
-                            closed.push(c.id);
-                        }
+                    if flush(c) && answered(c) {
+                        closed.push(c.id);
                     }
                 }
                 Phase::Lingering => {
@@ -328,11 +328,24 @@ impl Admin {
             let mut room = MAX_HTTP_CLIENTS.saturating_sub(self.clients(true));
             loop {
                 match l.accept() {
-                    Ok((s, _)) if room > 0 && s.set_nonblocking(true).is_ok() => {
-                        room -= 1;
-                        accepted.push((Stream::Tcp(s), true));
+                    Ok((s, _)) => {
+                        // Full: a client done or idle gives way, so that
+                        // connections that send nothing cannot keep a
+                        // load balancer's /ping out for their 5 s.
+                        if room == 0
+                            && let Some(k) = idle_http_client(&self.conns)
+                        {
+                            self.conns.remove(k);
+                            self.refused += 1;
+                            room = 1;
+                        }
+                        if room > 0 && s.set_nonblocking(true).is_ok() {
+                            room -= 1;
+                            accepted.push((Stream::Tcp(s), true));
+                        } else {
+                            self.refused += 1;
+                        }
                     }
-                    Ok(_) => self.refused += 1,
                     Err(e) => {
                         out_of_fds |= is_out_of_fds(&e);
                         break;
@@ -355,7 +368,8 @@ impl Admin {
                 metrics_clients = self.clients(true),
                 out_of_fds,
                 "admin or metrics connections closed unanswered: at most {MAX_ADMIN_CLIENTS} admin and \
-                 {MAX_HTTP_CLIENTS} metrics clients are served at once, each for at most 5 s"
+                 {MAX_HTTP_CLIENTS} metrics clients are served at once, each for at most 5 s (a \
+                 metrics client silent for 1 s gives way to a new one)"
             );
             self.refused = 0;
             self.refused_logged = Some(Instant::now());
@@ -385,6 +399,7 @@ impl Admin {
             phase: Phase::Reading,
             deadline: Instant::now() + CLIENT_TIMEOUT,
             linger: false,
+            since: Instant::now(),
         });
     }
 
@@ -415,7 +430,7 @@ impl Admin {
         c.out_pos = 0;
         c.phase = Phase::Writing;
         c.deadline = Instant::now() + CLIENT_TIMEOUT;
-        if flush(c) {
+        if flush(c) && answered(c) {
             self.conns.remove(k);
         }
     }
@@ -488,6 +503,11 @@ fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+        // A whole request: what follows (a body) is not read, and not held
+        // against the limit.
+        if request_end(c).is_some() {
+            break;
+        }
         if c.inbuf.len() > MAX_REQUEST {
             // Said, not just dropped; then a lingering close.
             c.out = if c.http {
@@ -509,14 +529,7 @@ fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
         }
     }
     if c.http {
-        // The head ends at an empty line (CRLF, or bare LF as RFC 9112
-        // allows a recipient to accept).
-        let end = c
-            .inbuf
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .or_else(|| c.inbuf.windows(2).position(|w| w == b"\n\n"));
-        let Some(end) = end else {
+        let Some(end) = request_end(c) else {
             return Ok(None);
         };
         let head = String::from_utf8_lossy(&c.inbuf[..end]).into_owned();
@@ -564,12 +577,7 @@ fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
         c.phase = Phase::Writing;
         return Ok(None);
     }
-    let Some(end) = c
-        .inbuf
-        .iter()
-        .position(|&b| b == b'\n')
-        .or(eof.then_some(c.inbuf.len()))
-    else {
+    let Some(end) = request_end(c).or(eof.then_some(c.inbuf.len())) else {
         return Ok(None);
     };
     let line = String::from_utf8_lossy(&c.inbuf[..end]).into_owned();
@@ -615,6 +623,49 @@ fn is_out_of_fds(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// The metrics client to drop for a new one when all places are taken:
+/// the longest lingering one, else the oldest that has not sent a whole
+/// request within `IDLE_HTTP`.
+fn idle_http_client(conns: &[Conn]) -> Option<usize> {
+    let now = Instant::now();
+    let pick = |phase: Phase, min_age: Duration| {
+        conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.http && c.phase == phase && now - c.since >= min_age)
+            .min_by_key(|(_, c)| c.since)
+            .map(|(k, _)| k)
+    };
+    pick(Phase::Lingering, Duration::ZERO).or_else(|| pick(Phase::Reading, IDLE_HTTP))
+}
+
+/// The answer is out: true if the client can go now; false if it lingers
+/// first (see `Phase::Lingering`): an HTTP client may have sent more (a
+/// body) than was read, and closing then could reset the answer.
+fn answered(c: &mut Conn) -> bool {
+    if (c.linger || c.http) && c.stream.shutdown_write() {
+        c.phase = Phase::Lingering;
+        c.deadline = Instant::now() + LINGER;
+        false
+    } else {
+        true
+    }
+}
+
+/// Where the request in `c.inbuf` ends, if it is whole: an HTTP head at
+/// its empty line (CRLF, or bare LF as RFC 9112 allows a recipient to
+/// accept), an admin command at its newline.
+fn request_end(c: &Conn) -> Option<usize> {
+    if c.http {
+        c.inbuf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .or_else(|| c.inbuf.windows(2).position(|w| w == b"\n\n"))
+    } else {
+        c.inbuf.iter().position(|&b| b == b'\n')
+    }
 }
 
 /// Reads and drops what a lingering client sends; false once it closed
