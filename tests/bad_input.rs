@@ -783,7 +783,7 @@ fn the_master_raises_its_open_file_limit_for_its_pool() {
     s.wait_tree(17);
     let log = s.log();
     assert!(
-        log.contains("raised the open-file limit for the worker pool old=64 new=148"),
+        log.contains("raised the open-file limit for the worker pool old=64 new=150"),
         "{log}"
     );
     let st = s.status();

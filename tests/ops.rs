@@ -156,21 +156,22 @@ fn a_worker_backing_off_during_its_replacement_is_not_restarted_after() {
             port,
             1,
             prefix,
-            "restart_delay = \"5s\"\nrestart_delay_max = \"5s\"\n",
+            "restart_delay = \"10s\"\nrestart_delay_max = \"10s\"\n",
             "",
         ) + &format!("init_delay_ms = {init_ms}\n")
     };
     let mut s = Server::start(&text("v1:", 0), port);
     let old = s.worker_pids();
     assert_eq!(old.len(), 1);
-    // The replacement spends 1.5 s in init.
-    s.write_config(&text("v2:", 1500));
+    // The replacement spends 5 s in init (time enough, on a loaded
+    // machine, for the kills below).
+    s.write_config(&text("v2:", 5000));
     s.signal(libc::SIGHUP);
     wait_reloading(&s);
     // Meanwhile the old worker (slot 0) dies, and so does each restart
     // of it, in its init, until it waits out restart_delay.
     let mut kills = 0;
-    let backing_off = wait_for(Duration::from_millis(1200), || {
+    let backing_off = wait_for(Duration::from_millis(4500), || {
         let st = s.status();
         let w = st["groups"][0]["workers"]
             .as_array()?
@@ -187,6 +188,7 @@ fn a_worker_backing_off_during_its_replacement_is_not_restarted_after() {
         std::thread::sleep(Duration::from_millis(20));
         None
     });
+    let backed_off_at = std::time::Instant::now();
     assert!(
         backing_off.is_some(),
         "slot 0 never backed off after {kills} kills: {}\n{}",
@@ -198,7 +200,8 @@ fn a_worker_backing_off_during_its_replacement_is_not_restarted_after() {
     });
     assert_eq!(done.as_deref(), Some("ok"), "{}", s.log());
     // Past the restart delay: still one worker, the replacement.
-    std::thread::sleep(Duration::from_millis(5000));
+    let backoff_ends = backed_off_at + Duration::from_secs(11);
+    std::thread::sleep(backoff_ends.saturating_duration_since(std::time::Instant::now()));
     let st = settle(&mut s, 1);
     assert_eq!(st["groups"][0]["workers_running"], 1, "{st}");
     let mut c = s.client();
@@ -343,6 +346,41 @@ fn a_plugin_installed_with_mv_waits_for_the_reload() {
     let (code, out, _) = s.ctl(&["status"]);
     assert_eq!(code, Some(0));
     assert!(out.contains(", plugin echo 0.1.0)"), "{out}");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+/// Scaling down while workers are being recycled: a worker drained by the
+/// scale takes the replacement started for it along, so the group settles
+/// at its new size (the replacement used to become a worker of its own).
+#[test]
+fn a_scale_down_during_a_recycle_keeps_the_new_size() {
+    let port = free_port();
+    let text = versioned(port, 2, "", "max_requests = 2\n", "") + "init_delay_ms = 1500\n";
+    let mut s = Server::start(&text, port);
+    // Both workers pass max_requests (load on several connections reaches
+    // both); they are replaced one at a time, each replacement spending
+    // 1.5 s in init. Scale down while worker 1's runs: worker 1, the one
+    // a scale-down retires, is then the one being replaced.
+    let load = Load::start(s.addr, 8, 4, 16);
+    let recycling = wait_for(Duration::from_secs(20), || {
+        let st = s.status();
+        st["groups"][0]["workers"]
+            .as_array()?
+            .iter()
+            .any(|w| w["worker"] == 1 && w["state"] == "starting")
+            .then_some(())
+    });
+    load.finish();
+    assert!(recycling.is_some(), "{}\n{}", s.status(), s.log());
+    let (code, out, err) = s.ctl(&["scale", "game", "1"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // Past the replacements' init, and then some.
+    std::thread::sleep(Duration::from_millis(2500));
+    let st = settle(&mut s, 1);
+    assert_eq!(st["groups"][0]["workers_running"], 1, "{st}");
+    let mut c = s.client();
+    assert_eq!(c.call(99, 1, b"y").unwrap().code, status::OK);
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }

@@ -218,6 +218,10 @@ pub(crate) struct SlotRec {
     pub(crate) retiring: bool,
     /// The proxy was told to stop giving it requests.
     pub(crate) draining: bool,
+    /// Drained because its group is smaller now (`scale`, a dynamic pool,
+    /// a reload or rollback): a replacement started for it (a recycle, a
+    /// reload) is not wanted either. Until the slot is used again.
+    scaled_away: bool,
     /// Why the current worker will end, when the master decided it.
     end_cause: Option<Cause>,
     /// Starts in a row that failed (see `on_child_exit`).
@@ -785,6 +789,7 @@ impl Master {
             life: Life::Spare,
             replaces: None,
             retiring: false,
+            scaled_away: false,
             draining: false,
             end_cause: None,
             failures: 0,
@@ -1055,6 +1060,7 @@ impl Master {
         s.replaces = replaces;
         s.retiring = false;
         s.draining = false;
+        s.scaled_away = false;
         s.end_cause = None;
         s.ready = false;
         s.generation = generation;
@@ -1093,6 +1099,7 @@ impl Master {
     /// it holds none.
     fn drain(&mut self, i: usize, cause: Cause) {
         let s = &mut self.slots[i];
+        s.scaled_away |= cause == Cause::Scale;
         match s.life {
             Life::Running { .. } => {
                 s.draining = true;
@@ -1956,6 +1963,22 @@ impl Master {
         let Life::Resetting { next } = self.slots[i].life else {
             return;
         };
+        if next == Restart::Never {
+            // Gone for good: a replacement still starting for it takes
+            // over as a worker of its own, unless its group no longer
+            // wants this one; either way it no longer points here (the
+            // slot may be used again).
+            let scaled_away = self.slots[i].scaled_away;
+            let heirs: Vec<usize> = (0..self.slots.len())
+                .filter(|&r| self.slots[r].replaces == Some(i))
+                .collect();
+            for r in heirs {
+                self.slots[r].replaces = None;
+                if scaled_away {
+                    self.drain(r, Cause::Scale);
+                }
+            }
+        }
         let s = &mut self.slots[i];
         s.replaces = None;
         s.retiring = false;
@@ -2049,7 +2072,11 @@ impl Master {
         if let Some(old) = s.replaces.take() {
             let restarts = self.slots.get(old).map_or(0, |o| o.restarts);
             self.slots[i].restarts = restarts;
-            if old < self.slots.len() {
+            if self.slots.get(old).is_some_and(|o| o.scaled_away) {
+                // It replaces a worker its group no longer wants: it goes
+                // too (the proxy drains the old one itself).
+                self.drain(i, Cause::Scale);
+            } else if old < self.slots.len() {
                 // Died and restarted since `replace` named the cause: the
                 // replacements that are not a recycle are a reload's.
                 let cause = self.slots[old].end_cause.unwrap_or(Cause::Reload);
