@@ -532,6 +532,44 @@ fn clients_that_never_read_cannot_grow_the_proxy() {
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
 }
 
+/// A client that reads its replies slowly but steadily (100 KB/s, far
+/// slower than the proxy writes, so the kernel's send buffer stays full
+/// and the proxy's own sends see no progress for seconds) is not taken
+/// for one that reads nothing: the send queue shrinking counts.
+#[test]
+fn a_slow_but_steady_reader_is_not_cut_off() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 1, "idle_timeout = \"2s\""), port);
+    let mut t = TcpStream::connect(s.addr).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = t.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let writer = thread::spawn(move || {
+        let mut batch = Vec::new();
+        for id in 0..200u64 {
+            halfsync_protocol::write_frame(&mut batch, id, 1, &[7u8; 64 << 10]);
+        }
+        let _ = w.write_all(&batch);
+        w
+    });
+    // 10 KB every 100 ms for 6 s: three idle_timeouts.
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 10_000];
+    while started.elapsed() < Duration::from_secs(6) {
+        let n = t
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("cut off after {got} bytes, {:?}: {e}", started.elapsed()));
+        assert!(n > 0, "closed after {got} bytes, {:?}", started.elapsed());
+        got += n;
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(got > 300_000, "read {got} bytes");
+    drop(t);
+    let _ = writer.join();
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+}
+
 /// Out of file descriptors, the proxy accepts and closes new connections
 /// at once (counted, logged at most once a second) instead of spinning on
 /// the listener or leaving clients hanging, and keeps serving the ones it

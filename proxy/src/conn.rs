@@ -47,9 +47,14 @@ pub(crate) struct Conn {
     pub(crate) inflight_bytes: u64,
     pub(crate) last_active_ns: u64,
     /// Since when its replies wait for a peer that does not read them (a
-    /// send made no progress since then); 0 while it reads. Past
-    /// `idle_timeout` the connection is closed.
+    /// send made no progress since then, and nothing left the kernel's
+    /// send queue); 0 while it reads. Past `idle_timeout` the connection
+    /// is closed.
     pub(crate) stalled_since_ns: u64,
+    /// The kernel's unacknowledged bytes at the last look (see
+    /// `Proxy::run_timers`): a reader slower than our sends shows its
+    /// progress there, as the queue shrinks between our sends.
+    pub(crate) unacked: u32,
     /// What epoll watches for this connection.
     pub(crate) interest: u32,
     /// The peer finished sending.

@@ -767,6 +767,7 @@ impl Proxy {
                         inflight_bytes: 0,
                         last_active_ns: self.now_ns,
                         stalled_since_ns: 0,
+                        unacked: 0,
                         interest: READ,
                         eof: false,
                         closing: false,
@@ -1226,9 +1227,23 @@ impl Proxy {
         // A full scan once a second; a timer wheel is not needed so far.
         let mut stalled = 0u64;
         for i in 0..self.conns.slab.len() {
-            let Some(Some(c)) = self.conns.slab.get(i) else {
+            let Some(Some(c)) = self.conns.slab.get_mut(i) else {
                 continue;
             };
+            if c.stalled_since_ns != 0 && c.has_output() {
+                // Progress our sends cannot see: the peer reads, slower
+                // than a third of the send buffer per idle_timeout (what
+                // EPOLLOUT waits for), and the kernel's queue shrinks.
+                if let Some(q) = sys::unacked_bytes(c.stream.as_raw_fd())
+                    && q != c.unacked
+                {
+                    if q < c.unacked {
+                        c.stalled_since_ns = self.now_ns;
+                    }
+                    c.unacked = q;
+                }
+            }
+            let c = &*c;
             if c.inflight == 0
                 && !c.has_output()
                 && self.now_ns.saturating_sub(c.last_active_ns) > idle

@@ -164,6 +164,16 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     syscall!(send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)).map(|n| n as usize)
 }
 
+/// Bytes sent on a TCP socket and not yet acknowledged by the peer
+/// (`SIOCOUTQ`); `None` if the kernel does not say.
+pub fn unacked_bytes(fd: RawFd) -> Option<u32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which
+    // points to a live local.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    (rc == 0 && n >= 0).then_some(n as u32)
+}
+
 /// Reads from a socket.
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     syscall!(recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0)).map(|n| n as usize)
