@@ -161,6 +161,10 @@ struct Conn {
     linger: bool,
     /// When it was accepted.
     since: Instant,
+    /// How much of `inbuf` is known not to hold the end of the request
+    /// (so a client sending a byte at a time costs a scan of what is new,
+    /// not of all it sent).
+    scanned: usize,
 }
 
 pub(crate) struct Admin {
@@ -400,6 +404,7 @@ impl Admin {
             deadline: Instant::now() + CLIENT_TIMEOUT,
             linger: false,
             since: Instant::now(),
+            scanned: 0,
         });
     }
 
@@ -657,15 +662,21 @@ fn answered(c: &mut Conn) -> bool {
 /// Where the request in `c.inbuf` ends, if it is whole: an HTTP head at
 /// its empty line (CRLF, or bare LF as RFC 9112 allows a recipient to
 /// accept), an admin command at its newline.
-fn request_end(c: &Conn) -> Option<usize> {
-    if c.http {
-        c.inbuf
-            .windows(4)
+fn request_end(c: &mut Conn) -> Option<usize> {
+    // A terminator may straddle what was scanned and what is new.
+    let from = c.scanned.saturating_sub(3).min(c.inbuf.len());
+    let new = &c.inbuf[from..];
+    let end = if c.http {
+        new.windows(4)
             .position(|w| w == b"\r\n\r\n")
-            .or_else(|| c.inbuf.windows(2).position(|w| w == b"\n\n"))
+            .or_else(|| new.windows(2).position(|w| w == b"\n\n"))
     } else {
-        c.inbuf.iter().position(|&b| b == b'\n')
+        new.iter().position(|&b| b == b'\n')
+    };
+    if end.is_none() {
+        c.scanned = c.inbuf.len();
     }
+    end.map(|e| from + e)
 }
 
 /// Reads and drops what a lingering client sends; false once it closed
