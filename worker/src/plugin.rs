@@ -56,6 +56,18 @@ pub enum LoadError {
         /// The plugin path as configured.
         path: PathBuf,
     },
+    /// Something that is not a regular file is at the path (a FIFO, which
+    /// dlopen would block on, a directory, a device).
+    #[error(
+        "plugin {}: not a regular file ({kind}); point `plugin` at the .so file",
+        path.display()
+    )]
+    NotAFile {
+        /// The plugin path as configured.
+        path: PathBuf,
+        /// What is there instead.
+        kind: &'static str,
+    },
     /// The file exists but cannot be examined.
     #[error("plugin {}: cannot read: {source}; check the path and its permissions", path.display())]
     Unreadable {
@@ -146,6 +158,7 @@ impl LoadError {
     pub fn path(&self) -> &Path {
         match self {
             LoadError::NotFound { path }
+            | LoadError::NotAFile { path, .. }
             | LoadError::Unreadable { path, .. }
             | LoadError::Open { path, .. }
             | LoadError::NoEntry { path, .. }
@@ -273,6 +286,23 @@ impl Plugin {
     /// which is why only workers (and `check` in a child) load plugins.
     pub fn load(path: &Path) -> Result<Plugin, LoadError> {
         match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => {
+                use std::os::unix::fs::FileTypeExt;
+                let t = m.file_type();
+                let kind = if t.is_dir() {
+                    "a directory"
+                } else if t.is_fifo() {
+                    "a FIFO"
+                } else if t.is_socket() {
+                    "a socket"
+                } else {
+                    "a device"
+                };
+                return Err(LoadError::NotAFile {
+                    path: path.to_path_buf(),
+                    kind,
+                });
+            }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(LoadError::NotFound {

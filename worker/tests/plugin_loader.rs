@@ -410,3 +410,31 @@ fn plugin_logs_go_to_tracing_with_the_plugin_name() {
         ]
     );
 }
+
+/// Something other than a regular file at the plugin path is refused at
+/// once, by kind: a FIFO would block dlopen until `init_timeout`.
+#[test]
+fn not_a_regular_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("libfifo.so");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let started = std::time::Instant::now();
+    let e = load_err(&fifo);
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin {}: not a regular file (a FIFO); point `plugin` at the .so file",
+            fifo.display()
+        )
+    );
+    let e = load_err(dir.path());
+    assert!(
+        e.to_string().contains("not a regular file (a directory)"),
+        "{e}"
+    );
+}
