@@ -1560,7 +1560,17 @@ fn a_worker_that_will_not_drain_is_killed_after_drain_timeout() {
     assert_eq!(code, Some(0), "{out}");
     let r = slow.recv().unwrap();
     assert_eq!((r.id, r.code), (1, status::TIMEOUT));
-    assert!(s.log().contains("drain_timeout"), "{}", s.log());
+    assert_eq!(
+        String::from_utf8_lossy(&r.payload),
+        "the request ran past drain_timeout while its worker was being replaced; the worker \
+         was killed"
+    );
+    let logged = wait_for(Duration::from_secs(10), || {
+        s.log()
+            .contains("after its request ran past drain_timeout while it was being replaced")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", s.log());
     let mut c = s.client();
     assert_eq!(c.call(2, 1, b"x").unwrap().payload, b"v2:x");
     settle(&mut s, 1);

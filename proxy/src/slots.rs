@@ -164,8 +164,9 @@ pub(crate) struct WorkerSlot {
     /// The control block is corrupt: its account of the running request
     /// cannot be trusted.
     control_corrupt: bool,
-    /// The request (ring position) killed for running too long.
-    timed_out: Option<u64>,
+    /// The request (ring position) killed for running too long, and what
+    /// its client is told.
+    timed_out: Option<(u64, &'static [u8])>,
     /// The request (ring position) already logged as slow.
     slow_logged: Option<u64>,
 }
@@ -298,6 +299,12 @@ struct Overload {
     warned_ns: Option<u64>,
 }
 
+/// What a request killed with its worker for running too long is told.
+const PAST_REQUEST_TIMEOUT: &[u8] = b"the request ran past request_timeout; its worker was killed";
+/// The same, for a worker being replaced or retired (drain_timeout).
+const PAST_DRAIN_TIMEOUT: &[u8] =
+    b"the request ran past drain_timeout while its worker was being replaced; the worker was killed";
+
 /// At most one overload warning per group this often.
 const OVERLOAD_WARN_EVERY_NS: u64 = 10_000 * NS_PER_MS;
 
@@ -420,7 +427,9 @@ impl Group {
 enum Action {
     None,
     Ready(i32),
-    Kill(KillReason, String, Option<u64>),
+    /// Kill the worker; the request it runs (ring position), if any, gets
+    /// TIMEOUT with this message.
+    Kill(KillReason, String, Option<(u64, &'static [u8])>),
     ControlCorrupt(String),
     Slow(u64, u64, u16, u64),
     Retire(i32),
@@ -1108,7 +1117,11 @@ impl Proxy {
                                 ran / NS_PER_MS
                             );
                             return (
-                                Action::Kill(KillReason::RequestTimeout, why, Some(b.pos)),
+                                Action::Kill(
+                                    KillReason::RequestTimeout,
+                                    why,
+                                    Some((b.pos, PAST_REQUEST_TIMEOUT)),
+                                ),
                                 None,
                             );
                         }
@@ -1136,7 +1149,7 @@ impl Proxy {
                                 Action::Kill(
                                     KillReason::RequestTimeout,
                                     why,
-                                    ctl.busy().map(|b| b.pos),
+                                    ctl.busy().map(|b| (b.pos, PAST_DRAIN_TIMEOUT)),
                                 ),
                                 None,
                             );
@@ -1349,8 +1362,8 @@ impl Proxy {
         let mut requeue = Vec::new();
         let mut failed = Vec::new();
         for p in &pending {
-            let started =
-                started_upto.is_some_and(|b| p.pos <= b) || timed_out.is_some_and(|t| p.pos <= t);
+            let started = started_upto.is_some_and(|b| p.pos <= b)
+                || timed_out.is_some_and(|(t, _)| p.pos <= t);
             if !started && reader.is_none() {
                 reader = Consumer::attach_at(requests.clone(), p.pos).ok();
             }
@@ -1383,13 +1396,8 @@ impl Proxy {
         let name = self.groups[group].name.clone();
 
         for p in &failed {
-            if timed_out.is_some_and(|t| t == p.pos) {
-                self.answer(
-                    &p.req,
-                    status::TIMEOUT,
-                    b"the request ran past request_timeout; its worker was killed",
-                    Scope::Slot(si, group),
-                );
+            if let Some((_, msg)) = timed_out.filter(|&(t, _)| t == p.pos) {
+                self.answer(&p.req, status::TIMEOUT, msg, Scope::Slot(si, group));
             } else {
                 self.answer(
                     &p.req,

@@ -1904,6 +1904,9 @@ impl Master {
             // When the master killed it, why (a SIGKILL alone reads like
             // the OOM killer's).
             let why = match cause {
+                Cause::Timeout if s.draining => {
+                    " after its request ran past drain_timeout while it was being replaced"
+                }
                 Cause::Timeout => " after its request ran past request_timeout",
                 Cause::InitTimeout => " after its plugin's init ran past init_timeout",
                 Cause::Corrupt => " after it broke the shared-memory protocol",
