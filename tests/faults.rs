@@ -1087,6 +1087,12 @@ fn a_plugin_file_overwritten_in_place_is_named_as_the_cause() {
     });
     assert!(said.is_some(), "{}", s.log());
     assert!(s.log().contains("libecho_copy.so"), "{}", s.log());
+    let st = s.status();
+    assert_eq!(
+        st["groups"][0]["plugin_version"],
+        "echo 0.1.0 (file rewritten in place since it was loaded)",
+        "{st}"
+    );
     s.stop(Duration::from_secs(30));
     s.assert_clean();
 }

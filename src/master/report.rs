@@ -178,7 +178,13 @@ pub(crate) fn status(m: &Master) -> String {
             "plugin": g.plugin.path.display().to_string(),
             // Name and version from the plugin's table, as loaded at start
             // or by the last reload that applied to the group.
-            "plugin_version": g.plugin_version,
+            // Noted when its file was rewritten in place since (`cp`): workers
+            // started since run the rewritten file, untested.
+            "plugin_version": if g.plugin.changed_in_place() {
+                format!("{} (file rewritten in place since it was loaded)", g.plugin_version)
+            } else {
+                g.plugin_version.clone()
+            },
             "generation": g.generation,
             "pool": if g.config.pool == halfsync_config::Pool::Dynamic { "dynamic" } else { "static" },
             "workers_target": g.config.workers,
