@@ -385,6 +385,32 @@ fn a_scale_down_during_a_recycle_keeps_the_new_size() {
     s.assert_clean();
 }
 
+/// `scale` during a reload is refused (a rollback would undo it silently,
+/// and the reload's sizes apply anyway), and works once it has ended.
+#[test]
+fn scale_is_refused_while_a_reload_runs() {
+    let port = free_port();
+    let text = |prefix: &str, init: u32| {
+        versioned(port, 1, prefix, "", "") + &format!("init_delay_ms = {init}\n")
+    };
+    let mut s = Server::start(&text("v1:", 0), port);
+    s.write_config(&text("v2:", 1500));
+    s.signal(libc::SIGHUP);
+    wait_reloading(&s);
+    let (code, out, err) = s.ctl(&["scale", "game", "3"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("a reload is in progress"), "{err}");
+    let done = wait_for(Duration::from_secs(20), || {
+        s.status()["reloads"]["last"].as_str().map(str::to_owned)
+    });
+    assert_eq!(done.as_deref(), Some("ok"), "{}", s.log());
+    let (code, out, err) = s.ctl(&["scale", "game", "2"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    settle(&mut s, 2);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A worker asked to exit that does not (here: stopped with SIGSTOP, as a
 /// debugger or a stuck `fini` would leave it) is killed drain_timeout
 /// later, not left "exiting" for ever beside its group's new size.

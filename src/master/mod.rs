@@ -1293,6 +1293,14 @@ impl Master {
         if self.stopping.is_some() {
             return Err("halfsync is stopping".into());
         }
+        // A rollback would undo it (it restores the group's previous
+        // settings), and the reload's own sizes apply anyway.
+        if self.reload.is_some() || self.probing.is_some() {
+            return Err(
+                "a reload is in progress; scale once it has ended (halfsync status shows it)"
+                    .into(),
+            );
+        }
         let group = &mut self.groups[g].config;
         let before = group.workers;
         group.workers = n;
