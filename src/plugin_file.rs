@@ -65,6 +65,14 @@ impl PluginFile {
         PluginFile { path, file }
     }
 
+    /// The same path, no longer held open.
+    pub fn closed(&self) -> PluginFile {
+        PluginFile {
+            path: self.path.clone(),
+            file: None,
+        }
+    }
+
     /// The descriptor to load the plugin from, if the file was opened.
     pub fn fd(&self) -> Option<RawFd> {
         self.file.as_ref().map(|(f, _)| f.as_raw_fd())

@@ -654,6 +654,80 @@ fn reload_changes_listeners_and_groups() {
     s.assert_clean();
 }
 
+/// Reloads that add a group and remove it again, many times: the removed
+/// group's slots (shared memory, eventfds) are given to the next group
+/// that needs one, so the master's descriptors stay flat, and the
+/// re-added group counts afresh (it used to leak 2 descriptors per
+/// worker per cycle, in the master and the proxy, up to the proxy's slot
+/// limit, past which a reload "succeeded" with workers nobody served).
+#[test]
+fn groups_added_and_removed_again_and_again_leak_no_slots() {
+    let port = free_port();
+    let mport = free_port();
+    let base = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n[[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n",
+        halfsync_testkit::echo_plugin().display()
+    );
+    let with = |n: usize| {
+        format!(
+            "{base}commands = [1]\n\n[[group]]\nname = \"extra{n}\"\nplugin = \"{}\"\nworkers = 2\ncommands = [7]\n",
+            halfsync_testkit::echo_plugin().display()
+        )
+    };
+    let mut s = Server::start(&base, port);
+    let fds = |pid: i32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let proxy = s.pids_titled("halfsync: proxy")[0];
+    let mut c = s.client();
+    let mut after_first = None;
+    for n in 0..8 {
+        // Every other cycle the same name again (a new id each time).
+        s.write_config(&with(n % 2));
+        let (code, out) = reload(&s);
+        assert_eq!(code, Some(0), "cycle {n}: {out}");
+        assert_eq!(c.call(n as u64, 7, b"x").unwrap().payload, b"x");
+        let text = scrape(mport);
+        let series = format!(
+            "halfsync_requests_total{{group=\"extra{}\",status=\"OK\"}}",
+            n % 2
+        );
+        assert_eq!(metric(&text, &series), 1, "cycle {n}:\n{text}");
+        s.write_config(&base);
+        let (code, out) = reload(&s);
+        assert_eq!(code, Some(0), "cycle {n}: {out}");
+        settle(&mut s, 1);
+        // (Bounded: the removed workers are reaped a moment after they
+        // are gone from the process list.)
+        let now = match after_first {
+            None => {
+                std::thread::sleep(Duration::from_millis(500));
+                (fds(s.pid), fds(proxy))
+            }
+            Some((m, p)) => wait_for(Duration::from_secs(5), || {
+                let now = (fds(s.pid), fds(proxy));
+                (now.0 <= m + 2 && now.1 <= p + 2).then_some(now)
+            })
+            .unwrap_or((fds(s.pid), fds(proxy))),
+        };
+        match after_first {
+            None => after_first = Some(now),
+            Some((m, p)) => assert!(
+                now.0 <= m + 2 && now.1 <= p + 2,
+                "cycle {n}: master {m} -> {}, proxy {p} -> {} descriptors: {:?}",
+                now.0,
+                now.1,
+                std::fs::read_dir(format!("/proc/{}/fd", s.pid))
+                    .map(|d| d
+                        .flatten()
+                        .filter_map(|e| std::fs::read_link(e.path()).ok())
+                        .collect::<Vec<_>>())
+                    .unwrap_or_default()
+            ),
+        }
+    }
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 #[test]
 fn scale_up_and_down_under_load() {
     let port = free_port();

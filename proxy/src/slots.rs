@@ -599,6 +599,13 @@ impl Proxy {
             timed_out: None,
             slow_logged: None,
         });
+        // A slot the master gave to another group (one of a removed group,
+        // reused) leaves its old group's list.
+        for (g, other) in self.groups.iter_mut().enumerate() {
+            if g != group {
+                other.slots.retain(|&x| x != si);
+            }
+        }
         if !self.groups[group].slots.contains(&si) {
             self.groups[group].slots.push(si);
         }

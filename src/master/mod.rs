@@ -34,7 +34,7 @@ use halfsync_proxy::ProxySpec;
 use halfsync_proxy::control::{
     Channel, KillReason, Received, Restart, ToMaster, ToProxy, describe_exit,
 };
-use halfsync_proxy::stats::Stats;
+use halfsync_proxy::stats::{STATUSES, Stats};
 use halfsync_shm::{Slot, WorkerState, sys as shm_sys};
 
 use crate::plugin_file::PluginFile;
@@ -170,6 +170,9 @@ pub(crate) struct GroupRec {
     /// pool short (doubles while it stays short, see
     /// [`POOL_MAX_SPAWN_RATE`]).
     spawn_rate: u32,
+    /// Replies counted in slots that went to another group since (see
+    /// `Master::rehome`): still this group's.
+    moved_replies: [u64; STATUSES],
 }
 
 impl GroupRec {
@@ -190,6 +193,7 @@ impl GroupRec {
             ended_cpu: sys::CpuTime::default(),
             idle_checks: 0,
             spawn_rate: 1,
+            moved_replies: [0; STATUSES],
         }
     }
 }
@@ -243,6 +247,10 @@ pub(crate) struct SlotRec {
     pub(crate) generation: u64,
     /// The plugin file the running worker was started with.
     plugin_file: Option<Rc<PluginFile>>,
+    /// The slot's counters (in the proxy's stats page) when it went to its
+    /// group: what its earlier groups' workers did (see `Master::rehome`).
+    base_replies: [u64; STATUSES],
+    base_dispatched: u64,
 }
 
 /// A worker's stdout and stderr (one pipe), read by the master and logged
@@ -761,12 +769,26 @@ impl Master {
         for s in &self.stats {
             g.add(&s.group(id));
         }
+        if let Some(r) = self.groups.get(id) {
+            g.replies
+                .iter_mut()
+                .zip(&r.moved_replies)
+                .for_each(|(a, b)| *a += b);
+        }
         g
     }
 
-    /// A slot's counters, from the page of the proxy that serves it.
+    /// A slot's counters since it went to its group, from the page of the
+    /// proxy that serves it.
     pub(crate) fn slot_stats(&self, i: usize) -> halfsync_proxy::stats::SlotSnapshot {
-        self.stats[self.slots[i].proxy].slot(i)
+        let s = &self.slots[i];
+        let mut snap = self.stats[s.proxy].slot(i);
+        snap.dispatched = snap.dispatched.saturating_sub(s.base_dispatched);
+        snap.replies
+            .iter_mut()
+            .zip(&s.base_replies)
+            .for_each(|(a, b)| *a = a.saturating_sub(*b));
+        snap
     }
 
     // ---- slots and workers ----
@@ -774,6 +796,13 @@ impl Master {
     /// Creates a slot for group `g` and hands it to the proxy.
     fn new_slot(&mut self, g: usize, label: u32, proxy: usize) -> Result<usize> {
         let name = &self.groups[g].config.name;
+        if self.slots.len() >= halfsync_proxy::stats::MAX_SLOTS {
+            anyhow::bail!(
+                "cannot start worker {name} {label}: all {} worker slots are in use (workers, \
+                 their replacements and spares of every group); use fewer workers",
+                halfsync_proxy::stats::MAX_SLOTS
+            );
+        }
         let slot = Slot::create(
             &format!("halfsync-{name}-{label}"),
             self.config.server.ring_size as usize,
@@ -800,6 +829,8 @@ impl Master {
             last_failure: None,
             plugin_file: None,
             generation: 0,
+            base_replies: [0; STATUSES],
+            base_dispatched: 0,
         });
         let i = self.slots.len() - 1;
         self.send_slot(i);
@@ -827,8 +858,62 @@ impl Master {
                 s.failures = 0;
                 Ok(i)
             }
-            None => self.new_slot(g, label, proxy),
+            None => match self.reclaimable_slot(proxy) {
+                Some(i) => self.rehome(i, g, label),
+                None => self.new_slot(g, label, proxy),
+            },
         }
+    }
+
+    /// A spare slot of proxy `proxy` that no group will use again: its
+    /// group was removed by a reload.
+    fn reclaimable_slot(&self, proxy: usize) -> Option<usize> {
+        (0..self.slots.len()).find(|&i| {
+            let s = &self.slots[i];
+            s.proxy == proxy
+                && s.life == Life::Spare
+                && self.groups[s.group].retired
+                && !self.slots.iter().any(|r| r.replaces == Some(i))
+        })
+    }
+
+    /// Gives spare slot `i` (of a removed group) to group `g`: new rings
+    /// of the configured size, a new eventfd, handed to the proxy again
+    /// under the same index. Its counters so far stay its old group's.
+    /// (Without this, every reload that removed a group left its slots
+    /// behind for good.)
+    fn rehome(&mut self, i: usize, g: usize, label: u32) -> Result<usize> {
+        let name = &self.groups[g].config.name;
+        let slot = Slot::create(
+            &format!("halfsync-{name}-{label}"),
+            self.config.server.ring_size as usize,
+        )
+        .with_context(|| format!("creating shared memory for worker {name} {label}"))?;
+        let eventfd = shm_sys::eventfd().context("eventfd")?;
+        let net = self.slot_stats(i);
+        let raw = self.stats[self.slots[i].proxy].slot(i);
+        let old = self.slots[i].group;
+        let moved = &mut self.groups[old].moved_replies;
+        moved
+            .iter_mut()
+            .zip(&net.replies)
+            .for_each(|(a, b)| *a += b);
+        let s = &mut self.slots[i];
+        s.group = g;
+        s.label = label;
+        s.slot = slot;
+        s.eventfd = eventfd;
+        s.base_replies = raw.replies;
+        s.base_dispatched = raw.dispatched;
+        s.restarts = 0;
+        s.failures = 0;
+        s.ever_ready = false;
+        s.last_exit = None;
+        s.last_failure = None;
+        s.end_cause = None;
+        s.generation = 0;
+        self.send_slot(i);
+        Ok(i)
     }
 
     /// Starts one more worker in group `g`, with the lowest free label.
@@ -1332,6 +1417,21 @@ impl Master {
     /// idle; while requests wait 1, 2, 4, ... at checks in a row, less
     /// those still starting, see [`POOL_MAX_SPAWN_RATE`]); one fewer when
     /// too many stayed idle for a few checks.
+    /// Closes the plugin files of removed groups once none of their
+    /// workers runs (each reload that removed a group kept one open).
+    fn release_removed_plugins(&mut self) {
+        for g in 0..self.groups.len() {
+            let r = &self.groups[g];
+            if r.retired
+                && r.plugin.fd().is_some()
+                && !self.slots.iter().any(|s| s.group == g && s.pid().is_some())
+            {
+                let closed = r.plugin.closed();
+                self.groups[g].plugin = Rc::new(closed);
+            }
+        }
+    }
+
     fn check_pools(&mut self) {
         for g in 0..self.groups.len() {
             let c = &self.groups[g].config;
@@ -1815,7 +1915,9 @@ impl Master {
         loop {
             match sys::reap() {
                 Ok(Some((pid, how, cpu))) => self.on_child_exit(pid, how, cpu),
-                Ok(None) => return,
+                Ok(None) => {
+                    return;
+                }
                 Err(e) => {
                     error!("waitpid: {e}");
                     return;
@@ -1938,6 +2040,8 @@ impl Master {
             }
         }
         s.life = Life::Resetting { next };
+        // Its plugin file is no longer held for it.
+        s.plugin_file = None;
         s.last_exit = Some(how);
         s.last_failure = s.slot.failure().or_else(|| {
             (cause == Cause::InitTimeout).then(|| {
@@ -2171,6 +2275,7 @@ impl Master {
             if self.stopping.is_none() && !self.starting {
                 self.check_pools();
             }
+            self.release_removed_plugins();
         }
     }
 

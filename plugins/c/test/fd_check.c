@@ -4,6 +4,8 @@
  * plugin starts must not get those (test
  * bad_config::plugins_cannot_pass_on_the_plugin_files_descriptors).
  */
+#define _POSIX_C_SOURCE 200809L
+
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
