@@ -1162,6 +1162,43 @@ fn http(port: u16, request: &str) -> String {
     s
 }
 
+/// `/ping` notices a proxy that stopped running its loop (SIGSTOP, as a
+/// debugger would leave it): 503 while it is stopped, 200 once it runs.
+#[test]
+fn ping_fails_while_the_proxy_is_stopped() {
+    let port = free_port();
+    let mport = free_port();
+    let text = versioned(
+        port,
+        1,
+        "",
+        "",
+        &format!("metrics_listen = \"127.0.0.1:{mport}\""),
+    );
+    let mut s = Server::start(&text, port);
+    let proxy = s.pids_titled("halfsync: proxy")[0];
+    // Its first heartbeat within a second of starting.
+    std::thread::sleep(Duration::from_millis(1200));
+    kill(proxy, libc::SIGSTOP);
+    let down = wait_for(Duration::from_secs(15), || {
+        let a = http(mport, "GET /ping HTTP/1.1\r\n\r\n");
+        a.starts_with("HTTP/1.1 503 ").then_some(a)
+    });
+    kill(proxy, libc::SIGCONT);
+    let down = down.unwrap_or_else(|| panic!("ping never said 503\n{}", s.log()));
+    assert!(
+        down.contains("not serving: proxy 0 has not run its loop for"),
+        "{down}"
+    );
+    let up = wait_for(Duration::from_secs(10), || {
+        let a = http(mport, "GET /ping HTTP/1.1\r\n\r\n");
+        a.starts_with("HTTP/1.1 200 OK").then_some(())
+    });
+    assert!(up.is_some(), "{}", s.log());
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// The metrics listener answers HEAD like GET without the body, refuses
 /// other methods with 405, and `/ping` is a health check: 200 `pong` while
 /// every group has a worker ready, 503 and the reason while one has none

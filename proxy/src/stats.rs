@@ -71,6 +71,8 @@ struct GlobalStats {
     accepted: AtomicU64,
     refused: AtomicU64,
     replies: [AtomicU64; STATUSES],
+    /// CLOCK_MONOTONIC ns of the proxy loop's latest once-a-second turn.
+    heartbeat_ns: AtomicU64,
 }
 
 #[repr(C)]
@@ -342,6 +344,21 @@ impl Stats {
             .global
             .connections
             .store(open as u64, Ordering::Relaxed);
+    }
+
+    /// The proxy's loop is turning (called about once a second, at
+    /// `now_ns` by CLOCK_MONOTONIC).
+    pub fn heartbeat(&self, now_ns: u64) {
+        self.page()
+            .global
+            .heartbeat_ns
+            .store(now_ns, Ordering::Relaxed);
+    }
+
+    /// When the proxy's loop last said it turns ([`Stats::heartbeat`];
+    /// 0 before the first time).
+    pub fn last_heartbeat_ns(&self) -> u64 {
+        self.page().global.heartbeat_ns.load(Ordering::Relaxed)
     }
 
     /// A connection was accepted.

@@ -60,6 +60,9 @@ const FAILED_STARTS_BEFORE_BACKOFF: u32 = 5;
 /// How often dynamic pools are resized, and how many checks in a row a
 /// pool must have too many idle workers before one is retired.
 const POOL_CHECK: Duration = Duration::from_secs(1);
+/// A proxy whose loop has not turned for this long fails the health
+/// check (it turns at least once a second).
+const PROXY_SILENT_NS: u64 = 5_000_000_000;
 const POOL_SHRINK_AFTER: u32 = 3;
 
 /// A growing dynamic pool starts one worker at its first check, then
@@ -1656,6 +1659,18 @@ impl Master {
         }
         if let Some(p) = self.proxies.iter().position(Option::is_none) {
             return Some(format!("proxy {p} is restarting"));
+        }
+        // A proxy's loop turns at least once a second; one that has not
+        // for this long is stopped (SIGSTOP, a debugger) or stuck.
+        let now = shm_sys::monotonic_ns();
+        for (p, stats) in self.stats.iter().enumerate() {
+            let beat = stats.last_heartbeat_ns();
+            if beat != 0 && now.saturating_sub(beat) > PROXY_SILENT_NS {
+                return Some(format!(
+                    "proxy {p} has not run its loop for {} s (stopped or stuck)",
+                    now.saturating_sub(beat) / 1_000_000_000
+                ));
+            }
         }
         if self.inline {
             return None;
