@@ -52,7 +52,8 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
     }
     if answer.is_empty() {
         bail!(
-            "{} closed the connection without answering",
+            "{} closed the connection without answering (a master serves 16 admin clients at \
+             once and closes the rest: try again)",
             socket.display()
         );
     }
