@@ -29,8 +29,14 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
         )
     })?;
     s.set_read_timeout(Some(timeout))?;
-    s.write_all(line.as_bytes())?;
-    s.write_all(b"\n")?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .with_context(|| {
+            format!(
+                "cannot send the command to {} (a master serves 16 admin clients at once and \
+                 closes the rest: try again)",
+                socket.display()
+            )
+        })?;
     let mut answer = String::new();
     // Bounded: a status of thousands of workers is well under this.
     if let Err(e) = BufReader::new((&s).take(64 << 20)).read_line(&mut answer) {
