@@ -73,8 +73,12 @@ fn a_c_plugin_that_does_not_compile_panics_with_the_compiler_output() {
 #[test]
 fn every_shipped_c_file_compiles_with_werror() {
     let root = workspace_root();
-    let dir = std::env::temp_dir().join(format!("halfsync-werror-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed when dropped, also when an assertion below fails.
+    let tmp = tempfile::Builder::new()
+        .prefix("halfsync-werror-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let mut checked = 0;
     for sub in ["plugins/c", "plugins/c/test"] {
         for entry in std::fs::read_dir(root.join(sub)).unwrap() {
@@ -101,6 +105,5 @@ fn every_shipped_c_file_compiles_with_werror() {
             checked += 1;
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(checked >= 9, "only {checked} C files found");
 }
