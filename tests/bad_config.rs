@@ -13,10 +13,7 @@ fn halfsync(sub: &str, text: &str) -> (Option<i32>, String) {
 
 /// The same; returns (exit code, stdout, stderr).
 fn halfsync_out(sub: &str, text: &str) -> (Option<i32>, String, String) {
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, text).unwrap();
     let (st, out, err) = run_cmd(
@@ -117,10 +114,7 @@ fn check_accepts_a_good_config() {
         free_port(),
         group(&echo_so())
     );
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let path = dir.path().join("good.toml");
     std::fs::write(&path, text).unwrap();
     let (st, out, err) = run_cmd(

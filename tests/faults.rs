@@ -469,10 +469,7 @@ fn overload_is_answered_busy_at_once() {
 #[test]
 fn respawn_storm_backs_off_and_answers_busy() {
     let port = free_port();
-    let trigger = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let trigger = temp_dir();
     let flag = trigger.path().join("crash");
     let extra = format!(
         "restart_delay = \"1s\"\nrestart_delay_max = \"2s\"\n[group.config]\ncrash_in_init_if_exists = \"{}\"\n",
@@ -681,10 +678,7 @@ fn two_proxy_processes_share_the_port_and_fail_apart() {
     assert_eq!(s.status()["proxy"]["pids"].as_array().unwrap().len(), 2);
 
     // SO_REUSEPORT must not let a second server join the port.
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let path = dir.path().join("second.toml");
     let second = text.replace(
         "[server]\n",
@@ -1060,10 +1054,7 @@ fn slow_requests_on_a_fresh_server() -> Result<(), String> {
 #[test]
 fn a_plugin_file_overwritten_in_place_is_named_as_the_cause() {
     let port = free_port();
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let so = dir.path().join("libecho_copy.so");
     std::fs::copy(echo_so(), &so).unwrap();
     let mut s = Server::start(&config(port, &so, 1, ""), port);

@@ -143,10 +143,7 @@ fn a_request_running_past_the_grace_is_abandoned_and_named() {
 /// after a crash runs the master's own build, not the new file.
 #[test]
 fn children_run_the_masters_build_after_the_binary_is_replaced() {
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let bin = dir.path().join("halfsync");
     std::fs::copy(BIN, &bin).unwrap();
     let port = free_port();
@@ -185,10 +182,7 @@ fn children_run_the_masters_build_after_the_binary_is_replaced() {
 /// stop begins; its children do not get the variable.
 #[test]
 fn systemd_hears_ready_and_stopping() {
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let path = dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))

@@ -218,10 +218,7 @@ fn a_worker_backing_off_during_its_replacement_is_not_restarted_after() {
 fn a_plugin_finds_libraries_beside_it_through_origin() {
     let root = halfsync_testkit::workspace_root();
     let src = root.join("plugins/c/test/origin");
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
     let build = |args: &[&std::ffi::OsStr]| {
         let out = std::process::Command::new(&cc).args(args).output().unwrap();
@@ -299,10 +296,7 @@ fn a_plugin_finds_libraries_beside_it_through_origin() {
 fn a_plugin_installed_with_mv_waits_for_the_reload() {
     use halfsync_testkit::fault;
     let port = free_port();
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let so = dir.path().join("libgame.so");
     std::fs::copy(halfsync_testkit::fault_plugin(), &so).unwrap();
     let text = format!(
@@ -1207,10 +1201,7 @@ fn ping_fails_while_the_proxy_is_stopped() {
 fn ping_is_a_health_check_and_head_is_answered() {
     let port = free_port();
     let mport = free_port();
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let flag = dir.path().join("crash");
     let text = format!(
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
@@ -1613,10 +1604,7 @@ fn stop_command_drains_and_fast_stop_kills() {
 #[test]
 fn log_file_is_reopened_on_sigusr1_and_json_works() {
     let port = free_port();
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let log = dir.path().join("hs.log");
     let text = versioned(
         port,

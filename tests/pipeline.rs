@@ -112,10 +112,7 @@ fn benchmark_switches_do_not_change_behaviour() {
 #[test]
 fn inline_baseline_serves_without_workers() {
     let port = free_port();
-    let dir = tempfile::Builder::new()
-        .prefix("halfsync-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir();
     let path = dir.path().join("inline.toml");
     std::fs::write(
         &path,

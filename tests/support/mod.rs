@@ -51,6 +51,15 @@ workers = {workers}
     )
 }
 
+/// A directory for a test's files, removed when dropped (also when the
+/// test fails), named so a leftover would be recognised.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("halfsync-test-")
+        .tempdir()
+        .expect("a temporary directory")
+}
+
 /// Puts the admin socket in the test's own directory (removed with it),
 /// unless the config chooses one.
 pub fn with_admin_socket(text: &str, dir: &Path) -> String {
