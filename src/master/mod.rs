@@ -1415,11 +1415,6 @@ impl Master {
         ))
     }
 
-    /// Dynamic pools: more workers when too few are idle or requests wait
-    /// (as many as are missing from `min_spare`, those starting counted as
-    /// idle; while requests wait 1, 2, 4, ... at checks in a row, less
-    /// those still starting, see [`POOL_MAX_SPAWN_RATE`]); one fewer when
-    /// too many stayed idle for a few checks.
     /// Closes the plugin files of removed groups once none of their
     /// workers runs (each reload that removed a group kept one open).
     fn release_removed_plugins(&mut self) {
@@ -1435,6 +1430,11 @@ impl Master {
         }
     }
 
+    /// Dynamic pools: more workers when too few are idle or requests wait
+    /// (as many as are missing from `min_spare`, those starting counted as
+    /// idle; while requests wait 1, 2, 4, ... at checks in a row, less
+    /// those still starting, see [`POOL_MAX_SPAWN_RATE`]); one fewer when
+    /// too many stayed idle for a few checks.
     fn check_pools(&mut self) {
         for g in 0..self.groups.len() {
             let c = &self.groups[g].config;
@@ -1931,6 +1931,7 @@ impl Master {
             match sys::reap() {
                 Ok(Some((pid, how, cpu))) => self.on_child_exit(pid, how, cpu),
                 Ok(None) => {
+                    self.release_removed_plugins();
                     return;
                 }
                 Err(e) => {
@@ -2290,7 +2291,6 @@ impl Master {
             if self.stopping.is_none() && !self.starting {
                 self.check_pools();
             }
-            self.release_removed_plugins();
         }
     }
 
