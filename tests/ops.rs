@@ -1295,8 +1295,10 @@ fn held_metrics_connections_cannot_take_the_masters_descriptors() {
             .then_some(())
     });
     assert!(logged.is_some(), "{}", s.log());
+    // 16 metrics clients at most, and a few of the master's own that
+    // come and go (an admin client, a worker's output pipe): not 200.
     let during = fds(s.pid);
-    assert!(during <= before + 16, "{before} -> {during} descriptors");
+    assert!(during <= before + 24, "{before} -> {during} descriptors");
     // A health check still gets in: a client silent for a second gives
     // way to a new one.
     std::thread::sleep(Duration::from_millis(1100));
