@@ -430,6 +430,7 @@ fn check(path: Option<&Path>) -> Result<()> {
 fn run_proxy() -> ExitCode {
     logging::init_from_env();
     logging::reopen_on_sigusr1();
+    master::sys::unblock_user_signals();
     master::set_thread_name("halfsync-proxy");
     let result = halfsync_proxy::ProxySpec::from_env().and_then(|spec| {
         // One proxy keeps the plain `proxy:` prefix; several are numbered.
@@ -452,6 +453,7 @@ fn run_proxy() -> ExitCode {
 fn run_worker() -> ExitCode {
     logging::init_from_env();
     logging::reopen_on_sigusr1();
+    master::sys::unblock_user_signals();
     let spec = match halfsync_worker::WorkerSpec::from_env() {
         Ok(s) => s,
         Err(e) => {

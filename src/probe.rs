@@ -506,6 +506,9 @@ fn say(line: &str) {
 pub fn child_main() -> std::process::ExitCode {
     use halfsync_config::one_line;
     use std::process::ExitCode;
+    // It started with SIGUSR1 and SIGUSR2 blocked (see
+    // `sys::die_with_parent`); the plugins it loads get the usual mask.
+    crate::master::sys::unblock_user_signals();
     match crate::master::sys::private_stdout() {
         Ok(f) => {
             let _ = REPORT.set(f);

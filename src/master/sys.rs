@@ -216,16 +216,25 @@ pub fn dies_with_this_process(cmd: &mut Command, keep: Vec<RawFd>) {
     }
 }
 
-/// Between fork and exec: unblock every signal (the master blocks the ones
-/// it reads from its signalfd, and a child would inherit that mask), make
-/// the child die with the master, and bail out if the master is already
-/// gone. Async-signal-safe.
+/// The signals a child starts with blocked, until it has its handlers for
+/// them ([`unblock_user_signals`]): SIGUSR1 (the master forwards it to
+/// reopen log files) and a stray SIGUSR2 would otherwise kill a child in
+/// its first milliseconds, by their default disposition.
+const USER_SIGNALS: [i32; 2] = [libc::SIGUSR1, libc::SIGUSR2];
+
+/// Between fork and exec: unblock every signal but [`USER_SIGNALS`] (the
+/// master blocks the ones it reads from its signalfd, and a child would
+/// inherit that mask), make the child die with the master, and bail out if
+/// the master is already gone. Async-signal-safe.
 pub fn die_with_parent(master_pid: i32) -> io::Result<()> {
     // SAFETY: an all-zero sigset_t is a valid value for sigemptyset.
-    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
-    syscall!(sigemptyset(&mut empty))?;
-    // SAFETY: `empty` is initialised; a null old-set pointer is allowed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
+    let mut mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+    syscall!(sigemptyset(&mut mask))?;
+    for sig in USER_SIGNALS {
+        syscall!(sigaddset(&mut mask, sig))?;
+    }
+    // SAFETY: `mask` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
     }
@@ -241,6 +250,17 @@ pub fn die_with_parent(master_pid: i32) -> io::Result<()> {
         return Err(io::Error::other("master exited during spawn"));
     }
     Ok(())
+}
+
+/// In a child, once it catches SIGUSR1 and SIGUSR2: lets them through
+/// (one that came meanwhile is delivered now). Before it loads any plugin,
+/// so that processes a plugin starts get an ordinary mask.
+pub fn unblock_user_signals() {
+    let Ok(set) = sigset(&USER_SIGNALS) else {
+        return;
+    };
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
 }
 
 /// Sets TCP_DEFER_ACCEPT (seconds) on a listening socket.
