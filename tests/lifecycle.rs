@@ -226,13 +226,11 @@ fn a_closed_stderr_does_not_stop_the_server() {
         assert_eq!(c.call(id, 1, b"x").unwrap().payload, b"x");
     }
     // Lines are logged on the way (a worker killed and replaced).
-    let worker = s.worker_pids();
-    kill(worker[0], libc::SIGKILL);
-    let replaced = wait_for(Duration::from_secs(10), || {
-        let now = s.worker_pids();
-        (now.len() == 2 && !now.contains(&worker[0])).then_some(())
-    });
-    assert!(replaced.is_some(), "{}", s.status());
+    assert!(
+        s.kill_one_of_two_workers("halfsync: worker"),
+        "{}",
+        s.status()
+    );
     assert_eq!(s.status()["ok"], true);
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();

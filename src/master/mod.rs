@@ -796,6 +796,19 @@ impl Master {
 
     // ---- slots and workers ----
 
+    /// New rings of the configured size, and an eventfd, for worker
+    /// `label` of group `g`.
+    fn make_slot(&self, g: usize, label: u32) -> Result<(Slot, OwnedFd)> {
+        let name = &self.groups[g].config.name;
+        let slot = Slot::create(
+            &format!("halfsync-{name}-{label}"),
+            self.config.server.ring_size as usize,
+        )
+        .with_context(|| format!("creating shared memory for worker {name} {label}"))?;
+        let eventfd = shm_sys::eventfd().context("eventfd")?;
+        Ok((slot, eventfd))
+    }
+
     /// Creates a slot for group `g` and hands it to the proxy.
     fn new_slot(&mut self, g: usize, label: u32, proxy: usize) -> Result<usize> {
         let name = &self.groups[g].config.name;
@@ -806,12 +819,7 @@ impl Master {
                 halfsync_proxy::stats::MAX_SLOTS
             );
         }
-        let slot = Slot::create(
-            &format!("halfsync-{name}-{label}"),
-            self.config.server.ring_size as usize,
-        )
-        .with_context(|| format!("creating shared memory for worker {name} {label}"))?;
-        let eventfd = shm_sys::eventfd().context("eventfd")?;
+        let (slot, eventfd) = self.make_slot(g, label)?;
         self.slots.push(SlotRec {
             group: g,
             proxy,
@@ -886,13 +894,7 @@ impl Master {
     /// (Without this, every reload that removed a group left its slots
     /// behind for good.)
     fn rehome(&mut self, i: usize, g: usize, label: u32) -> Result<usize> {
-        let name = &self.groups[g].config.name;
-        let slot = Slot::create(
-            &format!("halfsync-{name}-{label}"),
-            self.config.server.ring_size as usize,
-        )
-        .with_context(|| format!("creating shared memory for worker {name} {label}"))?;
-        let eventfd = shm_sys::eventfd().context("eventfd")?;
+        let (slot, eventfd) = self.make_slot(g, label)?;
         let net = self.slot_stats(i);
         let raw = self.stats[self.slots[i].proxy].slot(i);
         let old = self.slots[i].group;
