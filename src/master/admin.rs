@@ -53,10 +53,13 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub(crate) enum Command {
+    // (Empty struct variants, not unit ones: serde's internally tagged
+    // enums ignore extra fields beside a unit variant's tag, so
+    // `{"cmd":"status","x":1}` was accepted despite deny_unknown_fields.)
     /// Everything about every worker, as JSON.
-    Status,
+    Status {},
     /// Re-read the configuration and replace every worker, chain-wise.
-    Reload,
+    Reload {},
     /// Stop: drain gracefully, or at once.
     Stop {
         #[serde(default)]
@@ -706,4 +709,43 @@ fn flush(c: &mut Conn) -> bool {
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Command;
+
+    fn parse(s: &str) -> Result<Command, String> {
+        serde_json::from_str::<Command>(s).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn commands_parse_and_unknown_fields_are_refused() {
+        assert!(matches!(
+            parse(r#"{"cmd":"status"}"#),
+            Ok(Command::Status {})
+        ));
+        assert!(matches!(
+            parse(r#"{"cmd":"reload"}"#),
+            Ok(Command::Reload {})
+        ));
+        assert!(matches!(
+            parse(r#"{"cmd":"stop","fast":true}"#),
+            Ok(Command::Stop { fast: true })
+        ));
+        assert!(matches!(
+            parse(r#"{"cmd":"scale","group":"g","workers":3}"#),
+            Ok(Command::Scale { workers: 3, .. })
+        ));
+        for bad in [
+            r#"{"cmd":"status","x":1}"#,
+            r#"{"cmd":"reload","force":true}"#,
+            r#"{"cmd":"stop","fats":true}"#,
+            r#"{"cmd":"scale","group":"g","workers":3,"x":1}"#,
+        ] {
+            let e = parse(bad).expect_err(bad);
+            assert!(e.contains("unknown field"), "{bad}: {e}");
+        }
+        assert!(parse(r#"{"cmd":"restart"}"#).is_err());
+    }
 }

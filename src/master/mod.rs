@@ -1616,11 +1616,11 @@ impl Master {
             }
             Request::Admin { conn, command } => {
                 let answer = match command {
-                    Command::Status => Ok(report::status(self)),
-                    Command::Reload | Command::Scale { .. } if self.inline => {
+                    Command::Status {} => Ok(report::status(self)),
+                    Command::Reload {} | Command::Scale { .. } if self.inline => {
                         Err("not available in --inline benchmark mode".to_owned())
                     }
-                    Command::Reload => match self.start_reload(Some(conn)) {
+                    Command::Reload {} => match self.start_reload(Some(conn)) {
                         // Answered when the reload finishes.
                         Ok(()) => return,
                         Err(e) => Err(e),
