@@ -568,19 +568,27 @@ unsafe extern "C" fn handle<T: Plugin>(
             plugin_error
         }
         Err(p) => {
-            // The client gets the message; the log also gets the place.
-            let msg = format!("plugin panicked: {}", p.message);
+            // Decision: the log gets the message and the place; the
+            // client only learns that the plugin panicked. A panic's text
+            // is the plugin's internals (an `unwrap` on a database error
+            // may quote a connection string), not an answer meant for it,
+            // as a PHP error stays in the log with display_errors off. An
+            // error the plugin returns is its own answer and does go out.
             state.host.error(&format!(
-                "{msg} (request id {}, command {}){}",
+                "plugin panicked: {} (request id {}, command {}){}",
+                p.message,
                 request.id(),
                 request.command(),
                 p.at()
             ));
-            reply.replace_with_message(&msg);
+            reply.replace_with_message(PANIC_REPLY);
             plugin_error
         }
     }
 }
+
+/// What a client is told when the plugin panicked on its request.
+pub(crate) const PANIC_REPLY: &str = "plugin panicked; the server log has its message";
 
 /// `hs_plugin.fini` for `T`.
 ///

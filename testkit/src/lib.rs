@@ -133,8 +133,9 @@ pub mod fault {
     pub const SEGV: u16 = 10;
     /// `abort()`: die of SIGABRT.
     pub const ABORT: u16 = 11;
-    /// Rust: a panic the SDK catches (PLUGIN_ERROR `plugin panicked: fault:
-    /// requested panic`); C: PLUGIN_ERROR `fault: requested error`.
+    /// Rust: a panic the SDK catches (PLUGIN_ERROR `plugin panicked; the
+    /// server log has its message`, the log line `plugin panicked: fault:
+    /// requested panic ...`); C: PLUGIN_ERROR `fault: requested error`.
     pub const PANIC: u16 = 12;
     /// A panic that escapes the SDK (C: `raise(SIGABRT)`): dies of SIGABRT.
     pub const ESCAPING_PANIC: u16 = 13;

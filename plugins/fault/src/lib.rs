@@ -19,7 +19,7 @@
 //! | 1 (and any command not listed) | [`ECHO`] | status 0, payload unchanged (PLUGIN_ERROR "reply full ..." if it does not fit) |
 //! | 10 | [`SEGV`] | a real invalid write (to a `PROT_NONE` page; C: through a NULL pointer): dies of SIGSEGV |
 //! | 11 | [`ABORT`] | `abort()`: dies of SIGABRT |
-//! | 12 | [`PANIC`] | Rust: `panic!("fault: requested panic")`, which the SDK turns into a PLUGIN_ERROR reply `plugin panicked: fault: requested panic`; the worker lives. C: PLUGIN_ERROR `fault: requested error` |
+//! | 12 | [`PANIC`] | Rust: `panic!("fault: requested panic")`, which the SDK turns into a PLUGIN_ERROR reply `plugin panicked; the server log has its message` (the log has the message); the worker lives. C: PLUGIN_ERROR `fault: requested error` |
 //! | 13 | [`ESCAPING_PANIC`] | Rust: a panic inside an `extern "C"` function, which Rust cannot unwind out of: it prints "panic in a function that cannot unwind" and aborts (SIGABRT). C: `raise(SIGABRT)` |
 //! | 14 | [`EXIT`] | `exit(0)` from plugin code: the worker vanishes with exit code 0 in the middle of a request |
 //! | 15 | [`HANG`] | never returns (sleeps 1 s at a time: no CPU) |
@@ -633,7 +633,7 @@ mod tests {
         let (status, msg) = h.handle(7, PANIC, 0, b"x", 256);
         assert_eq!(
             (status, text(msg).as_str()),
-            (1, "plugin panicked: fault: requested panic")
+            (1, "plugin panicked; the server log has its message")
         );
         assert!(
             h.logs()
