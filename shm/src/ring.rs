@@ -485,13 +485,28 @@ impl Producer {
     /// Makes every pushed record visible to the consumer and wakes it if it
     /// sleeps. Returns true if a wake-up syscall was made.
     pub fn publish(&mut self) -> bool {
+        if !self.store_tail() {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        self.wake_after_fence()
+    }
+
+    /// The first half of [`Producer::publish`]: stores the tail. False if
+    /// there was nothing to publish.
+    fn store_tail(&mut self) -> bool {
         if self.tail == self.published {
             return false;
         }
-        let h = self.ring.header();
-        h.tail.store(self.tail, Ordering::Release);
+        self.ring.header().tail.store(self.tail, Ordering::Release);
         self.published = self.tail;
-        fence(Ordering::SeqCst);
+        true
+    }
+
+    /// The second half of [`Producer::publish`], after a SeqCst fence
+    /// that follows the tail's store: wakes the consumer if it sleeps.
+    fn wake_after_fence(&mut self) -> bool {
+        let h = self.ring.header();
         if !self.always_wake {
             if h.consumer_sleeping.load(Ordering::Relaxed) == 0 {
                 return false;
@@ -794,13 +809,46 @@ impl Consumer {
 
     /// Hands consumed space back to the producer, waking it if it waits.
     pub fn release(&mut self) {
-        if self.head == self.released {
-            return;
+        if self.store_head() {
+            fence(Ordering::SeqCst);
+            self.wake_after_fence();
         }
-        let h = self.ring.header();
-        h.head.store(self.head, Ordering::Release);
-        self.released = self.head;
+    }
+
+    /// [`Consumer::release`] of this ring and then [`Producer::publish`]
+    /// of `tx`, with one SeqCst fence for both instead of one each (the
+    /// fence is most of what either costs): a worker hands back a
+    /// request's space and publishes its reply. The head is stored before
+    /// the tail, so a producer woken by the reply also sees the room.
+    /// Returns whether `tx`'s consumer was woken.
+    pub fn release_and_publish(&mut self, tx: &mut Producer) -> bool {
+        let released = self.store_head();
+        let published = tx.store_tail();
+        if !released && !published {
+            return false;
+        }
         fence(Ordering::SeqCst);
+        if released {
+            self.wake_after_fence();
+        }
+        published && tx.wake_after_fence()
+    }
+
+    /// The first half of [`Consumer::release`]: stores the head. False if
+    /// nothing was consumed since the last release.
+    fn store_head(&mut self) -> bool {
+        if self.head == self.released {
+            return false;
+        }
+        self.ring.header().head.store(self.head, Ordering::Release);
+        self.released = self.head;
+        true
+    }
+
+    /// The second half of [`Consumer::release`], after a SeqCst fence that
+    /// follows the head's store: wakes the producer if it waits for room.
+    fn wake_after_fence(&self) {
+        let h = self.ring.header();
         if h.producer_sleeping.load(Ordering::Relaxed) != 0
             && h.producer_sleeping.swap(0, Ordering::SeqCst) != 0
         {

@@ -190,6 +190,41 @@ fn an_abandoned_reservation_takes_its_rewind_back() {
     assert_eq!((rec.pos, rec.payload.len()), (before, 100_000));
 }
 
+/// A worker's step: the request's space goes back and the reply is
+/// published, with one fence; each side's sleeping peer is woken, and a
+/// step with nothing to release or publish does nothing.
+#[test]
+fn release_and_publish_does_both_and_wakes_the_sleeper() {
+    let slot = Slot::create("t", 4096).unwrap();
+    // Proxy side: requests out, replies in. Worker side: the reverse.
+    let mut req_tx = Producer::attach(slot.requests(), Notify::Futex).unwrap();
+    let mut rep_rx = Consumer::attach(slot.replies()).unwrap();
+    let mut req_rx = Consumer::attach(slot.requests()).unwrap();
+    let mut rep_tx = Producer::attach(slot.replies(), Notify::Futex).unwrap();
+    let meta = Meta::default();
+    while req_tx.push(&meta, &[1u8; 100]).unwrap().is_some() {}
+    req_tx.publish();
+    // Nothing consumed, nothing pushed: a no-op.
+    assert!(!req_rx.release_and_publish(&mut rep_tx));
+    // The reply ring's consumer goes to sleep; the worker serves one.
+    assert!(rep_rx.prepare_sleep().unwrap());
+    req_rx.peek().unwrap().unwrap();
+    req_rx.advance();
+    rep_tx.push(&meta, b"reply").unwrap().unwrap();
+    assert!(!req_tx.fits(100).unwrap());
+    // Woke the sleeping consumer (its flag is cleared) ...
+    assert!(req_rx.release_and_publish(&mut rep_tx));
+    assert!(!rep_tx.consumer_sleeping());
+    // ... which sees the reply, and the producer sees the room.
+    assert_eq!(rep_rx.peek().unwrap().unwrap().payload, b"reply");
+    assert!(req_tx.fits(100).unwrap());
+    // A consumer that is awake is not woken again.
+    req_rx.peek().unwrap().unwrap();
+    req_rx.advance();
+    rep_tx.push(&meta, b"second").unwrap().unwrap();
+    assert!(!req_rx.release_and_publish(&mut rep_tx));
+}
+
 #[test]
 fn full_ring_refuses_then_accepts_after_release() {
     let slot = Slot::create("t", 4096).unwrap();
@@ -454,9 +489,10 @@ fn child_role_entry() {
                         .unwrap();
                 }
                 assert!(tx.push(&meta, &payload).unwrap().is_some());
-                tx.publish();
+                // As a worker does: the request's space back and the reply
+                // out, behind one fence.
                 rx.advance();
-                rx.release();
+                rx.release_and_publish(&mut tx);
             }
         }
         "scribble-protected" => {
@@ -526,6 +562,7 @@ fn cross_process_round_trip() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut sent = 0u64;
     let mut got = 0u64;
+    let mut lost_wakeups = 0;
     let total = 50_000u64;
     while got < total {
         assert!(Instant::now() < deadline, "stalled at {got}");
@@ -559,9 +596,16 @@ fn cross_process_round_trip() {
         }
         rx.release();
         if !any {
-            rx.wait(Duration::from_secs(1)).unwrap();
+            let t = Instant::now();
+            rx.wait(Duration::from_secs(5)).unwrap();
+            // Only a lost wake-up makes us sleep the whole timeout while
+            // requests are out.
+            if t.elapsed() >= Duration::from_secs(5) && got < sent {
+                lost_wakeups += 1;
+            }
         }
     }
+    assert_eq!(lost_wakeups, 0);
     assert!(
         tx.push(
             &Meta {

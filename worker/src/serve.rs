@@ -312,8 +312,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
         // proxy woken by the reply then also sees the room, and never sleeps
         // on a request queue it could have dispatched.
         rx.advance();
-        rx.release();
-        tx.publish();
+        rx.release_and_publish(&mut tx);
         ctl.end();
         served += 1;
         if !recycle_asked && spec.max_requests > 0 && served >= spec.max_requests {
