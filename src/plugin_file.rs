@@ -22,8 +22,12 @@
 //! What a descriptor cannot pin is the file's content: `cp` onto the path
 //! rewrites the same file in place, under the workers that run it.
 //! [`PluginFile::changed_in_place`] tells the master that this happened,
-//! so that a crash after it can say so.
+//! so that a crash after it can say so. Size and mtime say the file may
+//! have changed; a digest of its bytes, taken when it is opened, says
+//! whether it did (a `touch` changes the mtime and nothing the workers
+//! run).
 
+use std::cell::Cell;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
@@ -33,7 +37,10 @@ use std::path::PathBuf;
 pub struct PluginFile {
     /// The path as resolved from the configuration.
     pub path: PathBuf,
-    file: Option<(File, Stamp)>,
+    file: Option<(File, Stamp, Option<u64>)>,
+    /// The stamp last looked at by `changed_in_place` and its answer, so
+    /// that a touched file is read once, not at every `status`.
+    checked: Cell<Option<(Stamp, bool)>>,
 }
 
 /// Size and modification time: what `cp` onto a file changes.
@@ -45,6 +52,26 @@ impl Stamp {
         use std::os::unix::fs::MetadataExt;
         let m = file.metadata().ok()?;
         Some(Stamp(m.size(), m.mtime(), m.mtime_nsec()))
+    }
+}
+
+/// A digest of the bytes of the file `file` (an `O_PATH` descriptor)
+/// names, read through `/proc/self/fd`; `None` if it cannot be read (a
+/// plugin installed mode 0711 for a master that may not read it: then
+/// size and mtime alone decide).
+fn digest(file: &File) -> Option<u64> {
+    use std::hash::Hasher;
+    use std::io::Read;
+    let mut f = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    let mut h = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Some(h.finish()),
+            Ok(n) => h.write(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
     }
 }
 
@@ -61,8 +88,16 @@ impl PluginFile {
             .open(&path)
             .ok()
             .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
-            .and_then(|f| Stamp::of(&f).map(|s| (f, s)));
-        PluginFile { path, file }
+            .and_then(|f| {
+                let stamp = Stamp::of(&f)?;
+                let sum = digest(&f);
+                Some((f, stamp, sum))
+            });
+        PluginFile {
+            path,
+            file,
+            checked: Cell::new(None),
+        }
     }
 
     /// The same path, no longer held open.
@@ -70,18 +105,71 @@ impl PluginFile {
         PluginFile {
             path: self.path.clone(),
             file: None,
+            checked: Cell::new(None),
         }
     }
 
     /// The descriptor to load the plugin from, if the file was opened.
     pub fn fd(&self) -> Option<RawFd> {
-        self.file.as_ref().map(|(f, _)| f.as_raw_fd())
+        self.file.as_ref().map(|(f, _, _)| f.as_raw_fd())
     }
 
-    /// Whether the file was rewritten in place since it was opened.
+    /// Whether the file was rewritten in place since it was opened: its
+    /// size or mtime changed and, where its bytes could be read, they
+    /// differ from what they were.
     pub fn changed_in_place(&self) -> bool {
-        self.file
-            .as_ref()
-            .is_some_and(|(f, stamp)| Stamp::of(f) != Some(*stamp))
+        let Some((f, stamp, sum)) = self.file.as_ref() else {
+            return false;
+        };
+        let Some(now) = Stamp::of(f) else {
+            return true;
+        };
+        if now == *stamp {
+            return false;
+        }
+        if let Some((at, answer)) = self.checked.get()
+            && at == now
+        {
+            return answer;
+        }
+        let answer = match sum {
+            Some(sum) => digest(f) != Some(*sum),
+            None => true,
+        };
+        self.checked.set(Some((now, answer)));
+        answer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PluginFile;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn only_new_bytes_count_as_rewritten_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("libx.so");
+        std::fs::write(&path, b"version one").unwrap();
+        let p = PluginFile::open(path.clone());
+        assert!(p.fd().is_some());
+        assert!(!p.changed_in_place());
+        // `touch`: a new mtime, the same bytes.
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(60))
+            .unwrap();
+        assert!(!p.changed_in_place());
+        // The same bytes written again over it (a `cp` of the same build).
+        std::fs::write(&path, b"version one").unwrap();
+        assert!(!p.changed_in_place());
+        // New bytes of the same size, in place.
+        std::fs::write(&path, b"version two").unwrap();
+        assert!(p.changed_in_place());
+        // A new file renamed onto the path leaves the held one alone.
+        let q = PluginFile::open(path.clone());
+        let staged = dir.path().join("libx.so.new");
+        std::fs::write(&staged, b"version three").unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        assert!(!q.changed_in_place());
     }
 }

@@ -1088,6 +1088,35 @@ fn a_plugin_file_overwritten_in_place_is_named_as_the_cause() {
     s.assert_clean();
 }
 
+/// A `touch` of the plugin file changes its mtime and none of its bytes:
+/// a crash after it is the plugin's own, and neither the log nor `status`
+/// blames the file.
+#[test]
+fn a_touched_plugin_file_is_not_blamed_for_a_crash() {
+    let port = free_port();
+    let dir = temp_dir();
+    let so = dir.path().join("libfault_copy.so");
+    std::fs::copy(fault_plugin_so(), &so).unwrap();
+    let mut s = Server::start(&fault_config(port, &so, 1, ""), port);
+    let f = std::fs::File::options().write(true).open(&so).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(60))
+        .unwrap();
+    drop(f);
+    let mut c = s.client();
+    assert_eq!(
+        c.call(1, fault::SEGV, b"").unwrap().code,
+        status::WORKER_DIED
+    );
+    let died = wait_for(Duration::from_secs(10), || {
+        s.log().contains("worker died").then_some(())
+    });
+    assert!(died.is_some(), "{}", s.log());
+    assert!(!s.log().contains("rewritten in place"), "{}", s.log());
+    assert_eq!(s.status()["groups"][0]["plugin_version"], "fault 0.1.0");
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}
+
 /// A stray SIGUSR2 (or SIGUSR1 without a log file) sent to the whole
 /// process tree kills nobody: the proxy and the workers catch them as the
 /// master does.
