@@ -96,6 +96,47 @@ fn reload_under_load_switches_versions_without_a_failed_request() {
     s.assert_clean();
 }
 
+/// A worker gone for good (scaled away, replaced, retired) is not listed
+/// while the proxy has yet to clean up its slot: it was shown as a
+/// "restarting" worker without a pid, which alerting takes for a crash.
+/// The proxy is stopped to hold that moment open.
+#[test]
+fn a_worker_gone_for_good_is_not_shown_restarting() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 2, "v1:", "", ""), port);
+    settle(&mut s, 2);
+    let proxy = s.pids_titled("halfsync: proxy");
+    assert_eq!(proxy.len(), 1);
+    kill(proxy[0], libc::SIGSTOP);
+    let (code, out, err) = s.ctl(&["scale", "game", "1"]);
+    // The draining worker (which the stopped proxy would let go of) is
+    // killed: its slot then waits for the proxy's clean-up.
+    let draining = wait_for(Duration::from_secs(10), || {
+        let st = s.status();
+        st["groups"][0]["workers"]
+            .as_array()?
+            .iter()
+            .find(|w| w["state"] == "draining")
+            .and_then(|w| w["pid"].as_i64())
+    });
+    if let Some(pid) = draining {
+        kill(pid as i32, libc::SIGKILL);
+    }
+    let gone = wait_for(Duration::from_secs(20), || {
+        (s.worker_pids().len() == 1).then_some(())
+    });
+    let st = s.status();
+    kill(proxy[0], libc::SIGCONT);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(draining.is_some() && gone.is_some(), "{st}\n{}", s.log());
+    let rows = st["groups"][0]["workers"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{st}");
+    assert!(rows[0]["pid"].is_number(), "{st}");
+    settle(&mut s, 1);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A reload that grows a group (the file says more workers than a `scale`
 /// left) and fails: the rollback restores the size too, so the group
 /// settles at what it ran before, and no worker of an older version is

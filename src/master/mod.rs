@@ -368,6 +368,11 @@ impl SlotRec {
         match self.life {
             Life::Spare => "spare",
             Life::Stopped => "stopped",
+            // Replaced, retired or scaled away: gone, and not coming back
+            // (not "restarting", which alerting takes for a crash).
+            Life::Resetting {
+                next: Restart::Never,
+            } => "exited",
             Life::Resetting { .. } => "restarting",
             Life::Backoff { .. } => "backoff",
             Life::Running { pid, .. } => {

@@ -140,7 +140,9 @@ pub(crate) fn status(m: &Master) -> String {
                 group_cpu += c;
             }
             let state = s.state();
-            if state == "spare" || state == "stopped" {
+            // Not a worker (any more): a slot waiting to be used, or one
+            // whose worker ended for good.
+            if matches!(state, "spare" | "stopped" | "exited") {
                 continue;
             }
             let ctl = s.slot.control();
