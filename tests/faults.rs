@@ -879,6 +879,86 @@ fn requests_behind_a_slow_one_move_to_another_worker() {
     assert!(s.log().contains("moved to other workers"), "{}", s.log());
 }
 
+/// The state `status` shows for the worker with this pid.
+fn state_of(s: &Server, pid: i32) -> String {
+    let st = s.status();
+    st["groups"][0]["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["pid"] == pid))
+        .and_then(|w| w["state"].as_str())
+        .unwrap_or("gone")
+        .to_owned()
+}
+
+/// A worker stopped while idle (SIGSTOP, a debugger; or starved of CPU)
+/// takes none of the requests in its ring: after `requeue_after` they move
+/// to the other worker, it gets no new ones and shows as unresponsive
+/// until it runs again; one that stays so past `request_timeout` is killed
+/// and replaced. (Its requests used to wait for ever, unanswered, while
+/// status called it idle and `/ping` said pong.)
+#[test]
+fn an_idle_worker_that_stops_running_has_its_requests_moved() {
+    let port = free_port();
+    let mut s = Server::start(
+        &fault_config(port, &fault_plugin_so(), 2, "requeue_after = \"100ms\""),
+        port,
+    );
+    let stopped = s.worker_pids()[0];
+    kill(stopped, libc::SIGSTOP);
+    // Several connections' pipelined requests, so that some go to it.
+    let round = |s: &Server, base: u64| {
+        let mut clients: Vec<Client> = (0..4).map(|_| s.client()).collect();
+        for (k, c) in clients.iter_mut().enumerate() {
+            c.stream()
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            for id in 0..20 {
+                c.send(base + (k as u64) * 100 + id, 1, b"x").unwrap();
+            }
+        }
+        for c in &mut clients {
+            for _ in 0..20 {
+                let r = c.recv().unwrap_or_else(|e| panic!("{e}: {}", s.log()));
+                assert_eq!(r.code, status::OK);
+            }
+        }
+    };
+    let t = Instant::now();
+    round(&s, 0);
+    let first = t.elapsed();
+    assert!(s.log().contains("worker unresponsive"), "{}", s.log());
+    assert_eq!(state_of(&s, stopped), "unresponsive", "{}", s.status());
+    // Now nothing waits for it.
+    let t = Instant::now();
+    round(&s, 1000);
+    assert!(
+        t.elapsed() < first.max(Duration::from_millis(50)),
+        "{:?}",
+        t.elapsed()
+    );
+    // Running again, it reads its ring and takes requests again.
+    kill(stopped, libc::SIGCONT);
+    let back = wait_for(Duration::from_secs(10), || {
+        (state_of(&s, stopped) == "idle").then_some(())
+    });
+    assert!(back.is_some(), "{}\n{}", s.status(), s.log());
+    assert!(s.log().contains("worker responsive again"), "{}", s.log());
+    // Stopped for longer than request_timeout: killed and replaced.
+    kill(stopped, libc::SIGSTOP);
+    round(&s, 2000);
+    let replaced = wait_for(Duration::from_secs(15), || {
+        let pids = s.worker_pids();
+        (pids.len() == 2 && !pids.contains(&stopped)).then_some(())
+    });
+    assert!(replaced.is_some(), "{}\n{}", s.status(), s.log());
+    assert!(
+        s.log().contains("took none of its requests for"),
+        "{}",
+        s.log()
+    );
+    round(&s, 3000);
+}
+
 /// Per-worker requests served, by worker number, once the counts stop
 /// moving (a worker counts a request just after publishing its reply).
 fn served_by_worker(s: &Server, at_least: u64) -> Vec<u64> {

@@ -410,8 +410,11 @@ pub struct Group {
     /// `requeue_after`: when a worker has been inside one request this long,
     /// the requests waiting behind it in its ring move to other workers and
     /// it gets no new ones until that request ends (no head-of-line
-    /// blocking behind a slow request). `"0s"` turns it off. Default
-    /// `"100ms"`.
+    /// blocking behind a slow request). A worker that, not running a
+    /// request, takes none of its requests this long (stopped, starved of
+    /// CPU) has them all moved and gets no new ones until it runs again
+    /// (and is killed after `request_timeout`). `"0s"` turns both off.
+    /// Default `"100ms"`.
     #[serde(default = "default_requeue_after", with = "units::duration")]
     pub requeue_after: Duration,
     /// `drain_timeout`: a worker being replaced (reload, recycling) or

@@ -2,6 +2,7 @@
 //! what state its process is in, and everything that happens when one
 //! dies, hangs, corrupts its memory or is replaced.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -150,6 +151,15 @@ pub(crate) struct WorkerSlot {
     /// Stuck on the request at this ring position: its queue was moved to
     /// other workers and it gets no new requests until that one ends.
     stalled_on: Option<u64>,
+    /// Not busy, with requests in its ring, and finishing none: its served
+    /// count and when that was first seen (see `slot_action`). A `Cell`:
+    /// the checks that update it only look at the slot.
+    idle_watch: Cell<Option<(u64, u64)>>,
+    /// Since when it has taken none of its requests (stopped, or starved
+    /// of CPU), once that lasted `requeue_after`: its requests moved to
+    /// other workers, and it gets no new ones until it has read its ring
+    /// to the end (skipping what was moved).
+    unresponsive_since: Option<u64>,
     /// This worker's last run-time sample as it came (see
     /// `OUTLIER_FACTOR`): two slow ones in a row from the same worker are
     /// a slowdown, where a stall of the whole host can inflate one sample
@@ -185,7 +195,10 @@ impl WorkerSlot {
 
     /// Whether new requests may go to this worker (ring room aside).
     fn takes_requests(&self, max_inflight: usize) -> bool {
-        self.is_ready() && self.stalled_on.is_none() && self.pending.len() < max_inflight
+        self.is_ready()
+            && self.stalled_on.is_none()
+            && self.unresponsive_since.is_none()
+            && self.pending.len() < max_inflight
     }
 
     /// What `pick_slot` compares: requests held, plus [`SLEEPER_PENALTY`]
@@ -441,6 +454,12 @@ enum Action {
     Rebalance,
     /// The request it was stuck on is over.
     Unstall,
+    /// Took none of its requests since this time, for `requeue_after`:
+    /// move them all to other workers.
+    Unresponsive(u64),
+    /// Unresponsive, and has read its ring to the end since: it takes
+    /// requests again.
+    Responsive,
 }
 
 impl Proxy {
@@ -591,6 +610,8 @@ impl Proxy {
             sleep_hint: false,
             sleep_hint_at: 0,
             stalled_on: None,
+            idle_watch: Cell::new(None),
+            unresponsive_since: None,
             prev_sample_ns: 0,
             recycle_requested: false,
             recycle_not_before_ns: 0,
@@ -631,6 +652,8 @@ impl Proxy {
         s.timed_out = None;
         s.slow_logged = None;
         s.recycle_requested = false;
+        s.idle_watch.set(None);
+        s.unresponsive_since = None;
     }
 
     fn slot_mut(&mut self, si: usize) -> Option<&mut WorkerSlot> {
@@ -1143,6 +1166,48 @@ impl Proxy {
                         due = Some(due.map_or(t, |d: u64| d.min(t)));
                     }
                 }
+                // A worker that is not busy, with requests in its ring, and
+                // finishes none of them for requeue_after (stopped, or
+                // starved of CPU) gets them moved elsewhere; one that stays
+                // so past request_timeout is killed.
+                if let Some(since) = s.unresponsive_since {
+                    if s.tx.ring().occupancy() == 0 {
+                        return (Action::Responsive, Some(now));
+                    }
+                    if g.request_timeout_ns > 0 {
+                        let deadline = since.saturating_add(g.request_timeout_ns);
+                        if now >= deadline {
+                            let why = format!(
+                                "took none of its requests for {} ms, past request_timeout \
+                                 (stopped, or starved of CPU)",
+                                (now - since) / NS_PER_MS
+                            );
+                            return (Action::Kill(KillReason::RequestTimeout, why, None), None);
+                        }
+                        due = Some(due.map_or(deadline, |d: u64| d.min(deadline)));
+                    }
+                    // (Polled at the busy rate until it reads its ring.)
+                    let soon = now + BUSY_CHECK_EVERY_NS;
+                    due = Some(due.map_or(soon, |d: u64| d.min(soon)));
+                } else if busy.is_none() && !s.pending.is_empty() && g.requeue_after_ns > 0 {
+                    let served = ctl.served();
+                    match s.idle_watch.get() {
+                        Some((n, since)) if n == served => {
+                            let at = since.saturating_add(g.requeue_after_ns);
+                            if now >= at {
+                                return (Action::Unresponsive(since), Some(now));
+                            }
+                            due = Some(due.map_or(at, |d: u64| d.min(at)));
+                        }
+                        _ => {
+                            s.idle_watch.set(Some((served, now)));
+                            let at = now.saturating_add(g.requeue_after_ns);
+                            due = Some(due.map_or(at, |d: u64| d.min(at)));
+                        }
+                    }
+                } else {
+                    s.idle_watch.set(None);
+                }
                 if matches!(s.phase, Phase::Draining { .. }) {
                     if s.pending.is_empty() {
                         return (Action::Retire(pid), due);
@@ -1303,6 +1368,30 @@ impl Proxy {
                 if let Some(s) = self.slot_mut(si) {
                     s.stalled_on = None;
                 }
+            }
+            Action::Unresponsive(since) => {
+                let Some(s) = self.slot_mut(si) else { return };
+                s.unresponsive_since = Some(since);
+                s.idle_watch.set(None);
+                let held = s.pending.len();
+                self.stats.unresponsive(si, true);
+                let moved = self.revoke_unstarted(si);
+                let (name, label) = self.group_name(si);
+                warn!(group = %name, worker = label, held, moved, ms = (now - since) / NS_PER_MS,
+                    "worker unresponsive: it took none of its requests for requeue_after (stopped, or \
+                     starved of CPU); they moved to other workers, and it gets no new ones until it \
+                     reads its ring again");
+            }
+            Action::Responsive => {
+                let Some(s) = self.slot_mut(si) else { return };
+                let was = s
+                    .unresponsive_since
+                    .take()
+                    .map_or(0, |t| now.saturating_sub(t));
+                self.stats.unresponsive(si, false);
+                let (name, label) = self.group_name(si);
+                info!(group = %name, worker = label, ms = was / NS_PER_MS,
+                    "worker responsive again; it takes requests");
             }
             Action::Recycle(pid) => {
                 if let Some(s) = self.slot_mut(si) {

@@ -89,6 +89,8 @@ struct GroupStats {
 struct SlotStats {
     dispatched: AtomicU64,
     pending: AtomicU64,
+    /// 1 while the proxy holds its worker for unresponsive.
+    unresponsive: AtomicU64,
     replies: [AtomicU64; STATUSES],
 }
 
@@ -214,6 +216,9 @@ pub struct SlotSnapshot {
     pub dispatched: u64,
     /// Requests in its ring now, unanswered.
     pub pending: u64,
+    /// Its worker took none of its requests for `requeue_after` and gets
+    /// no new ones until it reads its ring again.
+    pub unresponsive: bool,
     /// Replies to requests dispatched here, by [`status_index`].
     pub replies: [u64; STATUSES],
 }
@@ -274,6 +279,7 @@ impl Stats {
         }
         for s in &p.slots {
             zero(&s.pending);
+            zero(&s.unresponsive);
         }
     }
 
@@ -320,6 +326,13 @@ impl Stats {
     pub fn pending(&self, slot: usize, pending: usize) {
         if let Some(s) = self.page().slots.get(slot) {
             s.pending.store(pending as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// A slot's worker was found unresponsive, or responsive again.
+    pub fn unresponsive(&self, slot: usize, on: bool) {
+        if let Some(s) = self.page().slots.get(slot) {
+            s.unresponsive.store(u64::from(on), Ordering::Relaxed);
         }
     }
 
@@ -407,6 +420,7 @@ impl Stats {
         SlotSnapshot {
             dispatched: s.dispatched.load(Ordering::Relaxed),
             pending: s.pending.load(Ordering::Relaxed),
+            unresponsive: s.unresponsive.load(Ordering::Relaxed) != 0,
             replies: std::array::from_fn(|i| s.replies[i].load(Ordering::Relaxed)),
         }
     }

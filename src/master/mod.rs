@@ -799,6 +799,18 @@ impl Master {
         snap
     }
 
+    /// A slot's state as `status` shows it: its own
+    /// ([`SlotRec::state`]), or "unresponsive" while its proxy holds a
+    /// running worker for taking none of its requests.
+    pub(crate) fn worker_state(&self, i: usize) -> &'static str {
+        let state = self.slots[i].state();
+        if matches!(state, "idle" | "busy") && self.stats[self.slots[i].proxy].slot(i).unresponsive
+        {
+            return "unresponsive";
+        }
+        state
+    }
+
     // ---- slots and workers ----
 
     /// New rings of the configured size, and an eventfd, for worker
@@ -1455,7 +1467,7 @@ impl Master {
                 .collect();
             let idle = active
                 .iter()
-                .filter(|&&i| self.slots[i].state() == "idle" && self.slot_stats(i).pending == 0)
+                .filter(|&&i| self.worker_state(i) == "idle" && self.slot_stats(i).pending == 0)
                 .count() as u32;
             // Workers still starting will be idle soon: not missing.
             let starting = active
@@ -1684,10 +1696,14 @@ impl Master {
         }
         for (g, group) in self.groups.iter().enumerate().filter(|(_, g)| !g.retired) {
             for p in 0..self.proxies.len() {
-                let serving = self
-                    .slots
-                    .iter()
-                    .any(|s| s.group == g && s.proxy == p && s.ready && s.serves());
+                // (An unresponsive worker serves nobody.)
+                let serving = self.slots.iter().enumerate().any(|(i, s)| {
+                    s.group == g
+                        && s.proxy == p
+                        && s.ready
+                        && s.serves()
+                        && self.worker_state(i) != "unresponsive"
+                });
                 if !serving {
                     let of_proxy = if self.proxies.len() > 1 {
                         format!(" of proxy {p}")

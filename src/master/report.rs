@@ -139,7 +139,7 @@ pub(crate) fn status(m: &Master) -> String {
             if let Some(c) = cpu {
                 group_cpu += c;
             }
-            let state = s.state();
+            let state = m.worker_state(i);
             // Not a worker (any more): a slot waiting to be used, or one
             // whose worker ended for good.
             if matches!(state, "spare" | "stopped" | "exited") {
@@ -384,11 +384,13 @@ pub(crate) fn metrics(m: &Master) -> String {
             "exiting",
             "restarting",
             "backoff",
+            "unresponsive",
         ] {
             let n = m
                 .slots
                 .iter()
-                .filter(|s| s.group == *id && s.state() == state)
+                .enumerate()
+                .filter(|&(i, s)| s.group == *id && m.worker_state(i) == state)
                 .count();
             let _ = writeln!(
                 o,
