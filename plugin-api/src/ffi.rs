@@ -272,13 +272,14 @@ impl fmt::Write for Reply<'_> {
 }
 
 impl io::Write for Reply<'_> {
-    /// Writes as much of `buf` as fits; `Ok(0)` once the reply is full (so
-    /// `write_all` fails with `WriteZero`).
+    /// Writes all of `buf`, or nothing and an error of kind `WriteZero`
+    /// that carries the [`ReplyFull`] (so `serde_json::to_writer(reply, ..)?`
+    /// tells the client "reply full: N bytes do not fit in the M bytes
+    /// left", not "failed to write whole buffer").
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = buf.len().min(self.remaining());
-        match Reply::write(self, &buf[..n]) {
-            Ok(()) => Ok(n),
-            Err(full) => Err(io::Error::other(full)),
+        match Reply::write(self, buf) {
+            Ok(()) => Ok(buf.len()),
+            Err(full) => Err(io::Error::new(io::ErrorKind::WriteZero, full)),
         }
     }
 
