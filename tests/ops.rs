@@ -2791,6 +2791,8 @@ fn reload_outcomes_are_counted() {
     assert_eq!(reload(&s).0, Some(1));
     let st = s.status();
     assert_eq!(st["reloads"]["last"], "refused", "{st}");
+    // The server's log says so too, not only the client that asked.
+    assert!(s.log().contains("reload refused: "), "{}", s.log());
     assert_eq!(metric(&scrape(mport), "halfsync_reload_last_success"), 0);
     s.write_config(&versioned(port, 1, "v4:", "", &server).replace(
         "[group.config]\n",

@@ -1422,7 +1422,19 @@ impl Master {
         }
         let dynamic = group.pool == Pool::Dynamic;
         info!(group = %name, from = before, to = n, "scaling");
-        self.resize(g, n).map_err(|e| format!("{e:#}"))?;
+        if let Err(e) = self.resize(g, n) {
+            // Settle at the size reached (not a target no one retries),
+            // and say so on both ends.
+            let reached = (0..self.slots.len())
+                .filter(|&i| self.slots[i].group == g && self.slots[i].active())
+                .count() as u32;
+            self.groups[g].config.workers = reached.max(1);
+            let msg = format!(
+                "group {name}: could grow only to {reached} of {n} workers: {e:#}; it stays at {reached}"
+            );
+            error!("scale failed: {msg}");
+            return Err(msg);
+        }
         Ok(format!(
             "group {name}: {before} -> {n} worker{}{}",
             if n == 1 { "" } else { "s" },
@@ -1640,7 +1652,11 @@ impl Master {
                     Command::Reload {} => match self.start_reload(Some(conn)) {
                         // Answered when the reload finishes.
                         Ok(()) => return,
-                        Err(e) => Err(e),
+                        Err(e) => {
+                            // In the log too, as a SIGHUP's refusal is.
+                            error!("reload refused: {e}");
+                            Err(e)
+                        }
                     },
                     Command::Stop { fast } => {
                         // Answered when the master is about to exit, so the
