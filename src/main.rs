@@ -338,7 +338,7 @@ fn run(path: Option<&Path>, inline: bool) -> Result<()> {
     logging::init(log_file.as_deref(), config.server.log_format).with_context(|| {
         format!(
             "cannot open log file {}",
-            log_file.unwrap_or_default().display()
+            log_file.as_deref().unwrap_or(Path::new("")).display()
         )
     })?;
     master::set_thread_name("halfsync-master");
@@ -347,7 +347,13 @@ fn run(path: Option<&Path>, inline: bool) -> Result<()> {
     // Absolute, but through its symlinks: a deploy that flips a symlink
     // to a new file has the next reload read the new one.
     let path = path.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
-    master::run(config, path, exe::Exe::current()?, inline)
+    let result = exe::Exe::current().and_then(|exe| master::run(config, path, exe, inline));
+    // A log file gets the reason the server exits too (stderr gets it
+    // from main either way), so its last line is not a worker's death.
+    if let (Err(e), Some(_)) = (&result, &log_file) {
+        tracing::error!("halfsync exits: {e:#}");
+    }
+    result
 }
 
 /// Re-executes the master once with `argv[0] = "halfsync: master"`, so `ps`

@@ -162,6 +162,28 @@ fn plugin_whose_init_fails() {
         "the reason is in the last line: {err}"
     );
     assert!(err.contains("missing required key `db`"), "{err}");
+    // With a log file, its last line says why the server exits too.
+    let dir = temp_dir();
+    let log = dir.path().join("halfsync.log");
+    let (code, err) = halfsync(
+        "run",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:{}\"]\nlog_file = \"{}\"\n\n{}",
+            free_port(),
+            log.display(),
+            group(&so)
+        ),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let last = text
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    assert!(
+        last.contains("halfsync exits: group g: no worker could start"),
+        "{text}"
+    );
 }
 
 #[test]
