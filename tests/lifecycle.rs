@@ -138,6 +138,41 @@ fn a_request_running_past_the_grace_is_abandoned_and_named() {
     s.assert_clean();
 }
 
+/// A fast stop (a second SIGINT, or `stop --fast`) names the requests it
+/// abandons as the end of the grace period does.
+#[test]
+fn a_fast_stop_names_the_requests_it_abandons() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nshutdown_grace = \"60s\"\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\nworkers = 1\nrequest_timeout = \"60s\"\n",
+        halfsync_testkit::fault_plugin().display()
+    );
+    let mut s = Server::start(&text, port);
+    let mut c = s.client();
+    c.send(78, halfsync_testkit::fault::HANG, b"").unwrap();
+    s.wait_busy();
+    s.signal(libc::SIGINT);
+    // (Two signals sent at once would merge into one.)
+    let draining = wait_for(Duration::from_secs(10), || {
+        s.log().contains("stopping: draining").then_some(())
+    });
+    assert!(draining.is_some(), "{}", s.log());
+    s.signal(libc::SIGINT);
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        s.log()
+    );
+    assert!(c.recv().is_err(), "a reply came for the abandoned request");
+    let log = s.log();
+    assert!(
+        log.contains("abandoning request id 78 (command 15), running for "),
+        "{log}"
+    );
+    s.assert_clean();
+}
+
 /// A binary replaced under a running server (a package upgrade moves a new
 /// file onto its path) changes nothing until a restart: a worker restarted
 /// after a crash runs the master's own build, not the new file.

@@ -1278,6 +1278,23 @@ impl Master {
 
     fn kill_everything(&mut self) {
         self.notify("STOPPING=1");
+        // Name the requests abandoned (their clients see the connection
+        // close without a reply): a fast stop's, a second SIGINT's, or
+        // those still running when the grace period ends.
+        let now_ns = halfsync_shm::sys::monotonic_ns();
+        for s in &self.slots {
+            if let Some(b) = s.current_request() {
+                warn!(
+                    group = %self.groups[s.group].config.name,
+                    worker = s.label,
+                    pid = s.pid(),
+                    "abandoning request id {} (command {}), running for {} ms",
+                    b.id,
+                    b.code,
+                    now_ns.saturating_sub(b.since_ns) / 1_000_000
+                );
+            }
+        }
         // (No replacement may start after this: see `abandon_reload`.)
         self.abandon_reload();
         for p in self.proxies.iter().flatten() {
@@ -2268,22 +2285,6 @@ impl Master {
                     processes = left,
                     "shutdown grace period over; killing what is left"
                 );
-                // Name the requests abandoned (their clients see the
-                // connection close without a reply).
-                let now_ns = halfsync_shm::sys::monotonic_ns();
-                for s in &self.slots {
-                    if let Some(b) = s.current_request() {
-                        warn!(
-                            group = %self.groups[s.group].config.name,
-                            worker = s.label,
-                            pid = s.pid(),
-                            "abandoning request id {} (command {}), running for {} ms",
-                            b.id,
-                            b.code,
-                            now_ns.saturating_sub(b.since_ns) / 1_000_000
-                        );
-                    }
-                }
                 self.kill_everything();
             }
             // Reaped on SIGCHLD; do not kill again.
