@@ -200,6 +200,9 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             None => "",
         }
     );
+    if let Some(why) = v["not_serving"].as_str() {
+        out!("NOT SERVING: {why}");
+    }
     let p = &v["proxy"];
     let pids: Vec<String> = match p["pids"].as_array() {
         Some(a) => a

@@ -1235,6 +1235,56 @@ fn ping_fails_while_the_proxy_is_stopped() {
     s.assert_clean();
 }
 
+/// A proxy whose loop stops turning is logged after 5 s (and again when
+/// it runs again), status says the server is not serving and why, a
+/// reload is refused rather than left waiting for it, and past
+/// `proxy_stall_timeout` it is killed and restarted: the server serves
+/// again without anyone stepping in. (Before, nothing was logged, status
+/// looked normal, a reload hung, and the server stayed down.)
+#[test]
+fn a_proxy_that_stops_turning_is_reported_then_restarted() {
+    let port = free_port();
+    let text = versioned(port, 1, "", "", "proxy_stall_timeout = \"8s\"");
+    let mut s = Server::start(&text, port);
+    let proxy = s.pids_titled("halfsync: proxy")[0];
+    std::thread::sleep(Duration::from_millis(1200));
+    // Stopped for a while, then running again: logged both ways.
+    kill(proxy, libc::SIGSTOP);
+    let logged = wait_for(Duration::from_secs(15), || {
+        s.log()
+            .contains("proxy has not run its loop for")
+            .then_some(())
+    });
+    let st = s.status();
+    let (code, out) = reload(&s);
+    kill(proxy, libc::SIGCONT);
+    assert!(logged.is_some(), "{}", s.log());
+    let why = st["not_serving"].as_str().unwrap_or_default();
+    assert!(why.contains("proxy 0 has not run its loop for"), "{st}");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("reload once it runs again"), "{out}");
+    let again = wait_for(Duration::from_secs(10), || {
+        s.log().contains("proxy runs its loop again").then_some(())
+    });
+    assert!(again.is_some(), "{}", s.log());
+    assert!(s.status()["not_serving"].is_null(), "{}", s.status());
+    // Stopped for good: killed and restarted at proxy_stall_timeout.
+    kill(proxy, libc::SIGSTOP);
+    let restarted = wait_for(Duration::from_secs(30), || {
+        let now = s.pids_titled("halfsync: proxy");
+        (now.len() == 1 && now[0] != proxy).then_some(())
+    });
+    assert!(restarted.is_some(), "{}", s.log());
+    assert!(s.log().contains("past proxy_stall_timeout"), "{}", s.log());
+    let served = wait_for(Duration::from_secs(10), || {
+        let mut c = halfsync_protocol::Client::connect(s.addr).ok()?;
+        (c.call(1, 1, b"back").ok()?.code == status::OK).then_some(())
+    });
+    assert!(served.is_some(), "{}", s.log());
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// The metrics listener answers HEAD like GET without the body, refuses
 /// other methods with 405, and `/ping` is a health check: 200 `pong` while
 /// every group has a worker ready, 503 and the reason while one has none

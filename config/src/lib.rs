@@ -197,6 +197,13 @@ pub struct Server {
     /// Default `"10s"`.
     #[serde(with = "units::duration")]
     pub shutdown_grace: Duration,
+    /// `proxy_stall_timeout`: a proxy whose event loop has not turned for
+    /// this long (stuck in a bug, or stopped with SIGSTOP or a debugger)
+    /// is killed and restarted with its workers; its clients' connections
+    /// close. Time the master itself did not run (a paused VM) does not
+    /// count. `"0s"` turns it off. Default `"30s"`.
+    #[serde(with = "units::duration")]
+    pub proxy_stall_timeout: Duration,
     /// `ring_size`: bytes of each shared-memory ring (every worker has one
     /// request ring and one reply ring). A size, rounded up to a power of two
     /// and to at least 4KiB, a page (the value here is already rounded), at
@@ -288,6 +295,7 @@ impl Default for Server {
             idle_timeout: Duration::from_secs(60),
             max_frame: 1 << 20,
             shutdown_grace: Duration::from_secs(10),
+            proxy_stall_timeout: Duration::from_secs(30),
             ring_size: 4 << 20,
             backlog: 1024,
             read_budget: 64 << 10,

@@ -403,6 +403,12 @@ struct ProxyProc {
     /// The last configuration sent did not reach it (its channel was full
     /// or broken): `sync_hold` sends it again, at most once a second.
     config_stale: bool,
+    /// Its loop's last heartbeat as the master saw it, and since when (in
+    /// the master's running time: see `watch_proxies`) it has not changed.
+    last_beat: u64,
+    silent_since: Instant,
+    /// Its silence was logged (and is logged again when it ends).
+    stall_logged: bool,
 }
 
 struct ListenerRec {
@@ -479,6 +485,8 @@ pub(crate) struct Master {
     /// The same moment by the wall clock (`halfsync_start_time_seconds`).
     pub(crate) started_wall: std::time::SystemTime,
     next_pool_check: Instant,
+    /// When the loop last ran its timers (see `watch_proxies`).
+    last_turn: Instant,
     rng: fastrand::Rng,
     /// Benchmark baseline: plugins run inside the proxy; no workers.
     inline: bool,
@@ -579,6 +587,7 @@ pub fn run(
         started_at: Instant::now(),
         started_wall: std::time::SystemTime::now(),
         next_pool_check: Instant::now() + POOL_CHECK,
+        last_turn: Instant::now(),
         rng: fastrand::Rng::new(),
         inline,
         stop_waiters: Vec::new(),
@@ -1079,6 +1088,9 @@ impl Master {
             pid,
             channel: master_end,
             config_stale: false,
+            last_beat: 0,
+            silent_since: Instant::now(),
+            stall_logged: false,
         });
         for i in 0..self.slots.len() {
             if self.slots[i].proxy == n {
@@ -1702,7 +1714,7 @@ impl Master {
     /// check (`GET /ping`): starting, stopping, a proxy down, or a group
     /// with no ready worker for some proxy (all crashed and backing off,
     /// say). `None` when it serves.
-    fn not_serving(&self) -> Option<String> {
+    pub(crate) fn not_serving(&self) -> Option<String> {
         if self.stopping.is_some() {
             return Some("stopping".to_owned());
         }
@@ -2273,7 +2285,82 @@ impl Master {
         self.reload_progress(i);
     }
 
+    /// The proxy watchdog, once per master loop turn: logs a proxy whose
+    /// loop has not turned (heartbeat unchanged) for [`PROXY_SILENT_NS`]
+    /// and kills it past `proxy_stall_timeout` (it is then restarted as
+    /// after any death). Only time the master ran counts: after a gap in
+    /// its own loop (the whole VM paused, the master stopped) every proxy
+    /// gets a fresh start, since none could turn while nothing ran.
+    fn watch_proxies(&mut self) {
+        let now = Instant::now();
+        let gap = now.saturating_duration_since(self.last_turn);
+        self.last_turn = now;
+        if self.stopping.is_some() || self.inline {
+            return;
+        }
+        let limit = self.config.server.proxy_stall_timeout;
+        for (p, slot) in self.proxies.iter_mut().enumerate() {
+            let Some(proxy) = slot.as_mut() else { continue };
+            let beat = self.stats[p].last_heartbeat_ns();
+            if beat != proxy.last_beat || gap > Duration::from_secs(2) {
+                if proxy.stall_logged && beat != proxy.last_beat {
+                    info!(
+                        proxy = p,
+                        pid = proxy.pid,
+                        silent_ms = now
+                            .saturating_duration_since(proxy.silent_since)
+                            .as_millis() as u64,
+                        "proxy runs its loop again"
+                    );
+                    proxy.stall_logged = false;
+                }
+                proxy.last_beat = beat;
+                proxy.silent_since = now;
+                continue;
+            }
+            let silent = now.saturating_duration_since(proxy.silent_since);
+            if !proxy.stall_logged && silent.as_nanos() as u64 > PROXY_SILENT_NS {
+                proxy.stall_logged = true;
+                warn!(
+                    proxy = p,
+                    pid = proxy.pid,
+                    "proxy has not run its loop for {} s (stopped with SIGSTOP or a debugger, or \
+                     stuck); it serves no one meanwhile{}",
+                    silent.as_secs(),
+                    if limit.is_zero() {
+                        String::new()
+                    } else {
+                        format!(
+                            ", and is killed and restarted at proxy_stall_timeout ({} s)",
+                            limit.as_secs()
+                        )
+                    }
+                );
+            }
+            if !limit.is_zero() && silent >= limit {
+                error!(
+                    proxy = p,
+                    pid = proxy.pid,
+                    "proxy has not run its loop for {} s, past proxy_stall_timeout: killing it \
+                     (its clients' connections close) to restart it",
+                    silent.as_secs()
+                );
+                sys::kill(proxy.pid, libc::SIGKILL);
+                // Reaped on SIGCHLD and restarted there; not killed again.
+                proxy.silent_since = now + Duration::from_secs(3600);
+            }
+        }
+    }
+
+    /// A proxy the watchdog found silent (see `watch_proxies`), if any.
+    pub(crate) fn stalled_proxy(&self) -> Option<usize> {
+        self.proxies
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.stall_logged))
+    }
+
     fn run_timers(&mut self) {
+        self.watch_proxies();
         let now = Instant::now();
         if let Some(deadline) = self.stopping
             && now >= deadline

@@ -121,6 +121,14 @@ impl Master {
         if self.stopping.is_some() {
             return Err("halfsync is stopping".into());
         }
+        // A reload needs every proxy to take the new configuration; one
+        // that does not run would hold it for ever.
+        if let Some(p) = self.stalled_proxy() {
+            return Err(format!(
+                "proxy {p} has not run its loop for over 5 s (stopped or stuck); reload once it \
+                 runs again (proxy_stall_timeout restarts it)"
+            ));
+        }
         let (probe, config, files) = self
             .read_and_probe()
             .inspect_err(|_| self.reloads.count("refused"))?;

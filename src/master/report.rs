@@ -215,6 +215,9 @@ pub(crate) fn status(m: &Master) -> String {
         // Client listen addresses, with the port chosen for a port 0.
         "listen": m.listening(),
         "uptime_s": m.started_at.elapsed().as_secs(),
+        // What `GET /ping` says: null while every group can be served,
+        // else why not (a proxy stopped or stuck, a group with no worker).
+        "not_serving": m.not_serving(),
         "reloading": m.reload.is_some() || m.probing.is_some(),
         // How reloads ended; `last` is null before the first.
         "reloads": {
