@@ -1249,6 +1249,56 @@ fn a_c_plugins_printf_is_logged_while_the_worker_runs() {
     s.assert_clean();
 }
 
+/// A plugin that logs (here: panics) or prints on every request gets at
+/// most `PLUGIN_LINES_PER_SECOND` lines a second per worker into the log;
+/// the rest are counted and the count is logged. (Before, 59,000 panics a
+/// second wrote 59,000 lines, and a printing plugin cut the server's
+/// throughput by half with the master writing its output.)
+#[test]
+fn a_plugin_flooding_the_log_is_held_to_a_budget() {
+    let budget = halfsync_config::PLUGIN_LINES_PER_SECOND as usize;
+    for (plugin, command, line, dropped) in [
+        (
+            fault_plugin_so(),
+            fault::PANIC,
+            "plugin panicked: fault: requested panic",
+            "more plugin log lines dropped (more than",
+        ),
+        (
+            halfsync_testkit::c_plugin("plugins/c/test/printer.c"),
+            1,
+            "worker output: handled request",
+            "more lines of worker output dropped (more than",
+        ),
+    ] {
+        let port = free_port();
+        let mut s = Server::start(&config(port, &plugin, 1, ""), port);
+        let mut c = s.client();
+        let n = 3 * budget as u64;
+        let t = Instant::now();
+        for id in 0..n {
+            c.send(id, command, b"x").unwrap();
+        }
+        for _ in 0..n {
+            c.recv().unwrap();
+        }
+        let seconds = t.elapsed().as_secs() as usize + 1;
+        let reported = wait_for(Duration::from_secs(10), || {
+            s.log().contains(dropped).then_some(())
+        });
+        let log = s.log();
+        let lines = log.lines().filter(|l| l.contains(line)).count();
+        s.stop(Duration::from_secs(30));
+        s.assert_clean();
+        assert!(reported.is_some(), "no count of dropped lines: {log}");
+        // (The plugin's own lines at start count too.)
+        assert!(
+            (budget - 10..=budget * seconds).contains(&lines),
+            "{lines} lines in {seconds} s, budget {budget}"
+        );
+    }
+}
+
 /// What a worker writes to its stderr (here a Rust plugin's panic that
 /// cannot unwind, printed by the panic hook as the worker aborts) is
 /// logged by the master as the worker's, in the log's format: with

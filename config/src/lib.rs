@@ -69,6 +69,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod budget;
 mod error;
 mod units;
 
@@ -81,6 +82,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
+pub use budget::{LineBudget, PLUGIN_LINES_PER_SECOND};
 pub use error::{Error, Location, one_line};
 pub use units::{ByteSize, HumanDuration, UnitError};
 

@@ -271,6 +271,9 @@ struct Captured {
     pid: i32,
     /// The start of a line not yet ended.
     partial: Vec<u8>,
+    /// Lines per second (`PLUGIN_LINES_PER_SECOND`): a plugin printing on
+    /// every request must not have the master write the log flat out.
+    budget: halfsync_config::LineBudget,
 }
 
 /// A line of a worker's output longer than this is logged in pieces.
@@ -310,10 +313,27 @@ impl Captured {
         open
     }
 
-    fn log(&self, line: &[u8]) {
+    fn report(&self, dropped: u64) {
+        if dropped > 0 {
+            warn!(
+                group = %self.group,
+                worker = self.label,
+                pid = self.pid,
+                "{dropped} more lines of worker output dropped (more than {} a second from one worker)",
+                halfsync_config::PLUGIN_LINES_PER_SECOND
+            );
+        }
+    }
+
+    fn log(&mut self, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches('\r');
         if text.is_empty() {
+            return;
+        }
+        let (admitted, dropped) = self.budget.admit(Instant::now());
+        self.report(dropped);
+        if !admitted {
             return;
         }
         warn!(
@@ -1168,6 +1188,7 @@ impl Master {
             label: s.label,
             pid,
             partial: Vec::new(),
+            budget: halfsync_config::LineBudget::new(halfsync_config::PLUGIN_LINES_PER_SECOND),
         });
         let s = &mut self.slots[i];
         s.life = Life::Running {
@@ -2361,6 +2382,13 @@ impl Master {
 
     fn run_timers(&mut self) {
         self.watch_proxies();
+        // A burst of worker output over budget is counted in the log once
+        // its second is over, even if the worker prints nothing more.
+        let now = Instant::now();
+        for c in &mut self.captured {
+            let dropped = c.budget.take_suppressed(now);
+            c.report(dropped);
+        }
         let now = Instant::now();
         if let Some(deadline) = self.stopping
             && now >= deadline

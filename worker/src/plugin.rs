@@ -467,7 +467,7 @@ impl Plugin {
             name: self.name.clone(),
             offset: e.nul_position(),
         })?;
-        let host = leak_host(&self.name);
+        let (host, host_ctx) = leak_host(&self.name);
         let init = self.table.init.expect("checked at load");
         let mut state: *mut c_void = ptr::null_mut();
         let mut err = vec![0u8; INIT_ERR_CAP];
@@ -498,6 +498,7 @@ impl Plugin {
         Ok(Instance {
             table: self.table,
             state,
+            host: host_ctx,
         })
     }
 }
@@ -540,23 +541,45 @@ fn other_abi_version(lib: &Library) -> Option<u32> {
 // Host services
 
 /// What `hs_host.ctx` points to.
+#[derive(Debug)]
 struct HostCtx {
     plugin: String,
+    /// [`halfsync_config::PLUGIN_LINES_PER_SECOND`] (a Mutex: a C
+    /// plugin's own threads may log too).
+    budget: std::sync::Mutex<halfsync_config::LineBudget>,
+}
+
+impl HostCtx {
+    /// Logs how many lines the budget dropped, if any.
+    fn report(plugin: &str, dropped: u64) {
+        if dropped > 0 {
+            tracing::warn!(
+                target: "plugin",
+                plugin,
+                "{dropped} more plugin log lines dropped (more than {} a second from one worker)",
+                halfsync_config::PLUGIN_LINES_PER_SECOND
+            );
+        }
+    }
 }
 
 /// A fresh `hs_host` for one plugin instance, leaked: the plugin may keep
 /// it "until fini", and a plugin that misbehaves after fini must still not
 /// reach freed memory. One per `init`, i.e. one per worker process.
-fn leak_host(plugin: &str) -> &'static HsHost {
+fn leak_host(plugin: &str) -> (&'static HsHost, &'static HostCtx) {
     let ctx: &'static HostCtx = Box::leak(Box::new(HostCtx {
         plugin: plugin.to_owned(),
+        budget: std::sync::Mutex::new(halfsync_config::LineBudget::new(
+            halfsync_config::PLUGIN_LINES_PER_SECOND,
+        )),
     }));
-    Box::leak(Box::new(HsHost {
+    let host = Box::leak(Box::new(HsHost {
         abi_version: ABI_VERSION,
         struct_size: size_of::<HsHost>() as u32,
         ctx: ptr::from_ref(ctx).cast_mut().cast::<c_void>(),
         log: Some(host_log),
-    }))
+    }));
+    (host, ctx)
 }
 
 /// `hs_host.log`: forwards to `tracing`, target `plugin`.
@@ -572,7 +595,17 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
         unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), len) }
     };
     // SAFETY: `ctx` is the leaked, immutable `HostCtx` (fn contract).
-    let plugin = unsafe { &*ctx.cast::<HostCtx>() }.plugin.as_str();
+    let host = unsafe { &*ctx.cast::<HostCtx>() };
+    let plugin = host.plugin.as_str();
+    let (admitted, dropped) = host
+        .budget
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(std::time::Instant::now());
+    HostCtx::report(plugin, dropped);
+    if !admitted {
+        return;
+    }
     let raw = String::from_utf8_lossy(bytes);
     // One line: a plugin's message cannot forge other log lines.
     let text = halfsync_config::one_line(&raw);
@@ -738,9 +771,24 @@ pub enum Written {
 pub struct Instance {
     table: &'static HsPlugin,
     state: *mut c_void,
+    host: &'static HostCtx,
 }
 
 impl Instance {
+    /// Logs how many of the plugin's log lines were dropped for being over
+    /// its budget, once that second is over (the worker calls it when its
+    /// ring runs empty, so a burst's count is not held until the plugin
+    /// logs again).
+    pub fn report_dropped_logs(&self) {
+        let dropped = self
+            .host
+            .budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_suppressed(std::time::Instant::now());
+        HostCtx::report(&self.host.plugin, dropped);
+    }
+
     /// Runs the plugin's `handle` for one request and returns the reply
     /// `(status, payload_len)`; the payload is `out[..payload_len]`.
     ///

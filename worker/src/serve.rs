@@ -207,7 +207,9 @@ pub fn run(spec: WorkerSpec) -> i32 {
         let rec = match rx.peek() {
             Ok(Some(r)) => r,
             Ok(None) => {
-                // Idle: the cheapest moment for the RSS check.
+                // Idle: the cheapest moment for the RSS check, and for
+                // saying how many plugin log lines were over budget.
+                instance.report_dropped_logs();
                 if !recycle_asked && spec.max_rss > 0 && served != rss_checked_at {
                     rss_checked_at = served;
                     recycle_asked = check_rss(&spec, ctl, served);
