@@ -2539,6 +2539,39 @@ fn a_worker_replaced_during_its_init_never_serves() {
     s.assert_clean();
 }
 
+/// A reload that begins while a recycle's replacement is still in its
+/// init replaces that replacement too once it is ready, before saying
+/// "reload complete": after the reload every reply is the new version's.
+/// (The job used to end at once when its list held only the worker being
+/// recycled, and the replacement then served the old version.)
+#[test]
+fn a_reload_during_a_recycles_init_replaces_the_replacement_too() {
+    let port = free_port();
+    let text = |prefix: &str, init: u32| {
+        versioned(port, 1, prefix, "max_requests = 5", "") + &format!("init_delay_ms = {init}\n")
+    };
+    // Each worker spends 700 ms in init, the recycle's replacement too.
+    let mut s = Server::start(&text("v1:", 700), port);
+    let mut c = s.client();
+    for id in 0..5 {
+        assert_eq!(c.call(id, 1, b"x").unwrap().payload, b"v1:x");
+    }
+    // The recycle's replacement is starting.
+    let starting = wait_for(Duration::from_secs(10), || {
+        (s.worker_pids().len() == 2).then_some(())
+    });
+    assert!(starting.is_some(), "{}", s.log());
+    s.write_config(&text("v2:", 0));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    for id in 10..30 {
+        let r = c.call(id, 1, b"x").unwrap();
+        assert_eq!(r.payload, b"v2:x", "request {id}\n{}", s.log());
+    }
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A worker that reaches `max_requests` while a reload is replacing it
 /// gets no second replacement: the group settles at its size, on the new
 /// version.
@@ -2576,9 +2609,12 @@ fn a_recycle_during_a_reload_does_not_replace_a_worker_twice() {
     assert_eq!(st["groups"][0]["workers"][0]["generation"], 2, "{st}");
     assert_eq!(s.client().call(1, 1, b"x").unwrap().payload, b"v2:x");
     // The overlap this is about did happen: a recycle came due during the
-    // reload (20 requests at 5 ms against a 1 s init).
+    // reload, its plugins' test-load included (20 requests at 5 ms
+    // against a 1 s init).
     let log = s.log();
-    let from = log.find("reloading").expect("reload logged");
+    let from = log
+        .find("reload: test-loading the plugins")
+        .expect("reload logged");
     let to = log.find("reload complete").expect("reload complete logged");
     assert!(
         log[from..to].contains("recycling limit reached: max_requests"),

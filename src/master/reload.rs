@@ -469,39 +469,55 @@ impl Master {
         };
         let mut waiting = false;
         for gj in &mut job.groups {
-            // Workers on another generation that no list had (a replacement
-            // begun before the reload, ready since): replace them too, so
-            // none serves the old version once the job is done.
-            if gj.current.is_none() && gj.todo.is_empty() && !gj.gave_up {
-                let (stale, starting) = self.stale_workers(gj.group, &gj.tried);
-                gj.todo.extend(stale);
-                waiting |= starting;
-            }
-            while gj.current.is_none() {
-                let Some(old) = gj.todo.pop_front() else {
-                    break;
-                };
-                // Already being replaced (a recycle): one replacement at a
-                // time; the rescan comes back to it (or to its successor).
-                if self.being_replaced(old) {
-                    continue;
-                }
-                gj.tried.push(old);
-                let s = &self.slots[old];
-                let wanted = self.groups[gj.group].generation;
-                // Dead or leaving meanwhile: its restart (if any) already
-                // uses the group's current settings.
-                if !matches!(s.life, Life::Running { .. }) || !s.active() || s.generation == wanted
-                {
-                    continue;
-                }
-                match self.replace(old, Cause::Reload) {
-                    Ok(new) => gj.current = Some((new, old)),
-                    Err(e) => {
-                        let msg = format!("group {}: {e:#}", self.groups[gj.group].config.name);
-                        error!("{msg}");
-                        job.errors.push(msg);
+            // Until a replacement is going or none is left to do: the list
+            // may run out on workers already being replaced (a recycle's),
+            // and the rescan then finds their replacements, which no list
+            // had. (Without the second pass a job whose list ended so was
+            // done at once, and a recycle's replacement begun just before
+            // the reload served the old version after "reload complete".)
+            loop {
+                // Workers on another generation that no list had (a replacement
+                // begun before the reload, ready since): replace them too, so
+                // none serves the old version once the job is done.
+                if gj.current.is_none() && gj.todo.is_empty() && !gj.gave_up {
+                    let (stale, starting) = self.stale_workers(gj.group, &gj.tried);
+                    waiting |= starting;
+                    if stale.is_empty() {
+                        break;
                     }
+                    gj.todo.extend(stale);
+                }
+                while gj.current.is_none() {
+                    let Some(old) = gj.todo.pop_front() else {
+                        break;
+                    };
+                    // Already being replaced (a recycle): one replacement at a
+                    // time; the rescan comes back to it (or to its successor).
+                    if self.being_replaced(old) {
+                        continue;
+                    }
+                    gj.tried.push(old);
+                    let s = &self.slots[old];
+                    let wanted = self.groups[gj.group].generation;
+                    // Dead or leaving meanwhile: its restart (if any) already
+                    // uses the group's current settings.
+                    if !matches!(s.life, Life::Running { .. })
+                        || !s.active()
+                        || s.generation == wanted
+                    {
+                        continue;
+                    }
+                    match self.replace(old, Cause::Reload) {
+                        Ok(new) => gj.current = Some((new, old)),
+                        Err(e) => {
+                            let msg = format!("group {}: {e:#}", self.groups[gj.group].config.name);
+                            error!("{msg}");
+                            job.errors.push(msg);
+                        }
+                    }
+                }
+                if gj.current.is_some() || gj.gave_up {
+                    break;
                 }
             }
         }
