@@ -461,6 +461,14 @@ fn overload_is_answered_busy_at_once() {
         1,
         "{log}"
     );
+    // The 3 held back are logged when those 10 s are over, though the
+    // overload has ended (they used to wait for the next one).
+    let rest = wait_for(Duration::from_secs(20), || {
+        s.log()
+            .contains("overloaded: 3 answered BUSY (wait queue full, max_queue = 2), 0 TIMEOUT (waited past queue_timeout) since the last such warning, 1")
+            .then_some(())
+    });
+    assert!(rest.is_some(), "{}", s.log());
 }
 
 /// A plugin that starts crashing in init is restarted with backoff; while

@@ -1222,6 +1222,7 @@ impl Proxy {
         self.next_sweep_ns = self.now_ns + 1000 * NS_PER_MS;
         // For the master's health check: this loop still turns.
         self.stats.heartbeat(self.now_ns);
+        self.flush_overload();
         let idle = self.config.server.idle_timeout.as_nanos() as u64;
         if idle == 0 {
             return;

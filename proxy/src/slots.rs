@@ -752,6 +752,7 @@ impl Proxy {
             return Ok(0);
         };
         let mut n = 0;
+        let mut stale = 0u64;
         let result = loop {
             if n == max {
                 break Ok(());
@@ -774,6 +775,9 @@ impl Proxy {
                 ));
             }
             self.stats.reply(Scope::Slot(si, s.group), rec.meta.code);
+            // (Workers answer TIMEOUT themselves only to requests that
+            // waited past queue_timeout in their ring.)
+            stale += u64::from(rec.meta.code == status::TIMEOUT);
             if rec.meta.flags != 0
                 && let Some(g) = self.groups.get_mut(s.group)
             {
@@ -810,6 +814,10 @@ impl Proxy {
         self.stats.pending(si, s.pending.len());
         // A draining worker that now holds nothing can retire this turn.
         self.check_due |= s.pending.is_empty() && matches!(s.phase, Phase::Draining { .. });
+        if stale > 0 {
+            let g = s.group;
+            self.overloaded(g, 0, stale);
+        }
         result.map(|()| n)
     }
 
@@ -1027,15 +1035,35 @@ impl Proxy {
     /// last one (as PHP-FPM warns when a pool reaches pm.max_children; the
     /// metrics have every answer).
     pub(crate) fn overloaded(&mut self, g: usize, busy: u64, timed_out: u64) {
+        let Some(group) = self.groups.get_mut(g) else {
+            return;
+        };
+        group.overload.busy += busy;
+        group.overload.timed_out += timed_out;
+        self.warn_overload(g);
+    }
+
+    /// Once a second: the counts held back since a group's last overload
+    /// warning are logged once its interval is over, even if the overload
+    /// has ended (they used to wait for the next overload, and then read
+    /// as a new one).
+    pub(crate) fn flush_overload(&mut self) {
+        for g in 0..self.groups.len() {
+            self.warn_overload(g);
+        }
+    }
+
+    /// Logs group `g`'s overload counts, unless there are none or it was
+    /// warned about less than [`OVERLOAD_WARN_EVERY_NS`] ago.
+    fn warn_overload(&mut self, g: usize) {
         let now = self.now_ns;
         let Some(group) = self.groups.get_mut(g) else {
             return;
         };
         let o = &mut group.overload;
-        o.busy += busy;
-        o.timed_out += timed_out;
-        if o.warned_ns
-            .is_some_and(|t| now < t + OVERLOAD_WARN_EVERY_NS)
+        if o.busy + o.timed_out == 0
+            || o.warned_ns
+                .is_some_and(|t| now < t + OVERLOAD_WARN_EVERY_NS)
         {
             return;
         }
