@@ -49,7 +49,7 @@ extern "C" {
 typedef struct hs_request {
     uint64_t id;           /* chosen by the client, echoed in the reply */
     uint16_t command;      /* HSP/1 code field of the request */
-    uint16_t flags;        /* HSP/1 flags field (reserved, 0) */
+    uint16_t flags;        /* HSP/1 flags field, as the client sent it */
     uint32_t reserved;     /* 0 */
     const uint8_t *payload;
     size_t payload_len;

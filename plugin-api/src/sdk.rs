@@ -157,7 +157,9 @@ impl<'a> Request<'a> {
         self.command
     }
 
-    /// The HSP/1 `flags` field (reserved, 0 today).
+    /// The HSP/1 `flags` field as the client sent it. halfsync gives it no
+    /// meaning and passes it through; clients should send 0 unless a
+    /// plugin defines a use for it.
     pub const fn flags(&self) -> u16 {
         self.flags
     }
