@@ -2539,6 +2539,45 @@ fn a_worker_replaced_during_its_init_never_serves() {
     s.assert_clean();
 }
 
+/// A reload that changes `log_file` or `log_format` says they take a
+/// restart, and every process, the reload's new workers too, keeps the
+/// log it started with (new workers used to write the new file in the new
+/// format while the master and proxy wrote the old one).
+#[test]
+fn log_file_and_format_changes_wait_for_a_restart() {
+    let port = free_port();
+    let dir = temp_dir();
+    let a = dir.path().join("a.log");
+    let b = dir.path().join("b.log");
+    let server = |file: &std::path::Path, format: &str| {
+        format!(
+            "log_file = \"{}\"\nlog_format = \"{format}\"",
+            file.display()
+        )
+    };
+    let mut s = Server::start(&versioned(port, 1, "v1:", "", &server(&a, "text")), port);
+    s.write_config(&versioned(port, 1, "v2:", "", &server(&b, "json")));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(s.client().call(1, 1, b"x").unwrap().payload, b"v2:x");
+    let text = std::fs::read_to_string(&a).unwrap_or_default();
+    assert!(
+        text.contains("log_file and log_format changes take effect at the next restart"),
+        "{text}"
+    );
+    // The reload's worker logged its start in a.log, as text.
+    let ready = text.lines().filter(|l| l.contains("worker ready")).count();
+    assert!(ready >= 2, "{text}");
+    assert!(text.lines().all(|l| !l.starts_with('{')), "{text}");
+    assert!(
+        !b.exists(),
+        "{}",
+        std::fs::read_to_string(&b).unwrap_or_default()
+    );
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A reload that begins while a recycle's replacement is still in its
 /// init replaces that replacement too once it is ready, before saying
 /// "reload complete": after the reload every reply is the new version's.

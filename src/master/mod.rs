@@ -454,6 +454,11 @@ pub(crate) struct Master {
     /// The file the configuration came from (reload re-reads it).
     config_path: Option<PathBuf>,
     pub(crate) config: Config,
+    /// The log file and format the server started with: every process
+    /// keeps writing there, in that format, until a restart (a reload
+    /// that changes them says so), so that one file never mixes formats
+    /// and no process's lines go elsewhere.
+    pub(crate) log_setup: (Option<PathBuf>, halfsync_config::LogFormat),
     pub(crate) generation: u64,
     pub(crate) groups: Vec<GroupRec>,
     listeners: Vec<ListenerRec>,
@@ -577,6 +582,7 @@ pub fn run(
     let mut m = Master {
         exe,
         config_path,
+        log_setup: (config.log_file(), config.server.log_format),
         config,
         generation: 1,
         groups,
@@ -1126,8 +1132,8 @@ impl Master {
     fn child_env(&self, key: &'static str, value: String) -> Vec<(&'static str, String)> {
         let mut env = vec![(key, value)];
         env.extend(crate::logging::child_env(
-            self.config.log_file().as_deref(),
-            self.config.server.log_format,
+            self.log_setup.0.as_deref(),
+            self.log_setup.1,
         ));
         env
     }

@@ -210,6 +210,12 @@ impl Master {
         {
             warn!("admin_socket and metrics_listen changes take effect at the next restart");
         }
+        if (config.log_file(), config.server.log_format) != self.log_setup {
+            warn!(
+                "log_file and log_format changes take effect at the next restart (every process \
+                 keeps the log it started with)"
+            );
+        }
 
         // Committed from here on.
         self.generation += 1;
