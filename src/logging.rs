@@ -22,7 +22,9 @@ const FORMAT_ENV: &str = "HALFSYNC_LOG_FORMAT";
 pub const FD_ENV: &str = "HALFSYNC_LOG_FD";
 
 /// Where log lines go: the file (and its path, to reopen it), or stderr.
-static TARGET: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+/// A path without a file is a log file that could not be opened (lines go
+/// to stderr meanwhile, and SIGUSR1 tries again).
+static TARGET: Mutex<Option<(PathBuf, Option<File>)>> = Mutex::new(None);
 
 /// Instead of stderr, when the master passed its own ([`FD_ENV`]).
 static STDERR: std::sync::OnceLock<File> = std::sync::OnceLock::new();
@@ -45,9 +47,9 @@ impl Write for Line {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut target = TARGET.lock().unwrap_or_else(|p| p.into_inner());
         let _ = match (target.as_mut(), STDERR.get()) {
-            (Some((_, file)), _) => file.write_all(buf),
-            (None, Some(mut stderr)) => stderr.write_all(buf),
-            (None, None) => io::stderr().write_all(buf),
+            (Some((_, Some(file))), _) => file.write_all(buf),
+            (_, Some(mut stderr)) => stderr.write_all(buf),
+            (_, None) => io::stderr().write_all(buf),
         };
         Ok(buf.len())
     }
@@ -69,7 +71,7 @@ pub fn init(file: Option<&Path>, format: LogFormat) -> io::Result<()> {
     let to_terminal = match file {
         Some(path) => {
             let f = open(path)?;
-            *TARGET.lock().unwrap_or_else(|p| p.into_inner()) = Some((path.to_path_buf(), f));
+            *TARGET.lock().unwrap_or_else(|p| p.into_inner()) = Some((path.to_path_buf(), Some(f)));
             false
         }
         None => match STDERR.get() {
@@ -104,9 +106,12 @@ pub fn init_from_env() {
         _ => LogFormat::Text,
     };
     if let Err(e) = init(file.as_deref(), format) {
-        // Fall back to stderr rather than losing the process's logs.
+        // Fall back to stderr rather than losing the process's logs, and
+        // keep the path: the next SIGUSR1 (the operator fixed the file)
+        // tries again, as it does in the other processes.
         let _ = init(None, format);
-        tracing::error!("cannot open log file: {e}");
+        *TARGET.lock().unwrap_or_else(|p| p.into_inner()) = file.map(|f| (f, None));
+        tracing::error!("cannot open log file: {e}; logging to stderr until it can be (SIGUSR1)");
     }
 }
 
@@ -127,7 +132,7 @@ pub fn child_env(file: Option<&Path>, format: LogFormat) -> Vec<(&'static str, S
 pub fn reopen() -> io::Result<()> {
     let mut target = TARGET.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((path, file)) = target.as_mut() {
-        *file = open(path)?;
+        *file = Some(open(path)?);
     }
     Ok(())
 }

@@ -1763,6 +1763,58 @@ fn log_file_is_reopened_on_sigusr1_and_json_works() {
     );
 }
 
+/// A worker started while the log file cannot be opened (a directory
+/// stands at its path) logs to stderr meanwhile and, once the operator has
+/// fixed it, opens the file at the next SIGUSR1 like every other process
+/// (it used to log to the master's stderr for the rest of its life).
+#[test]
+fn a_worker_started_while_the_log_cannot_be_opened_opens_it_at_sigusr1() {
+    let port = free_port();
+    let dir = temp_dir();
+    let log = dir.path().join("hs.log");
+    let text = versioned(
+        port,
+        1,
+        "",
+        "",
+        &format!("log_file = \"{}\"", log.display()),
+    );
+    let mut s = Server::start(&text, port);
+    std::fs::rename(&log, dir.path().join("hs.log.1")).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    s.signal(libc::SIGUSR1);
+    // A new worker, which cannot open the log either.
+    let mut c = s.client();
+    assert_eq!(
+        c.call(1, halfsync_testkit::fault::SIGKILL, b"")
+            .unwrap()
+            .code,
+        status::WORKER_DIED
+    );
+    let worker = wait_for(Duration::from_secs(10), || {
+        let pids = s.worker_pids();
+        (pids.len() == 1).then(|| pids[0])
+    })
+    .unwrap_or_else(|| panic!("{}", s.log()));
+    assert_eq!(c.call(2, 1, b"x").unwrap().code, status::OK);
+    std::fs::remove_dir(&log).unwrap();
+    s.signal(libc::SIGUSR1);
+    let reopened = wait_for(Duration::from_secs(10), || {
+        std::fs::read_dir(format!("/proc/{worker}/fd"))
+            .ok()?
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == log))
+            .then_some(())
+    });
+    assert!(
+        reopened.is_some(),
+        "the worker never opened the log\n{}",
+        s.log()
+    );
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A replaced worker that does not drain within `drain_timeout` (the
 /// reload's mercy time) is killed; its request gets TIMEOUT.
 #[test]
