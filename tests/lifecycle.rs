@@ -240,11 +240,49 @@ fn systemd_hears_ready_and_stopping() {
             cmdline(pid)
         );
     }
+    // A reload (Type=notify-reload): RELOADING=1 with the time, then
+    // READY=1 and the new generation in STATUS; a refused one too.
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    s.signal(libc::SIGHUP);
+    let msg = next();
+    assert!(msg.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{msg}");
+    let msg = next();
+    assert!(
+        msg.starts_with("READY=1\nSTATUS=serving: 2 workers, generation 2"),
+        "{msg}"
+    );
+    s.write_config("this is not toml [[[");
+    s.signal(libc::SIGHUP);
+    assert!(next().starts_with("RELOADING=1"));
+    let msg = next();
+    assert!(
+        msg.starts_with("READY=1\nSTATUS=serving: 2 workers, generation 2; reload refused:"),
+        "{msg}"
+    );
+    // A scale changes what STATUS says.
+    s.write_config(&config(port, &echo_so(), 2, ""));
+    let (code, out, err) = s.ctl(&["scale", "echo", "3"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let msg = next();
+    assert!(
+        msg.starts_with("READY=1\nSTATUS=serving: 3 workers"),
+        "{msg}"
+    );
     s.signal(libc::SIGTERM);
-    let n = sock.recv(&mut buf).expect("STOPPING=1 within 10 s");
-    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let msg = next();
     assert!(msg.starts_with("STOPPING=1"), "{msg}");
     assert_eq!(s.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    // Said once.
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        sock.recv(&mut buf).is_err(),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
     s.assert_clean();
 }
 

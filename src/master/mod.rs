@@ -1316,7 +1316,10 @@ impl Master {
     }
 
     fn kill_everything(&mut self) {
-        self.notify("STOPPING=1");
+        // (A graceful stop that ran out of time said so already.)
+        if self.stopping.is_none() {
+            self.notify("STOPPING=1");
+        }
         // Name the requests abandoned (their clients see the connection
         // close without a reply): a fast stop's, a second SIGINT's, or
         // those still running when the grace period ends.
@@ -1489,8 +1492,10 @@ impl Master {
                 "group {name}: could grow only to {reached} of {n} workers: {e:#}; it stays at {reached}"
             );
             error!("scale failed: {msg}");
+            self.notify_serving("");
             return Err(msg);
         }
+        self.notify_serving("");
         Ok(format!(
             "group {name}: {before} -> {n} worker{}{}",
             if n == 1 { "" } else { "s" },
@@ -1720,6 +1725,9 @@ impl Master {
                         self.stop_waiters.push(conn);
                         if fast {
                             warn!("fast stop requested");
+                            if self.stopping.is_none() {
+                                self.notify("STOPPING=1");
+                            }
                             self.stopping = Some(Instant::now());
                             self.kill_everything();
                         } else if self.stopping.is_none() {
@@ -1978,10 +1986,28 @@ impl Master {
         });
     }
 
-    fn notify(&self, state: &str) {
+    pub(crate) fn notify(&self, state: &str) {
         if let Some(n) = &self.notifier {
             n.send(state);
         }
+    }
+
+    /// systemd: READY=1 and the current `STATUS=` (after a reload or a
+    /// scale, which change what it said), with `note` appended.
+    pub(crate) fn notify_serving(&self, note: &str) {
+        if self.stopping.is_some() || self.starting {
+            return;
+        }
+        let workers: u32 = self
+            .groups
+            .iter()
+            .filter(|g| !g.retired)
+            .map(|g| g.config.workers)
+            .sum();
+        self.notify(&format!(
+            "READY=1\nSTATUS=serving: {workers} workers, generation {}{note}",
+            self.generation
+        ));
     }
 
     fn begin_stop(&mut self) {

@@ -1,8 +1,10 @@
 //! systemd's readiness protocol (`Type=notify`, sd_notify(3)), written by
 //! hand: one datagram to the socket `$NOTIFY_SOCKET` names. `READY=1` once
 //! every group has a worker serving, so `systemctl start` returns then and
-//! fails if no worker could start; `STOPPING=1` when a stop begins;
-//! `STATUS=` lines for `systemctl status`. Without `NOTIFY_SOCKET`
+//! fails if no worker could start; `RELOADING=1` (with `MONOTONIC_USEC=`)
+//! when a reload starts and `READY=1` when it has ended, for
+//! `Type=notify-reload`; `STOPPING=1` once when a stop begins; `STATUS=`
+//! lines for `systemctl status`, fresh after every reload and scale. Without `NOTIFY_SOCKET`
 //! (not under systemd, or another `Type=`) nothing is sent. Children never
 //! see the variable (`sys::spawn` removes it): only the main process may
 //! notify.

@@ -113,6 +113,20 @@ impl Master {
         if self.reload.is_some() || self.probing.is_some() {
             return Err("a reload is already in progress".into());
         }
+        // systemd's Type=notify-reload: RELOADING=1 (with the time) now,
+        // READY=1 once the reload has ended, however it ends.
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
+            halfsync_shm::sys::monotonic_ns() / 1000
+        ));
+        let started = self.start_reload_checked(reply_to);
+        if let Err(e) = &started {
+            self.notify_serving(&format!("; reload refused: {e}"));
+        }
+        started
+    }
+
+    fn start_reload_checked(&mut self, reply_to: Option<u64>) -> Result<(), String> {
         // This one covers a SIGHUP that was waiting for the last one.
         self.reload_pending = false;
         if self.inline {
@@ -188,6 +202,7 @@ impl Master {
         if let Err(e) = applied {
             self.reloads.count("refused");
             error!("reload refused: {e}");
+            self.notify_serving(&format!("; reload refused: {e}"));
             if let Some(conn) = reply_to {
                 self.admin.respond(conn, admin::err(&e));
             }
@@ -556,6 +571,11 @@ impl Master {
         if let Some(conn) = job.reply_to {
             self.admin.respond(conn, answer);
         }
+        self.notify_serving(if job.errors.is_empty() {
+            ""
+        } else {
+            "; the last reload failed (see the log)"
+        });
         self.sync_hold();
     }
 
