@@ -1307,6 +1307,62 @@ fn a_plugin_flooding_the_log_is_held_to_a_budget() {
     }
 }
 
+/// Whether process `pid` is gone (or a zombie, dead and waiting for
+/// whoever adopted it to reap it).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state == "Z"),
+    }
+}
+
+/// A process a plugin started and forgot ends with its worker, whether
+/// the worker crashed or was stopped: each worker leads a process group,
+/// which the master kills when it reaps the worker. (They used to live
+/// on, adopted by init, across every reload and stop.)
+#[test]
+fn processes_a_plugin_starts_end_with_its_worker() {
+    let spawner = halfsync_testkit::c_plugin("plugins/c/test/spawner.c");
+    let port = free_port();
+    let mut s = Server::start(&config(port, &spawner, 1, ""), port);
+    let mut c = s.client();
+    let child = |c: &mut Client| -> i32 {
+        let r = c.call(1, 2, b"").unwrap();
+        assert_eq!(r.code, status::OK);
+        String::from_utf8_lossy(&r.payload).parse().unwrap()
+    };
+    // The worker dies (as by a crash): its child goes with it.
+    let first = child(&mut c);
+    assert!(!gone(first));
+    let worker = s.worker_pids()[0];
+    kill(worker, libc::SIGKILL);
+    let ended = wait_for(Duration::from_secs(10), || gone(first).then_some(()));
+    assert!(
+        ended.is_some(),
+        "pid {first} outlived its worker\n{}",
+        s.log()
+    );
+    // A stop: the new worker's child goes too.
+    let back = wait_for(Duration::from_secs(10), || {
+        (s.worker_pids().len() == 1 && s.worker_pids()[0] != worker).then_some(())
+    });
+    assert!(back.is_some(), "{}", s.log());
+    let second = wait_for(Duration::from_secs(10), || {
+        let mut c = s.client();
+        let r = c.call(2, 2, b"").ok()?;
+        (r.code == status::OK).then(|| String::from_utf8_lossy(&r.payload).parse::<i32>().ok())?
+    })
+    .unwrap_or_else(|| panic!("{}", s.log()));
+    assert!(!gone(second));
+    assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
+    let ended = wait_for(Duration::from_secs(10), || gone(second).then_some(()));
+    assert!(ended.is_some(), "pid {second} outlived the server");
+    s.assert_clean();
+}
+
 /// What a worker writes to its stderr (here a Rust plugin's panic that
 /// cannot unwind, printed by the panic hook as the worker aborts) is
 /// logged by the master as the worker's, in the log's format: with

@@ -2050,7 +2050,11 @@ impl Master {
     fn reap_children(&mut self) {
         loop {
             match sys::reap() {
-                Ok(Some((pid, how, cpu))) => self.on_child_exit(pid, how, cpu),
+                Ok(Some((pid, how, cpu))) => {
+                    // Processes its plugin started and left behind go with it.
+                    sys::kill_group(pid);
+                    self.on_child_exit(pid, how, cpu)
+                }
                 Ok(None) => {
                     self.release_removed_plugins();
                     return;

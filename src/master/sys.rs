@@ -311,7 +311,13 @@ pub fn spawn(
 ) -> std::io::Result<i32> {
     let master_pid = std::process::id() as i32;
     let mut cmd = Command::new(exe);
+    // Each child leads a process group of its own, which the processes a
+    // plugin starts join: when the child is reaped, the master kills what
+    // is left of its group (`kill_group`), so a plugin's forgotten
+    // children do not outlive its worker. (Also keeps a terminal's Ctrl-C
+    // for the master, which stops everything in order.)
     cmd.arg0(title)
+        .process_group(0)
         .env(super::ROLE_ENV, role)
         .env_remove(super::notify::ENV)
         .stdin(Stdio::null());
@@ -408,4 +414,14 @@ pub fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf takes a constant and touches no memory of ours.
     let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if n > 0 { n as u64 } else { 100 }
+}
+
+/// Kills what is left of the process group a reaped child led (see
+/// [`spawn`]): processes its plugin started and left behind. The group's
+/// id stays taken while a member lives, so `-pid` names only that group.
+pub fn kill_group(pid: i32) {
+    if pid > 1 {
+        // SAFETY: kill(2) takes no pointers; ESRCH (no one left) is fine.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
 }
