@@ -2110,11 +2110,18 @@ impl Master {
         self.groups[s.group].ended_cpu += cpu;
         let served = s.slot.control().served();
         s.ever_ready |= served > 0;
-        let cause = s.end_cause.take().unwrap_or(if how == EXIT_PLUGIN_FAILED {
-            Cause::InitFailed
-        } else {
-            Cause::Crash
-        });
+        // Died while its plugin loaded or ran init (a crash there is a
+        // broken deploy, not a request that kills workers): init_failed.
+        let ctl = s.slot.control();
+        let in_init = ctl.pid() == pid as u32 && matches!(ctl.state(), Ok(WorkerState::Starting));
+        let cause = s
+            .end_cause
+            .take()
+            .unwrap_or(if how == EXIT_PLUGIN_FAILED || in_init {
+                Cause::InitFailed
+            } else {
+                Cause::Crash
+            });
         self.groups[s.group].ended[cause as usize] += 1;
         // A replacement that dies before taking over is not restarted: its
         // predecessor still serves.
