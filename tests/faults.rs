@@ -1313,6 +1313,29 @@ fn a_plugin_flooding_the_log_is_held_to_a_budget() {
     }
 }
 
+/// A Rust plugin's `log::warn!` (and that of any library it uses) reaches
+/// halfsync's log once the plugin called `Host::forward_log` in init; it
+/// went nowhere before (the plugin's copy of `log` had no logger).
+#[test]
+fn a_plugins_log_crate_records_reach_the_log() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &fault_plugin_so(), 1, ""), port);
+    let mut c = s.client();
+    let r = c
+        .call(1, fault::LOG_CRATE, b"hello from the log crate")
+        .unwrap();
+    assert_eq!(r.code, status::OK);
+    let logged = wait_for(Duration::from_secs(10), || {
+        s.log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("fault: hello from the log crate"))
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", s.log());
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}
+
 /// Whether process `pid` is gone (or a zombie, dead and waiting for
 /// whoever adopted it to reap it).
 fn gone(pid: i32) -> bool {

@@ -103,6 +103,93 @@ impl Host {
     pub fn debug(&self, msg: &str) {
         self.log(LogLevel::Debug, msg);
     }
+
+    /// Sends the records of the [`log`](https://docs.rs/log) crate at
+    /// `level` and above to the host's log, as [`Host::log`] does, from
+    /// any thread, until `fini` (records after it are dropped). Without
+    /// it, `log::info!` in the plugin or in a library it uses goes
+    /// nowhere: the plugin's copy of `log` has no logger. For `tracing`,
+    /// enable its `log` feature so that its events become `log` records.
+    /// Call it in `init`; returns false if another logger was installed
+    /// first (the records then go there). Needs the SDK's `log` feature.
+    #[cfg(feature = "log")]
+    pub fn forward_log(&self, level: log::LevelFilter) -> bool {
+        if self.raw().is_none() {
+            return false;
+        }
+        log_bridge::install(self.raw, level)
+    }
+}
+
+/// The `log` crate's records, to the host ([`Host::forward_log`]).
+#[cfg(feature = "log")]
+mod log_bridge {
+    use core::ptr::{self, NonNull};
+    use std::sync::atomic::{AtomicPtr, Ordering};
+
+    use crate::abi::{self, HsHost};
+
+    /// The host records go to; null before `forward_log` and after
+    /// `fini`.
+    static HOST: AtomicPtr<HsHost> = AtomicPtr::new(ptr::null_mut());
+
+    struct Bridge;
+
+    impl log::Log for Bridge {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            !HOST.load(Ordering::Acquire).is_null()
+        }
+
+        fn log(&self, record: &log::Record<'_>) {
+            let p = HOST.load(Ordering::Acquire);
+            if p.is_null() {
+                return;
+            }
+            // SAFETY: `p` came from a live `Host` in `install` and `fini`
+            // clears it before the host may let the struct go ("valid from
+            // init until fini").
+            let raw = unsafe { &*p };
+            let known = raw.struct_size as usize;
+            if known < core::mem::offset_of!(HsHost, log) + size_of::<Option<abi::HostLogFn>>() {
+                return;
+            }
+            let Some(log) = raw.log else { return };
+            let level = match record.level() {
+                log::Level::Error => abi::LOG_ERROR,
+                log::Level::Warn => abi::LOG_WARN,
+                log::Level::Info => abi::LOG_INFO,
+                log::Level::Debug | log::Level::Trace => abi::LOG_DEBUG,
+            };
+            let msg = format!("{}: {}", record.target(), record.args());
+            // SAFETY: as in `Host::log`: the host's own function and
+            // context, a valid UTF-8 message for the call's duration.
+            unsafe { log(raw.ctx, level, msg.as_ptr().cast(), msg.len()) };
+        }
+
+        fn flush(&self) {}
+    }
+
+    static BRIDGE: Bridge = Bridge;
+
+    pub(super) fn install(host: NonNull<HsHost>, level: log::LevelFilter) -> bool {
+        HOST.store(host.as_ptr(), Ordering::Release);
+        let ours = log::set_logger(&BRIDGE).is_ok()
+            || ptr::addr_eq(log::logger(), &BRIDGE as &dyn log::Log);
+        if ours {
+            log::set_max_level(level);
+        }
+        ours
+    }
+
+    /// At `fini` of the plugin whose host it is.
+    pub(super) fn uninstall(host: NonNull<HsHost>) {
+        let _ = HOST.compare_exchange(
+            host.as_ptr(),
+            ptr::null_mut(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
 }
 
 impl fmt::Debug for Host {
@@ -611,6 +698,8 @@ unsafe extern "C" fn fini<T: Plugin>(state: *mut c_void) {
     if let Err(p) = result {
         host.error(&format!("plugin panicked in fini: {}{}", p.message, p.at()));
     }
+    #[cfg(feature = "log")]
+    log_bridge::uninstall(host.raw);
     host.alive.set(false);
 }
 

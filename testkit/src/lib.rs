@@ -167,6 +167,9 @@ pub mod fault {
     /// Reply the payload's length (`u32` BE), then the payload, in 4 KiB
     /// pieces; C reserves the length first and fills it last.
     pub const PREFIXED: u16 = 24;
+    /// Rust: log the payload with `log::warn!` (the log crate, forwarded
+    /// to halfsync's log by the SDK), then echo. C: echo.
+    pub const LOG_CRATE: u16 = 26;
 
     /// The status of [`CUSTOM`]'s reply.
     pub const CUSTOM_STATUS: u16 = 150;

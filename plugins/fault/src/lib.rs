@@ -32,6 +32,7 @@
 //! | 22 | [`RESERVED_STATUS`] | C: returns status 4, a code the server reserves, which the worker turns into PLUGIN_ERROR `plugin returned reserved status 4`. Rust: the SDK's [`Status`] cannot hold a reserved code, so the Rust plugin can only send PLUGIN_ERROR `fault: the Rust SDK cannot return reserved status 4`; test the host's mapping with the C plugin |
 //! | 23 | [`CUSTOM`] | status [`CUSTOM_STATUS`] (150), payload `custom` |
 //! | 24 | [`PREFIXED`] | status 0, the payload's length as a big-endian `u32`, then the payload, written in 4 KiB pieces. C reserves the 4 bytes first and fills them last, through the pointer `reserve` returned (the host must keep it valid however far the reply grows); Rust fills them at once (the SDK's `reserve` borrows the reply) |
+//! | 26 | [`LOG_CRATE`] | Rust: `log::warn!` of the payload as text (through `Host::forward_log`), then echo. C: echo |
 //!
 //! The fatal commands log a warning through the host first (`fault:
 //! <name> (request id N)`), so the server log shows what the worker was
@@ -118,6 +119,9 @@ pub const CUSTOM: u16 = 23;
 
 /// Reply the payload's length (`u32` BE), then the payload, in pieces.
 pub const PREFIXED: u16 = 24;
+/// Rust: log the payload (as text) with `log::warn!`, which
+/// `Host::forward_log` (called in init) sends to halfsync's log; echo.
+pub const LOG_CRATE: u16 = 26;
 
 /// The status of [`CUSTOM`]'s reply.
 pub const CUSTOM_STATUS: u16 = 150;
@@ -491,6 +495,7 @@ impl Plugin for Fault {
         if let Some(msg) = config.fail {
             return Err(msg.into());
         }
+        host.forward_log(log::LevelFilter::Info);
         host.info("fault plugin ready");
         Ok(Fault {
             host: host.clone(),
@@ -562,6 +567,11 @@ impl Plugin for Fault {
                 }
                 Ok(Status::OK)
             }
+            LOG_CRATE => {
+                log::warn!("{}", String::from_utf8_lossy(req.payload()));
+                reply.write(req.payload())?;
+                Ok(Status::OK)
+            }
             _ => {
                 reply.write(&self.prefix)?;
                 reply.write(req.payload())?;
@@ -598,6 +608,22 @@ mod tests {
 
     fn text(payload: Vec<u8>) -> String {
         String::from_utf8(payload).unwrap()
+    }
+
+    #[test]
+    fn log_crate_records_reach_the_host() {
+        let mut h = started();
+        assert_eq!(
+            h.handle(1, LOG_CRATE, 0, b"via log", 64),
+            (0, b"via log".to_vec())
+        );
+        assert!(
+            h.logs()
+                .iter()
+                .any(|(l, m)| *l == LogLevel::Warn && m == "fault: via log"),
+            "{:?}",
+            h.logs()
+        );
     }
 
     #[test]
