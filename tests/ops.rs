@@ -2626,6 +2626,9 @@ fn log_file_and_format_changes_wait_for_a_restart() {
         "{}",
         std::fs::read_to_string(&b).unwrap_or_default()
     );
+    // One line for the reload's configuration in the proxy, not one per
+    // resend (each change of what the proxy holds sends it again).
+    assert_eq!(text.matches("configuration reloaded").count(), 1, "{text}");
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }

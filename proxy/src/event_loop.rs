@@ -97,6 +97,9 @@ pub fn run(spec: ProxySpec) -> Result<(), ProxyError> {
 
 pub(crate) struct Proxy {
     pub(crate) config: Config,
+    /// The text of the last configuration a reload sent (to log a new one
+    /// once, not each time only what it holds changed).
+    config_text: Option<String>,
     pub(crate) epoll: Epoll,
     /// Listening sockets with their stable ids.
     pub(crate) listeners: Vec<(u32, TcpListener)>,
@@ -215,6 +218,7 @@ impl Proxy {
         let scratch = vec![0u8; config.server.read_budget.clamp(4096, 1 << 20) as usize];
         info!(listeners = listeners.len(), "proxy started");
         Ok(Proxy {
+            config_text: None,
             config,
             epoll,
             listeners,
@@ -667,13 +671,20 @@ impl Proxy {
             .and_then(|t| toml::from_str::<Reconfigure>(&t).map_err(|e| e.to_string()))
             .and_then(|r| {
                 Config::from_toml(&r.config, Origin::Text)
-                    .map(|c| (c, r.group_ids, r.hold))
+                    .map(|c| (c, r.group_ids, r.hold, r.config))
                     .map_err(|e| e.to_string())
             });
         match parsed {
-            Ok((config, ids, hold)) if ids.len() == config.groups.len() => {
+            Ok((config, ids, hold, text)) if ids.len() == config.groups.len() => {
                 self.apply_config(config, &ids, &hold);
-                info!("configuration reloaded");
+                // A reload sends the configuration again each time what
+                // it holds changes: one line per new configuration.
+                if self.config_text.as_deref() == Some(text.as_str()) {
+                    debug!(?hold, "held commands updated");
+                } else {
+                    info!("configuration reloaded");
+                    self.config_text = Some(text);
+                }
             }
             Ok(_) => warn!("reconfigure: group ids do not match the groups; ignored"),
             Err(e) => warn!("reconfigure: {e}; ignored"),
