@@ -267,9 +267,10 @@ impl Control {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SlotError {
-    /// A system call failed.
+    /// A system call failed. (The cause is in the message, not also
+    /// a `source`: a chain printed whole said it twice.)
     #[error("shared memory slot: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     /// The memory file is not the size this ring capacity needs.
     #[error("shared memory slot has {found} bytes, expected {expected}")]
     Size {
@@ -281,6 +282,12 @@ pub enum SlotError {
     /// The memory file does not start with a slot header.
     #[error("shared memory slot has a bad magic number {0:#x}")]
     Magic(u64),
+}
+
+impl From<io::Error> for SlotError {
+    fn from(e: io::Error) -> SlotError {
+        SlotError::Io(e)
+    }
 }
 
 /// One worker slot's shared memory.
@@ -428,5 +435,19 @@ impl Slot {
         unsafe {
             std::ptr::write_volatile(self.region.as_ptr().add(FAILURE_OFFSET) as *mut u32, 0)
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SlotError;
+
+    /// The cause is said once: in the message, not also as a `source`
+    /// that a whole chain (`{:#}` of anyhow) would print again.
+    #[test]
+    fn an_io_error_is_said_once() {
+        let e = SlotError::from(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(e.to_string().matches("Cannot allocate memory").count(), 1);
     }
 }
