@@ -286,11 +286,12 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
                 _ => String::new(),
             };
             out!(
-                "  worker {:<3} pid {:<8} {:<10} served {:<8} rss {:>6} KiB  cpu {:>27}  restarts {}{current}",
+                "  worker {:<3} pid {:<8} {:<12} served {:<8} holds {:<5} rss {:>6} KiB  cpu {:>27}  restarts {}{current}",
                 w["worker"],
                 w["pid"].as_i64().map_or("-".to_owned(), |p| p.to_string()),
                 w["state"].as_str().unwrap_or("?"),
                 n(&w["served"]),
+                n(&w["pending"]),
                 n(&w["rss_kib"]),
                 if w["cpu_s"].is_null() {
                     "-".to_owned()

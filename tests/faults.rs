@@ -942,6 +942,16 @@ fn an_idle_worker_that_stops_running_has_its_requests_moved() {
     let first = t.elapsed();
     assert!(s.log().contains("worker unresponsive"), "{}", s.log());
     assert_eq!(state_of(&s, stopped), "unresponsive", "{}", s.status());
+    // The table form shows it too, holding nothing now.
+    let (_, out, _) = s.ctl(&["status"]);
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("pid {stopped} ")))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("unresponsive") && line.contains("holds 0 "),
+        "{line}"
+    );
     // Now nothing waits for it.
     let t = Instant::now();
     round(&s, 1000);
