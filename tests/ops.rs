@@ -1299,9 +1299,11 @@ fn ping_is_a_health_check_and_head_is_answered() {
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
          [[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 1\n\
          restart_delay = \"100ms\"\nrestart_delay_max = \"200ms\"\n\
-         [group.config]\ncrash_in_init_if_exists = \"{}\"\n",
+         [group.config]\ncrash_in_init_if_exists = \"{}\"\n\n\
+         [[group]]\nname = \"other\"\nplugin = \"{}\"\nworkers = 1\ncommands = [500]\n",
         halfsync_testkit::fault_plugin().display(),
-        flag.display()
+        flag.display(),
+        echo_so().display()
     );
     let s = Server::start(&text, port);
     let ping = http(mport, "GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -1348,6 +1350,14 @@ fn ping_is_a_health_check_and_head_is_answered() {
         down.ends_with("not serving: group \"game\" has no worker ready\n"),
         "{down}"
     );
+    // Per group: the other one serves; an unknown name is a 404.
+    let other = http(mport, "GET /ping?group=other HTTP/1.1\r\n\r\n");
+    assert!(other.starts_with("HTTP/1.1 200 OK\r\n"), "{other}");
+    let game = http(mport, "GET /ping?group=game HTTP/1.1\r\n\r\n");
+    assert!(game.starts_with("HTTP/1.1 503 "), "{game}");
+    let nosuch = http(mport, "GET /ping?group=nosuch HTTP/1.1\r\n\r\n");
+    assert!(nosuch.starts_with("HTTP/1.1 404 "), "{nosuch}");
+    assert!(nosuch.contains("no group named \"nosuch\""), "{nosuch}");
     std::fs::remove_file(&flag).unwrap();
     let up = wait_for(Duration::from_secs(20), || {
         let a = http(mport, "HEAD /ping HTTP/1.1\r\n\r\n");

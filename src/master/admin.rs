@@ -12,7 +12,8 @@
 //!   answering `GET /metrics` in the Prometheus text format and `GET
 //!   /ping` with 200 `pong` while every group serves (503 and the reason
 //!   otherwise: a health check for load balancers, as PHP-FPM's
-//!   `ping.path`), then closing. `HEAD` gets the same status and headers.
+//!   `ping.path`; `/ping?group=NAME` for one group), then closing. `HEAD`
+//!   gets the same status and headers.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -84,10 +85,11 @@ pub(crate) enum Request {
 }
 
 /// What an HTTP client asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Http {
     Metrics,
-    Ping,
+    /// `/ping`, or `/ping?group=NAME` for that group alone.
+    Ping(Option<String>),
 }
 
 /// A JSON success answer with a message.
@@ -549,10 +551,15 @@ fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
             .iter()
             .find_map(|scheme| target.strip_prefix(scheme))
             .map_or(target, |rest| rest.find('/').map_or("/", |i| &rest[i..]));
-        let path = target.split_once('?').map_or(target, |(p, _)| p);
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let what = match path {
             "/metrics" => Some(Http::Metrics),
-            "/ping" => Some(Http::Ping),
+            "/ping" => Some(Http::Ping(
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("group="))
+                    .map(str::to_owned),
+            )),
             _ => None,
         };
         let head = method == "HEAD";

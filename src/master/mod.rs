@@ -1697,9 +1697,21 @@ impl Master {
             Request::Http { conn, what, head } => {
                 let (status, body) = match what {
                     admin::Http::Metrics => ("200 OK", report::metrics(self)),
-                    admin::Http::Ping => match self.not_serving() {
-                        None => ("200 OK", "pong\n".to_owned()),
-                        Some(why) => ("503 Service Unavailable", format!("not serving: {why}\n")),
+                    admin::Http::Ping(group) => match group {
+                        Some(name)
+                            if !self
+                                .groups
+                                .iter()
+                                .any(|g| !g.retired && g.config.name == name) =>
+                        {
+                            ("404 Not Found", format!("no group named {name:?}\n"))
+                        }
+                        _ => match self.not_serving_for(group.as_deref()) {
+                            None => ("200 OK", "pong\n".to_owned()),
+                            Some(why) => {
+                                ("503 Service Unavailable", format!("not serving: {why}\n"))
+                            }
+                        },
                     },
                 };
                 self.admin.respond_http(conn, status, &body, head);
@@ -1750,6 +1762,12 @@ impl Master {
     /// with no ready worker for some proxy (all crashed and backing off,
     /// say). `None` when it serves.
     pub(crate) fn not_serving(&self) -> Option<String> {
+        self.not_serving_for(None)
+    }
+
+    /// [`Master::not_serving`], for one group's commands only (its
+    /// workers, and everything all groups need) when `group` names one.
+    fn not_serving_for(&self, group: Option<&str>) -> Option<String> {
         if self.stopping.is_some() {
             return Some("stopping".to_owned());
         }
@@ -1774,7 +1792,8 @@ impl Master {
         if self.inline {
             return None;
         }
-        for (g, group) in self.groups.iter().enumerate().filter(|(_, g)| !g.retired) {
+        let wanted = |r: &GroupRec| !r.retired && group.is_none_or(|name| r.config.name == name);
+        for (g, group) in self.groups.iter().enumerate().filter(|(_, r)| wanted(r)) {
             for p in 0..self.proxies.len() {
                 // (An unresponsive worker serves nobody.)
                 let serving = self.slots.iter().enumerate().any(|(i, s)| {
