@@ -111,6 +111,8 @@
 #define FAULT_RESERVED_STATUS 22
 #define FAULT_CUSTOM 23
 #define FAULT_PREFIXED 24
+/* Rust: log through the log crate. C: echo (the default). */
+#define FAULT_LOG_CRATE 26
 
 #define FAULT_CUSTOM_STATUS 150
 #define FAULT_RESERVED_STATUS_CODE 4

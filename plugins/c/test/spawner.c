@@ -3,7 +3,9 @@
  * and replies with its pid as decimal text, as a plugin that shells out
  * and forgets its child would: the child must end with the worker.
  */
+#define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include "_common.h"
@@ -21,7 +23,7 @@ static int32_t spawner_handle(void *state, const hs_request *req, hs_reply *repl
     }
     char text[32];
     int n = snprintf(text, sizeof text, "%d", (int)pid);
-    return reply->write(reply->ctx, text, (size_t)n) == 0 ? HS_STATUS_OK
+    return reply->write(reply->ctx, (const uint8_t *)text, (size_t)n) == 0 ? HS_STATUS_OK
                                                           : HS_STATUS_PLUGIN_ERROR;
 }
 
