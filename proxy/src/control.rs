@@ -34,6 +34,9 @@ pub enum KillReason {
     RequestTimeout,
     /// Its plugin init ran past `init_timeout`.
     InitTimeout,
+    /// It took none of its requests, not running one, past
+    /// `request_timeout` (stopped, starved of CPU).
+    Unresponsive,
 }
 
 /// Master to proxy.
@@ -231,6 +234,7 @@ impl KillReason {
             KillReason::Corrupt => 0,
             KillReason::RequestTimeout => 1,
             KillReason::InitTimeout => 2,
+            KillReason::Unresponsive => 3,
         }
     }
     fn from_code(c: u32) -> Option<KillReason> {
@@ -238,6 +242,7 @@ impl KillReason {
             0 => KillReason::Corrupt,
             1 => KillReason::RequestTimeout,
             2 => KillReason::InitTimeout,
+            3 => KillReason::Unresponsive,
             _ => return None,
         })
     }

@@ -131,6 +131,9 @@ pub(crate) struct Proxy {
     pub(crate) next_check_ns: Option<u64>,
     /// Something happened that the worker checks must see this turn.
     pub(crate) check_due: bool,
+    /// When the worker checks last ran (a long gap means this proxy did
+    /// not run: see `slot_action`).
+    pub(crate) last_check_ns: u64,
     /// The slot the previous request of the frames being parsed went to
     /// (see `pick_slot`): a connection's batch stays on one worker.
     pub(crate) batch_slot: Option<usize>,
@@ -245,6 +248,7 @@ impl Proxy {
             now_ns: shm_sys::monotonic_ns(),
             next_check_ns: None,
             check_due: true,
+            last_check_ns: 0,
             batch_slot: None,
             batch_until: 0,
             next_sweep_ns: 0,

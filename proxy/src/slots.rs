@@ -654,6 +654,8 @@ impl Proxy {
         s.recycle_requested = false;
         s.idle_watch.set(None);
         s.unresponsive_since = None;
+        // (The page is per slot: a new worker starts responsive.)
+        self.stats.unresponsive(si, false);
     }
 
     fn slot_mut(&mut self, si: usize) -> Option<&mut WorkerSlot> {
@@ -1096,8 +1098,10 @@ impl Proxy {
     /// due (for the epoll timeout).
     pub(crate) fn check_slots(&mut self) -> Option<u64> {
         let mut next: Option<u64> = None;
+        let gap = self.now_ns.saturating_sub(self.last_check_ns);
+        self.last_check_ns = self.now_ns;
         for si in 0..self.slots.len() {
-            let (action, due) = self.slot_action(si);
+            let (action, due) = self.slot_action(si, gap);
             if let Some(t) = due {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
@@ -1107,7 +1111,10 @@ impl Proxy {
     }
 
     /// Decides what one slot needs now, and when it next needs looking at.
-    fn slot_action(&self, si: usize) -> (Action, Option<u64>) {
+    ///
+    /// `gap`: time since the checks last ran (every 10 ms while workers
+    /// hold requests); a longer one means this proxy did not run.
+    fn slot_action(&self, si: usize, gap: u64) -> (Action, Option<u64>) {
         let now = self.now_ns;
         let Some(s) = self.slots[si].as_ref() else {
             return (Action::None, None);
@@ -1202,7 +1209,9 @@ impl Proxy {
                     if s.tx.ring().occupancy() == 0 {
                         return (Action::Responsive, Some(now));
                     }
-                    if g.request_timeout_ns > 0 {
+                    // (Running a request again: it is not frozen, and that
+                    // request's own deadlines above apply.)
+                    if g.request_timeout_ns > 0 && busy.is_none() {
                         let deadline = since.saturating_add(g.request_timeout_ns);
                         if now >= deadline {
                             let why = format!(
@@ -1210,7 +1219,7 @@ impl Proxy {
                                  (stopped, or starved of CPU)",
                                 (now - since) / NS_PER_MS
                             );
-                            return (Action::Kill(KillReason::RequestTimeout, why, None), None);
+                            return (Action::Kill(KillReason::Unresponsive, why, None), None);
                         }
                         due = Some(due.map_or(deadline, |d: u64| d.min(deadline)));
                     }
@@ -1219,8 +1228,12 @@ impl Proxy {
                     due = Some(due.map_or(soon, |d: u64| d.min(soon)));
                 } else if busy.is_none() && !s.pending.is_empty() && g.requeue_after_ns > 0 {
                     let served = ctl.served();
+                    // Only time this proxy ran counts: after a stall of its
+                    // own (a paused VM, CPU throttling of the whole service)
+                    // its workers have not had their turn yet either.
+                    let stalled = gap > (g.requeue_after_ns / 2).max(3 * BUSY_CHECK_EVERY_NS);
                     match s.idle_watch.get() {
-                        Some((n, since)) if n == served => {
+                        Some((n, since)) if n == served && !stalled => {
                             let at = since.saturating_add(g.requeue_after_ns);
                             if now >= at {
                                 return (Action::Unresponsive(since), Some(now));
@@ -1516,7 +1529,10 @@ impl Proxy {
         s.corrupt = false;
         s.control_corrupt = false;
         s.recycle_requested = false;
+        s.idle_watch.set(None);
+        s.unresponsive_since = None;
         s.down_since_ns = (restart == Restart::Now).then_some(self.now_ns);
+        self.stats.unresponsive(si, false);
         let name = self.groups[group].name.clone();
 
         for p in &failed {

@@ -103,6 +103,8 @@ pub(crate) enum Cause {
     Corrupt,
     /// Killed: its init ran past `init_timeout`.
     InitTimeout,
+    /// Killed: it took none of its requests past `request_timeout`.
+    Unresponsive,
     /// Replaced after `max_requests` or `max_rss`.
     Recycle,
     /// Replaced by a reload.
@@ -124,12 +126,13 @@ const _: () = {
 
 impl Cause {
     /// Every cause, in declaration order (`cause as usize` indexes it).
-    pub(crate) const ALL: [Cause; 9] = [
+    pub(crate) const ALL: [Cause; 10] = [
         Cause::Crash,
         Cause::InitFailed,
         Cause::Timeout,
         Cause::Corrupt,
         Cause::InitTimeout,
+        Cause::Unresponsive,
         Cause::Recycle,
         Cause::Reload,
         Cause::Scale,
@@ -143,6 +146,7 @@ impl Cause {
             Cause::Timeout => "timeout",
             Cause::Corrupt => "corrupt",
             Cause::InitTimeout => "init_timeout",
+            Cause::Unresponsive => "unresponsive",
             Cause::Recycle => "recycle",
             Cause::Reload => "reload",
             Cause::Scale => "scale",
@@ -1370,6 +1374,7 @@ impl Master {
             KillReason::Corrupt => Cause::Corrupt,
             KillReason::RequestTimeout => Cause::Timeout,
             KillReason::InitTimeout => Cause::InitTimeout,
+            KillReason::Unresponsive => Cause::Unresponsive,
         });
         let grace = self.groups[s.group].config.timeout_kill_grace;
         if reason == KillReason::RequestTimeout && !grace.is_zero() {
@@ -2185,6 +2190,10 @@ impl Master {
                     " after its request ran past drain_timeout while it was being replaced"
                 }
                 Cause::Timeout => " after its request ran past request_timeout",
+                Cause::Unresponsive => {
+                    " after it took none of its requests past request_timeout (stopped, or \
+                     starved of CPU)"
+                }
                 Cause::InitTimeout => " after its plugin's init ran past init_timeout",
                 Cause::Corrupt => " after it broke the shared-memory protocol",
                 _ => "",
