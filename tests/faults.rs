@@ -1396,7 +1396,6 @@ fn processes_a_plugin_starts_end_with_its_worker() {
         "pid {first} outlived its worker\n{}",
         s.log()
     );
-    // A stop: the new worker's child goes too.
     let back = wait_for(Duration::from_secs(10), || {
         (s.worker_pids().len() == 1 && s.worker_pids()[0] != worker).then_some(())
     });
@@ -1408,9 +1407,26 @@ fn processes_a_plugin_starts_end_with_its_worker() {
     })
     .unwrap_or_else(|| panic!("{}", s.log()));
     assert!(!gone(second));
-    assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
+    // The proxy dies: its workers are killed with it, and their children.
+    let proxy = s.pids_titled("halfsync: proxy");
+    kill(proxy[0], libc::SIGKILL);
     let ended = wait_for(Duration::from_secs(10), || gone(second).then_some(()));
-    assert!(ended.is_some(), "pid {second} outlived the server");
+    assert!(
+        ended.is_some(),
+        "pid {second} outlived its proxy's death\n{}",
+        s.log()
+    );
+    // A stop: the next worker's child goes too.
+    let third = wait_for(Duration::from_secs(20), || {
+        let mut c = halfsync_protocol::Client::connect(s.addr).ok()?;
+        let r = c.call(3, 2, b"").ok()?;
+        (r.code == status::OK).then(|| String::from_utf8_lossy(&r.payload).parse::<i32>().ok())?
+    })
+    .unwrap_or_else(|| panic!("{}", s.log()));
+    assert!(!gone(third));
+    assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
+    let ended = wait_for(Duration::from_secs(10), || gone(third).then_some(()));
+    assert!(ended.is_some(), "pid {third} outlived the server");
     s.assert_clean();
 }
 

@@ -1110,6 +1110,7 @@ impl Master {
             &self.child_env(halfsync_proxy::SPEC_ENV, shm_sys::blob_env(&blob)),
             &keep,
             None,
+            false,
         )
         .context("starting the proxy")?;
         drop(proxy_end);
@@ -1190,6 +1191,7 @@ impl Master {
                 .chain(plugin.fd())
                 .collect::<Vec<_>>(),
             Some(output),
+            true,
         )
         .with_context(|| format!("starting worker {title}"))?;
         self.captured.push(Captured {
@@ -2074,11 +2076,8 @@ impl Master {
     fn reap_children(&mut self) {
         loop {
             match sys::reap() {
-                Ok(Some((pid, how, cpu))) => {
-                    // Processes its plugin started and left behind go with it.
-                    sys::kill_group(pid);
-                    self.on_child_exit(pid, how, cpu)
-                }
+                // (`reap` killed what was left of a worker's process group.)
+                Ok(Some((pid, how, cpu))) => self.on_child_exit(pid, how, cpu),
                 Ok(None) => {
                     self.release_removed_plugins();
                     return;
@@ -2536,7 +2535,9 @@ impl Master {
             let Some(pid) = self.slots[i].pid() else {
                 continue;
             };
-            sys::kill(pid, libc::SIGKILL);
+            // The worker and what its plugin started (not reaped yet, so
+            // its group id is still its own).
+            sys::kill_group(pid);
             let s = &mut self.slots[i];
             s.restarts += 1;
             let g = &mut self.groups[s.group];

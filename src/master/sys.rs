@@ -135,10 +135,31 @@ fn cpu_of(r: &libc::rusage) -> CpuTime {
 /// A reaped child: its pid, how it ended (exit code, or minus the signal
 /// that killed it), and the CPU it used.
 pub fn reap() -> io::Result<Option<(i32, i32, CpuTime)>> {
+    // Which child ended, without reaping it yet: while it is a zombie its
+    // pid (and so the id of the process group a worker leads) cannot be
+    // anyone else's, so what is left of its group can be killed safely.
+    // SAFETY: all-zero is a valid siginfo_t (plain integers and unions).
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    match syscall!(waitid(
+        libc::P_ALL,
+        0,
+        &mut info,
+        libc::WEXITED | libc::WNOHANG | libc::WNOWAIT
+    )) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    // SAFETY: waitid filled in a SIGCHLD siginfo (or left it zeroed).
+    let ended = unsafe { info.si_pid() };
+    if ended <= 0 {
+        return Ok(None);
+    }
+    kill_group(ended);
     let mut status = 0;
     // SAFETY: all-zero is a valid rusage (plain integers and timevals).
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = match syscall!(wait4(-1, &mut status, libc::WNOHANG, &mut usage)) {
+    let pid = match syscall!(wait4(ended, &mut status, libc::WNOHANG, &mut usage)) {
         Ok(p) => p,
         Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(None),
         Err(e) => return Err(e),
@@ -308,16 +329,20 @@ pub fn spawn(
     env: &[(&str, String)],
     keep: &[RawFd],
     output: Option<OwnedFd>,
+    own_group: bool,
 ) -> std::io::Result<i32> {
     let master_pid = std::process::id() as i32;
     let mut cmd = Command::new(exe);
-    // Each child leads a process group of its own, which the processes a
-    // plugin starts join: when the child is reaped, the master kills what
-    // is left of its group (`kill_group`), so a plugin's forgotten
-    // children do not outlive its worker. (Also keeps a terminal's Ctrl-C
-    // for the master, which stops everything in order.)
+    // `own_group` (workers): the child leads a process group of its own,
+    // which the processes its plugin starts join; when it is reaped, the
+    // master kills what is left of the group (`reap`), so a plugin's
+    // forgotten children do not outlive its worker. Out of the terminal's
+    // foreground group, it ignores SIGTTOU, so that its log lines to a
+    // terminal with `stty tostop` are written rather than stopping it.
+    if own_group {
+        cmd.process_group(0);
+    }
     cmd.arg0(title)
-        .process_group(0)
         .env(super::ROLE_ENV, role)
         .env_remove(super::notify::ENV)
         .stdin(Stdio::null());
@@ -330,11 +355,15 @@ pub fn spawn(
     }
     let keep = keep.to_vec();
     // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe calls (fcntl, prctl, getppid); it allocates nothing.
+    // async-signal-safe calls (fcntl, signal, prctl, getppid); it
+    // allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             for &fd in &keep {
                 halfsync_shm::sys::clear_cloexec(fd)?;
+            }
+            if own_group {
+                libc::signal(libc::SIGTTOU, libc::SIG_IGN);
             }
             die_with_parent(master_pid)
         });
@@ -416,9 +445,10 @@ pub fn clock_ticks_per_second() -> u64 {
     if n > 0 { n as u64 } else { 100 }
 }
 
-/// Kills what is left of the process group a reaped child led (see
-/// [`spawn`]): processes its plugin started and left behind. The group's
-/// id stays taken while a member lives, so `-pid` names only that group.
+/// Kills the process group child `pid` leads (see [`spawn`]): itself, if
+/// it still runs, and the processes its plugin started and left behind.
+/// Only while `pid` is not reaped (alive or a zombie) is it sure that no
+/// one else has that id; for a child that leads no group, nothing.
 pub fn kill_group(pid: i32) {
     if pid > 1 {
         // SAFETY: kill(2) takes no pointers; ESRCH (no one left) is fine.
