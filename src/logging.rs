@@ -68,6 +68,13 @@ impl<'a> MakeWriter<'a> for Target {
 /// Installs the process's logger. `HALFSYNC_LOG` sets the level filter
 /// (default `info`).
 pub fn init(file: Option<&Path>, format: LogFormat) -> io::Result<()> {
+    init_with(file, format, false)
+}
+
+/// [`init`]; `plain`: no colours even on a terminal (a child logging to
+/// stderr only until its log file can be opened, whose lines would then
+/// carry escape codes into the file).
+fn init_with(file: Option<&Path>, format: LogFormat, plain: bool) -> io::Result<()> {
     let to_terminal = match file {
         Some(path) => {
             let f = open(path)?;
@@ -78,7 +85,7 @@ pub fn init(file: Option<&Path>, format: LogFormat) -> io::Result<()> {
             Some(f) => f.is_terminal(),
             None => io::stderr().is_terminal(),
         },
-    };
+    } && !plain;
     let filter = EnvFilter::try_from_env("HALFSYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -109,7 +116,7 @@ pub fn init_from_env() {
         // Fall back to stderr rather than losing the process's logs, and
         // keep the path: the next SIGUSR1 (the operator fixed the file)
         // tries again, as it does in the other processes.
-        let _ = init(None, format);
+        let _ = init_with(None, format, true);
         *TARGET.lock().unwrap_or_else(|p| p.into_inner()) = file.map(|f| (f, None));
         tracing::error!("cannot open log file: {e}; logging to stderr until it can be (SIGUSR1)");
     }

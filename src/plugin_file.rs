@@ -43,17 +43,29 @@ pub struct PluginFile {
     checked: Cell<Option<(Stamp, bool)>>,
 }
 
-/// Size and modification time: what `cp` onto a file changes.
+/// Size, modification and change times: what a rewrite changes (ctime
+/// too, which a tool that restores the mtime, `rsync -t --inplace`, cannot
+/// set back; a `touch` changes both, and the digest then decides).
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp(u64, i64, i64);
+struct Stamp(u64, i64, i64, i64, i64);
 
 impl Stamp {
     fn of(file: &File) -> Option<Stamp> {
         use std::os::unix::fs::MetadataExt;
         let m = file.metadata().ok()?;
-        Some(Stamp(m.size(), m.mtime(), m.mtime_nsec()))
+        Some(Stamp(
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        ))
     }
 }
+
+/// Files larger than this are not digested (the master reads them whole,
+/// at start and at each reload): the stamp alone decides for them.
+const DIGEST_MAX: u64 = 64 << 20;
 
 /// A digest of the bytes of the file `file` (an `O_PATH` descriptor)
 /// names, read through `/proc/self/fd`; `None` if it cannot be read (a
@@ -76,10 +88,13 @@ fn digest(file: &File) -> Option<u64> {
 }
 
 impl PluginFile {
-    /// Opens the file at `path` (`O_PATH`: never blocks, needs no
-    /// permission beyond the path's; close-on-exec, so only children
-    /// told to keep it get it). Anything but a regular file is left to be
-    /// loaded, and refused, by path.
+    /// Opens the file at `path` (`O_PATH`: a FIFO cannot block it, and it
+    /// needs no permission beyond the path's; close-on-exec, so only
+    /// children told to keep it get it), and reads a regular file of up to
+    /// [`DIGEST_MAX`] once for its digest (in the master, a few ms for a
+    /// plugin of some MiB; the probe that follows loads it anyway).
+    /// Anything but a regular file is left to be loaded, and refused, by
+    /// path.
     pub fn open(path: PathBuf) -> PluginFile {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
@@ -90,7 +105,7 @@ impl PluginFile {
             .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
             .and_then(|f| {
                 let stamp = Stamp::of(&f)?;
-                let sum = digest(&f);
+                let sum = (stamp.0 <= DIGEST_MAX).then(|| digest(&f)).flatten();
                 Some((f, stamp, sum))
             });
         PluginFile {

@@ -1328,8 +1328,10 @@ fn a_plugin_flooding_the_log_is_held_to_a_budget() {
         s.assert_clean();
         assert!(reported.is_some(), "no count of dropped lines: {log}");
         // (The plugin's own lines at start count too.)
+        // (Windows start at the plugin's first line, not at the test's
+        // clock: a burst across a window's end admits two budgets.)
         assert!(
-            (budget - 10..=budget * seconds).contains(&lines),
+            (budget - 10..=budget * (seconds + 1)).contains(&lines),
             "{lines} lines in {seconds} s, budget {budget}"
         );
     }

@@ -103,7 +103,11 @@ fn reload_under_load_switches_versions_without_a_failed_request() {
 #[test]
 fn a_worker_gone_for_good_is_not_shown_restarting() {
     let port = free_port();
-    let mut s = Server::start(&versioned(port, 2, "v1:", "", ""), port);
+    // (The watchdog off: the proxy stays stopped through the waits.)
+    let mut s = Server::start(
+        &versioned(port, 2, "v1:", "", "proxy_stall_timeout = \"0s\""),
+        port,
+    );
     settle(&mut s, 2);
     let proxy = s.pids_titled("halfsync: proxy");
     assert_eq!(proxy.len(), 1);
@@ -1244,7 +1248,7 @@ fn ping_fails_while_the_proxy_is_stopped() {
 #[test]
 fn a_proxy_that_stops_turning_is_reported_then_restarted() {
     let port = free_port();
-    let text = versioned(port, 1, "", "", "proxy_stall_timeout = \"8s\"");
+    let text = versioned(port, 1, "", "", "proxy_stall_timeout = \"12s\"");
     let mut s = Server::start(&text, port);
     let proxy = s.pids_titled("halfsync: proxy")[0];
     std::thread::sleep(Duration::from_millis(1200));
@@ -2654,8 +2658,9 @@ fn a_reload_during_a_recycles_init_replaces_the_replacement_too() {
     let text = |prefix: &str, init: u32| {
         versioned(port, 1, prefix, "max_requests = 5", "") + &format!("init_delay_ms = {init}\n")
     };
-    // Each worker spends 700 ms in init, the recycle's replacement too.
-    let mut s = Server::start(&text("v1:", 700), port);
+    // Each worker spends 2 s in init, the recycle's replacement too: the
+    // reload below applies well within it.
+    let mut s = Server::start(&text("v1:", 2000), port);
     let mut c = s.client();
     for id in 0..5 {
         assert_eq!(c.call(id, 1, b"x").unwrap().payload, b"v1:x");

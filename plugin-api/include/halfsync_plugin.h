@@ -78,7 +78,10 @@ typedef struct hs_reply {
     void (*clear)(void *ctx);
 } hs_reply;
 
-/* Services the host offers the plugin; valid from init until fini. */
+/* Services the host offers the plugin. Valid from init for as long as the
+ * process lives (halfsync never frees it, so a plugin thread still running
+ * after fini cannot reach freed memory); `log` may be called from any
+ * thread. */
 typedef struct hs_host {
     uint32_t abi_version;  /* HALFSYNC_ABI_VERSION of the host */
     uint32_t struct_size;  /* sizeof(hs_host) as the host knows it */

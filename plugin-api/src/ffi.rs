@@ -130,8 +130,15 @@ mod log_bridge {
     use crate::abi::{self, HsHost};
 
     /// The host records go to; null before `forward_log` and after
-    /// `fini`.
+    /// `fini`. With several plugin instances in one process (unit tests
+    /// under `Harness`, each on its own thread), the last to install.
     static HOST: AtomicPtr<HsHost> = AtomicPtr::new(ptr::null_mut());
+
+    std::thread_local! {
+        /// The host installed on this thread, which takes this thread's
+        /// records first (so each `Harness` test gets its own plugin's).
+        static LOCAL: std::cell::Cell<*mut HsHost> = const { std::cell::Cell::new(ptr::null_mut()) };
+    }
 
     struct Bridge;
 
@@ -141,13 +148,21 @@ mod log_bridge {
         }
 
         fn log(&self, record: &log::Record<'_>) {
-            let p = HOST.load(Ordering::Acquire);
+            let local = LOCAL
+                .try_with(std::cell::Cell::get)
+                .unwrap_or(ptr::null_mut());
+            let p = if local.is_null() {
+                HOST.load(Ordering::Acquire)
+            } else {
+                local
+            };
             if p.is_null() {
                 return;
             }
-            // SAFETY: `p` came from a live `Host` in `install` and `fini`
-            // clears it before the host may let the struct go ("valid from
-            // init until fini").
+            // SAFETY: `p` came from a live `Host` in `install`, and an
+            // `hs_host` stays valid for the rest of the process (the
+            // header's promise; `fini` clearing the pointer only stops
+            // records from going there) with a `log` any thread may call.
             let raw = unsafe { &*p };
             let known = raw.struct_size as usize;
             if known < core::mem::offset_of!(HsHost, log) + size_of::<Option<abi::HostLogFn>>() {
@@ -172,6 +187,7 @@ mod log_bridge {
     static BRIDGE: Bridge = Bridge;
 
     pub(super) fn install(host: NonNull<HsHost>, level: log::LevelFilter) -> bool {
+        let _ = LOCAL.try_with(|l| l.set(host.as_ptr()));
         HOST.store(host.as_ptr(), Ordering::Release);
         let ours = log::set_logger(&BRIDGE).is_ok()
             || ptr::addr_eq(log::logger(), &BRIDGE as &dyn log::Log);
@@ -183,6 +199,11 @@ mod log_bridge {
 
     /// At `fini` of the plugin whose host it is.
     pub(super) fn uninstall(host: NonNull<HsHost>) {
+        let _ = LOCAL.try_with(|l| {
+            if l.get() == host.as_ptr() {
+                l.set(ptr::null_mut());
+            }
+        });
         let _ = HOST.compare_exchange(
             host.as_ptr(),
             ptr::null_mut(),
@@ -738,7 +759,7 @@ unsafe extern "C" fn fini<T: Plugin>(state: *mut c_void) {
 pub struct Harness {
     table: &'static HsPlugin,
     host: &'static HsHost,
-    logs: &'static RefCell<Vec<(LogLevel, String)>>,
+    logs: &'static std::sync::Mutex<Vec<(LogLevel, String)>>,
     /// `Some` between a successful `init` and `fini`; the inner pointer
     /// may be NULL (a C plugin with no state).
     state: Option<*mut c_void>,
@@ -747,7 +768,7 @@ pub struct Harness {
 /// `hs_host.log` of the harness: appends to its log list.
 ///
 /// # Safety
-/// `ctx` is the harness's `RefCell<Vec<..>>`; `msg` valid for `len` bytes.
+/// `ctx` is the harness's `Mutex<Vec<..>>`; `msg` valid for `len` bytes.
 unsafe extern "C" fn harness_log(ctx: *mut c_void, level: i32, msg: *const c_char, len: usize) {
     let text = if msg.is_null() || len == 0 {
         String::new()
@@ -757,13 +778,13 @@ unsafe extern "C" fn harness_log(ctx: *mut c_void, level: i32, msg: *const c_cha
         let bytes = unsafe { core::slice::from_raw_parts(msg.cast::<u8>(), len) };
         String::from_utf8_lossy(bytes).into_owned()
     };
-    // SAFETY: `ctx` is the leaked `RefCell` of `Harness::from_table`, which
-    // lives forever; no borrow of it is held across a plugin call.
-    let logs = unsafe { &*ctx.cast::<RefCell<Vec<(LogLevel, String)>>>() };
+    // SAFETY: `ctx` is the leaked `Mutex` of `Harness::from_table`, which
+    // lives forever (any thread may log: see `hs_host`).
+    let logs = unsafe { &*ctx.cast::<std::sync::Mutex<Vec<(LogLevel, String)>>>() };
     let level = LogLevel::from_raw(level).unwrap_or(LogLevel::Error);
-    if let Ok(mut logs) = logs.try_borrow_mut() {
-        logs.push((level, text));
-    }
+    logs.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((level, text));
 }
 
 /// The reply context of the harness: a vector that never grows past its
@@ -829,7 +850,7 @@ impl Harness {
     /// The table must follow `halfsync_plugin.h`: valid name and version
     /// strings, and functions that keep the contracts written there.
     pub unsafe fn from_table(table: &'static HsPlugin) -> Harness {
-        let logs: &'static RefCell<Vec<(LogLevel, String)>> = Box::leak(Box::default());
+        let logs: &'static std::sync::Mutex<Vec<(LogLevel, String)>> = Box::leak(Box::default());
         let host: &'static HsHost = Box::leak(Box::new(HsHost {
             abi_version: ABI_VERSION,
             struct_size: size_of::<HsHost>() as u32,
@@ -942,7 +963,7 @@ impl Harness {
 
     /// Everything the plugin logged so far, oldest first.
     pub fn logs(&self) -> Vec<(LogLevel, String)> {
-        self.logs.borrow().clone()
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Calls `fini` if the plugin is initialised (dropping the harness does

@@ -223,6 +223,22 @@ fn release_and_publish_does_both_and_wakes_the_sleeper() {
     req_rx.advance();
     rep_tx.push(&meta, b"second").unwrap().unwrap();
     assert!(!req_rx.release_and_publish(&mut rep_tx));
+    // A producer asleep for want of room is woken by the release half.
+    while req_tx.push(&meta, &[1u8; 100]).unwrap().is_some() {}
+    req_tx.publish();
+    let sleeper = std::thread::spawn(move || {
+        let t = Instant::now();
+        let fits = req_tx.wait_for_space(100, Duration::from_secs(10)).unwrap();
+        (fits, t.elapsed())
+    });
+    // (Give it time to go to sleep; if it has not yet, it finds the room.)
+    std::thread::sleep(Duration::from_millis(200));
+    req_rx.peek().unwrap().unwrap();
+    req_rx.advance();
+    rep_tx.push(&meta, b"third").unwrap().unwrap();
+    req_rx.release_and_publish(&mut rep_tx);
+    let (fits, waited) = sleeper.join().unwrap();
+    assert!(fits && waited < Duration::from_secs(5), "{fits} {waited:?}");
 }
 
 #[test]

@@ -302,6 +302,16 @@ impl Captured {
                 break; // the rest next turn
             }
         }
+        if !open {
+            // The worker is gone: what the budget held back is counted
+            // now, and its last words (an abort's or a panic's message)
+            // are never dropped.
+            let dropped = self
+                .budget
+                .take_suppressed(Instant::now() + Duration::from_secs(1));
+            self.report(dropped);
+            self.budget = halfsync_config::LineBudget::new(u32::MAX);
+        }
         while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=end).collect();
             self.log(&line[..end]);
@@ -2021,7 +2031,13 @@ impl Master {
     /// systemd: READY=1 and the current `STATUS=` (after a reload or a
     /// scale, which change what it said), with `note` appended.
     pub(crate) fn notify_serving(&self, note: &str) {
-        if self.stopping.is_some() || self.starting {
+        // (Not mid-reload: its end says READY=1.)
+        if self.stopping.is_some()
+            || self.starting
+            || self.reload.is_some()
+            || self.probing.is_some()
+            || self.reload_resume
+        {
             return;
         }
         let workers: u32 = self
@@ -2200,7 +2216,7 @@ impl Master {
             warn!(group = %name, worker = s.label, pid, "worker died ({}){why}", describe_exit(how));
             // Killed by a signal (not a clean exit) after its plugin file
             // was rewritten in place: most likely what killed it.
-            if cause == Cause::Crash
+            if matches!(cause, Cause::Crash | Cause::InitFailed)
                 && how < 0
                 && let Some(plugin) = s.plugin_file.as_ref().filter(|p| p.changed_in_place())
             {

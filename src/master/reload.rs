@@ -113,6 +113,12 @@ impl Master {
         if self.reload.is_some() || self.probing.is_some() {
             return Err("a reload is already in progress".into());
         }
+        if self.inline {
+            return Err("not available in --inline benchmark mode".into());
+        }
+        if self.stopping.is_some() {
+            return Err("halfsync is stopping".into());
+        }
         // systemd's Type=notify-reload: RELOADING=1 (with the time) now,
         // READY=1 once the reload has ended, however it ends.
         self.notify(&format!(

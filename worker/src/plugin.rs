@@ -597,25 +597,38 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
     // SAFETY: `ctx` is the leaked, immutable `HostCtx` (fn contract).
     let host = unsafe { &*ctx.cast::<HostCtx>() };
     let plugin = host.plugin.as_str();
-    let (admitted, dropped) = host
-        .budget
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .admit(std::time::Instant::now());
-    HostCtx::report(plugin, dropped);
-    if !admitted {
-        return;
-    }
-    let raw = String::from_utf8_lossy(bytes);
-    // One line: a plugin's message cannot forge other log lines.
-    let text = halfsync_config::one_line(&raw);
     // A panicking subscriber must not unwind into C (that would abort).
-    let _ = catch_unwind(AssertUnwindSafe(|| match level {
-        i32::MIN..=abi::LOG_ERROR => tracing::error!(target: "plugin", plugin, "{text}"),
-        abi::LOG_WARN => tracing::warn!(target: "plugin", plugin, "{text}"),
-        abi::LOG_INFO => tracing::info!(target: "plugin", plugin, "{text}"),
-        abi::LOG_DEBUG => tracing::debug!(target: "plugin", plugin, "{text}"),
-        _ => tracing::trace!(target: "plugin", plugin, "{text}"),
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // Lines the level filter drops anyway do not use up the budget.
+        let enabled = match level {
+            i32::MIN..=abi::LOG_ERROR => tracing::enabled!(target: "plugin", tracing::Level::ERROR),
+            abi::LOG_WARN => tracing::enabled!(target: "plugin", tracing::Level::WARN),
+            abi::LOG_INFO => tracing::enabled!(target: "plugin", tracing::Level::INFO),
+            abi::LOG_DEBUG => tracing::enabled!(target: "plugin", tracing::Level::DEBUG),
+            _ => tracing::enabled!(target: "plugin", tracing::Level::TRACE),
+        };
+        if !enabled {
+            return;
+        }
+        let (admitted, dropped) = host
+            .budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(std::time::Instant::now());
+        HostCtx::report(plugin, dropped);
+        if !admitted {
+            return;
+        }
+        let raw = String::from_utf8_lossy(bytes);
+        // One line: a plugin's message cannot forge other log lines.
+        let text = halfsync_config::one_line(&raw);
+        match level {
+            i32::MIN..=abi::LOG_ERROR => tracing::error!(target: "plugin", plugin, "{text}"),
+            abi::LOG_WARN => tracing::warn!(target: "plugin", plugin, "{text}"),
+            abi::LOG_INFO => tracing::info!(target: "plugin", plugin, "{text}"),
+            abi::LOG_DEBUG => tracing::debug!(target: "plugin", plugin, "{text}"),
+            _ => tracing::trace!(target: "plugin", plugin, "{text}"),
+        }
     }));
 }
 
@@ -786,7 +799,11 @@ impl Instance {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take_suppressed(std::time::Instant::now());
-        HostCtx::report(&self.host.plugin, dropped);
+        if dropped > 0 {
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                HostCtx::report(&self.host.plugin, dropped)
+            }));
+        }
     }
 
     /// Runs the plugin's `handle` for one request and returns the reply
