@@ -108,49 +108,52 @@ fn repeated_sigterm_does_not_cut_the_drain_short() {
     s.assert_clean();
 }
 
+/// A server whose one worker runs request `id` for ever (`HANG`), with
+/// shutdown grace `grace`; and the client that sent it.
+fn one_request_hanging(id: u64, grace: &str) -> (Server, halfsync_protocol::Client) {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nshutdown_grace = \"{grace}\"\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\nworkers = 1\nrequest_timeout = \"60s\"\n",
+        halfsync_testkit::fault_plugin().display()
+    );
+    let s = Server::start(&text, port);
+    let mut c = s.client();
+    c.send(id, halfsync_testkit::fault::HANG, b"").unwrap();
+    s.wait_busy();
+    (s, c)
+}
+
+/// The stop ended with exit 0, no reply came for request `id`, and the
+/// log names it as abandoned.
+fn assert_abandoned(s: &mut Server, c: &mut halfsync_protocol::Client, id: u64, code: Option<i32>) {
+    assert_eq!(code, Some(0), "{}", s.log());
+    assert!(c.recv().is_err(), "a reply came for the abandoned request");
+    let log = s.log();
+    assert!(
+        log.contains(&format!(
+            "abandoning request id {id} (command 15), running for "
+        )),
+        "{log}"
+    );
+    s.assert_clean();
+}
+
 /// A request still running when the shutdown grace ends is abandoned: its
 /// client sees the connection close without a reply, the stop still ends
 /// with exit 0, and the log names the request (id, command, how long it
 /// ran).
 #[test]
 fn a_request_running_past_the_grace_is_abandoned_and_named() {
-    let port = free_port();
-    let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nshutdown_grace = \"1s\"\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\nworkers = 1\nrequest_timeout = \"60s\"\n",
-        halfsync_testkit::fault_plugin().display()
-    );
-    let mut s = Server::start(&text, port);
-    let mut c = s.client();
-    c.send(77, halfsync_testkit::fault::HANG, b"").unwrap();
-    s.wait_busy();
-    assert_eq!(
-        s.stop(Duration::from_secs(30)).code(),
-        Some(0),
-        "{}",
-        s.log()
-    );
-    assert!(c.recv().is_err(), "a reply came for the abandoned request");
-    let log = s.log();
-    assert!(
-        log.contains("abandoning request id 77 (command 15), running for "),
-        "{log}"
-    );
-    s.assert_clean();
+    let (mut s, mut c) = one_request_hanging(77, "1s");
+    let code = s.stop(Duration::from_secs(30)).code();
+    assert_abandoned(&mut s, &mut c, 77, code);
 }
 
 /// A fast stop (a second SIGINT, or `stop --fast`) names the requests it
 /// abandons as the end of the grace period does.
 #[test]
 fn a_fast_stop_names_the_requests_it_abandons() {
-    let port = free_port();
-    let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nshutdown_grace = \"60s\"\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\nworkers = 1\nrequest_timeout = \"60s\"\n",
-        halfsync_testkit::fault_plugin().display()
-    );
-    let mut s = Server::start(&text, port);
-    let mut c = s.client();
-    c.send(78, halfsync_testkit::fault::HANG, b"").unwrap();
-    s.wait_busy();
+    let (mut s, mut c) = one_request_hanging(78, "60s");
     s.signal(libc::SIGINT);
     // (Two signals sent at once would merge into one.)
     let draining = wait_for(Duration::from_secs(10), || {
@@ -158,19 +161,8 @@ fn a_fast_stop_names_the_requests_it_abandons() {
     });
     assert!(draining.is_some(), "{}", s.log());
     s.signal(libc::SIGINT);
-    assert_eq!(
-        s.wait_exit(Duration::from_secs(30)).code(),
-        Some(0),
-        "{}",
-        s.log()
-    );
-    assert!(c.recv().is_err(), "a reply came for the abandoned request");
-    let log = s.log();
-    assert!(
-        log.contains("abandoning request id 78 (command 15), running for "),
-        "{log}"
-    );
-    s.assert_clean();
+    let code = s.wait_exit(Duration::from_secs(30)).code();
+    assert_abandoned(&mut s, &mut c, 78, code);
 }
 
 /// A binary replaced under a running server (a package upgrade moves a new
