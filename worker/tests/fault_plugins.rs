@@ -633,7 +633,7 @@ fn rust_survivable_commands_through_the_loader() {
         &fault_plugin(),
         &Expect {
             name: "fault",
-            panic: "plugin panicked: fault: requested panic",
+            panic: "plugin panicked; the server log has its message",
             too_big: "reply full: 101 bytes do not fit in the 100 bytes left",
             reserved: "fault: the Rust SDK cannot return reserved status 4",
         },
