@@ -436,6 +436,11 @@ fn check(path: Option<&Path>) -> Result<()> {
 fn run_proxy() -> ExitCode {
     logging::init_from_env();
     logging::reopen_on_sigusr1();
+    // The master stops the proxy over its channel (drain, then exit); a
+    // SIGTERM sent to the whole process group (`kill -TERM -PGID`,
+    // `timeout`, a container's init) reaches the proxy too, and must not
+    // cut the master's graceful drain short: caught, and nothing done.
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, Default::default());
     master::sys::unblock_user_signals();
     master::set_thread_name("halfsync-proxy");
     let result = halfsync_proxy::ProxySpec::from_env().and_then(|spec| {

@@ -149,7 +149,9 @@ impl PluginFile {
         }
         let answer = match sum {
             Some(sum) => digest(f) != Some(*sum),
-            None => true,
+            // No digest: size and mtime decide. (Not the ctime, which an
+            // `mv` onto the path changes too, unlinking the held file.)
+            None => (now.0, now.1, now.2) != (stamp.0, stamp.1, stamp.2),
         };
         self.checked.set(Some((now, answer)));
         answer
@@ -186,5 +188,28 @@ mod tests {
         std::fs::write(&staged, b"version three").unwrap();
         std::fs::rename(&staged, &path).unwrap();
         assert!(!q.changed_in_place());
+    }
+
+    /// A file too large to digest: size and mtime decide, not the ctime
+    /// that an `mv` onto its path changes (it unlinks the held file).
+    #[test]
+    fn without_a_digest_an_mv_is_not_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("libbig.so");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(super::DIGEST_MAX + 1).unwrap();
+        drop(f);
+        let p = PluginFile::open(path.clone());
+        let staged = dir.path().join("libbig.so.new");
+        std::fs::write(&staged, b"new build").unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        assert!(!p.changed_in_place());
+        // Rewritten in place (its mtime moves): said so.
+        let q = PluginFile::open(path.clone());
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_len(super::DIGEST_MAX + 2).unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(60))
+            .unwrap();
+        assert!(q.changed_in_place() || q.fd().is_none());
     }
 }

@@ -893,6 +893,22 @@ fn requests_behind_a_slow_one_move_to_another_worker() {
     assert!(s.log().contains("moved to other workers"), "{}", s.log());
 }
 
+/// Stops process `pid` and waits (bounded) until it is stopped: a signal
+/// is delivered when the process next runs, and a worker woken a moment
+/// earlier may yet take a request first.
+fn stop_and_wait(pid: i32) {
+    kill(pid, libc::SIGSTOP);
+    let stopped = wait_for(Duration::from_secs(10), || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .next()?
+            .to_owned();
+        (state == "T").then_some(())
+    });
+    assert!(stopped.is_some(), "{pid} never stopped");
+}
+
 /// The state `status` shows for the worker with this pid.
 fn state_of(s: &Server, pid: i32) -> String {
     let st = s.status();
@@ -918,7 +934,7 @@ fn an_idle_worker_that_stops_running_has_its_requests_moved() {
         port,
     );
     let stopped = s.worker_pids()[0];
-    kill(stopped, libc::SIGSTOP);
+    stop_and_wait(stopped);
     // Several connections' pipelined requests, so that some go to it.
     let round = |s: &Server, base: u64| {
         let mut clients: Vec<Client> = (0..4).map(|_| s.client()).collect();
@@ -961,7 +977,7 @@ fn an_idle_worker_that_stops_running_has_its_requests_moved() {
     assert!(back.is_some(), "{}\n{}", s.status(), s.log());
     assert!(s.log().contains("worker responsive again"), "{}", s.log());
     // Stopped for longer than request_timeout: killed and replaced.
-    kill(stopped, libc::SIGSTOP);
+    stop_and_wait(stopped);
     round(&s, 2000);
     let replaced = wait_for(Duration::from_secs(15), || {
         let pids = s.worker_pids();
@@ -982,16 +998,15 @@ fn an_idle_worker_that_stops_running_has_its_requests_moved() {
     round(&s, 3000);
     // Its replacement in the same slot starts out responsive, and the
     // server says it serves.
-    let st = s.status();
-    assert!(
-        st["groups"][0]["workers"]
-            .as_array()
-            .unwrap()
+    let serving = wait_for(Duration::from_secs(10), || {
+        let st = s.status();
+        let all = st["groups"][0]["workers"]
+            .as_array()?
             .iter()
-            .all(|w| w["state"] == "idle" || w["state"] == "busy"),
-        "{st}"
-    );
-    assert!(st["not_serving"].is_null(), "{st}");
+            .all(|w| w["state"] == "idle" || w["state"] == "busy");
+        (all && st["not_serving"].is_null()).then_some(st)
+    });
+    let st = serving.unwrap_or_else(|| panic!("{}", s.status()));
     assert_eq!(st["groups"][0]["workers_ended"]["unresponsive"], 1, "{st}");
 }
 
@@ -1429,6 +1444,36 @@ fn processes_a_plugin_starts_end_with_its_worker() {
     assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
     let ended = wait_for(Duration::from_secs(10), || gone(third).then_some(()));
     assert!(ended.is_some(), "pid {third} outlived the server");
+    s.assert_clean();
+}
+
+/// A worker that floods its output and dies: of what the master had not
+/// read yet, only the last lines get past the budget (its last words are
+/// kept), and the rest is counted. (All of it, up to the pipe's 64 KiB and
+/// more, was logged at once.)
+#[test]
+fn a_dying_workers_unread_flood_is_held_to_its_last_words() {
+    let printer = halfsync_testkit::c_plugin("plugins/c/test/printer.c");
+    let port = free_port();
+    let mut s = Server::start(&config(port, &printer, 1, ""), port);
+    let mut c = s.client();
+    assert_eq!(c.call(1, 3, b"").unwrap().code, status::WORKER_DIED);
+    // (Read to its end once the worker is gone, a turn or two later.)
+    let died = wait_for(Duration::from_secs(10), || {
+        let log = s.log();
+        (log.contains("worker died") && log.contains("worker output: dying now")).then_some(())
+    });
+    assert!(died.is_some(), "{}", s.log());
+    let log = s.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("worker output: flood line"))
+        .count();
+    let budget = halfsync_config::PLUGIN_LINES_PER_SECOND as usize;
+    assert!(lines <= 3 * budget + 16, "{lines} lines logged");
+    assert!(log.contains("worker output: dying now"), "{log}");
+    assert!(log.contains("more lines of worker output dropped"), "{log}");
+    s.stop(Duration::from_secs(30));
     s.assert_clean();
 }
 

@@ -278,10 +278,17 @@ struct Captured {
     /// Lines per second (`PLUGIN_LINES_PER_SECOND`): a plugin printing on
     /// every request must not have the master write the log flat out.
     budget: halfsync_config::LineBudget,
+    /// The last [`LAST_WORDS`] lines the budget dropped since a line was
+    /// logged: logged if the worker dies before it logs another.
+    held: std::collections::VecDeque<Vec<u8>>,
 }
 
 /// A line of a worker's output longer than this is logged in pieces.
 const CAPTURED_LINE_MAX: usize = 4096;
+
+/// Of the lines the budget dropped at the end of a dead worker's output,
+/// the last this many are logged after all (they hold why it died).
+const LAST_WORDS: usize = 16;
 
 impl Captured {
     /// Logs every whole line there is now (and, at end of file, the rest);
@@ -302,16 +309,6 @@ impl Captured {
                 break; // the rest next turn
             }
         }
-        if !open {
-            // The worker is gone: what the budget held back is counted
-            // now, and its last words (an abort's or a panic's message)
-            // are never dropped.
-            let dropped = self
-                .budget
-                .take_suppressed(Instant::now() + Duration::from_secs(1));
-            self.report(dropped);
-            self.budget = halfsync_config::LineBudget::new(u32::MAX);
-        }
         while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=end).collect();
             self.log(&line[..end]);
@@ -320,9 +317,22 @@ impl Captured {
             let piece: Vec<u8> = self.partial.drain(..CAPTURED_LINE_MAX).collect();
             self.log(&piece);
         }
-        if !open && !self.partial.is_empty() {
-            let rest = std::mem::take(&mut self.partial);
-            self.log(&rest);
+        if !open {
+            if !self.partial.is_empty() {
+                let rest = std::mem::take(&mut self.partial);
+                self.log(&rest);
+            }
+            // The worker is gone: the last lines the budget dropped after
+            // its last logged one are its last words (an abort's or a
+            // panic's message), logged now; the rest is counted.
+            let last: Vec<Vec<u8>> = self.held.drain(..).collect();
+            let dropped = self
+                .budget
+                .take_suppressed(Instant::now() + Duration::from_secs(1));
+            self.report(dropped.saturating_sub(last.len() as u64));
+            for line in last {
+                self.emit(&String::from_utf8_lossy(&line));
+            }
         }
         open
     }
@@ -348,8 +358,17 @@ impl Captured {
         let (admitted, dropped) = self.budget.admit(Instant::now());
         self.report(dropped);
         if !admitted {
+            if self.held.len() == LAST_WORDS {
+                self.held.pop_front();
+            }
+            self.held.push_back(text.as_bytes().to_vec());
             return;
         }
+        self.held.clear();
+        self.emit(text);
+    }
+
+    fn emit(&self, text: &str) {
         warn!(
             group = %self.group,
             worker = self.label,
@@ -1211,6 +1230,7 @@ impl Master {
             pid,
             partial: Vec::new(),
             budget: halfsync_config::LineBudget::new(halfsync_config::PLUGIN_LINES_PER_SECOND),
+            held: std::collections::VecDeque::new(),
         });
         let s = &mut self.slots[i];
         s.life = Life::Running {
@@ -2036,7 +2056,6 @@ impl Master {
             || self.starting
             || self.reload.is_some()
             || self.probing.is_some()
-            || self.reload_resume
         {
             return;
         }

@@ -351,6 +351,9 @@ impl Master {
             .map(|g| GroupJob::new(g as usize, None))
             .collect();
         if groups.is_empty() {
+            // Nothing left to replace (the dead proxy's workers came back
+            // on the new generation): the reload has ended.
+            self.notify_serving("");
             return;
         }
         info!(
