@@ -483,6 +483,11 @@ mod tests {
                 pid: 9,
                 reason: KillReason::RequestTimeout,
             },
+            ToMaster::KillWorker {
+                slot: 5,
+                pid: 11,
+                reason: KillReason::Unresponsive,
+            },
             ToMaster::Recycle { slot: 1, pid: 10 },
             ToMaster::Retire { slot: 1, pid: 10 },
             ToMaster::Drained,
