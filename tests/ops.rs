@@ -814,6 +814,25 @@ fn dynamic_pool_grows_under_load_and_shrinks_when_idle() {
         (s.worker_pids().len() == 4).then_some(())
     });
     assert!(grew.is_some(), "pool did not grow: {}", s.status());
+    // Six slow requests at a time on four workers: some wait, and the log
+    // says the pool is at max_workers (as PHP-FPM's max_children warning).
+    let warned = wait_for(Duration::from_secs(30), || {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.send(
+                i as u64,
+                halfsync_testkit::fault::SLOW,
+                &300u32.to_be_bytes(),
+            )
+            .ok()?;
+        }
+        for c in clients.iter_mut() {
+            assert_eq!(c.recv().ok()?.code, status::OK);
+        }
+        s.log()
+            .contains("requests wait with the pool at max_workers")
+            .then_some(())
+    });
+    assert!(warned.is_some(), "{}", s.log());
     // Idle: it shrinks back to `workers`.
     let shrank = wait_for(Duration::from_secs(60), || {
         (s.worker_pids().len() == 1).then_some(())

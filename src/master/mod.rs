@@ -177,6 +177,9 @@ pub(crate) struct GroupRec {
     /// pool short (doubles while it stays short, see
     /// [`POOL_MAX_SPAWN_RATE`]).
     spawn_rate: u32,
+    /// Dynamic pools: when the log last said that requests wait with the
+    /// pool at `max_workers`.
+    max_warned: Option<Instant>,
     /// Replies counted in slots that went to another group since (see
     /// `Master::rehome`): still this group's.
     moved_replies: [u64; STATUSES],
@@ -200,6 +203,7 @@ impl GroupRec {
             ended_cpu: sys::CpuTime::default(),
             idle_checks: 0,
             spawn_rate: 1,
+            max_warned: None,
             moved_replies: [0; STATUSES],
         }
     }
@@ -1586,6 +1590,21 @@ impl Master {
                 .count() as u32;
             let queued = self.group_stats(g).queued;
             let n = active.len() as u32;
+            if queued > 0
+                && n >= max
+                && self.groups[g]
+                    .max_warned
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
+                // As PHP-FPM's "server reached pm.max_children setting".
+                self.groups[g].max_warned = Some(Instant::now());
+                warn!(
+                    group = %self.groups[g].config.name,
+                    workers = n,
+                    queued,
+                    "requests wait with the pool at max_workers; consider raising max_workers"
+                );
+            }
             if (idle + starting < min_spare || queued > 0) && n < max {
                 let rate = self.groups[g].spawn_rate;
                 let missing = min_spare.saturating_sub(idle + starting);
