@@ -51,6 +51,11 @@ struct Cli {
     /// Request payload bytes.
     #[arg(short = 'p', long, default_value_t = 64)]
     payload: usize,
+    /// Send this file's bytes as every request's payload (a real command's
+    /// request for a plugin under test), instead of `--payload` generated
+    /// bytes; an echo's reply is checked against it.
+    #[arg(long, conflicts_with = "payload")]
+    payload_file: Option<std::path::PathBuf>,
     /// Request command (1 is echo; its payloads are checked).
     #[arg(long, default_value_t = 1)]
     command: u16,
@@ -145,6 +150,12 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
         },
     };
     cfg.payload = cli.payload;
+    if let Some(path) = &cli.payload_file {
+        let data =
+            std::fs::read(path).with_context(|| format!("--payload-file {}", path.display()))?;
+        cfg.payload = data.len();
+        cfg.payload_data = Some(data);
+    }
     cfg.command = cli.command;
     cfg.warmup = cli.warmup;
     cfg.requests = cli.requests;

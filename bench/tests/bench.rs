@@ -212,6 +212,42 @@ fn other_commands_are_sent_and_their_payloads_not_checked() {
     );
 }
 
+/// `--payload-file`: every request carries the file's bytes (a real
+/// command's request), and an echo's reply is checked against them.
+#[test]
+fn a_payload_file_is_sent_as_every_request_and_checked() {
+    let dir = std::env::temp_dir().join(format!("halfsync-bench-payload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("request.json");
+    std::fs::write(&file, br#"{"cmd":"get","player":42}"#).unwrap();
+    let s = Server::start(Mode::Echo);
+    let addr = s.addr.to_string();
+    let args = [
+        "--addr", &addr, "-c", "2", "-n", "200", "--warmup", "0s", "--json",
+    ];
+    let payload = ["--payload-file", file.to_str().unwrap()];
+    let (code, out, err) = cli(&[&args[..], &payload[..]].concat());
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verify_errors"], 0, "{out}");
+    assert_eq!(v["requests"], 200, "{out}");
+    // Echoed wrong, it is caught.
+    let bad = Server::start(Mode::CorruptPayload(10));
+    let addr = bad.addr.to_string();
+    let args = [
+        "--addr", &addr, "-c", "2", "-n", "200", "--warmup", "0s", "--json",
+    ];
+    let (code, out, _) = cli(&[&args[..], &payload[..]].concat());
+    assert_ne!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["verify"]["payload"].as_u64() >= Some(10), "{out}");
+    // A file that is not there is named.
+    let (code, _, err) = cli(&["--addr", &addr, "--payload-file", "/nonexistent/x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--payload-file /nonexistent/x"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Open loop, the generator itself held up across the end of the window
 /// (SIGSTOP from 800 to 1,200 ms of a 1 s window): the requests due in
 /// its last 200 ms are still sent, late, and measured from when they were
