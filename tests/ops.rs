@@ -21,6 +21,11 @@ fn versioned(
     )
 }
 
+/// [`versioned`] with one worker whose plugin init takes `init_ms`.
+fn slow_init(port: u16, prefix: &str, extra_group: &str, init_ms: u32) -> String {
+    versioned(port, 1, prefix, extra_group, "") + &format!("init_delay_ms = {init_ms}\n")
+}
+
 /// Waits until the group runs exactly `n` workers, all serving (status),
 /// and as many worker processes exist.
 fn settle(s: &mut Server, n: usize) -> Value {
@@ -429,9 +434,7 @@ fn a_scale_down_during_a_recycle_keeps_the_new_size() {
 #[test]
 fn scale_is_refused_while_a_reload_runs() {
     let port = free_port();
-    let text = |prefix: &str, init: u32| {
-        versioned(port, 1, prefix, "", "") + &format!("init_delay_ms = {init}\n")
-    };
+    let text = |prefix: &str, init: u32| slow_init(port, prefix, "", init);
     let mut s = Server::start(&text("v1:", 0), port);
     s.write_config(&text("v2:", 1500));
     s.signal(libc::SIGHUP);
@@ -2674,9 +2677,7 @@ fn log_file_and_format_changes_wait_for_a_restart() {
 #[test]
 fn a_reload_during_a_recycles_init_replaces_the_replacement_too() {
     let port = free_port();
-    let text = |prefix: &str, init: u32| {
-        versioned(port, 1, prefix, "max_requests = 5", "") + &format!("init_delay_ms = {init}\n")
-    };
+    let text = |prefix: &str, init: u32| slow_init(port, prefix, "max_requests = 5", init);
     // Each worker spends 2 s in init, the recycle's replacement too: the
     // reload below applies well within it.
     let mut s = Server::start(&text("v1:", 2000), port);
@@ -2706,9 +2707,7 @@ fn a_reload_during_a_recycles_init_replaces_the_replacement_too() {
 #[test]
 fn a_recycle_during_a_reload_does_not_replace_a_worker_twice() {
     let port = free_port();
-    let text = |prefix: &str, init: u32| {
-        versioned(port, 1, prefix, "max_requests = 20", "") + &format!("init_delay_ms = {init}\n")
-    };
+    let text = |prefix: &str, init: u32| slow_init(port, prefix, "max_requests = 20", init);
     let mut s = Server::start(&text("v1:", 0), port);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (flag, addr) = (stop.clone(), s.addr);
