@@ -471,8 +471,13 @@ impl Server {
     /// waits (at most 10 s) until 2 are running again, the killed one not
     /// among them and none still starting; whether that happened.
     pub fn kill_one_of_two_workers(&mut self, title: &str) -> bool {
-        let before = self.pids_titled(title);
-        assert_eq!(before.len(), 2, "{}", self.log());
+        // (Right after start the second may still be between fork and
+        // exec, under the master's title.)
+        let before = wait_for(Duration::from_secs(10), || {
+            let p = self.pids_titled(title);
+            (p.len() == 2).then_some(p)
+        })
+        .unwrap_or_else(|| panic!("not 2 workers titled {title}: {}", self.log()));
         kill(before[0], libc::SIGKILL);
         wait_for(Duration::from_secs(10), || {
             let now = self.pids_titled(title);
