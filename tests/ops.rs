@@ -1394,6 +1394,50 @@ fn ping_is_a_health_check_and_head_is_answered() {
     assert_eq!(c.call(2, 1, b"back").unwrap().code, status::OK);
 }
 
+/// Per-worker gauges: each worker's RSS, the requests it holds, and how
+/// long it has been running its current request (a hung one shows there
+/// before any timeout), as PHP-FPM's full status lists each child.
+#[test]
+fn per_worker_metrics_show_a_long_request() {
+    let port = free_port();
+    let mport = free_port();
+    let server = format!("metrics_listen = \"127.0.0.1:{mport}\"");
+    let mut s = Server::start(&versioned(port, 1, "", "", &server), port);
+    let mut c = s.client();
+    c.send(1, halfsync_testkit::fault::SLOW, &3000u32.to_be_bytes())
+        .unwrap();
+    s.wait_busy();
+    let seen = wait_for(Duration::from_secs(10), || {
+        let text = scrape(mport);
+        let age = metric_f64(
+            &text,
+            "halfsync_worker_request_age_seconds{group=\"game\",worker=\"0\",slot=\"0\"}",
+        )?;
+        (age >= 0.5).then_some(text)
+    });
+    let text = seen.unwrap_or_else(|| panic!("{}", scrape(mport)));
+    let labels = "{group=\"game\",worker=\"0\",slot=\"0\"}";
+    assert_eq!(
+        metric(&text, &format!("halfsync_worker_requests_held{labels}")),
+        1,
+        "{text}"
+    );
+    assert!(
+        metric(&text, &format!("halfsync_worker_rss_bytes{labels}")) > 1 << 20,
+        "{text}"
+    );
+    assert_unique_series(&text);
+    assert_eq!(c.recv().unwrap().code, status::OK);
+    let idle = metric_f64(
+        &scrape(mport),
+        &format!("halfsync_worker_request_age_seconds{labels}"),
+    );
+    assert_eq!(idle, Some(0.0));
+    drop(c);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// Clients holding metrics connections open take at most a few of the
 /// master's descriptors: beyond the limit a connection is closed at once
 /// (and the refusals logged), so the master can still start workers and

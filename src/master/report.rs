@@ -427,6 +427,51 @@ pub(crate) fn metrics(m: &Master) -> String {
         },
     );
 
+    // Per worker process (as PHP-FPM's full status lists each child).
+    let now_ns = halfsync_shm::sys::monotonic_ns();
+    let live: Vec<(usize, &super::SlotRec, String)> = m
+        .slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            s.pid()?;
+            let gname = m
+                .groups
+                .get(s.group)
+                .map_or(String::new(), |g| esc(&g.config.name));
+            Some((i, s, gname))
+        })
+        .collect();
+    o.push_str("# HELP halfsync_worker_rss_bytes Resident memory of each worker process.\n# TYPE halfsync_worker_rss_bytes gauge\n");
+    for (i, s, gname) in &live {
+        let rss = s.pid().map_or(0, rss_kib) * 1024;
+        let _ = writeln!(
+            o,
+            "halfsync_worker_rss_bytes{{group=\"{gname}\",worker=\"{}\",slot=\"{i}\"}} {rss}",
+            s.label
+        );
+    }
+    o.push_str("# HELP halfsync_worker_requests_held Requests handed to each worker and not yet answered.\n# TYPE halfsync_worker_requests_held gauge\n");
+    for (i, s, gname) in &live {
+        let _ = writeln!(
+            o,
+            "halfsync_worker_requests_held{{group=\"{gname}\",worker=\"{}\",slot=\"{i}\"}} {}",
+            s.label,
+            m.slot_stats(*i).pending
+        );
+    }
+    o.push_str("# HELP halfsync_worker_request_age_seconds How long each worker has been running its current request (0 when idle): a hung or slow request shows here before any timeout.\n# TYPE halfsync_worker_request_age_seconds gauge\n");
+    for (i, s, gname) in &live {
+        let age = s
+            .current_request()
+            .map_or(0.0, |b| now_ns.saturating_sub(b.since_ns) as f64 / 1e9);
+        let _ = writeln!(
+            o,
+            "halfsync_worker_request_age_seconds{{group=\"{gname}\",worker=\"{}\",slot=\"{i}\"}} {age:.3}",
+            s.label
+        );
+    }
+
     o.push_str("# HELP halfsync_ring_occupancy_bytes Bytes published and not yet consumed in each worker's rings (`slot` tells a worker from its replacement while both run).\n");
     o.push_str("# TYPE halfsync_ring_occupancy_bytes gauge\n");
     for (i, s) in m
