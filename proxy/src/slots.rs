@@ -160,6 +160,9 @@ pub(crate) struct WorkerSlot {
     /// other workers, and it gets no new ones until it has read its ring
     /// to the end (skipping what was moved).
     unresponsive_since: Option<u64>,
+    /// Its request ring's occupancy at the last check while unresponsive:
+    /// one that shrinks is a worker reading its ring again, not killed.
+    unresponsive_occupancy: Cell<u64>,
     /// This worker's last run-time sample as it came (see
     /// `OUTLIER_FACTOR`): two slow ones in a row from the same worker are
     /// a slowdown, where a stall of the whole host can inflate one sample
@@ -612,6 +615,7 @@ impl Proxy {
             stalled_on: None,
             idle_watch: Cell::new(None),
             unresponsive_since: None,
+            unresponsive_occupancy: Cell::new(u64::MAX),
             prev_sample_ns: 0,
             recycle_requested: false,
             recycle_not_before_ns: 0,
@@ -1206,12 +1210,15 @@ impl Proxy {
                 // starved of CPU) gets them moved elsewhere; one that stays
                 // so past request_timeout is killed.
                 if let Some(since) = s.unresponsive_since {
-                    if s.tx.ring().occupancy() == 0 {
+                    let occupancy = s.tx.ring().occupancy();
+                    if occupancy == 0 {
                         return (Action::Responsive, Some(now));
                     }
-                    // (Running a request again: it is not frozen, and that
-                    // request's own deadlines above apply.)
-                    if g.request_timeout_ns > 0 && busy.is_none() {
+                    // Reading its ring (skipping what was moved) or running
+                    // a request again: it is not frozen, and that request's
+                    // own deadlines above apply.
+                    let reading = occupancy < s.unresponsive_occupancy.replace(occupancy);
+                    if g.request_timeout_ns > 0 && busy.is_none() && !reading {
                         let deadline = since.saturating_add(g.request_timeout_ns);
                         if now >= deadline {
                             let why = format!(
@@ -1413,6 +1420,7 @@ impl Proxy {
             Action::Unresponsive(since) => {
                 let Some(s) = self.slot_mut(si) else { return };
                 s.unresponsive_since = Some(since);
+                s.unresponsive_occupancy.set(u64::MAX);
                 s.idle_watch.set(None);
                 let held = s.pending.len();
                 self.stats.unresponsive(si, true);
