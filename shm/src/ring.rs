@@ -66,7 +66,7 @@ use std::time::Duration;
 use crate::region::Region;
 use crate::sys;
 
-/// Size of a [`RecordHeader`] in bytes.
+/// Size of a `RecordHeader` (a record's fixed header) in bytes.
 pub const RECORD_HEADER_LEN: usize = 40;
 
 /// Size reserved for a [`RingHeader`] before the data area (one page keeps
