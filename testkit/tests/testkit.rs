@@ -86,7 +86,8 @@ fn every_shipped_c_file_compiles_with_werror() {
             if src.extension().is_none_or(|e| e != "c") {
                 continue;
             }
-            let out = Command::new("cc")
+            let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+            let out = Command::new(cc)
                 .args([
                     "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-std=c11", "-I",
                 ])
