@@ -535,10 +535,11 @@ fn respawn_storm_backs_off_and_answers_busy() {
     assert!(back.is_some());
     wait_workers(&mut s, 2);
     // The crashes in init count as init failures, not as crashes (which
-    // would read as requests that kill workers): only the two kills are.
+    // would read as requests that kill workers): only the kills are (one
+    // or two: the second SIGKILL may find no worker, and get BUSY).
     let st = s.status();
     let ended = &st["groups"][0]["workers_ended"];
-    assert_eq!(ended["crash"], 2, "{st}");
+    assert!((1..=2).contains(&ended["crash"].as_u64().unwrap_or(0)), "{st}");
     assert!(ended["init_failed"].as_u64().unwrap_or(0) >= 2, "{st}");
 }
 
