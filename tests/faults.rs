@@ -539,7 +539,10 @@ fn respawn_storm_backs_off_and_answers_busy() {
     // or two: the second SIGKILL may find no worker, and get BUSY).
     let st = s.status();
     let ended = &st["groups"][0]["workers_ended"];
-    assert!((1..=2).contains(&ended["crash"].as_u64().unwrap_or(0)), "{st}");
+    assert!(
+        (1..=2).contains(&ended["crash"].as_u64().unwrap_or(0)),
+        "{st}"
+    );
     assert!(ended["init_failed"].as_u64().unwrap_or(0) >= 2, "{st}");
 }
 
@@ -934,6 +937,15 @@ fn an_idle_worker_that_stops_running_has_its_requests_moved() {
         &fault_config(port, &fault_plugin_so(), 2, "requeue_after = \"100ms\""),
         port,
     );
+    // Both workers up and idle, holding nothing (the start's readiness
+    // request answered), so that the one stopped is stopped idle.
+    let idle = wait_for(Duration::from_secs(10), || {
+        let st = s.status();
+        let ws = st["groups"][0]["workers"].as_array()?.clone();
+        (ws.len() == 2 && ws.iter().all(|w| w["state"] == "idle" && w["pending"] == 0))
+            .then_some(())
+    });
+    assert!(idle.is_some(), "{}", s.status());
     let stopped = s.worker_pids()[0];
     stop_and_wait(stopped);
     // Several connections' pipelined requests, so that some go to it.

@@ -76,7 +76,10 @@ fn embedded_default_serves_echo_on_7878() {
     let mut s = Server::spawn_with(None, 7878);
     s.wait_ready();
     s.wait_tree(3);
-    assert_eq!(s.worker_pids().len(), 2);
+    let two = wait_for(Duration::from_secs(10), || {
+        (s.worker_pids().len() == 2).then_some(())
+    });
+    assert!(two.is_some(), "{}", s.log());
     many_pipelines(s.addr, 4, 50, 1000);
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
