@@ -1417,14 +1417,18 @@ fn processes_a_plugin_starts_end_with_its_worker() {
     let spawner = halfsync_testkit::c_plugin("plugins/c/test/spawner.c");
     let port = free_port();
     let mut s = Server::start(&config(port, &spawner, 1, ""), port);
-    let mut c = s.client();
-    let child = |c: &mut Client| -> i32 {
-        let r = c.call(1, 2, b"").unwrap();
-        assert_eq!(r.code, status::OK);
-        String::from_utf8_lossy(&r.payload).parse().unwrap()
+    // The pid of a child its worker starts (on a fresh connection, retried
+    // while a worker is coming back).
+    let child = |s: &Server| -> i32 {
+        wait_for(Duration::from_secs(20), || {
+            let mut c = Client::connect(s.addr).ok()?;
+            let r = c.call(1, 2, b"").ok()?;
+            (r.code == status::OK).then(|| String::from_utf8_lossy(&r.payload).parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("{}", s.log()))
     };
     // The worker dies (as by a crash): its child goes with it.
-    let first = child(&mut c);
+    let first = child(&s);
     assert!(!gone(first));
     let worker = s.worker_pids()[0];
     kill(worker, libc::SIGKILL);
@@ -1438,12 +1442,7 @@ fn processes_a_plugin_starts_end_with_its_worker() {
         (s.worker_pids().len() == 1 && s.worker_pids()[0] != worker).then_some(())
     });
     assert!(back.is_some(), "{}", s.log());
-    let second = wait_for(Duration::from_secs(10), || {
-        let mut c = s.client();
-        let r = c.call(2, 2, b"").ok()?;
-        (r.code == status::OK).then(|| String::from_utf8_lossy(&r.payload).parse::<i32>().ok())?
-    })
-    .unwrap_or_else(|| panic!("{}", s.log()));
+    let second = child(&s);
     assert!(!gone(second));
     // The proxy dies: its workers are killed with it, and their children.
     let proxy = s.pids_titled("halfsync: proxy");
@@ -1455,12 +1454,7 @@ fn processes_a_plugin_starts_end_with_its_worker() {
         s.log()
     );
     // A stop: the next worker's child goes too.
-    let third = wait_for(Duration::from_secs(20), || {
-        let mut c = halfsync_protocol::Client::connect(s.addr).ok()?;
-        let r = c.call(3, 2, b"").ok()?;
-        (r.code == status::OK).then(|| String::from_utf8_lossy(&r.payload).parse::<i32>().ok())?
-    })
-    .unwrap_or_else(|| panic!("{}", s.log()));
+    let third = child(&s);
     assert!(!gone(third));
     assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
     let ended = wait_for(Duration::from_secs(10), || gone(third).then_some(()));

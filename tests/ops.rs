@@ -1213,6 +1213,15 @@ fn trickling_metrics_clients_cost_the_master_little() {
     s.assert_clean();
 }
 
+/// Sends `request` to the HTTP listener on `port` until its answer starts
+/// with `prefix` (at most `secs` seconds); that answer.
+fn http_until(port: u16, request: &str, prefix: &str, secs: u64) -> Option<String> {
+    wait_for(Duration::from_secs(secs), || {
+        let a = http(port, request);
+        a.starts_with(prefix).then_some(a)
+    })
+}
+
 /// One HTTP/1.1 request to the metrics listener: the whole answer.
 fn http(port: u16, request: &str) -> String {
     use std::io::{Read, Write};
@@ -1242,20 +1251,14 @@ fn ping_fails_while_the_proxy_is_stopped() {
     // Its first heartbeat within a second of starting.
     std::thread::sleep(Duration::from_millis(1200));
     kill(proxy, libc::SIGSTOP);
-    let down = wait_for(Duration::from_secs(15), || {
-        let a = http(mport, "GET /ping HTTP/1.1\r\n\r\n");
-        a.starts_with("HTTP/1.1 503 ").then_some(a)
-    });
+    let down = http_until(mport, "GET /ping HTTP/1.1\r\n\r\n", "HTTP/1.1 503 ", 15);
     kill(proxy, libc::SIGCONT);
     let down = down.unwrap_or_else(|| panic!("ping never said 503\n{}", s.log()));
     assert!(
         down.contains("not serving: proxy 0 has not run its loop for"),
         "{down}"
     );
-    let up = wait_for(Duration::from_secs(10), || {
-        let a = http(mport, "GET /ping HTTP/1.1\r\n\r\n");
-        a.starts_with("HTTP/1.1 200 OK").then_some(())
-    });
+    let up = http_until(mport, "GET /ping HTTP/1.1\r\n\r\n", "HTTP/1.1 200 OK", 10);
     assert!(up.is_some(), "{}", s.log());
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
@@ -1367,10 +1370,7 @@ fn ping_is_a_health_check_and_head_is_answered() {
     std::fs::write(&flag, b"").unwrap();
     let mut c = s.client();
     let _ = c.call(1, halfsync_testkit::fault::SIGKILL, b"");
-    let down = wait_for(Duration::from_secs(20), || {
-        let a = http(mport, "GET /ping HTTP/1.0\r\n\r\n");
-        a.starts_with("HTTP/1.1 503 ").then_some(a)
-    });
+    let down = http_until(mport, "GET /ping HTTP/1.0\r\n\r\n", "HTTP/1.1 503 ", 20);
     let down = down.unwrap_or_else(|| panic!("ping never said 503\n{}", s.log()));
     assert!(
         down.ends_with("not serving: group \"game\" has no worker ready\n"),
@@ -1385,10 +1385,12 @@ fn ping_is_a_health_check_and_head_is_answered() {
     assert!(nosuch.starts_with("HTTP/1.1 404 "), "{nosuch}");
     assert!(nosuch.contains("no group named \"nosuch\""), "{nosuch}");
     std::fs::remove_file(&flag).unwrap();
-    let up = wait_for(Duration::from_secs(20), || {
-        let a = http(mport, "HEAD /ping HTTP/1.1\r\n\r\n");
-        a.starts_with("HTTP/1.1 200 OK\r\n").then_some(a)
-    });
+    let up = http_until(
+        mport,
+        "HEAD /ping HTTP/1.1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\n",
+        20,
+    );
     let up = up.unwrap_or_else(|| panic!("ping never came back\n{}", s.log()));
     assert!(up.ends_with("\r\n\r\n"), "{up}");
     assert_eq!(c.call(2, 1, b"back").unwrap().code, status::OK);
@@ -1486,10 +1488,12 @@ fn held_metrics_connections_cannot_take_the_masters_descriptors() {
     assert!(replaced.is_some(), "{}", s.log());
     assert_eq!(s.client().call(1, 1, b"x").unwrap().payload, b"x");
     drop(held);
-    let scraped = wait_for(Duration::from_secs(10), || {
-        let a = http(mport, "GET /metrics HTTP/1.1\r\n\r\n");
-        a.starts_with("HTTP/1.1 200 OK").then_some(())
-    });
+    let scraped = http_until(
+        mport,
+        "GET /metrics HTTP/1.1\r\n\r\n",
+        "HTTP/1.1 200 OK",
+        10,
+    );
     assert!(scraped.is_some(), "{}", s.log());
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();

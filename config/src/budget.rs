@@ -46,6 +46,12 @@ impl LineBudget {
         }
     }
 
+    /// Whether any line was dropped and not yet reported (cheap: no clock
+    /// read, for a caller on a hot path).
+    pub fn has_suppressed(&self) -> bool {
+        self.suppressed > 0
+    }
+
     /// The count of lines dropped in windows that are over, once (for an
     /// idle moment, so that the last burst's count is not held until the
     /// next line).
@@ -79,6 +85,7 @@ mod tests {
         let mut b = LineBudget::new(3);
         let admitted: Vec<bool> = (0..5).map(|_| b.admit(t0).0).collect();
         assert_eq!(admitted, [true, true, true, false, false]);
+        assert!(b.has_suppressed());
         // Still the same window: nothing to report yet.
         assert_eq!(b.take_suppressed(t0 + Duration::from_millis(999)), 0);
         // The next window's first line carries the count, once.

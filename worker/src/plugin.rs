@@ -793,12 +793,14 @@ impl Instance {
     /// ring runs empty, so a burst's count is not held until the plugin
     /// logs again).
     pub fn report_dropped_logs(&self) {
-        let dropped = self
-            .host
-            .budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take_suppressed(std::time::Instant::now());
+        let mut budget = self.host.budget.lock().unwrap_or_else(|p| p.into_inner());
+        // (Called whenever the ring runs empty, per request at low load:
+        // the clock is read only when there is something to report.)
+        if !budget.has_suppressed() {
+            return;
+        }
+        let dropped = budget.take_suppressed(std::time::Instant::now());
+        drop(budget);
         if dropped > 0 {
             let _ = catch_unwind(AssertUnwindSafe(|| {
                 HostCtx::report(&self.host.plugin, dropped)
