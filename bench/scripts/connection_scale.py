@@ -109,7 +109,7 @@ def main():
         c = max(r["connected"], 1)
         grow = r["proxy_rss_kib"]["peak"] - r["proxy_rss_kib"]["before"]
         anon = r["proxy_anon_kib"]["peak"] - r["proxy_anon_kib"]["before"]
-        errs = sum(v for k, v in r["status"].items() if k != "OK") + r["verify_errors"] + sum(r["conn_errors"].values())
+        errs = sum(v for k, v in r["status"].items() if k not in ("OK", "other_codes")) + r["verify_errors"] + sum(r["conn_errors"].values())
         lat = r["latency_us"]
         print(f"| {mode} | {r['connected']:,} | {r['active']:,} | {r['rps']:,.0f}/s | {lat['p50']} µs | "
               f"{lat['p99']} µs | {lat['p999']} µs | {errs} | {grow / 1024:.1f} MiB | "

@@ -1,5 +1,6 @@
 //! Result types: counters, the latency histogram, merging, the report.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use hdrhistogram::Histogram;
@@ -51,6 +52,10 @@ pub struct StatusCounts {
     pub shutting_down: u64,
     /// Any other code (plugin codes from 100, reserved ones).
     pub other: u64,
+    /// The codes counted in `other`, each with its count (JSON keys are
+    /// the codes as strings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub other_codes: BTreeMap<u16, u64>,
 }
 
 impl StatusCounts {
@@ -65,7 +70,10 @@ impl StatusCounts {
             status::BAD_REQUEST => &mut self.bad_request,
             status::NO_ROUTE => &mut self.no_route,
             status::SHUTTING_DOWN => &mut self.shutting_down,
-            _ => &mut self.other,
+            _ => {
+                *self.other_codes.entry(code).or_default() += 1;
+                &mut self.other
+            }
         };
         *slot += 1;
     }
@@ -95,6 +103,36 @@ impl StatusCounts {
         self.no_route += o.no_route;
         self.shutting_down += o.shutting_down;
         self.other += o.other;
+        for (&code, &n) in &o.other_codes {
+            *self.other_codes.entry(code).or_default() += n;
+        }
+    }
+
+    /// One line for the report: `OK 90  BUSY 3  other 12 (100: 9, 404: 3)`
+    /// (only codes that came; `-` for none).
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .pairs()
+            .iter()
+            .filter(|p| p.1 > 0)
+            .map(|&(name, n)| match name {
+                // Which codes `other` holds: a plugin's own statuses.
+                "other" => {
+                    let codes: Vec<String> = self
+                        .other_codes
+                        .iter()
+                        .map(|(code, n)| format!("{code}: {n}"))
+                        .collect();
+                    format!("other {n} ({})", codes.join(", "))
+                }
+                _ => format!("{name} {n}"),
+            })
+            .collect();
+        if parts.is_empty() {
+            "-".into()
+        } else {
+            parts.join("  ")
+        }
     }
 
     /// All replies counted.
@@ -560,22 +598,7 @@ impl fmt::Display for Report {
                 fmt_us(l.max)
             )?;
         }
-        let st: Vec<String> = self
-            .status
-            .pairs()
-            .iter()
-            .filter(|p| p.1 > 0)
-            .map(|(n, c)| format!("{n} {c}"))
-            .collect();
-        writeln!(
-            f,
-            "status       {}",
-            if st.is_empty() {
-                "-".into()
-            } else {
-                st.join("  ")
-            }
-        )?;
+        writeln!(f, "status       {}", self.status.summary())?;
         let c = &self.conn_errors;
         writeln!(
             f,
@@ -726,7 +749,21 @@ mod tests {
             assert_eq!(v[status::name(code)], 1, "{}", status::name(code));
         }
         assert_eq!(v["other"], 2);
+        assert_eq!(v["other_codes"], serde_json::json!({"42": 1, "100": 1}));
         assert_eq!(s.total(), 10);
+        let mut t = s.clone();
+        t.merge(&s);
+        assert_eq!(t.other_codes, BTreeMap::from([(42, 2), (100, 2)]));
+        let back: StatusCounts = serde_json::from_value(v).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(
+            s.summary(),
+            "OK 1  PLUGIN_ERROR 1  BUSY 1  TIMEOUT 1  WORKER_DIED 1  BAD_REQUEST 1  \
+             NO_ROUTE 1  SHUTTING_DOWN 1  other 2 (42: 1, 100: 1)"
+        );
+        assert_eq!(StatusCounts::default().summary(), "-");
+        let plain = serde_json::to_value(StatusCounts::default()).unwrap();
+        assert!(plain.get("other_codes").is_none());
     }
 
     #[test]
