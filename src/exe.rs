@@ -11,6 +11,7 @@
 //! and proxy never meets another version. (Started from the path, they ran
 //! the new file beside an old master.)
 
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -20,23 +21,32 @@ use anyhow::{Context, Result};
 /// descriptor of the file itself.
 pub struct Exe {
     path: PathBuf,
-    file: std::fs::File,
+    file: File,
+}
+
+/// Opens `path` with `O_PATH` (and close-on-exec, as std always does): a
+/// handle on the file itself that needs no read permission (a file
+/// installed mode 0711 runs for users who cannot read it; exec and dlopen
+/// through [`fd_path`] need only execute) and that a FIFO cannot block.
+pub fn open_path(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+}
+
+/// The path that names `file` itself through this process's descriptor,
+/// whatever its own path names by now: `/proc/self/fd/N`.
+pub fn fd_path(file: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 impl Exe {
     /// The running executable.
     pub fn current() -> Result<Exe> {
         let path = std::env::current_exe().context("cannot find the halfsync executable")?;
-        // O_PATH: no read permission needed (a binary installed mode 0711
-        // runs for users who cannot read it); exec needs only execute.
-        let file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_PATH)
-                .open("/proc/self/exe")
-                .context("cannot open /proc/self/exe")?
-        };
+        let file = open_path(Path::new("/proc/self/exe")).context("cannot open /proc/self/exe")?;
         Ok(Exe { path, file })
     }
 
@@ -49,6 +59,6 @@ impl Exe {
     /// file. The descriptor is close-on-exec, which is fine: the kernel
     /// opens the program before it closes those.
     pub fn program(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        fd_path(&self.file)
     }
 }

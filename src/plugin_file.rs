@@ -74,7 +74,7 @@ const DIGEST_MAX: u64 = 64 << 20;
 fn digest(file: &File) -> Option<u64> {
     use std::hash::Hasher;
     use std::io::Read;
-    let mut f = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    let mut f = File::open(crate::exe::fd_path(file)).ok()?;
     let mut h = std::hash::DefaultHasher::new();
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -96,11 +96,7 @@ impl PluginFile {
     /// Anything but a regular file is left to be loaded, and refused, by
     /// path.
     pub fn open(path: PathBuf) -> PluginFile {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH)
-            .open(&path)
+        let file = crate::exe::open_path(&path)
             .ok()
             .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
             .and_then(|f| {
