@@ -415,7 +415,8 @@ fn check(path: Option<&Path>) -> Result<()> {
     // A closed stdout (`halfsync check | head -1`) ends the report quietly;
     // the verdict is the exit code.
     let mut out = std::io::stdout().lock();
-    for p in probe::probe(&exe, &config, &files, true)? {
+    let (probed, printed) = probe::probe_with_output(&exe, &config, &files, true)?;
+    for p in probed {
         let _ = writeln!(
             out,
             "group {}: plugin {} {} ({}): loaded and initialised{}",
@@ -426,6 +427,13 @@ fn check(path: Option<&Path>) -> Result<()> {
             if p.log.is_empty() { "" } else { "; it logged:" }
         );
         for line in &p.log {
+            let _ = writeln!(out, "    {line}");
+        }
+    }
+    let printed = probe::quote(&printed);
+    if !printed.is_empty() {
+        let _ = writeln!(out, "the plugins printed (stdout and stderr):");
+        for line in &printed {
             let _ = writeln!(out, "    {line}");
         }
     }

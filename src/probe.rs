@@ -80,6 +80,17 @@ pub fn probe(
     files: &[PluginFile],
     init: bool,
 ) -> Result<Vec<Probed>> {
+    probe_with_output(exe, config, files, init).map(|(probed, _)| probed)
+}
+
+/// [`probe`], with what the probe and the plugins printed to stdout and
+/// stderr (`check` shows it: a plugin's `printf` in `init`).
+pub fn probe_with_output(
+    exe: &crate::exe::Exe,
+    config: &Config,
+    files: &[PluginFile],
+    init: bool,
+) -> Result<(Vec<Probed>, String)> {
     let mut probe = Probe::start(exe, config, files, init)?;
     loop {
         if let Some(outcome) = probe.poll() {
@@ -88,7 +99,7 @@ pub fn probe(
             if probe.ended.as_ref().is_some_and(|e| e.how.is_none()) {
                 let _ = probe.child.wait();
             }
-            return outcome;
+            return outcome.map(|probed| (probed, probe.output().to_owned()));
         }
         std::thread::sleep(Probe::POLL_EVERY);
     }
@@ -368,21 +379,54 @@ impl Probe {
                     .collect())
             }
             Some(how) => {
-                let stderr = self.stderr.as_deref().unwrap_or_default();
-                // Its own account first; else what it (or a plugin) wrote
-                // to stderr before dying.
-                let first = self
-                    .progress
-                    .error
-                    .as_deref()
-                    .or_else(|| stderr.lines().map(str::trim).find(|l| !l.is_empty()));
-                match (how > 0, first) {
-                    (true, Some(msg)) => bail!("{msg}"),
-                    _ => bail!("{culprit}: the plugin crashed ({})", describe_exit(how)),
+                // Its own account, if it gave one; else how it ended and
+                // what it (or a plugin) printed before.
+                if how > 0
+                    && let Some(msg) = &self.progress.error
+                {
+                    bail!("{msg}");
                 }
+                let ended = if how > 0 { "exited" } else { "crashed" };
+                let printed = quote(self.output());
+                if printed.is_empty() {
+                    bail!("{culprit}: the plugin {ended} ({})", describe_exit(how));
+                }
+                bail!(
+                    "{culprit}: the plugin {ended} ({}); it printed before that:\n    {}",
+                    describe_exit(how),
+                    printed.join("\n    ")
+                )
             }
         }
     }
+
+    /// What the child and the plugins printed (stdout and stderr, up to
+    /// 64 KiB), once it has ended; empty before.
+    pub fn output(&self) -> &str {
+        self.stderr.as_deref().unwrap_or_default()
+    }
+}
+
+/// Most lines of a plugin's output quoted in a message.
+const QUOTED_LINES: usize = 20;
+
+/// The last [`QUOTED_LINES`] non-blank lines of `output`, each one line of
+/// at most 300 characters, after a note of how many came before.
+pub fn quote(output: &str) -> Vec<String> {
+    let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+    let skip = lines.len().saturating_sub(QUOTED_LINES);
+    let mut out = Vec::new();
+    if skip > 0 {
+        out.push(format!("({skip} earlier lines not shown)"));
+    }
+    for line in &lines[skip..] {
+        let line = halfsync_config::one_line(line.trim_end());
+        out.push(match line.char_indices().nth(300) {
+            Some((cut, _)) => format!("{}...", &line[..cut]),
+            None => line,
+        });
+    }
+    out
 }
 
 impl Drop for Probe {

@@ -400,6 +400,31 @@ fn a_plugin_printing_to_stdout_does_not_garble_the_probe() {
         )),
         "{out}"
     );
+    // What it printed is quoted, after the groups' results.
+    assert!(
+        out.contains("the plugins printed (stdout and stderr):\n    loading...init"),
+        "{out}"
+    );
+    // A plugin that prints why, then exits in init: quoted in the error.
+    let failing = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"a\"\nplugin = \"{}\"\n\
+         [group.config]\nexit_in_init = true\n",
+        chatty.display()
+    );
+    let (code, out, err) = halfsync_out("check", &failing);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "group a: plugin {} (init): the plugin exited (exit code 3); it printed before \
+             that:\n    loading...init",
+            chatty.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("\n    chatty: cannot reach the database, giving up"),
+        "{err}"
+    );
 
     let mut s = Server::start(&text, port);
     let st = s.status();

@@ -207,15 +207,15 @@ pub fn kill(pid: i32, sig: i32) {
 }
 
 /// For the plugin probe child: moves its stdout to a private descriptor
-/// (returned, close-on-exec) and points fd 1 at /dev/null, so that
+/// (returned, close-on-exec) and points fd 1 at its stderr, so that
 /// nothing a plugin prints can mix into the lines the probe reports to
-/// its parent.
+/// its parent, while what it prints still reaches the parent (which
+/// quotes the probe's stderr).
 pub fn private_stdout() -> io::Result<std::fs::File> {
     let fd = syscall!(fcntl(1, libc::F_DUPFD_CLOEXEC, 3))?;
     // SAFETY: fcntl just created `fd`; nothing else owns it.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-    syscall!(dup2(null.as_raw_fd(), 1))?;
+    syscall!(dup2(2, 1))?;
     Ok(file)
 }
 
