@@ -87,11 +87,13 @@ struct Cli {
     /// `[value_us, count]` pairs (to pool several runs' percentiles).
     #[arg(long, requires = "json")]
     histogram: bool,
-    /// Do not verify replies.
+    /// Do not verify replies: neither ids, nor echo payloads (command 1),
+    /// nor statuses; every reply then counts as a success.
     #[arg(long)]
     no_verify: bool,
-    /// Non-zero reply statuses that are not errors (comma-separated).
-    #[arg(long, value_delimiter = ',')]
+    /// Non-zero reply statuses that are not errors (comma-separated);
+    /// any other non-zero status fails the run.
+    #[arg(long, value_delimiter = ',', conflicts_with = "no_verify")]
     allow_status: Vec<u16>,
     /// Open the connections; only --active of them (default none) send.
     #[arg(long)]

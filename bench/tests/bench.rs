@@ -327,6 +327,20 @@ fn statuses_are_counted_and_checked() {
     let r = run(&c);
     assert_clean(&r);
     assert_eq!(r.status.other, 300);
+    assert_eq!(r.status.other_codes, [(150, 300)].into());
+    // From the command line: a plugin's status counted by code, failing
+    // the run unless allowed, and --allow-status refused with --no-verify
+    // (which would ignore it).
+    let addr = s.addr.to_string();
+    let args = ["--addr", &addr, "-c", "1", "-n", "100", "--warmup", "0s"];
+    let (code, out, err) = cli(&args);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("other 100 (150: 100)"), "{out}");
+    let (code, out, err) = cli(&[&args[..], &["--allow-status", "150"]].concat());
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = cli(&[&args[..], &["--allow-status", "150", "--no-verify"]].concat());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with '--no-verify'"), "{err}");
 }
 
 #[test]
