@@ -419,10 +419,14 @@ fn check(path: Option<&Path>) -> Result<()> {
     for p in probed {
         let _ = writeln!(
             out,
-            "group {}: plugin {} {} ({}): loaded and initialised{}",
+            "group {}: plugin {}{} ({}): loaded and initialised{}",
             p.group,
             p.name,
-            p.version,
+            if p.version.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", p.version)
+            },
             p.path.display(),
             if p.log.is_empty() { "" } else { "; it logged:" }
         );

@@ -1321,6 +1321,36 @@ fn a_c_plugins_printf_is_logged_while_the_worker_runs() {
     s.assert_clean();
 }
 
+/// The header's promise to C authors: a request's payload is 8-byte
+/// aligned and never NULL, even empty, wherever its record falls in the
+/// ring (sizes 0 to 40, over enough requests to wrap a 64 KiB ring).
+/// The test plugins' handle answers PLUGIN_ERROR otherwise.
+#[test]
+fn a_c_plugin_gets_aligned_payloads_never_null() {
+    let plugin = halfsync_testkit::c_plugin("plugins/c/test/fd_check.c");
+    let port = free_port();
+    let text = config(
+        port,
+        &plugin,
+        1,
+        "max_frame = \"16KiB\"\nring_size = \"64KiB\"",
+    );
+    let mut s = Server::start(&text, port);
+    let mut c = s.client();
+    for id in 0..3_000u64 {
+        let payload = vec![b'p'; (id % 41) as usize];
+        let r = c.call(id, 1, &payload).unwrap();
+        assert_eq!(
+            (r.code, r.payload.as_slice()),
+            (0, payload.as_slice()),
+            "request {id}: {}",
+            String::from_utf8_lossy(&r.payload)
+        );
+    }
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}
+
 /// A plugin that logs (here: panics) or prints on every request gets at
 /// most `PLUGIN_LINES_PER_SECOND` lines a second per worker into the log;
 /// the rest are counted and the count is logged. (Before, 59,000 panics a

@@ -17,6 +17,13 @@
  *
  * Fields may be appended to hs_plugin, hs_host and hs_reply in later minor
  * revisions; struct_size tells each side how much the other knows.
+ * hs_request has no struct_size and stays as it is in ABI 1: anything new
+ * about a request will come through hs_host.
+ *
+ * None of the three may let a C++ exception escape: it aborts the worker
+ * (catch everything and return HS_STATUS_PLUGIN_ERROR). The worker process
+ * owns SIGTERM, SIGUSR1 and SIGUSR2 and ignores SIGINT, SIGQUIT, SIGHUP and
+ * SIGPIPE; leave those alone. Its working directory is halfsync's.
  */
 #ifndef HALFSYNC_PLUGIN_H
 #define HALFSYNC_PLUGIN_H
@@ -32,7 +39,9 @@ extern "C" {
 
 /* Reply statuses. Codes below 100 belong to the server; a plugin returns
  * HS_STATUS_OK, HS_STATUS_PLUGIN_ERROR (payload = message) or a code of
- * 100 and above. Any other return value becomes HS_STATUS_PLUGIN_ERROR. */
+ * 100 to 65535. Any other return value becomes HS_STATUS_PLUGIN_ERROR,
+ * its payload replaced by "plugin returned reserved status N" (2 to 99)
+ * or "plugin returned invalid status N". */
 #define HS_STATUS_OK 0
 #define HS_STATUS_PLUGIN_ERROR 1
 #define HS_STATUS_FIRST_PLUGIN_CODE 100
@@ -45,7 +54,8 @@ extern "C" {
 #define HS_LOG_DEBUG 4
 
 /* One request. The payload points into shared memory and is valid only
- * during the handle call that received it. */
+ * during the handle call that received it; it is 8-byte aligned and never
+ * NULL, even when payload_len is 0. */
 typedef struct hs_request {
     uint64_t id;           /* chosen by the client, echoed in the reply */
     uint16_t command;      /* HSP/1 code field of the request */
@@ -58,7 +68,9 @@ typedef struct hs_request {
 /* The reply under construction. Bytes written go straight into the reply
  * ring in shared memory (the first 64 KiB; a longer reply is assembled in
  * the worker's memory and copied in after handle returns). Valid only
- * during the handle call. A pointer from reserve covers exactly the len
+ * during the handle call: never keep the pointer. Its functions may be
+ * called from another thread while handle waits for that thread, never
+ * from two threads at once. A pointer from reserve covers exactly the len
  * bytes asked for, and stays valid until handle returns however long the
  * reply grows after it (until clear, after which it must not be used);
  * the bytes of separate reserve or write calls are not adjacent in
@@ -67,7 +79,8 @@ typedef struct hs_reply {
     uint32_t struct_size;  /* sizeof(hs_reply) as the host knows it */
     uint32_t reserved;
     void *ctx;             /* host-owned; pass it back to the functions below */
-    size_t capacity;       /* most payload bytes this reply can hold */
+    size_t capacity;       /* most payload bytes this reply can hold in all
+                              (fixed: it does not shrink as you write) */
     /* Append len bytes. Returns 0, or -1 (nothing written) if the payload
      * would exceed capacity. */
     int32_t (*write)(void *ctx, const uint8_t *data, size_t len);
@@ -93,13 +106,15 @@ typedef struct hs_host {
 typedef struct hs_plugin {
     uint32_t abi_version;  /* must be HALFSYNC_ABI_VERSION */
     uint32_t struct_size;  /* sizeof(hs_plugin) */
-    const char *name;      /* NUL-terminated, for logs */
-    const char *version;   /* NUL-terminated, for logs and status */
+    const char *name;      /* NUL-terminated, for logs (NULL: the file's name) */
+    const char *version;   /* NUL-terminated, for logs and status (NULL: "") */
     /* Set *state (may stay NULL) and return 0; or write a NUL-terminated
-     * reason into err (at most err_cap bytes) and return non-zero: the
-     * worker then exits and the pool reports the reason. config is the
-     * plugin's config section as TOML text (NUL-terminated, config_len
-     * bytes before the NUL). */
+     * reason into err (at most err_cap bytes; the host reads no further,
+     * NUL or not) and return non-zero: the worker then exits and the pool
+     * reports the reason. config is the plugin's config section as TOML
+     * text (NUL-terminated, config_len bytes before the NUL), valid only
+     * during this call: copy what you keep. The host re-serializes the
+     * section: keys sorted, inline tables written as [sections]. */
     int32_t (*init)(const hs_host *host, const char *config, size_t config_len,
                     void **state, char *err, size_t err_cap);
     /* Handle one request; return the reply status. */
