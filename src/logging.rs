@@ -86,7 +86,7 @@ fn init_with(file: Option<&Path>, format: LogFormat, plain: bool) -> io::Result<
             None => io::stderr().is_terminal(),
         },
     } && !plain;
-    let filter = EnvFilter::try_from_env("HALFSYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, _) = level_filter(std::env::var("HALFSYNC_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(Target)
@@ -96,6 +96,47 @@ fn init_with(file: Option<&Path>, format: LogFormat, plain: bool) -> io::Result<
         LogFormat::Json => builder.json().with_current_span(true).try_init(),
     };
     Ok(())
+}
+
+/// Warns if `HALFSYNC_LOG` was not understood (and [`init`] fell back to
+/// `info`). The master (and `check`) calls it once; its children, which
+/// inherit the same value, do not.
+pub fn warn_if_level_ignored() {
+    if let (_, Some(bad)) = level_filter(std::env::var("HALFSYNC_LOG").ok().as_deref()) {
+        tracing::warn!("{bad}");
+    }
+}
+
+/// The level names `HALFSYNC_LOG` takes, alone or after `target=`.
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// The filter `HALFSYNC_LOG` asks for: a level (`debug`), or
+/// comma-separated `target=level` directives after an optional level
+/// (`info,plugin=debug`). Anything else (`inf`, which tracing would take
+/// for a target and so log nothing at all) gives `info` and the message
+/// to warn with.
+fn level_filter(value: Option<&str>) -> (EnvFilter, Option<String>) {
+    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return (EnvFilter::new("info"), None);
+    };
+    let bare_word_not_a_level = value.split(',').map(str::trim).find(|d| {
+        !d.is_empty() && !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+    });
+    let problem = match bare_word_not_a_level {
+        Some(word) => Some(format!("`{word}` is not a level")),
+        None => EnvFilter::try_new(value).err().map(|e| e.to_string()),
+    };
+    match problem {
+        None => (EnvFilter::new(value), None),
+        Some(why) => (
+            EnvFilter::new("info"),
+            Some(format!(
+                "HALFSYNC_LOG={value:?} ignored ({why}); logging at info. Give one of \
+                 {} (or directives like `info,plugin=debug`)",
+                LEVELS.join(", ")
+            )),
+        ),
+    }
 }
 
 /// Installs a child's logger from the environment its master set.
@@ -170,4 +211,34 @@ pub fn reopen_on_sigusr1() {
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::level_filter;
+
+    #[test]
+    fn a_mistyped_level_falls_back_to_info_and_says_so() {
+        for good in [
+            None,
+            Some(""),
+            Some("debug"),
+            Some("WARN"),
+            Some("info,plugin=debug"),
+            Some("off"),
+        ] {
+            let (_, bad) = level_filter(good);
+            assert_eq!(bad, None, "{good:?}");
+        }
+        for typo in ["inf", "debgu", "info,verbose", "plugin=inf"] {
+            let (filter, bad) = level_filter(Some(typo));
+            let bad = bad.unwrap_or_else(|| panic!("{typo} accepted"));
+            assert!(
+                bad.starts_with(&format!("HALFSYNC_LOG={typo:?} ignored (")),
+                "{bad}"
+            );
+            assert!(bad.contains("logging at info"), "{bad}");
+            assert_eq!(filter.to_string(), "info");
+        }
+    }
 }

@@ -343,6 +343,7 @@ fn run(path: Option<&Path>, inline: bool) -> Result<()> {
     })?;
     master::set_thread_name("halfsync-master");
     retitle_master();
+    logging::warn_if_level_ignored();
     // Reloads re-read this file even if the working directory changes.
     // Absolute, but through its symlinks: a deploy that flips a symlink
     // to a new file has the next reload read the new one.
@@ -382,6 +383,7 @@ fn retitle_master() {
 fn check(path: Option<&Path>) -> Result<()> {
     let config = load_config(path)?;
     logging::init(None, LogFormat::Text)?;
+    logging::warn_if_level_ignored();
     // What `run` would refuse beyond the file itself: a log file it cannot
     // open (created if missing, as `nginx -t` does), an admin socket in a
     // directory that does not exist, an address this machine does not have.

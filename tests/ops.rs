@@ -3116,3 +3116,27 @@ fn a_reload_after_a_config_symlink_flip_reads_the_new_file() {
     s.stop(Duration::from_secs(30));
     s.assert_clean();
 }
+
+/// A mistyped `HALFSYNC_LOG` (`inf`, which tracing would take for a
+/// target and log nothing, errors included) logs at info instead and
+/// says so, once, not again in every child.
+#[test]
+fn a_mistyped_log_level_is_named_and_logging_goes_on() {
+    let port = free_port();
+    let mut s = Server::start_env(
+        &config(port, &echo_so(), 2, ""),
+        port,
+        &[("HALFSYNC_LOG", "inf")],
+    );
+    let log = s.log();
+    assert_eq!(
+        log.matches("HALFSYNC_LOG=\"inf\" ignored (`inf` is not a level); logging at info")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("halfsync starting"), "{log}");
+    assert!(log.contains("worker ready"), "{log}");
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}

@@ -322,8 +322,10 @@ impl Server {
                 Ok(())
             });
         }
+        if !env.iter().any(|(k, _)| *k == "HALFSYNC_LOG") {
+            cmd.env("HALFSYNC_LOG", "info");
+        }
         let child = cmd
-            .env("HALFSYNC_LOG", "info")
             // Deterministic timing: a panicking Rust plugin would otherwise
             // spend hundreds of ms symbolising a backtrace before it dies.
             .env("RUST_BACKTRACE", "0")
