@@ -1405,7 +1405,8 @@ fn a_plugin_flooding_the_log_is_held_to_a_budget() {
 
 /// A Rust plugin's `log::warn!` (and that of any library it uses) reaches
 /// halfsync's log once the plugin called `Host::forward_log` in init; it
-/// went nowhere before (the plugin's copy of `log` had no logger).
+/// went nowhere before (the plugin's copy of `log` had no logger). Lines
+/// logged from the plugin's own threads name their worker too.
 #[test]
 fn a_plugins_log_crate_records_reach_the_log() {
     let port = free_port();
@@ -1415,13 +1416,23 @@ fn a_plugins_log_crate_records_reach_the_log() {
         .call(1, fault::LOG_CRATE, b"hello from the log crate")
         .unwrap();
     assert_eq!(r.code, status::OK);
-    let logged = wait_for(Duration::from_secs(10), || {
-        s.log()
-            .lines()
-            .any(|l| l.contains("WARN") && l.contains("fault: hello from the log crate"))
-            .then_some(())
-    });
-    assert!(logged.is_some(), "{}", s.log());
+    // Both lines name their worker, the one from the plugin's own thread
+    // too (the worker's span is entered around every plugin log line).
+    let worker = format!("worker{{group=echo n=0 pid={}}}", s.worker_pids()[0]);
+    for thread in [false, true] {
+        let logged = wait_for(Duration::from_secs(10), || {
+            s.log()
+                .lines()
+                .any(|l| {
+                    l.contains("WARN")
+                        && l.contains(&worker)
+                        && l.contains("fault: hello from the log crate")
+                        && l.contains("(from a thread)") == thread
+                })
+                .then_some(())
+        });
+        assert!(logged.is_some(), "from a thread: {thread}: {}", s.log());
+    }
     s.stop(Duration::from_secs(30));
     s.assert_clean();
 }

@@ -544,6 +544,10 @@ fn other_abi_version(lib: &Library) -> Option<u32> {
 #[derive(Debug)]
 struct HostCtx {
     plugin: String,
+    /// The span `init` ran in (the worker's: group, number, pid), entered
+    /// around every line the plugin logs, so that a line logged from a
+    /// thread the plugin started names its worker too.
+    span: tracing::Span,
     /// [`halfsync_config::PLUGIN_LINES_PER_SECOND`] (a Mutex: a C
     /// plugin's own threads may log too).
     budget: std::sync::Mutex<halfsync_config::LineBudget>,
@@ -569,6 +573,7 @@ impl HostCtx {
 fn leak_host(plugin: &str) -> (&'static HsHost, &'static HostCtx) {
     let ctx: &'static HostCtx = Box::leak(Box::new(HostCtx {
         plugin: plugin.to_owned(),
+        span: tracing::Span::current(),
         budget: std::sync::Mutex::new(halfsync_config::LineBudget::new(
             halfsync_config::PLUGIN_LINES_PER_SECOND,
         )),
@@ -599,6 +604,7 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
     let plugin = host.plugin.as_str();
     // A panicking subscriber must not unwind into C (that would abort).
     let _ = catch_unwind(AssertUnwindSafe(|| {
+        let _worker = host.span.enter();
         // Lines the level filter drops anyway do not use up the budget.
         let enabled = match level {
             i32::MIN..=abi::LOG_ERROR => tracing::enabled!(target: "plugin", tracing::Level::ERROR),

@@ -32,7 +32,7 @@
 //! | 22 | [`RESERVED_STATUS`] | C: returns status 4, a code the server reserves, which the worker turns into PLUGIN_ERROR `plugin returned reserved status 4`. Rust: the SDK's [`Status`] cannot hold a reserved code, so the Rust plugin can only send PLUGIN_ERROR `fault: the Rust SDK cannot return reserved status 4`; test the host's mapping with the C plugin |
 //! | 23 | [`CUSTOM`] | status [`CUSTOM_STATUS`] (150), payload `custom` |
 //! | 24 | [`PREFIXED`] | status 0, the payload's length as a big-endian `u32`, then the payload, written in 4 KiB pieces. C reserves the 4 bytes first and fills them last, through the pointer `reserve` returned (the host must keep it valid however far the reply grows); Rust fills them at once (the SDK's `reserve` borrows the reply) |
-//! | 26 | [`LOG_CRATE`] | Rust: `log::warn!` of the payload as text (through `Host::forward_log`), then echo. C: echo |
+//! | 26 | [`LOG_CRATE`] | Rust: `log::warn!` of the payload as text (through `Host::forward_log`), then again from a thread it starts and joins, with ` (from a thread)`; then echo. C: echo |
 //!
 //! The fatal commands log a warning through the host first (`fault:
 //! <name> (request id N)`), so the server log shows what the worker was
@@ -568,7 +568,10 @@ impl Plugin for Fault {
                 Ok(Status::OK)
             }
             LOG_CRATE => {
-                log::warn!("{}", String::from_utf8_lossy(req.payload()));
+                let text = String::from_utf8_lossy(req.payload()).into_owned();
+                log::warn!("{text}");
+                // Again from a thread of the plugin's own, as libraries log.
+                let _ = std::thread::spawn(move || log::warn!("{text} (from a thread)")).join();
                 reply.write(req.payload())?;
                 Ok(Status::OK)
             }
