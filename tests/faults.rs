@@ -1577,3 +1577,31 @@ fn a_workers_stderr_is_logged_as_its_own_lines() {
     );
     s.assert_clean();
 }
+
+/// A worker told to exit (scaled down, or the server stopping) that dies
+/// on its way out, in its plugin's `fini`, is a warning naming the
+/// signal, not an "exited" info line: a plugin whose cleanup crashes every
+/// time would otherwise go unnoticed.
+#[test]
+fn a_crash_in_fini_is_a_warning() {
+    let port = free_port();
+    let text = fault_config(
+        port,
+        &fault_plugin_so(),
+        2,
+        "[group.config]\ncrash_in_fini = true\n",
+    );
+    let mut s = Server::start(&text, port);
+    let warning = "worker failed while exiting (killed by SIGSEGV";
+    let (code, out, err) = s.ctl(&["scale", "fault", "1"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let logged = wait_for(Duration::from_secs(10), || {
+        s.log().contains(warning).then_some(())
+    });
+    assert!(logged.is_some(), "{}", s.log());
+    assert!(s.log().contains("fault: crashing in fini"), "{}", s.log());
+    // The stop still succeeds; the last worker's crash is named too.
+    assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
+    assert_eq!(s.log().matches(warning).count(), 2, "{}", s.log());
+    s.assert_clean();
+}

@@ -2230,7 +2230,20 @@ impl Master {
                 Restart::Now
             }
         };
-        if stopping {
+        // Told to exit, it should have exited 0 (a SIGKILL is the master's
+        // own, past a grace period, and logged where it is sent): anything
+        // else failed on its way out, most likely in the plugin's fini.
+        if (stopping || s.retiring) && how != 0 && how != -libc::SIGKILL {
+            warn!(
+                group = %name,
+                worker = s.label,
+                pid,
+                cause = cause.name(),
+                "worker failed while exiting ({}): its plugin's fini, or code that runs at \
+                 exit, crashed or exited non-zero",
+                describe_exit(how)
+            );
+        } else if stopping {
             info!(group = %name, worker = s.label, pid, "worker exited ({})", describe_exit(how));
         } else if s.retiring {
             // Planned: recycled, replaced by a reload, scaled down.

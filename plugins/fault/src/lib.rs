@@ -76,7 +76,8 @@
 //! - `reply_prefix = "v2:"`: echo replies start with it (to tell one
 //!   configuration's workers from another's);
 //! - `hang_in_init = true`: then never return from init;
-//! - `fail_init = "message"`: then fail init with that message.
+//! - `fail_init = "message"`: then fail init with that message;
+//! - `crash_in_fini = true`: die of SIGSEGV in fini (Rust plugin only).
 //!
 //! They act in that order. A value of the wrong kind fails init with a
 //! message naming the key. Otherwise init succeeds and logs `fault plugin
@@ -163,6 +164,8 @@ pub struct Fault {
     prefix: Vec<u8>,
     /// MiB leaked by [`LEAK`] so far (for the log).
     leaked_mib: u64,
+    /// `crash_in_fini`.
+    crash_in_fini: bool,
 }
 
 /// What the config section asks of init.
@@ -175,6 +178,7 @@ struct InitConfig {
     crash_if_exists: Option<String>,
     prefix: Option<String>,
     warn: Option<String>,
+    crash_in_fini: bool,
 }
 
 impl InitConfig {
@@ -198,6 +202,7 @@ impl InitConfig {
                 "crash_in_init_if_exists" => out.crash_if_exists = Some(parse_string(value)),
                 "reply_prefix" => out.prefix = Some(parse_string(value)),
                 "warn_in_init" => out.warn = Some(parse_string(value)),
+                "crash_in_fini" => out.crash_in_fini = parse_bool(key, value)?,
                 _ => {}
             }
         }
@@ -501,7 +506,15 @@ impl Plugin for Fault {
             host: host.clone(),
             prefix: config.prefix.unwrap_or_default().into_bytes(),
             leaked_mib: 0,
+            crash_in_fini: config.crash_in_fini,
         })
+    }
+
+    fn fini(&mut self) {
+        if self.crash_in_fini {
+            self.host.warn("fault: crashing in fini");
+            segfault();
+        }
     }
 
     fn handle(&mut self, req: &Request<'_>, reply: &mut Reply<'_>) -> Result<Status, Error> {
@@ -812,7 +825,7 @@ mod tests {
     fn config_parsing() {
         let parsed = InitConfig::parse(
             "# comment\n  init_delay_ms = 250  # ms\ncrash_in_init = false\nhang_in_init=true\n\
-             fail_init = \"a = b\"\nname = \"x\"\nwarn_in_init = \"careful\"\n",
+             fail_init = \"a = b\"\nname = \"x\"\nwarn_in_init = \"careful\"\ncrash_in_fini = true\n",
         )
         .unwrap();
         assert_eq!(
@@ -825,6 +838,7 @@ mod tests {
                 crash_if_exists: None,
                 prefix: None,
                 warn: Some("careful".to_owned()),
+                crash_in_fini: true,
             }
         );
         assert_eq!(InitConfig::parse("").unwrap(), InitConfig::default());
