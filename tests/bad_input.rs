@@ -864,3 +864,89 @@ fn the_master_raises_its_open_file_limit_for_its_pool() {
     assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
     s.assert_clean();
 }
+
+/// Connections that sent one large request each and went idle do not
+/// keep a buffer of that size (the proxy grew by ~1 MiB per connection,
+/// 212 MiB for 200, and kept most of it after they closed): the input
+/// buffer shrinks once the frame is handled, and memory freed in large
+/// buffers goes back to the system within a second.
+#[test]
+fn idle_connections_do_not_keep_a_large_requests_buffer() {
+    const CONNS: u64 = 64;
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 1, ""), port);
+    let proxy = s.pids_titled("halfsync: proxy")[0];
+    let before = rss_kib(proxy);
+    let payload = vec![b'b'; 1_000_000];
+    let mut held = Vec::new();
+    for id in 0..CONNS {
+        let mut c = s.client();
+        let r = c.call(id, 1, &payload).unwrap();
+        assert_eq!((r.code, r.payload.len()), (status::OK, payload.len()));
+        held.push(c);
+    }
+    // Freed memory is handed back at the proxy's next sweep (each second).
+    let settled = wait_for(Duration::from_secs(10), || {
+        (rss_kib(proxy) < before + 16 * 1024).then_some(())
+    });
+    let after = rss_kib(proxy);
+    println!("{CONNS} idle connections after 1 MB each: proxy RSS {before} -> {after} KiB");
+    assert!(
+        settled.is_some(),
+        "proxy RSS {before} -> {after} KiB with {CONNS} idle connections (~1 MiB each before)"
+    );
+    drop(held);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
+/// A client that begins a large frame and then trickles its bytes (one
+/// every 300 ms, so it is never idle for `idle_timeout`) holds its buffer
+/// only until the frame has taken `idle_timeout`: then it is closed and
+/// logged, as a slowloris would be. A client with a slow but whole frame
+/// inside the limit is served.
+#[test]
+fn a_frame_trickled_for_longer_than_idle_timeout_is_cut_off() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 1, "idle_timeout = \"2s\""), port);
+    let mut frame = Vec::new();
+    halfsync_protocol::write_frame(&mut frame, 1, 1, &[b't'; 100_000]);
+    let mut t = TcpStream::connect(s.addr).unwrap();
+    t.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    t.write_all(&frame[..50_000]).unwrap();
+    let started = Instant::now();
+    let mut closed = None;
+    // Bounded: at most 40 bytes, 12 s; the server should cut it at 2-3 s.
+    for i in 0..40 {
+        thread::sleep(Duration::from_millis(300));
+        if t.write_all(&frame[50_000 + i..50_001 + i]).is_err() {
+            closed = Some(started.elapsed());
+            break;
+        }
+        if s.status()["proxy"]["connections"].as_u64() == Some(0) {
+            closed = Some(started.elapsed());
+            break;
+        }
+    }
+    let closed = closed.unwrap_or_else(|| panic!("still open after {:?}", started.elapsed()));
+    assert!(closed >= Duration::from_secs(2), "closed after {closed:?}");
+    let logged = wait_for(Duration::from_secs(5), || {
+        s.log()
+            .contains("closed connections that took more than idle_timeout to send one frame")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", s.log());
+    // A frame sent in two halves 1 s apart is within the limit.
+    let mut c = s.client();
+    let (head, tail) = frame.split_at(50_000);
+    c.stream().write_all(head).unwrap();
+    thread::sleep(Duration::from_secs(1));
+    c.stream().write_all(tail).unwrap();
+    c.stream()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let r = c.recv().unwrap();
+    assert_eq!((r.id, r.code, r.payload.len()), (1, status::OK, 100_000));
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}

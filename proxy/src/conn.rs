@@ -39,6 +39,10 @@ pub(crate) struct Conn {
     pub(crate) stream: TcpStream,
     /// Bytes of an incomplete frame carried over between reads.
     pub(crate) inbuf: Vec<u8>,
+    /// When the frame begun in `inbuf` started to arrive (meaningful
+    /// while `inbuf` is not empty). Past `idle_timeout`, with nothing else
+    /// pending, the connection is closed.
+    pub(crate) frame_since_ns: u64,
     pub(crate) out: Vec<u8>,
     pub(crate) out_pos: usize,
     /// Requests accepted from this connection and not yet answered.

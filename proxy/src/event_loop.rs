@@ -141,6 +141,9 @@ pub(crate) struct Proxy {
     /// sleeper penalty), it takes the batch's next request.
     pub(crate) batch_until: usize,
     pub(crate) next_sweep_ns: u64,
+    /// A buffer over `KEEP_BUF` was freed since the last sweep (which then
+    /// hands free memory back to the system).
+    freed_large: bool,
     pub(crate) draining: bool,
     pub(crate) refused: u64,
     pub(crate) stats: Stats,
@@ -252,6 +255,7 @@ impl Proxy {
             batch_slot: None,
             batch_until: 0,
             next_sweep_ns: 0,
+            freed_large: false,
             draining: false,
             refused: 0,
             stats,
@@ -776,6 +780,7 @@ impl Proxy {
                     let i = self.conns.insert(Conn {
                         stream,
                         inbuf: Vec::new(),
+                        frame_since_ns: 0,
                         out: Vec::new(),
                         out_pos: 0,
                         inflight: 0,
@@ -933,8 +938,10 @@ impl Proxy {
             let used = self.parse_frames(i, data);
             if let Some(Some(c)) = self.conns.slab.get_mut(i)
                 && !c.closing
+                && used < data.len()
             {
                 c.inbuf.extend_from_slice(&data[used..]);
+                c.frame_since_ns = self.now_ns;
             }
         } else {
             c.inbuf.extend_from_slice(data);
@@ -946,6 +953,20 @@ impl Proxy {
                     buf = Vec::new();
                 } else {
                     buf.drain(..used);
+                    if used > 0 {
+                        // What is left, if anything, is a new frame.
+                        c.frame_since_ns = self.now_ns;
+                    }
+                    // A large frame's buffer is not kept for the small ones
+                    // after it (an idle connection would hold max_frame).
+                    if buf.capacity() > KEEP_BUF && buf.len() <= KEEP_BUF / 4 {
+                        if buf.is_empty() {
+                            buf = Vec::new();
+                        } else {
+                            buf.shrink_to(KEEP_BUF);
+                        }
+                        self.freed_large = true;
+                    }
                 }
                 c.inbuf = buf;
             }
@@ -1170,6 +1191,7 @@ impl Proxy {
             c.out_pos = 0;
             if c.out.capacity() > KEEP_BUF {
                 c.out = Vec::new();
+                self.freed_large = true;
             }
             c.interest &= !WRITE;
             c.stalled_since_ns = 0;
@@ -1199,6 +1221,7 @@ impl Proxy {
         };
         let Some(c) = slot.take() else { return };
         let _ = self.epoll.delete(c.stream.as_raw_fd());
+        self.freed_large |= c.inbuf.capacity() > KEEP_BUF || c.out.capacity() > KEEP_BUF;
         drop(c);
         if self.holding {
             // Held requests may wait long (a reload's length): a client
@@ -1238,12 +1261,19 @@ impl Proxy {
         // For the master's health check: this loop still turns.
         self.stats.heartbeat(self.now_ns);
         self.flush_overload();
-        let idle = self.config.server.idle_timeout.as_nanos() as u64;
+        if std::mem::take(&mut self.freed_large) {
+            // Large buffers freed this second go back to the system (the
+            // allocator would keep them for the next ones, so a burst of
+            // large frames left the proxy at its peak size for good).
+            sys::release_free_memory();
+        }
+        let idle = u64::try_from(self.config.server.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
         if idle == 0 {
             return;
         }
         // A full scan once a second; a timer wheel is not needed so far.
         let mut stalled = 0u64;
+        let mut trickling = 0u64;
         for i in 0..self.conns.slab.len() {
             let Some(Some(c)) = self.conns.slab.get_mut(i) else {
                 continue;
@@ -1268,6 +1298,16 @@ impl Proxy {
             {
                 debug!(conn = i, "closing idle connection");
                 self.close(i);
+            } else if c.inflight == 0
+                && !c.has_output()
+                && !c.inbuf.is_empty()
+                && self.now_ns.saturating_sub(c.frame_since_ns) > idle
+            {
+                // Waiting for nothing but the rest of a frame begun more
+                // than idle_timeout ago: a client trickling bytes to hold
+                // its buffer (up to max_frame) open, as a slowloris does.
+                trickling += 1;
+                self.close(i);
             } else if c.has_output()
                 && c.stalled_since_ns != 0
                 && self.now_ns.saturating_sub(c.stalled_since_ns) > idle
@@ -1281,6 +1321,12 @@ impl Proxy {
             info!(
                 connections = stalled,
                 "closed connections whose clients read none of their replies for idle_timeout"
+            );
+        }
+        if trickling > 0 {
+            info!(
+                connections = trickling,
+                "closed connections that took more than idle_timeout to send one frame"
             );
         }
     }
