@@ -123,10 +123,21 @@ impl FromStr for HumanDuration {
             .parse::<u64>()
             .ok()
             .and_then(|n| n.checked_mul(millis_per_unit))
+            .filter(|&ms| ms <= MAX_DURATION_MS)
             .map(|ms| HumanDuration(Duration::from_millis(ms)))
-            .ok_or_else(|| UnitError(format!("duration {s:?} is too large")))
+            .ok_or_else(|| {
+                UnitError(format!(
+                    "duration {s:?} is too large: at most 100 years (\"876000h\"); where a \
+                     setting allows it, \"0s\" means never"
+                ))
+            })
     }
 }
+
+/// The longest duration a config may give: 100 years. Every timer then
+/// fits in a u64 of nanoseconds (up to ~584 years) and in an `Instant`
+/// (a longer `idle_timeout` wrapped around to about a second).
+const MAX_DURATION_MS: u64 = 876_000 * 3_600_000;
 
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -343,10 +354,11 @@ mod tests {
                 "{s}: {err}"
             );
         }
-        let err = "99999999999999999999h"
-            .parse::<HumanDuration>()
-            .unwrap_err();
-        assert!(err.to_string().contains("too large"), "{err}");
+        for huge in ["99999999999999999999h", "18446744074s", "876001h"] {
+            let err = huge.parse::<HumanDuration>().unwrap_err();
+            assert!(err.to_string().contains("too large: at most 100 years"), "{err}");
+        }
+        assert!("876000h".parse::<HumanDuration>().is_ok());
     }
 
     #[test]
@@ -361,7 +373,7 @@ mod tests {
             90_000,
             3_600_000,
             7_200_000,
-            u64::MAX,
+            MAX_DURATION_MS,
         ] {
             let d = HumanDuration(Duration::from_millis(ms));
             let text = d.to_string();
