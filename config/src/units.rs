@@ -356,7 +356,10 @@ mod tests {
         }
         for huge in ["99999999999999999999h", "18446744074s", "876001h"] {
             let err = huge.parse::<HumanDuration>().unwrap_err();
-            assert!(err.to_string().contains("too large: at most 100 years"), "{err}");
+            assert!(
+                err.to_string().contains("too large: at most 100 years"),
+                "{err}"
+            );
         }
         assert!("876000h".parse::<HumanDuration>().is_ok());
     }
