@@ -1473,11 +1473,35 @@ fn held_metrics_connections_cannot_take_the_masters_descriptors() {
     // come and go (an admin client, a worker's output pipe): not 200.
     let during = fds(s.pid);
     assert!(during <= before + 24, "{before} -> {during} descriptors");
-    // A health check still gets in: a client silent for a second gives
-    // way to a new one.
-    std::thread::sleep(Duration::from_millis(1100));
-    let ping = http(mport, "GET /ping HTTP/1.1\r\n\r\n");
-    assert!(ping.starts_with("HTTP/1.1 200 OK"), "{ping:?}\n{}", s.log());
+    // A health check still gets in, every time, while more connections
+    // that send nothing keep coming, 20 a second: a silent one gives way.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut opened = Vec::new();
+            // Bounded: 200 connections, 10 s.
+            for _ in 0..200 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                opened.extend(std::net::TcpStream::connect(("127.0.0.1", mport)).ok());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            opened.len()
+        })
+    };
+    for i in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        let ping = http(mport, "GET /ping HTTP/1.1\r\n\r\n");
+        assert!(
+            ping.starts_with("HTTP/1.1 200 OK"),
+            "ping {i}: {ping:?}\n{}",
+            s.log()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(churn.join().unwrap() >= 10);
     // Supervision goes on: status answers, a killed worker is replaced.
     let worker = s.worker_pids();
     kill(worker[0], libc::SIGKILL);

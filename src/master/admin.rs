@@ -338,9 +338,9 @@ impl Admin {
             loop {
                 match l.accept() {
                     Ok((s, _)) => {
-                        // Full: a client done or idle gives way, so that
-                        // connections that send nothing cannot keep a
-                        // load balancer's /ping out for their 5 s.
+                        // Full: a client done, silent or idle gives way,
+                        // so that connections that send nothing cannot
+                        // keep a load balancer's /ping out.
                         if room == 0
                             && let Some(k) = idle_http_client(&self.conns)
                         {
@@ -641,19 +641,30 @@ fn is_out_of_fds(e: &io::Error) -> bool {
 }
 
 /// The metrics client to drop for a new one when all places are taken:
-/// the longest lingering one, else the oldest that has not sent a whole
-/// request within `IDLE_HTTP`.
+/// the longest lingering one, else the oldest that has sent nothing at
+/// all, else the oldest that has not sent a whole request within
+/// `IDLE_HTTP`. (A load balancer sends its request as soon as it is
+/// connected; connections opened to send nothing, a few a second, used to
+/// fill every place with clients under `IDLE_HTTP` old and keep its
+/// `/ping` out.)
 fn idle_http_client(conns: &[Conn]) -> Option<usize> {
     let now = Instant::now();
-    let pick = |phase: Phase, min_age: Duration| {
+    let pick = |phase: Phase, min_age: Duration, silent: bool| {
         conns
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.http && c.phase == phase && now - c.since >= min_age)
+            .filter(|(_, c)| {
+                c.http
+                    && c.phase == phase
+                    && now - c.since >= min_age
+                    && (!silent || c.inbuf.is_empty())
+            })
             .min_by_key(|(_, c)| c.since)
             .map(|(k, _)| k)
     };
-    pick(Phase::Lingering, Duration::ZERO).or_else(|| pick(Phase::Reading, IDLE_HTTP))
+    pick(Phase::Lingering, Duration::ZERO, false)
+        .or_else(|| pick(Phase::Reading, Duration::ZERO, true))
+        .or_else(|| pick(Phase::Reading, IDLE_HTTP, false))
 }
 
 /// The answer is out: true if the client can go now; false if it lingers
