@@ -648,8 +648,12 @@ impl Master {
         } else {
             Ok(())
         };
-        if let Err(e) = result {
-            error!("{e}");
+        match result {
+            // Stopping, a proxy may have drained and gone already: nothing
+            // is wrong, and nothing will be retried.
+            Err(e) if self.stopping.is_some() => tracing::debug!("while stopping: {e}"),
+            Err(e) => error!("{e}"),
+            Ok(()) => {}
         }
     }
 }
