@@ -1396,6 +1396,71 @@ fn ping_is_a_health_check_and_head_is_answered() {
     assert_eq!(c.call(2, 1, b"back").unwrap().code, status::OK);
 }
 
+/// `/ping` is no use as a health check if it says pong while every worker
+/// of a group is stuck in a request: a worker running one past half its
+/// group's `request_timeout` does not count as ready, and the answer says
+/// how many are; once the request is over (here: killed at the timeout
+/// and replaced), pong again.
+#[test]
+fn ping_fails_while_every_worker_of_a_group_is_hung() {
+    let port = free_port();
+    let mport = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
+         [[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 2\nrequest_timeout = \"4s\"\n\n\
+         [[group]]\nname = \"other\"\nplugin = \"{}\"\nworkers = 1\ncommands = [500]\n",
+        halfsync_testkit::fault_plugin().display(),
+        echo_so().display()
+    );
+    let mut s = Server::start(&text, port);
+    let ready = http_until(
+        mport,
+        "GET /ping HTTP/1.1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\n",
+        20,
+    );
+    assert!(ready.is_some(), "{}", s.log());
+    let mut hangs: Vec<_> = (0..2).map(|_| s.client()).collect();
+    for (id, c) in hangs.iter_mut().enumerate() {
+        c.send(id as u64, halfsync_testkit::fault::HANG, b"")
+            .unwrap();
+    }
+    let t = std::time::Instant::now();
+    let down = http_until(
+        mport,
+        "GET /ping?group=game HTTP/1.1\r\n\r\n",
+        "HTTP/1.1 503 ",
+        20,
+    );
+    let down = down.unwrap_or_else(|| panic!("ping never said 503\n{}", s.log()));
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "{:?}: {down}",
+        t.elapsed()
+    );
+    assert!(
+        down.ends_with(
+            "not serving: group \"game\" has no worker ready (2 running a request for more \
+             than half of request_timeout)\n"
+        ),
+        "{down}"
+    );
+    let other = http(mport, "GET /ping?group=other HTTP/1.1\r\n\r\n");
+    assert!(other.starts_with("HTTP/1.1 200 OK\r\n"), "{other}");
+    let up = http_until(
+        mport,
+        "GET /ping HTTP/1.1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\n",
+        20,
+    );
+    assert!(up.is_some(), "{}", s.log());
+    for c in &mut hangs {
+        assert_eq!(c.recv().unwrap().code, status::TIMEOUT);
+    }
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// Per-worker gauges: each worker's RSS, the requests it holds, and how
 /// long it has been running its current request (a hung one shows there
 /// before any timeout), as PHP-FPM's full status lists each child.

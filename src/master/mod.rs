@@ -1850,23 +1850,39 @@ impl Master {
         }
         let wanted = |r: &GroupRec| !r.retired && group.is_none_or(|name| r.config.name == name);
         for (g, group) in self.groups.iter().enumerate().filter(|(_, r)| wanted(r)) {
+            // A request running past half its request_timeout is likely
+            // to be killed as hung: its worker is no use to the next one.
+            let half =
+                u64::try_from(group.config.request_timeout.as_nanos() / 2).unwrap_or(u64::MAX);
+            let stuck = |i: usize| {
+                half > 0
+                    && self.slots[i]
+                        .current_request()
+                        .is_some_and(|b| now.saturating_sub(b.since_ns) > half)
+            };
             for p in 0..self.proxies.len() {
+                let mine = || {
+                    (0..self.slots.len()).filter(|&i| {
+                        let s = &self.slots[i];
+                        s.group == g && s.proxy == p && s.ready && s.serves()
+                    })
+                };
                 // (An unresponsive worker serves nobody.)
-                let serving = self.slots.iter().enumerate().any(|(i, s)| {
-                    s.group == g
-                        && s.proxy == p
-                        && s.ready
-                        && s.serves()
-                        && self.worker_state(i) != "unresponsive"
-                });
+                let serving = mine().any(|i| self.worker_state(i) != "unresponsive" && !stuck(i));
                 if !serving {
                     let of_proxy = if self.proxies.len() > 1 {
                         format!(" of proxy {p}")
                     } else {
                         String::new()
                     };
+                    let hung = mine().filter(|&i| stuck(i)).count();
+                    let why = if hung > 0 {
+                        format!(" ({hung} running a request for more than half of request_timeout)")
+                    } else {
+                        String::new()
+                    };
                     return Some(format!(
-                        "group {:?} has no worker{of_proxy} ready",
+                        "group {:?} has no worker{of_proxy} ready{why}",
                         group.config.name
                     ));
                 }
