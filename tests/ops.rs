@@ -1252,12 +1252,21 @@ fn ping_fails_while_the_proxy_is_stopped() {
     std::thread::sleep(Duration::from_millis(1200));
     kill(proxy, libc::SIGSTOP);
     let down = http_until(mport, "GET /ping HTTP/1.1\r\n\r\n", "HTTP/1.1 503 ", 15);
+    // The metrics say so too: not serving, and for how long the loop has
+    // been silent.
+    let scraped = scrape(mport);
     kill(proxy, libc::SIGCONT);
     let down = down.unwrap_or_else(|| panic!("ping never said 503\n{}", s.log()));
     assert!(
         down.contains("not serving: proxy 0 has not run its loop for"),
         "{down}"
     );
+    assert_eq!(metric(&scraped, "halfsync_serving"), 0, "{scraped}");
+    let age = metric_f64(
+        &scraped,
+        "halfsync_proxy_heartbeat_age_seconds{proxy=\"0\"}",
+    );
+    assert!(age.is_some_and(|a| a >= 5.0), "{scraped}");
     let up = http_until(mport, "GET /ping HTTP/1.1\r\n\r\n", "HTTP/1.1 200 OK", 10);
     assert!(up.is_some(), "{}", s.log());
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
@@ -1447,6 +1456,17 @@ fn ping_fails_while_every_worker_of_a_group_is_hung() {
     );
     let other = http(mport, "GET /ping?group=other HTTP/1.1\r\n\r\n");
     assert!(other.starts_with("HTTP/1.1 200 OK\r\n"), "{other}");
+    // The same, per group, in the metrics, beside the pool's size.
+    let scraped = scrape(mport);
+    for (series, want) in [
+        ("halfsync_group_serving{group=\"game\"}", 0),
+        ("halfsync_group_serving{group=\"other\"}", 1),
+        ("halfsync_serving", 0),
+        ("halfsync_workers_target{group=\"game\"}", 2),
+        ("halfsync_workers_max{group=\"game\"}", 2),
+    ] {
+        assert_eq!(metric(&scraped, series), want, "{series}\n{scraped}");
+    }
     let up = http_until(
         mport,
         "GET /ping HTTP/1.1\r\n\r\n",
@@ -1454,6 +1474,8 @@ fn ping_fails_while_every_worker_of_a_group_is_hung() {
         20,
     );
     assert!(up.is_some(), "{}", s.log());
+    let scraped = scrape(mport);
+    assert_eq!(metric(&scraped, "halfsync_serving"), 1, "{scraped}");
     for c in &mut hangs {
         assert_eq!(c.recv().unwrap().code, status::TIMEOUT);
     }

@@ -1823,7 +1823,7 @@ impl Master {
 
     /// [`Master::not_serving`], for one group's commands only (its
     /// workers, and everything all groups need) when `group` names one.
-    fn not_serving_for(&self, group: Option<&str>) -> Option<String> {
+    pub(crate) fn not_serving_for(&self, group: Option<&str>) -> Option<String> {
         if self.stopping.is_some() {
             return Some("stopping".to_owned());
         }

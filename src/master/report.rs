@@ -320,13 +320,13 @@ pub(crate) fn metrics(m: &Master) -> String {
 
     o.push_str("# HELP halfsync_requests_total Replies sent, by group and status (group \"\" when no group was involved).\n");
     o.push_str("# TYPE halfsync_requests_total counter\n");
+    // Every status, 0 included, as for the groups: a series that appears
+    // only at its first increment hides that one from rate().
     for (name, n) in STATUS_NAMES.iter().zip(global.replies) {
-        if n > 0 {
-            let _ = writeln!(
-                o,
-                "halfsync_requests_total{{group=\"\",status=\"{name}\"}} {n}"
-            );
-        }
+        let _ = writeln!(
+            o,
+            "halfsync_requests_total{{group=\"\",status=\"{name}\"}} {n}"
+        );
     }
     for (id, gname) in &groups {
         let mut replies = m.group_stats(*id).replies;
@@ -426,6 +426,50 @@ pub(crate) fn metrics(m: &Master) -> String {
             (run_ns > 0).then(|| (run_ns as f64 / 1e9).to_string())
         },
     );
+
+    group_gauge(
+        &mut o,
+        "halfsync_workers_target",
+        "Workers the group is configured to keep (a dynamic pool's minimum; scale changes it until the next reload).",
+        &groups,
+        |id| (!m.groups[id].retired).then(|| m.groups[id].config.workers.to_string()),
+    );
+    group_gauge(
+        &mut o,
+        "halfsync_workers_max",
+        "The most workers the group may have (max_workers of a dynamic pool; workers of a static one).",
+        &groups,
+        |id| (!m.groups[id].retired).then(|| m.groups[id].config.worker_limit().to_string()),
+    );
+    group_gauge(
+        &mut o,
+        "halfsync_group_serving",
+        "1 while the group's commands are served (what /ping?group= answers 200 for), else 0.",
+        &groups,
+        |id| {
+            let g = &m.groups[id];
+            (!g.retired)
+                .then(|| u8::from(m.not_serving_for(Some(&g.config.name)).is_none()).to_string())
+        },
+    );
+    o.push_str("# HELP halfsync_serving 1 while every group is served (what /ping answers 200 for), else 0; halfsync status gives the reason.\n# TYPE halfsync_serving gauge\n");
+    let _ = writeln!(
+        o,
+        "halfsync_serving {}",
+        u8::from(m.not_serving().is_none())
+    );
+    o.push_str("# HELP halfsync_proxy_heartbeat_age_seconds Time since each proxy's event loop last turned (about once a second while it runs; the watchdog acts at proxy_stall_timeout).\n# TYPE halfsync_proxy_heartbeat_age_seconds gauge\n");
+    let now = halfsync_shm::sys::monotonic_ns();
+    for (p, stats) in m.stats.iter().enumerate() {
+        let beat = stats.last_heartbeat_ns();
+        if beat != 0 {
+            let _ = writeln!(
+                o,
+                "halfsync_proxy_heartbeat_age_seconds{{proxy=\"{p}\"}} {}",
+                now.saturating_sub(beat) as f64 / 1e9
+            );
+        }
+    }
 
     // Per worker process (as PHP-FPM's full status lists each child).
     let now_ns = halfsync_shm::sys::monotonic_ns();
