@@ -360,6 +360,14 @@ impl Probe {
                         .iter()
                         .zip(&self.spec.plugins)
                         .all(|(p, t)| p.group == halfsync_config::one_line(&t.group));
+                if !complete && current.is_some() {
+                    // The plugin called exit(0) (in its constructor, init
+                    // or fini): the step under way names it.
+                    bail!(
+                        "{culprit}: the plugin exited (exit code 0) before the step was done{}",
+                        self.printed_before()
+                    );
+                }
                 if !complete {
                     bail!(
                         "plugin probe: it exited 0 but reported {} of {} groups; its report \
@@ -387,17 +395,23 @@ impl Probe {
                     bail!("{msg}");
                 }
                 let ended = if how > 0 { "exited" } else { "crashed" };
-                let printed = quote(self.output());
-                if printed.is_empty() {
-                    bail!("{culprit}: the plugin {ended} ({})", describe_exit(how));
-                }
                 bail!(
-                    "{culprit}: the plugin {ended} ({}); it printed before that:\n    {}",
+                    "{culprit}: the plugin {ended} ({}){}",
                     describe_exit(how),
-                    printed.join("\n    ")
+                    self.printed_before()
                 )
             }
         }
+    }
+
+    /// `; it printed before that:` and the last lines of [`Probe::output`],
+    /// for an error message; empty if it printed nothing.
+    fn printed_before(&self) -> String {
+        let printed = quote(self.output());
+        if printed.is_empty() {
+            return String::new();
+        }
+        format!("; it printed before that:\n    {}", printed.join("\n    "))
     }
 
     /// What the child and the plugins printed (stdout and stderr, up to

@@ -425,6 +425,18 @@ fn a_plugin_printing_to_stdout_does_not_garble_the_probe() {
         err.contains("\n    chatty: cannot reach the database, giving up"),
         "{err}"
     );
+    // Exiting 0 in init is named as such, not as a report cut short.
+    let (code, out, err) = halfsync_out("check", &failing.replace("exit_in_init", "exit0_in_init"));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "group a: plugin {} (init): the plugin exited (exit code 0) before the step was \
+             done; it printed before that:\n    loading...init",
+            chatty.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("\n    chatty: nothing to do, bye"), "{err}");
 
     let mut s = Server::start(&text, port);
     let st = s.status();

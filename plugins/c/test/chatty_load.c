@@ -4,7 +4,8 @@
  * parent must not be garbled by it (it once was: a group's result went
  * missing and the groups after it got each other's plugins).
  * `halfsync check` quotes what it printed. With `exit_in_init` anywhere in
- * its config it then says why on stderr and exits 3 inside init.
+ * its config it then says why on stderr and exits 3 inside init; with
+ * `exit0_in_init`, exits 0 there.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -23,12 +24,16 @@ static int32_t chatty_init(const hs_host *host, const char *config, size_t confi
                            void **state, char *err, size_t err_cap)
 {
     fputs("init\tok\t", stdout);
-    /* config is not NUL-terminated: look for the key within config_len. */
-    static const char key[] = "exit_in_init";
-    for (size_t i = 0; config && i + sizeof key - 1 <= config_len; i++) {
-        if (memcmp(config + i, key, sizeof key - 1) == 0) {
+    /* Look for the keys within config_len. */
+    static const char key[] = "exit_in_init", key0[] = "exit0_in_init";
+    for (size_t i = 0; config && i < config_len; i++) {
+        if (i + sizeof key - 1 <= config_len && memcmp(config + i, key, sizeof key - 1) == 0) {
             fputs("\nchatty: cannot reach the database, giving up\n", stderr);
             exit(3);
+        }
+        if (i + sizeof key0 - 1 <= config_len && memcmp(config + i, key0, sizeof key0 - 1) == 0) {
+            fputs("\nchatty: nothing to do, bye\n", stderr);
+            exit(0);
         }
     }
     return test_init(host, config, config_len, state, err, err_cap);
