@@ -93,7 +93,15 @@ fn init_with(file: Option<&Path>, format: LogFormat, plain: bool) -> io::Result<
         .with_target(false);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(to_terminal).try_init(),
-        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+        // One flat object per line: `timestamp`, `level`, `message` and
+        // the event's fields at the top; `span` is the process's role with
+        // its own fields (`worker`: group, worker, pid; `proxy`: proxy).
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
     };
     Ok(())
 }

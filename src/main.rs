@@ -462,7 +462,7 @@ fn run_proxy() -> ExitCode {
         let _span = if spec.index == 0 && !spec.numbered {
             tracing::info_span!("proxy").entered()
         } else {
-            tracing::info_span!("proxy", n = spec.index).entered()
+            tracing::info_span!("proxy", proxy = spec.index).entered()
         };
         halfsync_proxy::run(spec)
     });
@@ -487,7 +487,7 @@ fn run_worker() -> ExitCode {
         }
     };
     master::set_thread_name(&format!("hs-{}-{}", spec.group, spec.index));
-    let _span = tracing::info_span!("worker", group = %spec.group, n = spec.index, pid = std::process::id()).entered();
+    let _span = tracing::info_span!("worker", group = %spec.group, worker = spec.index, pid = std::process::id()).entered();
     ExitCode::from(halfsync_worker::run(spec).clamp(0, 255) as u8)
 }
 

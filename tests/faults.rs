@@ -1418,7 +1418,7 @@ fn a_plugins_log_crate_records_reach_the_log() {
     assert_eq!(r.code, status::OK);
     // Both lines name their worker, the one from the plugin's own thread
     // too (the worker's span is entered around every plugin log line).
-    let worker = format!("worker{{group=echo n=0 pid={}}}", s.worker_pids()[0]);
+    let worker = format!("worker{{group=echo worker=0 pid={}}}", s.worker_pids()[0]);
     for thread in [false, true] {
         let logged = wait_for(Duration::from_secs(10), || {
             s.log()
@@ -1560,13 +1560,13 @@ fn a_workers_stderr_is_logged_as_its_own_lines() {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}\n{log}")))
         .collect();
-    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let message = |v: &serde_json::Value| v["message"].as_str().unwrap_or("").to_owned();
     let said = lines
         .iter()
         .position(|v| message(v).starts_with("worker output: ") && message(v).contains("panic"))
         .unwrap_or_else(|| panic!("no output line of the worker's panic:\n{log}"));
-    assert_eq!(lines[said]["fields"]["group"], "g", "{}", lines[said]);
-    assert!(lines[said]["fields"]["pid"].is_number(), "{}", lines[said]);
+    assert_eq!(lines[said]["group"], "g", "{}", lines[said]);
+    assert!(lines[said]["pid"].is_number(), "{}", lines[said]);
     let died = lines
         .iter()
         .position(|v| message(v).starts_with("worker died"))

@@ -1910,7 +1910,19 @@ fn log_file_is_reopened_on_sigusr1_and_json_works() {
     );
     for line in first.lines() {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        assert!(v["fields"]["message"].is_string(), "{line}");
+        assert!(v["message"].is_string(), "{line}");
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        // A worker's own lines name it as the master's lines about it do.
+        if v["message"] == "worker ready" {
+            let span = &v["span"];
+            assert_eq!(span["name"], "worker", "{line}");
+            assert_eq!(span["group"], "game", "{line}");
+            assert_eq!(span["worker"], 0, "{line}");
+            assert!(span["pid"].is_number(), "{line}");
+        }
     }
     // logrotate: move the file away, then SIGUSR1.
     let rotated = dir.path().join("hs.log.1");
