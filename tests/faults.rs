@@ -1605,3 +1605,26 @@ fn a_crash_in_fini_is_a_warning() {
     assert_eq!(s.log().matches(warning).count(), 2, "{}", s.log());
     s.assert_clean();
 }
+
+/// A plugin that keeps the `hs_reply` of a finished `handle` call and
+/// writes through it later (the header says it must not) gets -1 and
+/// NULL: its bytes do not land in the reply of the request running then,
+/// which may be another client's. (They did: the late "LATE" came out at
+/// the head of the next reply.)
+#[test]
+fn a_reply_kept_past_its_call_is_refused() {
+    let plugin = halfsync_testkit::c_plugin("plugins/c/test/late_reply.c");
+    let port = free_port();
+    let mut s = Server::start(&config(port, &plugin, 1, ""), port);
+    let mut c = s.client();
+    assert_eq!(c.call(1, 116, b"").unwrap().payload, b"kept");
+    let r = c.call(2, 117, b"").unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.payload),
+        "write -1, write via ctx -1, reserve NULL"
+    );
+    // The worker goes on serving.
+    assert_eq!(c.call(3, 1, b"still").unwrap().payload, b"still");
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}

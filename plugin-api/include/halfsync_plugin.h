@@ -68,7 +68,9 @@ typedef struct hs_request {
 /* The reply under construction. Bytes written go straight into the reply
  * ring in shared memory (the first 64 KiB; a longer reply is assembled in
  * the worker's memory and copied in after handle returns). Valid only
- * during the handle call: never keep the pointer. Its functions may be
+ * during the handle call: never keep the pointer (a write through a kept
+ * one is refused, -1 or NULL, unless it happens to hit the reply of the
+ * call running then: the host turns through 64). Its functions may be
  * called from another thread while handle waits for that thread, never
  * from two threads at once. A pointer from reserve covers exactly the len
  * bytes asked for, and stays valid until handle returns however long the

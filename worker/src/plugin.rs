@@ -499,6 +499,25 @@ impl Plugin {
             table: self.table,
             state,
             host: host_ctx,
+            cells: (0..REPLY_CELLS)
+                .map(|_| {
+                    let mut ctx = ReplyCtx::new(&mut [], ptr::null_mut(), 0);
+                    *ctx.live.get_mut() = false;
+                    ReplyCell {
+                        raw: HsReply {
+                            struct_size: size_of::<HsReply>() as u32,
+                            reserved: 0,
+                            ctx: ptr::null_mut(),
+                            capacity: 0,
+                            write: Some(reply_write),
+                            reserve: Some(reply_reserve),
+                            clear: Some(reply_clear),
+                        },
+                        ctx,
+                    }
+                })
+                .collect(),
+            next_cell: 0,
         })
     }
 }
@@ -645,6 +664,10 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
 /// is `NO_SPLIT` until a write does not fit in `buf`; from then on every
 /// byte goes to `spill`, so pointers handed out earlier stay valid.
 struct ReplyCtx {
+    /// Set while the `handle` call it was made for runs: the reply
+    /// functions refuse a context that is not (a plugin writing through a
+    /// reply it kept after `handle` returned).
+    live: std::sync::atomic::AtomicBool,
     buf: *mut u8,
     cap: usize,
     len: usize,
@@ -661,6 +684,7 @@ impl ReplyCtx {
     /// `out.len()`), continuing in `spill` past `out`.
     fn new(out: &mut [u8], spill: *mut Vec<u8>, capacity: usize) -> ReplyCtx {
         ReplyCtx {
+            live: std::sync::atomic::AtomicBool::new(true),
             buf: out.as_mut_ptr(),
             cap: out.len(),
             len: 0,
@@ -702,6 +726,19 @@ impl ReplyCtx {
     }
 }
 
+/// The reply context `ctx` names, if its `handle` call is still running.
+///
+/// # Safety
+/// `ctx` is null or a `ReplyCtx` of an `Instance`'s reply cells (which
+/// live as long as the instance); while live, no one else touches it.
+unsafe fn live_reply<'a>(ctx: *mut c_void) -> Option<&'a mut ReplyCtx> {
+    // SAFETY: fn contract.
+    let r = unsafe { ctx.cast::<ReplyCtx>().as_mut()? };
+    r.live
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then_some(r)
+}
+
 /// `hs_reply.write`.
 ///
 /// # Safety
@@ -710,7 +747,9 @@ impl ReplyCtx {
 unsafe extern "C" fn reply_write(ctx: *mut c_void, data: *const u8, len: usize) -> i32 {
     // SAFETY: fn contract; `Instance::handle_split` holds no reference to
     // the context while the plugin runs.
-    let r = unsafe { &mut *ctx.cast::<ReplyCtx>() };
+    let Some(r) = (unsafe { live_reply(ctx) }) else {
+        return -1;
+    };
     if len > r.capacity - r.len {
         return -1;
     }
@@ -734,7 +773,9 @@ unsafe extern "C" fn reply_write(ctx: *mut c_void, data: *const u8, len: usize) 
 /// As [`reply_write`].
 unsafe extern "C" fn reply_reserve(ctx: *mut c_void, len: usize) -> *mut u8 {
     // SAFETY: as in `reply_write`.
-    let r = unsafe { &mut *ctx.cast::<ReplyCtx>() };
+    let Some(r) = (unsafe { live_reply(ctx) }) else {
+        return ptr::null_mut();
+    };
     if len > r.capacity - r.len {
         return ptr::null_mut();
     }
@@ -749,7 +790,9 @@ unsafe extern "C" fn reply_reserve(ctx: *mut c_void, len: usize) -> *mut u8 {
 /// As [`reply_write`].
 unsafe extern "C" fn reply_clear(ctx: *mut c_void) {
     // SAFETY: as in `reply_write`.
-    let r = unsafe { &mut *ctx.cast::<ReplyCtx>() };
+    let Some(r) = (unsafe { live_reply(ctx) }) else {
+        return;
+    };
     r.len = 0;
     r.split = NO_SPLIT;
 }
@@ -791,6 +834,30 @@ pub struct Instance {
     table: &'static HsPlugin,
     state: *mut c_void,
     host: &'static HostCtx,
+    /// The replies handed to `handle`, used in turn and dead once their
+    /// call returned: a plugin that keeps an `hs_reply` (or its `ctx`)
+    /// and writes through it later gets -1, instead of writing into
+    /// whichever reply then lives at the same address (another client's).
+    /// Only a write landing on the one cell in [`REPLY_CELLS`] whose call
+    /// runs at that moment gets through.
+    cells: Box<[ReplyCell]>,
+    next_cell: usize,
+}
+
+/// How many [`ReplyCell`]s an instance turns through.
+const REPLY_CELLS: usize = 64;
+
+/// What one `handle` call's reply is made of: the `hs_reply` the plugin
+/// gets and the context its `ctx` points to.
+struct ReplyCell {
+    raw: HsReply,
+    ctx: ReplyCtx,
+}
+
+impl std::fmt::Debug for ReplyCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyCell").finish_non_exhaustive()
+    }
 }
 
 impl Instance {
@@ -838,10 +905,10 @@ impl Instance {
     ) -> (u16, usize) {
         // `capacity == cap`: every write that passes the capacity check
         // fits in `out`, so the null `spill` is never reached.
-        let mut ctx = ReplyCtx::new(out, ptr::null_mut(), out.len());
-        match self.call(id, command, flags, payload, &mut ctx) {
-            status @ (0 | 1 | 100..=0xffff) => (status as u16, ctx.len.min(out.len())),
-            status => bad_status(status, out),
+        let capacity = out.len();
+        match self.call(id, command, flags, payload, out, ptr::null_mut(), capacity) {
+            (status @ (0 | 1 | 100..=0xffff), len, _) => (status as u16, len.min(out.len())),
+            (status, _, _) => bad_status(status, out),
         }
     }
 
@@ -864,16 +931,23 @@ impl Instance {
         capacity: usize,
     ) -> (u16, Written) {
         let capacity = capacity.max(out.len());
-        let mut ctx = ReplyCtx::new(out, ptr::from_mut(spill), capacity);
-        let status = self.call(id, command, flags, payload, &mut ctx);
-        let len = ctx.len.min(capacity);
+        let (status, len, split) = self.call(
+            id,
+            command,
+            flags,
+            payload,
+            out,
+            ptr::from_mut(spill),
+            capacity,
+        );
+        let len = len.min(capacity);
         match status {
-            0 | 1 | 100..=0xffff if ctx.split == NO_SPLIT => {
+            0 | 1 | 100..=0xffff if split == NO_SPLIT => {
                 (status as u16, Written::InPlace(len.min(out.len())))
             }
             0 | 1 | 100..=0xffff => {
                 // The head of the reply is in `out`, the rest in `spill`.
-                let head = ctx.split.min(out.len());
+                let head = split.min(out.len());
                 spill[..head].copy_from_slice(&out[..head]);
                 (status as u16, Written::Spilled(len.min(spill.len())))
             }
@@ -884,26 +958,30 @@ impl Instance {
         }
     }
 
-    /// Calls the plugin's `handle` with the reply going to `ctx`.
+    /// Calls the plugin's `handle` with the reply going to `out` (and past
+    /// it to `spill`, up to `capacity`), through the next reply cell;
+    /// returns its status, the reply's length and where it split (see
+    /// [`ReplyCtx`]). The cell is dead once the call returns.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn call(
         &mut self,
         id: u64,
         command: u16,
         flags: u16,
         payload: &[u8],
-        ctx: &mut ReplyCtx,
-    ) -> i32 {
+        out: &mut [u8],
+        spill: *mut Vec<u8>,
+        capacity: usize,
+    ) -> (i32, usize, usize) {
         let handle = self.table.handle.expect("checked at load");
-        let mut reply = HsReply {
-            struct_size: size_of::<HsReply>() as u32,
-            reserved: 0,
-            ctx: ptr::from_mut(ctx).cast::<c_void>(),
-            capacity: ctx.capacity,
-            write: Some(reply_write),
-            reserve: Some(reply_reserve),
-            clear: Some(reply_clear),
-        };
+        let state = self.state;
+        let k = self.next_cell;
+        self.next_cell = (k + 1) % REPLY_CELLS;
+        let cell = &mut self.cells[k];
+        cell.ctx = ReplyCtx::new(out, spill, capacity);
+        cell.raw.ctx = ptr::from_mut(&mut cell.ctx).cast::<c_void>();
+        cell.raw.capacity = capacity;
         let req = HsRequest {
             id,
             command,
@@ -913,10 +991,12 @@ impl Instance {
             payload_len: payload.len(),
         };
         // SAFETY: `state` is what this table's `init` produced; `req` points
-        // to `payload`, alive and unchanged for the call; `reply.ctx` points
-        // to `ctx`, whose buffers the caller borrowed mutably and does not
-        // touch until the call returns.
-        unsafe { handle(self.state, &req, &mut reply) }
+        // to `payload`, alive and unchanged for the call; `cell.raw.ctx`
+        // points to `cell.ctx`, whose buffers (`out`, `spill`) the caller
+        // borrowed mutably and does not touch until the call returns.
+        let status = unsafe { handle(state, &req, &mut cell.raw) };
+        *cell.ctx.live.get_mut() = false;
+        (status, cell.ctx.len, cell.ctx.split)
     }
 
     /// Calls the plugin's `fini` (if it has one), once: it consumes the
