@@ -1393,6 +1393,16 @@ fn ping_is_a_health_check_and_head_is_answered() {
     let nosuch = http(mport, "GET /ping?group=nosuch HTTP/1.1\r\n\r\n");
     assert!(nosuch.starts_with("HTTP/1.1 404 "), "{nosuch}");
     assert!(nosuch.contains("no group named \"nosuch\""), "{nosuch}");
+    // Percent-encoded names are decoded; a long unknown one is not echoed
+    // whole.
+    let encoded = http(mport, "GET /ping?group=ot%68er HTTP/1.1\r\n\r\n");
+    assert!(encoded.starts_with("HTTP/1.1 200 OK\r\n"), "{encoded}");
+    let long = http(
+        mport,
+        &format!("GET /ping?group={} HTTP/1.1\r\n\r\n", "x".repeat(5000)),
+    );
+    assert!(long.starts_with("HTTP/1.1 404 "), "{long}");
+    assert!(long.len() < 400, "{long}");
     std::fs::remove_file(&flag).unwrap();
     let up = http_until(
         mport,

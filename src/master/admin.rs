@@ -558,7 +558,7 @@ fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
                 query
                     .split('&')
                     .find_map(|kv| kv.strip_prefix("group="))
-                    .map(str::to_owned),
+                    .map(percent_decode),
             )),
             _ => None,
         };
@@ -629,6 +629,32 @@ fn http_answer(status: &str, headers: &[(&str, &str)], body: &str, head: bool) -
         out.push_str(body);
     }
     out.into_bytes()
+}
+
+/// A query value with its `%XX` escapes (and `+` for a space) decoded, as
+/// a client that encodes every name sends it; a malformed escape is kept
+/// as it is, and the bytes are read as UTF-8 (lossily).
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether an accept failed for want of descriptors (the connection
@@ -731,7 +757,23 @@ fn flush(c: &mut Conn) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::Command;
+    use super::{Command, percent_decode};
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        for (raw, want) in [
+            ("echo", "echo"),
+            ("ec%68o", "echo"),
+            ("ec%68%6F%2f", "echo/"),
+            ("a+b", "a b"),
+            ("100%", "100%"),
+            ("%zz%4", "%zz%4"),
+            ("%C3%A9t%C3%A9", "\u{e9}t\u{e9}"),
+            ("%ff", "\u{fffd}"),
+        ] {
+            assert_eq!(percent_decode(raw), want, "{raw}");
+        }
+    }
 
     fn parse(s: &str) -> Result<Command, String> {
         serde_json::from_str::<Command>(s).map_err(|e| e.to_string())

@@ -1760,7 +1760,10 @@ impl Master {
                                 .iter()
                                 .any(|g| !g.retired && g.config.name == name) =>
                         {
-                            ("404 Not Found", format!("no group named {name:?}\n"))
+                            // (Names are short: a long one is not echoed whole.)
+                            let shown: String = name.chars().take(64).collect();
+                            let more = if shown.len() < name.len() { "..." } else { "" };
+                            ("404 Not Found", format!("no group named {shown:?}{more}\n"))
                         }
                         _ => match self.not_serving_for(group.as_deref()) {
                             None => ("200 OK", "pong\n".to_owned()),
