@@ -1291,6 +1291,11 @@ impl Proxy {
                     c.unacked = q;
                 }
             }
+            if (c.inflight > 0 || c.has_output()) && !c.inbuf.is_empty() {
+                // While we owe it replies (and may have paused reading it),
+                // the time its frame takes is not the client's doing.
+                c.frame_since_ns = self.now_ns;
+            }
             let c = &*c;
             if c.inflight == 0
                 && !c.has_output()
