@@ -1393,6 +1393,9 @@ fn ping_is_a_health_check_and_head_is_answered() {
     let nosuch = http(mport, "GET /ping?group=nosuch HTTP/1.1\r\n\r\n");
     assert!(nosuch.starts_with("HTTP/1.1 404 "), "{nosuch}");
     assert!(nosuch.contains("no group named \"nosuch\""), "{nosuch}");
+    // Empty lines before the request line are ignored (RFC 9112 2.2).
+    let crlf = http(mport, "\r\n\r\nGET /ping?group=other HTTP/1.1\r\n\r\n");
+    assert!(crlf.starts_with("HTTP/1.1 200 OK\r\n"), "{crlf}");
     // Percent-encoded names are decoded; a long unknown one is not echoed
     // whole.
     let encoded = http(mport, "GET /ping?group=ot%68er HTTP/1.1\r\n\r\n");
@@ -3274,4 +3277,51 @@ fn a_mistyped_log_level_is_named_and_logging_goes_on() {
     assert!(log.contains("worker ready"), "{log}");
     s.stop(Duration::from_secs(30));
     s.assert_clean();
+}
+
+/// A client that sends part of a request and stops is told why it is
+/// closed after 5 s: HTTP 408 on the metrics listener, a JSON error on the
+/// admin socket (both were closed without a word).
+#[test]
+fn a_request_left_unfinished_is_answered_before_the_close() {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let mport = free_port();
+    let text = versioned(
+        port,
+        1,
+        "",
+        "",
+        &format!("metrics_listen = \"127.0.0.1:{mport}\""),
+    );
+    let s = Server::start(&text, port);
+    let mut web = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
+    web.write_all(b"GET /pi").unwrap();
+    let mut admin =
+        std::os::unix::net::UnixStream::connect(s.dir.path().join("admin.sock")).unwrap();
+    admin.write_all(b"{\"cmd\":").unwrap();
+    web.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    admin
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut said = String::new();
+    let _ = web.read_to_string(&mut said);
+    assert!(
+        said.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{said:?}"
+    );
+    let mut said = String::new();
+    let _ = admin.read_to_string(&mut said);
+    assert!(
+        said.contains("admin command not complete within 5 s"),
+        "{said:?}"
+    );
+    // A connection that sent nothing is closed without an answer.
+    let mut quiet = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut said = String::new();
+    let _ = quiet.read_to_string(&mut said);
+    assert_eq!(said, "");
 }

@@ -446,9 +446,33 @@ impl Admin {
     }
 
     /// Drops clients past their deadline (waiting ones never expire: a
-    /// reload may take long, and the client chose to wait).
+    /// reload may take long, and the client chose to wait). One that sent
+    /// part of a request is told why first, as well as a socket buffer
+    /// takes it (HTTP 408, or an admin JSON error); one that sent nothing
+    /// is just closed, as nginx does.
     pub(crate) fn sweep(&mut self) {
         let now = Instant::now();
+        for c in self
+            .conns
+            .iter_mut()
+            .filter(|c| c.phase == Phase::Reading && c.deadline <= now && !c.inbuf.is_empty())
+        {
+            c.out = if c.http {
+                http_answer(
+                    "408 Request Timeout",
+                    &[("Content-Type", "text/plain")],
+                    "request not complete within 5 s\n",
+                    false,
+                )
+            } else {
+                let mut line =
+                    err("admin command not complete within 5 s (one JSON object, then a newline)");
+                line.push('\n');
+                line.into_bytes()
+            };
+            c.out_pos = 0;
+            let _ = flush(c);
+        }
         self.conns
             .retain(|c| c.phase == Phase::Waiting || c.deadline > now);
     }
@@ -508,7 +532,19 @@ fn read_request(c: &mut Conn) -> io::Result<Option<Request>> {
                 break;
             }
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed")),
-            Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                c.inbuf.extend_from_slice(&buf[..n]);
+                // Empty lines before a request line are ignored (RFC 9112
+                // 2.2: some clients send a CRLF after a previous request).
+                if c.http && c.scanned == 0 {
+                    let blank = c
+                        .inbuf
+                        .iter()
+                        .take_while(|&&b| b == b'\r' || b == b'\n')
+                        .count();
+                    c.inbuf.drain(..blank);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
