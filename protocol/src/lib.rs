@@ -123,6 +123,18 @@ fn other_protocol(first: &[u8]) -> Option<&'static str> {
         Some("an HTTP request")
     } else if first.starts_with(&[0x16, 0x03]) {
         Some("a TLS handshake")
+    } else if first.starts_with(b"SSH-") {
+        Some("an SSH client")
+    } else if first.len() >= 2 && first[0] == b'*' && first[1].is_ascii_digit() {
+        Some("a Redis command")
+    } else if first.len() >= 4
+        && first[..4]
+            .iter()
+            .all(|b| b.is_ascii_graphic() || *b == b' ')
+    {
+        // (Four printable bytes read as a length over 500 MB, beyond any
+        // max_frame: never a frame.)
+        Some("text (a telnet or netcat session?)")
     } else {
         None
     }
@@ -255,6 +267,16 @@ mod tests {
             parse(&[0x16, 0x03, 0x01, 0x02, 0x00], 64 << 20),
             Parsed::Bad(FrameError::OtherProtocol("a TLS handshake"), None)
         );
+        for (bytes, what) in [
+            (&b"SSH-2.0-OpenSSH_9.6\r\n"[..], "an SSH client"),
+            (&b"*1\r\n$4\r\nPING\r\n"[..], "a Redis command"),
+            (&b"hello\n"[..], "text (a telnet or netcat session?)"),
+        ] {
+            assert_eq!(
+                parse(bytes, 64 << 20),
+                Parsed::Bad(FrameError::OtherProtocol(what), None)
+            );
+        }
         b.extend_from_slice(&5u64.to_be_bytes());
         assert_eq!(
             parse(&b, 100),
