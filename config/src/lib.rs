@@ -667,9 +667,23 @@ impl Config {
     ///
     /// Errors name the path as given.
     pub fn from_file(path: &Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path).map_err(|error| Error::Read {
+        let bytes = std::fs::read(path).map_err(|error| Error::Read {
             path: path.to_path_buf(),
             error,
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            // Where, as for any syntax error (the text up to there is UTF-8).
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let text = String::from_utf8_lossy(good);
+            Error::Syntax {
+                location: Location {
+                    source: Origin::File(path.to_path_buf()).to_string(),
+                    line_col: Some(line_col(&text, text.len())),
+                    key: None,
+                },
+                message: "not valid UTF-8 (TOML files are UTF-8: re-save the file as UTF-8)"
+                    .to_owned(),
+            }
         })?;
         Config::from_toml(&text, Origin::File(path.to_path_buf()))
     }

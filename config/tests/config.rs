@@ -619,6 +619,20 @@ fn from_file_reads_and_names_the_file() {
             path.display()
         )
     );
+    // Not UTF-8 (a Latin-1 comment): where, not just "invalid data".
+    std::fs::write(
+        &path,
+        b"[[group]]\nname = \"a\" # caf\xe9\nplugin = \"a\"\n",
+    )
+    .unwrap();
+    let e = Config::from_file(&path).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}:2:17: not valid UTF-8 (TOML files are UTF-8: re-save the file as UTF-8)",
+            path.display()
+        )
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
