@@ -3325,3 +3325,38 @@ fn a_request_left_unfinished_is_answered_before_the_close() {
     let _ = quiet.read_to_string(&mut said);
     assert_eq!(said, "");
 }
+
+/// A proxy holding `max_connections` refuses every new client, so `/ping`
+/// says so (503), and pong again once a connection closed: a balancer
+/// sends new clients elsewhere meanwhile.
+#[test]
+fn ping_fails_while_the_proxy_is_full() {
+    let port = free_port();
+    let mport = free_port();
+    let text = versioned(
+        port,
+        1,
+        "",
+        "",
+        &format!("metrics_listen = \"127.0.0.1:{mport}\"\nmax_connections = 3"),
+    );
+    let s = Server::start(&text, port);
+    // The readiness probe's connection may still be closing.
+    let up = http_until(mport, "GET /ping HTTP/1.1\r\n\r\n", "HTTP/1.1 200 OK", 10);
+    assert!(up.is_some(), "{}", s.log());
+    let mut held: Vec<_> = (0..3).map(|_| s.client()).collect();
+    for (id, c) in held.iter_mut().enumerate() {
+        assert_eq!(c.call(id as u64, 1, b"in").unwrap().code, status::OK);
+    }
+    let down = http_until(mport, "GET /ping HTTP/1.1\r\n\r\n", "HTTP/1.1 503 ", 10);
+    let down = down.unwrap_or_else(|| panic!("ping never said 503\n{}", s.log()));
+    assert!(
+        down.ends_with(
+            "not serving: proxy 0 holds max_connections (3) connections and refuses new ones\n"
+        ),
+        "{down}"
+    );
+    held.pop();
+    let up = http_until(mport, "GET /ping HTTP/1.1\r\n\r\n", "HTTP/1.1 200 OK", 10);
+    assert!(up.is_some(), "{}", s.log());
+}

@@ -1848,6 +1848,16 @@ impl Master {
                 ));
             }
         }
+        // A full proxy refuses every new client (a balancer should send
+        // them elsewhere until it has room).
+        let max = u64::from(self.config.server.max_connections);
+        for (p, stats) in self.stats.iter().enumerate() {
+            if stats.global().connections >= max {
+                return Some(format!(
+                    "proxy {p} holds max_connections ({max}) connections and refuses new ones"
+                ));
+            }
+        }
         if self.inline {
             return None;
         }
