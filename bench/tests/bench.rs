@@ -217,6 +217,7 @@ fn other_commands_are_sent_and_their_payloads_not_checked() {
 #[test]
 fn a_payload_file_is_sent_as_every_request_and_checked() {
     let dir = std::env::temp_dir().join(format!("halfsync-bench-payload-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("request.json");
     std::fs::write(&file, br#"{"cmd":"get","player":42}"#).unwrap();
@@ -1006,4 +1007,13 @@ fn cpu_split_of_a_process_tree() {
         err.contains("--cpu needs a single generator process"),
         "{err}"
     );
+}
+
+/// Removes a test's directory when dropped, also when an assertion fails.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -594,8 +594,12 @@ fn missing_file_names_the_path() {
 
 #[test]
 fn from_file_reads_and_names_the_file() {
-    let dir = std::env::temp_dir().join(format!("halfsync-config-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed when dropped, also when an assertion fails.
+    let tmp = tempfile::Builder::new()
+        .prefix("halfsync-config-test-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
     let path = dir.join("hs.toml");
     std::fs::write(&path, "[[group]]\nname = \"a\"\nplugin = \"./liba.so\"\n").unwrap();
     let cfg = Config::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -633,7 +637,6 @@ fn from_file_reads_and_names_the_file() {
             path.display()
         )
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

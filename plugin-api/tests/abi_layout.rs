@@ -135,6 +135,7 @@ fn rust_mirrors_match_the_c_header() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("halfsync-abi-layout-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
     std::fs::create_dir_all(&dir).unwrap();
     let src = dir.join("layout.c");
     let exe = dir.join("layout");
@@ -184,4 +185,13 @@ fn rust_mirrors_match_the_c_header() {
     let entry = entry.expect("entry line");
     assert_eq!(entry, abi::ENTRY_NAME);
     assert_eq!(abi::ENTRY_SYMBOL, format!("{entry}\0").as_bytes());
+}
+
+/// Removes a test's directory when dropped, also when an assertion fails.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -22,6 +22,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn the_crate_resolves_outside_the_halfsync_workspace() {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::temp_dir().join(format!("halfsync-sdk-vendored-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(here.join("Cargo.toml"), dir.join("Cargo.toml")).unwrap();
@@ -44,4 +45,13 @@ fn the_crate_resolves_outside_the_halfsync_workspace() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Removes a test's directory when dropped, also when an assertion fails.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
