@@ -1359,22 +1359,31 @@ fn a_c_plugin_gets_aligned_payloads_never_null() {
 #[test]
 fn a_plugin_flooding_the_log_is_held_to_a_budget() {
     let budget = halfsync_config::PLUGIN_LINES_PER_SECOND as usize;
-    for (plugin, command, line, dropped) in [
+    for (plugin, command, line, dropped, source) in [
         (
             fault_plugin_so(),
             fault::PANIC,
             "plugin panicked: fault: requested panic",
             "more plugin log lines dropped (more than",
+            "plugin",
         ),
         (
             halfsync_testkit::c_plugin("plugins/c/test/printer.c"),
             1,
             "worker output: handled request",
             "more lines of worker output dropped (more than",
+            "output",
         ),
     ] {
         let port = free_port();
-        let mut s = Server::start(&config(port, &plugin, 1, ""), port);
+        let mport = free_port();
+        let text = config(
+            port,
+            &plugin,
+            1,
+            &format!("metrics_listen = \"127.0.0.1:{mport}\""),
+        );
+        let mut s = Server::start(&text, port);
         let mut c = s.client();
         let n = 3 * budget as u64;
         let t = Instant::now();
@@ -1388,7 +1397,33 @@ fn a_plugin_flooding_the_log_is_held_to_a_budget() {
         let reported = wait_for(Duration::from_secs(10), || {
             s.log().contains(dropped).then_some(())
         });
+        // The metric counts what the log says was dropped (once the
+        // worker has reported, when its ring runs empty).
+        let logged_count = |log: &str| -> u64 {
+            log.lines()
+                .filter_map(|l| {
+                    l.split_once(dropped)?
+                        .0
+                        .rsplit(' ')
+                        .nth(1)?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum()
+        };
+        let series =
+            format!("halfsync_log_lines_dropped_total{{group=\"echo\",source=\"{source}\"}}");
+        let counted = wait_for(Duration::from_secs(10), || {
+            let n = metric(&scrape(mport), &series);
+            (n > 0 && n == logged_count(&s.log())).then_some(n)
+        });
         let log = s.log();
+        assert!(
+            counted.is_some(),
+            "{series}: {} in the metrics, {} in the log\n{log}",
+            metric(&scrape(mport), &series),
+            logged_count(&log)
+        );
         let lines = log.lines().filter(|l| l.contains(line)).count();
         s.stop(Duration::from_secs(30));
         s.assert_clean();

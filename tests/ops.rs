@@ -962,23 +962,6 @@ fn status_json_matches_the_processes_and_adds_up() {
     );
 }
 
-fn metric(text: &str, name_and_labels: &str) -> u64 {
-    text.lines()
-        .find(|l| {
-            l.starts_with(name_and_labels) && l.as_bytes().get(name_and_labels.len()) == Some(&b' ')
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
-fn metric_f64(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| {
-            l.starts_with(name_and_labels) && l.as_bytes().get(name_and_labels.len()) == Some(&b' ')
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-}
-
 /// No series (name and labels) appears twice in a scrape.
 fn assert_unique_series(text: &str) {
     let mut seen = HashSet::new();
@@ -989,18 +972,6 @@ fn assert_unique_series(text: &str) {
         let series = l.rsplit_once(' ').map_or(l, |(k, _)| k);
         assert!(seen.insert(series.to_owned()), "{series} twice in\n{text}");
     }
-}
-
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
-    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    t.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut s = String::new();
-    t.read_to_string(&mut s).unwrap();
-    assert!(s.starts_with("HTTP/1.1 200 OK"), "{s}");
-    s
 }
 
 /// The admin socket and the metrics listener answer what they used to drop:

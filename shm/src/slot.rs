@@ -101,6 +101,8 @@ pub struct Control {
     /// Request records at positions below this are claimed by the worker
     /// (run or running) or revoked by the proxy; see [`Control::claim`].
     cursor: AtomicU64,
+    /// Plugin log lines the current worker dropped over its budget.
+    log_dropped: AtomicU64,
 }
 
 const _: () = assert!(std::mem::size_of::<Control>() <= FAILURE_OFFSET);
@@ -179,6 +181,18 @@ impl Control {
     /// Requests served by the current worker, as it counts them.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
+    }
+
+    /// Plugin log lines the current worker dropped over its log budget,
+    /// as it last reported them.
+    pub fn log_dropped(&self) -> u64 {
+        self.log_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Worker: the plugin log lines it dropped so far (a running total);
+    /// master: 0 once it has counted a dead worker's.
+    pub fn set_log_dropped(&self, n: u64) {
+        self.log_dropped.store(n, Ordering::Relaxed);
     }
 
     /// Worker: claims the request record at `pos` (ending at `next`) before

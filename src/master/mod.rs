@@ -171,6 +171,11 @@ pub(crate) struct GroupRec {
     pub(crate) ended: [u64; Cause::ALL.len()],
     /// CPU of its worker processes that ended (reaped).
     pub(crate) ended_cpu: sys::CpuTime,
+    /// Plugin log lines its ended workers dropped over their budget.
+    pub(crate) ended_log_dropped: u64,
+    /// Lines of its workers' output the master dropped over budget (the
+    /// workers' [`Captured`] pipes add to it).
+    pub(crate) output_dropped: Rc<std::cell::Cell<u64>>,
     /// Dynamic pools: checks in a row with too many idle workers.
     idle_checks: u32,
     /// Dynamic pools: workers to start at the next check that finds the
@@ -201,6 +206,8 @@ impl GroupRec {
             retired: false,
             ended: [0; Cause::ALL.len()],
             ended_cpu: sys::CpuTime::default(),
+            ended_log_dropped: 0,
+            output_dropped: Rc::default(),
             idle_checks: 0,
             spawn_rate: 1,
             max_warned: None,
@@ -285,6 +292,8 @@ struct Captured {
     /// The last [`LAST_WORDS`] lines the budget dropped since a line was
     /// logged: logged if the worker dies before it logs another.
     held: std::collections::VecDeque<Vec<u8>>,
+    /// Its group's count of dropped output lines.
+    dropped: Rc<std::cell::Cell<u64>>,
 }
 
 /// A line of a worker's output longer than this is logged in pieces.
@@ -343,6 +352,7 @@ impl Captured {
 
     fn report(&self, dropped: u64) {
         if dropped > 0 {
+            self.dropped.set(self.dropped.get() + dropped);
             warn!(
                 group = %self.group,
                 worker = self.label,
@@ -1235,6 +1245,7 @@ impl Master {
             partial: Vec::new(),
             budget: halfsync_config::LineBudget::new(halfsync_config::PLUGIN_LINES_PER_SECOND),
             held: std::collections::VecDeque::new(),
+            dropped: g.output_dropped.clone(),
         });
         let s = &mut self.slots[i];
         s.life = Life::Running {
@@ -2214,6 +2225,10 @@ impl Master {
         };
         let name = self.groups[s.group].config.name.clone();
         self.groups[s.group].ended_cpu += cpu;
+        // What it dropped of its plugin's log lines is its group's now; the
+        // slot's count starts again for the next worker.
+        self.groups[s.group].ended_log_dropped += s.slot.control().log_dropped();
+        s.slot.control().set_log_dropped(0);
         let served = s.slot.control().served();
         s.ever_ready |= served > 0;
         // Died while its plugin loaded or ran init (a crash there is a

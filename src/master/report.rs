@@ -471,6 +471,31 @@ pub(crate) fn metrics(m: &Master) -> String {
         }
     }
 
+    o.push_str("# HELP halfsync_log_lines_dropped_total Log lines dropped over the budget of 300 a second per worker: source=\"plugin\" its log calls, source=\"output\" what it printed to stdout or stderr.\n# TYPE halfsync_log_lines_dropped_total counter\n");
+    for (id, gname) in &groups {
+        let g = &m.groups[*id];
+        let live: u64 = m
+            .slots
+            .iter()
+            .filter(|s| s.group == *id)
+            .filter_map(|s| {
+                let pid = s.pid()?;
+                let ctl = s.slot.control();
+                (ctl.pid() == pid as u32).then(|| ctl.log_dropped())
+            })
+            .sum();
+        let _ = writeln!(
+            o,
+            "halfsync_log_lines_dropped_total{{group=\"{gname}\",source=\"plugin\"}} {}",
+            g.ended_log_dropped + live
+        );
+        let _ = writeln!(
+            o,
+            "halfsync_log_lines_dropped_total{{group=\"{gname}\",source=\"output\"}} {}",
+            g.output_dropped.get()
+        );
+    }
+
     // Per worker process (as PHP-FPM's full status lists each child).
     let now_ns = halfsync_shm::sys::monotonic_ns();
     let live: Vec<(usize, &super::SlotRec, String)> = m

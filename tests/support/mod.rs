@@ -879,3 +879,36 @@ impl Drop for RemoveOnDrop {
         let _ = fs::remove_file(&self.0);
     }
 }
+
+/// `GET /metrics` from the metrics listener on `port`: the whole answer.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    t.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut s = String::new();
+    t.read_to_string(&mut s).unwrap();
+    assert!(s.starts_with("HTTP/1.1 200 OK"), "{s}");
+    s
+}
+
+/// The value of the series `name_and_labels` in a scrape, as an integer
+/// (0 when absent).
+pub fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find(|l| {
+            l.starts_with(name_and_labels) && l.as_bytes().get(name_and_labels.len()) == Some(&b' ')
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// The value of the series `name_and_labels` in a scrape.
+pub fn metric_f64(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.starts_with(name_and_labels) && l.as_bytes().get(name_and_labels.len()) == Some(&b' ')
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}

@@ -570,12 +570,17 @@ struct HostCtx {
     /// [`halfsync_config::PLUGIN_LINES_PER_SECOND`] (a Mutex: a C
     /// plugin's own threads may log too).
     budget: std::sync::Mutex<halfsync_config::LineBudget>,
+    /// Lines the budget dropped, reported so far.
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl HostCtx {
-    /// Logs how many lines the budget dropped, if any.
-    fn report(plugin: &str, dropped: u64) {
+    /// Logs how many lines the budget dropped, if any, and counts them.
+    fn report(&self, dropped: u64) {
         if dropped > 0 {
+            self.dropped
+                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+            let plugin = self.plugin.as_str();
             tracing::warn!(
                 target: "plugin",
                 plugin,
@@ -596,6 +601,7 @@ fn leak_host(plugin: &str) -> (&'static HsHost, &'static HostCtx) {
         budget: std::sync::Mutex::new(halfsync_config::LineBudget::new(
             halfsync_config::PLUGIN_LINES_PER_SECOND,
         )),
+        dropped: std::sync::atomic::AtomicU64::new(0),
     }));
     let host = Box::leak(Box::new(HsHost {
         abi_version: ABI_VERSION,
@@ -640,7 +646,7 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .admit(std::time::Instant::now());
-        HostCtx::report(plugin, dropped);
+        host.report(dropped);
         if !admitted {
             return;
         }
@@ -875,10 +881,13 @@ impl Instance {
         let dropped = budget.take_suppressed(std::time::Instant::now());
         drop(budget);
         if dropped > 0 {
-            let _ = catch_unwind(AssertUnwindSafe(|| {
-                HostCtx::report(&self.host.plugin, dropped)
-            }));
+            let _ = catch_unwind(AssertUnwindSafe(|| self.host.report(dropped)));
         }
+    }
+
+    /// The plugin's log lines dropped over budget so far (those reported).
+    pub fn log_lines_dropped(&self) -> u64 {
+        self.host.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs the plugin's `handle` for one request and returns the reply

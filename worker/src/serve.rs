@@ -210,6 +210,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
                 // Idle: the cheapest moment for the RSS check, and for
                 // saying how many plugin log lines were over budget.
                 instance.report_dropped_logs();
+                ctl.set_log_dropped(instance.log_lines_dropped());
                 if !recycle_asked && spec.max_rss > 0 && served != rss_checked_at {
                     rss_checked_at = served;
                     recycle_asked = check_rss(&spec, ctl, served);
