@@ -2226,8 +2226,10 @@ impl Master {
         let name = self.groups[s.group].config.name.clone();
         self.groups[s.group].ended_cpu += cpu;
         // What it dropped of its plugin's log lines is its group's now; the
-        // slot's count starts again for the next worker.
-        self.groups[s.group].ended_log_dropped += s.slot.control().log_dropped();
+        // slot's count starts again for the next worker. (A worker writes
+        // this count: anything, if it scribbled over its control block.)
+        let g = &mut self.groups[s.group];
+        g.ended_log_dropped = g.ended_log_dropped.saturating_add(s.slot.control().log_dropped());
         s.slot.control().set_log_dropped(0);
         let served = s.slot.control().served();
         s.ever_ready |= served > 0;

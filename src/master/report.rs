@@ -483,11 +483,12 @@ pub(crate) fn metrics(m: &Master) -> String {
                 let ctl = s.slot.control();
                 (ctl.pid() == pid as u32).then(|| ctl.log_dropped())
             })
-            .sum();
+            // Worker-written counts: any value (a scribbled control block).
+            .fold(0, u64::saturating_add);
         let _ = writeln!(
             o,
             "halfsync_log_lines_dropped_total{{group=\"{gname}\",source=\"plugin\"}} {}",
-            g.ended_log_dropped + live
+            g.ended_log_dropped.saturating_add(live)
         );
         let _ = writeln!(
             o,
