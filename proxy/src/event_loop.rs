@@ -84,6 +84,14 @@ const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
 
 /// Output buffers above this capacity are freed once empty.
 const KEEP_BUF: usize = 64 << 10;
+
+/// The slowest a client may send one frame, in bytes a second, beyond
+/// `idle_timeout`: a frame may take `idle_timeout` plus a second for each
+/// this many bytes of it that came (as Apache's mod_reqtimeout MinRate),
+/// so a large frame on a slow link is not cut, and a trickle holding a
+/// large buffer is.
+const MIN_FRAME_RATE: u64 = 16 << 10;
+const NS_PER_FRAME_BYTE: u64 = 1_000_000_000 / MIN_FRAME_RATE;
 /// Connections accepted per listener per loop turn.
 const ACCEPT_BATCH: usize = 128;
 pub(crate) const NS_PER_MS: u64 = 1_000_000;
@@ -935,31 +943,32 @@ impl Proxy {
         };
         if c.inbuf.is_empty() {
             // Common case: whole frames straight from the read buffer.
-            let used = self.parse_frames(i, data);
+            let (used, need) = self.parse_frames(i, data);
             if let Some(Some(c)) = self.conns.slab.get_mut(i)
                 && !c.closing
                 && used < data.len()
             {
+                // Room for the whole frame at once (`need` is what is
+                // still to come).
+                c.inbuf.reserve_exact(data.len() - used + need);
                 c.inbuf.extend_from_slice(&data[used..]);
                 c.frame_since_ns = self.now_ns;
             }
         } else {
             c.inbuf.extend_from_slice(data);
             let buf = std::mem::take(&mut c.inbuf);
-            let used = self.parse_frames(i, &buf);
+            let (used, need) = self.parse_frames(i, &buf);
             if let Some(Some(c)) = self.conns.slab.get_mut(i) {
                 let mut buf = buf;
                 if c.closing {
                     buf = Vec::new();
-                } else {
+                } else if used > 0 {
                     buf.drain(..used);
-                    if used > 0 {
-                        // What is left, if anything, is a new frame.
-                        c.frame_since_ns = self.now_ns;
-                    }
+                    // What is left, if anything, is a new frame.
+                    c.frame_since_ns = self.now_ns;
                     // A large frame's buffer is not kept for the small ones
                     // after it (an idle connection would hold max_frame).
-                    if buf.capacity() > KEEP_BUF && buf.len() <= KEEP_BUF / 4 {
+                    if buf.capacity() > KEEP_BUF && buf.len() + need <= KEEP_BUF / 4 {
                         if buf.is_empty() {
                             buf = Vec::new();
                         } else {
@@ -968,13 +977,19 @@ impl Proxy {
                         self.freed_large = true;
                     }
                 }
+                if !buf.is_empty() {
+                    // Room for the rest of the frame it holds.
+                    buf.reserve_exact(need);
+                }
                 c.inbuf = buf;
             }
         }
     }
 
-    /// Handles every whole frame at the start of `buf`; returns the bytes used.
-    fn parse_frames(&mut self, i: usize, buf: &[u8]) -> usize {
+    /// Handles every whole frame at the start of `buf`; returns the bytes
+    /// used and, if a frame is left incomplete, how many more it needs
+    /// (else 0).
+    fn parse_frames(&mut self, i: usize, buf: &[u8]) -> (usize, usize) {
         let max_frame = self.config.server.max_frame;
         self.batch_slot = None;
         let mut off = 0;
@@ -988,10 +1003,7 @@ impl Proxy {
                 }
                 Parsed::Incomplete(need) => {
                     self.batch_slot = None;
-                    if let Some(Some(c)) = self.conns.slab.get_mut(i) {
-                        c.inbuf.reserve(need.min(max_frame as usize + 4));
-                    }
-                    return off;
+                    return (off, need.min(max_frame as usize + 4));
                 }
                 Parsed::Bad(e, id) => {
                     self.batch_slot = None;
@@ -1003,7 +1015,7 @@ impl Proxy {
                         c.closing = true;
                         self.conns.mark_dirty(i);
                     }
-                    return buf.len();
+                    return (buf.len(), 0);
                 }
             }
         }
@@ -1306,11 +1318,13 @@ impl Proxy {
             } else if c.inflight == 0
                 && !c.has_output()
                 && !c.inbuf.is_empty()
-                && self.now_ns.saturating_sub(c.frame_since_ns) > idle
+                && self.now_ns.saturating_sub(c.frame_since_ns)
+                    > idle.saturating_add(c.inbuf.len() as u64 * NS_PER_FRAME_BYTE)
             {
                 // Waiting for nothing but the rest of a frame begun more
-                // than idle_timeout ago: a client trickling bytes to hold
-                // its buffer (up to max_frame) open, as a slowloris does.
+                // than idle_timeout ago (plus a second per MIN_FRAME_RATE
+                // bytes it sent): a client trickling bytes to hold its
+                // buffer (up to max_frame) open, as a slowloris does.
                 trickling += 1;
                 self.close(i);
             } else if c.has_output()

@@ -2229,7 +2229,9 @@ impl Master {
         // slot's count starts again for the next worker. (A worker writes
         // this count: anything, if it scribbled over its control block.)
         let g = &mut self.groups[s.group];
-        g.ended_log_dropped = g.ended_log_dropped.saturating_add(s.slot.control().log_dropped());
+        g.ended_log_dropped = g
+            .ended_log_dropped
+            .saturating_add(s.slot.control().log_dropped());
         s.slot.control().set_log_dropped(0);
         let served = s.slot.control().served();
         s.ever_ready |= served > 0;
