@@ -1434,7 +1434,7 @@ fn ping_fails_while_every_worker_of_a_group_is_hung() {
     assert!(
         down.ends_with(
             "not serving: group \"game\" has no worker ready (2 running a request for more \
-             than half of request_timeout)\n"
+             than half of request_timeout and 10 times the usual latency)\n"
         ),
         "{down}"
     );
@@ -1462,6 +1462,35 @@ fn ping_fails_while_every_worker_of_a_group_is_hung() {
     assert_eq!(metric(&scraped, "halfsync_serving"), 1, "{scraped}");
     for c in &mut hangs {
         assert_eq!(c.recv().unwrap().code, status::TIMEOUT);
+    }
+    // A group whose requests take seconds by design is busy, not hung:
+    // once its workers have answered 2.5 s requests (its mean latency now
+    // over 1 s), two more keep both busy past half the timeout and /ping
+    // stays 200.
+    let slow = |hangs: &mut Vec<halfsync_protocol::Client>, ms: u32| {
+        for (id, c) in hangs.iter_mut().enumerate() {
+            c.send(
+                10 + id as u64,
+                halfsync_testkit::fault::SLOW,
+                &ms.to_be_bytes(),
+            )
+            .unwrap();
+        }
+    };
+    slow(&mut hangs, 2500);
+    for c in &mut hangs {
+        assert_eq!(c.recv().unwrap().code, status::OK);
+    }
+    slow(&mut hangs, 3000);
+    std::thread::sleep(Duration::from_millis(2300));
+    let busy = http(mport, "GET /ping HTTP/1.1\r\n\r\n");
+    assert!(
+        busy.starts_with("HTTP/1.1 200 OK\r\n"),
+        "{busy}\n{}",
+        s.status()
+    );
+    for c in &mut hangs {
+        assert_eq!(c.recv().unwrap().code, status::OK);
     }
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();

@@ -1874,15 +1874,24 @@ impl Master {
         }
         let wanted = |r: &GroupRec| !r.retired && group.is_none_or(|name| r.config.name == name);
         for (g, group) in self.groups.iter().enumerate().filter(|(_, r)| wanted(r)) {
-            // A request running past half its request_timeout is likely
-            // to be killed as hung: its worker is no use to the next one.
+            // A request running past half its request_timeout, and past 10
+            // times the group's mean latency (a group whose requests take
+            // seconds by design is busy, not hung), is likely to be killed
+            // as hung: its worker is no use to the next one.
             let half =
                 u64::try_from(group.config.request_timeout.as_nanos() / 2).unwrap_or(u64::MAX);
+            let latency = self.group_stats(g).latency;
+            let usual_ns = latency
+                .sum_us
+                .checked_div(latency.count())
+                .unwrap_or(0)
+                .saturating_mul(1000);
+            let hung_after = half.max(usual_ns.saturating_mul(10));
             let stuck = |i: usize| {
                 half > 0
                     && self.slots[i]
                         .current_request()
-                        .is_some_and(|b| now.saturating_sub(b.since_ns) > half)
+                        .is_some_and(|b| now.saturating_sub(b.since_ns) > hung_after)
             };
             for p in 0..self.proxies.len() {
                 let mine = || {
@@ -1901,7 +1910,10 @@ impl Master {
                     };
                     let hung = mine().filter(|&i| stuck(i)).count();
                     let why = if hung > 0 {
-                        format!(" ({hung} running a request for more than half of request_timeout)")
+                        format!(
+                            " ({hung} running a request for more than half of request_timeout and 10 \
+                             times the usual latency)"
+                        )
                     } else {
                         String::new()
                     };
