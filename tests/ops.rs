@@ -1574,7 +1574,8 @@ fn held_metrics_connections_cannot_take_the_masters_descriptors() {
     let during = fds(s.pid);
     assert!(during <= before + 24, "{before} -> {during} descriptors");
     // A health check still gets in, every time, while more connections
-    // that send nothing keep coming, 20 a second: a silent one gives way.
+    // that send nothing (or a byte) keep coming, 20 a second: the oldest
+    // that has not sent a whole request gives way.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let churn = {
         let stop = stop.clone();
@@ -1585,7 +1586,13 @@ fn held_metrics_connections_cannot_take_the_masters_descriptors() {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }
-                opened.extend(std::net::TcpStream::connect(("127.0.0.1", mport)).ok());
+                // Half send nothing, half one byte of a request.
+                if let Ok(mut t) = std::net::TcpStream::connect(("127.0.0.1", mport)) {
+                    if opened.len() % 2 == 1 {
+                        let _ = std::io::Write::write_all(&mut t, b"G");
+                    }
+                    opened.push(t);
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
             opened.len()

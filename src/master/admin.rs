@@ -44,9 +44,6 @@ pub(crate) const MAX_HTTP_CLIENTS: usize = 16;
 /// listeners are left alone (instead of being polled, readable, in a
 /// loop).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// A metrics client that has not sent its whole request after this long
-/// gives way to a new one when every place is taken.
-const IDLE_HTTP: Duration = Duration::from_secs(1);
 /// How often a refusal is logged at most.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -377,8 +374,8 @@ impl Admin {
                 metrics_clients = self.clients(true),
                 out_of_fds,
                 "admin or metrics connections closed unanswered: at most {MAX_ADMIN_CLIENTS} admin and \
-                 {MAX_HTTP_CLIENTS} metrics clients are served at once, each for at most 5 s (a \
-                 metrics client silent for 1 s gives way to a new one)"
+                 {MAX_HTTP_CLIENTS} metrics clients are served at once, each for at most 5 s (the \
+                 oldest metrics client still sending its request gives way to a new one)"
             );
             self.refused = 0;
             self.refused_logged = Some(Instant::now());
@@ -703,30 +700,21 @@ fn is_out_of_fds(e: &io::Error) -> bool {
 }
 
 /// The metrics client to drop for a new one when all places are taken:
-/// the longest lingering one, else the oldest that has sent nothing at
-/// all, else the oldest that has not sent a whole request within
-/// `IDLE_HTTP`. (A load balancer sends its request as soon as it is
-/// connected; connections opened to send nothing, a few a second, used to
-/// fill every place with clients under `IDLE_HTTP` old and keep its
-/// `/ping` out.)
+/// the longest lingering one, else the oldest that has not sent its whole
+/// request, whatever it has sent so far. (A load balancer's request comes
+/// in its first packet and is read at the next turn, long before it is
+/// the oldest; connections opened to send nothing, or a byte, a few a
+/// second, used to fill every place and keep its `/ping` out.)
 fn idle_http_client(conns: &[Conn]) -> Option<usize> {
-    let now = Instant::now();
-    let pick = |phase: Phase, min_age: Duration, silent: bool| {
+    let pick = |phase: Phase| {
         conns
             .iter()
             .enumerate()
-            .filter(|(_, c)| {
-                c.http
-                    && c.phase == phase
-                    && now - c.since >= min_age
-                    && (!silent || c.inbuf.is_empty())
-            })
+            .filter(|(_, c)| c.http && c.phase == phase)
             .min_by_key(|(_, c)| c.since)
             .map(|(k, _)| k)
     };
-    pick(Phase::Lingering, Duration::ZERO, false)
-        .or_else(|| pick(Phase::Reading, Duration::ZERO, true))
-        .or_else(|| pick(Phase::Reading, IDLE_HTTP, false))
+    pick(Phase::Lingering).or_else(|| pick(Phase::Reading))
 }
 
 /// The answer is out: true if the client can go now; false if it lingers
