@@ -200,9 +200,31 @@ impl Probe {
         });
         let (etx, errors) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut e = Vec::new();
-            let _ = (&mut err).take(64 << 10).read_to_end(&mut e);
-            let _ = etx.send(String::from_utf8_lossy(&e).into_owned());
+            // To the end, keeping the last OUTPUT_KEPT bytes: a plugin that
+            // prints a lot has its last lines (its reason) quoted, and its
+            // writes never fail on a pipe closed after the first bytes.
+            let mut kept = Vec::new();
+            let mut chunk = vec![0u8; 16 << 10];
+            loop {
+                match err.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        kept.extend_from_slice(&chunk[..n]);
+                        if kept.len() > 2 * OUTPUT_KEPT {
+                            kept.drain(..kept.len() - OUTPUT_KEPT);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            if kept.len() > OUTPUT_KEPT {
+                kept.drain(..kept.len() - OUTPUT_KEPT);
+                // (The first line may be cut: drop it.)
+                let start = kept.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+                kept.drain(..start);
+            }
+            let _ = etx.send(String::from_utf8_lossy(&kept).into_owned());
         });
         Ok(Probe {
             child,
@@ -420,6 +442,9 @@ impl Probe {
         self.stderr.as_deref().unwrap_or_default()
     }
 }
+
+/// The end of a probe's output that is kept (stdout and stderr).
+const OUTPUT_KEPT: usize = 64 << 10;
 
 /// Most lines of a plugin's output quoted in a message.
 const QUOTED_LINES: usize = 20;

@@ -437,6 +437,14 @@ fn a_plugin_printing_to_stdout_does_not_garble_the_probe() {
         "{err}"
     );
     assert!(err.contains("\n    chatty: nothing to do, bye"), "{err}");
+    // After 200 KB of output, the last lines are quoted: the reason.
+    let (code, out, err) = halfsync_out("check", &failing.replace("exit_in_init", "loud_in_init"));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("chatty: init progress 1999 ....")
+            && err.ends_with("\n    chatty: FATAL the real reason, printed last\n"),
+        "{err}"
+    );
 
     let mut s = Server::start(&text, port);
     let st = s.status();

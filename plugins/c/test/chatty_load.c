@@ -5,7 +5,8 @@
  * missing and the groups after it got each other's plugins).
  * `halfsync check` quotes what it printed. With `exit_in_init` anywhere in
  * its config it then says why on stderr and exits 3 inside init; with
- * `exit0_in_init`, exits 0 there.
+ * `exit0_in_init`, exits 0 there; with `loud_in_init`, prints 200 KB, then
+ * its reason, then exits 3.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -25,8 +26,16 @@ static int32_t chatty_init(const hs_host *host, const char *config, size_t confi
 {
     fputs("init\tok\t", stdout);
     /* Look for the keys within config_len. */
-    static const char key[] = "exit_in_init", key0[] = "exit0_in_init";
+    static const char key[] = "exit_in_init", key0[] = "exit0_in_init", loud[] = "loud_in_init";
     for (size_t i = 0; config && i < config_len; i++) {
+        if (i + sizeof loud - 1 <= config_len && memcmp(config + i, loud, sizeof loud - 1) == 0) {
+            /* 200 KB of progress, then the reason, last. */
+            for (int n = 0; n < 2000; n++)
+                fprintf(stdout, "chatty: init progress %04d .......................................................................................\n", n);
+            fflush(stdout);
+            fputs("chatty: FATAL the real reason, printed last\n", stderr);
+            exit(3);
+        }
         if (i + sizeof key - 1 <= config_len && memcmp(config + i, key, sizeof key - 1) == 0) {
             fputs("\nchatty: cannot reach the database, giving up\n", stderr);
             exit(3);
