@@ -800,7 +800,7 @@ fn hung_worker_gets_sigabrt_first_with_a_kill_grace() {
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\nworkers = 1\nrequest_timeout = \"300ms\"\ntimeout_kill_grace = \"200ms\"\n",
         fault_plugin_so().display()
     );
-    let s = Server::start(&text, port);
+    let mut s = Server::start(&text, port);
     let mut c = s.client();
     let r = c.call(1, fault::HANG, b"").unwrap();
     assert_eq!(r.code, status::TIMEOUT);
@@ -812,6 +812,13 @@ fn hung_worker_gets_sigabrt_first_with_a_kill_grace() {
         "{}",
         s.log()
     );
+    // The same during a stop: the master's own SIGABRT, not a crash in
+    // the plugin's fini.
+    c.send(3, fault::HANG, b"").unwrap();
+    s.wait_busy();
+    assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
+    assert!(!s.log().contains("failed while exiting"), "{}", s.log());
+    s.assert_clean();
 }
 
 /// A plugin whose init never returns: `init_timeout` kills it; when no

@@ -2251,6 +2251,16 @@ impl Master {
         // broken deploy, not a request that kills workers): init_failed.
         let ctl = s.slot.control();
         let in_init = ctl.pid() == pid as u32 && matches!(ctl.state(), Ok(WorkerState::Starting));
+        // It had left its loop to exit (and so was in, or past, its
+        // plugin's fini) when it died of a signal not the master's, or
+        // exited with a code the worker itself never uses.
+        let failed_exiting = ctl.pid() == pid as u32
+            && matches!(ctl.state(), Ok(WorkerState::Exiting))
+            && if how < 0 {
+                how != -libc::SIGKILL
+            } else {
+                how != 0 && how != EXIT_PLUGIN_FAILED && how != halfsync_worker::EXIT_SLOT_FAILED
+            };
         let cause = s
             .end_cause
             .take()
@@ -2293,7 +2303,7 @@ impl Master {
         // Told to exit, it should have exited 0 (a SIGKILL is the master's
         // own, past a grace period, and logged where it is sent): anything
         // else failed on its way out, most likely in the plugin's fini.
-        if (stopping || s.retiring) && how != 0 && how != -libc::SIGKILL {
+        if failed_exiting {
             warn!(
                 group = %name,
                 worker = s.label,
