@@ -499,24 +499,27 @@ impl Plugin {
             table: self.table,
             state,
             host: host_ctx,
-            cells: (0..REPLY_CELLS)
-                .map(|_| {
-                    let mut ctx = ReplyCtx::new(&mut [], ptr::null_mut(), 0);
-                    *ctx.live.get_mut() = false;
-                    ReplyCell {
-                        raw: HsReply {
-                            struct_size: size_of::<HsReply>() as u32,
-                            reserved: 0,
-                            ctx: ptr::null_mut(),
-                            capacity: 0,
-                            write: Some(reply_write),
-                            reserve: Some(reply_reserve),
-                            clear: Some(reply_clear),
-                        },
-                        ctx,
-                    }
-                })
-                .collect(),
+            cells: Box::leak(
+                (0..REPLY_CELLS)
+                    .map(|_| {
+                        let mut ctx = ReplyCtx::new(&mut [], ptr::null_mut(), 0);
+                        *ctx.live.get_mut() = false;
+                        ReplyCell {
+                            raw: HsReply {
+                                struct_size: size_of::<HsReply>() as u32,
+                                reserved: 0,
+                                ctx: ptr::null_mut(),
+                                capacity: 0,
+                                write: Some(reply_write),
+                                reserve: Some(reply_reserve),
+                                clear: Some(reply_clear),
+                            },
+                            ctx,
+                        }
+                    })
+                    .collect::<Box<[ReplyCell]>>(),
+            )
+            .as_mut_ptr(),
             next_cell: 0,
         })
     }
@@ -735,14 +738,24 @@ impl ReplyCtx {
 /// The reply context `ctx` names, if its `handle` call is still running.
 ///
 /// # Safety
-/// `ctx` is null or a `ReplyCtx` of an `Instance`'s reply cells (which
-/// live as long as the instance); while live, no one else touches it.
+/// `ctx` is null or points to the `ctx` of one of an `Instance`'s reply
+/// cells (leaked, so always valid). The host reaches the cells through
+/// raw pointers only, so while a cell is live (its `handle` call runs)
+/// nothing else refers to it; a dead one is only read, its `live` flag.
 unsafe fn live_reply<'a>(ctx: *mut c_void) -> Option<&'a mut ReplyCtx> {
-    // SAFETY: fn contract.
-    let r = unsafe { ctx.cast::<ReplyCtx>().as_mut()? };
-    r.live
-        .load(std::sync::atomic::Ordering::Relaxed)
-        .then_some(r)
+    let r = ctx.cast::<ReplyCtx>();
+    if r.is_null() {
+        return None;
+    }
+    // SAFETY: `r` points to a valid `ReplyCtx` (fn contract); only its
+    // atomic flag is read, through a shared reference.
+    let live = unsafe { &(*r).live };
+    if !live.load(std::sync::atomic::Ordering::Acquire) {
+        return None;
+    }
+    // SAFETY: live: its call runs, and the host holds no reference to it
+    // meanwhile (fn contract).
+    Some(unsafe { &mut *r })
 }
 
 /// `hs_reply.write`.
@@ -845,8 +858,11 @@ pub struct Instance {
     /// and writes through it later gets -1, instead of writing into
     /// whichever reply then lives at the same address (another client's).
     /// Only a write landing on the one cell in [`REPLY_CELLS`] whose call
-    /// runs at that moment gets through.
-    cells: Box<[ReplyCell]>,
+    /// runs at that moment gets through. Leaked (a plugin may use a kept
+    /// pointer at any time) and reached only through this raw pointer,
+    /// never a reference, so that the plugin's pointers into it stay
+    /// valid.
+    cells: *mut ReplyCell,
     next_cell: usize,
 }
 
@@ -987,10 +1003,27 @@ impl Instance {
         let state = self.state;
         let k = self.next_cell;
         self.next_cell = (k + 1) % REPLY_CELLS;
-        let cell = &mut self.cells[k];
-        cell.ctx = ReplyCtx::new(out, spill, capacity);
-        cell.raw.ctx = ptr::from_mut(&mut cell.ctx).cast::<c_void>();
-        cell.raw.capacity = capacity;
+        // SAFETY: `k < REPLY_CELLS`, the length of the leaked array.
+        let cell = unsafe { self.cells.add(k) };
+        // SAFETY: `cell` is valid (leaked); the cell is dead (no call runs),
+        // so nothing writes it; fields are set one by one through raw
+        // pointers, and `live` last, with Release: a plugin thread that
+        // sees it set sees the rest.
+        let ctx = unsafe {
+            let ctx = &raw mut (*cell).ctx;
+            (&raw mut (*ctx).buf).write(out.as_mut_ptr());
+            (&raw mut (*ctx).cap).write(out.len());
+            (&raw mut (*ctx).len).write(0);
+            (&raw mut (*ctx).capacity).write(capacity);
+            (&raw mut (*ctx).spill).write(spill);
+            (&raw mut (*ctx).split).write(NO_SPLIT);
+            (&raw mut (*cell).raw.ctx).write(ctx.cast::<c_void>());
+            (&raw mut (*cell).raw.capacity).write(capacity);
+            (*ctx)
+                .live
+                .store(true, std::sync::atomic::Ordering::Release);
+            ctx
+        };
         let req = HsRequest {
             id,
             command,
@@ -1000,12 +1033,21 @@ impl Instance {
             payload_len: payload.len(),
         };
         // SAFETY: `state` is what this table's `init` produced; `req` points
-        // to `payload`, alive and unchanged for the call; `cell.raw.ctx`
-        // points to `cell.ctx`, whose buffers (`out`, `spill`) the caller
-        // borrowed mutably and does not touch until the call returns.
-        let status = unsafe { handle(state, &req, &mut cell.raw) };
-        *cell.ctx.live.get_mut() = false;
-        (status, cell.ctx.len, cell.ctx.split)
+        // to `payload`, alive and unchanged for the call; the cell's
+        // `raw.ctx` points to its `ctx`, whose buffers (`out`, `spill`) the
+        // caller borrowed mutably and does not touch until the call returns.
+        let status = unsafe { handle(state, &req, &raw mut (*cell).raw) };
+        // SAFETY: as above; the call is over, the cell is the host's again.
+        let (len, split) = unsafe {
+            (*ctx)
+                .live
+                .store(false, std::sync::atomic::Ordering::Release);
+            (
+                (&raw const (*ctx).len).read(),
+                (&raw const (*ctx).split).read(),
+            )
+        };
+        (status, len, split)
     }
 
     /// Calls the plugin's `fini` (if it has one), once: it consumes the
