@@ -1758,6 +1758,11 @@ fn metrics_endpoint_counts_what_was_sent() {
             "halfsync_request_duration_seconds_count{group=\"game\"}"
         )
     );
+    // Buckets reach the default request_timeout (60 s).
+    assert!(
+        after.contains("halfsync_request_duration_seconds_bucket{group=\"game\",le=\"60\"}"),
+        "{after}"
+    );
     // Idle once each worker has marked its last request done.
     let idle = wait_for(Duration::from_secs(10), || {
         (metric(

@@ -27,12 +27,12 @@ pub const MAX_SLOTS: usize = 4096;
 pub const STATUSES: usize = 9;
 /// Upper bounds (microseconds) of the latency histogram buckets; a last,
 /// implicit bucket holds everything slower.
-pub const BUCKETS_US: [u64; 16] = [
+pub const BUCKETS_US: [u64; 18] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
 ];
 const HIST: usize = BUCKETS_US.len() + 1;
-const MAGIC: u64 = 0x6873_7374_6174_0002;
+const MAGIC: u64 = 0x6873_7374_6174_0003;
 
 /// Adds to a counter this process alone writes: a plain load and store,
 /// not a locked read-modify-write (readers still see whole values).
