@@ -640,7 +640,7 @@ pub fn child_main() -> std::process::ExitCode {
         };
         if spec.init {
             say(&format!("step\tinit\t{group}"));
-            match plugin.init(&t.config) {
+            match plugin.init_as(&t.config, &t.group, halfsync_worker::NOT_A_WORKER) {
                 Ok(instance) => {
                     say(&format!("step\tfini\t{group}"));
                     instance.fini();

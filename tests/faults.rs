@@ -1670,3 +1670,60 @@ fn a_reply_kept_past_its_call_is_refused() {
     s.stop(Duration::from_secs(30));
     s.assert_clean();
 }
+
+/// Plugins learn which group they serve and which worker of it they are
+/// (`hs_host.group`, `.worker`; the SDK's `Host::group`, `Host::worker`),
+/// the same number after a restart: Rust and C alike. The fault plugins
+/// say it when ready, inside the worker's own span, which must agree.
+#[test]
+fn a_plugin_knows_its_group_and_worker_number() {
+    for plugin in [fault_plugin_so(), halfsync_testkit::c_fault_plugin()] {
+        let port = free_port();
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n\
+             [[group]]\nname = \"game\"\nplugin = \"{}\"\nworkers = 2\n",
+            plugin.display()
+        );
+        let mut s = Server::start(&text, port);
+        s.wait_tree(3);
+        // (worker, pid) of each "ready" line whose plugin-side number
+        // matches the worker span's.
+        let ready = |log: &str| -> Vec<(u32, i32)> {
+            log.lines()
+                .filter_map(|l| {
+                    let (_, span) = l.split_once("worker{group=game worker=")?;
+                    let (n, rest) = span.split_once(" pid=")?;
+                    let (pid, _) = rest.split_once('}')?;
+                    l.contains(&format!("fault plugin ready (group=game worker={n})"))
+                        .then(|| Some((n.parse().ok()?, pid.parse().ok()?)))?
+                })
+                .collect()
+        };
+        let both = wait_for(Duration::from_secs(10), || {
+            let r = ready(&s.log());
+            let mut n: Vec<u32> = r.iter().map(|x| x.0).collect();
+            n.sort_unstable();
+            (n == [0, 1]).then_some(r)
+        });
+        let both = both.unwrap_or_else(|| panic!("{}: {}", plugin.display(), s.log()));
+        // Through the server: a WHOAMI comes back from one of them.
+        let r = s.client().call(1, fault::WHOAMI, b"").unwrap();
+        let who = String::from_utf8_lossy(&r.payload).into_owned();
+        assert!(
+            who == "group=game worker=0" || who == "group=game worker=1",
+            "{who}"
+        );
+        // After a restart, worker 1 is worker 1 again, in a new process.
+        let old = both.iter().find(|x| x.0 == 1).map(|x| x.1).unwrap();
+        kill(old, libc::SIGKILL);
+        let again = wait_for(Duration::from_secs(10), || {
+            ready(&s.log())
+                .iter()
+                .any(|&(n, pid)| n == 1 && pid != old)
+                .then_some(())
+        });
+        assert!(again.is_some(), "{}", s.log());
+        s.stop(Duration::from_secs(30));
+        s.assert_clean();
+    }
+}

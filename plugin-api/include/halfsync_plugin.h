@@ -103,7 +103,24 @@ typedef struct hs_host {
     void *ctx;             /* host-owned */
     /* Log one message (UTF-8, not NUL-terminated) through the host's log. */
     void (*log)(void *ctx, int32_t level, const char *msg, size_t len);
+    /* Appended in 1.1: read them only if HS_HOST_HAS(host, worker) (an
+     * older host's struct ends before them). The worker's group name
+     * (NUL-terminated, valid as long as the host) and its number in the
+     * group (0, 1, ...: N in the process title `halfsync: worker GROUP N`,
+     * stable across its restarts), or HS_NOT_A_WORKER while `halfsync
+     * check` or a reload test-loads the plugin. */
+    const char *group;
+    uint32_t worker;
+    uint32_t reserved;     /* 0 */
 } hs_host;
+
+/* hs_host.worker outside a worker (the test load of `halfsync check`). */
+#define HS_NOT_A_WORKER 0xffffffffu
+
+/* Whether `host` (an hs_host pointer) has `field`: fields appended in a
+ * later revision are missing from an older host's struct. */
+#define HS_HOST_HAS(host, field) \
+    ((host)->struct_size >= offsetof(hs_host, field) + sizeof((host)->field))
 
 typedef struct hs_plugin {
     uint32_t abi_version;  /* must be HALFSYNC_ABI_VERSION */

@@ -108,7 +108,17 @@ pub struct HsHost {
     pub ctx: *mut c_void,
     /// See [`HostLogFn`].
     pub log: Option<HostLogFn>,
+    /// Since 1.1 (check `struct_size`): the worker's group name,
+    /// NUL-terminated, valid as long as the host.
+    pub group: *const c_char,
+    /// Since 1.1: the worker's number in its group, or [`NOT_A_WORKER`].
+    pub worker: u32,
+    /// Zero.
+    pub reserved: u32,
 }
+
+/// `HS_NOT_A_WORKER`: [`HsHost::worker`] while a plugin is test-loaded.
+pub const NOT_A_WORKER: u32 = u32::MAX;
 
 /// `hs_plugin.init`: set `*state` (may stay NULL) and return 0, or write a
 /// NUL-terminated reason of at most `err_cap` bytes into `err` and return

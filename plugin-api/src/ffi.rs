@@ -42,7 +42,7 @@ impl Host {
     /// # Safety
     /// `raw` must point to an `hs_host` that stays valid, unchanged, until
     /// `alive` is cleared (the header promises "from init until fini").
-    unsafe fn from_raw(raw: NonNull<HsHost>, alive: Rc<Cell<bool>>) -> Host {
+    pub(crate) unsafe fn from_raw(raw: NonNull<HsHost>, alive: Rc<Cell<bool>>) -> Host {
         Host { raw, alive }
     }
 
@@ -59,6 +59,36 @@ impl Host {
     /// SDK's hosts); 0 after `fini`.
     pub fn abi_version(&self) -> u32 {
         self.raw().map_or(0, |raw| raw.abi_version)
+    }
+
+    /// The group of the worker running the plugin (its `[[group]]` name);
+    /// `None` on a host older than ABI 1.1, or after `fini`.
+    pub fn group(&self) -> Option<String> {
+        let raw = self.raw()?;
+        if (raw.struct_size as usize) < offset_of!(HsHost, group) + size_of::<*const c_char>()
+            || raw.group.is_null()
+        {
+            return None;
+        }
+        // SAFETY: a host that knows the field sets it to a NUL-terminated
+        // string valid as long as the host (the header).
+        Some(
+            unsafe { CStr::from_ptr(raw.group) }
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
+    /// The worker's number in its group (0, 1, ...: N in the process title
+    /// `halfsync: worker GROUP N`, kept across its restarts); `None` while
+    /// the plugin is only test-loaded (`halfsync check`, a reload's
+    /// probe), on a host older than ABI 1.1, or after `fini`.
+    pub fn worker(&self) -> Option<u32> {
+        let raw = self.raw()?;
+        if (raw.struct_size as usize) < offset_of!(HsHost, worker) + size_of::<u32>() {
+            return None;
+        }
+        (raw.worker != abi::NOT_A_WORKER).then_some(raw.worker)
     }
 
     /// Logs `msg` through the host's log (in halfsync: `tracing`, target
@@ -856,6 +886,9 @@ impl Harness {
             struct_size: size_of::<HsHost>() as u32,
             ctx: ptr::from_ref(logs).cast_mut().cast::<c_void>(),
             log: Some(harness_log),
+            group: c"harness".as_ptr(),
+            worker: 0,
+            reserved: 0,
         }));
         Harness {
             table,

@@ -28,6 +28,7 @@ const RESERVE: u16 = 6;
 const IO_WRITE: u16 = 7;
 const FMT_WRITE: u16 = 8;
 const PANIC_ANY: u16 = 9;
+const WHOAMI: u16 = 27;
 const OVERFILL: u16 = 10;
 
 impl Plugin for Probe {
@@ -91,6 +92,13 @@ impl Plugin for Probe {
                 Ok(Status::OK)
             }
             PANIC_ANY => std::panic::panic_any(42_u32),
+            WHOAMI => {
+                let group = self.host.group().unwrap_or_default();
+                let worker = self.host.worker().map_or(-1, i64::from);
+                use std::fmt::Write;
+                write!(reply, "{group} {worker}")?;
+                Ok(Status::OK)
+            }
             OVERFILL => {
                 reply.write(b"0123")?;
                 let err = reply.write(b"456789").unwrap_err();
@@ -312,6 +320,9 @@ fn init_rejects_a_config_that_is_not_utf8() {
         struct_size: size_of::<abi::HsHost>() as u32,
         ctx: std::ptr::null_mut(),
         log: None,
+        group: std::ptr::null(),
+        worker: abi::NOT_A_WORKER,
+        reserved: 0,
     };
     let config = b"k = \"\xff\"\0";
     let mut state = std::ptr::null_mut();
@@ -366,4 +377,46 @@ fn harness_of_builds_the_same_table() {
     assert_eq!(h.name(), "harness");
     h.init("").unwrap();
     assert_eq!(h.handle(1, ECHO, 0, b"x", 1), (0, b"x".to_vec()));
+}
+
+/// `Host::group` and `Host::worker` read the fields appended in ABI 1.1
+/// only when the host's struct has them, and `worker` is `None` for a
+/// test load (`NOT_A_WORKER`).
+#[test]
+fn group_and_worker_come_from_a_host_that_has_them() {
+    use std::cell::Cell;
+    use std::mem::{offset_of, size_of};
+    use std::ptr::NonNull;
+    use std::rc::Rc;
+
+    let host = |struct_size: usize, worker: u32| {
+        let raw = Box::leak(Box::new(abi::HsHost {
+            abi_version: abi::ABI_VERSION,
+            struct_size: struct_size as u32,
+            ctx: std::ptr::null_mut(),
+            log: None,
+            group: c"game".as_ptr(),
+            worker,
+            reserved: 0,
+        }));
+        // SAFETY: leaked, so valid for ever, and never changed.
+        unsafe { Host::from_raw(NonNull::from(raw), Rc::new(Cell::new(true))) }
+    };
+    let now = host(size_of::<abi::HsHost>(), 3);
+    assert_eq!(
+        (now.group().as_deref(), now.worker()),
+        (Some("game"), Some(3))
+    );
+    let probe = host(size_of::<abi::HsHost>(), abi::NOT_A_WORKER);
+    assert_eq!(
+        (probe.group().as_deref(), probe.worker()),
+        (Some("game"), None)
+    );
+    // A 1.0 host's struct ends after `log`.
+    let old = host(offset_of!(abi::HsHost, group), 3);
+    assert_eq!((old.group(), old.worker()), (None, None));
+    // The harness names itself.
+    let mut h = harness();
+    h.init("").unwrap();
+    assert_eq!(h.handle(1, WHOAMI, 0, b"", 64), (0, b"harness 0".to_vec()));
 }

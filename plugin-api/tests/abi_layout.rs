@@ -34,7 +34,18 @@ const STRUCTS: &[(&str, &[&str])] = &[
             "clear",
         ],
     ),
-    ("hs_host", &["abi_version", "struct_size", "ctx", "log"]),
+    (
+        "hs_host",
+        &[
+            "abi_version",
+            "struct_size",
+            "ctx",
+            "log",
+            "group",
+            "worker",
+            "reserved",
+        ],
+    ),
     (
         "hs_plugin",
         &[
@@ -58,6 +69,7 @@ const CONSTANTS: &[&str] = &[
     "HS_LOG_WARN",
     "HS_LOG_INFO",
     "HS_LOG_DEBUG",
+    "HS_NOT_A_WORKER",
 ];
 
 /// The same facts, from the Rust side, keyed like the C program's output.
@@ -83,7 +95,11 @@ fn rust_layout() -> BTreeMap<String, u64> {
         HsReply,
         [struct_size, reserved, ctx, capacity, write, reserve, clear]
     );
-    layout!("hs_host", HsHost, [abi_version, struct_size, ctx, log]);
+    layout!(
+        "hs_host",
+        HsHost,
+        [abi_version, struct_size, ctx, log, group, worker, reserved]
+    );
     layout!(
         "hs_plugin",
         HsPlugin,
@@ -100,6 +116,7 @@ fn rust_layout() -> BTreeMap<String, u64> {
     put("HS_LOG_WARN", abi::LOG_WARN as usize);
     put("HS_LOG_INFO", abi::LOG_INFO as usize);
     put("HS_LOG_DEBUG", abi::LOG_DEBUG as usize);
+    put("HS_NOT_A_WORKER", abi::NOT_A_WORKER as usize);
     m
 }
 

@@ -170,6 +170,9 @@ pub mod fault {
     /// Rust: log the payload with `log::warn!` (the log crate, forwarded
     /// to halfsync's log by the SDK), then echo. C: echo.
     pub const LOG_CRATE: u16 = 26;
+    /// Reply `group=NAME worker=N` from what the host told init (`-` for
+    /// none).
+    pub const WHOAMI: u16 = 27;
 
     /// The status of [`CUSTOM`]'s reply.
     pub const CUSTOM_STATUS: u16 = 150;

@@ -27,6 +27,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use halfsync_plugin_api::abi::NOT_A_WORKER;
 pub use plugin::{InitError, Instance, LoadError, Plugin, Written};
 pub use serve::run;
 

@@ -461,13 +461,26 @@ impl Plugin {
     /// global state may not expect.
     ///
     /// The `hs_host` the plugin receives (and may keep) is never freed.
+    /// It names no group and no worker ([`Plugin::init_as`] does).
     pub fn init(&self, config_toml: &str) -> Result<Instance, InitError> {
+        self.init_as(config_toml, "", abi::NOT_A_WORKER)
+    }
+
+    /// [`Plugin::init`], telling the plugin (`hs_host.group`, `.worker`)
+    /// which group it serves and which worker of it this is
+    /// ([`abi::NOT_A_WORKER`] for a test load); an empty `group` is none.
+    pub fn init_as(
+        &self,
+        config_toml: &str,
+        group: &str,
+        worker: u32,
+    ) -> Result<Instance, InitError> {
         let config = CString::new(config_toml).map_err(|e| InitError::ConfigHasNul {
             path: self.path.clone(),
             name: self.name.clone(),
             offset: e.nul_position(),
         })?;
-        let (host, host_ctx) = leak_host(&self.name);
+        let (host, host_ctx) = leak_host(&self.name, group, worker);
         let init = self.table.init.expect("checked at load");
         let mut state: *mut c_void = ptr::null_mut();
         let mut err = vec![0u8; INIT_ERR_CAP];
@@ -597,7 +610,12 @@ impl HostCtx {
 /// A fresh `hs_host` for one plugin instance, leaked: the plugin may keep
 /// it "until fini", and a plugin that misbehaves after fini must still not
 /// reach freed memory. One per `init`, i.e. one per worker process.
-fn leak_host(plugin: &str) -> (&'static HsHost, &'static HostCtx) {
+fn leak_host(plugin: &str, group: &str, worker: u32) -> (&'static HsHost, &'static HostCtx) {
+    // (Group names are `[A-Za-z0-9_-]`: no NUL; one would make it none.)
+    let group: *const c_char = match CString::new(group) {
+        Ok(name) if !group.is_empty() => Box::leak(name.into_boxed_c_str()).as_ptr(),
+        _ => ptr::null(),
+    };
     let ctx: &'static HostCtx = Box::leak(Box::new(HostCtx {
         plugin: plugin.to_owned(),
         span: tracing::Span::current(),
@@ -611,6 +629,9 @@ fn leak_host(plugin: &str) -> (&'static HsHost, &'static HostCtx) {
         struct_size: size_of::<HsHost>() as u32,
         ctx: ptr::from_ref(ctx).cast_mut().cast::<c_void>(),
         log: Some(host_log),
+        group,
+        worker,
+        reserved: 0,
     }));
     (host, ctx)
 }

@@ -145,7 +145,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
             return EXIT_PLUGIN_FAILED;
         }
     };
-    let mut instance = match plugin.init(&spec.plugin_config) {
+    let mut instance = match plugin.init_as(&spec.plugin_config, &spec.group, spec.index) {
         Ok(i) => i,
         Err(e) => {
             error!("{e}");

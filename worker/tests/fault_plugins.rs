@@ -573,6 +573,19 @@ fn check_survivable(path: &Path, expect: &Expect) {
     for command in [fault::ECHO, 0, 2, 9, 25, 1000, u16::MAX] {
         assert_eq!(call(&mut inst, command, b"load", 64), ok("load"));
     }
+    // Loaded with no identity (a test load), then as worker 3 of "game".
+    assert_eq!(
+        call(&mut inst, fault::WHOAMI, b"", 64),
+        ok("group=- worker=-")
+    );
+    let mut named = plugin
+        .init_as("", "game", 3)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        call(&mut named, fault::WHOAMI, b"", 64),
+        ok("group=game worker=3")
+    );
+    named.fini();
     assert_eq!(
         call(&mut inst, fault::ECHO, b"too long", 4).0,
         1,

@@ -43,6 +43,8 @@
  *                         payload: reserves the 4 bytes first, writes the
  *                         payload in 4 KiB pieces, and fills the 4 bytes
  *                         last, through the pointer reserve returned
+ *   27   WHOAMI           "group=NAME worker=N" from hs_host ("-" for what
+ *                         it does not say)
  *
  * The fatal commands first log a warning through the host ("fault: <what>
  * (request id N)").
@@ -73,7 +75,8 @@
  *   hang_in_init = true     never return from init;
  *   fail_init = "message"   fail init with that message.
  * A value of the wrong kind fails init naming the key. Otherwise init
- * succeeds and logs "fault plugin ready" (info) through the host.
+ * succeeds and logs "fault plugin ready (group=NAME worker=N)" (info)
+ * through the host.
  *
  * Build (testkit does the same):
  *
@@ -113,6 +116,7 @@
 #define FAULT_PREFIXED 24
 /* Rust: log through the log crate. C: echo (the default). */
 #define FAULT_LOG_CRATE 26
+#define FAULT_WHOAMI 27
 
 #define FAULT_CUSTOM_STATUS 150
 #define FAULT_RESERVED_STATUS_CODE 4
@@ -492,6 +496,18 @@ static int parse_config(const char *config, size_t config_len, init_config *out,
     return 0;
 }
 
+/* "group=NAME worker=N" from what the host says ("-" for what it does not,
+ * an older host or a test load) into out; returns its length. */
+static size_t whoami(const hs_host *host, char *out, size_t cap)
+{
+    char worker[16] = "-";
+    const char *group = HS_HOST_HAS(host, group) && host->group ? host->group : "-";
+    if (HS_HOST_HAS(host, worker) && host->worker != HS_NOT_A_WORKER)
+        snprintf(worker, sizeof worker, "%u", (unsigned)host->worker);
+    int n = snprintf(out, cap, "group=%s worker=%s", group, worker);
+    return n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
+}
+
 static int32_t fault_init(const hs_host *host, const char *config, size_t config_len,
                           void **state, char *err, size_t err_cap)
 {
@@ -526,7 +542,12 @@ static int32_t fault_init(const hs_host *host, const char *config, size_t config
     s->host = host;
     memcpy(s->prefix, cfg.prefix, sizeof s->prefix);
     s->prefix_len = strlen(s->prefix);
-    fault_log(host, HS_LOG_INFO, "fault plugin ready");
+    {
+        char who[128], ready[160];
+        whoami(host, who, sizeof who);
+        snprintf(ready, sizeof ready, "fault plugin ready (%s)", who);
+        fault_log(host, HS_LOG_INFO, ready);
+    }
     *state = s;
     return 0;
 }
@@ -581,6 +602,13 @@ static int32_t fault_handle(void *state, const hs_request *req, hs_reply *reply)
         return FAULT_CUSTOM_STATUS;
     case FAULT_PREFIXED:
         return prefixed(req, reply);
+    case FAULT_WHOAMI: {
+        char text[128];
+        size_t n = whoami(s->host, text, sizeof text);
+        if (reply->write(reply->ctx, (const uint8_t *)text, n) != 0)
+            return fail(reply, "fault: payload does not fit in the reply");
+        return HS_STATUS_OK;
+    }
     default:
         break;
     }

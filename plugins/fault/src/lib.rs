@@ -33,6 +33,7 @@
 //! | 23 | [`CUSTOM`] | status [`CUSTOM_STATUS`] (150), payload `custom` |
 //! | 24 | [`PREFIXED`] | status 0, the payload's length as a big-endian `u32`, then the payload, written in 4 KiB pieces. C reserves the 4 bytes first and fills them last, through the pointer `reserve` returned (the host must keep it valid however far the reply grows); Rust fills them at once (the SDK's `reserve` borrows the reply) |
 //! | 26 | [`LOG_CRATE`] | Rust: `log::warn!` of the payload as text (through `Host::forward_log`), then again from a thread it starts and joins, with ` (from a thread)`; then echo. C: echo |
+//! | 27 | [`WHOAMI`] | payload `group=NAME worker=N`, as the host told init (`-` for what it did not) |
 //!
 //! The fatal commands log a warning through the host first (`fault:
 //! <name> (request id N)`), so the server log shows what the worker was
@@ -81,7 +82,7 @@
 //!
 //! They act in that order. A value of the wrong kind fails init with a
 //! message naming the key. Otherwise init succeeds and logs `fault plugin
-//! ready` (info) through the host.
+//! ready (group=NAME worker=N)` (info) through the host.
 
 use std::time::Duration;
 
@@ -123,6 +124,8 @@ pub const PREFIXED: u16 = 24;
 /// Rust: log the payload (as text) with `log::warn!`, which
 /// `Host::forward_log` (called in init) sends to halfsync's log; echo.
 pub const LOG_CRATE: u16 = 26;
+/// Reply `group=NAME worker=N` from what the host says (`-` for none).
+pub const WHOAMI: u16 = 27;
 
 /// The status of [`CUSTOM`]'s reply.
 pub const CUSTOM_STATUS: u16 = 150;
@@ -255,6 +258,15 @@ fn parse_string(value: &str) -> String {
 fn payload_u32(payload: &[u8]) -> Option<u32> {
     let bytes: [u8; 4] = payload.get(..4)?.try_into().ok()?;
     Some(u32::from_be_bytes(bytes))
+}
+
+/// `group=NAME worker=N`, as the host says (`-` for what it does not).
+fn whoami(host: &Host) -> String {
+    let group = host.group().unwrap_or_else(|| "-".to_owned());
+    let worker = host
+        .worker()
+        .map_or_else(|| "-".to_owned(), |n| n.to_string());
+    format!("group={group} worker={worker}")
 }
 
 /// Never returns; sleeps, so it costs no CPU.
@@ -501,7 +513,7 @@ impl Plugin for Fault {
             return Err(msg.into());
         }
         host.forward_log(log::LevelFilter::Info);
-        host.info("fault plugin ready");
+        host.info(&format!("fault plugin ready ({})", whoami(host)));
         Ok(Fault {
             host: host.clone(),
             prefix: config.prefix.unwrap_or_default().into_bytes(),
@@ -580,6 +592,10 @@ impl Plugin for Fault {
                 }
                 Ok(Status::OK)
             }
+            WHOAMI => {
+                reply.write(whoami(&self.host).as_bytes())?;
+                Ok(Status::OK)
+            }
             LOG_CRATE => {
                 let text = String::from_utf8_lossy(req.payload()).into_owned();
                 log::warn!("{text}");
@@ -652,7 +668,10 @@ mod tests {
         h.init("[unrelated]\nother = 1\n").unwrap();
         assert_eq!(
             h.logs(),
-            vec![(LogLevel::Info, "fault plugin ready".to_owned())]
+            vec![(
+                LogLevel::Info,
+                "fault plugin ready (group=harness worker=0)".to_owned()
+            )]
         );
         for command in [ECHO, 0, 2, 9, 25, 99, 100, u16::MAX] {
             assert_eq!(
