@@ -64,6 +64,7 @@ const NUMBERS: &[(&str, &str, u32)] = &[
     ("CUSTOM", "FAULT_CUSTOM", fault::CUSTOM as u32),
     ("PREFIXED", "FAULT_PREFIXED", fault::PREFIXED as u32),
     ("LOG_CRATE", "FAULT_LOG_CRATE", fault::LOG_CRATE as u32),
+    ("WHOAMI", "FAULT_WHOAMI", fault::WHOAMI as u32),
     (
         "CUSTOM_STATUS",
         "FAULT_CUSTOM_STATUS",
