@@ -22,8 +22,10 @@
  *
  * None of the three may let a C++ exception escape: it aborts the worker
  * (catch everything and return HS_STATUS_PLUGIN_ERROR). The worker process
- * owns SIGTERM, SIGUSR1 and SIGUSR2 and ignores SIGINT, SIGQUIT, SIGHUP and
- * SIGPIPE; leave those alone. Its working directory is halfsync's.
+ * owns SIGTERM, SIGUSR1 and SIGUSR2 and ignores SIGINT, SIGQUIT, SIGHUP,
+ * SIGPIPE and SIGTTOU; leave those alone (processes the plugin starts
+ * inherit the ignored ones: reset them there if that matters). Its working
+ * directory is halfsync's.
  */
 #ifndef HALFSYNC_PLUGIN_H
 #define HALFSYNC_PLUGIN_H
