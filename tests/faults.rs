@@ -1727,3 +1727,36 @@ fn a_plugin_knows_its_group_and_worker_number() {
         s.assert_clean();
     }
 }
+
+/// A worker that scribbles over its control block (where it reports the
+/// log lines it dropped) cannot poison `halfsync_log_lines_dropped_total`:
+/// the master believes the count only from a block that still names the
+/// worker and only up to what a worker could drop. (It jumped to ~1.2e19
+/// and stayed there.)
+#[test]
+fn a_scribbled_control_block_does_not_poison_the_dropped_log_counter() {
+    let port = free_port();
+    let mport = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
+         [[group]]\nname = \"fault\"\nplugin = \"{}\"\nworkers = 1\nrequest_timeout = \"3s\"\n",
+        fault_plugin_so().display()
+    );
+    let mut s = Server::start(&text, port);
+    let before = s.worker_pids();
+    let mut c = s.client();
+    let mut payload = vec![fault::SCRIBBLE_CONTROL_HANG];
+    payload.extend(100u32.to_be_bytes());
+    let r = c.call(1, fault::SCRIBBLE, &payload).unwrap();
+    assert_eq!(r.code, status::WORKER_DIED);
+    let replaced = wait_for(Duration::from_secs(20), || {
+        let now = s.worker_pids();
+        (now.len() == 1 && now != before).then_some(())
+    });
+    assert!(replaced.is_some(), "{}", s.log());
+    let series = "halfsync_log_lines_dropped_total{group=\"fault\",source=\"plugin\"}";
+    let scraped = scrape(mport);
+    assert_eq!(metric(&scraped, series), 0, "{scraped}");
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}

@@ -1441,7 +1441,7 @@ fn ping_fails_while_every_worker_of_a_group_is_hung() {
     assert!(
         down.ends_with(
             "not serving: group \"game\" has no worker ready (2 running a request for more \
-             than half of request_timeout and 10 times the usual latency)\n"
+             than half of request_timeout and 10 times the usual run time)\n"
         ),
         "{down}"
     );

@@ -401,6 +401,30 @@ impl SlotRec {
         }
     }
 
+    /// The plugin log lines the worker of this slot says it dropped over
+    /// its budget. A worker writes the count, so it is believed only from
+    /// a control block that still names the worker and was not found
+    /// corrupt, and only up to what a worker could drop in its life (a
+    /// million lines a second): a scribbled block must not poison the
+    /// group's counter for good. 0 otherwise.
+    pub(crate) fn log_dropped(&self) -> u64 {
+        let Life::Running { pid, since, .. } = self.life else {
+            return 0;
+        };
+        let ctl = self.slot.control();
+        let n = ctl.log_dropped();
+        let plausible = since
+            .elapsed()
+            .as_secs()
+            .saturating_add(1)
+            .saturating_mul(1_000_000);
+        if ctl.pid() == pid as u32 && self.end_cause != Some(Cause::Corrupt) && n <= plausible {
+            n
+        } else {
+            0
+        }
+    }
+
     /// The request the running worker of this slot is on, as its control
     /// block says (a block still naming a dead predecessor does not count).
     pub(crate) fn current_request(&self) -> Option<halfsync_shm::BusyInfo> {
@@ -1875,17 +1899,25 @@ impl Master {
         let wanted = |r: &GroupRec| !r.retired && group.is_none_or(|name| r.config.name == name);
         for (g, group) in self.groups.iter().enumerate().filter(|(_, r)| wanted(r)) {
             // A request running past half its request_timeout, and past 10
-            // times the group's mean latency (a group whose requests take
+            // times the group's usual run time (a group whose requests take
             // seconds by design is busy, not hung), is likely to be killed
-            // as hung: its worker is no use to the next one.
+            // as hung: its worker is no use to the next one. Usual: the
+            // workers' moving estimate of the plugin's run time, which
+            // follows a reload and leaves queueing out; before it has
+            // samples, the mean latency of what was answered.
             let half =
                 u64::try_from(group.config.request_timeout.as_nanos() / 2).unwrap_or(u64::MAX);
-            let latency = self.group_stats(g).latency;
-            let usual_ns = latency
-                .sum_us
-                .checked_div(latency.count())
-                .unwrap_or(0)
-                .saturating_mul(1000);
+            let stats = self.group_stats(g);
+            let usual_ns = if stats.run_ns > 0 {
+                stats.run_ns
+            } else {
+                stats
+                    .latency
+                    .sum_us
+                    .checked_div(stats.latency.count())
+                    .unwrap_or(0)
+                    .saturating_mul(1000)
+            };
             let hung_after = half.max(usual_ns.saturating_mul(10));
             let stuck = |i: usize| {
                 half > 0
@@ -1912,7 +1944,7 @@ impl Master {
                     let why = if hung > 0 {
                         format!(
                             " ({hung} running a request for more than half of request_timeout and 10 \
-                             times the usual latency)"
+                             times the usual run time)"
                         )
                     } else {
                         String::new()
@@ -2237,13 +2269,12 @@ impl Master {
         };
         let name = self.groups[s.group].config.name.clone();
         self.groups[s.group].ended_cpu += cpu;
-        // What it dropped of its plugin's log lines is its group's now; the
-        // slot's count starts again for the next worker. (A worker writes
-        // this count: anything, if it scribbled over its control block.)
+        // What it dropped of its plugin's log lines is its group's now (if
+        // believable, see `log_dropped`); the slot's count starts again for
+        // the next worker.
+        let dropped = s.log_dropped();
         let g = &mut self.groups[s.group];
-        g.ended_log_dropped = g
-            .ended_log_dropped
-            .saturating_add(s.slot.control().log_dropped());
+        g.ended_log_dropped = g.ended_log_dropped.saturating_add(dropped);
         s.slot.control().set_log_dropped(0);
         let served = s.slot.control().served();
         s.ever_ready |= served > 0;
@@ -2254,7 +2285,12 @@ impl Master {
         // It had left its loop to exit (and so was in, or past, its
         // plugin's fini) when it died of a signal not the master's, or
         // exited with a code the worker itself never uses.
-        let failed_exiting = ctl.pid() == pid as u32
+        let killed = matches!(
+            s.end_cause,
+            Some(Cause::Timeout | Cause::Unresponsive | Cause::InitTimeout | Cause::Corrupt)
+        );
+        let failed_exiting = !killed
+            && ctl.pid() == pid as u32
             && matches!(ctl.state(), Ok(WorkerState::Exiting))
             && if how < 0 {
                 how != -libc::SIGKILL

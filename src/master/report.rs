@@ -478,12 +478,7 @@ pub(crate) fn metrics(m: &Master) -> String {
             .slots
             .iter()
             .filter(|s| s.group == *id)
-            .filter_map(|s| {
-                let pid = s.pid()?;
-                let ctl = s.slot.control();
-                (ctl.pid() == pid as u32).then(|| ctl.log_dropped())
-            })
-            // Worker-written counts: any value (a scribbled control block).
+            .map(super::SlotRec::log_dropped)
             .fold(0, u64::saturating_add);
         let _ = writeln!(
             o,
