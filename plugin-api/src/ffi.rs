@@ -8,7 +8,7 @@
 //! into the host (that aborts the worker at best).
 
 use core::ffi::{CStr, c_char, c_void};
-use core::mem::{offset_of, size_of};
+use core::mem::size_of;
 use core::ptr::{self, NonNull};
 use std::any::Any;
 use std::cell::{Cell, RefCell};
@@ -23,6 +23,24 @@ use crate::sdk::{LogLevel, Plugin, ReplyFull, Request, truncate_str};
 
 // ---------------------------------------------------------------------------
 // Host
+
+/// `Some(field)` of the `hs_host` at `$p` (a `*const HsHost`) if the
+/// host's struct has it (its `struct_size` covers the field), read through
+/// the raw pointer; `None` for a field an older host does not know.
+///
+/// # Safety
+/// `$p` points to a valid `hs_host` of at least its own `struct_size`
+/// bytes (which every host's is).
+macro_rules! host_field {
+    ($p:expr, $field:ident: $ty:ty) => {{
+        let p: *const HsHost = $p;
+        // Every `hs_host` starts with `abi_version` and `struct_size`.
+        let known = (&raw const (*p).struct_size).read() as usize;
+        // The field's address is taken only once it is known to exist.
+        (known >= core::mem::offset_of!(HsHost, $field) + core::mem::size_of::<$ty>())
+            .then(|| (&raw const (*p).$field).read())
+    }};
+}
 
 /// The host's services, handed to [`Plugin::init`]: logging, for now.
 ///
@@ -46,34 +64,34 @@ impl Host {
         Host { raw, alive }
     }
 
-    fn raw(&self) -> Option<&HsHost> {
-        if !self.alive.get() {
-            return None;
-        }
-        // SAFETY: `alive` is still set, so we are between init and fini,
-        // when the host keeps the struct valid (contract of `from_raw`).
-        Some(unsafe { self.raw.as_ref() })
+    /// The host's struct, between init and fini. Only a raw pointer: an
+    /// older host's struct is shorter than this SDK's `HsHost`, so a
+    /// reference to the whole would claim bytes that are not there; fields
+    /// are read one by one with [`host_field!`] after a size check.
+    fn ptr(&self) -> Option<*const HsHost> {
+        self.alive.get().then(|| self.raw.as_ptr().cast_const())
     }
 
     /// The ABI version the host speaks ([`abi::ABI_VERSION`] for this
     /// SDK's hosts); 0 after `fini`.
     pub fn abi_version(&self) -> u32 {
-        self.raw().map_or(0, |raw| raw.abi_version)
+        // SAFETY: a live host (`ptr`), and every `hs_host` starts with it.
+        self.ptr()
+            .map_or(0, |p| unsafe { (&raw const (*p).abi_version).read() })
     }
 
     /// The group of the worker running the plugin (its `[[group]]` name);
     /// `None` on a host older than ABI 1.1, or after `fini`.
     pub fn group(&self) -> Option<String> {
-        let raw = self.raw()?;
-        if (raw.struct_size as usize) < offset_of!(HsHost, group) + size_of::<*const c_char>()
-            || raw.group.is_null()
-        {
+        // SAFETY: a live host (`ptr`).
+        let group = unsafe { host_field!(self.ptr()?, group: *const c_char) }?;
+        if group.is_null() {
             return None;
         }
-        // SAFETY: a host that knows the field sets it to a NUL-terminated
-        // string valid as long as the host (the header).
+        // SAFETY: a host that knows the field sets it to NULL or to a
+        // NUL-terminated string valid as long as the host (the header).
         Some(
-            unsafe { CStr::from_ptr(raw.group) }
+            unsafe { CStr::from_ptr(group) }
                 .to_string_lossy()
                 .into_owned(),
         )
@@ -84,34 +102,27 @@ impl Host {
     /// the plugin is only test-loaded (`halfsync check`, a reload's
     /// probe), on a host older than ABI 1.1, or after `fini`.
     pub fn worker(&self) -> Option<u32> {
-        let raw = self.raw()?;
-        if (raw.struct_size as usize) < offset_of!(HsHost, worker) + size_of::<u32>() {
-            return None;
-        }
-        (raw.worker != abi::NOT_A_WORKER).then_some(raw.worker)
+        // SAFETY: a live host (`ptr`).
+        let worker = unsafe { host_field!(self.ptr()?, worker: u32) }?;
+        (worker != abi::NOT_A_WORKER).then_some(worker)
     }
 
     /// Logs `msg` through the host's log (in halfsync: `tracing`, target
     /// `plugin`, with the plugin name). A no-op after `fini`.
     pub fn log(&self, level: LogLevel, msg: &str) {
-        let Some(raw) = self.raw() else { return };
-        let known = raw.struct_size as usize;
-        if known < offset_of!(HsHost, log) + size_of::<Option<HostLogFn>>() {
+        let Some(p) = self.ptr() else { return };
+        // SAFETY: a live host (`ptr`).
+        let (Some(Some(log)), Some(ctx)) =
+            (unsafe { host_field!(p, log: Option<HostLogFn>) }, unsafe {
+                host_field!(p, ctx: *mut c_void)
+            })
+        else {
             return;
-        }
-        if let Some(log) = raw.log {
-            // SAFETY: the host filled in `log` and `ctx` for exactly this
-            // call; `msg` is valid UTF-8 for `msg.len()` bytes and the host
-            // does not keep the pointer past the call.
-            unsafe {
-                log(
-                    raw.ctx,
-                    level as i32,
-                    msg.as_ptr().cast::<c_char>(),
-                    msg.len(),
-                )
-            };
-        }
+        };
+        // SAFETY: the host filled in `log` and `ctx` for exactly this call;
+        // `msg` is valid UTF-8 for `msg.len()` bytes and the host does not
+        // keep the pointer past the call.
+        unsafe { log(ctx, level as i32, msg.as_ptr().cast::<c_char>(), msg.len()) };
     }
 
     /// Logs at [`LogLevel::Error`].
@@ -144,7 +155,7 @@ impl Host {
     /// first (the records then go there). Needs the SDK's `log` feature.
     #[cfg(feature = "log")]
     pub fn forward_log(&self, level: log::LevelFilter) -> bool {
-        if self.raw().is_none() {
+        if self.ptr().is_none() {
             return false;
         }
         log_bridge::install(self.raw, level)
@@ -193,12 +204,15 @@ mod log_bridge {
             // `hs_host` stays valid for the rest of the process (the
             // header's promise; `fini` clearing the pointer only stops
             // records from going there) with a `log` any thread may call.
-            let raw = unsafe { &*p };
-            let known = raw.struct_size as usize;
-            if known < core::mem::offset_of!(HsHost, log) + size_of::<Option<abi::HostLogFn>>() {
+            let p = p.cast_const();
+            // SAFETY: as above; fields read one by one after a size check
+            // (an older host's struct is shorter than this SDK's).
+            let (Some(Some(log)), Some(ctx)) = (
+                unsafe { host_field!(p, log: Option<abi::HostLogFn>) },
+                unsafe { host_field!(p, ctx: *mut core::ffi::c_void) },
+            ) else {
                 return;
-            }
-            let Some(log) = raw.log else { return };
+            };
             let level = match record.level() {
                 log::Level::Error => abi::LOG_ERROR,
                 log::Level::Warn => abi::LOG_WARN,
@@ -208,7 +222,7 @@ mod log_bridge {
             let msg = format!("{}: {}", record.target(), record.args());
             // SAFETY: as in `Host::log`: the host's own function and
             // context, a valid UTF-8 message for the call's duration.
-            unsafe { log(raw.ctx, level, msg.as_ptr().cast(), msg.len()) };
+            unsafe { log(ctx, level, msg.as_ptr().cast(), msg.len()) };
         }
 
         fn flush(&self) {}

@@ -412,9 +412,34 @@ fn group_and_worker_come_from_a_host_that_has_them() {
         (probe.group().as_deref(), probe.worker()),
         (Some("game"), None)
     );
-    // A 1.0 host's struct ends after `log`.
-    let old = host(offset_of!(abi::HsHost, group), 3);
-    assert_eq!((old.group(), old.worker()), (None, None));
+    // A 1.0 host's struct ends after `log`: a genuinely shorter
+    // allocation, of which no byte past its end is read (nor referenced).
+    #[repr(C)]
+    struct HostV10 {
+        abi_version: u32,
+        struct_size: u32,
+        ctx: *mut std::ffi::c_void,
+        log: Option<abi::HostLogFn>,
+    }
+    assert_eq!(size_of::<HostV10>(), offset_of!(abi::HsHost, group));
+    let short = Box::leak(Box::new(HostV10 {
+        abi_version: abi::ABI_VERSION,
+        struct_size: size_of::<HostV10>() as u32,
+        ctx: std::ptr::null_mut(),
+        log: None,
+    }));
+    // SAFETY: leaked, valid for ever; a 1.0 `hs_host` of its own size.
+    let old = unsafe {
+        Host::from_raw(
+            NonNull::from(short).cast::<abi::HsHost>(),
+            Rc::new(Cell::new(true)),
+        )
+    };
+    assert_eq!(
+        (old.group(), old.worker(), old.abi_version()),
+        (None, None, abi::ABI_VERSION)
+    );
+    old.info("no log function: nothing happens");
     // The harness names itself.
     let mut h = harness();
     h.init("").unwrap();
