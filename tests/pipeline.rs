@@ -108,7 +108,8 @@ fn benchmark_switches_do_not_change_behaviour() {
 }
 
 /// The inline baseline (`run --inline`) serves the same protocol with the
-/// plugin inside the proxy and no worker processes.
+/// plugin inside the proxy and no worker processes; the plugin is told it
+/// is its group's worker 0.
 #[test]
 fn inline_baseline_serves_without_workers() {
     let port = free_port();
@@ -116,7 +117,10 @@ fn inline_baseline_serves_without_workers() {
     let path = dir.path().join("inline.toml");
     std::fs::write(
         &path,
-        with_admin_socket(&config(port, &echo_so(), 2, ""), dir.path()),
+        with_admin_socket(
+            &config(port, &halfsync_testkit::fault_plugin(), 2, ""),
+            dir.path(),
+        ),
     )
     .unwrap();
     let mut child = std::process::Command::new(BIN)
@@ -133,9 +137,13 @@ fn inline_baseline_serves_without_workers() {
         (c.call(1, 1, b"in").ok()?.payload == b"in").then_some(())
     });
     let tree = descendants(pid);
+    let who = halfsync_protocol::Client::connect(("127.0.0.1", port))
+        .and_then(|mut c| c.call(2, halfsync_testkit::fault::WHOAMI, b""))
+        .map(|r| r.payload);
     let ok = ready.is_some()
         && tree.len() == 1
-        && tree.iter().all(|&p| cmdline(p).contains("halfsync: proxy"));
+        && tree.iter().all(|&p| cmdline(p).contains("halfsync: proxy"))
+        && who.as_deref().ok() == Some(&b"group=echo worker=0"[..]);
     if ok {
         many_pipelines(
             std::net::SocketAddr::from(([127, 0, 0, 1], port)),
@@ -153,7 +161,7 @@ fn inline_baseline_serves_without_workers() {
     }
     assert!(
         ok,
-        "inline server: ready {:?}, processes {tree:?}",
+        "inline server: ready {:?}, processes {tree:?}, whoami {who:?}",
         ready.is_some()
     );
     assert_eq!(st.and_then(|s| s.code()), Some(0));

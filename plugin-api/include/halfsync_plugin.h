@@ -38,6 +38,9 @@ extern "C" {
 #endif
 
 #define HALFSYNC_ABI_VERSION 1u
+/* The revision of ABI 1 this header describes: 1 has hs_host.group and
+ * hs_host.worker. Fields are only ever appended within a major version. */
+#define HALFSYNC_ABI_MINOR 1u
 
 /* Reply statuses. Codes below 100 belong to the server; a plugin returns
  * HS_STATUS_OK, HS_STATUS_PLUGIN_ERROR (payload = message) or a code of
@@ -107,10 +110,14 @@ typedef struct hs_host {
     void (*log)(void *ctx, int32_t level, const char *msg, size_t len);
     /* Appended in 1.1: read them only if HS_HOST_HAS(host, worker) (an
      * older host's struct ends before them). The worker's group name
-     * (NUL-terminated, valid as long as the host) and its number in the
-     * group (0, 1, ...: N in the process title `halfsync: worker GROUP N`,
-     * stable across its restarts), or HS_NOT_A_WORKER while `halfsync
-     * check` or a reload test-loads the plugin. */
+     * (NUL-terminated, valid as long as the host; NULL if there is none)
+     * and its number in the group (0, 1, ...: N in the process title
+     * `halfsync: worker GROUP N`, kept across its restarts), or
+     * HS_NOT_A_WORKER while `halfsync check` or a reload test-loads the
+     * plugin. A number is unique among a group's serving workers, but a
+     * replacement (reload, recycle, scale) starts with the number of the
+     * worker it replaces while that one still drains: add the pid to
+     * anything that must be unique, such as a file name. */
     const char *group;
     uint32_t worker;
     uint32_t reserved;     /* 0 */

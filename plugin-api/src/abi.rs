@@ -13,6 +13,9 @@ use core::ffi::{c_char, c_void};
 
 /// The ABI major version this crate speaks (`HALFSYNC_ABI_VERSION`).
 pub const ABI_VERSION: u32 = 1;
+/// `HALFSYNC_ABI_MINOR`: the revision of ABI 1 this crate describes (1:
+/// `hs_host.group` and `hs_host.worker`). Fields are only appended.
+pub const ABI_MINOR: u32 = 1;
 
 /// Name of the entry symbol, NUL-terminated, for `dlsym`
 /// (`HALFSYNC_PLUGIN_ENTRY`). The name carries [`ABI_VERSION`].

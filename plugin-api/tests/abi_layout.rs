@@ -70,6 +70,7 @@ const CONSTANTS: &[&str] = &[
     "HS_LOG_INFO",
     "HS_LOG_DEBUG",
     "HS_NOT_A_WORKER",
+    "HALFSYNC_ABI_MINOR",
 ];
 
 /// The same facts, from the Rust side, keyed like the C program's output.
@@ -117,6 +118,7 @@ fn rust_layout() -> BTreeMap<String, u64> {
     put("HS_LOG_INFO", abi::LOG_INFO as usize);
     put("HS_LOG_DEBUG", abi::LOG_DEBUG as usize);
     put("HS_NOT_A_WORKER", abi::NOT_A_WORKER as usize);
+    put("HALFSYNC_ABI_MINOR", abi::ABI_MINOR as usize);
     m
 }
 

@@ -291,8 +291,13 @@ impl Proxy {
         for (id, path, config) in plugins {
             let plugin =
                 halfsync_worker::Plugin::load(path).map_err(|e| ProxyError::Spec(e.to_string()))?;
+            // The proxy plays the group's one worker, number 0.
+            let group = self
+                .groups
+                .get(*id as usize)
+                .map_or("", |g| g.name.as_str());
             let instance = plugin
-                .init(config)
+                .init_as(config, group, 0)
                 .map_err(|e| ProxyError::Spec(e.to_string()))?;
             let id = *id as usize;
             if self.inline.len() <= id {
