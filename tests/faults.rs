@@ -1760,3 +1760,60 @@ fn a_scribbled_control_block_does_not_poison_the_dropped_log_counter() {
     s.stop(Duration::from_secs(30));
     s.assert_clean();
 }
+
+/// Every line a plugin logs is either in the log or counted as dropped,
+/// also in the second a worker exits in: a worker recycled right after a
+/// burst of 1,000 log lines (caught panics) reports the last second's
+/// drops on its way out, in the log and in
+/// `halfsync_log_lines_dropped_total`, which keeps them after the worker
+/// is gone. (They were lost: the count waited for the second to end.)
+#[test]
+fn a_log_burst_just_before_a_recycle_is_fully_counted() {
+    const BURST: u64 = 1000;
+    let port = free_port();
+    let mport = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
+         [[group]]\nname = \"fault\"\nplugin = \"{}\"\nworkers = 1\nmax_requests = {BURST}\n",
+        fault_plugin_so().display()
+    );
+    let mut s = Server::start(&text, port);
+    // (The readiness probe was request 1 of the first worker.)
+    let mut c = s.client();
+    for id in 0..BURST {
+        c.send(id, fault::PANIC, b"").unwrap();
+    }
+    for _ in 0..BURST {
+        let _ = c.recv().unwrap();
+    }
+    let recycled = wait_for(Duration::from_secs(20), || {
+        s.log().contains("cause=\"recycle\"").then_some(())
+    });
+    assert!(recycled.is_some(), "{}", s.log());
+    let series = "halfsync_log_lines_dropped_total{group=\"fault\",source=\"plugin\"}";
+    let whole = wait_for(Duration::from_secs(10), || {
+        let log = s.log();
+        let logged = log.matches("plugin panicked: fault: requested panic").count() as u64;
+        let counted: u64 = log
+            .lines()
+            .filter_map(|l| {
+                l.split_once("more plugin log lines dropped")?
+                    .0
+                    .rsplit(' ')
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        let metric = metric(&scrape(mport), series);
+        (logged + counted == BURST && metric == counted).then_some(())
+    });
+    assert!(
+        whole.is_some(),
+        "{} in the metric\n{}",
+        metric(&scrape(mport), series),
+        s.log()
+    );
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}

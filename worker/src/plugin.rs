@@ -922,6 +922,20 @@ impl Instance {
         }
     }
 
+    /// [`Instance::report_dropped_logs`] at exit: the lines dropped in the
+    /// second under way too.
+    pub fn report_dropped_logs_at_exit(&self) {
+        let dropped = self
+            .host
+            .budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_suppressed(std::time::Instant::now() + std::time::Duration::from_secs(1));
+        if dropped > 0 {
+            let _ = catch_unwind(AssertUnwindSafe(|| self.host.report(dropped)));
+        }
+    }
+
     /// The plugin's log lines dropped over budget so far (those reported).
     pub fn log_lines_dropped(&self) -> u64 {
         self.host.dropped.load(std::sync::atomic::Ordering::Relaxed)

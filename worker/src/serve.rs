@@ -198,6 +198,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
     let mut sampler = RunSampler::new(fastrand::Rng::new(), spec.max_requests);
     let mut recycle_asked = false;
     let mut rss_checked_at: u64 = 0;
+    let mut dropped_published: u64 = 0;
     // Exiting after the plugin ran but before its reply was in the ring.
     let mut ran_unanswered = false;
     let code = loop {
@@ -210,7 +211,7 @@ pub fn run(spec: WorkerSpec) -> i32 {
                 // Idle: the cheapest moment for the RSS check, and for
                 // saying how many plugin log lines were over budget.
                 instance.report_dropped_logs();
-                ctl.set_log_dropped(instance.log_lines_dropped());
+                publish_dropped(&instance, ctl, &mut dropped_published);
                 if !recycle_asked && spec.max_rss > 0 && served != rss_checked_at {
                     rss_checked_at = served;
                     recycle_asked = check_rss(&spec, ctl, served);
@@ -318,6 +319,8 @@ pub fn run(spec: WorkerSpec) -> i32 {
         rx.release_and_publish(&mut tx);
         ctl.end();
         served += 1;
+        // (A worker whose ring never runs empty reports here.)
+        publish_dropped(&instance, ctl, &mut dropped_published);
         if !recycle_asked && spec.max_requests > 0 && served >= spec.max_requests {
             // Keep serving; the proxy has a replacement started and retires
             // this worker once the replacement is ready.
@@ -333,12 +336,25 @@ pub fn run(spec: WorkerSpec) -> i32 {
     if !ran_unanswered {
         ctl.set_state(WorkerState::Exiting);
     }
+    // The last second's dropped lines too, before the master reads them.
+    instance.report_dropped_logs_at_exit();
+    publish_dropped(&instance, ctl, &mut dropped_published);
     if code == 0 {
         instance.fini();
         // The master logs the exit ("worker exited", with the cause).
         debug!("worker stopped");
     }
     code
+}
+
+/// Puts the plugin's count of dropped log lines in the control block when
+/// it changed (for the master's metrics).
+fn publish_dropped(instance: &crate::Instance, ctl: &halfsync_shm::Control, published: &mut u64) {
+    let n = instance.log_lines_dropped();
+    if n != *published {
+        ctl.set_log_dropped(n);
+        *published = n;
+    }
 }
 
 /// Asks to be recycled if the peak RSS passed `max_rss`; true if it asked.
