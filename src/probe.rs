@@ -205,10 +205,14 @@ impl Probe {
             // writes never fail on a pipe closed after the first bytes.
             let mut kept = Vec::new();
             let mut chunk = vec![0u8; 16 << 10];
-            loop {
+            // Bounded: a process a plugin started may hold the pipe and
+            // write for ever; past this much, the pipe is let go.
+            let mut total = 0usize;
+            while total < OUTPUT_READ_MAX {
                 match err.read(&mut chunk) {
                     Ok(0) => break,
                     Ok(n) => {
+                        total += n;
                         kept.extend_from_slice(&chunk[..n]);
                         if kept.len() > 2 * OUTPUT_KEPT {
                             kept.drain(..kept.len() - OUTPUT_KEPT);
@@ -445,6 +449,8 @@ impl Probe {
 
 /// The end of a probe's output that is kept (stdout and stderr).
 const OUTPUT_KEPT: usize = 64 << 10;
+/// The most of a probe's output that is read at all.
+const OUTPUT_READ_MAX: usize = 64 << 20;
 
 /// Most lines of a plugin's output quoted in a message.
 const QUOTED_LINES: usize = 20;

@@ -994,3 +994,28 @@ fn a_frame_behind_a_slow_request_is_not_taken_for_a_trickle() {
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// The other side of the frame deadline: a large frame sent steadily but
+/// slowly (100 KB in 10 KB pieces every 400 ms, 4 s in all, twice
+/// `idle_timeout`, at 25 KB/s, above the 16 KiB/s floor) is served, not
+/// cut at `idle_timeout`.
+#[test]
+fn a_large_frame_on_a_slow_link_is_served() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 1, "idle_timeout = \"2s\""), port);
+    let mut frame = Vec::new();
+    halfsync_protocol::write_frame(&mut frame, 7, 1, &[b'l'; 100_000]);
+    let mut c = s.client();
+    c.stream()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    for piece in frame.chunks(10_000) {
+        c.stream().write_all(piece).unwrap();
+        thread::sleep(Duration::from_millis(400));
+    }
+    let r = c.recv().unwrap();
+    assert_eq!((r.id, r.code, r.payload.len()), (7, status::OK, 100_000));
+    assert!(!s.log().contains("to send one frame"), "{}", s.log());
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
