@@ -1793,7 +1793,9 @@ fn a_log_burst_just_before_a_recycle_is_fully_counted() {
     let series = "halfsync_log_lines_dropped_total{group=\"fault\",source=\"plugin\"}";
     let whole = wait_for(Duration::from_secs(10), || {
         let log = s.log();
-        let logged = log.matches("plugin panicked: fault: requested panic").count() as u64;
+        let logged = log
+            .matches("plugin panicked: fault: requested panic")
+            .count() as u64;
         let counted: u64 = log
             .lines()
             .filter_map(|l| {
