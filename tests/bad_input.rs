@@ -557,10 +557,19 @@ fn a_slow_but_steady_reader_is_not_cut_off() {
     let mut got = 0usize;
     let mut buf = vec![0u8; 10_000];
     while started.elapsed() < Duration::from_secs(6) {
-        let n = t
-            .read(&mut buf)
-            .unwrap_or_else(|e| panic!("cut off after {got} bytes, {:?}: {e}", started.elapsed()));
-        assert!(n > 0, "closed after {got} bytes, {:?}", started.elapsed());
+        let n = t.read(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "cut off after {got} bytes, {:?}: {e}\n{}",
+                started.elapsed(),
+                s.log()
+            )
+        });
+        assert!(
+            n > 0,
+            "closed after {got} bytes, {:?}\n{}",
+            started.elapsed(),
+            s.log()
+        );
         got += n;
         thread::sleep(Duration::from_millis(100));
     }

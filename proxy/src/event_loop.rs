@@ -1203,6 +1203,12 @@ impl Proxy {
             self.close(i);
             return;
         }
+        if sent {
+            // Replies flowing is activity: a client whose reading was
+            // paused (its replies pending) must not be taken for idle in
+            // the moment between its last reply leaving and reading again.
+            c.last_active_ns = self.now_ns;
+        }
         if !c.has_output() {
             c.out.clear();
             c.out_pos = 0;
