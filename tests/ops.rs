@@ -1137,15 +1137,7 @@ fn status_of_a_stopped_master_says_it_got_no_answer() {
 #[test]
 fn trickling_metrics_clients_cost_the_master_little() {
     use std::io::Write;
-    let port = free_port();
-    let mport = free_port();
-    let text = versioned(
-        port,
-        1,
-        "",
-        "",
-        &format!("metrics_listen = \"127.0.0.1:{mport}\""),
-    );
+    let (text, port, mport) = with_metrics(1);
     let mut s = Server::start(&text, port);
     let before = cpu_ticks(s.pid);
     let started = std::time::Instant::now();
@@ -1204,19 +1196,25 @@ fn http(port: u16, request: &str) -> String {
     s
 }
 
-/// `/ping` notices a proxy that stopped running its loop (SIGSTOP, as a
-/// debugger would leave it): 503 while it is stopped, 200 once it runs.
-#[test]
-fn ping_fails_while_the_proxy_is_stopped() {
-    let port = free_port();
-    let mport = free_port();
+/// A fault-plugin group of `workers` (see [`versioned`]) with a metrics
+/// listener: the config text, its port and the metrics port.
+fn with_metrics(workers: u32) -> (String, u16, u16) {
+    let (port, mport) = (free_port(), free_port());
     let text = versioned(
         port,
-        1,
+        workers,
         "",
         "",
         &format!("metrics_listen = \"127.0.0.1:{mport}\""),
     );
+    (text, port, mport)
+}
+
+/// `/ping` notices a proxy that stopped running its loop (SIGSTOP, as a
+/// debugger would leave it): 503 while it is stopped, 200 once it runs.
+#[test]
+fn ping_fails_while_the_proxy_is_stopped() {
+    let (text, port, mport) = with_metrics(1);
     let mut s = Server::start(&text, port);
     let proxy = s.pids_titled("halfsync: proxy")[0];
     // Its first heartbeat within a second of starting.
@@ -1553,15 +1551,7 @@ fn per_worker_metrics_show_a_long_request() {
 /// answer its admin socket; once they are gone, scrapes work again.
 #[test]
 fn held_metrics_connections_cannot_take_the_masters_descriptors() {
-    let port = free_port();
-    let mport = free_port();
-    let text = versioned(
-        port,
-        1,
-        "",
-        "",
-        &format!("metrics_listen = \"127.0.0.1:{mport}\""),
-    );
+    let (text, port, mport) = with_metrics(1);
     let mut s = Server::start(&text, port);
     let fds = |pid: i32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let before = fds(s.pid);
@@ -1639,15 +1629,7 @@ fn held_metrics_connections_cannot_take_the_masters_descriptors() {
 
 #[test]
 fn metrics_endpoint_counts_what_was_sent() {
-    let port = free_port();
-    let mport = free_port();
-    let text = versioned(
-        port,
-        2,
-        "",
-        "",
-        &format!("metrics_listen = \"127.0.0.1:{mport}\""),
-    );
+    let (text, port, mport) = with_metrics(2);
     let t0 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -3304,15 +3286,7 @@ fn a_mistyped_log_level_is_named_and_logging_goes_on() {
 #[test]
 fn a_request_left_unfinished_is_answered_before_the_close() {
     use std::io::{Read, Write};
-    let port = free_port();
-    let mport = free_port();
-    let text = versioned(
-        port,
-        1,
-        "",
-        "",
-        &format!("metrics_listen = \"127.0.0.1:{mport}\""),
-    );
+    let (text, port, mport) = with_metrics(1);
     let s = Server::start(&text, port);
     let mut web = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
     web.write_all(b"GET /pi").unwrap();
