@@ -909,28 +909,26 @@ impl Instance {
     /// ring runs empty, so a burst's count is not held until the plugin
     /// logs again).
     pub fn report_dropped_logs(&self) {
+        self.report_suppressed(std::time::Duration::ZERO);
+    }
+
+    /// [`Instance::report_dropped_logs`] at exit: the lines dropped in the
+    /// second under way too.
+    pub fn report_dropped_logs_at_exit(&self) {
+        self.report_suppressed(std::time::Duration::from_secs(1));
+    }
+
+    /// Reports the lines dropped in budget windows over by `ahead` from
+    /// now.
+    fn report_suppressed(&self, ahead: std::time::Duration) {
         let mut budget = self.host.budget.lock().unwrap_or_else(|p| p.into_inner());
         // (Called whenever the ring runs empty, per request at low load:
         // the clock is read only when there is something to report.)
         if !budget.has_suppressed() {
             return;
         }
-        let dropped = budget.take_suppressed(std::time::Instant::now());
+        let dropped = budget.take_suppressed(std::time::Instant::now() + ahead);
         drop(budget);
-        if dropped > 0 {
-            let _ = catch_unwind(AssertUnwindSafe(|| self.host.report(dropped)));
-        }
-    }
-
-    /// [`Instance::report_dropped_logs`] at exit: the lines dropped in the
-    /// second under way too.
-    pub fn report_dropped_logs_at_exit(&self) {
-        let dropped = self
-            .host
-            .budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take_suppressed(std::time::Instant::now() + std::time::Duration::from_secs(1));
         if dropped > 0 {
             let _ = catch_unwind(AssertUnwindSafe(|| self.host.report(dropped)));
         }
