@@ -904,6 +904,70 @@ fn requests_behind_a_slow_one_move_to_another_worker() {
     assert!(s.log().contains("moved to other workers"), "{}", s.log());
 }
 
+/// A worker that dies while running a request past `requeue_after` (its
+/// queue moved away, new requests kept from it) hands its slot to a
+/// replacement that takes requests as soon as it is ready: the slot's
+/// "stuck on that request" mark does not outlive the worker. (It did, and
+/// a one-worker group answered nothing for ~1 s, until the next idle-rate
+/// check of the slot cleared it.)
+#[test]
+fn a_replacement_takes_requests_at_once_after_a_stuck_worker_dies() {
+    let port = free_port();
+    let mut s = Server::start(
+        &fault_config(
+            port,
+            &fault_plugin_so(),
+            1,
+            "requeue_after = \"100ms\"\nmax_inflight_time = \"0s\"",
+        ),
+        port,
+    );
+    let stuck = s.worker_pids()[0];
+    let mut c = s.client();
+    c.stream()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    c.send(1, fault::SLOW, &be32(5000)).unwrap();
+    c.send(2, 1, b"behind").unwrap();
+    // Past requeue_after, the proxy marks the slot stuck on it and takes
+    // back the request behind it.
+    let marked = wait_for(Duration::from_secs(10), || {
+        s.log().contains("moved to other workers").then_some(())
+    });
+    assert!(marked.is_some(), "{}", s.log());
+    kill(stuck, libc::SIGKILL);
+    let r = c.recv().unwrap_or_else(|e| panic!("{e}: {}", s.log()));
+    assert_eq!((r.id, r.code), (1, status::WORKER_DIED));
+    let ready = wait_for(Duration::from_secs(20), || {
+        let pids = s.worker_pids();
+        (pids.len() == 1 && pids[0] != stuck && state_of(&s, pids[0]) == "idle").then_some(())
+    });
+    assert!(ready.is_some(), "{}\n{}", s.status(), s.log());
+    let t = Instant::now();
+    for id in 10..20 {
+        c.send(id, 1, &id.to_be_bytes()).unwrap();
+    }
+    // The one taken back (answered already, or now), then the new ones.
+    let mut ids = Vec::new();
+    while ids.last() != Some(&19) {
+        let r = c.recv().unwrap_or_else(|e| panic!("{e}: {}", s.log()));
+        assert_eq!(r.code, status::OK);
+        ids.push(r.id);
+        assert!(ids.len() <= 11, "{ids:?}");
+    }
+    assert!(
+        ids == (10..20).collect::<Vec<_>>()
+            || ids == [2].into_iter().chain(10..20).collect::<Vec<_>>(),
+        "{ids:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "the replacement took {:?} to answer: {}",
+        t.elapsed(),
+        s.log()
+    );
+}
+
 /// Stops process `pid` and waits (bounded) until it is stopped: a signal
 /// is delivered when the process next runs, and a worker woken a moment
 /// earlier may yet take a request first.

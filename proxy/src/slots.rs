@@ -656,6 +656,10 @@ impl Proxy {
         s.timed_out = None;
         s.slow_logged = None;
         s.recycle_requested = false;
+        // The request its predecessor was stuck on died with it: a stuck
+        // mark left here kept the new worker from taking requests until
+        // the next idle-rate check of the slot, up to a second away.
+        s.stalled_on = None;
         s.idle_watch.set(None);
         s.unresponsive_since = None;
         // (The page is per slot: a new worker starts responsive.)
@@ -1537,6 +1541,10 @@ impl Proxy {
         s.corrupt = false;
         s.control_corrupt = false;
         s.recycle_requested = false;
+        // The request its predecessor was stuck on died with it: a stuck
+        // mark left here kept the new worker from taking requests until
+        // the next idle-rate check of the slot, up to a second away.
+        s.stalled_on = None;
         s.idle_watch.set(None);
         s.unresponsive_since = None;
         s.down_since_ns = (restart == Restart::Now).then_some(self.now_ns);
