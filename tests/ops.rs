@@ -2068,6 +2068,39 @@ fn a_worker_that_will_not_drain_is_killed_after_drain_timeout() {
     settle(&mut s, 1);
 }
 
+/// A draining worker whose request reaches `request_timeout` first is
+/// killed for that, and the master's log says so (it used to blame
+/// `drain_timeout` for every timeout kill of a worker being replaced).
+#[test]
+fn a_draining_worker_killed_past_request_timeout_is_logged_as_such() {
+    let port = free_port();
+    let extra = "drain_timeout = \"30s\"\nrequest_timeout = \"1500ms\"";
+    let mut s = Server::start(&versioned(port, 1, "v1:", extra, ""), port);
+    let mut slow = s.client();
+    slow.send(1, halfsync_testkit::fault::SLOW, &5000u32.to_be_bytes())
+        .unwrap();
+    s.wait_busy();
+    s.write_config(&versioned(port, 1, "v2:", extra, ""));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    let r = slow.recv().unwrap();
+    assert_eq!((r.id, r.code), (1, status::TIMEOUT));
+    assert_eq!(
+        String::from_utf8_lossy(&r.payload),
+        "the request ran past request_timeout; its worker was killed"
+    );
+    let logged = wait_for(Duration::from_secs(10), || {
+        s.log()
+            .contains("after its request ran past request_timeout")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", s.log());
+    assert!(!s.log().contains("past drain_timeout"), "{}", s.log());
+    let mut c = s.client();
+    assert_eq!(c.call(2, 1, b"x").unwrap().payload, b"v2:x");
+    settle(&mut s, 1);
+}
+
 /// Operator commands find the server even while its config file has a
 /// mistake (they read only the admin socket and listen keys).
 #[test]

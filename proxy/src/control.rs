@@ -32,6 +32,9 @@ pub enum KillReason {
     Corrupt,
     /// A request ran past `request_timeout`.
     RequestTimeout,
+    /// A request of a worker being replaced ran past `drain_timeout`
+    /// (counted as a `timeout` too).
+    DrainTimeout,
     /// Its plugin init ran past `init_timeout`.
     InitTimeout,
     /// It took none of its requests, not running one, past
@@ -235,6 +238,7 @@ impl KillReason {
             KillReason::RequestTimeout => 1,
             KillReason::InitTimeout => 2,
             KillReason::Unresponsive => 3,
+            KillReason::DrainTimeout => 4,
         }
     }
     fn from_code(c: u32) -> Option<KillReason> {
@@ -243,6 +247,7 @@ impl KillReason {
             1 => KillReason::RequestTimeout,
             2 => KillReason::InitTimeout,
             3 => KillReason::Unresponsive,
+            4 => KillReason::DrainTimeout,
             _ => return None,
         })
     }
@@ -487,6 +492,11 @@ mod tests {
                 slot: 5,
                 pid: 11,
                 reason: KillReason::Unresponsive,
+            },
+            ToMaster::KillWorker {
+                slot: 6,
+                pid: 12,
+                reason: KillReason::DrainTimeout,
             },
             ToMaster::Recycle { slot: 1, pid: 10 },
             ToMaster::Retire { slot: 1, pid: 10 },

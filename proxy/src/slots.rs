@@ -1271,7 +1271,7 @@ impl Proxy {
                                 .to_owned();
                             return (
                                 Action::Kill(
-                                    KillReason::RequestTimeout,
+                                    KillReason::DrainTimeout,
                                     why,
                                     ctl.busy().map(|b| (b.pos, PAST_DRAIN_TIMEOUT)),
                                 ),

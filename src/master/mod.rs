@@ -246,6 +246,9 @@ pub(crate) struct SlotRec {
     scaled_away: bool,
     /// Why the current worker will end, when the master decided it.
     end_cause: Option<Cause>,
+    /// The proxy had it killed for a request past `drain_timeout` (a
+    /// `Cause::Timeout` too, named apart in the log).
+    past_drain_timeout: bool,
     /// Starts in a row that failed (see `on_child_exit`).
     pub(crate) failures: u32,
     /// Restarts of this worker (its label) after it died: counted in the
@@ -955,6 +958,7 @@ impl Master {
             scaled_away: false,
             draining: false,
             end_cause: None,
+            past_drain_timeout: false,
             failures: 0,
             restarts: 0,
             ready: false,
@@ -1039,6 +1043,7 @@ impl Master {
         s.last_exit = None;
         s.last_failure = None;
         s.end_cause = None;
+        s.past_drain_timeout = false;
         s.generation = 0;
         self.send_slot(i);
         Ok(i)
@@ -1283,6 +1288,7 @@ impl Master {
         s.draining = false;
         s.scaled_away = false;
         s.end_cause = None;
+        s.past_drain_timeout = false;
         s.ready = false;
         s.generation = generation;
         let probation = self.slots[i].failures >= FAILED_STARTS_BEFORE_BACKOFF;
@@ -1443,12 +1449,14 @@ impl Master {
         let s = &mut self.slots[i];
         s.end_cause = Some(match reason {
             KillReason::Corrupt => Cause::Corrupt,
-            KillReason::RequestTimeout => Cause::Timeout,
+            KillReason::RequestTimeout | KillReason::DrainTimeout => Cause::Timeout,
             KillReason::InitTimeout => Cause::InitTimeout,
             KillReason::Unresponsive => Cause::Unresponsive,
         });
+        s.past_drain_timeout = reason == KillReason::DrainTimeout;
         let grace = self.groups[s.group].config.timeout_kill_grace;
-        if reason == KillReason::RequestTimeout && !grace.is_zero() {
+        let timeout = matches!(reason, KillReason::RequestTimeout | KillReason::DrainTimeout);
+        if timeout && !grace.is_zero() {
             // A chance for a crash handler to record where it hung.
             sys::kill(pid, libc::SIGABRT);
             if let Life::Running { kill_at, .. } = &mut s.life {
@@ -2358,7 +2366,7 @@ impl Master {
             // When the master killed it, why (a SIGKILL alone reads like
             // the OOM killer's).
             let why = match cause {
-                Cause::Timeout if s.draining => {
+                Cause::Timeout if s.past_drain_timeout => {
                     " after its request ran past drain_timeout while it was being replaced"
                 }
                 Cause::Timeout => " after its request ran past request_timeout",
