@@ -191,15 +191,16 @@ impl Probe {
         let out = child.stdout.take().context("probe stdout")?;
         let mut err = child.stderr.take().context("probe stderr")?;
         let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        crate::master::sys::spawn_signal_free_thread(move || {
             for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
                     return;
                 }
             }
-        });
+        })
+        .context("starting the plugin probe's output reader")?;
         let (etx, errors) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        crate::master::sys::spawn_signal_free_thread(move || {
             // To the end, keeping the last OUTPUT_KEPT bytes: a plugin that
             // prints a lot has its last lines (its reason) quoted, and its
             // writes never fail on a pipe closed after the first bytes.
@@ -229,7 +230,8 @@ impl Probe {
                 kept.drain(..start);
             }
             let _ = etx.send(String::from_utf8_lossy(&kept).into_owned());
-        });
+        })
+        .context("starting the plugin probe's output reader")?;
         Ok(Probe {
             child,
             spec,
@@ -276,19 +278,27 @@ impl Probe {
             // belong to another process: never wait for or signal it again.
             let how = match self.reaped {
                 Some(how) => Some(how),
-                None => match self.child.try_wait() {
-                    Ok(Some(st)) => Some(st.signal().map_or(st.code().unwrap_or(1), |s| -s)),
-                    Ok(None) => None,
-                    // Reaped by someone who did not say how.
-                    Err(_) => Some(1),
-                },
+                None => {
+                    // Ended: what its plugins started in its process group
+                    // goes with it (killed before the reaping frees the
+                    // group's id), not left holding its output pipes.
+                    if crate::master::sys::has_ended(self.pid()).unwrap_or(false) {
+                        crate::master::sys::kill_group(self.pid());
+                    }
+                    match self.child.try_wait() {
+                        Ok(Some(st)) => Some(st.signal().map_or(st.code().unwrap_or(1), |s| -s)),
+                        Ok(None) => None,
+                        // Reaped by someone who did not say how.
+                        Err(_) => Some(1),
+                    }
+                }
             };
             let how = match how {
                 Some(how) => Some(how),
                 // Each step has its own deadline, from when the child
                 // announces it (see `step_limit`).
                 None if Instant::now() >= self.progress.deadline => {
-                    let _ = self.child.kill();
+                    crate::master::sys::kill_group(self.pid());
                     None
                 }
                 None => return None,
@@ -479,7 +489,7 @@ impl Drop for Probe {
     /// reaps it (the master with `waitpid(-1)`; [`probe`] already has).
     fn drop(&mut self) {
         if self.ended.is_none() && self.reaped.is_none() {
-            let _ = self.child.kill();
+            crate::master::sys::kill_group(self.pid());
             let _ = self.child.try_wait();
         }
     }

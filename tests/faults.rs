@@ -1609,6 +1609,68 @@ fn processes_a_plugin_starts_end_with_its_worker() {
     s.assert_clean();
 }
 
+/// A process a plugin starts while the plugin probe loads it (at start and
+/// at each reload) ends with the probe, and the master's threads that read
+/// the probe's output leave the master's signals alone. (Such a process
+/// held the probe's pipes, so their reader threads lived on with no signal
+/// blocked: a SIGUSR1 to rotate logs, or a SIGTERM, killed the master by
+/// its default action, and a SIGCHLD could be lost.)
+#[test]
+fn a_process_a_plugin_starts_in_the_probe_ends_with_it() {
+    let spawner = halfsync_testkit::c_plugin("plugins/c/test/spawner.c");
+    let dir = temp_dir();
+    let pids = dir.path().join("pids");
+    let port = free_port();
+    let pidfile = pids.display().to_string();
+    let mut s = Server::start_env(
+        &config(port, &spawner, 1, ""),
+        port,
+        &[("SPAWNER_LOAD_PIDFILE", &pidfile)],
+    );
+    let children = |role: &str| -> Vec<i32> {
+        std::fs::read_to_string(&pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix(role)?.trim().parse().ok())
+            .collect()
+    };
+    let probed = children("probe ");
+    assert_eq!(probed.len(), 1, "{:?}", std::fs::read_to_string(&pids));
+    let ended = wait_for(Duration::from_secs(10), || gone(probed[0]).then_some(()));
+    assert!(ended.is_some(), "pid {} outlived the probe", probed[0]);
+    // The master takes SIGUSR1 (reopen logs) and goes on serving, and it
+    // sees each of its workers die.
+    s.signal(libc::SIGUSR1);
+    for round in 0..3u64 {
+        let worker = s.worker_pids()[0];
+        kill(worker, libc::SIGKILL);
+        let back = wait_for(Duration::from_secs(10), || {
+            let w = s.worker_pids();
+            (w.len() == 1 && w[0] != worker).then_some(())
+        });
+        assert!(back.is_some(), "round {round}: {}", s.log());
+    }
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"x").unwrap().code, status::OK);
+    // A reload's probe: the same.
+    let (code, _, err) = s.ctl(&["reload"]);
+    assert_eq!(code, Some(0), "{err}");
+    let probed = children("probe ");
+    assert_eq!(probed.len(), 2, "{:?}", std::fs::read_to_string(&pids));
+    let ended = wait_for(Duration::from_secs(10), || gone(probed[1]).then_some(()));
+    assert!(
+        ended.is_some(),
+        "pid {} outlived the reload's probe",
+        probed[1]
+    );
+    assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
+    for pid in children("") {
+        let ended = wait_for(Duration::from_secs(10), || gone(pid).then_some(()));
+        assert!(ended.is_some(), "pid {pid} outlived the server");
+    }
+    s.assert_clean();
+}
+
 /// A worker that floods its output and dies: of what the master had not
 /// read yet, only the last lines get past the budget (its last words are
 /// kept), and the rest is counted. (All of it, up to the pipe's 64 KiB and

@@ -1455,7 +1455,10 @@ impl Master {
         });
         s.past_drain_timeout = reason == KillReason::DrainTimeout;
         let grace = self.groups[s.group].config.timeout_kill_grace;
-        let timeout = matches!(reason, KillReason::RequestTimeout | KillReason::DrainTimeout);
+        let timeout = matches!(
+            reason,
+            KillReason::RequestTimeout | KillReason::DrainTimeout
+        );
         if timeout && !grace.is_zero() {
             // A chance for a crash handler to record where it hung.
             sys::kill(pid, libc::SIGABRT);

@@ -63,6 +63,49 @@ pub fn signalfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Starts a thread with every signal blocked, whatever the caller's mask
+/// (a thread inherits its creator's). The master's helper threads (the
+/// plugin probe's output readers) may start before [`signalfd`] blocks
+/// [`SIGNALS`], and may outlive that: a signal the kernel handed to one of
+/// them would take its default action (SIGTERM or SIGUSR1 killing the
+/// whole master) or be lost (SIGCHLD, never seen by the signalfd).
+pub fn spawn_signal_free_thread<F>(f: F) -> io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    // SAFETY: an all-zero sigset_t is valid storage for sigfillset and for
+    // pthread_sigmask's old-set output.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    syscall!(sigfillset(&mut all))?;
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both sets are initialised storage; this thread's mask only.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    let thread = std::thread::Builder::new().spawn(f);
+    // SAFETY: `old` is the mask pthread_sigmask just returned.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    thread
+}
+
+/// Whether child `pid` has ended, without reaping it: while it is a
+/// zombie its pid (and process-group id) cannot be reused, so its group
+/// can still be killed safely ([`kill_group`]) before it is reaped.
+pub fn has_ended(pid: i32) -> io::Result<bool> {
+    // SAFETY: an all-zero siginfo_t is valid storage for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    syscall!(waitid(
+        libc::P_PID,
+        pid as libc::id_t,
+        &mut info,
+        libc::WEXITED | libc::WNOHANG | libc::WNOWAIT
+    ))?;
+    // SAFETY: waitid filled in a SIGCHLD siginfo (or left it zeroed).
+    Ok(unsafe { info.si_pid() } == pid)
+}
+
 /// Reads one pending signal number from a signalfd, if any.
 pub fn read_signal(fd: &OwnedFd) -> io::Result<Option<i32>> {
     // SAFETY: an all-zero signalfd_siginfo is valid plain data.
@@ -222,7 +265,12 @@ pub fn private_stdout() -> io::Result<std::fs::File> {
 /// Makes the process `cmd` starts die with this one (see
 /// [`die_with_parent`]), for children started without [`spawn`]; it
 /// inherits the descriptors in `keep`.
+///
+/// It also leads a process group of its own, as workers do, so that what
+/// a plugin started in it can be killed with it ([`kill_group`]) instead
+/// of living on, holding the parent's pipes.
 pub fn dies_with_this_process(cmd: &mut Command, keep: Vec<RawFd>) {
+    cmd.process_group(0);
     let parent = std::process::id() as i32;
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe calls (fcntl, sigprocmask, prctl, getppid);
@@ -268,7 +316,8 @@ pub fn die_with_parent(master_pid: i32) -> io::Result<()> {
     ))?;
     // SAFETY: getppid has no preconditions.
     if unsafe { libc::getppid() } != master_pid {
-        return Err(io::Error::other("master exited during spawn"));
+        // (A preallocated error: this runs between fork and exec.)
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
     Ok(())
 }

@@ -2,13 +2,39 @@
  * An echo plugin that, for command 2, starts a child process (`sleep 60`)
  * and replies with its pid as decimal text, as a plugin that shells out
  * and forgets its child would: the child must end with the worker.
+ *
+ * With $SPAWNER_LOAD_PIDFILE set, loading the library (a constructor, so
+ * also in the plugin probe, which loads without calling init) starts such
+ * a child too, which inherits stdout and stderr (pipes, in the probe), and
+ * appends "ROLE PID" to that file, ROLE being $HALFSYNC_ROLE.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
+#include <stdlib.h>
 #include <sys/types.h>
 #include <unistd.h>
 
 #include "_common.h"
+
+__attribute__((constructor)) static void spawn_at_load(void)
+{
+    const char *path = getenv("SPAWNER_LOAD_PIDFILE");
+    if (!path)
+        return;
+    pid_t pid = fork();
+    if (pid < 0)
+        return;
+    if (pid == 0) {
+        execlp("sleep", "sleep", "60", (char *)0);
+        _exit(127);
+    }
+    FILE *f = fopen(path, "a");
+    if (!f)
+        return;
+    const char *role = getenv("HALFSYNC_ROLE");
+    fprintf(f, "%s %d\n", role ? role : "-", (int)pid);
+    fclose(f);
+}
 
 static int32_t spawner_handle(void *state, const hs_request *req, hs_reply *reply)
 {
