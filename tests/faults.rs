@@ -1671,6 +1671,68 @@ fn a_process_a_plugin_starts_in_the_probe_ends_with_it() {
     s.assert_clean();
 }
 
+/// Sets process `pid`'s open-file limit (soft and hard).
+fn set_nofile(pid: i32, soft: u64, hard: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `lim` is a valid rlimit; a null old-limit pointer is allowed.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// A worker the master cannot start (out of descriptors) is retried about
+/// once a second, even with no restart delay, and starts once it can. (A
+/// failed start called the timers that retried it, recursively: with
+/// `restart_delay = "0s"` the master overflowed its stack and died.)
+#[test]
+fn a_worker_the_master_cannot_start_is_retried_without_a_storm() {
+    let port = free_port();
+    let mut s = Server::start(
+        &fault_config(
+            port,
+            &fault_plugin_so(),
+            1,
+            "restart_delay = \"0s\"\nrestart_delay_max = \"0s\"",
+        ),
+        port,
+    );
+    let master = s.pid;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is valid storage for the old limit; no new one is set.
+    let rc = unsafe { libc::prlimit(master, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
+    assert_eq!(rc, 0);
+    let worker = s.worker_pids()[0];
+    // Every descriptor the master opens from now on fails.
+    set_nofile(master, 16, lim.rlim_max);
+    kill(worker, libc::SIGKILL);
+    let failing = wait_for(Duration::from_secs(10), || {
+        (s.log().matches("Too many open files").count() >= 2).then_some(())
+    });
+    assert!(failing.is_some(), "{}", s.log());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(alive(master), "the master died: {}", s.log());
+    let tries = s.log().matches("Too many open files").count();
+    assert!(tries <= 8, "{tries} attempts in ~3 s: {}", s.log());
+    set_nofile(master, lim.rlim_cur, lim.rlim_max);
+    let back = wait_for(Duration::from_secs(10), || {
+        let w = s.worker_pids();
+        (w.len() == 1 && w[0] != worker).then_some(())
+    });
+    assert!(back.is_some(), "{}", s.log());
+    let mut c = s.client();
+    let r = wait_for(Duration::from_secs(10), || {
+        c.call(1, 1, b"x").ok().filter(|r| r.code == status::OK)
+    });
+    assert!(r.is_some(), "{}", s.log());
+    assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// A worker that floods its output and dies: of what the master had not
 /// read yet, only the last lines get past the budget (its last words are
 /// kept), and the rest is counted. (All of it, up to the pipe's 64 KiB and

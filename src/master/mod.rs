@@ -57,6 +57,11 @@ const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(1);
 /// take the group down.
 const FAILED_STARTS_BEFORE_BACKOFF: u32 = 5;
 
+/// The least time between attempts to start a worker when starting one
+/// fails in the master itself (fork, a pipe or memfd: out of descriptors
+/// or processes), whatever the group's `restart_delay`.
+const SPAWN_RETRY_MIN: Duration = Duration::from_secs(1);
+
 /// How often dynamic pools are resized, and how many checks in a row a
 /// pool must have too many idle workers before one is retired.
 const POOL_CHECK: Duration = Duration::from_secs(1);
@@ -2484,7 +2489,9 @@ impl Master {
                 }
             }
         };
-        self.run_timers();
+        // (A restart due now starts at this loop turn's timers. Not
+        // called from here: a start that fails comes back here, and with
+        // no restart delay that recursed until the stack overflowed.)
     }
 
     fn read_control(&mut self, n: usize) {
@@ -2690,6 +2697,12 @@ impl Master {
                             next: Restart::Later,
                         };
                         self.slot_reset(i);
+                        // The master's own failure (out of descriptors or
+                        // processes): retried, but not in a tight loop
+                        // whatever restart_delay says.
+                        if let Life::Backoff { at } = &mut self.slots[i].life {
+                            *at = (*at).max(now + SPAWN_RETRY_MIN);
+                        }
                     }
                 }
                 _ => {}
