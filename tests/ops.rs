@@ -2101,6 +2101,40 @@ fn a_draining_worker_killed_past_request_timeout_is_logged_as_such() {
     settle(&mut s, 1);
 }
 
+/// Group ids are not reused: a reload that would make the server create
+/// more than `MAX_GROUPS` groups over its life is refused by name, and the
+/// server goes on serving. (Past 256, the proxy ignored the new group but
+/// kept its routes, and the first request for it killed the proxy.)
+#[test]
+fn a_reload_past_the_group_limit_is_refused() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 1, "v1:", "", ""), port);
+    let plugin = halfsync_testkit::fault_plugin();
+    let many: String = (1..=256)
+        .map(|i| {
+            format!(
+                "\n[[group]]\nname = \"g{i}\"\nplugin = \"{}\"\nworkers = 1\ncommands = [{}]\n",
+                plugin.display(),
+                1000 + i
+            )
+        })
+        .collect();
+    s.write_config(&format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n{many}"
+    ));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("can create at most 256: adding g1, g2,") && out.contains("needs a restart"),
+        "{out}"
+    );
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"v1:x");
+    assert_eq!(c.call(2, 1001, b"x").unwrap().payload, b"v1:x");
+    assert_eq!(s.status()["reloads"]["refused"], 1, "{}", s.status());
+    settle(&mut s, 1);
+}
+
 /// Operator commands find the server even while its config file has a
 /// mistake (they read only the admin socket and listen keys).
 #[test]

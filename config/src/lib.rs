@@ -106,6 +106,11 @@ workers = 2
 /// documenting every key with its default.
 pub const EXAMPLE_CONFIG: &str = include_str!("../halfsync.example.toml");
 
+/// The most groups a server runs, and the most it creates over its life
+/// (a group removed by a reload keeps its place until the server
+/// restarts): each has a fixed place in every proxy's statistics page.
+pub const MAX_GROUPS: usize = 256;
+
 /// Largest accepted `server.max_frame`: 64 MiB.
 pub const MAX_FRAME_LIMIT: u32 = 64 << 20;
 /// Smallest accepted `server.max_frame`: an HSP/1 header without payload
@@ -779,6 +784,16 @@ impl Config {
                 &[],
                 "group".into(),
                 "at least one [[group]] is required".into(),
+            ));
+        }
+        if self.groups.len() > MAX_GROUPS {
+            return Err(invalid(
+                &[Step::Key("group"), Step::Index(MAX_GROUPS)],
+                "group".into(),
+                format!(
+                    "{} [[group]]s: at most {MAX_GROUPS}; route more commands to one group",
+                    self.groups.len()
+                ),
             ));
         }
 

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use halfsync_config::{
-    Config, DEFAULT_CONFIG, EXAMPLE_CONFIG, Error, Group, Origin, Server, resolve_plugin,
+    Config, DEFAULT_CONFIG, EXAMPLE_CONFIG, Error, Group, MAX_GROUPS, Origin, Server,
+    resolve_plugin,
 };
 
 const MIB: u64 = 1 << 20;
@@ -575,6 +576,30 @@ fn no_groups() {
             "halfsync.toml: group: at least one [[group]] is required"
         );
     }
+}
+
+/// Every group has a fixed place in the proxies' statistics pages, and
+/// there are `MAX_GROUPS` of them: a config with more is refused by name,
+/// pointing at the first group too many.
+#[test]
+fn too_many_groups() {
+    let groups = |n: usize| -> String {
+        (0..n)
+            .map(|i| format!("[[group]]\nname = \"g{i}\"\nplugin = \"p\"\ncommands = [{i}]\n"))
+            .collect()
+    };
+    assert_eq!(ok(&groups(MAX_GROUPS)).groups.len(), MAX_GROUPS);
+    let text = groups(MAX_GROUPS + 1);
+    let e = err(&text);
+    assert!(matches!(e, Error::Invalid { .. }), "{e:?}");
+    let line = 4 * MAX_GROUPS + 1;
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "halfsync.toml:{line}:1: group: 257 [[group]]s: at most 256; route more commands to \
+             one group"
+        )
+    );
 }
 
 #[test]

@@ -564,11 +564,19 @@ impl Proxy {
             }
         }
         let mut routes = vec![None; 1 << 16];
-        if let Some(d) = config.groups.iter().position(|g| g.is_default_route()) {
+        if let Some(d) = config.groups.iter().position(|g| g.is_default_route())
+            && (ids[d] as usize) < crate::stats::MAX_GROUPS
+        {
             let id = ids[d] as u16;
             routes.iter_mut().for_each(|r| *r = Some(id));
         }
+        // (A group ignored above gets no route: a request for it must not
+        // index past the groups.)
+        let known = |id: u32| (id as usize) < crate::stats::MAX_GROUPS;
         for (g, &id) in config.groups.iter().zip(ids) {
+            if !known(id) {
+                continue;
+            }
             for &c in &g.commands {
                 routes[c as usize] = Some(id as u16);
             }

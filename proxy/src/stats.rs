@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use halfsync_shm::{Region, sys};
 
 /// Groups the page has room for (stable group ids below this).
-pub const MAX_GROUPS: usize = 256;
+pub const MAX_GROUPS: usize = halfsync_config::MAX_GROUPS;
 /// Worker slots the page has room for (slot indexes below this).
 pub const MAX_SLOTS: usize = 4096;
 /// Reply statuses counted separately: 0..=7, then one for every plugin

@@ -225,6 +225,29 @@ impl Master {
         probed: Vec<crate::probe::Probed>,
         reply_to: Option<u64>,
     ) -> Result<(), String> {
+        // Group ids are never reused (a removed group keeps its place in
+        // the proxies' statistics pages until the server restarts).
+        let added: Vec<&str> = config
+            .groups
+            .iter()
+            .filter(|g| {
+                !self
+                    .groups
+                    .iter()
+                    .any(|r| !r.retired && r.config.name == g.name)
+            })
+            .map(|g| g.name.as_str())
+            .collect();
+        if self.groups.len() + added.len() > halfsync_config::MAX_GROUPS {
+            return Err(format!(
+                "this server has created {} groups since it started (removed ones included) and \
+                 can create at most {}: adding {} needs a restart (halfsync stop, then halfsync \
+                 run); a reload that keeps the group names works meanwhile",
+                self.groups.len(),
+                halfsync_config::MAX_GROUPS,
+                added.join(", ")
+            ));
+        }
         let new_listeners = self.bind_new_listeners(&config)?;
         if config.server.admin_socket != self.config.server.admin_socket
             || config.server.metrics_listen != self.config.server.metrics_listen
