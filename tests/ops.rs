@@ -665,6 +665,18 @@ fn reload_changes_listeners_and_groups() {
             .then_some(())
     });
     assert!(gone.is_some());
+    // Its workers ended with the reload that removed it, and are counted
+    // so (not as scaled down).
+    let st = s.status();
+    let removed = st["groups"]
+        .as_array()
+        .and_then(|gs| {
+            gs.iter()
+                .find(|g| g["name"] == "extra" && g["retired"] == true)
+        })
+        .unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(removed["workers_ended"]["reload"], 2, "{removed}");
+    assert_eq!(removed["workers_ended"]["scale"], 0, "{removed}");
     assert_eq!(
         c.call(4, 7, b"d").unwrap().code,
         status::OK,

@@ -250,7 +250,7 @@ pub(crate) struct SlotRec {
     /// reload) is not wanted either. Until the slot is used again.
     scaled_away: bool,
     /// Why the current worker will end, when the master decided it.
-    end_cause: Option<Cause>,
+    pub(crate) end_cause: Option<Cause>,
     /// The proxy had it killed for a request past `drain_timeout` (a
     /// `Cause::Timeout` too, named apart in the log).
     past_drain_timeout: bool,

@@ -318,6 +318,11 @@ impl Master {
             for i in 0..self.slots.len() {
                 if self.slots[i].group == id {
                     self.drain(i, Cause::Scale);
+                    // Counted as ended by the reload that removed their
+                    // group, not as a scale-down.
+                    if self.slots[i].draining {
+                        self.slots[i].end_cause = Some(Cause::Reload);
+                    }
                 }
             }
         }
