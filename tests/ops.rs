@@ -1,6 +1,6 @@
 use std::collections::HashSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use halfsync_protocol::status;
 use serde_json::Value;
@@ -2111,6 +2111,77 @@ fn a_draining_worker_killed_past_request_timeout_is_logged_as_such() {
     let mut c = s.client();
     assert_eq!(c.call(2, 1, b"x").unwrap().payload, b"v2:x");
     settle(&mut s, 1);
+}
+
+/// A reload that adds groups waits for their first workers: one that
+/// starts serves as soon as the reload returns; one whose plugin init
+/// fails is not added (its commands go where they went before), the
+/// reload exits 1 naming it, and the server keeps serving and says so.
+/// (The reload said "reloaded" at once, the group backed off for ever,
+/// its requests waited `init_timeout` for BUSY, and every `/ping` of the
+/// server answered 503.)
+#[test]
+fn a_reload_adding_a_group_that_cannot_start_fails_and_drops_it() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 1, "v1:", "", ""), port);
+    let group = |name: &str, command: u16, config: &str| {
+        format!(
+            "\n[[group]]\nname = \"{name}\"\nplugin = \"{}\"\nworkers = 2\ncommands = [{command}]\n\
+             [group.config]\n{config}\n",
+            halfsync_testkit::fault_plugin().display()
+        )
+    };
+    let base = versioned(port, 1, "v1:", "", "");
+    s.write_config(&(base.clone() + &group("good", 60, "reply_prefix = \"good:\"")));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    let mut c = s.client();
+    assert_eq!(c.call(1, 60, b"x").unwrap().payload, b"good:x");
+    s.write_config(
+        &(base.clone()
+            + &group("good", 60, "reply_prefix = \"good:\"")
+            + &group("bad", 70, "fail_init = \"db down\"")),
+    );
+    let t = Instant::now();
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("group bad: its first worker failed to start")
+            && out.contains("db down")
+            && out.contains("the group was not added"),
+        "{out}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // Its command goes to the default group, as before the reload.
+    let r = c.call(2, 70, b"y").unwrap();
+    assert_eq!((r.code, r.payload.as_slice()), (status::OK, &b"v1:y"[..]));
+    assert_eq!(c.call(3, 60, b"z").unwrap().payload, b"good:z");
+    let st = s.status();
+    assert!(st["not_serving"].is_null(), "{st}");
+    assert_eq!(st["reloads"]["failed"], 1, "{st}");
+    let bad = st["groups"]
+        .as_array()
+        .and_then(|gs| gs.iter().find(|g| g["name"] == "bad"))
+        .unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(bad["retired"], true, "{bad}");
+    // No worker of it is left, and none is restarted.
+    let gone = wait_for(Duration::from_secs(10), || {
+        s.pids_titled("halfsync: worker bad")
+            .is_empty()
+            .then_some(())
+    });
+    assert!(gone.is_some(), "{}", s.log());
+    // Fixed, it is added by the next reload.
+    s.write_config(
+        &(base
+            + &group("good", 60, "reply_prefix = \"good:\"")
+            + &group("bad", 70, "reply_prefix = \"fixed:\"")),
+    );
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(c.call(4, 70, b"w").unwrap().payload, b"fixed:w");
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
 }
 
 /// Group ids are not reused: a reload that would make the server create

@@ -1055,7 +1055,8 @@ impl Master {
     }
 
     /// Starts one more worker in group `g`, with the lowest free label.
-    fn add_worker(&mut self, g: usize) -> Result<()> {
+    /// Starts one more worker of group `g`; returns its slot.
+    pub(crate) fn add_worker(&mut self, g: usize) -> Result<usize> {
         let used: Vec<u32> = self
             .slots
             .iter()
@@ -1073,7 +1074,8 @@ impl Master {
             })
             .unwrap_or(0);
         let i = self.spare_slot(g, label, proxy)?;
-        self.start_worker(i, None)
+        self.start_worker(i, None)?;
+        Ok(i)
     }
 
     fn send_slot(&self, i: usize) {
@@ -1913,7 +1915,17 @@ impl Master {
             return None;
         }
         let wanted = |r: &GroupRec| !r.retired && group.is_none_or(|name| r.config.name == name);
-        for (g, group) in self.groups.iter().enumerate().filter(|(_, r)| wanted(r)) {
+        // A group a reload is still adding serves nothing yet, and the
+        // server serves what it served before: only `/ping?group=` of it
+        // says so (if it fails to start, the reload drops it again).
+        let being_added =
+            |g: usize| group.is_none() && self.reload.as_ref().is_some_and(|j| j.adds_group(g));
+        for (g, group) in self
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|&(g, r)| wanted(r) && !being_added(g))
+        {
             // A request running past half its request_timeout, and past 10
             // times the group's usual run time (a group whose requests take
             // seconds by design is busy, not hung), is likely to be killed
@@ -2325,10 +2337,14 @@ impl Master {
         // A replacement that dies before taking over is not restarted: its
         // predecessor still serves.
         let failed_replacement = s.replaces.is_some() && !s.ready;
+        // The first workers of a group a reload is adding: one that fails
+        // to start means the group is not added (`addition_failed`).
+        let failed_addition = !s.ready && self.reload.as_ref().is_some_and(|j| j.adding(i));
         let next = if stopping
             || s.retiring
             || s.draining
             || failed_replacement
+            || failed_addition
             || self.groups[s.group].retired
         {
             Restart::Never
@@ -2418,6 +2434,9 @@ impl Master {
         s.ready = false;
         if failed_replacement {
             self.replacement_failed(i, how);
+        }
+        if failed_addition {
+            self.addition_failed(i, how);
         }
         match &self.proxies[self.slots[i].proxy] {
             Some(_) => self.tell_slot(

@@ -42,6 +42,10 @@ struct GroupJob {
     tried: Vec<usize>,
     /// The previous version failed to start again: leave the group be.
     gave_up: bool,
+    /// A group this reload adds: the slots of its first workers not ready
+    /// yet. The reload ends when they all are, or when one fails to start,
+    /// and then the group is not added after all.
+    adding: Vec<usize>,
 }
 
 /// What a reload changed in a group, for a rollback.
@@ -62,7 +66,24 @@ impl GroupJob {
             rolling_back: false,
             tried: Vec::new(),
             gave_up: false,
+            adding: Vec::new(),
         }
+    }
+}
+
+impl Job {
+    /// Whether `slot` runs one of the first workers of a group this reload
+    /// adds, not ready yet.
+    pub(crate) fn adding(&self, slot: usize) -> bool {
+        self.groups.iter().any(|gj| gj.adding.contains(&slot))
+    }
+
+    /// Whether group `g` is one this reload adds whose first workers are
+    /// not all ready yet.
+    pub(crate) fn adds_group(&self, g: usize) -> bool {
+        self.groups
+            .iter()
+            .any(|gj| gj.group == g && !gj.adding.is_empty())
     }
 }
 
@@ -326,12 +347,22 @@ impl Master {
                 }
             }
         }
+        // New groups: their first workers start now, and the reload waits
+        // for them (`adding`) as for the other groups' replacements.
+        let mut errors = Vec::new();
         for id in fresh {
+            let mut gj = GroupJob::new(id, None);
             for _ in 0..self.groups[id].config.workers {
-                if let Err(e) = self.add_worker(id) {
-                    error!("{e:#}");
+                match self.add_worker(id) {
+                    Ok(i) => gj.adding.push(i),
+                    Err(e) => {
+                        let msg = format!("group {}: {e:#}", self.groups[id].config.name);
+                        error!("{msg}");
+                        errors.push(msg);
+                    }
                 }
             }
+            jobs.push(gj);
         }
         // Existing groups: replace the workers they keep, chain-wise; add
         // or drain the difference in size.
@@ -356,7 +387,7 @@ impl Master {
             reply_to,
             generation,
             groups: jobs,
-            errors: Vec::new(),
+            errors,
         });
         self.reload_advance();
         Ok(())
@@ -404,6 +435,54 @@ impl Master {
             if gj.current.is_some_and(|(new, _)| new == ready_slot) {
                 gj.current = None;
             }
+            gj.adding.retain(|&i| i != ready_slot);
+        }
+        self.reload_advance();
+    }
+
+    /// One of the first workers of a group this reload adds died before it
+    /// was ready: the group is not added after all (its previous version
+    /// is no group), so that its commands go where they went before the
+    /// reload, and the server is not left out of a load balancer for one
+    /// group that cannot start. The reload reports the failure.
+    pub(crate) fn addition_failed(&mut self, slot: usize, how: i32) {
+        let Some(job) = &mut self.reload else { return };
+        let Some(gj) = job.groups.iter_mut().find(|gj| gj.adding.contains(&slot)) else {
+            return;
+        };
+        gj.adding.clear();
+        gj.gave_up = true;
+        let g = gj.group;
+        let name = self.groups[g].config.name.clone();
+        let how = match &self.slots[slot].last_failure {
+            Some(reason) => reason.clone(),
+            None => halfsync_proxy::control::describe_exit(how),
+        };
+        // (The last group of a configuration cannot go: a reload that
+        // replaced every group by new ones keeps this one, failing.)
+        let others = self.config.groups.iter().any(|c| c.name != name);
+        let msg = if others {
+            format!(
+                "group {name}: its first worker failed to start ({how}); the group was not added"
+            )
+        } else {
+            format!("group {name}: its first worker failed to start ({how})")
+        };
+        error!("{msg}");
+        job.errors.push(msg);
+        if !others {
+            self.reload_advance();
+            return;
+        }
+        self.config.groups.retain(|c| c.name != name);
+        self.groups[g].retired = true;
+        for i in 0..self.slots.len() {
+            if self.slots[i].group == g && i != slot {
+                self.drain(i, Cause::Reload);
+            }
+        }
+        if let Err(e) = self.reconfigure_proxy() {
+            error!("{e}");
         }
         self.reload_advance();
     }
@@ -583,7 +662,7 @@ impl Master {
             || job
                 .groups
                 .iter()
-                .any(|gj| gj.current.is_some() || !gj.todo.is_empty())
+                .any(|gj| gj.current.is_some() || !gj.todo.is_empty() || !gj.adding.is_empty())
         {
             self.reload = Some(job);
             self.sync_hold();
