@@ -2184,6 +2184,50 @@ fn a_reload_adding_a_group_that_cannot_start_fails_and_drops_it() {
     s.assert_clean();
 }
 
+/// Workers waiting out a long restart delay (their plugin kept failing)
+/// are started again by a reload, with its configuration: the fix is live
+/// when the reload returns, not when the delay runs out. (They stayed down
+/// for the rest of the delay while the reload said "reloaded".)
+#[test]
+fn a_reload_restarts_workers_waiting_out_a_restart_delay() {
+    let port = free_port();
+    let dir = temp_dir();
+    let flag = dir.path().join("flag");
+    let extra = "restart_delay = \"60s\"\nrestart_delay_max = \"60s\"";
+    let broken = versioned(port, 2, "v1:", extra, "")
+        + &format!("crash_in_init_if_exists = \"{}\"\n", flag.display());
+    let mut s = Server::start(&broken, port);
+    std::fs::write(&flag, b"").unwrap();
+    for w in s.worker_pids() {
+        kill(w, libc::SIGKILL);
+    }
+    let backing_off = wait_for(Duration::from_secs(20), || {
+        let st = s.status();
+        let ws = st["groups"][0]["workers"].as_array()?.clone();
+        (ws.len() == 2 && ws.iter().all(|w| w["state"] == "backoff")).then_some(())
+    });
+    assert!(backing_off.is_some(), "{}\n{}", s.status(), s.log());
+    // A reload that does not fix it says so.
+    s.write_config(&broken.replace("v1:", "v1b:"));
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("a worker started by the reload failed to start"),
+        "{out}"
+    );
+    // The fix: the same plugin without the failing setting.
+    s.write_config(&versioned(port, 2, "v2:", extra, ""));
+    let t = Instant::now();
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"v2:x");
+    settle(&mut s, 2);
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// Group ids are not reused: a reload that would make the server create
 /// more than `MAX_GROUPS` groups over its life is refused by name, and the
 /// server goes on serving. (Past 256, the proxy ignored the new group but

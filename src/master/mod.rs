@@ -2340,6 +2340,7 @@ impl Master {
         // The first workers of a group a reload is adding: one that fails
         // to start means the group is not added (`addition_failed`).
         let failed_addition = !s.ready && self.reload.as_ref().is_some_and(|j| j.adding(i));
+        let failed_start = !s.ready && self.reload.as_ref().is_some_and(|j| j.starting(i));
         let next = if stopping
             || s.retiring
             || s.draining
@@ -2437,6 +2438,9 @@ impl Master {
         }
         if failed_addition {
             self.addition_failed(i, how);
+        }
+        if failed_start {
+            self.start_failed(i, how);
         }
         match &self.proxies[self.slots[i].proxy] {
             Some(_) => self.tell_slot(

@@ -46,6 +46,12 @@ struct GroupJob {
     /// yet. The reload ends when they all are, or when one fails to start,
     /// and then the group is not added after all.
     adding: Vec<usize>,
+    /// The slots of workers this reload started for a group it keeps (it
+    /// raised `workers`, or restarted workers waiting out a restart
+    /// delay) that are not ready yet: the reload waits for them, and one
+    /// that fails to start makes it fail (the slot goes on as any
+    /// failing worker's does).
+    starting: Vec<usize>,
 }
 
 /// What a reload changed in a group, for a rollback.
@@ -67,6 +73,7 @@ impl GroupJob {
             tried: Vec::new(),
             gave_up: false,
             adding: Vec::new(),
+            starting: Vec::new(),
         }
     }
 }
@@ -84,6 +91,12 @@ impl Job {
         self.groups
             .iter()
             .any(|gj| gj.group == g && !gj.adding.is_empty())
+    }
+
+    /// Whether `slot` runs a worker this reload started for a group it
+    /// keeps, not ready yet.
+    pub(crate) fn starting(&self, slot: usize) -> bool {
+        self.groups.iter().any(|gj| gj.starting.contains(&slot))
     }
 }
 
@@ -350,6 +363,7 @@ impl Master {
         // New groups: their first workers start now, and the reload waits
         // for them (`adding`) as for the other groups' replacements.
         let mut errors = Vec::new();
+        let mut added = Vec::new();
         for id in fresh {
             let mut gj = GroupJob::new(id, None);
             for _ in 0..self.groups[id].config.workers {
@@ -362,7 +376,7 @@ impl Master {
                     }
                 }
             }
-            jobs.push(gj);
+            added.push(gj);
         }
         // Existing groups: replace the workers they keep, chain-wise; add
         // or drain the difference in size.
@@ -377,12 +391,26 @@ impl Master {
                 self.drain(i, Cause::Scale);
             }
             for _ in active.len()..target {
-                if let Err(e) = self.add_worker(g) {
-                    error!("{e:#}");
+                match self.add_worker(g) {
+                    Ok(i) => job.starting.push(i),
+                    Err(e) => error!("{e:#}"),
+                }
+            }
+            // Workers waiting out a restart delay (their plugin kept
+            // failing) start again now, with the new configuration, which
+            // may be the fix: the reload's outcome says whether it was.
+            let now = std::time::Instant::now();
+            for &i in active.iter().take(target) {
+                let s = &mut self.slots[i];
+                if let Life::Backoff { at } = &mut s.life {
+                    *at = now;
+                    s.failures = 0;
+                    job.starting.push(i);
                 }
             }
             job.todo = active.into_iter().take(target).collect();
         }
+        jobs.extend(added);
         self.reload = Some(Job {
             reply_to,
             generation,
@@ -436,7 +464,28 @@ impl Master {
                 gj.current = None;
             }
             gj.adding.retain(|&i| i != ready_slot);
+            gj.starting.retain(|&i| i != ready_slot);
         }
+        self.reload_advance();
+    }
+
+    /// A worker this reload started for a group it keeps died before it
+    /// was ready: the reload fails, naming it (the worker is restarted as
+    /// any other that fails to start).
+    pub(crate) fn start_failed(&mut self, slot: usize, how: i32) {
+        let Some(job) = &mut self.reload else { return };
+        let Some(gj) = job.groups.iter_mut().find(|gj| gj.starting.contains(&slot)) else {
+            return;
+        };
+        gj.starting.retain(|&i| i != slot);
+        let name = &self.groups[gj.group].config.name;
+        let how = match &self.slots[slot].last_failure {
+            Some(reason) => reason.clone(),
+            None => halfsync_proxy::control::describe_exit(how),
+        };
+        let msg = format!("group {name}: a worker started by the reload failed to start ({how})");
+        error!("{msg}");
+        job.errors.push(msg);
         self.reload_advance();
     }
 
@@ -659,10 +708,12 @@ impl Master {
             }
         }
         if waiting
-            || job
-                .groups
-                .iter()
-                .any(|gj| gj.current.is_some() || !gj.todo.is_empty() || !gj.adding.is_empty())
+            || job.groups.iter().any(|gj| {
+                gj.current.is_some()
+                    || !gj.todo.is_empty()
+                    || !gj.adding.is_empty()
+                    || !gj.starting.is_empty()
+            })
         {
             self.reload = Some(job);
             self.sync_hold();
