@@ -1028,3 +1028,33 @@ fn a_large_frame_on_a_slow_link_is_served() {
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// A client that sent more after a bad frame (the rest of a large
+/// oversized one, say) still reads its BAD_REQUEST reply and then an EOF:
+/// the server drops what it will not read before closing, instead of
+/// closing with it unread, which resets the connection and can make the
+/// client's kernel throw the reply away before the client reads it.
+#[test]
+fn a_bad_frames_reply_is_not_lost_to_a_reset() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 1, ""), port);
+    for round in 0..5u64 {
+        let mut t = connect(&s);
+        let mut h = encode_header(100 + round, 1, 0, 0).to_vec();
+        h[0..4].copy_from_slice(&5u32.to_be_bytes());
+        // The bad header, then 256 KiB more in the same burst.
+        h.extend(std::iter::repeat_n(0x41u8, 256 << 10));
+        // (The server may close its side before all of it is written.)
+        let _ = t.write_all(&h);
+        let f = Reader(t.try_clone().unwrap())
+            .frame()
+            .unwrap_or_else(|e| panic!("round {round}: no BAD_REQUEST reply: {e}"));
+        assert_eq!((f.id, f.code), (100 + round, status::BAD_REQUEST));
+        let mut rest = Vec::new();
+        let end = t.read_to_end(&mut rest);
+        assert!(end.is_ok(), "round {round}: {end:?}, not an EOF");
+        assert!(rest.is_empty());
+    }
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}

@@ -76,6 +76,66 @@ fn sigterm_lets_inflight_requests_finish() {
     s.assert_clean();
 }
 
+/// Requests a client sent just before a graceful stop, which its proxy had
+/// not read yet (the connection idle as far as it knew), are answered
+/// SHUTTING_DOWN, and the connection ends with an EOF after the last
+/// reply, never a reset. (Such a connection was closed with the requests
+/// unread, which resets it: the client got ECONNRESET, its requests no
+/// answer, and replies it had not read yet were lost with it.)
+#[test]
+fn requests_unread_when_a_stop_begins_are_answered() {
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 1, ""), port);
+    let mut c = s.client();
+    c.stream()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(c.call(1, 1, b"x").unwrap().code, status::OK);
+    // The proxy stopped, so that it takes the master's stop before it
+    // reads what comes after it.
+    let proxy = s.pids_titled("halfsync: proxy")[0];
+    kill(proxy, libc::SIGSTOP);
+    let stopped = wait_for(Duration::from_secs(10), || {
+        let stat = std::fs::read_to_string(format!("/proc/{proxy}/stat")).ok()?;
+        let state = stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .next()?
+            .to_owned();
+        (state == "T").then_some(())
+    });
+    assert!(stopped.is_some());
+    s.signal(libc::SIGTERM);
+    let told = wait_for(Duration::from_secs(10), || {
+        s.log().contains("stopping: draining").then_some(())
+    });
+    assert!(told.is_some(), "{}", s.log());
+    std::thread::sleep(Duration::from_millis(100));
+    for id in 10..15u64 {
+        c.send(id, 1, b"late").unwrap();
+    }
+    kill(proxy, libc::SIGCONT);
+    let mut answered = Vec::new();
+    loop {
+        match c.recv() {
+            Ok(f) => {
+                assert!(
+                    matches!(f.code, status::OK | status::SHUTTING_DOWN),
+                    "status {}",
+                    f.code
+                );
+                answered.push(f.id);
+                assert!(answered.len() <= 5, "{answered:?}");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("{e} after {answered:?}: {}", s.log()),
+        }
+    }
+    assert_eq!(answered, (10..15).collect::<Vec<_>>());
+    let st = s.wait_exit(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(0));
+    s.assert_clean();
+}
+
 /// Every benchmark switch that turns a technique off (HALFSYNC_TUNING)
 /// still serves correctly: the switches only change how fast.
 #[test]

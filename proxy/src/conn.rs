@@ -67,6 +67,13 @@ pub(crate) struct Conn {
     pub(crate) closing: bool,
     /// Already in the dirty list.
     pub(crate) dirty: bool,
+    /// Closing gracefully: every reply sent and our side shut down (the
+    /// peer reads EOF after its last reply), and what the peer still sends
+    /// is read and dropped until it closes too or until this time, when
+    /// the connection is closed. A close with unread data would reset the
+    /// connection, and a reset makes the peer's kernel drop the replies it
+    /// has not read yet (nginx's lingering close). 0 while open.
+    pub(crate) linger_until_ns: u64,
 }
 
 impl Conn {
@@ -81,6 +88,9 @@ impl Conn {
     }
 
     pub(crate) fn wanted_interest(&self) -> u32 {
+        if self.linger_until_ns != 0 {
+            return if self.eof { 0 } else { READ };
+        }
         let mut i = 0;
         if !self.eof
             && !self.closing

@@ -20,7 +20,7 @@ use halfsync_protocol::{self as hsp, Parsed, status};
 use halfsync_shm::sys as shm_sys;
 use tracing::{debug, info, warn};
 
-use crate::conn::{Conn, Conns};
+use crate::conn::{Conn, Conns, Tag};
 use crate::control::{Channel, Received, ToMaster, ToProxy};
 use crate::slots::{Group, Queued, ReqMeta, WorkerSlot};
 use crate::stats::{Scope, Stats};
@@ -69,6 +69,15 @@ fn next_mean_frame(mean: usize, bytes: usize, frames: usize) -> usize {
         None => mean,
     }
 }
+
+/// How long a connection closing gracefully waits for its peer to close
+/// too, dropping what it still sends (see `Conn::linger_until_ns`): past
+/// it, the connection is closed whatever is unread. Peers close on EOF at
+/// once; this bounds what one that does not adds to a stop.
+const LINGER_NS: u64 = 500 * NS_PER_MS;
+/// Most reads of a lingering connection per readiness (what it sends is
+/// dropped, but it gets no more of a turn than others).
+const LINGER_READS: usize = 4;
 
 /// How often the per-worker checks (deadlines, stalls, recycling) run while
 /// any worker holds requests, and while none does.
@@ -149,6 +158,9 @@ pub(crate) struct Proxy {
     /// sleeper penalty), it takes the batch's next request.
     pub(crate) batch_until: usize,
     pub(crate) next_sweep_ns: u64,
+    /// Connections closing gracefully, by deadline (see
+    /// `Conn::linger_until_ns`; deadlines come in order).
+    lingering: std::collections::VecDeque<(u64, Tag)>,
     /// A buffer over `KEEP_BUF` was freed since the last sweep (which then
     /// hands free memory back to the system).
     freed_large: bool,
@@ -263,6 +275,7 @@ impl Proxy {
             batch_slot: None,
             batch_until: 0,
             next_sweep_ns: 0,
+            lingering: std::collections::VecDeque::new(),
             freed_large: false,
             draining: false,
             refused: 0,
@@ -445,6 +458,9 @@ impl Proxy {
             until = until.min(self.now_ns + 50 * NS_PER_MS);
         }
         if let Some(t) = self.listeners_paused_until {
+            until = until.min(t);
+        }
+        if let Some(&(t, _)) = self.lingering.front() {
             until = until.min(t);
         }
         for g in &self.groups {
@@ -773,9 +789,13 @@ impl Proxy {
         for (_, l) in self.listeners.drain(..) {
             let _ = self.epoll.delete(l.as_raw_fd());
         }
+        // What the clients sent already is read and answered
+        // SHUTTING_DOWN before their connections close (lingering); a
+        // connection waiting for replies closes once they are sent.
         for i in 0..self.conns.slab.len() {
-            self.maybe_close(i);
+            self.read_conn(i);
         }
+        self.flush_dirty();
     }
 
     // ---- connections ----
@@ -813,6 +833,7 @@ impl Proxy {
                         eof: false,
                         closing: false,
                         dirty: false,
+                        linger_until_ns: 0,
                     });
                     self.stats.accepted();
                     self.stats.connections(self.conns.live);
@@ -898,6 +919,15 @@ impl Proxy {
     }
 
     fn read_conn(&mut self, i: usize) {
+        if self
+            .conns
+            .slab
+            .get(i)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.linger_until_ns != 0)
+        {
+            return self.read_and_drop(i);
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         let cap = scratch.len();
         let budget = if self.tuning.no_read_budget {
@@ -1235,13 +1265,67 @@ impl Proxy {
         self.update_interest(i);
     }
 
-    /// Closes connection `i` if nothing more will happen on it.
+    /// Closes connection `i` if nothing more will happen on it: at once
+    /// if the peer has finished sending, else after a lingering close.
     fn maybe_close(&mut self, i: usize) {
-        let Some(Some(c)) = self.conns.slab.get(i) else {
+        let Some(Some(c)) = self.conns.slab.get_mut(i) else {
             return;
         };
+        if c.linger_until_ns != 0 {
+            if c.eof {
+                self.close(i);
+            }
+            return;
+        }
         let finished = c.eof || c.closing || self.draining;
-        if finished && c.inflight == 0 && !c.has_output() {
+        if !(finished && c.inflight == 0 && !c.has_output()) {
+            return;
+        }
+        if c.eof {
+            self.close(i);
+            return;
+        }
+        // Lingering: FIN after the last reply, and what comes meanwhile
+        // is dropped (requests sent after our last read get no answer, and
+        // the peer sees EOF, not a reset that loses replies).
+        if c.stream.shutdown(std::net::Shutdown::Write).is_err() {
+            self.close(i);
+            return;
+        }
+        c.linger_until_ns = self.now_ns.saturating_add(LINGER_NS).max(1);
+        c.inbuf = Vec::new();
+        c.closing = true;
+        self.lingering
+            .push_back((c.linger_until_ns, self.conns.tag(i)));
+        self.update_interest(i);
+    }
+
+    /// Reads and drops what a lingering connection's peer still sends;
+    /// closes it once the peer has closed (or the read fails).
+    fn read_and_drop(&mut self, i: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut done = false;
+        for _ in 0..LINGER_READS {
+            let Some(Some(c)) = self.conns.slab.get_mut(i) else {
+                break;
+            };
+            match sys::recv(c.stream.as_raw_fd(), &mut scratch) {
+                Ok(0) => {
+                    c.eof = true;
+                    done = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    done = true;
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+        if done {
             self.close(i);
         }
     }
@@ -1275,6 +1359,16 @@ impl Proxy {
     // ---- timers ----
 
     fn run_timers(&mut self) {
+        // Lingering closes whose time is up (a connection closed meanwhile,
+        // or its slot reused, is no longer the one tagged).
+        while let Some(&(at, tag)) = self.lingering.front()
+            && self.now_ns >= at
+        {
+            self.lingering.pop_front();
+            if self.conns.get(tag).is_some_and(|c| c.linger_until_ns != 0) {
+                self.close(tag.index());
+            }
+        }
         if let Some(until) = self.listeners_paused_until
             && self.now_ns >= until
         {
