@@ -1363,6 +1363,13 @@ fn stray_user_signals_kill_no_process() {
     assert_eq!(s.pids_titled("halfsync: proxy"), proxy, "{}", s.log());
     assert_eq!(s.worker_pids(), workers, "{}", s.log());
     assert!(!s.log().contains("died"), "{}", s.log());
+    // The master says what SIGUSR2 does not do (PHP-FPM reloads on it).
+    assert!(
+        s.log()
+            .contains("SIGUSR2 ignored: to reload, send SIGHUP or run `halfsync reload`"),
+        "{}",
+        s.log()
+    );
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }

@@ -793,6 +793,9 @@ fn listen_all(addr: SocketAddr, config: &Config, n: usize) -> std::io::Result<Ve
         use socket2::{Domain, Socket, Type};
         let probe = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
         probe.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
         probe.bind(&addr.into())?;
     }
     let first = listen(addr, backlog, defer, true)?;
@@ -814,6 +817,12 @@ fn listen(
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     s.set_reuse_address(true)?;
+    // An IPv6 address means IPv6 only, whatever net.ipv6.bindv6only says
+    // (as nginx's `ipv6only=on`): `[::]:P` beside `0.0.0.0:P` is the usual
+    // dual-stack pair, and the first must not take IPv4 too.
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
     if reuse_port {
         s.set_reuse_port(true)?;
     }
@@ -2157,6 +2166,11 @@ impl Master {
                         sys::kill(pid, libc::SIGUSR1);
                     }
                 }
+            }
+            libc::SIGUSR2 => {
+                // PHP-FPM reloads on SIGUSR2; an operator used to it should
+                // not think it did something.
+                warn!("SIGUSR2 ignored: to reload, send SIGHUP or run `halfsync reload`");
             }
             _ => {}
         }
