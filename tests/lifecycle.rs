@@ -303,3 +303,31 @@ fn a_closed_stderr_does_not_stop_the_server() {
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// The usual dual-stack pair, `0.0.0.0:P` and `[::]:P`, starts: an IPv6
+/// listener takes IPv6 only (IPV6_V6ONLY, as nginx sets it), whatever
+/// `net.ipv6.bindv6only` says. (With the Linux default, `[::]:P` took
+/// IPv4 too, and the second listener failed with "Address already in
+/// use".) Skipped on a machine without IPv6 loopback.
+#[test]
+fn an_ipv4_and_an_ipv6_wildcard_listener_share_a_port() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    }
+    let port = free_port();
+    let text = config(port, &echo_so(), 1, "")
+        .replace(
+            &format!("listen = [\"127.0.0.1:{port}\"]"),
+            &format!("listen = [\"0.0.0.0:{port}\", \"[::]:{port}\"]"),
+        );
+    assert!(text.contains("[::]"), "{text}");
+    let mut s = Server::start(&text, port);
+    for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let mut c = halfsync_protocol::Client::connect(addr).unwrap();
+        assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"x", "{addr}");
+    }
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}

@@ -399,13 +399,21 @@ impl Master {
             // Workers waiting out a restart delay (their plugin kept
             // failing) start again now, with the new configuration, which
             // may be the fix: the reload's outcome says whether it was.
+            // Failures before the reload do not count against it: one
+            // dying at this moment is restarted at once too.
             let now = std::time::Instant::now();
             for &i in active.iter().take(target) {
                 let s = &mut self.slots[i];
-                if let Life::Backoff { at } = &mut s.life {
-                    *at = now;
-                    s.failures = 0;
-                    job.starting.push(i);
+                s.failures = 0;
+                match &mut s.life {
+                    Life::Backoff { at } => {
+                        *at = now;
+                        job.starting.push(i);
+                    }
+                    Life::Resetting { next } if *next == super::Restart::Later => {
+                        *next = super::Restart::Now;
+                    }
+                    _ => {}
                 }
             }
             job.todo = active.into_iter().take(target).collect();
