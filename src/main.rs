@@ -108,6 +108,13 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let role = std::env::var(master::ROLE_ENV).unwrap_or_default();
+    if !role.is_empty() {
+        // Not passed on: a process a plugin starts that runs `halfsync
+        // status` must get the command line, not a worker's role.
+        // SAFETY: the first thing main does; no other thread exists yet
+        // to read the environment meanwhile.
+        unsafe { std::env::remove_var(master::ROLE_ENV) };
+    }
     match role.as_str() {
         "proxy" => return run_proxy(),
         "worker" => return run_worker(),

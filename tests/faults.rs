@@ -1399,6 +1399,22 @@ fn a_c_plugins_printf_is_logged_while_the_worker_runs() {
     s.assert_clean();
 }
 
+/// What a worker holds of the host's (its shared memory, its eventfd, the
+/// master's log descriptor, its role in the environment) does not pass to
+/// processes its plugin starts: the test plugin's init fails if it would.
+/// (The memfd reached them, so a plugin's helper could map the request
+/// ring writable; and `halfsync status` run from one acted as a worker.)
+#[test]
+fn processes_a_plugin_starts_inherit_no_host_descriptor() {
+    let plugin = halfsync_testkit::c_plugin("plugins/c/test/fd_check.c");
+    let port = free_port();
+    let mut s = Server::start(&config(port, &plugin, 2, ""), port);
+    assert_eq!(s.client().call(1, 1, b"x").unwrap().payload, b"x");
+    assert!(!s.log().contains("inheritable"), "{}", s.log());
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// The header's promise to C authors: a request's payload is 8-byte
 /// aligned and never NULL, even empty, wherever its record falls in the
 /// ring (sizes 0 to 40, over enough requests to wrap a 64 KiB ring).
@@ -1641,7 +1657,7 @@ fn a_process_a_plugin_starts_in_the_probe_ends_with_it() {
             .filter_map(|l| l.strip_prefix(role)?.trim().parse().ok())
             .collect()
     };
-    let probed = children("probe ");
+    let probed = children("halfsync-probe ");
     assert_eq!(probed.len(), 1, "{:?}", std::fs::read_to_string(&pids));
     let ended = wait_for(Duration::from_secs(10), || gone(probed[0]).then_some(()));
     assert!(ended.is_some(), "pid {} outlived the probe", probed[0]);
@@ -1662,7 +1678,7 @@ fn a_process_a_plugin_starts_in_the_probe_ends_with_it() {
     // A reload's probe: the same.
     let (code, _, err) = s.ctl(&["reload"]);
     assert_eq!(code, Some(0), "{err}");
-    let probed = children("probe ");
+    let probed = children("halfsync-probe ");
     assert_eq!(probed.len(), 2, "{:?}", std::fs::read_to_string(&pids));
     let ended = wait_for(Duration::from_secs(10), || gone(probed[1]).then_some(()));
     assert!(

@@ -316,11 +316,10 @@ fn an_ipv4_and_an_ipv6_wildcard_listener_share_a_port() {
         return;
     }
     let port = free_port();
-    let text = config(port, &echo_so(), 1, "")
-        .replace(
-            &format!("listen = [\"127.0.0.1:{port}\"]"),
-            &format!("listen = [\"0.0.0.0:{port}\", \"[::]:{port}\"]"),
-        );
+    let text = config(port, &echo_so(), 1, "").replace(
+        &format!("listen = [\"127.0.0.1:{port}\"]"),
+        &format!("listen = [\"0.0.0.0:{port}\", \"[::]:{port}\"]"),
+    );
     assert!(text.contains("[::]"), "{text}");
     let mut s = Server::start(&text, port);
     for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {

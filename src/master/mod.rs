@@ -606,6 +606,7 @@ pub fn run(
     exe: crate::exe::Exe,
     inline: bool,
 ) -> Result<()> {
+    sys::cloexec_inherited();
     let files = crate::probe::open_plugins(&exe, &config);
     let probed = crate::probe::probe(&exe, &config, &files, false)?;
     let n = config.server.proxy_processes as usize;

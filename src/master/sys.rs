@@ -460,12 +460,32 @@ pub fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usiz
 /// An inherited descriptor named by the environment (`HALFSYNC_LOG_FD`),
 /// if it is open.
 pub fn inherited_fd(fd: RawFd) -> Option<std::fs::File> {
-    if fd < 3 || syscall!(fcntl(fd, libc::F_GETFD)).is_err() {
+    // (Close-on-exec from now on: not for processes a plugin starts.)
+    if fd < 3 || halfsync_shm::sys::set_cloexec(fd).is_err() {
         return None;
     }
     // SAFETY: the parent passed this open descriptor to this process for
     // this one use; nothing else here owns it.
     Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Sets close-on-exec on every descriptor above stderr this process
+/// inherited open (from a shell, a supervisor, a test harness): the master
+/// passes its children what they need by name, and nothing it did not
+/// open itself should reach a worker, or the processes a plugin starts.
+pub fn cloexec_inherited() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // (The directory's own descriptor, closed by now, fails: fine.)
+        let _ = halfsync_shm::sys::set_cloexec(fd);
+    }
 }
 
 /// Raises the soft open-file limit to at least `want` (within the hard

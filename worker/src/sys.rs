@@ -13,6 +13,11 @@ pub fn inherited(memfd: RawFd, eventfd: RawFd) -> io::Result<(File, OwnedFd)> {
             return Err(io::Error::other(format!("inherited fd {fd} is not open")));
         }
     }
+    // Not passed on to processes the plugin starts: with the memfd one
+    // could map the request ring writable.
+    for fd in [memfd, eventfd] {
+        halfsync_shm::sys::set_cloexec(fd)?;
+    }
     // SAFETY: the master passed these two fds to this process for the
     // worker alone (everything else it holds is close-on-exec), and each
     // is taken once, here.

@@ -1,13 +1,16 @@
 /*
  * An echo plugin whose init fails if it can see an inheritable descriptor
- * of a shared object (a plugin file the master holds open): processes a
- * plugin starts must not get those (test
- * bad_config::plugins_cannot_pass_on_the_plugin_files_descriptors).
+ * that is the host's: a shared object (a plugin file the master holds
+ * open), its shared memory (a memfd), its eventfd, or the log descriptor
+ * it names in $HALFSYNC_LOG_FD; or $HALFSYNC_ROLE set. Processes a plugin
+ * starts must not get those (tests bad_config::plugins_cannot_pass_on_the_plugin_files_descriptors
+ * and faults::processes_a_plugin_starts_inherit_no_host_descriptor).
  */
 #define _POSIX_C_SOURCE 200809L
 
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -16,6 +19,11 @@
 static int32_t fd_check_init(const hs_host *host, const char *config, size_t config_len,
                              void **state, char *err, size_t err_cap)
 {
+    /* Nor the host's role: a `halfsync` command it runs would act on it. */
+    if (getenv("HALFSYNC_ROLE")) {
+        snprintf(err, err_cap, "HALFSYNC_ROLE is set in the environment");
+        return 1;
+    }
     for (int fd = 3; fd < 4096; fd++) {
         int flags = fcntl(fd, F_GETFD);
         if (flags < 0 || (flags & FD_CLOEXEC)) {
@@ -29,7 +37,10 @@ static int32_t fd_check_init(const hs_host *host, const char *config, size_t con
         }
         target[n] = 0;
         size_t len = strlen(target);
-        if (len > 3 && strcmp(target + len - 3, ".so") == 0) {
+        const char *log_fd = getenv("HALFSYNC_LOG_FD");
+        if ((len > 3 && strcmp(target + len - 3, ".so") == 0) ||
+            strncmp(target, "/memfd:", 7) == 0 || strcmp(target, "anon_inode:[eventfd]") == 0 ||
+            (log_fd && atoi(log_fd) == fd)) {
             snprintf(err, err_cap, "descriptor %d of %s is inheritable", fd, target);
             return 1;
         }

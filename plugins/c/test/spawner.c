@@ -6,11 +6,14 @@
  * With $SPAWNER_LOAD_PIDFILE set, loading the library (a constructor, so
  * also in the plugin probe, which loads without calling init) starts such
  * a child too, which inherits stdout and stderr (pipes, in the probe), and
- * appends "ROLE PID" to that file, ROLE being $HALFSYNC_ROLE.
+ * appends "NAME PID" to that file, NAME being the process's name
+ * (/proc/self/comm: "halfsync-probe" in the plugin probe, "hs-GROUP-N" in
+ * a worker).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -31,8 +34,14 @@ __attribute__((constructor)) static void spawn_at_load(void)
     FILE *f = fopen(path, "a");
     if (!f)
         return;
-    const char *role = getenv("HALFSYNC_ROLE");
-    fprintf(f, "%s %d\n", role ? role : "-", (int)pid);
+    char name[64] = "-";
+    FILE *comm = fopen("/proc/self/comm", "r");
+    if (comm) {
+        if (fgets(name, sizeof name, comm))
+            name[strcspn(name, "\n")] = 0;
+        fclose(comm);
+    }
+    fprintf(f, "%s %d\n", name, (int)pid);
     fclose(f);
 }
 
