@@ -85,7 +85,33 @@ pub fn probe(
 
 /// [`probe`], with what the probe and the plugins printed to stdout and
 /// stderr (`check` shows it: a plugin's `printf` in `init`).
+///
+/// With `init`, each group is probed in a process of its own, as each
+/// worker runs one group's plugin: two groups of one `.so` must not share
+/// its statics (a `OnceLock` set in `init` failed the second group's here
+/// while `run` was fine).
 pub fn probe_with_output(
+    exe: &crate::exe::Exe,
+    config: &Config,
+    files: &[PluginFile],
+    init: bool,
+) -> Result<(Vec<Probed>, String)> {
+    if !init || config.groups.len() < 2 {
+        return probe_once(exe, config, files, init);
+    }
+    let mut probed = Vec::new();
+    let mut printed = String::new();
+    for (k, g) in config.groups.iter().enumerate() {
+        let mut one = config.clone();
+        one.groups = vec![g.clone()];
+        let (p, out) = probe_once(exe, &one, &files[k..=k], init)?;
+        probed.extend(p);
+        printed.push_str(&out);
+    }
+    Ok((probed, printed))
+}
+
+fn probe_once(
     exe: &crate::exe::Exe,
     config: &Config,
     files: &[PluginFile],
@@ -380,12 +406,14 @@ impl Probe {
         match how {
             None => match current.as_ref().map(|(step, _)| step.as_str()) {
                 Some("init" | "fini") => bail!(
-                    "{culprit}: did not finish within {} ms (the group's init_timeout)",
-                    limit.as_millis()
+                    "{culprit}: did not finish within {} ms (the group's init_timeout){}",
+                    limit.as_millis(),
+                    self.printed_before()
                 ),
                 _ => bail!(
-                    "{culprit}: did not finish loading within {} s",
-                    limit.as_secs()
+                    "{culprit}: did not finish loading within {} s{}",
+                    limit.as_secs(),
+                    self.printed_before()
                 ),
             },
             Some(0) => {
@@ -428,7 +456,7 @@ impl Probe {
                 if how > 0
                     && let Some(msg) = &self.progress.error
                 {
-                    bail!("{msg}");
+                    bail!("{msg}{}", self.printed_before());
                 }
                 let ended = if how > 0 { "exited" } else { "crashed" };
                 bail!(

@@ -446,6 +446,30 @@ fn a_plugin_printing_to_stdout_does_not_garble_the_probe() {
         "{err}"
     );
 
+    // A plugin that prints why, then fails its init: quoted too.
+    let (code, out, err) = halfsync_out("check", &failing.replace("exit_in_init", "fail_in_init"));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("see what I printed; it printed before that:")
+            && err.contains("\n    chatty: the database said no"),
+        "{err}"
+    );
+    // Two groups of one plugin: each is checked in a process of its own,
+    // as each runs in workers of its own (a static set in init is not
+    // seen by the other group's init).
+    let twice = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"a\"\nplugin = \"{0}\"\n\
+         commands = [1]\n[group.config]\nonce_per_process = true\n\n[[group]]\nname = \"b\"\n\
+         plugin = \"{0}\"\ncommands = [2]\n[group.config]\nonce_per_process = true\n",
+        chatty.display()
+    );
+    let (code, out, err) = halfsync_out("check", &twice);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("group a: plugin") && out.contains("group b: plugin"),
+        "{out}"
+    );
+
     let mut s = Server::start(&text, port);
     let st = s.status();
     let plugins: Vec<(String, String)> = st["groups"]
