@@ -28,6 +28,22 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
             socket.display()
         )
     })?;
+    // Anyone can create a socket in /tmp (the default's directory): a
+    // command of this user only talks to a server of this user. (root
+    // administers servers of service users.)
+    let me = crate::master::sys::euid();
+    if me != 0
+        && let Ok(peer) = crate::master::sys::peer_uid(&s)
+        && peer != me
+    {
+        bail!(
+            "the admin socket {} is served by a process of uid {peer}, not of this user (uid \
+             {me}): not a server of yours; if it is another user's, address your server by its \
+             own socket (set server.admin_socket to a path in a directory only its user can \
+             write, such as /run/halfsync/)",
+            socket.display()
+        );
+    }
     s.set_read_timeout(Some(timeout))?;
     s.write_all(format!("{line}\n").as_bytes())
         .with_context(|| {

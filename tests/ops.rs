@@ -3547,3 +3547,74 @@ fn ping_fails_while_the_proxy_is_full() {
     let up = http_until(mport, "GET /ping HTTP/1.1\r\n\r\n", "HTTP/1.1 200 OK", 10);
     assert!(up.is_some(), "{}", s.log());
 }
+
+/// Runs `cmd` as user `uid` (the test runs as root).
+fn as_user(cmd: &mut std::process::Command, uid: u32) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setgid/setuid are async-signal-safe and allocate nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// An operator command does not take another user's answer for its
+/// server's: anyone can create a socket where the default one lives
+/// (/tmp), so a command run by a user talks only to a process of that
+/// user. (One that answered like a master made `halfsync stop` say
+/// "stopped" while nothing had stopped.) Needs root to play two users.
+#[test]
+fn a_command_refuses_an_admin_socket_served_by_another_user() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root; skipped");
+        return;
+    }
+    let dir = temp_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.path().join("squatted.sock");
+    let script = format!(
+        "import os, socket\nos.umask(0)\ns = socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen(1)\n\
+         c, _ = s.accept()\nc.recv(4096)\n\
+         c.sendall(b'{{\"ok\":true,\"generation\":1,\"config\":null,\"pid\":1,\"groups\":[]}}\\n')\n",
+        sock.display().to_string()
+    );
+    let mut fake = as_user(
+        std::process::Command::new("python3").arg("-c").arg(&script),
+        65534,
+    )
+    .spawn()
+    .unwrap();
+    let _reap = KillOnDrop(fake.id() as i32);
+    let up = wait_for(Duration::from_secs(10), || sock.exists().then_some(()));
+    assert!(up.is_some());
+    let (st, out, err) = run_cmd(
+        as_user(
+            std::process::Command::new(BIN)
+                .arg("status")
+                .arg("--socket")
+                .arg(&sock),
+            65533,
+        ),
+        Duration::from_secs(20),
+    );
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("is served by a process of uid 65534, not of this user (uid 65533)"),
+        "{err}"
+    );
+    let _ = fake.kill();
+    let _ = fake.wait();
+}
+
+/// Kills a process when dropped (a test that fails leaves none behind).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill(self.0, libc::SIGKILL);
+    }
+}

@@ -345,6 +345,21 @@ pub fn set_defer_accept(s: &impl AsRawFd, seconds: i32) -> io::Result<()> {
     .map(|_| ())
 }
 
+/// The user id of the process at the other end of a Unix socket.
+pub fn peer_uid(s: &impl AsRawFd) -> io::Result<u32> {
+    // SAFETY: an all-zero ucred is valid plain data for getsockopt to fill.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    syscall!(getsockopt(
+        s.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_PEERCRED,
+        (&mut cred as *mut libc::ucred).cast(),
+        &mut len
+    ))?;
+    Ok(cred.uid)
+}
+
 /// The effective user id.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions.
