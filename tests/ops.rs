@@ -3569,6 +3569,7 @@ fn as_user(cmd: &mut std::process::Command, uid: u32) -> &mut std::process::Comm
 /// "stopped" while nothing had stopped.) Needs root to play two users.
 #[test]
 fn a_command_refuses_an_admin_socket_served_by_another_user() {
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("not root; skipped");
         return;
