@@ -1399,6 +1399,46 @@ fn a_c_plugins_printf_is_logged_while_the_worker_runs() {
     s.assert_clean();
 }
 
+/// What one printed line, or one log call, can put in the log is bounded:
+/// a 1 MiB line of output is logged cut at 4 KiB, a 1 MiB log message cut
+/// at 16 KiB, each saying so, and the lines after them are logged as
+/// usual. (A 1 MiB message was one 1 MB log line, and 40 of them 40 MB in
+/// under two seconds; a 1 MiB print was 256 lines, which used up the
+/// worker's line budget.)
+#[test]
+fn a_plugins_huge_lines_are_cut() {
+    let printer = halfsync_testkit::c_plugin("plugins/c/test/printer.c");
+    let port = free_port();
+    let mut s = Server::start(&config(port, &printer, 1, ""), port);
+    let mut c = s.client();
+    assert_eq!(c.call(1, 4, b"a").unwrap().payload, b"a");
+    assert_eq!(c.call(2, 5, b"b").unwrap().payload, b"b");
+    let logged = wait_for(Duration::from_secs(10), || {
+        s.log()
+            .contains("worker output: handled request 2")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", s.log().len());
+    let log = s.log();
+    let long: Vec<&str> = log.lines().filter(|l| l.contains("xxxxxxxx")).collect();
+    assert_eq!(long.len(), 2, "{}", log.len());
+    assert!(
+        long[0].contains("[line cut at 4096 bytes; the rest dropped]") && long[0].len() < 4400,
+        "{}",
+        long[0].len()
+    );
+    assert!(
+        long[1].contains("[message cut at 16384 bytes; 1032192 more dropped]")
+            && long[1].len() < 17000,
+        "{}",
+        long[1].len()
+    );
+    assert!(log.contains("worker output: after the long line"), "{log}");
+    assert!(!log.contains("lines of worker output dropped"), "{log}");
+    s.stop(Duration::from_secs(30));
+    s.assert_clean();
+}
+
 /// What a worker holds of the host's (its shared memory, its eventfd, the
 /// master's log descriptor, its role in the environment) does not pass to
 /// processes its plugin starts: the test plugin's init fails if it would.

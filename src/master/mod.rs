@@ -302,9 +302,14 @@ struct Captured {
     held: std::collections::VecDeque<Vec<u8>>,
     /// Its group's count of dropped output lines.
     dropped: Rc<std::cell::Cell<u64>>,
+    /// The line under way was cut at [`CAPTURED_LINE_MAX`]: the rest of
+    /// it, up to its newline, is dropped.
+    cutting: bool,
 }
 
-/// A line of a worker's output longer than this is logged in pieces.
+/// A line of a worker's output is logged up to this many bytes, and the
+/// rest of it dropped (said on the line): a plugin printing megabytes
+/// without a newline must not fill the log, however few lines it prints.
 const CAPTURED_LINE_MAX: usize = 4096;
 
 /// Of the lines the budget dropped at the end of a dead worker's output,
@@ -332,10 +337,20 @@ impl Captured {
         }
         while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=end).collect();
+            if std::mem::take(&mut self.cutting) {
+                continue; // the end of a line already cut
+            }
             self.log(&line[..end]);
         }
-        while self.partial.len() > CAPTURED_LINE_MAX {
-            let piece: Vec<u8> = self.partial.drain(..CAPTURED_LINE_MAX).collect();
+        if self.cutting {
+            self.partial.clear();
+        } else if self.partial.len() > CAPTURED_LINE_MAX {
+            let mut piece: Vec<u8> = self.partial.drain(..CAPTURED_LINE_MAX).collect();
+            self.partial.clear();
+            self.cutting = true;
+            piece.extend_from_slice(
+                format!(" [line cut at {CAPTURED_LINE_MAX} bytes; the rest dropped]").as_bytes(),
+            );
             self.log(&piece);
         }
         if !open {
@@ -1292,6 +1307,7 @@ impl Master {
             budget: halfsync_config::LineBudget::new(halfsync_config::PLUGIN_LINES_PER_SECOND),
             held: std::collections::VecDeque::new(),
             dropped: g.output_dropped.clone(),
+            cutting: false,
         });
         let s = &mut self.slots[i];
         s.life = Life::Running {

@@ -636,6 +636,11 @@ fn leak_host(plugin: &str, group: &str, worker: u32) -> (&'static HsHost, &'stat
     (host, ctx)
 }
 
+/// The most of one plugin log message that is logged; the rest is cut
+/// (said on the line). With the line budget, it bounds what a plugin can
+/// write to the log a second (journald cuts at 48 KiB).
+pub const LOG_MESSAGE_MAX: usize = 16 << 10;
+
 /// `hs_host.log`: forwards to `tracing`, target `plugin`.
 ///
 /// # Safety
@@ -674,9 +679,16 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const c_char, 
         if !admitted {
             return;
         }
-        let raw = String::from_utf8_lossy(bytes);
+        let kept = &bytes[..bytes.len().min(LOG_MESSAGE_MAX)];
+        let raw = String::from_utf8_lossy(kept);
         // One line: a plugin's message cannot forge other log lines.
-        let text = halfsync_config::one_line(&raw);
+        let mut text = halfsync_config::one_line(&raw);
+        if kept.len() < bytes.len() {
+            text.push_str(&format!(
+                " [message cut at {LOG_MESSAGE_MAX} bytes; {} more dropped]",
+                bytes.len() - kept.len()
+            ));
+        }
         match level {
             i32::MIN..=abi::LOG_ERROR => tracing::error!(target: "plugin", plugin, "{text}"),
             abi::LOG_WARN => tracing::warn!(target: "plugin", plugin, "{text}"),
