@@ -106,7 +106,9 @@ typedef struct hs_host {
     uint32_t abi_version;  /* HALFSYNC_ABI_VERSION of the host */
     uint32_t struct_size;  /* sizeof(hs_host) as the host knows it */
     void *ctx;             /* host-owned */
-    /* Log one message (UTF-8, not NUL-terminated) through the host's log. */
+    /* Log one message (UTF-8, not NUL-terminated) through the host's log:
+     * one line (newlines are escaped), cut at 16 KiB, and at most 300
+     * messages a second per worker (the rest are counted, not logged). */
     void (*log)(void *ctx, int32_t level, const char *msg, size_t len);
     /* Appended in 1.1: read them only if HS_HOST_HAS(host, worker) (an
      * older host's struct ends before them). The worker's group name
