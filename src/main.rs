@@ -392,14 +392,29 @@ fn check(path: Option<&Path>) -> Result<()> {
     logging::init(None, LogFormat::Text)?;
     logging::warn_if_level_ignored();
     // What `run` would refuse beyond the file itself: a log file it cannot
-    // open (created if missing, as `nginx -t` does), an admin socket in a
-    // directory that does not exist, an address this machine does not have.
+    // open, an admin socket in a directory that does not exist, an address
+    // this machine does not have or a port this user may not use. (The log
+    // file is not created here: `check` run as root would leave it root's,
+    // and the server's user could not open it.)
     if let Some(log) = config.log_file() {
-        std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&log)
-            .with_context(|| format!("cannot open log file {}", log.display()))?;
+        if log.exists() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log)
+                .with_context(|| format!("cannot open log file {}", log.display()))?;
+        } else {
+            let dir = log
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            master::sys::check_writable_dir(dir).with_context(|| {
+                format!(
+                    "cannot create log file {}: its directory {}",
+                    log.display(),
+                    dir.display()
+                )
+            })?;
+        }
     }
     let socket = config.admin_socket();
     master::check_socket_path(&socket).map_err(|e| anyhow::anyhow!(e))?;

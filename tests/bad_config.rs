@@ -1,3 +1,4 @@
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -358,7 +359,7 @@ fn check_refuses_an_address_or_log_file_run_cannot_use() {
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\nlog_file = \"no-such-dir/halfsync.log\"\n\n{}",
         group(&echo_so())
     );
-    refused(&text, &["cannot open log file", "no-such-dir/halfsync.log"]);
+    refused(&text, &["log file", "no-such-dir/halfsync.log"]);
     let text = format!(
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_socket = \"/nonexistent-halfsync-dir/a.sock\"\n\n{}",
         group(&echo_so())
@@ -584,6 +585,81 @@ fn an_admin_socket_path_too_long_is_refused() {
             &format!("{long} is 110 bytes long"),
             "at most 107",
         ],
+    );
+}
+
+/// An admin socket path naming a directory or a file that is not a socket
+/// is refused by `check` and `run` alike, saying what is there.
+#[test]
+fn an_admin_socket_path_that_is_not_a_socket_is_refused() {
+    let dir = temp_dir();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    for (path, what) in [
+        (
+            dir.path().to_path_buf(),
+            "is a directory; name the socket file, such as",
+        ),
+        (
+            file,
+            "exists and is not a socket: remove it, or name another path",
+        ),
+    ] {
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:{}\"]\nadmin_socket = \"{}\"\n\n{}",
+            free_port(),
+            path.display(),
+            group(&echo_so())
+        );
+        refused(&text, &["server.admin_socket", what]);
+    }
+}
+
+/// `check` does not create the log file (run as root it would leave it
+/// root's, and the service's user could not open it), but says if it
+/// could not be created; and, as a user that may not, it refuses a port
+/// below 1024 as `run` would.
+#[test]
+fn check_creates_no_log_file_and_knows_privileged_ports() {
+    let dir = temp_dir();
+    let log = dir.path().join("hs.log");
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\nlog_file = \"{}\"\n\n{}",
+        free_port(),
+        log.display(),
+        group(&echo_so())
+    );
+    let (code, out, err) = halfsync_out("check", &text);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(!log.exists(), "check created {}", log.display());
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root; the privileged-port part skipped");
+        return;
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("low.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:81\"]\n\n{}",
+            group(&echo_so())
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (st, out, err) = run_cmd(
+        as_user(
+            Command::new(BIN).arg("check").arg("--config").arg(&path),
+            65534,
+        ),
+        Duration::from_secs(20),
+    );
+    assert_eq!(st.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("cannot listen on 127.0.0.1:81")
+            && err.contains("ports below 1024 need root or CAP_NET_BIND_SERVICE"),
+        "{err}"
     );
 }
 

@@ -3548,20 +3548,6 @@ fn ping_fails_while_the_proxy_is_full() {
     assert!(up.is_some(), "{}", s.log());
 }
 
-/// Runs `cmd` as user `uid` (the test runs as root).
-fn as_user(cmd: &mut std::process::Command, uid: u32) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setgid/setuid are async-signal-safe and allocate nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    }
-}
-
 /// An operator command does not take another user's answer for its
 /// server's: anyone can create a socket where the default one lives
 /// (/tmp), so a command run by a user talks only to a process of that
@@ -3609,13 +3595,4 @@ fn a_command_refuses_an_admin_socket_served_by_another_user() {
     );
     let _ = fake.kill();
     let _ = fake.wait();
-}
-
-/// Kills a process when dropped (a test that fails leaves none behind).
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        kill(self.0, libc::SIGKILL);
-    }
 }

@@ -1107,6 +1107,25 @@ fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Erro
         if out.contains(&addr) {
             return Err(de::Error::custom(format!("{addr} is listed twice")));
         }
+        // A wildcard address takes its port on every address of its family
+        // (IPv6 listeners are IPv6 only): another address of that family
+        // on that port could not be bound beside it.
+        if addr.port() != 0
+            && let Some(other) = out.iter().find(|o| {
+                o.port() == addr.port()
+                    && o.is_ipv4() == addr.is_ipv4()
+                    && (o.ip().is_unspecified() || addr.ip().is_unspecified())
+            })
+        {
+            let (wide, narrow) = if other.ip().is_unspecified() {
+                (other, &addr)
+            } else {
+                (&addr, other)
+            };
+            return Err(de::Error::custom(format!(
+                "{wide} already listens on {narrow}: list only one of them"
+            )));
+        }
         out.push(addr);
     }
     Ok(out)

@@ -413,6 +413,25 @@ fn listen_addresses() {
         "halfsync.toml:2:10: server.listen: 127.0.0.1:1 is listed twice"
     );
     assert!(err_text(&with_server("listen = \"127.0.0.1:1\"")).contains("expected a sequence"));
+    // A wildcard covers its family's other addresses on its port.
+    assert_eq!(
+        err_text(&with_server("listen = [\"127.0.0.1:8\", \"0.0.0.0:8\"]")),
+        "halfsync.toml:2:10: server.listen: 0.0.0.0:8 already listens on 127.0.0.1:8: list \
+         only one of them"
+    );
+    assert_eq!(
+        err_text(&with_server("listen = [\"[::]:8\", \"[::1]:8\"]")),
+        "halfsync.toml:2:10: server.listen: [::]:8 already listens on [::1]:8: list only one \
+         of them"
+    );
+    // Not across families, nor ports.
+    for ok_list in [
+        "[\"0.0.0.0:8\", \"[::]:8\"]",
+        "[\"0.0.0.0:8\", \"127.0.0.1:9\"]",
+        "[\"127.0.0.1:8\", \"127.0.0.2:8\"]",
+    ] {
+        ok(&with_server(&format!("listen = {ok_list}")));
+    }
 }
 
 #[test]

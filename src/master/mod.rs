@@ -747,19 +747,32 @@ pub fn run(
     result
 }
 
-/// Whether `path` fits a Unix socket's address (`sun_path`: 108 bytes
-/// with the terminating NUL); the error names the key and the fix.
+/// Whether `path` can be the admin socket: it fits a Unix socket's
+/// address (`sun_path`: 108 bytes with the terminating NUL), and what is
+/// there already, if anything, is a socket (a stale one is replaced, one
+/// in use refused, at `run`). The error names the key and the fix.
 pub fn check_socket_path(path: &std::path::Path) -> Result<(), String> {
     const MAX: usize = 107;
+    let shown = halfsync_config::one_line(&path.display().to_string());
     let len = path.as_os_str().len();
     if len > MAX {
         return Err(format!(
-            "server.admin_socket: {} is {len} bytes long; a Unix socket's path can have at most \
-             {MAX}: choose a shorter one (a relative path is relative to the config file)",
-            halfsync_config::one_line(&path.display().to_string())
+            "server.admin_socket: {shown} is {len} bytes long; a Unix socket's path can have at \
+             most {MAX}: choose a shorter one (a relative path is relative to the config file)"
         ));
     }
-    Ok(())
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Err(format!(
+            "server.admin_socket: {shown} is a directory; name the socket file, such as \
+             {shown}/halfsync.sock"
+        )),
+        Ok(m) if !m.file_type().is_socket() => Err(format!(
+            "server.admin_socket: {shown} exists and is not a socket: remove it, or name \
+             another path"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// For `check`: whether this machine has `addr`'s IP address to listen
@@ -768,10 +781,21 @@ pub fn check_socket_path(path: &std::path::Path) -> Result<(), String> {
 pub fn check_address(addr: SocketAddr, key: &str) -> Result<(), String> {
     match TcpListener::bind(SocketAddr::new(addr.ip(), 0)) {
         Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
-            Err(listen_error(addr, &e, key))
+            return Err(listen_error(addr, &e, key));
         }
-        _ => Ok(()),
+        _ => {}
     }
+    // The port itself: one below 1024 needs root or CAP_NET_BIND_SERVICE
+    // (in use is fine: it may be this config's own server).
+    if addr.port() != 0 {
+        match TcpListener::bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(listen_error(addr, &e, key));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// "cannot listen on ADDR: ERROR", with the fix for the usual causes

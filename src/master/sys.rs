@@ -345,6 +345,16 @@ pub fn set_defer_accept(s: &impl AsRawFd, seconds: i32) -> io::Result<()> {
     .map(|_| ())
 }
 
+/// Whether this process may create files in `dir` (access(2), W_OK and
+/// X_OK, as this user).
+pub fn check_writable_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a NUL-terminated path for the call's duration.
+    syscall!(access(c.as_ptr(), libc::W_OK | libc::X_OK)).map(|_| ())
+}
+
 /// The user id of the process at the other end of a Unix socket.
 pub fn peer_uid(s: &impl AsRawFd) -> io::Result<u32> {
     // SAFETY: an all-zero ucred is valid plain data for getsockopt to fill.

@@ -912,3 +912,26 @@ pub fn metric_f64(text: &str, name_and_labels: &str) -> Option<f64> {
         })
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
 }
+
+/// Runs `cmd` as user `uid` (the test runs as root).
+pub fn as_user(cmd: &mut std::process::Command, uid: u32) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setgid/setuid are async-signal-safe and allocate nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Kills a process when dropped (a test that fails leaves none behind).
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill(self.0, libc::SIGKILL);
+    }
+}
