@@ -2592,6 +2592,39 @@ fn a_proxy_dying_during_a_reload_resumes_it() {
         "{}",
         s.log()
     );
+    // Its outcome is counted once it has ended, however it ended (with
+    // nothing left to replace, it used to go uncounted).
+    let counted = wait_for(Duration::from_secs(10), || {
+        let st = s.status();
+        (st["reloads"]["ok"] == 1 && st["reloading"] == false).then_some(())
+    });
+    assert!(counted.is_some(), "{}\n{}", s.status(), s.log());
+}
+
+/// The only proxy dies during a reload: every worker comes back on the new
+/// generation with it, nothing is left to resume, and the reload counts as
+/// done. (It went uncounted: no "reload complete", `reloads` unchanged.)
+#[test]
+fn a_reload_cut_short_by_the_proxys_death_is_counted() {
+    let port = free_port();
+    let slow = "[group.config]\ninit_delay_ms = 300\n";
+    let text = |prefix: &str| versioned(port, 2, prefix, "", "").replace("[group.config]\n", slow);
+    let mut s = Server::start(&text("a:"), port);
+    s.write_config(&text("b:"));
+    s.signal(libc::SIGHUP);
+    wait_reloading(&s);
+    let proxy = s.pids_titled("halfsync: proxy");
+    assert_eq!(proxy.len(), 1, "{}", s.log());
+    kill(proxy[0], libc::SIGKILL);
+    let counted = wait_for(Duration::from_secs(30), || {
+        let st = s.status();
+        (st["reloads"]["ok"] == 1 && st["reloading"] == false && st["not_serving"].is_null())
+            .then_some(())
+    });
+    assert!(counted.is_some(), "{}\n{}", s.status(), s.log());
+    let mut c = s.client();
+    assert_eq!(c.call(1, 1, b"x").unwrap().payload, b"b:x");
+    assert!(s.log().contains("reload complete"), "{}", s.log());
 }
 
 /// A stop during a reload whose new worker hangs in its plugin's init does

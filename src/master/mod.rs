@@ -594,6 +594,9 @@ pub(crate) struct Master {
     /// back, replace the workers left on an older generation
     /// (`resume_reload`).
     reload_resume: bool,
+    /// What went wrong in the reload a proxy's death interrupted, for the
+    /// outcome of the resumed one.
+    pub(crate) resume_errors: Vec<String>,
     /// The groups the proxies were last told to hold moved commands for
     /// (see `reload::sync_hold`).
     hold_sent: Vec<u32>,
@@ -703,6 +706,7 @@ pub fn run(
             .context("duplicating stderr")?,
         reload_pending: false,
         reload_resume: false,
+        resume_errors: Vec::new(),
         hold_sent: Vec::new(),
         config_retry_at: Instant::now(),
         started_at: Instant::now(),
@@ -2835,6 +2839,7 @@ impl Master {
             // The other proxies' workers may be half replaced: the reload
             // resumes once the proxy is back (without re-reading the file).
             self.reload_resume = true;
+            self.resume_errors = job.errors;
             // The surviving proxies keep what they hold until the resumed
             // reload (or the lack of one) releases it (`sync_hold`).
             warn!("a proxy died during the reload; it resumes once the proxy is back");

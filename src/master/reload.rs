@@ -25,7 +25,7 @@ pub(crate) struct Job {
     pub(crate) reply_to: Option<u64>,
     generation: u64,
     groups: Vec<GroupJob>,
-    errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 struct GroupJob {
@@ -445,10 +445,26 @@ impl Master {
             .into_iter()
             .map(|g| GroupJob::new(g as usize, None))
             .collect();
+        let errors = std::mem::take(&mut self.resume_errors);
         if groups.is_empty() {
             // Nothing left to replace (the dead proxy's workers came back
-            // on the new generation): the reload has ended.
-            self.notify_serving("");
+            // on the new generation): the reload has ended, and is counted.
+            self.reloads
+                .count(if errors.is_empty() { "ok" } else { "failed" });
+            if errors.is_empty() {
+                info!(
+                    generation = self.generation,
+                    "reload complete (after a proxy's death)"
+                );
+                self.notify_serving("");
+            } else {
+                warn!(
+                    generation = self.generation,
+                    errors = errors.len(),
+                    "reload finished with errors (after a proxy's death)"
+                );
+                self.notify_serving("; the last reload failed (see the log)");
+            }
             return;
         }
         info!(
@@ -459,7 +475,7 @@ impl Master {
             reply_to: None,
             generation: self.generation,
             groups,
-            errors: Vec::new(),
+            errors,
         });
         self.reload_advance();
     }
