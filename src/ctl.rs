@@ -60,6 +60,19 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ) {
+            // A reload that takes longer than the wait goes on in the
+            // server: say so, rather than blame the master.
+            if line.contains(r#""cmd":"reload""#)
+                && request(socket, r#"{"cmd":"status"}"#, Duration::from_secs(2))
+                    .is_ok_and(|v| v["reloading"] == Value::Bool(true))
+            {
+                bail!(
+                    "no answer within {} s, but the reload goes on in the server (a reload \
+                     replaces workers one at a time): see `halfsync status`, or wait longer \
+                     with --timeout",
+                    timeout.as_secs()
+                );
+            }
             bail!(
                 "no answer from {} within {} s: is the master stopped (SIGSTOP, a debugger) or \
                  stuck?",

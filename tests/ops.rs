@@ -2627,6 +2627,31 @@ fn a_reload_cut_short_by_the_proxys_death_is_counted() {
     assert!(s.log().contains("reload complete"), "{}", s.log());
 }
 
+/// `halfsync reload --timeout` that runs out while the reload goes on says
+/// so, and the reload completes. (It asked whether the master was stopped
+/// or stuck.)
+#[test]
+fn a_reload_outlasting_the_commands_timeout_is_said_to_go_on() {
+    let port = free_port();
+    let mut s = Server::start(&versioned(port, 1, "a:", "", ""), port);
+    s.write_config(
+        &versioned(port, 1, "b:", "", "")
+            .replace("[group.config]\n", "[group.config]\ninit_delay_ms = 2500\n"),
+    );
+    let (code, out, err) = s.ctl(&["reload", "--timeout", "1"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("no answer within 1 s, but the reload goes on in the server"),
+        "{err}"
+    );
+    let done = wait_for(Duration::from_secs(20), || {
+        (s.status()["reloads"]["ok"] == 1).then_some(())
+    });
+    assert!(done.is_some(), "{}", s.log());
+    assert_eq!(s.client().call(1, 1, b"x").unwrap().payload, b"b:x");
+    settle(&mut s, 1);
+}
+
 /// A stop during a reload whose new worker hangs in its plugin's init does
 /// not wait the whole shutdown grace for it: a worker that never became
 /// ready holds no request, and is killed at once.
