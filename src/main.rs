@@ -250,6 +250,20 @@ fn socket(t: &Target) -> Result<PathBuf> {
             return Ok(found);
         }
     }
+    // Nothing there, and the file has a mistake (a mistyped
+    // `admin_socket` is an unknown key, and the default socket is looked
+    // for instead): say so beside the command's own error.
+    if std::os::unix::net::UnixStream::connect(&sock).is_err()
+        && let Some(path) = t.config.as_deref()
+        && let Err(e) = load_config(Some(path))
+    {
+        let _ = writeln!(
+            std::io::stderr(),
+            "halfsync: note: {e:#} (the admin socket was looked for at {}, from what of the \
+             file could be read)",
+            sock.display()
+        );
+    }
     Ok(sock)
 }
 

@@ -615,6 +615,24 @@ fn an_admin_socket_path_that_is_not_a_socket_is_refused() {
     }
 }
 
+/// An operator command that finds no server, for a file with a mistake
+/// (a mistyped `admin_socket` is an unknown key, so the default socket is
+/// looked for), names the mistake beside its own error.
+#[test]
+fn an_operator_command_names_the_files_mistake_when_it_finds_no_server() {
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\nadmin_sockett = \"/tmp/hs-typo.sock\"\n\n{}",
+        free_port(),
+        group(&echo_so())
+    );
+    let (code, out, err) = halfsync_out("status", &text);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("note:") && err.contains("admin_sockett") && err.contains("cannot reach"),
+        "{err}"
+    );
+}
+
 /// `check` does not create the log file (run as root it would leave it
 /// root's, and the service's user could not open it), but says if it
 /// could not be created; and, as a user that may not, it refuses a port
