@@ -870,6 +870,23 @@ fn the_master_raises_its_open_file_limit_for_its_pool() {
         .as_array()
         .map_or(0, |w| w.iter().filter(|w| w["pid"].is_number()).count());
     assert_eq!(ready, 16, "{st}");
+    // A scale (and a reload) that grows the pool raises it again.
+    let (code, out, err) = s.ctl(&["scale", "echo", "60"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let grown = wait_for(Duration::from_secs(30), || {
+        let st = s.status();
+        let ready = st["groups"][0]["workers"].as_array()?.iter().filter(|w| {
+            w["pid"].is_number() && matches!(w["state"].as_str(), Some("idle" | "busy"))
+        });
+        (ready.count() == 60).then_some(())
+    });
+    assert!(grown.is_some(), "{}\n{}", s.status(), s.log());
+    assert!(
+        s.log()
+            .contains("raised the open-file limit for the worker pool old=150 new=414"),
+        "{}",
+        s.log()
+    );
     assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
     s.assert_clean();
 }

@@ -560,6 +560,9 @@ pub(crate) struct Master {
     pub(crate) slots: Vec<SlotRec>,
     /// Proxy processes by number; `None` while one is down.
     proxies: Vec<Option<ProxyProc>>,
+    /// A proxy that could not be restarted: when to try again, and the
+    /// slots whose workers start with it.
+    proxy_retry: Vec<Option<(Instant, Vec<usize>)>>,
     /// CPU of the proxy processes that ended (reaped).
     proxies_ended_cpu: sys::CpuTime,
     /// One stats page per proxy process.
@@ -628,34 +631,7 @@ pub fn run(
     let files = crate::probe::open_plugins(&exe, &config);
     let probed = crate::probe::probe(&exe, &config, &files, false)?;
     let n = config.server.proxy_processes as usize;
-    // The master holds 3 descriptors per worker (slot memfd, eventfd,
-    // output pipe), and a replacement runs beside each worker it replaces:
-    // room for twice the largest pools, plus the proxies', its admin and
-    // metrics clients' and its own. Only as much as that (children inherit
-    // the limit, and a plugin using select() must not see descriptors past
-    // 1024 it did not ask for); the proxies raise their own.
-    let workers: u64 = config
-        .groups
-        .iter()
-        .map(|g| u64::from(g.worker_limit()))
-        .sum();
-    // Per proxy: its listening sockets, control channel and stats page.
-    let proxies =
-        u64::from(config.server.proxy_processes) * (config.server.listen.len() as u64 + 3);
-    let admin_clients = admin::MAX_ADMIN_CLIENTS as u64
-        + if config.server.metrics_listen.is_some() {
-            admin::MAX_HTTP_CLIENTS as u64
-        } else {
-            0
-        };
-    // Each group's plugin file is held open, twice during a reload (the
-    // old generation's and the new one's).
-    let plugins = 2 * config.groups.len() as u64;
-    match sys::raise_nofile_to(2 * 3 * workers + proxies + admin_clients + plugins + 32) {
-        Ok(Some((old, new))) => info!(old, new, "raised the open-file limit for the worker pool"),
-        Ok(None) => {}
-        Err(e) => warn!("cannot raise the open-file limit: {e}"),
-    }
+    raise_nofile_for(&config, config.groups.iter().map(|g| g.worker_limit()));
     let mut listeners = Vec::new();
     for (i, addr) in config.server.listen.iter().enumerate() {
         listeners.push(ListenerRec {
@@ -688,6 +664,7 @@ pub fn run(
         listeners,
         slots: Vec::new(),
         proxies: (0..n).map(|_| None).collect(),
+        proxy_retry: (0..n).map(|_| None).collect(),
         proxies_ended_cpu: sys::CpuTime::default(),
         stats,
         signals,
@@ -824,6 +801,36 @@ pub(crate) fn listen_error(addr: SocketAddr, e: &std::io::Error, key: &str) -> S
 
 /// The listening sockets for one address: one per proxy process, with
 /// SO_REUSEPORT when there are several (the kernel spreads connections).
+/// Raises the master's soft open-file limit for `config` with pools of
+/// `workers` at most (at start, and when a reload or a scale grows them).
+///
+/// The master holds 3 descriptors per worker (slot memfd, eventfd, output
+/// pipe), and a replacement runs beside each worker it replaces: room for
+/// twice the largest pools, plus the proxies', its admin and metrics
+/// clients' and its own. Only as much as that (children inherit the
+/// limit, and a plugin using select() must not see descriptors past 1024
+/// it did not ask for); the proxies raise their own.
+fn raise_nofile_for(config: &Config, workers: impl Iterator<Item = u32>) {
+    let workers: u64 = workers.map(u64::from).sum();
+    // Per proxy: its listening sockets, control channel and stats page.
+    let proxies =
+        u64::from(config.server.proxy_processes) * (config.server.listen.len() as u64 + 3);
+    let admin_clients = admin::MAX_ADMIN_CLIENTS as u64
+        + if config.server.metrics_listen.is_some() {
+            admin::MAX_HTTP_CLIENTS as u64
+        } else {
+            0
+        };
+    // Each group's plugin file is held open, twice during a reload (the
+    // old generation's and the new one's).
+    let plugins = 2 * config.groups.len() as u64;
+    match sys::raise_nofile_to(2 * 3 * workers + proxies + admin_clients + plugins + 32) {
+        Ok(Some((old, new))) => info!(old, new, "raised the open-file limit for the worker pool"),
+        Ok(None) => {}
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
 fn listen_all(addr: SocketAddr, config: &Config, n: usize) -> std::io::Result<Vec<TcpListener>> {
     let (backlog, defer) = (config.server.backlog, config.server.tcp_defer_accept);
     if n == 1 {
@@ -1117,15 +1124,16 @@ impl Master {
             .map(|s| s.label)
             .collect();
         let label = (0..).find(|l| !used.contains(l)).unwrap_or(0);
-        // The proxy with the fewest workers of this group gets it.
+        // The running proxy with the fewest workers of this group gets it.
         let proxy = (0..self.proxies.len())
+            .filter(|&p| self.proxies[p].is_some())
             .min_by_key(|&p| {
                 self.slots
                     .iter()
                     .filter(|s| s.group == g && s.proxy == p && s.active())
                     .count()
             })
-            .unwrap_or(0);
+            .context("no proxy process is running to serve a new worker")?;
         let i = self.spare_slot(g, label, proxy)?;
         self.start_worker(i, None)?;
         Ok(i)
@@ -1629,6 +1637,7 @@ impl Master {
         }
         let dynamic = group.pool == Pool::Dynamic;
         info!(group = %name, from = before, to = n, "scaling");
+        self.raise_nofile();
         if let Err(e) = self.resize(g, n) {
             // Settle at the size reached (not a target no one retries),
             // and say so on both ends.
@@ -1675,10 +1684,46 @@ impl Master {
     /// idle; while requests wait 1, 2, 4, ... at checks in a row, less
     /// those still starting, see [`POOL_MAX_SPAWN_RATE`]); one fewer when
     /// too many stayed idle for a few checks.
+    /// [`raise_nofile_for`] the groups as configured now (retired ones'
+    /// workers drain, but still hold their descriptors meanwhile).
+    pub(crate) fn raise_nofile(&self) {
+        raise_nofile_for(
+            &self.config,
+            self.groups.iter().map(|g| g.config.worker_limit()),
+        );
+    }
+
     fn check_pools(&mut self) {
         for g in 0..self.groups.len() {
+            if self.groups[g].retired {
+                continue;
+            }
+            // Short of its size (a static pool's `workers`, a dynamic one's
+            // least): a start that failed in the master itself (out of
+            // descriptors or processes, in a reload, a scale or a proxy's
+            // restart) left a slot unused, and nothing else would start
+            // it again. Not while a reload sizes the group itself.
+            let target = self.groups[g].config.workers as usize;
+            let n = (0..self.slots.len())
+                .filter(|&i| self.slots[i].group == g && self.slots[i].active())
+                .count();
+            let proxy_down = self.proxy_retry.iter().any(Option::is_some);
+            if n < target && self.reload.is_none() && !proxy_down {
+                warn!(
+                    group = %self.groups[g].config.name,
+                    workers = n,
+                    wanted = target,
+                    "group short of workers (a start failed); starting the rest"
+                );
+                for _ in n..target {
+                    if let Err(e) = self.add_worker(g) {
+                        error!("{e:#}");
+                        break;
+                    }
+                }
+            }
             let c = &self.groups[g].config;
-            if self.groups[g].retired || c.pool != Pool::Dynamic {
+            if c.pool != Pool::Dynamic {
                 continue;
             }
             let (min, max, min_spare, max_spare) =
@@ -2156,6 +2201,9 @@ impl Master {
         }
         if let Some(deadline) = self.stopping {
             next = next.min(deadline);
+        }
+        for (at, _) in self.proxy_retry.iter().flatten() {
+            next = next.min(*at);
         }
         if self.probing.is_some() {
             next = next.min(now + crate::probe::Probe::POLL_EVERY);
@@ -2790,6 +2838,14 @@ impl Master {
                 _ => {}
             }
         }
+        for p in 0..self.proxy_retry.len() {
+            if self.proxy_retry[p]
+                .as_ref()
+                .is_some_and(|(at, _)| now >= *at)
+            {
+                self.retry_proxy(p);
+            }
+        }
         if now >= self.next_pool_check {
             self.next_pool_check = now + POOL_CHECK;
             if self.stopping.is_none() && !self.starting {
@@ -2819,7 +2875,12 @@ impl Master {
             sys::kill_group(pid);
             let s = &mut self.slots[i];
             s.restarts += 1;
+            // Its dropped log lines are its group's now, as for any
+            // worker that ended (`on_child_exit`, which this one skips).
+            let dropped = s.log_dropped();
+            s.slot.control().set_log_dropped(0);
             let g = &mut self.groups[s.group];
+            g.ended_log_dropped = g.ended_log_dropped.saturating_add(dropped);
             g.ended[Cause::ProxyDied as usize] += 1;
             info!(group = %g.config.name, worker = s.label, pid, "worker killed with its proxy");
         }
@@ -2862,14 +2923,36 @@ impl Master {
             s.draining = false;
             s.ready = false;
         }
+        self.proxy_retry[p] = Some((Instant::now(), wanted));
+        self.retry_proxy(p);
+    }
+
+    /// Starts proxy `p` again, and the workers of `wanted` slots with it;
+    /// if it cannot start (out of descriptors or processes), tries again in
+    /// [`SPAWN_RETRY_MIN`] rather than stopping the server (the other
+    /// proxies go on serving; `/ping` says a proxy is being restarted).
+    fn retry_proxy(&mut self, p: usize) {
+        let Some((_, wanted)) = self.proxy_retry[p].take() else {
+            return;
+        };
+        if self.stopping.is_some() {
+            return;
+        }
         if let Err(e) = self.start_proxy(p) {
-            error!("{e:#}; stopping");
-            self.notify("STOPPING=1\nSTATUS=stopping: a proxy could not be restarted");
-            self.stopping = Some(Instant::now());
-            self.abandon_reload();
+            error!(
+                proxy = p,
+                "{e:#}; trying again in {} s",
+                SPAWN_RETRY_MIN.as_secs()
+            );
+            self.proxy_retry[p] = Some((Instant::now() + SPAWN_RETRY_MIN, wanted));
             return;
         }
         for i in wanted {
+            if !matches!(self.slots[i].life, Life::Spare)
+                || self.groups[self.slots[i].group].retired
+            {
+                continue;
+            }
             if let Err(e) = self.start_worker(i, None) {
                 error!("{e:#}");
             }

@@ -337,6 +337,8 @@ impl Master {
             })
             .collect();
         self.config = config.clone();
+        // Room for the new sizes' descriptors before their workers start.
+        self.raise_nofile();
         for &id in &gone {
             info!(group = %self.groups[id].config.name, "group removed; draining its workers");
             self.groups[id].retired = true;
