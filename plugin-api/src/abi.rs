@@ -53,11 +53,14 @@ pub struct HsRequest {
     pub id: u64,
     /// HSP/1 code field of the request: the command number.
     pub command: u16,
-    /// HSP/1 flags field (reserved, 0).
+    /// HSP/1 flags field, as the client sent it (halfsync gives it no
+    /// meaning).
     pub flags: u16,
     /// Zero.
     pub reserved: u32,
-    /// First payload byte; may be NULL when `payload_len` is 0.
+    /// First payload byte: 8-byte aligned and never NULL, even when
+    /// `payload_len` is 0 (the header's promise; the SDK still reads a NULL
+    /// with length 0 as an empty payload).
     pub payload: *const u8,
     /// Payload length in bytes.
     pub payload_len: usize,

@@ -46,9 +46,12 @@ macro_rules! host_field {
 ///
 /// Keep a clone in the plugin state to log from `handle` and `fini`.
 /// Every clone stops working (logging becomes a no-op) once the plugin's
-/// `fini` has run, so a `Host` stashed somewhere that outlives the plugin
-/// cannot reach a host that has moved on. Not `Send`: a worker runs its
-/// plugin on one thread.
+/// `fini` has run and its state was dropped (logging from the state's
+/// `Drop` still works), so a `Host` stashed somewhere that outlives the
+/// plugin cannot reach a host that has moved on. Not `Send`: a worker runs
+/// its plugin on one thread. To log from threads the plugin starts, take a
+/// [`Logger`] ([`Host::logger`]); with the SDK's `log` feature,
+/// [`Host::forward_log`] sends the `log` crate's records too.
 #[derive(Clone)]
 pub struct Host {
     raw: NonNull<HsHost>,
@@ -145,6 +148,32 @@ impl Host {
         self.log(LogLevel::Debug, msg);
     }
 
+    /// A handle that logs as [`Host::log`] does, from any thread (it is
+    /// `Send`, `Sync` and `Clone`): for threads the plugin starts. Unlike
+    /// a `Host`, it keeps working after `fini` (the host's logging lives as
+    /// long as the process: a thread still running while the worker exits
+    /// can still log). `None` after `fini`.
+    ///
+    /// ```
+    /// # use halfsync_plugin_api::Host;
+    /// fn start_flusher(host: &Host) {
+    ///     let Some(log) = host.logger() else { return };
+    ///     std::thread::spawn(move || log.info("flusher running"));
+    /// }
+    /// ```
+    pub fn logger(&self) -> Option<Logger> {
+        let p = self.ptr()?;
+        // SAFETY: a live host (`ptr`); fields read after a size check.
+        let (Some(Some(log)), Some(ctx)) =
+            (unsafe { host_field!(p, log: Option<HostLogFn>) }, unsafe {
+                host_field!(p, ctx: *mut c_void)
+            })
+        else {
+            return None;
+        };
+        Some(Logger { log, ctx })
+    }
+
     /// Sends the records of the [`log`](https://docs.rs/log) crate at
     /// `level` and above to the host's log, as [`Host::log`] does, from
     /// any thread, until `fini` (records after it are dropped). Without
@@ -154,11 +183,69 @@ impl Host {
     /// Call it in `init`; returns false if another logger was installed
     /// first (the records then go there). Needs the SDK's `log` feature.
     #[cfg(feature = "log")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "log")))]
     pub fn forward_log(&self, level: log::LevelFilter) -> bool {
         if self.ptr().is_none() {
             return false;
         }
         log_bridge::install(self.raw, level)
+    }
+}
+
+/// The host's logging, from any thread ([`Host::logger`]).
+#[derive(Clone, Copy)]
+pub struct Logger {
+    log: HostLogFn,
+    ctx: *mut c_void,
+}
+
+// SAFETY: the header promises that `hs_host.log` may be called from any
+// thread with its `ctx`, and that both stay valid for the life of the
+// process; a `Logger` holds nothing else.
+unsafe impl Send for Logger {}
+// SAFETY: as above: calls through a shared `Logger` are `hs_host.log`
+// calls from several threads, which the header allows.
+unsafe impl Sync for Logger {}
+
+impl Logger {
+    /// Logs `msg` through the host's log.
+    pub fn log(&self, level: LogLevel, msg: &str) {
+        // SAFETY: the host's own function and context (valid for the life
+        // of the process, any thread); `msg` is valid UTF-8 for the call.
+        unsafe {
+            (self.log)(
+                self.ctx,
+                level as i32,
+                msg.as_ptr().cast::<c_char>(),
+                msg.len(),
+            )
+        };
+    }
+
+    /// Logs at [`LogLevel::Error`].
+    pub fn error(&self, msg: &str) {
+        self.log(LogLevel::Error, msg);
+    }
+
+    /// Logs at [`LogLevel::Warn`].
+    pub fn warn(&self, msg: &str) {
+        self.log(LogLevel::Warn, msg);
+    }
+
+    /// Logs at [`LogLevel::Info`].
+    pub fn info(&self, msg: &str) {
+        self.log(LogLevel::Info, msg);
+    }
+
+    /// Logs at [`LogLevel::Debug`].
+    pub fn debug(&self, msg: &str) {
+        self.log(LogLevel::Debug, msg);
+    }
+}
+
+impl fmt::Debug for Logger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Logger")
     }
 }
 
@@ -279,9 +366,12 @@ impl fmt::Debug for Host {
 /// writes nothing and returns [`ReplyFull`], and the plugin decides what to
 /// do (with `?`, the request fails with a `PLUGIN_ERROR` reply saying so).
 ///
-/// `Reply` also implements [`std::fmt::Write`] (all or nothing per piece)
-/// and [`std::io::Write`] (short writes when nearly full), so `write!`,
-/// serializers and `io::copy` work.
+/// `Reply` also implements [`std::fmt::Write`] and [`std::io::Write`]
+/// (both all or nothing per piece: a piece that does not fit writes
+/// nothing and fails with the [`ReplyFull`]), so `write!`, serializers and
+/// `io::copy` work. With both traits in scope, `write!(reply, ..)` is
+/// ambiguous (E0034): import the one you mean, or call
+/// `std::fmt::Write::write_fmt(reply, format_args!(..))`.
 pub struct Reply<'a> {
     raw: &'a HsReply,
     len: usize,
@@ -885,6 +975,40 @@ impl Harness {
         let table: &'static StaticTable = Box::leak(Box::new(table::<T>("harness\0", "0\0")));
         // SAFETY: the SDK's own table for `T` follows the header.
         unsafe { Harness::from_table(&table.0) }
+    }
+
+    /// The same harness, telling the plugin it runs as worker `worker` of
+    /// group `group` ([`Host::group`], [`Host::worker`]); `None` plays a
+    /// host that does not say (no group; no worker, as while `halfsync
+    /// check` test-loads the plugin). The default is group `harness`,
+    /// worker 0. Call it before [`Harness::init`].
+    ///
+    /// ```
+    /// # use halfsync_plugin_api::{testing::Harness, *};
+    /// # struct P;
+    /// # impl Plugin for P {
+    /// #     fn init(host: &Host, _: &str) -> Result<Self, Error> {
+    /// #         assert_eq!(host.worker(), None);
+    /// #         Ok(P)
+    /// #     }
+    /// #     fn handle(&mut self, _: &Request<'_>, _: &mut Reply<'_>) -> Result<Status, Error> {
+    /// #         Ok(Status::OK)
+    /// #     }
+    /// # }
+    /// let mut h = Harness::of::<P>().as_worker(Some("game"), None);
+    /// h.init("").unwrap();
+    /// ```
+    pub fn as_worker(mut self, group: Option<&str>, worker: Option<u32>) -> Harness {
+        let group = group.map_or(ptr::null(), |g| {
+            let text = std::ffi::CString::new(g.replace('\0', "")).unwrap_or_default();
+            Box::leak(text.into_boxed_c_str()).as_ptr()
+        });
+        self.host = Box::leak(Box::new(HsHost {
+            group,
+            worker: worker.unwrap_or(abi::NOT_A_WORKER),
+            ..*self.host
+        }));
+        self
     }
 
     /// A harness for any table, e.g. the one an exported

@@ -17,7 +17,10 @@
 //!
 //! The SDK catches every panic at the C boundary and turns it into an error
 //! reply (or an init failure), so a Rust panic is never undefined
-//! behaviour; it can crash nothing but its own request. [`testing::Harness`]
+//! behaviour, and fails nothing but its own request. What cannot be caught
+//! ends the worker, which the server replaces (its request gets
+//! `WORKER_DIED`): a build with `panic = "abort"`, a panic while panicking,
+//! a stack overflow, running out of memory. [`testing::Harness`]
 //! drives a plugin through its C table inside a unit test.
 //!
 //! ```
@@ -94,12 +97,13 @@
 //! a PLUGIN_ERROR reply naming the bad status.
 
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod abi;
 mod ffi;
 mod sdk;
 
-pub use ffi::{Host, Reply};
+pub use ffi::{Host, Logger, Reply};
 pub use sdk::{Error, LogLevel, Plugin, ReplyFull, Request, Status};
 
 /// Unit-test support: drive a plugin through its C table in-process.

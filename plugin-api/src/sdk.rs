@@ -23,8 +23,9 @@ pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// A panic in any of the three is caught at the C boundary: in `init` it
 /// becomes an init failure with the message `plugin panicked: <message>
 /// at <file>:<line>:<column>`; in `handle` the reply is cleared and becomes
-/// a [`Status::PLUGIN_ERROR`] reply `plugin panicked: <message>` (the place
-/// goes to the host's log line, not to the client; the state is **not**
+/// a [`Status::PLUGIN_ERROR`] reply `plugin panicked; the server log has
+/// its message` (the message and place go to the host's log line, not to
+/// the client, who may not be trusted with them; the state is **not**
 /// reset: a panic half-way through an update leaves it half-updated, and
 /// the next request sees it); in `fini` it is logged through the host and
 /// swallowed. Such panics are not printed to stderr (no backtrace is
@@ -33,7 +34,17 @@ pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// and the worker aborts at once; panics on threads the plugin starts
 /// itself are left to the previous panic hook. A plugin built with `panic = "abort"` aborts its worker
 /// instead, which the server survives but the client sees as
-/// `WORKER_DIED`.
+/// `WORKER_DIED`. A panic hook the plugin installs itself takes the
+/// panic's message and place out of the log line (the hook's own output,
+/// if any, is logged as the worker's output).
+///
+/// One process per worker: its statics (a `OnceLock`, a `static` counter,
+/// a global logger) belong to that worker alone and start afresh in every
+/// new worker, after a crash, a recycle or a reload (a reload starts new
+/// workers; nothing carries over but what the plugin stores outside).
+/// Threads the plugin starts end with the worker, after `fini`. The host
+/// logs at most 300 of the plugin's log lines a second per worker, each
+/// cut at 16 KiB, and counts the rest.
 pub trait Plugin: Sized + 'static {
     /// Builds the plugin state from the plugin's own config section, as
     /// TOML text (empty when the config has none). Keep a clone of `host`
@@ -79,7 +90,8 @@ impl Status {
     /// ```
     ///
     /// # Panics
-    /// If `code < 100`.
+    /// If `code < 100` (the panic names the caller's line).
+    #[track_caller]
     pub const fn custom(code: u16) -> Status {
         assert!(
             code >= abi::STATUS_FIRST_PLUGIN_CODE,

@@ -17,6 +17,8 @@ struct Probe {
 thread_local! {
     /// A `Host` smuggled out of the plugin, to check it goes dead at fini.
     static STASHED_HOST: RefCell<Option<Host>> = const { RefCell::new(None) };
+    /// A `Logger` smuggled out the same way, to check it does not.
+    static STASHED_LOGGER: RefCell<Option<crate::Logger>> = const { RefCell::new(None) };
 }
 
 const ECHO: u16 = 1;
@@ -30,6 +32,8 @@ const FMT_WRITE: u16 = 8;
 const PANIC_ANY: u16 = 9;
 const WHOAMI: u16 = 27;
 const OVERFILL: u16 = 10;
+const BAD_CUSTOM: u16 = 11;
+const THREAD_LOG: u16 = 12;
 
 impl Plugin for Probe {
     fn init(host: &Host, config: &str) -> Result<Self, Error> {
@@ -40,6 +44,7 @@ impl Plugin for Probe {
         }
         host.info(&format!("probe init, config {config:?}"));
         STASHED_HOST.with(|h| *h.borrow_mut() = Some(host.clone()));
+        STASHED_LOGGER.with(|l| *l.borrow_mut() = host.logger());
         Ok(Probe {
             host: host.clone(),
             panic_in_fini: config == "panic-in-fini",
@@ -110,6 +115,18 @@ impl Plugin for Probe {
                 reply.clear();
                 assert!(reply.is_empty());
                 reply.write(b"cleared")?;
+                Ok(Status::OK)
+            }
+            // A code computed at run time, below 100: the panic names
+            // this line, not the SDK's.
+            BAD_CUSTOM => Ok(Status::custom(u16::from(
+                req.payload().first().copied().unwrap_or(0),
+            ))),
+            THREAD_LOG => {
+                let log = self.host.logger().ok_or("no logger")?;
+                std::thread::spawn(move || log.warn("from a thread of the plugin's"))
+                    .join()
+                    .map_err(|_| "the thread panicked")?;
                 Ok(Status::OK)
             }
             _ => Ok(Status::PLUGIN_ERROR),
@@ -444,4 +461,54 @@ fn group_and_worker_come_from_a_host_that_has_them() {
     let mut h = harness();
     h.init("").unwrap();
     assert_eq!(h.handle(1, WHOAMI, 0, b"", 64), (0, b"harness 0".to_vec()));
+}
+
+#[test]
+fn a_custom_status_below_100_at_run_time_names_the_callers_line() {
+    let mut h = started();
+    let (status, _) = h.handle(3, BAD_CUSTOM, 0, &[50], 100);
+    assert_eq!(status, 1);
+    let logged: Vec<String> = h
+        .logs()
+        .into_iter()
+        .filter(|(level, _)| *level == LogLevel::Error)
+        .map(|(_, line)| line)
+        .collect();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(
+        at_this_file(&logged[0]).starts_with("plugin panicked: plugin status codes start at 100"),
+        "{logged:?}"
+    );
+}
+
+/// A `Logger` logs from threads the plugin starts, and after `fini` (a
+/// `Host` does not).
+#[test]
+fn a_logger_logs_from_other_threads_and_after_fini() {
+    let mut h = started();
+    assert_eq!(h.handle(1, THREAD_LOG, 0, b"", 10).0, 0);
+    h.fini();
+    STASHED_LOGGER.with(|l| l.borrow().expect("a logger from init").info("after fini"));
+    let logs = h.logs();
+    assert!(
+        logs.contains(&(LogLevel::Warn, "from a thread of the plugin's".to_owned())),
+        "{logs:?}"
+    );
+    assert!(
+        logs.contains(&(LogLevel::Info, "after fini".to_owned())),
+        "{logs:?}"
+    );
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<crate::Logger>();
+}
+
+/// The harness plays any worker, or none.
+#[test]
+fn the_harness_plays_the_worker_it_is_told() {
+    let mut h = harness().as_worker(Some("game"), Some(3));
+    h.init("").unwrap();
+    assert_eq!(h.handle(1, WHOAMI, 0, b"", 64), (0, b"game 3".to_vec()));
+    let mut h = harness().as_worker(None, None);
+    h.init("").unwrap();
+    assert_eq!(h.handle(1, WHOAMI, 0, b"", 64), (0, b" -1".to_vec()));
 }

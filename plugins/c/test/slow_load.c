@@ -1,11 +1,12 @@
 /*
  * An echo plugin whose library constructor sleeps while the plugin probe
- * loads it (HALFSYNC_ROLE=probe): HALFSYNC_TEST_LOAD_DELAY_MS milliseconds,
- * default 0. Workers load it at once. For the test that the master goes
- * on supervising while a reload test-loads a slow plugin.
+ * loads it (the process named "halfsync-probe"): HALFSYNC_TEST_LOAD_DELAY_MS
+ * milliseconds, default 0. Workers load it at once. For the test that the
+ * master goes on supervising while a reload test-loads a slow plugin.
  */
 #define _POSIX_C_SOURCE 200809L /* nanosleep under -std=c11 */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -14,9 +15,15 @@
 
 __attribute__((constructor)) static void slow_load(void)
 {
-    const char *role = getenv("HALFSYNC_ROLE");
+    char name[64] = "";
+    FILE *comm = fopen("/proc/self/comm", "r");
+    if (comm) {
+        if (!fgets(name, sizeof name, comm))
+            name[0] = 0;
+        fclose(comm);
+    }
     const char *ms = getenv("HALFSYNC_TEST_LOAD_DELAY_MS");
-    if (!role || strcmp(role, "probe") != 0 || !ms)
+    if (strncmp(name, "halfsync-probe", 14) != 0 || !ms)
         return;
     long n = strtol(ms, 0, 10);
     struct timespec ts = {n / 1000, (n % 1000) * 1000000L};
