@@ -968,6 +968,35 @@ fn a_replacement_takes_requests_at_once_after_a_stuck_worker_dies() {
     );
 }
 
+/// A worker that writes a start time in the future for its running
+/// request (a scribble over its control block) still has that request
+/// timed out at `request_timeout`: the proxy counts from when it first saw
+/// the request running, if that is earlier. (It trusted the worker's
+/// time, and the hung worker was never killed.)
+#[test]
+fn a_request_start_time_in_the_future_does_not_escape_request_timeout() {
+    for plugin in [fault_plugin_so(), c_fault_plugin_so()] {
+        let port = free_port();
+        let mut s = Server::start(
+            &fault_config(port, &plugin, 1, "")
+                .replace("request_timeout = \"3s\"", "request_timeout = \"1s\""),
+            port,
+        );
+        let mut c = s.client();
+        c.stream()
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let t = Instant::now();
+        let r = c
+            .call(1, fault::SCRIBBLE, &[fault::SCRIBBLE_FUTURE_START_HANG])
+            .unwrap_or_else(|e| panic!("{e}: {}", s.log()));
+        assert_eq!(r.code, status::TIMEOUT, "{}", s.log());
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
+        s.assert_clean();
+    }
+}
+
 /// Stops process `pid` and waits (bounded) until it is stopped: a signal
 /// is delivered when the process next runs, and a worker woken a moment
 /// earlier may yet take a request first.

@@ -151,6 +151,12 @@ pub(crate) struct WorkerSlot {
     /// Stuck on the request at this ring position: its queue was moved to
     /// other workers and it gets no new requests until that one ends.
     stalled_on: Option<u64>,
+    /// The ring position of the request it was last seen running, and when
+    /// this proxy first saw it so: a request's age is counted from the
+    /// earlier of that and the start time the worker wrote, so a worker
+    /// that wrote a start time in the future (a scribble) cannot put its
+    /// request beyond `request_timeout`.
+    busy_seen: Cell<(u64, u64)>,
     /// Not busy, with requests in its ring, and finishing none: its served
     /// count and when that was first seen (see `slot_action`). A `Cell`:
     /// the checks that update it only look at the slot.
@@ -613,6 +619,7 @@ impl Proxy {
             sleep_hint: false,
             sleep_hint_at: 0,
             stalled_on: None,
+            busy_seen: Cell::new((u64::MAX, 0)),
             idle_watch: Cell::new(None),
             unresponsive_since: None,
             unresponsive_occupancy: Cell::new(u64::MAX),
@@ -660,6 +667,7 @@ impl Proxy {
         // mark left here kept the new worker from taking requests until
         // the next idle-rate check of the slot, up to a second away.
         s.stalled_on = None;
+        s.busy_seen.set((u64::MAX, 0));
         s.idle_watch.set(None);
         s.unresponsive_since = None;
         // (The page is per slot: a new worker starts responsive.)
@@ -1172,7 +1180,15 @@ impl Proxy {
                 if s.stalled_on.is_some() && busy.map(|b| b.pos) != s.stalled_on {
                     return (Action::Unstall, Some(now));
                 }
-                if let Some(b) = busy {
+                if let Some(mut b) = busy {
+                    let (pos, seen) = s.busy_seen.get();
+                    let seen = if pos == b.pos {
+                        seen
+                    } else {
+                        s.busy_seen.set((b.pos, now));
+                        now
+                    };
+                    b.since_ns = b.since_ns.min(seen);
                     let ran = now.saturating_sub(b.since_ns);
                     // Requests queued behind a long one move elsewhere.
                     if g.requeue_after_ns > 0 && s.stalled_on.is_none() {

@@ -464,4 +464,12 @@ mod tests {
         assert!(std::error::Error::source(&e).is_none());
         assert_eq!(e.to_string().matches("Cannot allocate memory").count(), 1);
     }
+
+    /// The fault plugins' SCRIBBLE_FUTURE_START_HANG writes the running
+    /// request's start time at this offset of the control block (their
+    /// CONTROL_BUSY_SINCE_OFFSET): it must stay where they write.
+    #[test]
+    fn the_start_time_is_where_the_fault_plugins_scribble() {
+        assert_eq!(core::mem::offset_of!(super::Control, busy_since_ns), 48);
+    }
 }

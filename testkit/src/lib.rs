@@ -194,6 +194,11 @@ pub mod fault {
     /// [`SCRIBBLE`]: fill the reply ring data area with random bytes, then
     /// hang.
     pub const SCRIBBLE_REPLY_DATA_HANG: u8 = 3;
+    /// [`SCRIBBLE`]: set the running request's start time in the control
+    /// block a year ahead, then hang.
+    pub const SCRIBBLE_FUTURE_START_HANG: u8 = 4;
+    /// Where the control block keeps the running request's start time.
+    pub const CONTROL_BUSY_SINCE_OFFSET: u32 = 48;
 }
 
 /// Builds the Rust `cdylib` plugin `package` (once per test process) with

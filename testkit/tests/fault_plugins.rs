@@ -105,6 +105,16 @@ const NUMBERS: &[(&str, &str, u32)] = &[
         "SCRIBBLE_REPLY_DATA_HANG",
         fault::SCRIBBLE_REPLY_DATA_HANG as u32,
     ),
+    (
+        "SCRIBBLE_FUTURE_START_HANG",
+        "SCRIBBLE_FUTURE_START_HANG",
+        fault::SCRIBBLE_FUTURE_START_HANG as u32,
+    ),
+    (
+        "CONTROL_BUSY_SINCE_OFFSET",
+        "CONTROL_BUSY_SINCE_OFFSET",
+        fault::CONTROL_BUSY_SINCE_OFFSET,
+    ),
 ];
 
 /// The value of `pub const <name>: <ty> = <value>;` in Rust source.

@@ -60,6 +60,8 @@
  *   1  the first 128 bytes of the control block become 0xA5, then HANG;
  *   2  as 0, then echo and return normally;
  *   3  the whole reply ring data area becomes random bytes, then HANG;
+ *   4  the running request's start time in the control block (the u64 at
+ *      byte CONTROL_BUSY_SINCE_OFFSET) becomes a year from now, then HANG;
  *   other: PLUGIN_ERROR "fault: unknown scribble variant N".
  * Payload bytes 1..5, if present, are a big-endian u32 of milliseconds to
  * sleep before scribbling.
@@ -127,6 +129,8 @@
 #define SCRIBBLE_CONTROL_HANG 1
 #define SCRIBBLE_REPLY_HEADER_RETURN 2
 #define SCRIBBLE_REPLY_DATA_HANG 3
+#define SCRIBBLE_FUTURE_START_HANG 4
+#define CONTROL_BUSY_SINCE_OFFSET 48
 
 #define SLOT_MARKER "memfd:halfsync-"
 #define SLOT_PAGE 4096u
@@ -307,7 +311,7 @@ static int32_t scribble(fault_state *s, const hs_request *req, hs_reply *reply)
     uintptr_t start;
     size_t len, capacity;
     char msg[96];
-    if (variant > SCRIBBLE_REPLY_DATA_HANG) {
+    if (variant > SCRIBBLE_FUTURE_START_HANG) {
         snprintf(msg, sizeof msg, "fault: unknown scribble variant %u", variant);
         return fail(reply, msg);
     }
@@ -337,6 +341,14 @@ static int32_t scribble(fault_state *s, const hs_request *req, hs_reply *reply)
     case SCRIBBLE_CONTROL_HANG:
         scribble_bytes(control, SCRIBBLE_LEN, SCRIBBLE_BYTE);
         break;
+    case SCRIBBLE_FUTURE_START_HANG: {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        uint64_t now = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+        *(volatile uint64_t *)(control + CONTROL_BUSY_SINCE_OFFSET) =
+            now + 365ULL * 24 * 3600 * 1000000000ULL;
+        break;
+    }
     default:
         scribble_random(reply_data, capacity & ~(size_t)7);
         break;

@@ -59,7 +59,10 @@
 //!   normally (the worker's next publish partly repairs the header, so
 //!   tests can only assert that the server does not crash);
 //! - [`SCRIBBLE_REPLY_DATA_HANG`] (3): the whole reply ring data area
-//!   becomes random bytes, then HANG.
+//!   becomes random bytes, then HANG;
+//! - [`SCRIBBLE_FUTURE_START_HANG`] (4): the start time of the running
+//!   request in the control block (its `busy_since_ns`, the u64 at byte
+//!   [`CONTROL_BUSY_SINCE_OFFSET`]) becomes a year from now, then HANG.
 //!
 //! Payload bytes 1..5, if present, are a big-endian u32 of milliseconds to
 //! sleep before scribbling.
@@ -146,6 +149,12 @@ pub const SCRIBBLE_REPLY_HEADER_RETURN: u8 = 2;
 /// [`SCRIBBLE`] variant: fill the reply ring data area with random bytes,
 /// then hang.
 pub const SCRIBBLE_REPLY_DATA_HANG: u8 = 3;
+/// [`SCRIBBLE`] variant: set the running request's start time in the
+/// control block a year ahead, then hang.
+pub const SCRIBBLE_FUTURE_START_HANG: u8 = 4;
+/// Where the control block keeps the running request's start time (a
+/// test in `halfsync-shm` checks it against the real layout).
+pub const CONTROL_BUSY_SINCE_OFFSET: u32 = 48;
 
 /// The marker in `/proc/self/maps` of a halfsync slot (`memfd:` + the name
 /// the master gives it, `halfsync-<group>-<n>`).
@@ -441,7 +450,7 @@ impl Fault {
 
     fn scribble(&mut self, req: &Request<'_>, reply: &mut Reply<'_>) -> Result<Status, Error> {
         let variant = req.payload().first().copied().unwrap_or(0);
-        if variant > SCRIBBLE_REPLY_DATA_HANG {
+        if variant > SCRIBBLE_FUTURE_START_HANG {
             return Err(format!("fault: unknown scribble variant {variant}").into());
         }
         let Some((start, len)) = find_slot() else {
@@ -472,6 +481,27 @@ impl Fault {
             SCRIBBLE_CONTROL_HANG => {
                 // SAFETY: the control block is the mapping's first page.
                 unsafe { scribble_bytes(control, SCRIBBLE_LEN, SCRIBBLE_BYTE) };
+            }
+            SCRIBBLE_FUTURE_START_HANG => {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: `ts` is valid storage for clock_gettime.
+                unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+                let now = (ts.tv_sec as u64)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(ts.tv_nsec as u64);
+                let future = now.saturating_add(365 * 24 * 3600 * 1_000_000_000);
+                let at = control + CONTROL_BUSY_SINCE_OFFSET as usize;
+                // SAFETY: inside the control page (first page of the slot
+                // mapping), 8-aligned (offset 48).
+                unsafe {
+                    std::ptr::write_volatile(
+                        std::ptr::with_exposed_provenance_mut::<u64>(at),
+                        future,
+                    )
+                };
             }
             _ => {
                 // SAFETY: the reply ring's data area is the mapping's last
