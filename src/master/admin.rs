@@ -271,10 +271,21 @@ impl Admin {
         if ready.len() < 2 {
             return out;
         }
-        // Clients first: accepting appends to `conns` and would shift them.
+        // Clients first: accepting appends to `conns`. Each client's
+        // readiness is found by its descriptor, not by its place: between
+        // `fill_pollfds` and now the loop may have answered (and dropped) a
+        // client, which shifts the places of those after it.
+        let revents_of = |fd: i32| {
+            fds.get(2..)
+                .unwrap_or_default()
+                .iter()
+                .find(|p| p.fd == fd)
+                .map_or(0, |p| p.revents)
+        };
         let mut closed = Vec::new();
-        for (k, c) in self.conns.iter_mut().enumerate() {
-            if !ready.get(k + 2).copied().unwrap_or(false) {
+        for c in self.conns.iter_mut() {
+            let revents = revents_of(c.stream.raw());
+            if revents == 0 {
                 continue;
             }
             match c.phase {
@@ -300,7 +311,6 @@ impl Admin {
                 // interrupted): forget it, or poll would report the hangup
                 // on every turn until the answer.
                 Phase::Waiting => {
-                    let revents = fds.get(k + 2).map_or(0, |p| p.revents);
                     if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
                         closed.push(c.id);
                     }
@@ -797,6 +807,62 @@ mod tests {
         ] {
             assert_eq!(percent_decode(raw), want, "{raw}");
         }
+    }
+
+    /// Polls the admin's descriptors once (up to 2 s) and hands the result
+    /// to `on_ready`, with `between` run after the poll, as the master's
+    /// loop may answer clients between the two.
+    fn turn(
+        admin: &mut super::Admin,
+        between: impl FnOnce(&mut super::Admin),
+    ) -> Vec<super::Request> {
+        let mut fds = Vec::new();
+        admin.fill_pollfds(&mut fds);
+        super::sys::poll(&mut fds, std::time::Duration::from_secs(2)).unwrap();
+        between(admin);
+        admin.on_ready(&fds)
+    }
+
+    /// A client answered (and dropped) between the poll and `on_ready`
+    /// does not shift the others' readiness onto each other: a hangup is
+    /// taken for the client that hung up, not for its neighbour, which
+    /// still gets its answer. (Clients were matched by place.)
+    #[test]
+    fn readiness_goes_to_the_client_whose_it_is() {
+        use std::io::{BufRead, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let mut admin = super::Admin::bind(&dir.path().join("a.sock"), None).unwrap();
+        let mut clients: Vec<std::os::unix::net::UnixStream> = (0..3)
+            .map(|_| std::os::unix::net::UnixStream::connect(dir.path().join("a.sock")).unwrap())
+            .collect();
+        for c in &mut clients {
+            c.write_all(b"{\"cmd\":\"reload\"}\n").unwrap();
+        }
+        // Accepted and read: three waiting clients, in order.
+        let mut conns = Vec::new();
+        for _ in 0..10 {
+            for r in turn(&mut admin, |_| {}) {
+                if let super::Request::Admin { conn, .. } = r {
+                    conns.push(conn);
+                }
+            }
+            if conns.len() == 3 {
+                break;
+            }
+        }
+        assert_eq!(conns.len(), 3);
+        // The second hangs up; the first is answered between poll and
+        // on_ready.
+        drop(clients.remove(1));
+        let first = conns[0];
+        turn(&mut admin, |a| a.respond(first, "{\"ok\":true}".into()));
+        // The third is still there to be answered.
+        admin.respond(conns[2], "{\"ok\":true,\"n\":3}".into());
+        let mut line = String::new();
+        std::io::BufReader::new(&clients[1])
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "{\"ok\":true,\"n\":3}\n");
     }
 
     fn parse(s: &str) -> Result<Command, String> {
