@@ -29,8 +29,15 @@ static TARGET: Mutex<Option<(PathBuf, Option<File>)>> = Mutex::new(None);
 /// Instead of stderr, when the master passed its own ([`FD_ENV`]).
 static STDERR: std::sync::OnceLock<File> = std::sync::OnceLock::new();
 
+/// Opens (creating 0644, as nginx does, whatever the umask lets through
+/// beyond that) the log file for appending.
 fn open(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o644)
+        .open(path)
 }
 
 /// Writes each formatted event to the current target, whole.

@@ -1928,7 +1928,19 @@ fn log_file_is_reopened_on_sigusr1_and_json_works() {
         "",
         &format!("log_file = \"{}\"\nlog_format = \"json\"", log.display()),
     );
-    let mut s = Server::start(&text, port);
+    // Started with no umask at all: the log file is still not writable by
+    // others (0644, as nginx makes it; it was 0666, so anyone could forge
+    // log lines). (The umask is the test process's for a moment.)
+    // SAFETY: umask has no preconditions.
+    let old = unsafe { libc::umask(0) };
+    let mut s = Server::spawn(&text, port);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    s.wait_ready();
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
     let first = std::fs::read_to_string(&log).unwrap();
     assert!(
         first.contains("halfsync starting") && first.contains("worker ready"),
