@@ -265,6 +265,23 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             format!("; cpu {}", proxy_cpu.join(", "))
         }
     );
+    // Groups a reload removed whose workers are all gone: one line, so
+    // that the total below adds up.
+    let gone: Vec<String> = v["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| {
+            g["retired"] == Value::Bool(true)
+                && g["workers"].as_array().is_none_or(|w| w.is_empty())
+        })
+        .map(|g| {
+            let replies: u64 = g["replies"]
+                .as_object()
+                .map_or(0, |r| r.values().map(n).sum());
+            format!("{} ({replies} replies)", g["name"].as_str().unwrap_or("?"))
+        })
+        .collect();
     for g in v["groups"].as_array().into_iter().flatten() {
         if g["retired"] == Value::Bool(true) && g["workers"].as_array().is_none_or(|w| w.is_empty())
         {
@@ -331,7 +348,18 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             );
         }
     }
-    out!("total replies: {}", replies(&v["totals"]["replies"]));
+    if !gone.is_empty() {
+        out!("removed by reloads: {}", gone.join(", "));
+    }
+    out!(
+        "total replies{}: {}",
+        if gone.is_empty() {
+            ""
+        } else {
+            " (removed groups' included)"
+        },
+        replies(&v["totals"]["replies"])
+    );
     Ok(())
 }
 

@@ -677,6 +677,13 @@ fn reload_changes_listeners_and_groups() {
         .unwrap_or_else(|| panic!("{st}"));
     assert_eq!(removed["workers_ended"]["reload"], 2, "{removed}");
     assert_eq!(removed["workers_ended"]["scale"], 0, "{removed}");
+    // The text form names it, so that the total adds up.
+    let (_, text, _) = s.ctl(&["status"]);
+    assert!(
+        text.contains("removed by reloads: extra (1 replies)")
+            && text.contains("total replies (removed groups' included):"),
+        "{text}"
+    );
     assert_eq!(
         c.call(4, 7, b"d").unwrap().code,
         status::OK,
