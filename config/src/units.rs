@@ -62,8 +62,10 @@ pub struct HumanDuration(pub Duration);
 #[error("{0}")]
 pub struct UnitError(String);
 
-/// Splits `"<digits><spaces?><unit>"`; `None` if there are no leading digits.
+/// Splits `"<digits><spaces?><unit>"` (spaces around it are ignored, as
+/// between number and unit); `None` if there are no leading digits.
 fn split_number(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_matches(' ');
     let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     if end == 0 {
         return None;
@@ -269,6 +271,7 @@ mod tests {
             ("12B", 12),
             ("4KiB", 4096),
             ("4 KiB", 4096),
+            (" 4KiB ", 4096),
             ("4k", 4096),
             ("4K", 4096),
             ("4KB", 4096),
@@ -287,7 +290,7 @@ mod tests {
     #[test]
     fn sizes_reject() {
         for s in [
-            "", "MiB", "4", "4 ", "4mib", "4TiB", "-4KiB", " 4KiB", "4KiB ", "1.5MiB", "4 K iB",
+            "", "MiB", "4", "4 ", "4mib", "4TiB", "-4KiB", "\t4KiB", "1.5MiB", "4 K iB",
         ] {
             let err = s.parse::<ByteSize>().unwrap_err().to_string();
             assert!(err.contains("expected a size like"), "{s}: {err}");
@@ -333,6 +336,8 @@ mod tests {
             ("2m", 120_000),
             ("1h", 3_600_000),
             ("10 s", 10_000),
+            (" 1s", 1_000),
+            ("1s ", 1_000),
         ];
         for (s, ms) in cases {
             assert_eq!(
@@ -346,7 +351,7 @@ mod tests {
     #[test]
     fn durations_reject() {
         for s in [
-            "", "10", "s", "10S", "1.5s", "-1s", "10sec", "1d", "10us", " 1s", "1s ",
+            "", "10", "s", "10S", "1.5s", "-1s", "10sec", "1d", "10us", "\t1s", " ",
         ] {
             let err = s.parse::<HumanDuration>().unwrap_err().to_string();
             assert!(
