@@ -260,7 +260,11 @@ pub struct Server {
     /// `metrics_listen`: `"ip:port"` of an HTTP listener serving Prometheus
     /// metrics at `/metrics` and a health check at `/ping`. Off unless set;
     /// bind it to 127.0.0.1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "de_metrics_listen"
+    )]
     pub metrics_listen: Option<SocketAddr>,
     /// `log_file`: append logs to this file instead of stderr; SIGUSR1 to
     /// the master reopens it (for logrotate). Relative to the config file.
@@ -1082,6 +1086,17 @@ fn de_size_any<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 fn de_ring_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let v = units::size_in(d, 0, MAX_RING_SIZE)?;
     Ok(v.max(MIN_RING_SIZE).next_power_of_two())
+}
+
+/// `metrics_listen`: an `"ip:port"` string, said so for anything else (a
+/// host name is not resolved).
+fn de_metrics_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(|_| {
+        de::Error::custom(format!(
+            r#"invalid address {s:?}: expected "ip:port" like "127.0.0.1:9100" or "[::1]:9100" (a host name is not looked up)"#
+        ))
+    })
 }
 
 fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {

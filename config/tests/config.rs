@@ -413,6 +413,18 @@ fn listen_addresses() {
         "halfsync.toml:2:10: server.listen: 127.0.0.1:1 is listed twice"
     );
     assert!(err_text(&with_server("listen = \"127.0.0.1:1\"")).contains("expected a sequence"));
+    // metrics_listen says the form it wants, as listen does.
+    assert_eq!(
+        err_text(&with_server("metrics_listen = \"localhost:9100\"")),
+        "halfsync.toml:2:18: server.metrics_listen: invalid address \"localhost:9100\": expected \
+         \"ip:port\" like \"127.0.0.1:9100\" or \"[::1]:9100\" (a host name is not looked up)"
+    );
+    assert_eq!(
+        ok(&with_server("metrics_listen = \"127.0.0.1:9100\""))
+            .server
+            .metrics_listen,
+        Some("127.0.0.1:9100".parse().unwrap())
+    );
     // A wildcard covers its family's other addresses on its port.
     assert_eq!(
         err_text(&with_server("listen = [\"127.0.0.1:8\", \"0.0.0.0:8\"]")),
