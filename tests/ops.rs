@@ -2203,6 +2203,45 @@ fn a_reload_adding_a_group_that_cannot_start_fails_and_drops_it() {
     s.assert_clean();
 }
 
+/// A group a reload adds that cannot start gives back the commands it
+/// took from a group the reload kept: they are that group's again, not
+/// left with no route.
+#[test]
+fn a_failed_new_group_gives_its_commands_back() {
+    let port = free_port();
+    let plugin = halfsync_testkit::fault_plugin();
+    let group = |name: &str, commands: &str, config: &str| {
+        format!(
+            "\n[[group]]\nname = \"{name}\"\nplugin = \"{}\"\nworkers = 1\ncommands = {commands}\n\
+             [group.config]\n{config}\n",
+            plugin.display()
+        )
+    };
+    let server = format!("[server]\nlisten = [\"127.0.0.1:{port}\"]\n");
+    let mut s = Server::start(
+        &(server.clone() + &group("a", "[1, 2]", "reply_prefix = \"a:\"")),
+        port,
+    );
+    s.write_config(
+        &(server
+            + &group("a", "[1]", "reply_prefix = \"a:\"")
+            + &group("bad", "[2]", "fail_init = \"db down\"")),
+    );
+    let (code, out) = reload(&s);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("the group was not added"), "{out}");
+    let mut c = s.client();
+    let r = c.call(1, 2, b"x").unwrap();
+    assert_eq!(
+        (r.code, r.payload.as_slice()),
+        (status::OK, &b"a:x"[..]),
+        "{}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    assert_eq!(c.call(2, 1, b"y").unwrap().payload, b"a:y");
+    settle(&mut s, 1);
+}
+
 /// Workers waiting out a long restart delay (their plugin kept failing)
 /// are started again by a reload, with its configuration: the fix is live
 /// when the reload returns, not when the delay runs out. (They stayed down

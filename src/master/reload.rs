@@ -26,6 +26,10 @@ pub(crate) struct Job {
     generation: u64,
     groups: Vec<GroupJob>,
     pub(crate) errors: Vec<String>,
+    /// Which group served each command before the reload (explicit
+    /// claims only), for a group it adds that fails to start: its
+    /// commands go back there (`addition_failed`).
+    routes_before: Vec<(u16, String)>,
 }
 
 struct GroupJob {
@@ -336,6 +340,12 @@ impl Master {
                         .any(|g| g.name == self.groups[id].config.name)
             })
             .collect();
+        let routes_before: Vec<(u16, String)> = self
+            .config
+            .groups
+            .iter()
+            .flat_map(|g| g.commands.iter().map(|&c| (c, g.name.clone())))
+            .collect();
         self.config = config.clone();
         // Room for the new sizes' descriptors before their workers start.
         self.raise_nofile();
@@ -426,6 +436,7 @@ impl Master {
             generation,
             groups: jobs,
             errors,
+            routes_before,
         });
         self.reload_advance();
         Ok(())
@@ -478,6 +489,7 @@ impl Master {
             generation: self.generation,
             groups,
             errors,
+            routes_before: Vec::new(),
         });
         self.reload_advance();
     }
@@ -549,7 +561,38 @@ impl Master {
             self.reload_advance();
             return;
         }
+        // Its commands go back to the groups that served them before the
+        // reload, where those are still here and not the default route
+        // (which takes them anyway).
+        let claimed: Vec<u16> = self
+            .config
+            .groups
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.commands.clone())
+            .unwrap_or_default();
+        let before = job.routes_before.clone();
         self.config.groups.retain(|c| c.name != name);
+        for cmd in claimed {
+            let Some((_, owner)) = before.iter().find(|(c, _)| *c == cmd) else {
+                continue;
+            };
+            if let Some(c) =
+                self.config.groups.iter_mut().find(|c| {
+                    &c.name == owner && !c.is_default_route() && !c.commands.contains(&cmd)
+                })
+            {
+                c.commands.push(cmd);
+                let updated = c.clone();
+                if let Some(r) = self
+                    .groups
+                    .iter_mut()
+                    .find(|r| !r.retired && r.config.name == updated.name)
+                {
+                    r.config.commands = updated.commands;
+                }
+            }
+        }
         self.groups[g].retired = true;
         for i in 0..self.slots.len() {
             if self.slots[i].group == g && i != slot {
