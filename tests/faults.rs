@@ -1858,6 +1858,15 @@ fn a_proxy_that_cannot_be_restarted_at_once_is_retried() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(alive(master), "the master stopped: {}", s.log());
     assert!(!s.log().contains("stopping"), "{}", s.log());
+    // Meanwhile, resizing is refused: the waiting proxy's workers are not
+    // gone, and would be doubled. (The admin client's descriptor is one
+    // the dead proxy's channel freed.)
+    let (code, out, err) = s.ctl(&["scale", "fault", "2"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("could not be restarted yet"), "{err}");
+    let (code, out, err) = s.ctl(&["reload"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("could not be restarted yet"), "{err}");
     set_nofile(master, lim.rlim_cur, lim.rlim_max);
     let mut served = None;
     for _ in 0..100 {

@@ -1615,6 +1615,12 @@ impl Master {
         if self.stopping.is_some() {
             return Err("halfsync is stopping".into());
         }
+        if let Some(p) = self.proxy_waiting() {
+            return Err(format!(
+                "proxy {p} could not be restarted yet (it is tried again every second); scale \
+                 once it is back (halfsync status shows it)"
+            ));
+        }
         // A rollback would undo it (it restores the group's previous
         // settings), and the reload's own sizes apply anyway.
         if self.reload.is_some() || self.probing.is_some() {
@@ -1684,6 +1690,11 @@ impl Master {
     /// idle; while requests wait 1, 2, 4, ... at checks in a row, less
     /// those still starting, see [`POOL_MAX_SPAWN_RATE`]); one fewer when
     /// too many stayed idle for a few checks.
+    /// A proxy that could not be restarted yet (`retry_proxy`), if any.
+    pub(crate) fn proxy_waiting(&self) -> Option<usize> {
+        self.proxy_retry.iter().position(Option::is_some)
+    }
+
     /// [`raise_nofile_for`] the groups as configured now (retired ones'
     /// workers drain, but still hold their descriptors meanwhile).
     pub(crate) fn raise_nofile(&self) {
@@ -1707,8 +1718,12 @@ impl Master {
             let n = (0..self.slots.len())
                 .filter(|&i| self.slots[i].group == g && self.slots[i].active())
                 .count();
-            let proxy_down = self.proxy_retry.iter().any(Option::is_some);
-            if n < target && self.reload.is_none() && !proxy_down {
+            // While a proxy waits to be restarted its workers' slots are
+            // spare, not gone: sizing a group now would double them.
+            if self.proxy_waiting().is_some() {
+                return;
+            }
+            if n < target && self.reload.is_none() {
                 warn!(
                     group = %self.groups[g].config.name,
                     workers = n,

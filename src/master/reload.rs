@@ -187,6 +187,12 @@ impl Master {
                  runs again (proxy_stall_timeout restarts it)"
             ));
         }
+        if let Some(p) = self.proxy_waiting() {
+            return Err(format!(
+                "proxy {p} could not be restarted yet (it is tried again every second); reload \
+                 once it is back (halfsync status shows it)"
+            ));
+        }
         let (probe, config, files) = self
             .read_and_probe()
             .inspect_err(|_| self.reloads.count("refused"))?;
