@@ -2461,8 +2461,13 @@ impl Master {
         let failed_replacement = s.replaces.is_some() && !s.ready;
         // The first workers of a group a reload is adding: one that fails
         // to start means the group is not added (`addition_failed`).
-        let failed_addition = !s.ready && self.reload.as_ref().is_some_and(|j| j.adding(i));
-        let failed_start = !s.ready && self.reload.as_ref().is_some_and(|j| j.starting(i));
+        // (One drained or retired before it was ready left by plan: no
+        // failure, and `reload_advance` stops waiting for it.)
+        let planned = s.draining || s.retiring;
+        let failed_addition =
+            !s.ready && !planned && self.reload.as_ref().is_some_and(|j| j.adding(i));
+        let failed_start =
+            !s.ready && !planned && self.reload.as_ref().is_some_and(|j| j.starting(i));
         let next = if stopping
             || s.retiring
             || s.draining

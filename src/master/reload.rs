@@ -728,6 +728,16 @@ impl Master {
         let Some(mut job) = self.reload.take() else {
             return;
         };
+        // Workers it started that will not become ready by plan (drained
+        // by a rollback, gone to spare) are no longer waited for.
+        for gj in &mut job.groups {
+            let pending = |i: &usize| {
+                let s = &self.slots[*i];
+                !(s.draining || s.retiring || matches!(s.life, Life::Spare | Life::Stopped))
+            };
+            gj.adding.retain(pending);
+            gj.starting.retain(pending);
+        }
         let mut waiting = false;
         for gj in &mut job.groups {
             // Until a replacement is going or none is left to do: the list
