@@ -32,8 +32,24 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
     // command of this user only talks to a server of this user. (root
     // administers servers of service users.)
     let me = crate::master::sys::euid();
+    let peer = crate::master::sys::peer_uid(&s).ok();
+    if me == 0
+        && let Some(peer) = peer.filter(|&p| p != 0)
+        && world_writable_dir(socket)
+        && !line.contains(r#""cmd":"status""#)
+    {
+        // root acts on servers of service users, so a socket another user
+        // squatted where anyone can create one could pass for theirs.
+        let _ = writeln!(
+            std::io::stderr(),
+            "halfsync: note: {} is served by uid {peer}, in a directory anyone can write: make \
+             sure that is your server's user (set server.admin_socket in a directory only it \
+             can write, such as /run/halfsync/, to be sure)",
+            socket.display()
+        );
+    }
     if me != 0
-        && let Ok(peer) = crate::master::sys::peer_uid(&s)
+        && let Some(peer) = peer
         && peer != me
     {
         bail!(
@@ -100,6 +116,22 @@ fn request(socket: &Path, line: &str, timeout: Duration) -> Result<Value> {
         bail!("{}", v["error"].as_str().unwrap_or("the server refused"));
     }
     Ok(v)
+}
+
+/// Whether `socket`'s directory may be written by anyone (as /tmp).
+fn world_writable_dir(socket: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    socket
+        .parent()
+        .and_then(|d| {
+            std::fs::metadata(if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            })
+            .ok()
+        })
+        .is_some_and(|m| m.permissions().mode() & 0o002 != 0)
 }
 
 /// The default admin socket (`/tmp/halfsync-*.sock`) of the server whose

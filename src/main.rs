@@ -253,9 +253,9 @@ fn socket(t: &Target) -> Result<PathBuf> {
     // Nothing there, and the file has a mistake (a mistyped
     // `admin_socket` is an unknown key, and the default socket is looked
     // for instead): say so beside the command's own error.
-    if std::os::unix::net::UnixStream::connect(&sock).is_err()
-        && let Some(path) = t.config.as_deref()
+    if let Some(path) = t.config.as_deref()
         && let Err(e) = load_config(Some(path))
+        && std::os::unix::net::UnixStream::connect(&sock).is_err()
     {
         let _ = writeln!(
             std::io::stderr(),
