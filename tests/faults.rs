@@ -1763,6 +1763,37 @@ fn a_process_a_plugin_starts_in_the_probe_ends_with_it() {
     s.assert_clean();
 }
 
+/// Process `pid`'s open-file limit.
+fn nofile(pid: i32) -> libc::rlimit {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is valid storage for the old limit; no new one is set.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    lim
+}
+
+/// The lowest descriptor number process `pid` has free.
+fn lowest_free_fd(pid: i32) -> u64 {
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).unwrap_or(0)
+}
+
+/// Waits (up to 10 s) until a new connection's echo is answered OK.
+fn wait_served(s: &Server) {
+    let served = wait_for(Duration::from_secs(10), || {
+        let mut c = Client::connect(s.addr).ok()?;
+        (c.call(1, 1, b"x").ok()?.code == status::OK).then_some(())
+    });
+    assert!(served.is_some(), "{}", s.log());
+}
+
 /// Sets process `pid`'s open-file limit (soft and hard).
 fn set_nofile(pid: i32, soft: u64, hard: u64) {
     let lim = libc::rlimit {
@@ -1791,13 +1822,7 @@ fn a_worker_the_master_cannot_start_is_retried_without_a_storm() {
         port,
     );
     let master = s.pid;
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is valid storage for the old limit; no new one is set.
-    let rc = unsafe { libc::prlimit(master, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
-    assert_eq!(rc, 0);
+    let lim = nofile(master);
     let worker = s.worker_pids()[0];
     // Every descriptor the master opens from now on fails.
     set_nofile(master, 16, lim.rlim_max);
@@ -1834,20 +1859,9 @@ fn a_proxy_that_cannot_be_restarted_at_once_is_retried() {
     let port = free_port();
     let mut s = Server::start(&fault_config(port, &fault_plugin_so(), 1, ""), port);
     let master = s.pid;
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is valid storage for the old limit; no new one is set.
-    let rc = unsafe { libc::prlimit(master, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
-    assert_eq!(rc, 0);
+    let lim = nofile(master);
     // No descriptor free below the limit: the master can open none.
-    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{master}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    let lowest_free = lowest_free_fd(master);
     set_nofile(master, lowest_free, lim.rlim_max);
     let proxy = s.pids_titled("halfsync: proxy")[0];
     kill(proxy, libc::SIGKILL);
@@ -1868,18 +1882,7 @@ fn a_proxy_that_cannot_be_restarted_at_once_is_retried() {
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(err.contains("could not be restarted yet"), "{err}");
     set_nofile(master, lim.rlim_cur, lim.rlim_max);
-    let mut served = None;
-    for _ in 0..100 {
-        if let Ok(mut c) = Client::connect(s.addr)
-            && let Ok(r) = c.call(1, 1, b"x")
-            && r.code == status::OK
-        {
-            served = Some(());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(served.is_some(), "{}", s.log());
+    wait_served(&s);
     assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
     s.assert_clean();
 }
@@ -1894,19 +1897,8 @@ fn a_group_short_of_workers_is_filled_again() {
     let port = free_port();
     let mut s = Server::start(&fault_config(port, &fault_plugin_so(), 1, ""), port);
     let master = s.pid;
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is valid storage for the old limit; no new one is set.
-    let rc = unsafe { libc::prlimit(master, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
-    assert_eq!(rc, 0);
-    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{master}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    let lim = nofile(master);
+    let lowest_free = lowest_free_fd(master);
     // Room for the proxy's descriptors (with the dead one's given back),
     // not for its worker's as well (measured: 5 to 7 above the lowest
     // free one does that).
@@ -1920,18 +1912,7 @@ fn a_group_short_of_workers_is_filled_again() {
     });
     assert!(short.is_some(), "{}", s.log());
     set_nofile(master, lim.rlim_cur, lim.rlim_max);
-    let mut served = None;
-    for _ in 0..100 {
-        if let Ok(mut c) = Client::connect(s.addr)
-            && let Ok(r) = c.call(1, 1, b"x")
-            && r.code == status::OK
-        {
-            served = Some(());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(served.is_some(), "{}", s.log());
+    wait_served(&s);
     assert_eq!(s.worker_pids().len(), 1);
     assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
     s.assert_clean();

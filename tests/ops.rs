@@ -2067,12 +2067,11 @@ fn a_worker_started_while_the_log_cannot_be_opened_opens_it_at_sigusr1() {
     s.assert_clean();
 }
 
-/// A replaced worker that does not drain within `drain_timeout` (the
-/// reload's mercy time) is killed; its request gets TIMEOUT.
-#[test]
-fn a_worker_that_will_not_drain_is_killed_after_drain_timeout() {
+/// A slow request on the worker a reload replaces, killed while it drains
+/// (group settings `extra`): its client gets TIMEOUT with `reply`, and the
+/// master's log says `logged`; the new version serves.
+fn killed_while_draining(extra: &str, reply: &str, logged: &str, not_logged: Option<&str>) {
     let port = free_port();
-    let extra = "drain_timeout = \"500ms\"";
     let mut s = Server::start(&versioned(port, 1, "v1:", extra, ""), port);
     let mut slow = s.client();
     slow.send(1, halfsync_testkit::fault::SLOW, &5000u32.to_be_bytes())
@@ -2083,20 +2082,30 @@ fn a_worker_that_will_not_drain_is_killed_after_drain_timeout() {
     assert_eq!(code, Some(0), "{out}");
     let r = slow.recv().unwrap();
     assert_eq!((r.id, r.code), (1, status::TIMEOUT));
-    assert_eq!(
-        String::from_utf8_lossy(&r.payload),
-        "the request ran past drain_timeout while its worker was being replaced; the worker \
-         was killed"
-    );
-    let logged = wait_for(Duration::from_secs(10), || {
-        s.log()
-            .contains("after its request ran past drain_timeout while it was being replaced")
-            .then_some(())
+    assert_eq!(String::from_utf8_lossy(&r.payload), reply);
+    let found = wait_for(Duration::from_secs(10), || {
+        s.log().contains(logged).then_some(())
     });
-    assert!(logged.is_some(), "{}", s.log());
+    assert!(found.is_some(), "{}", s.log());
+    if let Some(not) = not_logged {
+        assert!(!s.log().contains(not), "{}", s.log());
+    }
     let mut c = s.client();
     assert_eq!(c.call(2, 1, b"x").unwrap().payload, b"v2:x");
     settle(&mut s, 1);
+}
+
+/// A replaced worker that does not drain within `drain_timeout` (the
+/// reload's mercy time) is killed; its request gets TIMEOUT.
+#[test]
+fn a_worker_that_will_not_drain_is_killed_after_drain_timeout() {
+    killed_while_draining(
+        "drain_timeout = \"500ms\"",
+        "the request ran past drain_timeout while its worker was being replaced; the worker \
+         was killed",
+        "after its request ran past drain_timeout while it was being replaced",
+        None,
+    );
 }
 
 /// A draining worker whose request reaches `request_timeout` first is
@@ -2104,32 +2113,12 @@ fn a_worker_that_will_not_drain_is_killed_after_drain_timeout() {
 /// `drain_timeout` for every timeout kill of a worker being replaced).
 #[test]
 fn a_draining_worker_killed_past_request_timeout_is_logged_as_such() {
-    let port = free_port();
-    let extra = "drain_timeout = \"30s\"\nrequest_timeout = \"1500ms\"";
-    let mut s = Server::start(&versioned(port, 1, "v1:", extra, ""), port);
-    let mut slow = s.client();
-    slow.send(1, halfsync_testkit::fault::SLOW, &5000u32.to_be_bytes())
-        .unwrap();
-    s.wait_busy();
-    s.write_config(&versioned(port, 1, "v2:", extra, ""));
-    let (code, out) = reload(&s);
-    assert_eq!(code, Some(0), "{out}");
-    let r = slow.recv().unwrap();
-    assert_eq!((r.id, r.code), (1, status::TIMEOUT));
-    assert_eq!(
-        String::from_utf8_lossy(&r.payload),
-        "the request ran past request_timeout; its worker was killed"
+    killed_while_draining(
+        "drain_timeout = \"30s\"\nrequest_timeout = \"1500ms\"",
+        "the request ran past request_timeout; its worker was killed",
+        "after its request ran past request_timeout",
+        Some("past drain_timeout"),
     );
-    let logged = wait_for(Duration::from_secs(10), || {
-        s.log()
-            .contains("after its request ran past request_timeout")
-            .then_some(())
-    });
-    assert!(logged.is_some(), "{}", s.log());
-    assert!(!s.log().contains("past drain_timeout"), "{}", s.log());
-    let mut c = s.client();
-    assert_eq!(c.call(2, 1, b"x").unwrap().payload, b"v2:x");
-    settle(&mut s, 1);
 }
 
 /// A reload that adds groups waits for their first workers: one that

@@ -42,6 +42,32 @@ macro_rules! host_field {
     }};
 }
 
+/// `error`, `warn`, `info` and `debug`: `log` at that level (for [`Host`]
+/// and [`Logger`] alike).
+macro_rules! log_levels {
+    () => {
+        /// Logs at [`LogLevel::Error`].
+        pub fn error(&self, msg: &str) {
+            self.log(LogLevel::Error, msg);
+        }
+
+        /// Logs at [`LogLevel::Warn`].
+        pub fn warn(&self, msg: &str) {
+            self.log(LogLevel::Warn, msg);
+        }
+
+        /// Logs at [`LogLevel::Info`].
+        pub fn info(&self, msg: &str) {
+            self.log(LogLevel::Info, msg);
+        }
+
+        /// Logs at [`LogLevel::Debug`].
+        pub fn debug(&self, msg: &str) {
+            self.log(LogLevel::Debug, msg);
+        }
+    };
+}
+
 /// The host's services, handed to [`Plugin::init`]: logging, for now.
 ///
 /// Keep a clone in the plugin state to log from `handle` and `fini`.
@@ -51,7 +77,7 @@ macro_rules! host_field {
 /// plugin cannot reach a host that has moved on. Not `Send`: a worker runs
 /// its plugin on one thread. To log from threads the plugin starts, take a
 /// [`Logger`] ([`Host::logger`]); with the SDK's `log` feature,
-/// [`Host::forward_log`] sends the `log` crate's records too.
+/// `Host::forward_log` sends the `log` crate's records too.
 #[derive(Clone)]
 pub struct Host {
     raw: NonNull<HsHost>,
@@ -128,25 +154,7 @@ impl Host {
         unsafe { log(ctx, level as i32, msg.as_ptr().cast::<c_char>(), msg.len()) };
     }
 
-    /// Logs at [`LogLevel::Error`].
-    pub fn error(&self, msg: &str) {
-        self.log(LogLevel::Error, msg);
-    }
-
-    /// Logs at [`LogLevel::Warn`].
-    pub fn warn(&self, msg: &str) {
-        self.log(LogLevel::Warn, msg);
-    }
-
-    /// Logs at [`LogLevel::Info`].
-    pub fn info(&self, msg: &str) {
-        self.log(LogLevel::Info, msg);
-    }
-
-    /// Logs at [`LogLevel::Debug`].
-    pub fn debug(&self, msg: &str) {
-        self.log(LogLevel::Debug, msg);
-    }
+    log_levels!();
 
     /// A handle that logs as [`Host::log`] does, from any thread (it is
     /// `Send`, `Sync` and `Clone`): for threads the plugin starts. Unlike
@@ -222,25 +230,7 @@ impl Logger {
         };
     }
 
-    /// Logs at [`LogLevel::Error`].
-    pub fn error(&self, msg: &str) {
-        self.log(LogLevel::Error, msg);
-    }
-
-    /// Logs at [`LogLevel::Warn`].
-    pub fn warn(&self, msg: &str) {
-        self.log(LogLevel::Warn, msg);
-    }
-
-    /// Logs at [`LogLevel::Info`].
-    pub fn info(&self, msg: &str) {
-        self.log(LogLevel::Info, msg);
-    }
-
-    /// Logs at [`LogLevel::Debug`].
-    pub fn debug(&self, msg: &str) {
-        self.log(LogLevel::Debug, msg);
-    }
+    log_levels!();
 }
 
 impl fmt::Debug for Logger {
