@@ -1075,3 +1075,61 @@ fn a_bad_frames_reply_is_not_lost_to_a_reset() {
     assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
     s.assert_clean();
 }
+
+/// Clients holding every connection the open-file limit allows do not
+/// take the descriptors the proxy needs for the master's messages: a
+/// reload (new workers' slots, a new configuration) and a scale still go
+/// through. (The proxy dropped them, "AddSlot without its two fds;
+/// ignored", and the reload waited for ever on a worker it never got.)
+#[test]
+fn clients_filling_the_descriptors_do_not_block_a_reload() {
+    let port = free_port();
+    let text = |prefix: &str| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\n\
+             workers = 2\n[group.config]\nreply_prefix = \"{prefix}\"\n",
+            halfsync_testkit::fault_plugin().display()
+        )
+    };
+    let mut s = Server::spawn_nofile(&text("v1:"), port, 100, 100);
+    s.wait_ready();
+    // Connections until the proxy refuses them, each held.
+    let mut held = Vec::new();
+    for i in 0..200u64 {
+        let mut c = s.client();
+        c.stream()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        match c.call(i, 1, b"x") {
+            Ok(r) => {
+                assert_eq!(r.payload, b"v1:x");
+                held.push(c);
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(held.len() < 200, "never refused");
+    s.write_config(&text("v2:"));
+    let (code, out, err) = s.ctl(&["reload", "--timeout", "30"]);
+    assert_eq!(code, Some(0), "{out}{err}\n{}", s.log());
+    assert!(!s.log().contains("ignored"), "{}", s.log());
+    let (code, out, err) = s.ctl(&["scale", "g", "3"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let three = wait_for(Duration::from_secs(20), || {
+        let st = s.status();
+        let ws = st["groups"][0]["workers"].as_array()?.clone();
+        (ws.len() == 3
+            && ws
+                .iter()
+                .all(|w| matches!(w["state"].as_str(), Some("idle" | "busy"))))
+        .then_some(())
+    });
+    assert!(three.is_some(), "{}\n{}", s.status(), s.log());
+    // The held connections get the new version.
+    for (i, c) in held.iter_mut().enumerate().take(5) {
+        assert_eq!(c.call(1000 + i as u64, 1, b"y").unwrap().payload, b"v2:y");
+    }
+    drop(held);
+    assert_eq!(s.stop(Duration::from_secs(30)).code(), Some(0));
+    s.assert_clean();
+}

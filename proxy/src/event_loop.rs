@@ -70,6 +70,12 @@ fn next_mean_frame(mean: usize, bytes: usize, frames: usize) -> usize {
     }
 }
 
+/// Descriptors the proxy keeps for itself beyond its slots': stdio,
+/// epoll, listeners, the control channel, the stats page, the spare for
+/// refusing connections (about 10), and room for what the master's
+/// messages bring (a slot's two, a configuration's one).
+const FD_HEADROOM: u64 = 24;
+
 /// How long a connection closing gracefully waits for its peer to close
 /// too, dropping what it still sends (see `Conn::linger_until_ns`): past
 /// it, the connection is closed whatever is unread. Peers close on EOF at
@@ -171,6 +177,10 @@ pub(crate) struct Proxy {
     pub(crate) tuning: crate::tuning::Tuning,
     /// A spare descriptor, given up to accept-and-close when out of fds.
     reserve_fd: Option<std::fs::File>,
+    /// This process's open-file limit, if known: client connections stop
+    /// short of it (`conn_cap`), so that the master's messages can always
+    /// bring their descriptors (a worker's slot, a configuration).
+    nofile: Option<u64>,
     refuse_logged_ns: u64,
     /// Benchmark baseline: plugins called in the loop, by group id.
     inline: Vec<Option<halfsync_worker::Instance>>,
@@ -282,6 +292,7 @@ impl Proxy {
             stats,
             tuning: crate::tuning::Tuning::from_env(),
             reserve_fd: std::fs::File::open("/dev/null").ok(),
+            nofile,
             refuse_logged_ns: 0,
             inline: Vec::new(),
             inline_out: Vec::new(),
@@ -410,6 +421,19 @@ impl Proxy {
                 let _ = self.control.send_to_master(ToMaster::Drained);
                 return Ok(());
             }
+        }
+    }
+
+    /// The most client connections the open-file limit allows, leaving
+    /// [`FD_HEADROOM`] and two per worker slot (its eventfd and memfd) to
+    /// the proxy itself.
+    fn fd_cap(&self) -> usize {
+        match self.nofile {
+            Some(limit) => {
+                let own = FD_HEADROOM + 2 * self.slots.len() as u64;
+                limit.saturating_sub(own) as usize
+            }
+            None => usize::MAX,
         }
     }
 
@@ -814,6 +838,13 @@ impl Proxy {
                 Ok(Some(stream)) => {
                     if self.conns.live >= self.config.server.max_connections as usize {
                         self.refuse("max_connections reached");
+                        continue;
+                    }
+                    if self.conns.live >= self.fd_cap() {
+                        // Not the last descriptors: the master's messages
+                        // need theirs (a client filling them left a reload
+                        // waiting for ever on a worker the proxy never got).
+                        self.refuse("out of file descriptors");
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
