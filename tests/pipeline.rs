@@ -226,3 +226,95 @@ fn inline_baseline_serves_without_workers() {
     );
     assert_eq!(st.and_then(|s| s.code()), Some(0));
 }
+
+/// A client that pipelines far more than it reads has its reading paused
+/// behind its replies; a stop then still reads what it had sent into the
+/// proxy's socket and answers it (OK or SHUTTING_DOWN) as the replies
+/// drain, and the connection ends with an EOF after the last reply, not a
+/// reset. (What sat in the socket was dropped unanswered at the stop, and
+/// the close 500 ms after the FIN reset a connection whose replies were
+/// still on their way.)
+#[test]
+fn a_stop_answers_what_a_paused_connection_had_sent() {
+    paused_connection_at_a_stop(false);
+}
+
+/// The same, for a client that reads its replies slowly: the proxy's
+/// lingering close waits while they are still on their way (the kernel's
+/// send queue shrinks), instead of resetting the connection 500 ms after
+/// its FIN.
+#[test]
+fn a_stop_waits_for_a_slow_readers_replies() {
+    paused_connection_at_a_stop(true);
+}
+
+fn paused_connection_at_a_stop(slow_reader: bool) {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let mut s = Server::start(&config(port, &echo_so(), 1, ""), port);
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    // A small receive buffer: the proxy's replies back up at once.
+    sock.set_recv_buffer_size(8 << 10).unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let stream: std::net::TcpStream = sock.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    const N: u64 = 20_000;
+    let mut w = stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let payload = vec![b'p'; 1024];
+        for id in 0..N {
+            let mut frame = halfsync_protocol::encode_header(id, 1, 0, payload.len()).to_vec();
+            frame.extend_from_slice(&payload);
+            if w.write_all(&frame).is_err() {
+                return id;
+            }
+        }
+        N
+    });
+    // Reading paused behind the replies, the rest in the sockets.
+    std::thread::sleep(Duration::from_millis(700));
+    s.signal(libc::SIGTERM);
+    let mut r = Reader(stream);
+    let (mut ok, mut refused) = (0u64, 0u64);
+    // (SHUTTING_DOWN answers come at once, so they may overtake the OK
+    // replies of requests still running: by id, once each.)
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        match r.frame() {
+            Ok(f) => {
+                assert!(f.id < N && seen.insert(f.id), "reply id {}", f.id);
+                if slow_reader && seen.len() % 32 == 0 {
+                    // About 1.5 MB/s: seconds for what is queued.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                match f.code {
+                    // (BUSY: past max_queue, a load this deep is refused.)
+                    status::OK | status::BUSY => ok += 1,
+                    status::SHUTTING_DOWN => refused += 1,
+                    other => panic!("status {other}"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!(
+                "{e} after {ok} OK or BUSY and {refused} SHUTTING_DOWN: {}",
+                s.log()
+            ),
+        }
+    }
+    let written = writer.join().unwrap();
+    assert!(
+        ok > 0 && ok + refused <= written,
+        "{ok} + {refused} of {written}"
+    );
+    assert!(
+        refused > 0,
+        "nothing answered SHUTTING_DOWN ({ok} OK of {written} written)"
+    );
+    let mut rest = Vec::new();
+    let _ = r.0.read_to_end(&mut rest);
+    let st = s.wait_exit(Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0));
+    s.assert_clean();
+}

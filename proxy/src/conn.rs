@@ -74,6 +74,10 @@ pub(crate) struct Conn {
     /// connection, and a reset makes the peer's kernel drop the replies it
     /// has not read yet (nginx's lingering close). 0 while open.
     pub(crate) linger_until_ns: u64,
+    /// During a stop: bytes the peer had sent when it began and the proxy
+    /// had not read yet (its reading paused behind replies), still to be
+    /// read and answered SHUTTING_DOWN before the connection closes.
+    pub(crate) drain_owed: u64,
 }
 
 impl Conn {

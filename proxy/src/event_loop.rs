@@ -814,8 +814,13 @@ impl Proxy {
             let _ = self.epoll.delete(l.as_raw_fd());
         }
         // What the clients sent already is read and answered
-        // SHUTTING_DOWN before their connections close (lingering); a
-        // connection waiting for replies closes once they are sent.
+        // SHUTTING_DOWN before their connections close (lingering), also
+        // on a connection whose reading is paused behind its replies (read
+        // once they have gone); a connection waiting for replies closes
+        // once they are sent.
+        for c in self.conns.slab.iter_mut().flatten() {
+            c.drain_owed = sys::readable_bytes(c.stream.as_raw_fd());
+        }
         for i in 0..self.conns.slab.len() {
             self.read_conn(i);
         }
@@ -865,6 +870,7 @@ impl Proxy {
                         closing: false,
                         dirty: false,
                         linger_until_ns: 0,
+                        drain_owed: 0,
                     });
                     self.stats.accepted();
                     self.stats.connections(self.conns.live);
@@ -984,6 +990,7 @@ impl Proxy {
                 Ok(n) => {
                     total += n;
                     c.last_active_ns = self.now_ns;
+                    c.drain_owed = c.drain_owed.saturating_sub(n as u64);
                     self.ingest(i, &scratch[..n]);
                     if n < want {
                         // Short read: the socket is drained. Level-triggered
@@ -1308,7 +1315,7 @@ impl Proxy {
             }
             return;
         }
-        let finished = c.eof || c.closing || self.draining;
+        let finished = c.eof || c.closing || (self.draining && c.drain_owed == 0);
         if !(finished && c.inflight == 0 && !c.has_output()) {
             return;
         }
@@ -1324,6 +1331,9 @@ impl Proxy {
             return;
         }
         c.linger_until_ns = self.now_ns.saturating_add(LINGER_NS).max(1);
+        // What the kernel still has to deliver of the replies: the linger
+        // goes on while that shrinks (see `run_timers`).
+        c.unacked = sys::unacked_bytes(c.stream.as_raw_fd()).unwrap_or(0);
         c.inbuf = Vec::new();
         c.closing = true;
         self.lingering
@@ -1396,9 +1406,20 @@ impl Proxy {
             && self.now_ns >= at
         {
             self.lingering.pop_front();
-            if self.conns.get(tag).is_some_and(|c| c.linger_until_ns != 0) {
-                self.close(tag.index());
+            let Some(c) = self.conns.get(tag).filter(|c| c.linger_until_ns != 0) else {
+                continue;
+            };
+            // Replies still on their way to a peer that reads them (the
+            // kernel's send queue shrank since the last look): a close now
+            // would reset the connection and lose them, so linger on.
+            let queued = sys::unacked_bytes(c.stream.as_raw_fd()).unwrap_or(0);
+            if queued > 0 && queued < c.unacked {
+                c.unacked = queued;
+                c.linger_until_ns = self.now_ns.saturating_add(LINGER_NS);
+                self.lingering.push_back((c.linger_until_ns, tag));
+                continue;
             }
+            self.close(tag.index());
         }
         if let Some(until) = self.listeners_paused_until
             && self.now_ns >= until

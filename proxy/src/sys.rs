@@ -174,6 +174,16 @@ pub fn unacked_bytes(fd: RawFd) -> Option<u32> {
     (rc == 0 && n >= 0).then_some(n as u32)
 }
 
+/// Bytes waiting to be read on a socket (`FIONREAD`); 0 if the kernel
+/// does not say.
+pub fn readable_bytes(fd: RawFd) -> u64 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points to
+    // a live local.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if rc == 0 { n.max(0) as u64 } else { 0 }
+}
+
 /// Reads from a socket.
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     syscall!(recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0)).map(|n| n as usize)
