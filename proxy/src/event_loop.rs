@@ -178,7 +178,7 @@ pub(crate) struct Proxy {
     /// A spare descriptor, given up to accept-and-close when out of fds.
     reserve_fd: Option<std::fs::File>,
     /// This process's open-file limit, if known: client connections stop
-    /// short of it (`conn_cap`), so that the master's messages can always
+    /// short of it (`fd_cap`), so that the master's messages can always
     /// bring their descriptors (a worker's slot, a configuration).
     nofile: Option<u64>,
     refuse_logged_ns: u64,
