@@ -2007,6 +2007,14 @@ fn a_crash_in_fini_is_a_warning() {
         "[group.config]\ncrash_in_fini = true\n",
     );
     let mut s = Server::start(&text, port);
+    // Both workers past their init (one still starting when scaled away
+    // is stopped before its plugin could run fini: a flake under load).
+    let ready = wait_for(Duration::from_secs(20), || {
+        let st = s.status();
+        let ws = st["groups"][0]["workers"].as_array()?.clone();
+        (ws.len() == 2 && ws.iter().all(|w| w["state"] == "idle")).then_some(())
+    });
+    assert!(ready.is_some(), "{}", s.status());
     let warning = "worker failed while exiting (killed by SIGSEGV";
     let (code, out, err) = s.ctl(&["scale", "fault", "1"]);
     assert_eq!(code, Some(0), "{out}{err}");
