@@ -365,6 +365,9 @@ fn run(path: Option<&Path>, inline: bool) -> Result<()> {
     master::set_thread_name("halfsync-master");
     retitle_master();
     logging::warn_if_level_ignored();
+    for note in config.ignored_settings() {
+        tracing::warn!("{note}");
+    }
     // Reloads re-read this file even if the working directory changes.
     // Absolute, but through its symlinks: a deploy that flips a symlink
     // to a new file has the next reload read the new one.
@@ -405,6 +408,9 @@ fn check(path: Option<&Path>) -> Result<()> {
     let config = load_config(path)?;
     logging::init(None, LogFormat::Text)?;
     logging::warn_if_level_ignored();
+    for note in config.ignored_settings() {
+        tracing::warn!("{note}");
+    }
     // What `run` would refuse beyond the file itself: a log file it cannot
     // open, an admin socket in a directory that does not exist, an address
     // this machine does not have or a port this user may not use. (The log

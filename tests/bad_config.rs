@@ -633,6 +633,27 @@ fn an_operator_command_names_the_files_mistake_when_it_finds_no_server() {
     );
 }
 
+/// `max_workers` on a static pool has no effect: `check` and `run` say so
+/// in a warning (it was ignored silently), and the config is still valid.
+#[test]
+fn max_workers_on_a_static_pool_is_warned_about() {
+    let port = free_port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[[group]]\nname = \"g\"\nplugin = \"{}\"\n\
+         workers = 2\nmax_workers = 8\n",
+        echo_so().display()
+    );
+    let warning = "group g: max_workers applies to pool = \"dynamic\" only; this static pool \
+                   runs workers = 2 and ignores it";
+    let (code, out, err) = halfsync_out("check", &text);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(err.contains(warning) || out.contains(warning), "{out}{err}");
+    let mut s = Server::start(&text, port);
+    assert!(s.log().contains(warning), "{}", s.log());
+    assert_eq!(s.stop(Duration::from_secs(10)).code(), Some(0));
+    s.assert_clean();
+}
+
 /// `check` does not create the log file (run as root it would leave it
 /// root's, and the service's user could not open it), but says if it
 /// could not be created; and, as a user that may not, it refuses a port

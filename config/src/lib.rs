@@ -649,6 +649,23 @@ pub fn resolve_plugin(spec: &str, config_dir: Option<&Path>, exe_dir: &Path) -> 
 }
 
 impl Config {
+    /// Settings the file gives that have no effect where they are, one
+    /// line each, for a warning (a valid config still: a pool's type may
+    /// be switched back and forth while keeping its limits).
+    pub fn ignored_settings(&self) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter(|g| g.pool == Pool::Static && g.max_workers.is_some())
+            .map(|g| {
+                format!(
+                    "group {}: max_workers applies to pool = \"dynamic\" only; this static \
+                     pool runs workers = {} and ignores it",
+                    g.name, g.workers
+                )
+            })
+            .collect()
+    }
+
     /// The admin socket path: `server.admin_socket` (relative to the config
     /// file), or `/tmp/halfsync-<port>.sock` for the first listen port.
     pub fn admin_socket(&self) -> PathBuf {

@@ -306,6 +306,9 @@ impl Master {
         }
 
         // Committed from here on.
+        for note in config.ignored_settings() {
+            warn!("{note}");
+        }
         self.generation += 1;
         let generation = self.generation;
         info!(generation, "reloading");
