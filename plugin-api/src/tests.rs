@@ -266,12 +266,7 @@ fn panic_in_handle_is_a_plugin_error_reply_and_the_plugin_goes_on() {
     // The client learns only that it panicked; the log line gets the
     // message and the place.
     assert_eq!(payload, crate::ffi::PANIC_REPLY.as_bytes());
-    let logged: Vec<String> = h
-        .logs()
-        .into_iter()
-        .filter(|(level, _)| *level == LogLevel::Error)
-        .map(|(_, line)| line)
-        .collect();
+    let logged = error_lines(&h);
     assert_eq!(
         logged.iter().map(|l| at_this_file(l)).collect::<Vec<_>>(),
         ["plugin panicked: boom 5 (request id 5, command 2)"],
@@ -315,6 +310,15 @@ fn init_error_and_init_panic_become_init_failures() {
 
 /// Strips the panic location the SDK appends to operator-facing lines
 /// (` at plugin-api/src/tests.rs:LINE:COL`), checking it names this file.
+/// What the plugin logged at error level, in order.
+fn error_lines(h: &Harness) -> Vec<String> {
+    h.logs()
+        .into_iter()
+        .filter(|(level, _)| *level == LogLevel::Error)
+        .map(|(_, line)| line)
+        .collect()
+}
+
 fn at_this_file(line: &str) -> &str {
     let (text, at) = line
         .rsplit_once(" at ")
@@ -468,12 +472,7 @@ fn a_custom_status_below_100_at_run_time_names_the_callers_line() {
     let mut h = started();
     let (status, _) = h.handle(3, BAD_CUSTOM, 0, &[50], 100);
     assert_eq!(status, 1);
-    let logged: Vec<String> = h
-        .logs()
-        .into_iter()
-        .filter(|(level, _)| *level == LogLevel::Error)
-        .map(|(_, line)| line)
-        .collect();
+    let logged = error_lines(&h);
     assert_eq!(logged.len(), 1, "{logged:?}");
     assert!(
         at_this_file(&logged[0]).starts_with("plugin panicked: plugin status codes start at 100"),

@@ -1705,6 +1705,11 @@ impl Master {
     }
 
     fn check_pools(&mut self) {
+        // While a proxy waits to be restarted its workers' slots are spare,
+        // not gone: sizing a group now would double them.
+        if self.proxy_waiting().is_some() {
+            return;
+        }
         for g in 0..self.groups.len() {
             if self.groups[g].retired {
                 continue;
@@ -1714,15 +1719,10 @@ impl Master {
             // descriptors or processes, in a reload, a scale or a proxy's
             // restart) left a slot unused, and nothing else would start
             // it again. Not while a reload sizes the group itself.
-            let target = self.groups[g].config.workers as usize;
+            let target = self.groups[g].config.workers;
             let n = (0..self.slots.len())
                 .filter(|&i| self.slots[i].group == g && self.slots[i].active())
-                .count();
-            // While a proxy waits to be restarted its workers' slots are
-            // spare, not gone: sizing a group now would double them.
-            if self.proxy_waiting().is_some() {
-                return;
-            }
+                .count() as u32;
             if n < target && self.reload.is_none() {
                 warn!(
                     group = %self.groups[g].config.name,
@@ -1730,11 +1730,8 @@ impl Master {
                     wanted = target,
                     "group short of workers (a start failed); starting the rest"
                 );
-                for _ in n..target {
-                    if let Err(e) = self.add_worker(g) {
-                        error!("{e:#}");
-                        break;
-                    }
+                if let Err(e) = self.resize(g, target) {
+                    error!("{e:#}");
                 }
             }
             let c = &self.groups[g].config;
